@@ -1,0 +1,61 @@
+"""Writes that leave either the old file or the new one, never a torn one (kill -9 safe)."""
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlx.core as mx
+
+
+def _replace_file(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: Path, data) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+
+    _replace_file(Path(path), write)
+
+
+def save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict | None = None) -> None:
+    # mx.save_safetensors appends ".safetensors" unless the name already ends with it.
+    def write(tmp):
+        named = tmp + ".safetensors"
+        mx.save_safetensors(named, arrays, metadata=metadata or {})
+        os.replace(named, tmp)
+
+    _replace_file(Path(path), write)
+
+
+@contextmanager
+def replace_dir(path: Path):
+    """Yield a fresh temporary directory that replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

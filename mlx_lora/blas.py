@@ -1,0 +1,88 @@
+"""A fast BLAS for MLX on Linux CPUs, switched on before MLX loads.
+
+The `mlx[cpu]` wheel links a bundled reference BLAS (libblas-*.so in mlx_cpu.libs) that runs
+sgemm at ~5 GFLOP/s. MLX calls it through the dynamic symbol `cblas_sgemm`, so an optimized
+library loaded RTLD_GLOBAL *before* `mlx.core` is imported takes precedence (the same effect as
+LD_PRELOAD, without re-executing Python). Debian/Ubuntu: `apt install libopenblas0-pthread`.
+
+MLX_LORA_BLAS=off keeps MLX's own BLAS; MLX_LORA_BLAS=/path/to/libopenblas.so picks a library.
+"""
+
+import ctypes
+import ctypes.util
+import importlib.util
+import os
+import platform
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+ENV = "MLX_LORA_BLAS"
+OFF = ("0", "off", "false", "no")
+CANDIDATES = (
+    f"/usr/lib/{platform.machine()}-linux-gnu/libopenblas.so.0",  # Debian, Ubuntu
+    "/usr/lib64/libopenblas.so.0",  # Fedora, RHEL
+    "/usr/lib/libopenblas.so.0",  # Arch, Alpine
+)
+INSTALL_HINT = "sudo apt install libopenblas0-pthread (Debian/Ubuntu) or dnf install openblas (Fedora)"
+
+# What happened, for the one line the CLI prints: (used library or None, reason).
+status: tuple[str | None, str] = (None, "not checked")
+
+
+def _bundled_reference_blas() -> bool:
+    """True for the mlx[cpu] wheel on Linux, whose bundled libblas is the slow reference one."""
+    spec = importlib.util.find_spec("mlx")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    libs = Path(next(iter(spec.submodule_search_locations))).parent / "mlx_cpu.libs"
+    return any(libs.glob("libblas*.so*"))
+
+
+def _find_openblas() -> str | None:
+    for path in CANDIDATES:
+        if os.path.exists(path):
+            return path
+    return ctypes.util.find_library("openblas")
+
+
+def enable() -> tuple[str | None, str]:
+    """Load an optimized BLAS globally if that helps and is safe; idempotent; never raises."""
+    global status
+    choice = os.environ.get(ENV, "").strip()
+    if sys.platform != "linux":
+        status = (None, "not Linux: MLX uses Accelerate or its GPU")
+    elif choice.lower() in OFF:
+        status = (None, f"{ENV}={choice}: using MLX's bundled BLAS")
+    elif "mlx.core" in sys.modules and status[0] is None:
+        status = (None, "mlx was imported before mlx_lora, too late to switch BLAS")
+    elif status[0] is not None:
+        pass
+    elif not _bundled_reference_blas():
+        status = (None, "this MLX build has no bundled reference BLAS to replace")
+    else:
+        path = choice or _find_openblas()
+        if path is None:
+            status = (None, f"no OpenBLAS found; MLX matmuls run ~40x slower on its bundled BLAS: {INSTALL_HINT}")
+        else:
+            try:
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                status = (path, f"MLX matmuls use {path} ({ENV}=off to disable)")
+            except OSError as e:
+                status = (None, f"{ENV}: cannot load {path} ({e}); using MLX's bundled BLAS")
+    return status
+
+
+def check() -> None:
+    """Compare one MLX matmul with NumPy's, so a broken library stops the run instead of training on garbage."""
+    if status[0] is None:
+        return
+    import mlx.core as mx
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((67, 129), np.float32), rng.standard_normal((129, 33), np.float32)
+    got = np.array(mx.array(a) @ mx.array(b))
+    if not np.allclose(got, a.astype(np.float64) @ b, atol=1e-3):
+        raise UserError(f"{status[0]} gives wrong matmul results; run with {ENV}=off")

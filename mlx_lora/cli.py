@@ -1,0 +1,98 @@
+"""The `mlx-lora` command: flags are built from the config dataclasses; no ML logic here."""
+
+import functools
+import inspect
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import blas
+from .config import FuseConfig, GenerateConfig, TrainConfig, build_config, field_types, load_yaml
+from .errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="LoRA fine-tuning on MLX: train an adapter, try it, merge it, ship it.",
+)
+
+
+def _options(cls) -> list[inspect.Parameter]:
+    """One `--flag` per dataclass field; None means 'not given', so YAML and defaults can apply."""
+    params = []
+    for f, tp in zip(fields(cls), field_types(cls).values()):
+        flag = "--" + f.name.replace("_", "-")
+        decls = [f"{flag}/--no-{flag[2:]}"] if tp is bool else [flag]
+        shown = "" if f.default in (None, MISSING) else f" (default: {f.default})"
+        option = typer.Option(None, *decls, help=f.metadata["help"] + shown, show_default=False)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[tp]))
+    return params
+
+
+def _say_blas() -> None:
+    """One line on stderr about the Linux BLAS (blas.py), then a quick check that it computes right."""
+    used, reason = blas.status
+    if sys.platform == "linux" and (used or "no OpenBLAS" in reason):
+        typer.echo(f"blas: {reason}", err=True)
+    blas.check()
+
+
+def _command(cls, name: str, help: str, with_config: bool = False):
+    """Register `fn(cfg)` as a command whose flags are the fields of `cls`."""
+
+    def register(fn):
+        @functools.wraps(fn)
+        def run(**values):
+            try:
+                _say_blas()
+                config = values.pop("config", None)
+                file_values = load_yaml(config, cls) if config else {}
+                fn(build_config(cls, file_values, values))
+            except UserError as e:
+                typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(2)
+
+        params = _options(cls)
+        if with_config:
+            option = typer.Option(None, "--config", help="YAML file with any of these options; flags override it.")
+            params.insert(0, inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[Path]))
+        run.__signature__ = inspect.Signature(params)
+        return app.command(name, help=help)(run)
+
+    return register
+
+
+@_command(TrainConfig, "train", "Train a LoRA adapter on a base model.", with_config=True)
+def train(cfg: TrainConfig) -> None:
+    from .train import train as run_training
+
+    run_training(cfg)
+
+
+@_command(GenerateConfig, "generate", "Generate text with a base model, with or without an adapter.")
+def generate(cfg: GenerateConfig) -> None:
+    from .generate import generate as stream, load_for_inference
+
+    base = load_for_inference(cfg.model, cfg.adapter_path)
+    for piece in stream(base, cfg):
+        print(piece, end="", flush=True)
+    print()
+
+
+@_command(FuseConfig, "fuse", "Merge an adapter into its base and save a standalone model.")
+def fuse(cfg: FuseConfig) -> None:
+    from .fuse import fuse as run_fuse
+
+    run_fuse(cfg)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Every option of `mlx-lora train`: its default and its help text, written once.
+
+The CLI builds its flags from these fields, `--config run.yaml` fills them from a file and
+adapter_config.json stores the LoRA part. Precedence: command line > YAML file > defaults.
+"""
+
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import UserError
+
+
+def opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """What an adapter is: stored in adapter_config.json and enough to rebuild it on a base."""
+
+    targets: str = opt(
+        "q_proj,v_proj",
+        "Modules to adapt: comma-separated names (q_proj,v_proj), a regular expression "
+        "matched against full module paths, or all-linear.",
+    )
+    rank: int = opt(8, "LoRA rank r.")
+    alpha: float = opt(16.0, "LoRA alpha: the update is scaled by alpha/r.")
+    dropout: float = opt(0.0, "Dropout on the LoRA branch input.")
+    num_layers: int = opt(16, "Adapt the last N transformer blocks (-1: all).")
+    layers: Optional[str] = opt(
+        None, "Exact block indices to adapt, e.g. 0,5,7 (overrides --num-layers)."
+    )
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class TrainConfig(LoRAConfig):
+    """A training run. Inherits LoRAConfig so CLI flags and YAML keys share one flat namespace."""
+
+    model: Optional[str] = opt(
+        None, "Hugging Face model directory or hub id (default: the small model shipped with mlx-lora)."
+    )
+    data: Optional[str] = opt(
+        None, "Directory with train.jsonl and valid.jsonl (default: the bundled arithmetic set)."
+    )
+    adapter_path: str = opt(
+        "adapters", "Directory for adapters.safetensors, adapter_config.json and checkpoints."
+    )
+    iters: int = opt(300, "Optimizer steps to train for.")
+    epochs: Optional[float] = opt(
+        None, "Train for this many passes over the training set instead of --iters."
+    )
+    batch_size: int = opt(4, "Rows per batch.")
+    learning_rate: float = opt(1e-3, "AdamW learning rate.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    max_seq_length: int = opt(2048, "Rows longer than this many tokens are truncated.")
+    seed: int = opt(0, "Seed for LoRA init, dropout and data order.")
+    val_every: int = opt(50, "Compute the validation loss every N steps (0: only at start and end).")
+    val_batches: int = opt(25, "Validation batches per evaluation (-1: the whole split).")
+    report_every: int = opt(10, "Print the training loss every N steps.")
+    save_every: int = opt(100, "Write a checkpoint under <adapter-path>/checkpoints every N steps (0: never).")
+    train_on_prompt: bool = opt(
+        False, "Also train on prompt / user tokens (default: loss on completions and assistant turns only)."
+    )
+
+
+def _unwrap(tp) -> type:
+    """Optional[X] -> X."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def field_types(cls) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: _unwrap(hints[f.name]) for f in fields(cls)}
+
+
+def _coerce(name: str, value: Any, tp: type) -> Any:
+    """YAML reads `1e-4` as a string and users write lists where we take comma strings."""
+    if value is None:
+        return None
+    if tp is str and isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+        if tp is int:
+            if number != int(number):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+            return int(number)
+        return number
+    return str(value)
+
+
+def load_yaml(path: Path, cls=None) -> dict[str, Any]:
+    """Read a YAML options file, naming file, line and key for every problem at once."""
+    cls = cls or TrainConfig
+    try:
+        root = yaml.compose(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if root is None:
+        return {}
+    if not isinstance(root, yaml.MappingNode):
+        raise UserError(f"{path}:1: expected 'key: value' lines at the top level")
+    types_ = field_types(cls)
+    values, problems = {}, []
+    for key_node, value_node in root.value:
+        key, line = key_node.value, key_node.start_mark.line + 1
+        name = key.replace("-", "_")
+        if name not in types_:
+            close = difflib.get_close_matches(name, types_, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(f"{path}:{line}: unknown key '{key}'{hint}")
+            continue
+        try:
+            raw = yaml.safe_load(yaml.serialize(value_node))
+            values[name] = _coerce(name, raw, types_[name])
+        except ValueError as e:
+            problems.append(f"{path}:{line}: {e}")
+    if problems:
+        raise UserError("\n".join(problems))
+    return values
+
+
+def build_config(cls, file_values: dict[str, Any], cli_values: dict[str, Any]):
+    """Defaults < YAML < command line; then validate the result."""
+    given = {k: v for k, v in cli_values.items() if v is not None}
+    cfg = replace(cls(), **{**file_values, **given})
+    problems = check(cfg)
+    if problems:
+        raise UserError("\n".join(problems))
+    return cfg
+
+
+def parse_layers(spec: Optional[str]) -> Optional[list[int]]:
+    if spec is None:
+        return None
+    try:
+        return [int(s) for s in str(spec).split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--layers must be comma-separated integers such as 0,5,7, got '{spec}'") from None
+
+
+def check(cfg) -> list[str]:
+    """Every problem with the values, in words the user can act on."""
+    p = []
+    if isinstance(cfg, LoRAConfig):
+        if cfg.rank < 1:
+            p.append(f"--rank must be at least 1, got {cfg.rank}")
+        if cfg.alpha <= 0:
+            p.append(f"--alpha must be positive, got {cfg.alpha}")
+        if not 0.0 <= cfg.dropout < 1.0:
+            p.append(f"--dropout must be in [0, 1), got {cfg.dropout}")
+        if cfg.num_layers == 0 or cfg.num_layers < -1:
+            p.append(f"--num-layers must be -1 (all) or a positive count, got {cfg.num_layers}")
+        if not str(cfg.targets).strip():
+            p.append("--targets is empty: give module names such as q_proj,v_proj, a regex or all-linear")
+        try:
+            parse_layers(cfg.layers)
+        except UserError as e:
+            p.append(str(e))
+    if isinstance(cfg, TrainConfig):
+        for name in ("iters", "batch_size", "max_seq_length"):
+            if getattr(cfg, name) < 1:
+                p.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+        if cfg.epochs is not None and cfg.epochs <= 0:
+            p.append(f"--epochs must be positive, got {cfg.epochs}")
+        if cfg.learning_rate <= 0:
+            p.append(f"--learning-rate must be positive, got {cfg.learning_rate}")
+        for name in ("val_every", "report_every", "save_every"):
+            if getattr(cfg, name) < 0:
+                p.append(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
+        if cfg.val_batches == 0 or cfg.val_batches < -1:
+            p.append(f"--val-batches must be -1 (all) or a positive count, got {cfg.val_batches}")
+    if isinstance(cfg, GenerateConfig):
+        if cfg.max_tokens < 1:
+            p.append(f"--max-tokens must be at least 1, got {cfg.max_tokens}")
+        if cfg.temp < 0:
+            p.append(f"--temp must be 0 or more, got {cfg.temp}")
+        if not 0 < cfg.top_p <= 1:
+            p.append(f"--top-p must be in (0, 1], got {cfg.top_p}")
+    return p
+
+
+def lora_part(cfg: LoRAConfig) -> dict[str, Any]:
+    """The LoRA fields of any config, as stored in adapter_config.json."""
+    return {f.name: getattr(cfg, f.name) for f in fields(LoRAConfig)}
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    model: Optional[str] = opt(None, "Base model (default: the one the adapter names, else the shipped model).")
+    adapter_path: Optional[str] = opt(None, "Adapter directory (default: none; the base model alone).")
+    prompt: str = opt("Q: Tom has 3 apples and buys 4 more. How many apples does he have?\nA:", "Prompt text.")
+    max_tokens: int = opt(100, "Most tokens to generate.")
+    temp: float = opt(0.0, "Sampling temperature (0: greedy).")
+    top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set of tokens with this much probability.")
+    seed: int = opt(0, "Sampling seed.")
+    chat: bool = opt(False, "Wrap the prompt as a user turn in the tokenizer's chat template.")
+
+
+@dataclass(frozen=True)
+class FuseConfig:
+    model: Optional[str] = opt(None, "Base model (default: the one the adapter names).")
+    adapter_path: str = opt("adapters", "Adapter directory to merge.")
+    save_path: str = opt("fused_model", "Directory for the merged model (replaced only once it checks out).")
+    dequantize: bool = opt(
+        False, "Save a quantized base merged in full precision (default: re-quantize like the base)."
+    )

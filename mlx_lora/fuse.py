@@ -1,0 +1,75 @@
+"""Base + adapter -> merged model directory that mlx-lm and transformers load; checks itself."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.utils import dequantize_model, load_model
+
+from .adapters import load_adapter, read_config
+from .atomic import replace_dir
+from .config import FuseConfig
+from .errors import UserError
+from .lora import fuse_lora, lora_layers
+from .models import load_base, write_model_files
+
+CHECK_PROMPT = "Q: Tom has 3 apples and buys 4 more. How many apples does he have?\nA: 3 + 4 = 7. #### 7"
+# Largest logit difference allowed between adapter and fused model, relative to max(1, |logits|).
+TOLERANCE = {mx.float32: 1e-3, mx.float16: 3e-2, mx.bfloat16: 6e-2}
+
+
+@dataclass
+class FuseResult:
+    save_path: Path
+    max_logit_diff: float  # fused model (as saved) vs adapter model
+    effect_kept: Optional[float] = None  # re-quantized only: 1 - |fused - adapter| / |adapter - base|
+
+
+def _logits(model: nn.Module, tokens: mx.array) -> mx.array:
+    return model(tokens[None])[0]  # (T, V)
+
+
+def fuse(cfg: FuseConfig, log=print) -> FuseResult:
+    adapter = read_config(Path(cfg.adapter_path))
+    base = load_base(cfg.model or adapter.base_model)
+    tokens = mx.array(base.tokenizer.encode(CHECK_PROMPT))
+    base_logits = _logits(base.model, tokens).astype(mx.float32)
+    load_adapter(base, Path(cfg.adapter_path))
+    base.model.eval()
+    raw = _logits(base.model, tokens)
+    adapter_logits = raw.astype(mx.float32)
+    requantize = not cfg.dequantize and any(isinstance(l.linear, nn.QuantizedLinear) for l in lora_layers(base.model).values())
+    fuse_lora(base.model, dequantize=cfg.dequantize)
+    config = dict(base.config)
+    if cfg.dequantize:
+        dequantize_model(base.model)
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+    in_memory = _logits(base.model, tokens).astype(mx.float32)
+    with replace_dir(Path(cfg.save_path)) as tmp:
+        write_model_files(tmp, base.model, base.tokenizer, config, base.path)
+        fused, _ = load_model(tmp)
+        fused_logits = _logits(fused, tokens).astype(mx.float32)
+        diff = mx.abs(fused_logits - adapter_logits).max().item()
+        scale = max(1.0, mx.abs(adapter_logits).max().item())
+        tol = TOLERANCE.get(raw.dtype, 6e-2) * scale
+        log(f"check: largest logit difference, fused vs adapter model: {diff:.2e}")
+        if requantize:
+            saved_diff = mx.abs(fused_logits - in_memory).max().item()
+            if saved_diff > tol:
+                raise UserError(f"fused model on disk differs from the merged model by {saved_diff:.2e} (> {tol:.1e}); nothing written")
+            effect = mx.sqrt(mx.square(adapter_logits - base_logits).sum()).item()
+            lost = mx.sqrt(mx.square(fused_logits - adapter_logits).sum()).item()
+            kept = 1 - lost / effect if effect > 0 else 1.0
+            log(
+                f"re-quantizing kept {100 * kept:.0f}% of the adapter's effect on the check prompt"
+                + ("" if kept > 0.8 else "; use --dequantize to keep all of it")
+            )
+        elif diff > tol:
+            raise UserError(f"fused model differs from the adapter model by {diff:.2e} (> {tol:.1e}); nothing written")
+        else:
+            kept = None
+    log(f"fused model saved to {cfg.save_path}")
+    return FuseResult(Path(cfg.save_path), diff, kept)

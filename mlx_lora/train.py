@@ -1,0 +1,137 @@
+"""Loss, evaluation and the training loop: one compiled step, a flat loop that reports and saves."""
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten
+from mlx_lm.utils import get_total_parameters
+
+from .adapters import describe, save_adapter
+from .config import LoRAConfig, TrainConfig, lora_part
+from .data import Example, batches_per_epoch, collate, epoch_batches, iterate_batches, load_dataset, resolve_data
+from .errors import UserError
+from .lora import apply_lora
+from .models import load_base
+
+CHECKPOINTS = "checkpoints"
+
+
+def loss_fn(model: nn.Module, tokens: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
+    """Mean cross-entropy over the masked targets only; returns (loss, number of targets)."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L-1)
+    weights = mask[:, 1:].astype(mx.float32)  # (B, L-1): 1 where the token is learned
+    logits = model(inputs)  # (B, L-1, V)
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * weights
+    ntoks = weights.sum()
+    return ce.sum() / ntoks, ntoks
+
+
+def evaluate(model: nn.Module, examples: list[Example], batch_size: int, num_batches: int = -1) -> float:
+    """Token-weighted mean loss over a fixed selection of batches (the same each call)."""
+    batches = epoch_batches(examples, batch_size, seed=0, epoch=0)
+    batches = batches if num_batches == -1 else batches[:num_batches]
+    model.eval()
+    total, count = mx.array(0.0), mx.array(0.0)
+    for indices in batches:
+        tokens, mask = collate(examples, indices)
+        loss, ntoks = loss_fn(model, tokens, mask)
+        total, count = total + loss * ntoks, count + ntoks
+        mx.eval(total, count)
+    model.train()
+    return (total / count).item()
+
+
+def check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--adapter-path {directory}: cannot write there ({e.strerror}); choose another directory") from None
+
+
+@dataclass
+class TrainResult:
+    adapter_path: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)  # training loss of every step
+    val_losses: dict[int, float] = field(default_factory=dict)  # step -> validation loss
+    seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    peak_memory_gb: float = 0.0
+
+
+def train(cfg: TrainConfig, log=print) -> TrainResult:
+    out = Path(cfg.adapter_path)
+    check_writable(out)
+    mx.random.seed(cfg.seed)
+    base = load_base(cfg.model)
+    data = load_dataset(resolve_data(cfg.data), base.tokenizer, cfg.max_seq_length, cfg.train_on_prompt, log=log)
+    modules = apply_lora(base.model, cfg)
+    adapter = describe(base, LoRAConfig(**lora_part(cfg)), modules)
+    model = base.model
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    log(
+        f"model {base.name}: LoRA r={cfg.rank} alpha={cfg.alpha} on {len(modules)} modules in blocks "
+        f"{adapter.layers}; {trainable:,} trainable parameters "
+        f"({100 * trainable / get_total_parameters(model):.3f}%)"
+    )
+    iters = cfg.iters if cfg.epochs is None else max(1, round(cfg.epochs * batches_per_epoch(data["train"], cfg.batch_size)))
+    optimizer = optim.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(tokens, mask):
+        (loss, ntoks), grads = loss_and_grad(model, tokens, mask)
+        optimizer.update(model, grads)
+        return loss, ntoks
+
+    def validate(at: int) -> None:
+        result.val_losses[at] = evaluate(model, data["valid"], cfg.batch_size, cfg.val_batches)
+        log(f"step {at}/{iters}  val loss {result.val_losses[at]:.3f}")
+
+    result = TrainResult(out, iters)
+    model.train()
+    validate(0)
+    mx.reset_peak_memory()
+    total_tokens, window_tokens, window_start = 0, 0, time.perf_counter()
+    start = window_start
+    batches = iterate_batches(data["train"], cfg.batch_size, cfg.seed)
+    for it in range(1, iters + 1):
+        tokens, mask, ntokens = next(batches)
+        loss, _ = step(tokens, mask)
+        mx.eval(state, loss)
+        result.losses.append(loss.item())
+        total_tokens, window_tokens = total_tokens + ntokens, window_tokens + ntokens
+        if it % cfg.report_every == 0 or it == iters:
+            now = time.perf_counter()
+            recent = result.losses[-cfg.report_every :]
+            log(
+                f"step {it}/{iters}  loss {sum(recent) / len(recent):.3f}  "
+                f"{window_tokens / (now - window_start):.0f} tok/s  peak mem {mx.get_peak_memory() / 2**30:.2f} GB"
+            )
+            window_tokens, window_start = 0, now
+        if cfg.val_every and it % cfg.val_every == 0 and it != iters:
+            validate(it)
+        if cfg.save_every and it % cfg.save_every == 0 and it != iters:
+            save_adapter(out / CHECKPOINTS / f"step-{it:07d}", model, adapter)
+    validate(iters)
+    save_adapter(out, model, adapter)
+    result.seconds = time.perf_counter() - start
+    result.tokens_per_second = total_tokens / result.seconds
+    result.peak_memory_gb = mx.get_peak_memory() / 2**30
+    first, last = result.val_losses[0], result.val_losses[iters]
+    log(
+        f"done in {result.seconds:.1f}s: val loss {first:.3f} -> {last:.3f} "
+        f"({100 * (last - first) / first:+.1f}%); adapter saved to {out}{os.sep}"
+    )
+    return result

@@ -1,0 +1,76 @@
+"""Tiny random-weight Hugging Face models, made by transformers itself, so loading is the real path."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mlx_lora.models import DEFAULT_MODEL_DIR
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256)
+
+
+def _configs(vocab_size: int):
+    from transformers import GemmaConfig, LlamaConfig, Phi3Config, Qwen2Config
+
+    common = dict(SMALL, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return {
+        "llama": LlamaConfig(**common, tie_word_embeddings=False),
+        "qwen2": Qwen2Config(**common, tie_word_embeddings=True),
+        "phi3": Phi3Config(**common, tie_word_embeddings=False),
+        "gemma": GemmaConfig(**common, head_dim=16),
+    }
+
+
+ARCHS = ("llama", "qwen2", "phi3", "gemma")
+
+
+def make_hf_model(directory: Path, arch: str, seed: int = 0) -> Path:
+    """Save a random model of `arch` with transformers (torch, fp32) plus the shipped tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(DEFAULT_MODEL_DIR / name, directory / name)
+    vocab = len(json.loads((directory / "tokenizer.json").read_text())["model"]["vocab"])
+    vocab += len(json.loads((directory / "tokenizer.json").read_text()).get("added_tokens", []))
+    torch.manual_seed(seed)
+    config = _configs(vocab)[arch]
+    config.initializer_range = 0.1  # larger than usual so logits differ visibly between tokens
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {arch: make_hf_model(root / arch, arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def llama(hf_models) -> Path:
+    return hf_models["llama"]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    """A small prompt/completion set in the bundled format."""
+    rows = [
+        {"prompt": f"Q: What is {a} + {b}?\nA:", "completion": f" {a} + {b} = {a + b}. #### {a + b}"}
+        for a in range(1, 7) for b in range(1, 5)
+    ]
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows[:16])
+    write_jsonl(tmp_path / "data" / "valid.jsonl", rows[16:])
+    write_jsonl(tmp_path / "data" / "test.jsonl", rows[16:])
+    return tmp_path / "data"
