@@ -61,10 +61,25 @@ def fingerprint(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def rope_overrides(path: Path) -> dict[str, Any]:
+    """transformers >= 5 writes rope_theta / rope_scaling inside `rope_parameters`; mlx-lm reads the
+    top-level keys and would silently fall back to its own default theta (1e6 for Qwen2)."""
+    try:
+        rope = json.loads((path / "config.json").read_text()).get("rope_parameters")
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if not isinstance(rope, dict) or "rope_theta" not in rope:
+        return {}
+    out = {"rope_theta": rope["rope_theta"]}
+    if rope.get("rope_type", "default") != "default":
+        out["rope_scaling"] = rope
+    return out
+
+
 def load_base(name: Optional[str]) -> Base:
     path = resolve_model(name)
     try:
-        model, config = load_model(path)
+        model, config = load_model(path, model_config=rope_overrides(path))
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise UserError(f"--model {name or DEFAULT_MODEL}: mlx-lm cannot load it ({e})") from None
