@@ -121,3 +121,25 @@ def test_bad_options_are_one_line_errors(llama, tiny_data, tmp_path, args, messa
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "a" / ADAPTER_WEIGHTS).exists()
+
+
+@pytest.mark.slow
+def test_quantized_base_trains_and_fuses(llama, tiny_data, tmp_path):
+    from mlx_lm import convert
+    from mlx_lm import load as mlx_lm_load
+
+    quantized = tmp_path / "q4"
+    convert(str(llama), str(quantized), quantize=True, q_bits=4, q_group_size=32)
+    out = tmp_path / "adapters"
+    run(*train_args(quantized, tiny_data, out))
+    tokens = mx.array([[1, 40, 41, 42, 43]])
+    want = adapter_logits(quantized, out, tokens)
+
+    log = run("fuse", "--adapter-path", out, "--save-path", tmp_path / "requantized")
+    assert "re-quantizing kept" in log
+    assert "quantization" in json.loads((tmp_path / "requantized" / "config.json").read_text())
+
+    run("fuse", "--adapter-path", out, "--save-path", tmp_path / "full", "--dequantize")
+    assert "quantization" not in json.loads((tmp_path / "full" / "config.json").read_text())
+    full, _ = mlx_lm_load(str(tmp_path / "full"))
+    assert mx.allclose(full(tokens), want, atol=1e-4).item()
