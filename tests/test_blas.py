@@ -1,0 +1,48 @@
+"""The Linux fast-BLAS switch: on by itself when OpenBLAS is there, off on request, same numbers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mlx_lora import blas
+
+PROBE = """
+import json, mlx_lora, mlx.core as mx, mlx.nn as nn
+from mlx_lora import blas
+mx.random.seed(0)
+layer = nn.Linear(256, 192)
+x = mx.random.normal((64, 256))
+loss, grads = nn.value_and_grad(layer, lambda m, x: (m(x) ** 2).mean())(layer, x)
+print(json.dumps({"used": blas.status[0], "loss": loss.item(), "grad": grads["weight"][:4, :4].flatten().tolist()}))
+"""
+
+
+def probe(**env) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE], env={**os.environ, **env},
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or blas._find_openblas() is None, reason="needs OpenBLAS on Linux")
+def test_openblas_is_used_by_default_and_gives_the_same_numbers():
+    fast, slow = probe(), probe(MLX_LORA_BLAS="off")
+    assert fast["used"] and slow["used"] is None
+    assert fast["loss"] == pytest.approx(slow["loss"], rel=1e-5)
+    assert fast["grad"] == pytest.approx(slow["grad"], rel=1e-4, abs=1e-6)
+
+
+def test_a_missing_library_falls_back_with_a_reason():
+    result = probe(MLX_LORA_BLAS="/nonexistent/libopenblas.so")
+    assert result["used"] is None
+
+
+def test_check_catches_a_wrong_matmul(monkeypatch):
+    import mlx.core as mx
+
+    monkeypatch.setattr(blas, "status", ("/fake/libblas.so", "test"))
+    monkeypatch.setattr(mx, "array", lambda a: mx.zeros(a.shape))
+    with pytest.raises(blas.UserError, match="wrong matmul results"):
+        blas.check()
