@@ -3,12 +3,17 @@
 Weight names are the model's module paths plus `.lora_a` (in, r) / `.lora_b` (r, out), the same
 names mlx-lm uses. The config is complete enough to rebuild the adapter on its base with no other
 input: base model, the exact modules, rank, alpha, dropout and a fingerprint of the base's shapes.
+
+`read_adapter` also reads PEFT (peft.py) and mlx_lm.lora (mlxlm.py) directories as they are, so
+every `--adapter-path` takes all three formats.
 """
 
 import json
+import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,6 +30,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 FORMAT = "mlx-lora"
 FORMAT_VERSION = 1
 LORA_KEYS = ("lora_a", "lora_b")
+# Foreign formats carry our full config in their safetensors metadata, so round trips are lossless.
+EMBEDDED_CONFIG = "mlx_lora_config"
+BLOCK_MODULE = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.+)$")  # model.layers.3.self_attn.q_proj
 
 
 @dataclass
@@ -33,7 +41,7 @@ class AdapterConfig:
     modules: list[str]  # full module paths, e.g. model.layers.3.self_attn.q_proj
     layers: list[int]  # block indices adapted
     base_model: str
-    base_fingerprint: str
+    base_fingerprint: Optional[str]  # None for a foreign adapter: its format records no base shapes
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -59,6 +67,34 @@ class AdapterConfig:
         return cls(lora, list(data["modules"]), list(data["layer_indices"]), data["base_model"], data["base_fingerprint"])
 
 
+def from_modules(modules: list[str], rank: int, alpha: float, dropout: float, base_model: str,
+                 num_layers: int = -1, embedded: Optional[str] = None) -> AdapterConfig:
+    """Our config for a foreign adapter, from the module paths its tensors name.
+
+    `embedded` is the config an mlx-lora export stored beside the tensors; it is taken (for the
+    fields the foreign format cannot hold) only where it agrees with what the files say now.
+    """
+    modules = sorted(modules, key=lambda m: (_block_of(m), m))
+    layers = sorted({_block_of(m) for m in modules} - {-1})
+    targets = ",".join(sorted({BLOCK_MODULE.match(m).group(2) if _block_of(m) >= 0 else m for m in modules}))
+    layer_list = None if num_layers != -1 else ",".join(map(str, layers))
+    derived = AdapterConfig(LoRAConfig(targets, rank, alpha, dropout, num_layers, layer_list), modules, layers, base_model, None)
+    if embedded is None:
+        return derived
+    try:
+        ours = AdapterConfig.from_json(Path(EMBEDDED_CONFIG), json.loads(embedded))
+    except (UserError, json.JSONDecodeError, TypeError):
+        return derived
+    same = (ours.modules, ours.lora.rank, ours.lora.dropout) == (modules, rank, dropout)
+    same = same and math.isclose(ours.lora.scale, alpha / rank, rel_tol=1e-9)
+    return AdapterConfig(ours.lora, ours.modules, ours.layers, base_model, ours.base_fingerprint) if same else derived
+
+
+def _block_of(module: str) -> int:
+    match = BLOCK_MODULE.match(module)
+    return int(match.group(1)) if match else -1
+
+
 def describe(base: Base, lora: LoRAConfig, modules: list[str]) -> AdapterConfig:
     prefixes = [p + "." for p in block_paths(base.model)]
     layers = sorted({i for m in modules for i, p in enumerate(prefixes) if m.startswith(p)})
@@ -74,43 +110,74 @@ def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
 
 
 def save_adapter(directory: Path, model: nn.Module, config: AdapterConfig) -> None:
+    write_adapter(directory, config, adapter_weights(model))
+
+
+def write_adapter(directory: Path, config: AdapterConfig, weights: dict[str, mx.array]) -> None:
     """Weights first, then config: each file is replaced atomically."""
     directory = Path(directory)
-    atomic.save_safetensors(directory / ADAPTER_WEIGHTS, adapter_weights(model), {"format": FORMAT})
+    atomic.save_safetensors(directory / ADAPTER_WEIGHTS, weights, {"format": FORMAT})
     atomic.write_json(directory / ADAPTER_CONFIG, config.to_json())
 
 
-def read_config(directory: Path) -> AdapterConfig:
-    path = Path(directory) / ADAPTER_CONFIG
-    if not path.is_file():
-        raise UserError(f"{directory}: no {ADAPTER_CONFIG} here; point --adapter-path at the directory `mlx-lora train` wrote")
+def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    return AdapterConfig.from_json(path, data)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
 
 
-def read_weights(path: Path) -> dict[str, mx.array]:
+def read_weights(path: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
+    """The tensors of a safetensors file and its metadata."""
     if not path.is_file():
-        raise UserError(f"{path}: missing; the adapter directory needs {ADAPTER_WEIGHTS}")
+        raise UserError(f"{path}: missing; the adapter directory needs {path.name}")
     try:
-        return mx.load(str(path))
+        return mx.load(str(path), return_metadata=True)
     except Exception as e:  # mlx raises bare RuntimeError/ValueError for torn files
         raise UserError(f"{path}: unreadable or truncated safetensors file ({e}); retrain or restore it") from None
+
+
+def read_adapter(directory: Path) -> tuple[AdapterConfig, dict[str, mx.array]]:
+    """Config and weights (our names and shapes) of an mlx-lora, PEFT or mlx_lm.lora adapter directory."""
+    from . import mlxlm, peft  # they build on this module
+
+    directory = Path(directory)
+    if peft.is_peft(directory):
+        return peft.read_peft(directory)
+    path = directory / ADAPTER_CONFIG
+    if not path.is_file():
+        raise UserError(
+            f"{directory}: no {ADAPTER_CONFIG} here; point --adapter-path at a directory written by "
+            f"`mlx-lora train`, PEFT ({peft.PEFT_WEIGHTS}) or mlx_lm.lora"
+        )
+    data = read_json(path)
+    if mlxlm.is_mlxlm(data):
+        return mlxlm.read_mlxlm(directory, data)
+    return AdapterConfig.from_json(path, data), read_weights(directory / ADAPTER_WEIGHTS)[0]
+
+
+def read_config(directory: Path) -> AdapterConfig:
+    return read_adapter(directory)[0]
+
+
+def check_base(config: AdapterConfig, base_config: dict[str, Any], base_name: str, where: Path) -> None:
+    """Refuse a base whose shapes differ from the one the adapter was trained on (when recorded)."""
+    if config.base_fingerprint not in (None, fingerprint(base_config)):
+        raise UserError(
+            f"{where}: adapter was trained on '{config.base_model}', whose shapes differ "
+            f"from '{base_name}' (base_fingerprint {config.base_fingerprint} != {fingerprint(base_config)}); "
+            "pass the matching --model"
+        )
 
 
 def load_adapter(base: Base, directory: Path) -> AdapterConfig:
     """Wrap `base.model` as the adapter says and load its weights, checking that it fits."""
     directory = Path(directory)
-    config = read_config(directory)
-    weights = read_weights(directory / ADAPTER_WEIGHTS)
-    if config.base_fingerprint != fingerprint(base.config):
-        raise UserError(
-            f"{directory / ADAPTER_CONFIG}: adapter was trained on '{config.base_model}', whose shapes differ "
-            f"from '{base.name}' (base_fingerprint {config.base_fingerprint} != {fingerprint(base.config)}); "
-            "pass the matching --model"
-        )
+    config, weights = read_adapter(directory)
+    check_base(config, base.config, base.name, directory / ADAPTER_CONFIG)
     apply_lora(base.model, config.lora, config.modules)
     expected = dict(tree_flatten(base.model.trainable_parameters()))
     problems = [f"unexpected tensor {k}" for k in weights if k not in expected]
@@ -120,7 +187,7 @@ def load_adapter(base: Base, directory: Path) -> AdapterConfig:
         for k, v in expected.items() if k in weights and weights[k].shape != v.shape
     ]
     if problems:
-        raise UserError(f"{directory / ADAPTER_WEIGHTS}: does not fit '{base.name}': {'; '.join(problems[:3])}")
+        raise UserError(f"{directory}: adapter weights do not fit '{base.name}': {'; '.join(problems[:3])}")
     base.model.load_weights(list(weights.items()), strict=False)
     mx.eval(base.model.parameters())
     return config

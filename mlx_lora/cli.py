@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from . import blas
-from .config import FuseConfig, GenerateConfig, TrainConfig, build_config, field_types, load_yaml
+from .config import ConvertConfig, FuseConfig, GenerateConfig, TrainConfig, build_config, field_types, load_yaml
 from .errors import UserError
 
 app = typer.Typer(
@@ -26,6 +26,10 @@ def _options(cls) -> list[inspect.Parameter]:
     params = []
     for f, tp in zip(fields(cls), field_types(cls).values()):
         flag = "--" + f.name.replace("_", "-")
+        if f.metadata.get("positional"):
+            argument = typer.Argument(..., help=f.metadata["help"], show_default=False)
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=argument, annotation=tp))
+            continue
         decls = [f"{flag}/--no-{flag[2:]}"] if tp is bool else [flag]
         shown = "" if f.default in (None, MISSING) else f" (default: {f.default})"
         option = typer.Option(None, *decls, help=f.metadata["help"] + shown, show_default=False)
@@ -88,6 +92,13 @@ def fuse(cfg: FuseConfig) -> None:
     from .fuse import fuse as run_fuse
 
     run_fuse(cfg)
+
+
+@_command(ConvertConfig, "convert", "Rewrite an adapter as PEFT, mlx-lora or mlx-lm files.")
+def convert(cfg: ConvertConfig) -> None:
+    from .convert import convert as run_convert
+
+    run_convert(cfg)
 
 
 def main() -> None:

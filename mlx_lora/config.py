@@ -20,6 +20,11 @@ def opt(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+def arg(help: str):
+    """A required positional command-line argument (None until given)."""
+    return field(default=None, metadata={"help": help, "positional": True})
+
+
 @dataclass(frozen=True)
 class LoRAConfig:
     """What an adapter is: stored in adapter_config.json and enough to rebuild it on a base."""
@@ -195,6 +200,8 @@ def check(cfg) -> list[str]:
                 p.append(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
         if cfg.val_batches == 0 or cfg.val_batches < -1:
             p.append(f"--val-batches must be -1 (all) or a positive count, got {cfg.val_batches}")
+    if isinstance(cfg, ConvertConfig) and cfg.to not in CONVERT_FORMATS:
+        p.append(f"--to must be one of {', '.join(CONVERT_FORMATS)}, got '{cfg.to}'")
     if isinstance(cfg, GenerateConfig):
         if cfg.max_tokens < 1:
             p.append(f"--max-tokens must be at least 1, got {cfg.max_tokens}")
@@ -229,4 +236,21 @@ class FuseConfig:
     save_path: str = opt("fused_model", "Directory for the merged model (replaced only once it checks out).")
     dequantize: bool = opt(
         False, "Save a quantized base merged in full precision (default: re-quantize like the base)."
+    )
+    export_gguf: bool = opt(
+        False, "Also write <save-path>/model.gguf (float16) for llama.cpp; llama, mistral and mixtral models only."
+    )
+
+
+CONVERT_FORMATS = ("peft", "mlx", "mlx-lm")
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    adapter_dir: Optional[str] = arg("Adapter directory to read: mlx-lora, PEFT or mlx_lm.lora format.")
+    out_dir: Optional[str] = arg("Directory to write (created, or replaced once complete).")
+    to: str = opt("peft", "Format to write: peft (Hugging Face PEFT), mlx (mlx-lora's own) or mlx-lm (mlx_lm.lora's).")
+    model: Optional[str] = opt(None, "Base model the adapter belongs to (default: the one the adapter names).")
+    base_model_id: Optional[str] = opt(
+        None, "Base model id to record in the output, e.g. the Hugging Face id for PEFT (default: the adapter's base)."
     )

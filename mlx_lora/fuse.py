@@ -6,6 +6,8 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.gguf import convert_to_gguf
 from mlx_lm.utils import dequantize_model, load_model
 
 from .adapters import load_adapter, read_config
@@ -18,6 +20,8 @@ from .models import load_base, write_model_files
 CHECK_PROMPT = "Q: Tom has 3 apples and buys 4 more. How many apples does he have?\nA: 3 + 4 = 7. #### 7"
 # Largest logit difference allowed between adapter and fused model, relative to max(1, |logits|).
 TOLERANCE = {mx.float32: 1e-3, mx.float16: 3e-2, mx.bfloat16: 6e-2}
+GGUF_FILE = "model.gguf"
+GGUF_ARCHITECTURES = ("llama", "mistral", "mixtral")  # the model types mlx_lm.gguf can translate
 
 
 @dataclass
@@ -31,9 +35,23 @@ def _logits(model: nn.Module, tokens: mx.array) -> mx.array:
     return model(tokens[None])[0]  # (T, V)
 
 
+def check_gguf(config: dict, dequantize: bool) -> None:
+    """Before any work: can mlx-lm's GGUF writer take this model?"""
+    model_type = config.get("model_type")
+    if model_type not in GGUF_ARCHITECTURES:
+        raise UserError(
+            f"--export-gguf: mlx-lm writes GGUF for {', '.join(GGUF_ARCHITECTURES)} models, not {model_type}; "
+            "fuse without it and run llama.cpp's convert_hf_to_gguf.py on the fused directory"
+        )
+    if "quantization" in config and not dequantize:
+        raise UserError("--export-gguf needs full-precision weights: add --dequantize")
+
+
 def fuse(cfg: FuseConfig, log=print) -> FuseResult:
     adapter = read_config(Path(cfg.adapter_path))
     base = load_base(cfg.model or adapter.base_model)
+    if cfg.export_gguf:
+        check_gguf(base.config, cfg.dequantize)
     tokens = mx.array(base.tokenizer.encode(CHECK_PROMPT))
     base_logits = _logits(base.model, tokens).astype(mx.float32)
     load_adapter(base, Path(cfg.adapter_path))
@@ -71,5 +89,7 @@ def fuse(cfg: FuseConfig, log=print) -> FuseResult:
             raise UserError(f"fused model differs from the adapter model by {diff:.2e} (> {tol:.1e}); nothing written")
         else:
             kept = None
+        if cfg.export_gguf:
+            convert_to_gguf(tmp, dict(tree_flatten(base.model.parameters())), config, str(tmp / GGUF_FILE))
     log(f"fused model saved to {cfg.save_path}")
     return FuseResult(Path(cfg.save_path), diff, kept)

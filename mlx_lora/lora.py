@@ -135,6 +135,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, paths: list[str] | None = None
     missing = [p for p in paths if p not in modules]
     if missing:
         raise UserError(f"the model has no module {missing[0]}: is this the base the adapter was made for?")
+    not_linear = [p for p in paths if not isinstance(modules[p], LINEAR_TYPES)]
+    if not_linear:
+        raise UserError(f"{not_linear[0]} is a {type(modules[not_linear[0]]).__name__}; mlx-lora adapts linear layers only")
     for path in paths:
         out_dims, in_dims = linear_dims(modules[path])
         if cfg.rank > min(out_dims, in_dims):

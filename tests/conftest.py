@@ -43,6 +43,11 @@ def make_hf_model(directory: Path, arch: str, seed: int = 0) -> Path:
     config.initializer_range = 0.1  # larger than usual so logits differ visibly between tokens
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     model.save_pretrained(directory)
+    # transformers 5 writes rope_theta inside rope_parameters; mlx-lm reads it at the top level (as
+    # hub checkpoints have it) and otherwise falls back to its own default (qwen2: 1e6, not 1e4).
+    saved = json.loads((directory / "config.json").read_text())
+    saved.setdefault("rope_theta", saved.get("rope_parameters", {}).get("rope_theta", 10000.0))
+    (directory / "config.json").write_text(json.dumps(saved, indent=2))
     return directory
 
 
@@ -74,3 +79,39 @@ def tiny_data(tmp_path) -> Path:
     write_jsonl(tmp_path / "data" / "valid.jsonl", rows[16:])
     write_jsonl(tmp_path / "data" / "test.jsonl", rows[16:])
     return tmp_path / "data"
+
+
+def random_adapter(model_dir: Path, out: Path, cfg):
+    """An mlx-lora adapter on `model_dir` with random A and B (as if trained), saved to `out`; returns the base."""
+    import mlx.core as mx
+
+    from mlx_lora.adapters import describe, save_adapter
+    from mlx_lora.lora import apply_lora, lora_layers
+    from mlx_lora.models import load_base
+
+    mx.random.seed(1)
+    base = load_base(str(model_dir))
+    modules = apply_lora(base.model, cfg)
+    for layer in lora_layers(base.model).values():
+        layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.2
+    save_adapter(out, base.model, describe(base, cfg, modules))
+    base.model.eval()
+    return base
+
+
+def hf_logits(model, tokens):
+    """fp32 logits of a transformers (or PEFT) model for one row of token ids, as numpy."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float().numpy()
+
+
+def mlx_logits(model, tokens):
+    import mlx.core as mx
+    import numpy as np
+
+    return np.array(model(mx.array([tokens]))[0].astype(mx.float32))
+
+
+TOKENS = [1, 50, 51, 52, 53, 30, 7, 99, 2]
