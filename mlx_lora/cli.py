@@ -27,7 +27,7 @@ def _options(cls) -> list[inspect.Parameter]:
     for f, tp in zip(fields(cls), field_types(cls).values()):
         flag = "--" + f.name.replace("_", "-")
         if f.metadata.get("positional"):
-            argument = typer.Argument(..., help=f.metadata["help"], show_default=False)
+            argument = typer.Argument(..., metavar=f.name.upper(), help=f.metadata["help"], show_default=False)
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=argument, annotation=tp))
             continue
         decls = [f"{flag}/--no-{flag[2:]}"] if tp is bool else [flag]

@@ -24,7 +24,9 @@ def convert(cfg: ConvertConfig, log=print) -> Path:
     if out.exists() and (not out.is_dir() or {p.name for p in out.iterdir()} - ADAPTER_FILES):
         raise UserError(f"OUT_DIR {out} exists and holds other files; choose a new or empty directory")
     config, weights = read_adapter(src)
-    base_dir = resolve_model(cfg.model or config.base_model or None)
+    if not (cfg.model or config.base_model):
+        raise UserError(f"{src}: the adapter names no base model; pass --model")
+    base_dir = resolve_model(cfg.model or config.base_model)
     base_config = read_json(base_dir / "config.json")
     check_base(config, base_config, str(base_dir), src)
     config = replace(config, base_fingerprint=fingerprint(base_config))  # foreign formats record none

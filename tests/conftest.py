@@ -115,3 +115,19 @@ def mlx_logits(model, tokens):
 
 
 TOKENS = [1, 50, 51, 52, 53, 30, 7, 99, 2]
+
+
+def assert_round_trip(ours: Path, to: str, tmp: Path) -> None:
+    """ours -> `to` -> ours gives back the same tensors, bit for bit, and the same adapter_config.json."""
+    import mlx.core as mx
+
+    from mlx_lora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from mlx_lora.config import ConvertConfig
+    from mlx_lora.convert import convert
+
+    convert(ConvertConfig(str(ours), str(tmp / to), to=to), log=lambda _: None)
+    convert(ConvertConfig(str(tmp / to), str(tmp / "back"), to="mlx"), log=lambda _: None)
+    before, after = mx.load(str(ours / ADAPTER_WEIGHTS)), mx.load(str(tmp / "back" / ADAPTER_WEIGHTS))
+    assert before.keys() == after.keys()
+    assert all(before[k].dtype == after[k].dtype and mx.array_equal(before[k], after[k]).item() for k in before)
+    assert json.loads((tmp / "back" / ADAPTER_CONFIG).read_text()) == json.loads((ours / ADAPTER_CONFIG).read_text())

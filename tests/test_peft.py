@@ -5,18 +5,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TOKENS, hf_logits, mlx_logits, random_adapter
+from conftest import TOKENS, assert_round_trip, hf_logits, mlx_logits, random_adapter
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
-import mlx.core as mx
-from mlx_lora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter
+from mlx_lora.adapters import read_adapter
 from mlx_lora.config import ConvertConfig, LoRAConfig
 from mlx_lora.convert import convert
 from mlx_lora.errors import UserError
 from mlx_lora.generate import load_for_inference
-from mlx_lora.peft import PEFT_CONFIG, PEFT_WEIGHTS, write_peft
+from mlx_lora.peft import PEFT_CONFIG, PEFT_WEIGHTS, hub_id, write_peft
 
 ATOL = 1e-4
 
@@ -89,12 +88,7 @@ def test_adapter_trained_with_peft_loads_as_is(hf_models, arch, tmp_path):
 
 def test_round_trip_through_peft_is_bit_identical(llama, tmp_path):
     random_adapter(llama, tmp_path / "ours", LoRAConfig(targets="q_proj,v_proj,up_proj", num_layers=3, rank=4, alpha=12))
-    convert(ConvertConfig(str(tmp_path / "ours"), str(tmp_path / "peft"), to="peft"), log=lambda _: None)
-    convert(ConvertConfig(str(tmp_path / "peft"), str(tmp_path / "back"), to="mlx"), log=lambda _: None)
-    before, after = mx.load(str(tmp_path / "ours" / ADAPTER_WEIGHTS)), mx.load(str(tmp_path / "back" / ADAPTER_WEIGHTS))
-    assert before.keys() == after.keys()
-    assert all(before[k].dtype == after[k].dtype and mx.array_equal(before[k], after[k]).item() for k in before)
-    assert json.loads((tmp_path / "back" / ADAPTER_CONFIG).read_text()) == json.loads((tmp_path / "ours" / ADAPTER_CONFIG).read_text())
+    assert_round_trip(tmp_path / "ours", "peft", tmp_path)
 
 
 def test_peft_options_we_do_not_compute_are_refused(llama, tmp_path):
@@ -113,3 +107,11 @@ def test_module_missing_from_the_transformers_checkpoint_is_refused(llama, tmp_p
     with pytest.raises(UserError, match="model.layers.3.self_attn.v_proj: no such weight in the base checkpoint"):
         write_peft(tmp_path / "peft", config, weights, "x", names)
     assert not (tmp_path / "peft").exists()
+
+
+def test_mlx_quantized_base_is_recorded_as_the_model_it_was_converted_from(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization": {"bits": 4, "group_size": 64}}))
+    (tmp_path / "README.md").write_text("---\nbase_model: meta-llama/Llama-3.2-1B-Instruct\ntags:\n- mlx\n---\n# card\n")
+    assert hub_id(tmp_path, "mlx-community/Llama-3.2-1B-Instruct-4bit") == "meta-llama/Llama-3.2-1B-Instruct"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert hub_id(tmp_path, "org/full-precision") == "org/full-precision"
