@@ -43,11 +43,6 @@ def make_hf_model(directory: Path, arch: str, seed: int = 0) -> Path:
     config.initializer_range = 0.1  # larger than usual so logits differ visibly between tokens
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     model.save_pretrained(directory)
-    # transformers 5 writes rope_theta inside rope_parameters; mlx-lm reads it at the top level (as
-    # hub checkpoints have it) and otherwise falls back to its own default (qwen2: 1e6, not 1e4).
-    saved = json.loads((directory / "config.json").read_text())
-    saved.setdefault("rope_theta", saved.get("rope_parameters", {}).get("rope_theta", 10000.0))
-    (directory / "config.json").write_text(json.dumps(saved, indent=2))
     return directory
 
 
