@@ -1,8 +1,9 @@
 """The on-disk adapter: adapters.safetensors (LoRA weights only) + adapter_config.json.
 
 Weight names are the model's module paths plus `.lora_a` (in, r) / `.lora_b` (r, out), the same
-names mlx-lm uses. The config is complete enough to rebuild the adapter on its base with no other
-input: base model, the exact modules, rank, alpha, dropout and a fingerprint of the base's shapes.
+names mlx-lm uses, and `.magnitude` (out,) with DoRA. The config is complete enough to rebuild the
+adapter on its base with no other input: base model, the exact modules, every LoRAConfig option
+and a fingerprint of the base's shapes.
 
 `read_adapter` also reads PEFT (peft.py) and mlx_lm.lora (mlxlm.py) directories as they are, so
 every `--adapter-path` takes all three formats.
@@ -20,16 +21,16 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import atomic
-from .config import LoRAConfig, lora_part
+from .config import LoRAConfig, check, lora_part, parse_pattern
 from .errors import UserError
-from .lora import apply_lora, block_paths, lora_layers
+from .init import BASE_CHANGING, saved_config
+from .lora import MAGNITUDE, apply_lora, block_paths, lora_layers
 from .models import Base, fingerprint
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 FORMAT = "mlx-lora"
 FORMAT_VERSION = 1
-LORA_KEYS = ("lora_a", "lora_b")
 # Foreign formats carry our full config in their safetensors metadata, so round trips are lossless.
 EMBEDDED_CONFIG = "mlx_lora_config"
 BLOCK_MODULE = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.+)$")  # model.layers.3.self_attn.q_proj
@@ -42,6 +43,7 @@ class AdapterConfig:
     layers: list[int]  # block indices adapted
     base_model: str
     base_fingerprint: Optional[str]  # None for a foreign adapter: its format records no base shapes
+    trained_init: Optional[str] = None  # olora/pissa: how it was trained before saved_config made it plain
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -53,6 +55,7 @@ class AdapterConfig:
             "scale": self.lora.scale,
             "layer_indices": self.layers,
             "modules": self.modules,
+            **({"trained_init": self.trained_init} if self.trained_init else {}),
         }
 
     @classmethod
@@ -64,7 +67,13 @@ class AdapterConfig:
         if data["format_version"] > FORMAT_VERSION:
             raise UserError(f"{path}: format_version {data['format_version']} is newer than this mlx-lora; upgrade it")
         lora = LoRAConfig(**{f.name: data[f.name] for f in fields(LoRAConfig)})
-        return cls(lora, list(data["modules"]), list(data["layer_indices"]), data["base_model"], data["base_fingerprint"])
+        problems = check(lora)
+        if problems:
+            raise UserError(f"{path}: {'; '.join(problems)}")
+        return cls(
+            lora, list(data["modules"]), list(data["layer_indices"]), data["base_model"], data["base_fingerprint"],
+            data.get("trained_init"),
+        )
 
 
 def from_modules(modules: list[str], rank: int, alpha: float, dropout: float, base_model: str,
@@ -96,16 +105,35 @@ def _block_of(module: str) -> int:
 
 
 def describe(base: Base, lora: LoRAConfig, modules: list[str]) -> AdapterConfig:
+    """The config of the adapter file that training `lora` on `base` writes (see init.saved_config)."""
     prefixes = [p + "." for p in block_paths(base.model)]
     layers = sorted({i for m in modules for i, p in enumerate(prefixes) if m.startswith(p)})
-    return AdapterConfig(lora, modules, layers, base.name, fingerprint(base.config))
+    trained_init = lora.init if lora.init in BASE_CHANGING else None
+    return AdapterConfig(saved_config(lora), modules, layers, base.name, fingerprint(base.config), trained_init)
 
 
 def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
     return {
-        f"{path}.{key}": getattr(layer, key)
+        f"{path}.{key}": value
         for path, layer in lora_layers(model).items()
-        for key in LORA_KEYS
+        for key, value in layer.export().items()
+    }
+
+
+# Hook for the PEFT exporter (issue 4, branch interop): our options and tensor names in PEFT's terms.
+PEFT_TENSOR_NAMES = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight", MAGNITUDE: "lora_magnitude_vector"}
+
+
+def peft_options(lora: LoRAConfig) -> dict[str, Any]:
+    """The LoraConfig fields of a saved adapter; init is always plain (OLoRA/PiSSA were converted on save)."""
+    return {
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "use_dora": lora.dora,
+        "use_rslora": lora.rslora,
+        "rank_pattern": {k: int(v) for k, v in parse_pattern(lora.rank_pattern).items()},
+        "alpha_pattern": parse_pattern(lora.alpha_pattern),
+        "init_lora_weights": True,
     }
 
 

@@ -5,6 +5,8 @@ adapter_config.json stores the LoRA part. Precedence: command line > YAML file >
 """
 
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -41,10 +43,66 @@ class LoRAConfig:
     layers: Optional[str] = opt(
         None, "Exact block indices to adapt, e.g. 0,5,7 (overrides --num-layers)."
     )
+    dora: bool = opt(
+        False, "DoRA: also learn a magnitude per output row; the weight is m * (W + BA) / ||W + BA||."
+    )
+    rslora: bool = opt(False, "rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r.")
+    init: str = opt(
+        "default",
+        "Start of A and B: default (A uniform, B zero), gaussian (A normal with std 1/r, B zero), "
+        "olora (QR of W) or pissa (SVD of W); olora/pissa adapters are saved as a plain LoRA "
+        "of twice the rank that applies to the unmodified base.",
+    )
+    rank_pattern: Optional[str] = opt(
+        None,
+        "Per-module rank: 'regex=r,regex=r' (YAML: a mapping), matched against the end of each "
+        "module path like PEFT's rank_pattern, e.g. '.*v_proj=16,.*q_proj=4'.",
+    )
+    alpha_pattern: Optional[str] = opt(
+        None, "Per-module alpha, written like --rank-pattern, e.g. '.*v_proj=32'."
+    )
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        """The scale of modules that no pattern names."""
+        return lora_scale(self.alpha, self.rank, self.rslora)
+
+    def rank_alpha(self, path: str) -> tuple[int, float]:
+        """Rank and alpha of one module: the first pattern matching its path, else --rank/--alpha."""
+        ranks, alphas = parse_pattern(self.rank_pattern), parse_pattern(self.alpha_pattern)
+        rank = ranks.get(pattern_key(ranks, path), self.rank)
+        return int(rank), alphas.get(pattern_key(alphas, path), self.alpha)
+
+
+INITS = ("default", "gaussian", "olora", "pissa")
+_PATTERN_ITEM = re.compile(r"(.+?)=([^,=]+)(?:,|$)")  # lazy, so regexes may hold commas: a{1,2}=4
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
+def parse_pattern(spec: Optional[str]) -> dict[str, float]:
+    """'regex=value,regex=value' -> {regex: value}, in the order given (the first match wins)."""
+    if not spec:
+        return {}
+    items = _PATTERN_ITEM.findall(spec)
+    if "".join(f"{k}={v}," for k, v in items).rstrip(",") != spec.strip().rstrip(","):
+        raise ValueError(f"'{spec}' is not a list of regex=number items such as '.*v_proj=16,.*q_proj=4'")
+    try:
+        return {k.strip(): float(v) for k, v in items}
+    except ValueError:
+        raise ValueError(f"'{spec}': every value after '=' must be a number") from None
+
+
+def format_pattern(pattern: dict[str, float]) -> Optional[str]:
+    """The inverse of parse_pattern, exact for every float."""
+    return ",".join(f"{k}={int(v) if v == int(v) else repr(v)}" for k, v in pattern.items()) or None
+
+
+def pattern_key(pattern: dict[str, float], path: str) -> Optional[str]:
+    """PEFT's get_pattern_key: the first regex that matches the whole path or a dotted suffix of it."""
+    return next((k for k in pattern if re.match(rf"(.*\.)?({k})$", path)), None)
 
 
 @dataclass(frozen=True)
@@ -96,6 +154,8 @@ def _coerce(name: str, value: Any, tp: type) -> Any:
         return None
     if tp is str and isinstance(value, (list, tuple)):
         return ",".join(str(v) for v in value)
+    if tp is str and isinstance(value, dict):  # rank_pattern / alpha_pattern as a YAML mapping
+        return ",".join(f"{k}={v}" for k, v in value.items())
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -187,6 +247,9 @@ def check(cfg) -> list[str]:
             parse_layers(cfg.layers)
         except UserError as e:
             p.append(str(e))
+        if cfg.init not in INITS:
+            p.append(f"--init must be one of {', '.join(INITS)}, got '{cfg.init}'")
+        p += _pattern_problems(cfg)
     if isinstance(cfg, TrainConfig):
         for name in ("iters", "batch_size", "max_seq_length"):
             if getattr(cfg, name) < 1:
@@ -212,6 +275,25 @@ def check(cfg) -> list[str]:
     return p
 
 
+def _pattern_problems(cfg: LoRAConfig) -> list[str]:
+    p = []
+    for name in ("rank_pattern", "alpha_pattern"):
+        flag = "--" + name.replace("_", "-")
+        try:
+            pattern = parse_pattern(getattr(cfg, name))
+        except ValueError as e:
+            p.append(f"{flag} {e}")
+            continue
+        for key, value in pattern.items():
+            try:
+                re.compile(key)
+            except re.error as e:
+                p.append(f"{flag}: '{key}' is not a valid regular expression ({e})")
+            if value <= 0 or (name == "rank_pattern" and value != int(value)):
+                p.append(f"{flag}: {key}={value:g} must be a positive {'whole number' if name == 'rank_pattern' else 'number'}")
+    return p
+
+
 def lora_part(cfg: LoRAConfig) -> dict[str, Any]:
     """The LoRA fields of any config, as stored in adapter_config.json."""
     return {f.name: getattr(cfg, f.name) for f in fields(LoRAConfig)}
@@ -234,8 +316,10 @@ class FuseConfig:
     model: Optional[str] = opt(None, "Base model (default: the one the adapter names).")
     adapter_path: str = opt("adapters", "Adapter directory to merge.")
     save_path: str = opt("fused_model", "Directory for the merged model (replaced only once it checks out).")
-    dequantize: bool = opt(
-        False, "Save a quantized base merged in full precision (default: re-quantize like the base)."
+    requantize: bool = opt(
+        False,
+        "Quantized base: re-quantize the merged layers like the base and report the logit change "
+        "this causes (default: save the whole model de-quantized, merged in full precision).",
     )
     export_gguf: bool = opt(
         False, "Also write <save-path>/model.gguf (float16) for llama.cpp; llama, mistral and mixtral models only."

@@ -48,6 +48,7 @@ def check_gguf(config: dict, dequantize: bool) -> None:
 
 
 def fuse(cfg: FuseConfig, log=print) -> FuseResult:
+    """Merge in float32 and save in the base's dtype, de-quantized unless --requantize."""
     adapter = read_config(Path(cfg.adapter_path))
     base = load_base(cfg.model or adapter.base_model)
     if cfg.export_gguf:
@@ -58,10 +59,12 @@ def fuse(cfg: FuseConfig, log=print) -> FuseResult:
     base.model.eval()
     raw = _logits(base.model, tokens)
     adapter_logits = raw.astype(mx.float32)
-    requantize = not cfg.dequantize and any(isinstance(l.linear, nn.QuantizedLinear) for l in lora_layers(base.model).values())
-    fuse_lora(base.model, dequantize=cfg.dequantize)
+    quantized = [l.linear for l in lora_layers(base.model).values() if isinstance(l.linear, nn.QuantizedLinear)]
+    if cfg.requantize and not quantized:
+        raise UserError("--requantize: the adapted layers of this base are not quantized; there is nothing to re-quantize")
+    fuse_lora(base.model, requantize=cfg.requantize)
     config = dict(base.config)
-    if cfg.dequantize:
+    if not cfg.requantize:
         dequantize_model(base.model)
         config.pop("quantization", None)
         config.pop("quantization_config", None)
@@ -74,7 +77,7 @@ def fuse(cfg: FuseConfig, log=print) -> FuseResult:
         scale = max(1.0, mx.abs(adapter_logits).max().item())
         tol = TOLERANCE.get(raw.dtype, 6e-2) * scale
         log(f"check: largest logit difference, fused vs adapter model: {diff:.2e}")
-        if requantize:
+        if cfg.requantize:
             saved_diff = mx.abs(fused_logits - in_memory).max().item()
             if saved_diff > tol:
                 raise UserError(f"fused model on disk differs from the merged model by {saved_diff:.2e} (> {tol:.1e}); nothing written")
@@ -82,8 +85,9 @@ def fuse(cfg: FuseConfig, log=print) -> FuseResult:
             lost = mx.sqrt(mx.square(fused_logits - adapter_logits).sum()).item()
             kept = 1 - lost / effect if effect > 0 else 1.0
             log(
-                f"re-quantizing kept {100 * kept:.0f}% of the adapter's effect on the check prompt"
-                + ("" if kept > 0.8 else "; use --dequantize to keep all of it")
+                f"re-quantizing to {quantized[0].bits}-bit changed the logits by up to {diff:.2e} and kept "
+                f"{100 * kept:.0f}% of the adapter's effect on the check prompt"
+                + ("" if kept > 0.8 else "; fuse without --requantize to keep all of it")
             )
         elif diff > tol:
             raise UserError(f"fused model differs from the adapter model by {diff:.2e} (> {tol:.1e}); nothing written")

@@ -7,10 +7,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from .config import LoRAConfig, parse_layers
+from .config import LoRAConfig, lora_scale, parse_layers, parse_pattern, pattern_key
 from .errors import UserError
+from .init import BASE_CHANGING, initialize
 
 ALL_LINEAR = "all-linear"
+LORA_KEYS = ("lora_a", "lora_b")
+MAGNITUDE = "magnitude"  # DoRA's m; PEFT calls it lora_magnitude_vector
 LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
 _REGEX_CHARS = set("\\^$*+?{}[]()|")
 
@@ -33,45 +36,79 @@ def dequantized_weight(layer: nn.Module) -> mx.array:
 
 
 class LoRALinear(nn.Module):
-    """y = W x + scale · (dropout(x) A) B, with A (in, r), B (r, out) and scale = alpha / r.
+    """y = W x + scale · (dropout(x) A) B, with A (in, r), B (r, out); scale = alpha/r (alpha/√r with rsLoRA).
 
-    A starts uniform in ±1/sqrt(in) and B at zero, so a freshly wrapped layer equals its base.
-    The base (nn.Linear or nn.QuantizedLinear) is kept as it is and never trained.
+    With DoRA (as PEFT defines it) y = m / ||W + ΔW|| · (W + ΔW) x + bias, where ΔW = delta(), the
+    norm is taken per output row over the input dim and kept out of the gradient (DoRA paper §4.3),
+    and m (out,) starts at ||W|| so a freshly wrapped layer still equals its base.
+    A starts uniform in ±1/sqrt(in) and B at zero (init.py has the other starts). The base
+    (nn.Linear or nn.QuantizedLinear) is never trained.
     """
 
-    def __init__(self, base: nn.Module, rank: int, scale: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, rank: int, scale: float, dropout: float = 0.0, dora: bool = False):
         super().__init__()
         out_dims, in_dims = linear_dims(base)
         self.linear = base
         self.dropout = nn.Dropout(p=dropout)
         self.scale = scale
+        self.dora = dora
+        self.initial = None  # (A0, B0) when init.py moved part of W into them (OLoRA / PiSSA)
         bound = 1 / math.sqrt(in_dims)
         self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(in_dims, rank))
         self.lora_b = mx.zeros((rank, out_dims))
+        if dora:
+            self.magnitude = self.weight_norm()  # (out,)
 
     def delta(self) -> mx.array:
         """The weight update the adapter adds to W, shaped like W: (out, in)."""
         return (self.scale * (self.lora_a @ self.lora_b)).T
 
+    def weight_norm(self) -> mx.array:
+        """||W + ΔW|| per output row, (out,), in float32."""
+        return mx.linalg.norm(dequantized_weight(self.linear).astype(mx.float32) + self.delta(), axis=1)
+
+    def merged_weight(self) -> mx.array:
+        """The weight of the equivalent plain layer, (out, in) in float32: what fuse writes."""
+        weight = dequantized_weight(self.linear).astype(mx.float32) + self.delta()
+        if self.dora:
+            weight = (self.magnitude / mx.linalg.norm(weight, axis=1))[:, None] * weight
+        return weight
+
     def __call__(self, x: mx.array) -> mx.array:
         y = self.linear(x)  # (B, T, out)
         z = (self.dropout(x) @ self.lora_a) @ self.lora_b  # (B, T, out) through rank r
-        return y + (self.scale * z).astype(y.dtype)
+        if not self.dora:
+            return y + (self.scale * z).astype(y.dtype)
+        bias = self.linear.get("bias")
+        wx = y if bias is None else y - bias  # (B, T, out)
+        g = self.magnitude / mx.stop_gradient(self.weight_norm())  # (out,)
+        out = g * (wx + self.scale * z)
+        return (out if bias is None else out + bias).astype(y.dtype)
 
-    def fuse(self, dequantize: bool = False) -> nn.Module:
-        """A plain layer computing W + delta; re-quantized like the base unless `dequantize`."""
+    def fuse(self, requantize: bool = False) -> nn.Module:
+        """A plain layer computing the merged weight in the base's dtype; re-quantized like the base only if asked."""
         base = self.linear
-        weight = dequantized_weight(base)
-        out_dims, in_dims = weight.shape
+        quantized = isinstance(base, nn.QuantizedLinear)
+        out_dims, in_dims = linear_dims(base)
         fused = nn.Linear(in_dims, out_dims, bias="bias" in base)
-        fused.weight = weight + self.delta().astype(weight.dtype)
+        fused.weight = self.merged_weight().astype(base.scales.dtype if quantized else base.weight.dtype)
         if "bias" in base:
             fused.bias = base.bias
-        if isinstance(base, nn.QuantizedLinear) and not dequantize:
-            return nn.QuantizedLinear.from_linear(
-                fused, group_size=base.group_size, bits=base.bits, mode=base.mode
-            )
+        if quantized and requantize:
+            return nn.QuantizedLinear.from_linear(fused, group_size=base.group_size, bits=base.bits, mode=base.mode)
         return fused
+
+    def export(self) -> dict[str, mx.array]:
+        """The tensors an adapter file holds, as an update to the *unmodified* base.
+
+        After OLoRA/PiSSA the base holds W - ΔW0, so the update to W is ΔW - ΔW0 = s·(A B - A0 B0):
+        the plain LoRA [A, A0] (in, 2r), [B; -B0] (2r, out), as PEFT's weight conversion does.
+        """
+        a, b = self.lora_a, self.lora_b
+        if self.initial is not None:
+            a0, b0 = self.initial
+            a, b = mx.concatenate([a, a0], axis=1), mx.concatenate([b, -b0], axis=0)
+        return {"lora_a": a, "lora_b": b, **({MAGNITUDE: self.magnitude} if self.dora else {})}
 
 
 def block_indices(model: nn.Module, cfg: LoRAConfig) -> list[int]:
@@ -128,9 +165,32 @@ def select_targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     return sorted(matched, key=lambda n: (block_of(n), n))
 
 
+def _check_choices(modules: dict[str, nn.Module], paths: list[str], cfg: LoRAConfig) -> None:
+    """What only a new adapter must satisfy: ranks that fit, patterns that name a module, an init that can run."""
+    problems = []
+    for path in paths:
+        out_dims, in_dims = linear_dims(modules[path])
+        rank = cfg.rank_alpha(path)[0]
+        if rank > min(out_dims, in_dims):
+            problems.append(f"rank {rank} is larger than {path} allows ({out_dims}x{in_dims}): use {min(out_dims, in_dims)} or less")
+        if cfg.init in BASE_CHANGING and isinstance(modules[path], nn.QuantizedLinear):
+            problems.append(f"--init {cfg.init} rewrites the base weights, which {path} holds quantized: use a full-precision base")
+    for name in ("rank_pattern", "alpha_pattern"):
+        unused = [k for k in parse_pattern(getattr(cfg, name)) if not any(pattern_key({k: 0}, p) for p in paths)]
+        if unused:
+            problems.append(f"--{name.replace('_', '-')}: {', '.join(unused)} matches none of the adapted modules")
+    if problems:
+        raise UserError("\n".join(problems[:5]))
+
+
 def apply_lora(model: nn.Module, cfg: LoRAConfig, paths: list[str] | None = None) -> list[str]:
-    """Freeze the model and wrap the chosen linears in LoRALinear; only A and B stay trainable."""
-    paths = select_targets(model, cfg) if paths is None else paths
+    """Freeze the model and wrap linears in LoRALinear; only A, B (and DoRA's m) stay trainable.
+
+    Without `paths` this starts a new adapter: choose targets, check, initialise. With `paths`
+    it rebuilds a saved one: the layers are only shaped, and their weights are loaded next.
+    """
+    new = paths is None
+    paths = select_targets(model, cfg) if new else paths
     modules = dict(model.named_modules())
     missing = [p for p in paths if p not in modules]
     if missing:
@@ -138,18 +198,18 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, paths: list[str] | None = None
     not_linear = [p for p in paths if not isinstance(modules[p], LINEAR_TYPES)]
     if not_linear:
         raise UserError(f"{not_linear[0]} is a {type(modules[not_linear[0]]).__name__}; mlx-lora adapts linear layers only")
-    for path in paths:
-        out_dims, in_dims = linear_dims(modules[path])
-        if cfg.rank > min(out_dims, in_dims):
-            raise UserError(
-                f"--rank {cfg.rank} is larger than {path} allows ({out_dims}x{in_dims}): "
-                f"use --rank {min(out_dims, in_dims)} or less"
-            )
+    if new:
+        _check_choices(modules, paths, cfg)
     model.freeze()
-    wrapped = [(p, LoRALinear(modules[p], cfg.rank, cfg.scale, cfg.dropout)) for p in paths]
+    wrapped = []
+    for path in paths:
+        rank, alpha = cfg.rank_alpha(path)
+        wrapped.append((path, LoRALinear(modules[path], rank, lora_scale(alpha, rank, cfg.rslora), cfg.dropout, cfg.dora)))
     model.update_modules(tree_unflatten(wrapped))
     for _, layer in wrapped:
-        layer.unfreeze(keys=["lora_a", "lora_b"], recurse=False)
+        if new:
+            initialize(layer, cfg.init)
+        layer.unfreeze(keys=list(LORA_KEYS) + ([MAGNITUDE] if cfg.dora else []), recurse=False)
     return paths
 
 
@@ -157,9 +217,9 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def fuse_lora(model: nn.Module, dequantize: bool = False) -> nn.Module:
+def fuse_lora(model: nn.Module, requantize: bool = False) -> nn.Module:
     """Replace every LoRALinear by its merged plain layer, in place."""
-    fused = [(name, layer.fuse(dequantize)) for name, layer in lora_layers(model).items()]
+    fused = [(name, layer.fuse(requantize)) for name, layer in lora_layers(model).items()]
     if fused:
         model.update_modules(tree_unflatten(fused))
     return model

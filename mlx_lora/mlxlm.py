@@ -14,10 +14,10 @@ import mlx.core as mx
 
 from . import atomic
 from .adapters import (
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, BLOCK_MODULE, EMBEDDED_CONFIG, FORMAT, LORA_KEYS, AdapterConfig,
-    from_modules, read_weights,
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, BLOCK_MODULE, EMBEDDED_CONFIG, FORMAT, AdapterConfig, from_modules, read_weights,
 )
 from .errors import UserError
+from .lora import LORA_KEYS
 
 MLXLM_PARAMETERS = "lora_parameters"
 

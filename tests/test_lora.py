@@ -47,11 +47,11 @@ def test_fused_layer_reproduces_wrapped_layer(quantized):
     layer = LoRALinear(base, rank=4, scale=2.0)
     layer.lora_b = mx.random.normal((4, 64)) * 0.1
     x = mx.random.normal((2, 64))
-    fused = layer.fuse(dequantize=True)
+    fused = layer.fuse()
     assert type(fused) is nn.Linear
     assert mx.allclose(fused(x), layer(x), atol=1e-4)
     if quantized:
-        assert isinstance(layer.fuse(), nn.QuantizedLinear)
+        assert isinstance(layer.fuse(requantize=True), nn.QuantizedLinear)
 
 
 def test_only_lora_weights_train(llama):
@@ -117,5 +117,5 @@ def test_bad_layers_and_rank_are_user_errors(llama):
     base = load_base(str(llama))
     with pytest.raises(UserError, match="blocks 0..3"):
         select_targets(base.model, LoRAConfig(layers="1,9"))
-    with pytest.raises(UserError, match="--rank 100 is larger"):
+    with pytest.raises(UserError, match="rank 100 is larger"):
         apply_lora(base.model, LoRAConfig(rank=100))
