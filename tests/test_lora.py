@@ -5,7 +5,7 @@ from mlx.utils import tree_flatten
 
 from mlx_lora.config import LoRAConfig
 from mlx_lora.errors import UserError
-from mlx_lora.lora import LoRALinear, apply_lora, fuse_lora, lora_layers, remove_lora, select_targets
+from mlx_lora.lora import LoRALinear, apply_lora, dequantized_weight, fuse_lora, lora_layers, remove_lora, select_targets
 from mlx_lora.models import load_base
 
 
@@ -14,17 +14,22 @@ def _randomize_b(model):
         layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1
 
 
+@pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("quantized", [False, True])
-def test_wrapped_layer_equals_base_at_init(quantized):
+def test_wrapped_layer_equals_base_at_init(quantized, dora):
     mx.random.seed(0)
     base = nn.Linear(64, 32, bias=True)
     if quantized:
         base = nn.QuantizedLinear.from_linear(base, group_size=32, bits=4)
     x = mx.random.normal((2, 5, 64))
-    wrapped = LoRALinear(base, rank=4, scale=2.0)
+    wrapped = LoRALinear(base, rank=4, scale=2.0, dora=dora)
     assert wrapped.lora_a.shape == (64, 4) and wrapped.lora_b.shape == (4, 32)
     assert mx.all(wrapped.lora_b == 0).item()
-    assert mx.array_equal(wrapped(x), base(x))
+    if dora:  # m starts at the row norms of W, so m / ||W + 0|| = 1
+        assert mx.array_equal(wrapped.magnitude, mx.linalg.norm(dequantized_weight(base), axis=1))
+        assert mx.allclose(wrapped(x), base(x), atol=1e-5)
+    else:
+        assert mx.array_equal(wrapped(x), base(x))
 
 
 def test_forward_is_base_plus_scaled_low_rank_product():

@@ -82,19 +82,6 @@ def test_forward_gradients_and_fuse_match_peft(dora, rslora):
     np.testing.assert_allclose(_np(layer.fuse().weight), peft.base_layer.weight.detach().numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize("quantized", [False, True])
-def test_dora_starts_at_row_norms_so_the_wrapped_layer_equals_its_base(quantized):
-    mx.random.seed(1)
-    base = nn.Linear(64, 32, bias=True)
-    if quantized:
-        base = nn.QuantizedLinear.from_linear(base, group_size=32, bits=4)
-    layer = LoRALinear(base, rank=4, scale=2.0, dora=True)
-    w = mx.dequantize(base.weight, base.scales, base.biases, group_size=32, bits=4) if quantized else base.weight
-    assert mx.array_equal(layer.magnitude, mx.linalg.norm(w, axis=1))
-    x = mx.random.normal((2, 64))
-    assert mx.allclose(layer(x), base(x), atol=1e-5)
-
-
 def test_gaussian_init_is_peft_s():
     mx.random.seed(2)
     layer = LoRALinear(nn.Linear(512, 256), rank=8, scale=2.0)
