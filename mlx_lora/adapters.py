@@ -21,7 +21,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import atomic
-from .config import LoRAConfig, check, lora_part, parse_pattern
+from .config import LoRAConfig, check, format_pattern, lora_part, parse_pattern
 from .errors import UserError
 from .init import BASE_CHANGING, saved_config
 from .lora import MAGNITUDE, apply_lora, block_paths, lora_layers
@@ -120,7 +120,10 @@ def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
     }
 
 
-# Hook for the PEFT exporter (issue 4, branch interop): our options and tensor names in PEFT's terms.
+# HOOK for the PEFT exporter/reader (issue 4, branch interop, not on main when this was written):
+# write tensors under PEFT_TENSOR_NAMES (transpose the 2-D ones) with `peft_options` added to the
+# LoraConfig; read PEFT options back with `from_peft_options`. tests/test_methods.py checks both
+# against real PEFT.
 PEFT_TENSOR_NAMES = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight", MAGNITUDE: "lora_magnitude_vector"}
 
 
@@ -134,6 +137,16 @@ def peft_options(lora: LoRAConfig) -> dict[str, Any]:
         "rank_pattern": {k: int(v) for k, v in parse_pattern(lora.rank_pattern).items()},
         "alpha_pattern": parse_pattern(lora.alpha_pattern),
         "init_lora_weights": True,
+    }
+
+
+def from_peft_options(data: dict[str, Any]) -> dict[str, Any]:
+    """The LoRAConfig fields a PEFT adapter_config.json sets beyond r / lora_alpha / lora_dropout."""
+    return {
+        "dora": bool(data.get("use_dora")),
+        "rslora": bool(data.get("use_rslora")),
+        "rank_pattern": format_pattern(data.get("rank_pattern") or {}),
+        "alpha_pattern": format_pattern(data.get("alpha_pattern") or {}),
     }
 
 

@@ -135,11 +135,11 @@ def test_quantized_base_trains_and_fuses(llama, tiny_data, tmp_path):
     tokens = mx.array([[1, 40, 41, 42, 43]])
     want = adapter_logits(quantized, out, tokens)
 
-    log = run("fuse", "--adapter-path", out, "--save-path", tmp_path / "requantized")
-    assert "re-quantizing kept" in log
+    log = run("fuse", "--adapter-path", out, "--save-path", tmp_path / "requantized", "--requantize")
+    assert "re-quantizing to 4-bit changed the logits by up to" in log
     assert "quantization" in json.loads((tmp_path / "requantized" / "config.json").read_text())
 
-    run("fuse", "--adapter-path", out, "--save-path", tmp_path / "full", "--dequantize")
+    run("fuse", "--adapter-path", out, "--save-path", tmp_path / "full")
     assert "quantization" not in json.loads((tmp_path / "full" / "config.json").read_text())
     full, _ = mlx_lm_load(str(tmp_path / "full"))
     assert mx.allclose(full(tokens), want, atol=1e-4).item()

@@ -230,3 +230,47 @@ def test_train_generate_fuse_with_every_method(llama, tiny_data, tmp_path):
     assert generated.exit_code == 0, generated.output
     fused = runner.invoke(app, ["fuse", "--adapter-path", str(out), "--save-path", str(tmp_path / "fused")])
     assert fused.exit_code == 0 and "fused model saved" in fused.output, fused.output
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        LoRAConfig(targets="q_proj,v_proj,down_proj", num_layers=2, rank=4, alpha=8, dora=True, rslora=True,
+                   rank_pattern=".*v_proj=8", alpha_pattern="down_proj=3"),
+        LoRAConfig(targets="q_proj,v_proj", num_layers=-1, rank=4, alpha=8, dora=True, init="olora"),
+    ],
+    ids=["dora+rslora+patterns", "olora+dora"],
+)
+def test_peft_hook_gives_real_peft_the_same_model(llama, tmp_path, cfg):
+    """The PEFT names and options (adapters.PEFT_TENSOR_NAMES, peft_options) load in PEFT as the same model."""
+    import re
+
+    from peft import PeftModel
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from mlx_lora.adapters import PEFT_TENSOR_NAMES, adapter_weights, from_peft_options, peft_options
+
+    mx.random.seed(5)
+    ours = load_base(str(llama))
+    modules = apply_lora(ours.model, cfg)
+    for layer in lora_layers(ours.model).values():
+        layer.lora_b = layer.lora_b + 0.1 * mx.random.normal(layer.lora_b.shape)
+        layer.magnitude = layer.magnitude * (1 + 0.1 * mx.random.normal(layer.magnitude.shape))
+    adapter = describe(ours, cfg, modules)
+    tensors = {}
+    for key, w in adapter_weights(ours.model).items():
+        path, name = key.rsplit(".", 1)
+        tensors[f"base_model.model.{path}.{PEFT_TENSOR_NAMES[name]}"] = torch.tensor(np.ascontiguousarray(_np(w.T if w.ndim == 2 else w)))
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "target_modules": "|".join(map(re.escape, modules)),
+                   "lora_dropout": 0.0, "bias": "none", **peft_options(adapter.lora)}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(peft_config))
+
+    hf = AutoModelForCausalLM.from_pretrained(str(llama), dtype=torch.float32)
+    peft = PeftModel.from_pretrained(hf, str(tmp_path)).eval()
+    with torch.no_grad():
+        theirs = peft(torch.tensor(_np(TOKENS)).long()).logits.numpy()
+    np.testing.assert_allclose(theirs, _np(ours.model(TOKENS)), atol=1e-4)
+    back = from_peft_options(peft_config)
+    assert back == {k: getattr(adapter.lora, k) for k in back}
