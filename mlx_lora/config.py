@@ -67,6 +67,12 @@ class LoRAConfig:
         """The scale of modules that no pattern names."""
         return lora_scale(self.alpha, self.rank, self.rslora)
 
+    def summary(self) -> str:
+        """e.g. 'LoRA DoRA init pissa r=8 alpha=16.0 rank_pattern=.*v_proj=16'."""
+        methods = [("DoRA", self.dora), ("rsLoRA", self.rslora), (f"init {self.init}", self.init != "default")]
+        patterns = [f"{name}={value}" for name, value in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)) if value]
+        return " ".join(["LoRA", *(m for m, on in methods if on), f"r={self.rank}", f"alpha={self.alpha}", *patterns])
+
     def rank_alpha(self, path: str) -> tuple[int, float]:
         """Rank and alpha of one module: the first pattern matching its path, else --rank/--alpha."""
         ranks, alphas = parse_pattern(self.rank_pattern), parse_pattern(self.alpha_pattern)

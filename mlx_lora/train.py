@@ -79,11 +79,8 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     adapter = describe(base, LoRAConfig(**lora_part(cfg)), modules)
     model = base.model
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    methods = [m for m, on in (("DoRA", cfg.dora), ("rsLoRA", cfg.rslora), (f"init {cfg.init}", cfg.init != "default")) if on]
     log(
-        f"model {base.name}: {' '.join(['LoRA', *methods])} r={cfg.rank} alpha={cfg.alpha}"
-        f"{' (patterns: ' + ', '.join(filter(None, [cfg.rank_pattern, cfg.alpha_pattern])) + ')' if cfg.rank_pattern or cfg.alpha_pattern else ''}"
-        f" on {len(modules)} modules in blocks "
+        f"model {base.name}: {cfg.summary()} on {len(modules)} modules in blocks "
         f"{adapter.layers}; {trainable:,} trainable parameters "
         f"({100 * trainable / get_total_parameters(model):.3f}%)"
     )
