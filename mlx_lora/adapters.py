@@ -21,10 +21,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import atomic
-from .config import LoRAConfig, check, format_pattern, lora_part, parse_pattern
+from .config import LoRAConfig, check, lora_part, parse_pattern
 from .errors import UserError
 from .init import BASE_CHANGING, saved_config
-from .lora import MAGNITUDE, apply_lora, block_paths, lora_layers
+from .lora import apply_lora, block_paths, lora_layers
 from .models import Base, fingerprint
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -77,26 +77,31 @@ class AdapterConfig:
 
 
 def from_modules(modules: list[str], rank: int, alpha: float, dropout: float, base_model: str,
-                 num_layers: int = -1, embedded: Optional[str] = None) -> AdapterConfig:
+                 num_layers: int = -1, embedded: Optional[str] = None, methods: Optional[dict] = None) -> AdapterConfig:
     """Our config for a foreign adapter, from the module paths its tensors name.
 
-    `embedded` is the config an mlx-lora export stored beside the tensors; it is taken (for the
-    fields the foreign format cannot hold) only where it agrees with what the files say now.
+    `methods` are LoRAConfig's DoRA/rsLoRA/pattern fields the format states. `embedded` is the
+    config an mlx-lora export stored beside the tensors; it is taken (for the fields the foreign
+    format cannot hold) only where it agrees with what the files say now.
     """
     modules = sorted(modules, key=lambda m: (_block_of(m), m))
     layers = sorted({_block_of(m) for m in modules} - {-1})
     targets = ",".join(sorted({BLOCK_MODULE.match(m).group(2) if _block_of(m) >= 0 else m for m in modules}))
     layer_list = None if num_layers != -1 else ",".join(map(str, layers))
-    derived = AdapterConfig(LoRAConfig(targets, rank, alpha, dropout, num_layers, layer_list), modules, layers, base_model, None)
+    lora = LoRAConfig(targets, rank, alpha, dropout, num_layers, layer_list, **(methods or {}))
+    derived = AdapterConfig(lora, modules, layers, base_model, None)
     if embedded is None:
         return derived
     try:
         ours = AdapterConfig.from_json(Path(EMBEDDED_CONFIG), json.loads(embedded))
     except (UserError, json.JSONDecodeError, TypeError):
         return derived
-    same = (ours.modules, ours.lora.rank, ours.lora.dropout) == (modules, rank, dropout)
-    same = same and math.isclose(ours.lora.scale, alpha / rank, rel_tol=1e-9)
-    return AdapterConfig(ours.lora, ours.modules, ours.layers, base_model, ours.base_fingerprint) if same else derived
+    same = (ours.modules, ours.lora.rank, ours.lora.dropout, ours.lora.dora) == (modules, rank, dropout, lora.dora)
+    same = same and math.isclose(ours.lora.scale, lora.scale, rel_tol=1e-9) and all(
+        math.isclose(ours.lora.rank_alpha(m)[0], lora.rank_alpha(m)[0])
+        and math.isclose(ours.lora.scale_of(m), lora.scale_of(m), rel_tol=1e-9) for m in modules
+    )
+    return AdapterConfig(ours.lora, ours.modules, ours.layers, base_model, ours.base_fingerprint, ours.trained_init) if same else derived
 
 
 def _block_of(module: str) -> int:
@@ -117,36 +122,6 @@ def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
         f"{path}.{key}": value
         for path, layer in lora_layers(model).items()
         for key, value in layer.export().items()
-    }
-
-
-# HOOK for the PEFT exporter/reader (issue 4, branch interop, not on main when this was written):
-# write tensors under PEFT_TENSOR_NAMES (transpose the 2-D ones) with `peft_options` added to the
-# LoraConfig; read PEFT options back with `from_peft_options`. tests/test_methods.py checks both
-# against real PEFT.
-PEFT_TENSOR_NAMES = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight", MAGNITUDE: "lora_magnitude_vector"}
-
-
-def peft_options(lora: LoRAConfig) -> dict[str, Any]:
-    """The LoraConfig fields of a saved adapter; init is always plain (OLoRA/PiSSA were converted on save)."""
-    return {
-        "r": lora.rank,
-        "lora_alpha": lora.alpha,
-        "use_dora": lora.dora,
-        "use_rslora": lora.rslora,
-        "rank_pattern": {k: int(v) for k, v in parse_pattern(lora.rank_pattern).items()},
-        "alpha_pattern": parse_pattern(lora.alpha_pattern),
-        "init_lora_weights": True,
-    }
-
-
-def from_peft_options(data: dict[str, Any]) -> dict[str, Any]:
-    """The LoRAConfig fields a PEFT adapter_config.json sets beyond r / lora_alpha / lora_dropout."""
-    return {
-        "dora": bool(data.get("use_dora")),
-        "rslora": bool(data.get("use_rslora")),
-        "rank_pattern": format_pattern(data.get("rank_pattern") or {}),
-        "alpha_pattern": format_pattern(data.get("alpha_pattern") or {}),
     }
 
 

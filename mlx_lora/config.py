@@ -79,6 +79,10 @@ class LoRAConfig:
         rank = ranks.get(pattern_key(ranks, path), self.rank)
         return int(rank), alphas.get(pattern_key(alphas, path), self.alpha)
 
+    def scale_of(self, path: str) -> float:
+        rank, alpha = self.rank_alpha(path)
+        return lora_scale(alpha, rank, self.rslora)
+
 
 INITS = ("default", "gaussian", "olora", "pissa")
 _PATTERN_ITEM = re.compile(r"(.+?)=([^,=]+)(?:,|$)")  # lazy, so regexes may hold commas: a{1,2}=4

@@ -35,7 +35,7 @@ def _logits(model: nn.Module, tokens: mx.array) -> mx.array:
     return model(tokens[None])[0]  # (T, V)
 
 
-def check_gguf(config: dict, dequantize: bool) -> None:
+def check_gguf(config: dict, requantize: bool) -> None:
     """Before any work: can mlx-lm's GGUF writer take this model?"""
     model_type = config.get("model_type")
     if model_type not in GGUF_ARCHITECTURES:
@@ -43,8 +43,8 @@ def check_gguf(config: dict, dequantize: bool) -> None:
             f"--export-gguf: mlx-lm writes GGUF for {', '.join(GGUF_ARCHITECTURES)} models, not {model_type}; "
             "fuse without it and run llama.cpp's convert_hf_to_gguf.py on the fused directory"
         )
-    if "quantization" in config and not dequantize:
-        raise UserError("--export-gguf needs full-precision weights: add --dequantize")
+    if requantize:
+        raise UserError("--export-gguf needs full-precision weights: drop --requantize")
 
 
 def fuse(cfg: FuseConfig, log=print) -> FuseResult:
@@ -52,7 +52,7 @@ def fuse(cfg: FuseConfig, log=print) -> FuseResult:
     adapter = read_config(Path(cfg.adapter_path))
     base = load_base(cfg.model or adapter.base_model)
     if cfg.export_gguf:
-        check_gguf(base.config, cfg.dequantize)
+        check_gguf(base.config, cfg.requantize)
     tokens = mx.array(base.tokenizer.encode(CHECK_PROMPT))
     base_logits = _logits(base.model, tokens).astype(mx.float32)
     load_adapter(base, Path(cfg.adapter_path))

@@ -7,7 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from .config import LoRAConfig, lora_scale, parse_layers, parse_pattern, pattern_key
+from .config import LoRAConfig, parse_layers, parse_pattern, pattern_key
 from .errors import UserError
 from .init import BASE_CHANGING, initialize
 
@@ -201,10 +201,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, paths: list[str] | None = None
     if new:
         _check_choices(modules, paths, cfg)
     model.freeze()
-    wrapped = []
-    for path in paths:
-        rank, alpha = cfg.rank_alpha(path)
-        wrapped.append((path, LoRALinear(modules[path], rank, lora_scale(alpha, rank, cfg.rslora), cfg.dropout, cfg.dora)))
+    wrapped = [
+        (p, LoRALinear(modules[p], cfg.rank_alpha(p)[0], cfg.scale_of(p), cfg.dropout, cfg.dora)) for p in paths
+    ]
     model.update_modules(tree_unflatten(wrapped))
     for _, layer in wrapped:
         if new:

@@ -58,6 +58,10 @@ def write_mlxlm(directory: Path, config: AdapterConfig, weights: dict[str, mx.ar
     if not all(parts):
         outside = config.modules[[p is None for p in parts].index(True)]
         raise UserError(f"{outside}: mlx-lm adapters hold only modules inside transformer blocks; use --to peft or mlx")
+    unsaid = [what for what, on in (("DoRA", config.lora.dora), ("per-module ranks", config.lora.rank_pattern),
+                                    ("per-module alphas", config.lora.alpha_pattern)) if on]
+    if unsaid:
+        raise UserError(f"mlx-lm's adapter format cannot hold {', '.join(unsaid)} as mlx-lora computes them; use --to peft or mlx")
     data = {
         "model": base_model,
         "fine_tune_type": "lora",

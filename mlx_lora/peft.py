@@ -3,6 +3,8 @@
 PEFT names a tensor `base_model.model.<transformers module path>.lora_A.weight` (r, in) or
 `.lora_B.weight` (out, r) and scales the update by lora_alpha / r. Ours are `<module path>.lora_a`
 (in, r) / `.lora_b` (r, out) with the same scale, so converting is a transpose and a rename: exact.
+DoRA's magnitude (out,) is PEFT's `.lora_magnitude_vector`; use_dora, use_rslora, rank_pattern and
+alpha_pattern mean in PEFT what --dora, --rslora, --rank-pattern and --alpha-pattern mean here.
 mlx-lm builds its models with transformers' module paths; export checks each path against the
 base checkpoint's weight names, since a model mlx-lm renames could not be placed by PEFT.
 """
@@ -17,21 +19,21 @@ import yaml
 
 from . import atomic
 from .adapters import BLOCK_MODULE, EMBEDDED_CONFIG, AdapterConfig, from_modules, read_json, read_weights
+from .config import LoRAConfig, format_pattern, parse_pattern
 from .errors import UserError
+from .lora import MAGNITUDE
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PICKLE = "adapter_model.bin"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
-PEFT_NAMES = {"lora_a": "lora_A", "lora_b": "lora_B"}  # ours -> PEFT's (PEFT appends ".weight")
-PEFT_KEY = re.compile(re.escape(PEFT_PREFIX) + r"(.+)\.(lora_A|lora_B)\.weight")
+PEFT_NAMES = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight", MAGNITUDE: "lora_magnitude_vector"}  # ours -> PEFT's
+PEFT_KEY = re.compile(re.escape(PEFT_PREFIX) + r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)")
 # PEFT options that change what an adapter computes and that mlx-lora does not implement yet.
 # Keys whose false/empty value is the plain LoRA we compute are written only when set, so old PEFT
 # versions (which lack some of them) still read our files.
 UNSUPPORTED = {
-    "use_rslora": "rsLoRA scaling", "use_dora": "DoRA", "lora_bias": "LoRA bias terms",
-    "rank_pattern": "per-module ranks", "alpha_pattern": "per-module alphas",
-    "modules_to_save": "fully trained extra modules", "fan_in_fan_out": "fan-in-fan-out (GPT-2 Conv1D) weights",
+    "lora_bias": "LoRA bias terms", "modules_to_save": "fully trained extra modules", "fan_in_fan_out": "fan-in-fan-out (GPT-2 Conv1D) weights",
 }
 
 
@@ -54,6 +56,31 @@ def to_peft_config(config: AdapterConfig, base_model_id: str) -> dict[str, Any]:
         "layers_to_transform": layers,
         "bias": "none",
         "inference_mode": True,
+        **peft_options(config.lora),
+    }
+
+
+def peft_options(lora: LoRAConfig) -> dict[str, Any]:
+    """DoRA, rsLoRA and per-module rank/alpha as LoraConfig fields, only those set (see UNSUPPORTED).
+
+    Saved adapters are always plain-initialised LoRA (init.saved_config converted OLoRA/PiSSA).
+    """
+    options = {
+        "use_dora": lora.dora,
+        "use_rslora": lora.rslora,
+        "rank_pattern": {k: int(v) for k, v in parse_pattern(lora.rank_pattern).items()},
+        "alpha_pattern": parse_pattern(lora.alpha_pattern),
+    }
+    return {k: v for k, v in options.items() if v}
+
+
+def from_peft_options(data: dict[str, Any]) -> dict[str, Any]:
+    """The LoRAConfig fields of a PEFT config's DoRA / rsLoRA / rank_pattern / alpha_pattern."""
+    return {
+        "dora": bool(data.get("use_dora")),
+        "rslora": bool(data.get("use_rslora")),
+        "rank_pattern": format_pattern(data.get("rank_pattern") or {}),
+        "alpha_pattern": format_pattern(data.get("alpha_pattern") or {}),
     }
 
 
@@ -118,7 +145,7 @@ def write_peft(directory: Path, config: AdapterConfig, weights: dict[str, mx.arr
             "this module differently from transformers); use --to mlx-lm, or fuse the adapter instead"
         )
     tensors = {
-        f"{PEFT_PREFIX}{key.rsplit('.', 1)[0]}.{PEFT_NAMES[key.rsplit('.', 1)[1]]}.weight": mx.contiguous(w.T)
+        f"{PEFT_PREFIX}{key.rsplit('.', 1)[0]}.{PEFT_NAMES[key.rsplit('.', 1)[1]]}": mx.contiguous(w.T if w.ndim == 2 else w)
         for key, w in weights.items()
     }
     metadata = {"format": "pt", EMBEDDED_CONFIG: json.dumps(config.to_json())}
@@ -135,7 +162,8 @@ def read_peft(directory: Path) -> tuple[AdapterConfig, dict[str, mx.array]]:
     config_path = directory / PEFT_CONFIG
     if not config_path.is_file():
         raise UserError(f"{directory}: {PEFT_WEIGHTS} without {PEFT_CONFIG}; copy the config PEFT saved beside it")
-    rank, alpha, dropout = from_peft_config(config_path, read_json(config_path))
+    data = read_json(config_path)
+    rank, alpha, dropout = from_peft_config(config_path, data)
     tensors, metadata = read_weights(directory / PEFT_WEIGHTS)
     ours = {PEFT_NAMES[k]: k for k in PEFT_NAMES}
     weights, foreign = {}, []
@@ -144,15 +172,20 @@ def read_peft(directory: Path) -> tuple[AdapterConfig, dict[str, mx.array]]:
         if match is None:
             foreign.append(key)
         else:
-            weights[f"{match.group(1)}.{ours[match.group(2)]}"] = w.T
+            weights[f"{match.group(1)}.{ours[match.group(2)]}"] = w.T if w.ndim == 2 else w
     if foreign or not weights:
         raise UserError(
             f"{directory / PEFT_WEIGHTS}: {', '.join(foreign[:3]) or 'no tensors'}: mlx-lora reads only "
             f"{PEFT_PREFIX}<module>.lora_A.weight / .lora_B.weight (LoRA on linear layers)"
         )
-    wrong_rank = [k for k, w in weights.items() if w.shape[1 if k.endswith("lora_a") else 0] != rank]
-    if wrong_rank:
-        raise UserError(f"{config_path}: r is {rank} but {wrong_rank[0]} has another rank; the files do not belong together")
-    base = read_json(config_path).get("base_model_name_or_path") or ""
+    base = data.get("base_model_name_or_path") or ""
     modules = sorted({k.rsplit(".", 1)[0] for k in weights})
-    return from_modules(modules, rank, alpha, dropout, base, embedded=metadata.get(EMBEDDED_CONFIG)), weights
+    config = from_modules(modules, rank, alpha, dropout, base, embedded=metadata.get(EMBEDDED_CONFIG),
+                          methods=from_peft_options(data))
+    wrong_rank = [
+        k for k, w in weights.items()
+        if not k.endswith(MAGNITUDE) and w.shape[1 if k.endswith("lora_a") else 0] != config.lora.rank_alpha(k.rsplit(".", 1)[0])[0]
+    ]
+    if wrong_rank:
+        raise UserError(f"{config_path}: r / rank_pattern do not give {wrong_rank[0]} its rank; the files do not belong together")
+    return config, weights

@@ -241,36 +241,62 @@ def test_train_generate_fuse_with_every_method(llama, tiny_data, tmp_path):
     ],
     ids=["dora+rslora+patterns", "olora+dora"],
 )
-def test_peft_hook_gives_real_peft_the_same_model(llama, tmp_path, cfg):
-    """The PEFT names and options (adapters.PEFT_TENSOR_NAMES, peft_options) load in PEFT as the same model."""
-    import re
-
+def test_exported_to_peft_gives_real_peft_the_same_model_and_comes_back_bit_identical(llama, tmp_path, cfg):
+    from conftest import TOKENS as ROW, assert_round_trip, hf_logits, mlx_logits
     from peft import PeftModel
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from mlx_lora.adapters import PEFT_TENSOR_NAMES, adapter_weights, from_peft_options, peft_options
+    from mlx_lora.config import ConvertConfig
+    from mlx_lora.convert import convert
 
     mx.random.seed(5)
     ours = load_base(str(llama))
     modules = apply_lora(ours.model, cfg)
-    for layer in lora_layers(ours.model).values():
+    for layer in lora_layers(ours.model).values():  # as if trained
         layer.lora_b = layer.lora_b + 0.1 * mx.random.normal(layer.lora_b.shape)
         layer.magnitude = layer.magnitude * (1 + 0.1 * mx.random.normal(layer.magnitude.shape))
-    adapter = describe(ours, cfg, modules)
-    tensors = {}
-    for key, w in adapter_weights(ours.model).items():
-        path, name = key.rsplit(".", 1)
-        tensors[f"base_model.model.{path}.{PEFT_TENSOR_NAMES[name]}"] = torch.tensor(np.ascontiguousarray(_np(w.T if w.ndim == 2 else w)))
-    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
-    peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "target_modules": "|".join(map(re.escape, modules)),
-                   "lora_dropout": 0.0, "bias": "none", **peft_options(adapter.lora)}
-    (tmp_path / "adapter_config.json").write_text(json.dumps(peft_config))
+    save_adapter(tmp_path / "ours", ours.model, describe(ours, cfg, modules))
+    convert(ConvertConfig(str(tmp_path / "ours"), str(tmp_path / "peft"), to="peft"), log=lambda _: None)
+    exported = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert exported["use_dora"] is True and exported.get("use_rslora", False) == cfg.rslora
+    assert exported.get("rank_pattern", {}) == ({".*v_proj": 8} if cfg.rank_pattern else {})
 
     hf = AutoModelForCausalLM.from_pretrained(str(llama), dtype=torch.float32)
-    peft = PeftModel.from_pretrained(hf, str(tmp_path)).eval()
-    with torch.no_grad():
-        theirs = peft(torch.tensor(_np(TOKENS)).long()).logits.numpy()
-    np.testing.assert_allclose(theirs, _np(ours.model(TOKENS)), atol=1e-4)
-    back = from_peft_options(peft_config)
-    assert back == {k: getattr(adapter.lora, k) for k in back}
+    peft = PeftModel.from_pretrained(hf, str(tmp_path / "peft")).eval()
+    np.testing.assert_allclose(hf_logits(peft, ROW), mlx_logits(ours.model, ROW), atol=1e-4, rtol=0)
+    assert_round_trip(tmp_path / "ours", "peft", tmp_path)
+
+
+def test_dora_rslora_pattern_adapter_made_by_peft_loads_as_is(llama, tmp_path):
+    from conftest import TOKENS as ROW, hf_logits, mlx_logits
+    from transformers import AutoModelForCausalLM
+
+    from mlx_lora.generate import load_for_inference
+
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_pretrained(str(llama), dtype=torch.float32)
+    options = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True, use_rslora=True,
+                         rank_pattern={"v_proj": 8}, alpha_pattern={".*layers\\.0\\..*": 2}, init_lora_weights=False)
+    peft = get_peft_model(hf, options).eval()  # init_lora_weights=False: random B, as if trained
+    for name, param in peft.named_parameters():
+        if "lora_magnitude_vector" in name:
+            param.data *= 1.1
+    peft.save_pretrained(str(tmp_path))
+    base = load_for_inference(str(llama), str(tmp_path))
+    layers = lora_layers(base.model)
+    assert layers["model.layers.0.self_attn.v_proj"].lora_a.shape[1] == 8
+    assert layers["model.layers.0.self_attn.q_proj"].scale == pytest.approx(2 / math.sqrt(4))
+    assert layers["model.layers.1.self_attn.v_proj"].scale == pytest.approx(8 / math.sqrt(8))
+    np.testing.assert_allclose(mlx_logits(base.model, ROW), hf_logits(peft, ROW), atol=1e-4, rtol=0)
+
+
+def test_mlx_lm_export_refuses_what_its_format_cannot_hold(llama, tmp_path):
+    from conftest import random_adapter
+
+    from mlx_lora.config import ConvertConfig
+    from mlx_lora.convert import convert
+
+    random_adapter(llama, tmp_path / "ours", LoRAConfig(num_layers=1, dora=True, rank_pattern="v_proj=4"))
+    with pytest.raises(UserError, match="cannot hold DoRA, per-module ranks as mlx-lora computes them"):
+        convert(ConvertConfig(str(tmp_path / "ours"), str(tmp_path / "mlxlm"), to="mlx-lm"), log=lambda _: None)
+    assert not (tmp_path / "mlxlm").exists()

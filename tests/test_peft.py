@@ -95,8 +95,8 @@ def test_peft_options_we_do_not_compute_are_refused(llama, tmp_path):
     random_adapter(llama, tmp_path / "ours", LoRAConfig(num_layers=1, rank=2))
     convert(ConvertConfig(str(tmp_path / "ours"), str(tmp_path / "peft"), to="peft"), log=lambda _: None)
     path = tmp_path / "peft" / PEFT_CONFIG
-    path.write_text(json.dumps({**json.loads(path.read_text()), "use_dora": True}))
-    with pytest.raises(UserError, match=r"use_dora \(DoRA\)"):
+    path.write_text(json.dumps({**json.loads(path.read_text()), "lora_bias": True}))
+    with pytest.raises(UserError, match=r"lora_bias \(LoRA bias terms\)"):
         read_adapter(tmp_path / "peft")
 
 
