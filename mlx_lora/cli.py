@@ -30,7 +30,7 @@ def _options(cls) -> list[inspect.Parameter]:
             argument = typer.Argument(..., metavar=f.name.upper(), help=f.metadata["help"], show_default=False)
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=argument, annotation=tp))
             continue
-        decls = [f"{flag}/--no-{flag[2:]}"] if tp is bool else [flag]
+        decls = [f"{flag}/{f.metadata.get('off') or '--no-' + flag[2:]}"] if tp is bool else [flag]
         shown = "" if f.default in (None, MISSING) else f" (default: {f.default})"
         option = typer.Option(None, *decls, help=f.metadata["help"] + shown, show_default=False)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[tp]))

@@ -18,8 +18,9 @@ import yaml
 from .errors import UserError
 
 
-def opt(default, help: str):
-    return field(default=default, metadata={"help": help})
+def opt(default, help: str, off: Optional[str] = None):
+    """An option; `off` names the flag that sets a boolean to False (default --no-<name>)."""
+    return field(default=default, metadata={"help": help, "off": off})
 
 
 def arg(help: str):
@@ -329,7 +330,8 @@ class FuseConfig:
     requantize: bool = opt(
         False,
         "Quantized base: re-quantize the merged layers like the base and report the logit change "
-        "this causes (default: save the whole model de-quantized, merged in full precision).",
+        "this causes (default, --dequantize: save the whole model de-quantized, merged in full precision).",
+        off="--dequantize",
     )
     export_gguf: bool = opt(
         False, "Also write <save-path>/model.gguf (float16) for llama.cpp; llama, mistral and mixtral models only."

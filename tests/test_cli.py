@@ -139,7 +139,8 @@ def test_quantized_base_trains_and_fuses(llama, tiny_data, tmp_path):
     assert "re-quantizing to 4-bit changed the logits by up to" in log
     assert "quantization" in json.loads((tmp_path / "requantized" / "config.json").read_text())
 
-    run("fuse", "--adapter-path", out, "--save-path", tmp_path / "full")
-    assert "quantization" not in json.loads((tmp_path / "full" / "config.json").read_text())
+    for name, flags in (("full", []), ("dequantized", ["--dequantize"])):  # the default, and said explicitly
+        run("fuse", "--adapter-path", out, "--save-path", tmp_path / name, *flags)
+        assert "quantization" not in json.loads((tmp_path / name / "config.json").read_text())
     full, _ = mlx_lm_load(str(tmp_path / "full"))
     assert mx.allclose(full(tokens), want, atol=1e-4).item()
