@@ -33,6 +33,14 @@ def write_json(path: Path, data) -> None:
     _replace_file(Path(path), write)
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _replace_file(Path(path), write)
+
+
 def save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict | None = None) -> None:
     # mx.save_safetensors appends ".safetensors" unless the name already ends with it.
     def write(tmp):

@@ -145,6 +145,9 @@ class TrainConfig(LoRAConfig):
     train_on_prompt: bool = opt(
         False, "Also train on prompt / user tokens (default: loss on completions and assistant turns only)."
     )
+    report_to: Optional[str] = opt(
+        None, "Also send the metrics to tensorboard, wandb or both (comma-separated); each must be installed."
+    )
 
 
 def _unwrap(tp) -> type:
@@ -163,6 +166,8 @@ def _coerce(name: str, value: Any, tp: type) -> Any:
     """YAML reads `1e-4` as a string and users write lists where we take comma strings."""
     if value is None:
         return None
+    if typing.get_origin(tp) is list:
+        return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
     if tp is str and isinstance(value, (list, tuple)):
         return ",".join(str(v) for v in value)
     if tp is str and isinstance(value, dict):  # rank_pattern / alpha_pattern as a YAML mapping
@@ -223,12 +228,17 @@ def load_yaml(path: Path, cls=None) -> dict[str, Any]:
 
 def build_config(cls, file_values: dict[str, Any], cli_values: dict[str, Any]):
     """Defaults < YAML < command line; then validate the result."""
-    given = {k: v for k, v in cli_values.items() if v is not None}
+    given = {k: v for k, v in cli_values.items() if v is not None and v != []}
     cfg = replace(cls(), **{**file_values, **given})
     problems = check(cfg)
     if problems:
         raise UserError("\n".join(problems))
     return cfg
+
+
+def split_list(spec: Optional[str]) -> list[str]:
+    """'a, b,c' -> ['a', 'b', 'c']; None -> []."""
+    return [s.strip() for s in str(spec or "").split(",") if s.strip()]
 
 
 def parse_layers(spec: Optional[str]) -> Optional[list[int]]:
@@ -272,11 +282,14 @@ def check(cfg) -> list[str]:
         for name in ("val_every", "report_every", "save_every"):
             if getattr(cfg, name) < 0:
                 p.append(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
+        unknown = set(split_list(cfg.report_to)) - set(REPORT_TO)
+        if unknown:
+            p.append(f"--report-to: unknown {', '.join(sorted(unknown))}; choose from {', '.join(REPORT_TO)}")
         if cfg.val_batches == 0 or cfg.val_batches < -1:
             p.append(f"--val-batches must be -1 (all) or a positive count, got {cfg.val_batches}")
     if isinstance(cfg, ConvertConfig) and cfg.to not in CONVERT_FORMATS:
         p.append(f"--to must be one of {', '.join(CONVERT_FORMATS)}, got '{cfg.to}'")
-    if isinstance(cfg, GenerateConfig):
+    if isinstance(cfg, InferenceConfig):
         if cfg.max_tokens < 1:
             p.append(f"--max-tokens must be at least 1, got {cfg.max_tokens}")
         if cfg.temp < 0:
@@ -310,16 +323,43 @@ def lora_part(cfg: LoRAConfig) -> dict[str, Any]:
     return {f.name: getattr(cfg, f.name) for f in fields(LoRAConfig)}
 
 
+REPORT_TO = ("tensorboard", "wandb")
+
+
 @dataclass(frozen=True)
-class GenerateConfig:
+class InferenceConfig:
+    """What `generate` and `chat` share: the base, its adapters and sampling."""
+
     model: Optional[str] = opt(None, "Base model (default: the one the adapter names, else the shipped model).")
-    adapter_path: Optional[str] = opt(None, "Adapter directory (default: none; the base model alone).")
-    prompt: str = opt("Q: Tom has 3 apples and buys 4 more. How many apples does he have?\nA:", "Prompt text.")
+    adapter_path: Optional[list[str]] = opt(
+        None,
+        "Adapter directory (default: none; the base model alone). Repeat it to load several; DIR:WEIGHT "
+        "or --adapter-weights combines them as a weighted sum of their updates.",
+    )
+    adapter_weights: Optional[str] = opt(
+        None, "Weights of the --adapter-path directories in order, e.g. 0.7,0.3 (default: 1 each)."
+    )
     max_tokens: int = opt(100, "Most tokens to generate.")
     temp: float = opt(0.0, "Sampling temperature (0: greedy).")
     top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set of tokens with this much probability.")
     seed: int = opt(0, "Sampling seed.")
+
+
+@dataclass(frozen=True)
+class GenerateConfig(InferenceConfig):
+    prompt: str = opt("Q: Tom has 3 apples and buys 4 more. How many apples does he have?\nA:", "Prompt text.")
     chat: bool = opt(False, "Wrap the prompt as a user turn in the tokenizer's chat template.")
+
+
+@dataclass(frozen=True)
+class ChatConfig(InferenceConfig):
+    system: Optional[str] = opt(None, "System message at the start of every conversation.")
+
+
+@dataclass(frozen=True)
+class PlotConfig:
+    runs: Optional[list[str]] = arg("Run directories (the --adapter-path of each training run).")
+    output: Optional[str] = opt(None, "PNG to write (default: RUN_DIR/loss.png for one run, loss.png for several).")
 
 
 @dataclass(frozen=True)

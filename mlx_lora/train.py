@@ -19,6 +19,8 @@ from .data import Example, batches_per_epoch, collate, epoch_batches, iterate_ba
 from .errors import UserError
 from .lora import apply_lora
 from .models import load_base
+from .monitor import TrainMonitor
+from .progress import track
 
 CHECKPOINTS = "checkpoints"
 
@@ -39,7 +41,7 @@ def evaluate(model: nn.Module, examples: list[Example], batch_size: int, num_bat
     batches = batches if num_batches == -1 else batches[:num_batches]
     model.eval()
     total, count = mx.array(0.0), mx.array(0.0)
-    for indices in batches:
+    for indices in track(batches, "validation"):
         tokens, mask = collate(examples, indices)
         loss, ntoks = loss_fn(model, tokens, mask)
         total, count = total + loss * ntoks, count + ntoks
@@ -97,9 +99,10 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
 
     def validate(at: int) -> None:
         result.val_losses[at] = evaluate(model, data["valid"], cfg.batch_size, cfg.val_batches)
-        log(f"step {at}/{iters}  val loss {result.val_losses[at]:.3f}")
+        monitor.validation(at, result.val_losses[at])
 
     result = TrainResult(out, iters)
+    monitor = TrainMonitor(cfg, out, iters, log)  # bar or plain lines, metrics.jsonl, loss.png
     model.train()
     validate(0)
     mx.reset_peak_memory()
@@ -111,13 +114,14 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
         loss, _ = step(tokens, mask)
         mx.eval(state, loss)
         result.losses.append(loss.item())
+        monitor.step(result.losses[-1])
         total_tokens, window_tokens = total_tokens + ntokens, window_tokens + ntokens
         if it % cfg.report_every == 0 or it == iters:
             now = time.perf_counter()
             recent = result.losses[-cfg.report_every :]
-            log(
-                f"step {it}/{iters}  loss {sum(recent) / len(recent):.3f}  "
-                f"{window_tokens / (now - window_start):.0f} tok/s  peak mem {mx.get_peak_memory() / 2**30:.2f} GB"
+            monitor.report(
+                it, sum(recent) / len(recent), window_tokens / (now - window_start),
+                mx.get_peak_memory() / 2**30, optimizer.learning_rate.item(),
             )
             window_tokens, window_start = 0, now
         if cfg.val_every and it % cfg.val_every == 0 and it != iters:
@@ -129,6 +133,7 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     result.seconds = time.perf_counter() - start
     result.tokens_per_second = total_tokens / result.seconds
     result.peak_memory_gb = mx.get_peak_memory() / 2**30
+    monitor.close()
     first, last = result.val_losses[0], result.val_losses[iters]
     log(
         f"done in {result.seconds:.1f}s: val loss {first:.3f} -> {last:.3f} "
