@@ -10,7 +10,9 @@ from typing import Optional
 import typer
 
 from . import blas
-from .config import ConvertConfig, FuseConfig, GenerateConfig, TrainConfig, build_config, field_types, load_yaml
+from .config import (
+    ChatConfig, ConvertConfig, FuseConfig, GenerateConfig, PlotConfig, TrainConfig, build_config, field_types, load_yaml,
+)
 from .errors import UserError
 
 app = typer.Typer(
@@ -77,14 +79,43 @@ def train(cfg: TrainConfig) -> None:
     run_training(cfg)
 
 
-@_command(GenerateConfig, "generate", "Generate text with a base model, with or without an adapter.")
+@_command(GenerateConfig, "generate", "Generate text with a base model, with or without one or several adapters.")
 def generate(cfg: GenerateConfig) -> None:
-    from .generate import generate as stream, load_for_inference
+    import mlx.core as mx
 
-    base = load_for_inference(cfg.model, cfg.adapter_path)
-    for piece in stream(base, cfg):
-        print(piece, end="", flush=True)
+    from .generate import prompt_tokens, speed_line, stream
+    from .multi import load_adapters
+
+    base = load_adapters(cfg).base
+    mx.random.seed(cfg.seed)
+    response = None
+    for response in stream(base, prompt_tokens(base, cfg.prompt, cfg.chat), cfg):
+        print(response.text, end="", flush=True)
     print()
+    if response is not None:
+        typer.echo(speed_line(response), err=True)
+
+
+@_command(ChatConfig, "chat", "Chat with a model; /adapter NAME, /base and /reset switch on the fly.")
+def chat(cfg: ChatConfig) -> None:
+    from .chat import chat as run_chat
+
+    run_chat(cfg)
+
+
+@_command(TrainConfig, "info", "What `train` would do with these options, without training: modules, "
+          "trainable parameters, adapter size, memory.", with_config=True)
+def info(cfg: TrainConfig) -> None:
+    from .info import info as show_info
+
+    show_info(cfg)
+
+
+@_command(PlotConfig, "plot", "Draw the loss curves of one or several training runs into one PNG.")
+def plot(cfg: PlotConfig) -> None:
+    from .plot import plot as draw
+
+    draw(cfg)
 
 
 @_command(FuseConfig, "fuse", "Merge an adapter into its base and save a standalone model.")

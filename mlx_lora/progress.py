@@ -52,12 +52,12 @@ class Bar:
             atexit.register(self.close)  # restores the cursor if the job dies with an exception
         self.task = self.progress.add_task(description, total=total, stats="")
 
-    def advance(self, steps: int = 1, **stats: Optional[float]) -> None:
-        """Move on `steps` and remember any new stats (loss=..., val_loss=..., ...) for display."""
+    def advance(self, steps: int = 1, completed: Optional[int] = None, **stats: Optional[float]) -> None:
+        """Move on `steps` (or to `completed`) and show any new stats (loss=..., val_loss=..., ...)."""
         if self.progress is None:
             return
         self.stats.update(stats)
-        self.progress.update(self.task, advance=steps, stats=format_stats(self.stats))
+        self.progress.update(self.task, advance=steps, completed=completed, stats=format_stats(self.stats))
 
     def close(self) -> None:
         if self.progress is None:
