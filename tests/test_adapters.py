@@ -12,11 +12,11 @@ from mlx_lora.models import load_base
 TOKENS = mx.array([[1, 50, 51, 52, 53]])
 
 
-def _trained_adapter(model_dir, out, cfg=LoRAConfig(targets="q_proj,v_proj", num_layers=2, rank=4, alpha=8)):
+def _trained_adapter(model_dir, out, cfg=LoRAConfig(targets="q_proj,v_proj", num_layers=2, rank=4, alpha=8), size=0.1):
     base = load_base(str(model_dir))
     modules = apply_lora(base.model, cfg)
     for layer in lora_layers(base.model).values():
-        layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1
+        layer.lora_b = mx.random.normal(layer.lora_b.shape) * size
     save_adapter(out, base.model, describe(base, cfg, modules))
     return base
 

@@ -2,13 +2,13 @@ import mlx.core as mx
 import pytest
 from typer.testing import CliRunner
 
-from mlx_lora.adapters import describe, save_adapter
 from mlx_lora.cli import app
 from mlx_lora.config import LoRAConfig
 from mlx_lora.errors import UserError
-from mlx_lora.lora import apply_lora, lora_layers
+from mlx_lora.lora import lora_layers
 from mlx_lora.models import load_base
 from mlx_lora.multi import AdapterSet, parse_adapters
+from test_adapters import _trained_adapter
 
 TOKENS = mx.array([[1, 50, 51, 52, 53]])
 CFG_A = LoRAConfig(targets="q_proj,v_proj", num_layers=2, rank=4, alpha=8)
@@ -16,12 +16,9 @@ CFG_B = LoRAConfig(targets="v_proj,o_proj", num_layers=3, rank=2, alpha=6)
 
 
 def _save_random_adapter(model_dir, out, cfg, seed):
+    """An adapter whose updates are large enough to change what the tiny model generates."""
     mx.random.seed(seed)
-    base = load_base(str(model_dir))
-    modules = apply_lora(base.model, cfg)
-    for layer in lora_layers(base.model).values():
-        layer.lora_b = mx.random.normal(layer.lora_b.shape) * 4
-    save_adapter(out, base.model, describe(base, cfg, modules))
+    _trained_adapter(model_dir, out, cfg, size=4)
     return out
 
 
