@@ -76,8 +76,8 @@ class AdapterSet:
         combined = {}
         for path in paths:
             parts = [(w, self.layers[n][path]) for n, w in weights.items() if path in self.layers[n]]
-            if any(type(layer) is not LoRALinear for _, layer in parts):
-                raise UserError(f"{path}: only plain LoRA adapters can be combined with weights")
+            if any(layer.dora for _, layer in parts):  # DoRA's update is not linear in its A B
+                raise UserError(f"{path}: DoRA adapters cannot be combined with weights; use them one at a time")
             layer = LoRALinear(self.originals[path], rank=1, scale=1.0)
             layer.lora_a = mx.concatenate([l.lora_a for _, l in parts], axis=1)  # (in, Σr)
             layer.lora_b = mx.concatenate([(w * l.scale) * l.lora_b for w, l in parts], axis=0)  # (Σr, out)

@@ -123,3 +123,15 @@ def test_generate_with_several_adapters(llama, two_adapters):
     assert text["a+b"] == text["weights"] == text["colon"]
     assert text["a"] != text["a+b"]
     assert "generated at" in outputs["a"].stderr
+
+
+def test_dora_adapters_switch_but_do_not_combine(llama, two_adapters, tmp_path):
+    from mlx_lora.generate import load_for_inference
+
+    dora = _save_random_adapter(llama, tmp_path / "d", LoRAConfig(targets="q_proj", num_layers=1, rank=2, dora=True), 4)
+    adapters = AdapterSet(load_base(str(llama)))
+    adapters.load_adapter(two_adapters[0])
+    adapters.set_adapter(adapters.load_adapter(dora))
+    assert mx.array_equal(adapters.base.model(TOKENS), load_for_inference(str(llama), str(dora)).model(TOKENS))
+    with pytest.raises(UserError, match="DoRA adapters cannot be combined"):
+        adapters.add_weighted_adapter({"a": 0.5, "d": 0.5})
