@@ -81,15 +81,12 @@ def train(cfg: TrainConfig) -> None:
 
 @_command(GenerateConfig, "generate", "Generate text with a base model, with or without one or several adapters.")
 def generate(cfg: GenerateConfig) -> None:
-    import mlx.core as mx
-
-    from .generate import prompt_tokens, speed_line, stream
+    from .generate import generate as run_generate, speed_line
     from .multi import load_adapters
 
     base = load_adapters(cfg).base
-    mx.random.seed(cfg.seed)
     response = None
-    for response in stream(base, prompt_tokens(base, cfg.prompt, cfg.chat), cfg):
+    for response in run_generate(base, cfg):
         print(response.text, end="", flush=True)
     print()
     if response is not None:

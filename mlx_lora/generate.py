@@ -61,11 +61,10 @@ def stream(base: Base, tokens: list[int], cfg: InferenceConfig) -> Iterator[Gene
             bar.close()
 
 
-def generate(base: Base, cfg: GenerateConfig) -> Iterator[str]:
-    """Yield text pieces as mlx-lm produces them."""
+def generate(base: Base, cfg: GenerateConfig) -> Iterator[GenerationResponse]:
+    """mlx-lm's responses for `cfg.prompt`, seeded; `.text` is the next piece of text."""
     mx.random.seed(cfg.seed)
-    for response in stream(base, prompt_tokens(base, cfg.prompt, cfg.chat), cfg):
-        yield response.text
+    yield from stream(base, prompt_tokens(base, cfg.prompt, cfg.chat), cfg)
 
 
 def speed_line(response: GenerationResponse) -> str:

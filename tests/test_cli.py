@@ -1,6 +1,7 @@
 """The `mlx-lora` command end to end: train -> generate -> fuse -> reload in mlx-lm and transformers."""
 
 import json
+import os
 
 import mlx.core as mx
 import numpy as np
@@ -144,3 +145,13 @@ def test_quantized_base_trains_and_fuses(llama, tiny_data, tmp_path):
         assert "quantization" not in json.loads((tmp_path / name / "config.json").read_text())
     full, _ = mlx_lm_load(str(tmp_path / "full"))
     assert mx.allclose(full(tokens), want, atol=1e-4).item()
+
+
+def test_saved_files_get_ordinary_permissions(llama, tiny_data, tmp_path):
+    out = tmp_path / "a"
+    run(*train_args(llama, tiny_data, out, "--iters", 1))
+    run("fuse", "--adapter-path", out, "--save-path", tmp_path / "fused")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (out / ADAPTER_WEIGHTS).stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "fused").stat().st_mode & 0o777 == 0o777 & ~mask
