@@ -149,7 +149,7 @@ def read_json(path: Path) -> dict[str, Any]:
 def read_weights(path: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
     """The tensors of a safetensors file and its metadata."""
     if not path.is_file():
-        raise UserError(f"{path}: missing; the adapter directory needs {path.name}")
+        raise UserError(f"{path}: missing; the directory needs {path.name}")
     try:
         return mx.load(str(path), return_metadata=True)
     except Exception as e:  # mlx raises bare RuntimeError/ValueError for torn files

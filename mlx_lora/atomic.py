@@ -67,6 +67,10 @@ def replace_dir(path: Path):
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        for f in tmp.rglob("*"):  # on disk before the rename publishes them
+            if f.is_file():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
         old = path.with_name(f".{path.name}.old")
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -75,3 +79,17 @@ def replace_dir(path: Path):
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale(directory: Path) -> None:
+    """Clear what a writer killed mid-save left in `directory`: its temporaries are deleted, and a
+    directory caught between replace_dir's two renames gets its previous version back."""
+    directory = Path(directory)
+    for tmp in directory.glob(".*.tmp"):
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    for old in directory.glob(".*.old"):
+        target = old.with_name(old.name[1 : -len(".old")])
+        if target.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, target)

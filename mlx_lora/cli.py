@@ -13,7 +13,7 @@ from . import blas
 from .config import (
     ChatConfig, ConvertConfig, FuseConfig, GenerateConfig, PlotConfig, TrainConfig, build_config, field_types, load_yaml,
 )
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -47,6 +47,15 @@ def _say_blas() -> None:
     blas.check()
 
 
+def _resumed_options(resume: Optional[str]) -> dict:
+    """`train --resume` reuses the checkpointed run's options; YAML and flags still override them."""
+    if not resume:
+        return {}
+    from .checkpoint import saved_options
+
+    return saved_options(resume)
+
+
 def _command(cls, name: str, help: str, with_config: bool = False):
     """Register `fn(cfg)` as a command whose flags are the fields of `cls`."""
 
@@ -56,11 +65,17 @@ def _command(cls, name: str, help: str, with_config: bool = False):
             try:
                 _say_blas()
                 config = values.pop("config", None)
-                file_values = load_yaml(config, cls) if config else {}
+                file_values = {**_resumed_options(values.get("resume")), **(load_yaml(config, cls) if config else {})}
                 fn(build_config(cls, file_values, values))
             except UserError as e:
                 typer.echo(f"error: {e}", err=True)
                 raise typer.Exit(2)
+            except Interrupted as e:
+                typer.echo(str(e), err=True)
+                raise typer.Exit(e.exit_code)
+            except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
+                typer.echo("interrupted", err=True)
+                raise typer.Exit(130)
 
         params = _options(cls)
         if with_config:

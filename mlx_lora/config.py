@@ -148,6 +148,11 @@ class TrainConfig(LoRAConfig):
     report_to: Optional[str] = opt(
         None, "Also send the metrics to tensorboard, wandb or both (comma-separated); each must be installed."
     )
+    resume: Optional[str] = opt(
+        None,
+        "Continue from a checkpoint directory (or an adapter directory: its latest checkpoint): weights, "
+        "optimizer, step, data order and random state; the run's saved options apply unless given again.",
+    )
 
 
 def _unwrap(tp) -> type:

@@ -7,13 +7,18 @@ probabilities; and the logits with their fp32 copies. It is an estimate, not a m
 compiled step may fuse or free some of these earlier.
 """
 
+import os
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .errors import UserError
 from .lora import LINEAR_TYPES, block_paths, linear_dims, lora_layers
+
+
+GB = 2**30
 
 
 @dataclass
@@ -52,3 +57,25 @@ def estimate_training_memory(model: nn.Module, config: dict, batch_size: int, se
     activations = tokens * (2 * out_dims * act + attention)
     logits = tokens * text.get("vocab_size", 0) * (act + 2 * 4)
     return MemoryEstimate(weights, trainable, activations, logits)
+
+
+def available_bytes() -> int:
+    """What the accelerator may use: Metal's recommended working set or the device memory, else RAM."""
+    info = mx.device_info()
+    for key in ("max_recommended_working_set_size", "memory_size"):
+        if info.get(key):
+            return int(info[key])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(est: MemoryEstimate, batch_size: int, seq_len: int, available: int) -> None:
+    """Before training: a run that cannot fit stops with the knobs to turn, instead of swapping for
+    an hour or being killed by the OS."""
+    if est.total <= available:
+        return
+    raise UserError(
+        f"this run needs about {est.total / GB:.1f} GB (weights {est.weights / GB:.1f}, LoRA + optimizer "
+        f"{est.trainable / GB:.2f}, activations and logits {(est.activations + est.logits) / GB:.1f} for batch "
+        f"{batch_size} x {seq_len} tokens) but this machine has {available / GB:.1f} GB; lower --batch-size or "
+        "--max-seq-length, use gradient checkpointing, or train on a quantized base (e.g. a 4-bit mlx-community model)"
+    )
