@@ -9,6 +9,19 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .errors import UserError
+
+
+def check_writable(directory: Path, flag: str) -> None:
+    """Fail before the work, not after it: make `directory` and write a probe file there."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag} {directory}: cannot write there ({e.strerror}); choose another directory") from None
+
 
 def _umask() -> int:
     mask = os.umask(0)

@@ -43,7 +43,8 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) for every non-blank line; the first bad line is a UserError."""
     rows = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # only "\n" ends a JSONL line (str.splitlines would also split at U+2028 inside a string)
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     for number, line in enumerate(lines, 1):
@@ -53,8 +54,14 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno}); write one JSON object per line") from None
+        except RecursionError:
+            raise UserError(f"{path}:{number}: JSON nested too deeply to read; flatten the row") from None
         if not isinstance(row, dict):
             raise UserError(f"{path}:{number}: expected a JSON object such as {{\"text\": ...}}, got {type(row).__name__}")
+        try:
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UserError(f"{path}:{number}: contains an unpaired surrogate escape ({e.object[e.start:e.end]!a}); write valid Unicode") from None
         rows.append((number, row))
     if not rows:
         raise UserError(f"{path}: no rows; each line must be a JSON object with text, prompt+completion or messages")
@@ -143,7 +150,7 @@ def encode_row(where: str, tokenizer, fmt: str, row: dict, train_on_prompt: bool
 def load_split(path: Path, tokenizer, max_seq_length: int, train_on_prompt: bool, log=print) -> list[Example]:
     rows = read_rows(path)
     first_fmt, first_line = None, None
-    examples, truncated, empty = [], 0, 0
+    examples, truncated, empty, shortest = [], 0, 0, None
     for number, row in rows:
         where = f"{path}:{number}"
         fmt = row_format(where, row)
@@ -152,6 +159,8 @@ def load_split(path: Path, tokenizer, max_seq_length: int, train_on_prompt: bool
         elif fmt != first_fmt:
             raise UserError(f"{where}: {fmt} row, but line {first_line} is a {first_fmt} row; use one format per file")
         ex = encode_row(where, tokenizer, fmt, row, train_on_prompt)
+        if shortest is None or len(ex.tokens) < shortest[1]:
+            shortest = (number, len(ex.tokens))
         if len(ex.tokens) > max_seq_length:
             truncated += 1
             ex = Example(ex.tokens[:max_seq_length], ex.mask[:max_seq_length])
@@ -159,6 +168,11 @@ def load_split(path: Path, tokenizer, max_seq_length: int, train_on_prompt: bool
             examples.append(ex)
         else:
             empty += 1
+    if truncated == len(rows):
+        raise UserError(
+            f"{path}:{shortest[0]}: every row is longer than --max-seq-length {max_seq_length} (this one, the "
+            f"shortest, has {shortest[1]} tokens); raise --max-seq-length or shorten the rows"
+        )
     if truncated:
         log(f"warning: {truncated} of {len(rows)} rows in {path} are longer than --max-seq-length {max_seq_length} and were truncated")
     if empty:

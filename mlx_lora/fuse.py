@@ -11,7 +11,7 @@ from mlx_lm.gguf import convert_to_gguf
 from mlx_lm.utils import dequantize_model, load_model
 
 from .adapters import load_adapter, read_config
-from .atomic import replace_dir
+from .atomic import check_writable, replace_dir
 from .config import FuseConfig
 from .errors import UserError
 from .lora import fuse_lora, lora_layers
@@ -50,6 +50,7 @@ def check_gguf(config: dict, requantize: bool) -> None:
 def fuse(cfg: FuseConfig, log=print) -> FuseResult:
     """Merge in float32 and save in the base's dtype, de-quantized unless --requantize."""
     adapter = read_config(Path(cfg.adapter_path))
+    check_writable(Path(cfg.save_path).absolute().parent, "--save-path")
     base = load_base(cfg.model or adapter.base_model)
     if cfg.export_gguf:
         check_gguf(base.config, cfg.requantize)

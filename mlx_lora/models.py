@@ -81,8 +81,11 @@ def load_base(name: Optional[str]) -> Base:
     try:
         model, config = load_model(path, model_config=rope_overrides(path))
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        raise UserError(f"--model {name or DEFAULT_MODEL}: mlx-lm cannot load it ({e})") from None
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:  # mlx: RuntimeError for torn files
+        raise UserError(
+            f"--model {name or DEFAULT_MODEL}: mlx-lm cannot load it ({e}); re-download it or point --model at a "
+            "complete model directory"
+        ) from None
     shown = DEFAULT_MODEL if name in (None, DEFAULT_MODEL) else (
         str(path.resolve()) if Path(name).expanduser().exists() else name
     )

@@ -17,7 +17,7 @@ from mlx_lm.utils import get_total_parameters
 
 from . import memory
 from .adapters import describe, save_adapter
-from .atomic import remove_stale
+from .atomic import check_writable, remove_stale
 from .checkpoint import (
     CHECKPOINTS, TrainerState, checkpoint_dir, find_checkpoint, load_checkpoint, resume_command, rng_key,
     save_checkpoint,
@@ -59,16 +59,6 @@ def evaluate(model: nn.Module, examples: list[Example], batch_size: int, num_bat
     return (total / count).item()
 
 
-def check_writable(directory: Path) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"--adapter-path {directory}: cannot write there ({e.strerror}); choose another directory") from None
-
-
 @dataclass
 class TrainResult:
     adapter_path: Path
@@ -82,7 +72,7 @@ class TrainResult:
 
 def train(cfg: TrainConfig, log=print) -> TrainResult:
     out = Path(cfg.adapter_path)
-    check_writable(out)
+    check_writable(out, "--adapter-path")
     remove_stale(out)
     remove_stale(out / CHECKPOINTS)
     mx.random.seed(cfg.seed)

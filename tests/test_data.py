@@ -65,9 +65,9 @@ def test_long_rows_are_truncated_with_one_warning(base, tmp_path):
     assert len(logged) == 1 and "2 of 3 rows" in logged[0] and "--max-seq-length 32" in logged[0]
 
 
-def test_rows_that_lose_every_target_are_an_error(base, tmp_path):
-    rows = [{"prompt": "x" * 50, "completion": "y"}]
-    with pytest.raises(UserError, match="no row has a token to learn from"):
+def test_rows_all_longer_than_max_seq_length_are_an_error(base, tmp_path):
+    rows = [{"prompt": "x" * 50, "completion": "y"}, {"prompt": "x" * 30, "completion": "y"}]
+    with pytest.raises(UserError, match=r"t.jsonl:2: every row is longer than --max-seq-length 16 \(this one, the shortest, has \d+ tokens\)"):
         load_split(write_jsonl(tmp_path / "t.jsonl", rows), base.tokenizer, 16, False)
 
 

@@ -1,0 +1,143 @@
+"""Every bad input through the real `mlx-lora` command: exit 2, one `error:` line naming the
+file:line or key, no traceback, and a previously written adapter left byte for byte as it was."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import write_jsonl
+from mlx_lora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from mlx_lora.checkpoint import OPTIMIZER_STATE, checkpoint_dir
+from mlx_lora.cli import app
+
+GOOD_ROW = {"prompt": "Q: 1 + 1?\nA:", "completion": " 2"}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, hf_models):
+    """A workspace: the models, and an adapter (with checkpoints) trained before the bad inputs."""
+    root = tmp_path_factory.mktemp("bad")
+    write_jsonl(root / "data" / "train.jsonl", [GOOD_ROW] * 4)
+    write_jsonl(root / "data" / "valid.jsonl", [GOOD_ROW] * 2)
+    result = _run(["train", "--model", str(hf_models["llama"]), "--data", str(root / "data"), "--adapter-path",
+                   str(root / "adapter"), "--iters", "2", "--save-every", "1", "--num-layers", "2", "--val-every", "0"])
+    assert result.exit_code == 0, result.output
+    torn = root / "torn"
+    shutil.copytree(root / "adapter", torn)
+    (torn / ADAPTER_WEIGHTS).write_bytes((torn / ADAPTER_WEIGHTS).read_bytes()[:200])
+    optimizer = checkpoint_dir(torn, 1) / OPTIMIZER_STATE
+    optimizer.write_bytes(optimizer.read_bytes()[:-50])
+    reshaped = root / "reshaped"  # same base, but tensors of another rank than the config says
+    shutil.copytree(root / "adapter", reshaped)
+    config = json.loads((reshaped / ADAPTER_CONFIG).read_text())
+    (reshaped / ADAPTER_CONFIG).write_text(json.dumps({**config, "rank": 4}))
+    (root / "torn_model").mkdir()
+    for f in hf_models["llama"].iterdir():
+        shutil.copy(f, root / "torn_model" / f.name)
+    weights = root / "torn_model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (root / "a_file").write_text("")
+    return dict(root=root, llama=hf_models["llama"], qwen2=hf_models["qwen2"])
+
+
+def _run(args):
+    return CliRunner().invoke(app, args)
+
+
+def _data(root: Path, name: str, train=None, valid=(GOOD_ROW,), raw=None) -> str:
+    d = root / name
+    if raw is not None:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "train.jsonl").write_text(raw)
+    elif train is not None:
+        write_jsonl(d / "train.jsonl", train)
+    if valid is not None:
+        write_jsonl(d / "valid.jsonl", valid)
+    return str(d)
+
+
+def _snapshot(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _train(ws, *extra, data=None):
+    return ["train", "--model", str(ws["llama"]), "--data", data or str(ws["root"] / "data"),
+            "--adapter-path", str(ws["root"] / "adapter"), "--iters", "2", "--val-every", "0", *extra]
+
+
+CASES = {
+    "malformed JSON line": lambda ws: (
+        _train(ws, data=_data(ws["root"], "json", raw='{"text": "a"}\n{"text": "b"\n')), "train.jsonl:2: not valid JSON"),
+    "no known key": lambda ws: (
+        _train(ws, data=_data(ws["root"], "keys", [{"question": "q"}])), "train.jsonl:1: row has none of the keys"),
+    "mixed formats in one file": lambda ws: (
+        _train(ws, data=_data(ws["root"], "mixed", [{"text": "a"}, GOOD_ROW])),
+        "train.jsonl:2: completion row, but line 1 is a text row"),
+    "empty split": lambda ws: (_train(ws, data=_data(ws["root"], "empty", raw="\n")), "train.jsonl: no rows"),
+    "missing split": lambda ws: (
+        _train(ws, data=_data(ws["root"], "missing", [GOOD_ROW], valid=None)), "valid.jsonl: missing"),
+    "chat roles out of order": lambda ws: (
+        _train(ws, data=_data(ws["root"], "order", [{"messages": [{"role": "assistant", "content": "hi"}]}])),
+        "train.jsonl:1: messages[0] has role 'assistant' where 'user' belongs"),
+    "chat without assistant turn": lambda ws: (
+        _train(ws, data=_data(ws["root"], "noreply", [{"messages": [{"role": "user", "content": "hi"}]}])),
+        "train.jsonl:1: 'messages' has no assistant turn"),
+    "rows all longer than --max-seq-length": lambda ws: (
+        _train(ws, "--max-seq-length", "4"), "train.jsonl:1: every row is longer than --max-seq-length 4"),
+    "unknown --targets": lambda ws: (
+        _train(ws, "--targets", "qq_proj"), "--targets: 'qq_proj' matches no linear module in the selected blocks"),
+    "rank larger than a target": lambda ws: (
+        _train(ws, "--rank", "100"), "--rank 100 is larger than model.layers.0.self_attn.q_proj allows (64x64)"),
+    "misspelled YAML key": lambda ws: (
+        _train(ws, "--config", str(_yaml(ws["root"], "learnig_rate: 0.1\n"))),
+        "run.yaml:1: unknown key 'learnig_rate' (did you mean 'learning_rate'?)"),
+    "generate: adapter from another base": lambda ws: (
+        ["generate", "--model", str(ws["qwen2"]), "--adapter-path", str(ws["root"] / "adapter")],
+        "adapter_config.json: adapter was trained on"),
+    "fuse: adapter from another base": lambda ws: (
+        ["fuse", "--model", str(ws["qwen2"]), "--adapter-path", str(ws["root"] / "adapter"),
+         "--save-path", str(ws["root"] / "fused")], "adapter_config.json: adapter was trained on"),
+    "resume: checkpoint from another base": lambda ws: (
+        ["train", "--resume", str(ws["root"] / "adapter"), "--model", str(ws["qwen2"]), "--iters", "4"],
+        "adapter_config.json: adapter was trained on"),
+    "adapter tensors of the wrong shape": lambda ws: (
+        ["generate", "--adapter-path", str(ws["root"] / "reshaped")],
+        "adapters.safetensors: does not fit '" + str(ws["llama"].resolve()) + "': model.layers.2.self_attn.q_proj.lora_a has shape (64, 8), the model needs (64, 4)"),
+    "truncated adapter safetensors": lambda ws: (
+        ["generate", "--adapter-path", str(ws["root"] / "torn")], "adapters.safetensors: unreadable or truncated"),
+    "truncated optimizer state": lambda ws: (
+        ["train", "--resume", str(checkpoint_dir(ws["root"] / "torn", 1)), "--adapter-path", str(ws["root"] / "adapter")],
+        "optimizer.safetensors: unreadable or truncated"),
+    "truncated model safetensors": lambda ws: (
+        _train(ws, "--model", str(ws["root"] / "torn_model")), "torn_model: mlx-lm cannot load it"),
+    "train: output directory not writable": lambda ws: (
+        _train(ws)[:-6] + ["--adapter-path", str(ws["root"] / "a_file" / "out"), "--iters", "2"],
+        "--adapter-path " + str(ws["root"] / "a_file" / "out") + ": cannot write there"),
+    "fuse: output directory not writable": lambda ws: (
+        ["fuse", "--adapter-path", str(ws["root"] / "adapter"), "--save-path", str(ws["root"] / "a_file" / "fused")],
+        "--save-path " + str(ws["root"] / "a_file") + ": cannot write there"),
+}
+
+
+def _yaml(root: Path, text: str) -> Path:
+    (root / "run.yaml").write_text(text)
+    return root / "run.yaml"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_exit_2_and_nothing_overwritten(ws, case):
+    args, expected = CASES[case](ws)
+    before = _snapshot(ws["root"] / "adapter")
+    result = _run(args)
+    lines = [l for l in result.stderr.splitlines() if not l.startswith("blas:")]
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)  # not an escaped exception
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    assert "Traceback" not in result.output
+    assert _snapshot(ws["root"] / "adapter") == before
+    assert not (ws["root"] / "fused").exists()
