@@ -79,11 +79,15 @@ def save_checkpoint(directory: Path, model: nn.Module, adapter: AdapterConfig,
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory as given, or the latest complete one under an adapter directory."""
+    """A checkpoint directory as given, or the one written last under an adapter directory (last
+    written, not highest step: a newer run in the same directory may not have caught up yet)."""
     path = Path(path).expanduser()
     if (path / TRAINER_STATE).is_file():
         return path
-    found = sorted(p for p in (path / CHECKPOINTS).glob("step-*") if (p / TRAINER_STATE).is_file())
+    found = sorted(
+        (p for p in (path / CHECKPOINTS).glob("step-*") if (p / TRAINER_STATE).is_file()),
+        key=lambda p: ((p / TRAINER_STATE).stat().st_mtime_ns, p.name),
+    )
     if not found:
         raise UserError(
             f"--resume {path}: no checkpoint there (expected {TRAINER_STATE}, or {CHECKPOINTS}/step-* under an "

@@ -1,0 +1,80 @@
+"""Numerical faults and memory: stop with a message naming the step, keep every good file."""
+
+import hashlib
+import re
+from dataclasses import replace
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+import pytest
+
+import mlx_lora.train
+from mlx_lora import memory
+from mlx_lora.adapters import load_adapter
+from mlx_lora.checkpoint import checkpoint_dir
+from mlx_lora.config import LoRAConfig, TrainConfig
+from mlx_lora.errors import UserError
+from mlx_lora.lora import apply_lora, lora_layers
+from mlx_lora.models import load_base
+from mlx_lora.train import train
+
+
+def _config(llama, tiny_data, out, **kw) -> TrainConfig:
+    base = dict(model=str(llama), data=str(tiny_data), adapter_path=str(out), iters=6, batch_size=2,
+                rank=4, num_layers=2, val_every=0, report_every=1, save_every=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def _snapshot(directory):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir() if p.is_file()}
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_good_files(llama, tiny_data, tmp_path):
+    cfg = _config(llama, tiny_data, tmp_path, iters=2, save_every=0)
+    train(cfg, log=lambda _: None)  # an earlier good adapter in the same directory
+    before = _snapshot(tmp_path)
+    with pytest.raises(UserError) as e:
+        train(replace(cfg, iters=6, save_every=1, learning_rate=1e38), log=lambda _: None)
+    bad = int(re.match(r"step (\d+): the loss is nan; stopped", str(e.value)).group(1))
+    last_good = checkpoint_dir(tmp_path, bad - 1)
+    assert f"the last good checkpoint is {last_good}" in str(e.value)
+    assert not checkpoint_dir(tmp_path, bad).exists()
+    assert _snapshot(tmp_path) == before
+    load_adapter(load_base(str(llama)), last_good)  # loads cleanly
+
+
+def test_non_finite_gradient_with_finite_loss_stops_at_step_1(llama, tiny_data, tmp_path, monkeypatch):
+    real_loss = mlx_lora.train.loss_fn
+
+    def loss_with_infinite_gradient(model, tokens, mask):
+        loss, ntoks = real_loss(model, tokens, mask)
+        b = next(iter(lora_layers(model).values())).lora_b  # zero at init: d sqrt(|b|) = inf there
+        return loss + 0 * mx.sqrt(mx.abs(b)).sum(), ntoks
+
+    monkeypatch.setattr(mlx_lora.train, "loss_fn", loss_with_infinite_gradient)
+    with pytest.raises(UserError, match=r"^step 1: a gradient is not finite; stopped with nothing saved"):
+        train(_config(llama, tiny_data, tmp_path), log=lambda _: None)
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_run_that_cannot_fit_is_refused_with_the_knobs(llama, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda: 2**20)  # a 1 MiB machine
+    with pytest.raises(UserError) as e:
+        train(_config(llama, tiny_data, tmp_path), log=lambda _: None)
+    message = str(e.value)
+    assert re.match(r"this run needs about \d+\.\d GB .* for batch 2 x \d+ tokens\) but this machine has 0\.0 GB; ", message)
+    for knob in ("--batch-size", "--max-seq-length", "gradient checkpointing", "quantized base"):
+        assert knob in message
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_memory_estimate_grows_with_batch_and_sequence(llama):
+    base = load_base(str(llama))
+    apply_lora(base.model, LoRAConfig(rank=4))
+    trainable = sum(v.nbytes for _, v in tree_flatten(base.model.trainable_parameters()))
+    small = memory.estimate(base.model, base.config, 0, batch_size=1, seq_len=64)
+    assert small.weights + trainable == sum(v.nbytes for _, v in tree_flatten(base.model.parameters()))
+    assert small.lora == 4 * trainable  # weights, gradients, AdamW m and v
+    assert memory.estimate(base.model, base.config, 0, 2, 64).activations == 2 * small.activations
+    assert memory.estimate(base.model, base.config, 0, 1, 128).activations > 2 * small.activations  # attention is T^2
+    assert memory.estimate(base.model, base.config, 2, 1, 64).activations < small.activations  # frozen blocks keep none
