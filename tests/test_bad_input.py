@@ -92,7 +92,8 @@ CASES = {
     "unknown --targets": lambda ws: (
         _train(ws, "--targets", "qq_proj"), "--targets: 'qq_proj' matches no linear module in the selected blocks"),
     "rank larger than a target": lambda ws: (
-        _train(ws, "--rank", "100"), "--rank 100 is larger than model.layers.0.self_attn.q_proj allows (64x64)"),
+        _train(ws, "--rank", "100", "--targets", "q_proj", "--num-layers", "1"),
+        "rank 100 is larger than model.layers.3.self_attn.q_proj allows (64x64): use 64 or less"),
     "misspelled YAML key": lambda ws: (
         _train(ws, "--config", str(_yaml(ws["root"], "learnig_rate: 0.1\n"))),
         "run.yaml:1: unknown key 'learnig_rate' (did you mean 'learning_rate'?)"),
@@ -107,7 +108,7 @@ CASES = {
         "adapter_config.json: adapter was trained on"),
     "adapter tensors of the wrong shape": lambda ws: (
         ["generate", "--adapter-path", str(ws["root"] / "reshaped")],
-        "adapters.safetensors: does not fit '" + str(ws["llama"].resolve()) + "': model.layers.2.self_attn.q_proj.lora_a has shape (64, 8), the model needs (64, 4)"),
+        "reshaped: adapter weights do not fit '" + str(ws["llama"].resolve()) + "': model.layers.2.self_attn.q_proj.lora_a has shape (64, 8), the model needs (64, 4)"),
     "truncated adapter safetensors": lambda ws: (
         ["generate", "--adapter-path", str(ws["root"] / "torn")], "adapters.safetensors: unreadable or truncated"),
     "truncated optimizer state": lambda ws: (

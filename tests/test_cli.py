@@ -82,13 +82,16 @@ def test_config_file_flags_override_and_options_reach_the_adapter(llama, tiny_da
     config = tmp_path / "run.yaml"
     config.write_text("rank: 2\nalpha: 4\ndropout: 0.1\nlayers: [0, 2]\ntargets: k_proj\nlearning-rate: 1e-3\n")
     out = tmp_path / "a"
+    for split in ("train", "valid"):  # one row within --max-seq-length (all rows too long is an error)
+        with (tiny_data / f"{split}.jsonl").open("a") as f:
+            f.write(json.dumps({"prompt": "Q:", "completion": " 1"}) + "\n")
     log = run("train", "--config", config, "--model", llama, "--data", tiny_data, "--adapter-path", out,
               "--rank", 8, "--epochs", 0.5, "--batch-size", 4, "--max-seq-length", 24, "--val-every", 0,
               "--save-every", 0, "--train-on-prompt")
     saved = json.loads((out / ADAPTER_CONFIG).read_text())
     assert saved["rank"] == 8 and saved["alpha"] == 4 and saved["dropout"] == 0.1  # flag beats file
     assert saved["modules"] == ["model.layers.0.self_attn.k_proj", "model.layers.2.self_attn.k_proj"]
-    assert "step 2/2" in log  # 16 rows / batch 4 = 4 batches an epoch; half an epoch = 2 steps
+    assert "step 2/2" in log  # 17 rows / batch 4 = 5 batches an epoch; half an epoch rounds to 2 steps
     assert "truncated" in log  # --max-seq-length 24 cuts the longer rows
     assert not (out / "checkpoints").exists()
 
