@@ -60,11 +60,11 @@ SINKS = {"tensorboard": TensorBoard, "wandb": Wandb}
 
 
 class MetricsLog:
-    """Starts `out/metrics.jsonl` afresh and appends one flushed line per record."""
+    """Starts `out/metrics.jsonl` afresh (a resumed run continues it) and appends one flushed line per record."""
 
     def __init__(self, out: Path, cfg: TrainConfig):
         self.sinks = [SINKS[name](out, cfg) for name in split_list(cfg.report_to)]  # fails before any file is touched
-        self.file = open(out / METRICS, "w")
+        self.file = open(out / METRICS, "a" if cfg.resume else "w")
 
     def write(self, **values: Optional[float]) -> dict[str, Any]:
         record = {k: values.get(k) for k in KEYS}

@@ -11,6 +11,7 @@ from mlx_lora.adapters import ADAPTER_WEIGHTS
 from mlx_lora.checkpoint import OPTIMIZER_STATE, checkpoint_dir, find_checkpoint
 from mlx_lora.config import TrainConfig
 from mlx_lora.errors import Interrupted, UserError
+from mlx_lora.metrics import read_metrics
 from mlx_lora.train import train
 
 
@@ -48,6 +49,8 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(llama, tiny_da
     expected = mx.load(str(tmp_path / "straight" / ADAPTER_WEIGHTS))
     assert final.keys() == expected.keys()
     assert all(mx.array_equal(final[k], expected[k]) for k in expected)
+    # metrics.jsonl continues: the reports before the interrupt are kept
+    assert [r["step"] for r in read_metrics(tmp_path / "split") if r["loss"] is not None] == list(range(1, 11))
 
 
 def test_checkpoint_holds_optimizer_state_and_resume_finds_the_latest(llama, tiny_data, tmp_path):
