@@ -130,9 +130,11 @@ def save_adapter(directory: Path, model: nn.Module, config: AdapterConfig) -> No
 
 
 def write_adapter(directory: Path, config: AdapterConfig, weights: dict[str, mx.array]) -> None:
-    """Weights first, then config: each file is replaced atomically."""
+    """Weights first, then config: each file is replaced atomically, and the weights carry a copy of
+    the config so a save cut between the two files is detected on load instead of mixing runs."""
     directory = Path(directory)
-    atomic.save_safetensors(directory / ADAPTER_WEIGHTS, weights, {"format": FORMAT})
+    metadata = {"format": FORMAT, EMBEDDED_CONFIG: json.dumps(config.to_json())}
+    atomic.save_safetensors(directory / ADAPTER_WEIGHTS, weights, metadata)
     atomic.write_json(directory / ADAPTER_CONFIG, config.to_json())
 
 
@@ -172,7 +174,13 @@ def read_adapter(directory: Path) -> tuple[AdapterConfig, dict[str, mx.array]]:
     data = read_json(path)
     if mlxlm.is_mlxlm(data):
         return mlxlm.read_mlxlm(directory, data)
-    return AdapterConfig.from_json(path, data), read_weights(directory / ADAPTER_WEIGHTS)[0]
+    weights, metadata = read_weights(directory / ADAPTER_WEIGHTS)
+    if EMBEDDED_CONFIG in metadata and json.loads(metadata[EMBEDDED_CONFIG]) != data:
+        raise UserError(
+            f"{directory}: {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG} come from different saves (an interrupted "
+            f"save?); use the last checkpoint under {directory / 'checkpoints'} or retrain"
+        )
+    return AdapterConfig.from_json(path, data), weights
 
 
 def read_config(directory: Path) -> AdapterConfig:

@@ -59,3 +59,12 @@ def test_corrupt_weights_are_a_user_error(llama, tmp_path):
 def test_missing_config_is_a_user_error(llama, tmp_path):
     with pytest.raises(UserError, match="no adapter_config.json"):
         load_adapter(load_base(str(llama)), tmp_path)
+
+
+def test_weights_and_config_from_different_saves_are_refused(llama, tmp_path):
+    _trained_adapter(llama, tmp_path / "a", LoRAConfig(targets="q_proj,v_proj", num_layers=2, rank=4, alpha=8))
+    _trained_adapter(llama, tmp_path / "b", LoRAConfig(targets="q_proj,v_proj", num_layers=2, rank=4, alpha=32))
+    # a save cut after the weights but before the config: same shapes, other scale
+    (tmp_path / "a" / ADAPTER_WEIGHTS).write_bytes((tmp_path / "b" / ADAPTER_WEIGHTS).read_bytes())
+    with pytest.raises(UserError, match="come from different saves"):
+        load_adapter(load_base(str(llama)), tmp_path / "a")

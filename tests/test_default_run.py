@@ -1,0 +1,31 @@
+"""The embedded default job: `mlx-lora train` with no --model and no --data, from any directory."""
+
+import json
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from mlx_lora.cli import app
+from mlx_lora.models import DEFAULT_MODEL_DIR
+
+
+def test_shipped_model_is_small_and_complete():
+    size = sum(f.stat().st_size for f in DEFAULT_MODEL_DIR.iterdir())
+    assert size <= 10 * 2**20
+    assert json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())["model_type"] == "llama"
+    assert (DEFAULT_MODEL_DIR / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_default_run_learns_the_format(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["train"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    first, last = map(float, re.search(r"val loss ([\d.]+) -> ([\d.]+)", result.stdout).groups())
+    assert last <= 0.7 * first
+    assert json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())["base_model"] == "mlx-lora-default"
+
+    result = CliRunner().invoke(app, ["generate", "--adapter-path", "adapters", "--max-tokens", 40])
+    assert result.exit_code == 0, result.output
+    assert re.match(r" \d+ [-+*] \d+ = \d+\..* #### \d+", result.stdout)
