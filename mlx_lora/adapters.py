@@ -33,6 +33,8 @@ FORMAT = "mlx-lora"
 FORMAT_VERSION = 1
 # Foreign formats carry our full config in their safetensors metadata, so round trips are lossless.
 EMBEDDED_CONFIG = "mlx_lora_config"
+# The config keys that give the weights their meaning; base_model may be edited by hand (a moved base).
+WEIGHT_MEANING = {f.name for f in fields(LoRAConfig)} | {"scale", "modules", "layer_indices"}
 BLOCK_MODULE = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.+)$")  # model.layers.3.self_attn.q_proj
 
 
@@ -175,10 +177,12 @@ def read_adapter(directory: Path) -> tuple[AdapterConfig, dict[str, mx.array]]:
     if mlxlm.is_mlxlm(data):
         return mlxlm.read_mlxlm(directory, data)
     weights, metadata = read_weights(directory / ADAPTER_WEIGHTS)
-    if EMBEDDED_CONFIG in metadata and json.loads(metadata[EMBEDDED_CONFIG]) != data:
+    saved = json.loads(metadata.get(EMBEDDED_CONFIG, "{}"))
+    differ = [k for k in saved if k in WEIGHT_MEANING and saved[k] != data.get(k)]
+    if differ:
         raise UserError(
-            f"{directory}: {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG} come from different saves (an interrupted "
-            f"save?); use the last checkpoint under {directory / 'checkpoints'} or retrain"
+            f"{path}: {', '.join(differ)} differ from what {ADAPTER_WEIGHTS} was saved with (an interrupted save "
+            f"or a hand edit); use the last checkpoint under {directory / 'checkpoints'} or retrain"
         )
     return AdapterConfig.from_json(path, data), weights
 

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 from typer.testing import CliRunner
 
@@ -35,6 +36,8 @@ def ws(tmp_path_factory, hf_models):
     shutil.copytree(root / "adapter", reshaped)
     config = json.loads((reshaped / ADAPTER_CONFIG).read_text())
     (reshaped / ADAPTER_CONFIG).write_text(json.dumps({**config, "rank": 4}))
+    weights = reshaped / ADAPTER_WEIGHTS  # as an adapter saved without its config copy would be
+    mx.save_safetensors(str(weights), mx.load(str(weights)))
     (root / "torn_model").mkdir()
     for f in hf_models["llama"].iterdir():
         shutil.copy(f, root / "torn_model" / f.name)
