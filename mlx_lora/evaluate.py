@@ -117,6 +117,8 @@ def generation_items(path: Path, rows: list[tuple[int, dict]], tokenizer, task: 
             prompt = tokenizer.apply_chat_template(row["messages"][:last], tokenize=False, add_generation_prompt=True)
             reference = row["messages"][last]["content"]
             tokens = tokenizer.encode(prompt, add_special_tokens=False)
+        if not tokens:
+            raise UserError(f"{where}: the prompt is empty, so there is nothing to answer; give the row a prompt")
         marked = final_answer(reference) is not None
         if task == "exact-match" or (task == "auto" and marked):
             items.append(Item(number, prompt, tokens, reference, marked))
@@ -129,9 +131,10 @@ def generation_items(path: Path, rows: list[tuple[int, dict]], tokenizer, task: 
 def progress(total: int, label: str):
     """A rich progress bar on a terminal, else a plain line per tenth; on stderr; yields `advance()`."""
     if sys.stderr.isatty():
+        from rich.console import Console
         from rich.progress import Progress
 
-        with Progress(transient=True) as bar:
+        with Progress(console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task(label, total=total)
             yield lambda: bar.advance(task)
         return
