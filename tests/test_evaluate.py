@@ -234,3 +234,18 @@ def test_cli_eval_prints_the_table_and_rejects_bad_input(llama, adapter, case, t
     assert "--batch-size must be at least 1, got 0" in bad.output
     missing = runner.invoke(app, args + ["--split", "dev"])
     assert missing.exit_code == 2 and f"{data / 'dev.jsonl'}: missing; --split dev reads dev.jsonl" in missing.output
+
+
+@pytest.mark.parametrize("fmt", ["peft", "mlx-lm"])
+def test_other_adapter_formats_give_the_same_figures(llama, adapter, case, tmp_path, fmt):
+    from mlx_lora.config import ConvertConfig
+    from mlx_lora.convert import convert
+
+    data, expected = case
+    converted = convert(ConvertConfig(adapter_dir=str(adapter), out_dir=str(tmp_path / fmt), to=fmt, model=str(llama)), log=lambda _: None)
+    cfg = EvalConfig(model=str(llama), adapter_path=str(converted), data=str(data), task="exact-match",
+                     compare_base=True, batch_size=4, max_tokens=MAX_TOKENS)
+    result = run(cfg, log=lambda _: None)
+    for name in ("base", "adapter"):
+        assert [p[name]["prediction"] for p in result["predictions"]] == expected[name]["answers"]
+        assert result[name]["loss"] == pytest.approx(expected[name]["loss"], rel=1e-5)
