@@ -6,6 +6,7 @@ final answers: GSM8K's convention, the text after `####`, with numbers normalise
 """
 
 import math
+import os
 import re
 import sys
 from contextlib import contextmanager
@@ -221,8 +222,18 @@ def default_adapter(cfg: EvalConfig) -> Optional[str]:
     return TrainConfig.adapter_path if Path(TrainConfig.adapter_path).is_dir() else None
 
 
+def check_output(output: str) -> None:
+    """Fail before the long run, not after it, when the results file cannot be written."""
+    path = Path(output).absolute()
+    existing = next(p for p in path.parents if p.exists())
+    if path.is_dir() or not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UserError(f"--output {output}: cannot write a file there; give a writable path such as results.json")
+
+
 def run(cfg: EvalConfig, log=print) -> dict:
     """Evaluate the adapter (and the base, with --compare-base or without an adapter); return every figure."""
+    if cfg.output:
+        check_output(cfg.output)
     adapter_path = default_adapter(cfg)
     if cfg.compare_base and adapter_path is None:
         raise UserError(f"--compare-base needs an adapter: pass --adapter-path (./{TrainConfig.adapter_path} does not exist)")
