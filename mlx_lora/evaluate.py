@@ -6,9 +6,7 @@ final answers: GSM8K's convention, the text after `####`, with numbers normalise
 """
 
 import math
-import os
 import re
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -24,6 +22,7 @@ from .data import load_split, read_rows, resolve_data, row_format
 from .errors import UserError
 from .generate import load_for_inference
 from .lora import lora_layers, remove_lora
+from .progress import Bar, on_terminal
 from .train import evaluate as mean_loss
 
 ANSWER_MARK = "####"
@@ -129,25 +128,22 @@ def generation_items(path: Path, rows: list[tuple[int, dict]], tokenizer, task: 
 # --- generation ------------------------------------------------------------------------------
 
 @contextmanager
-def progress(total: int, label: str):
-    """A rich progress bar on a terminal, else a plain line per tenth; on stderr; yields `advance()`."""
-    if sys.stderr.isatty():
-        from rich.console import Console
-        from rich.progress import Progress
-
-        with Progress(console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task(label, total=total)
-            yield lambda: bar.advance(task)
-        return
+def progress(total: int, label: str, log):
+    """The shared live bar on a terminal; elsewhere a plain line per tenth, so a log shows it moving."""
+    bar = Bar(label, total, log=log, transient=True)
     done, step = 0, max(1, total // 10)
 
     def advance():
         nonlocal done
         done += 1
-        if done % step == 0 or done == total:
-            print(f"{label}: {done}/{total}", file=sys.stderr)
+        bar.advance()
+        if not on_terminal(log) and (done % step == 0 or done == total):
+            log(f"{label}: {done}/{total}")
 
-    yield advance
+    try:
+        yield advance
+    finally:
+        bar.close()
 
 
 def generate_answers(model: nn.Module, tokenizer, items: list[Item], batch_size: int, max_tokens: int, advance=lambda: None) -> list[str]:
@@ -200,12 +196,12 @@ class Scores:
                 "correct": self.correct, "answered": self.answered}
 
 
-def score(model: nn.Module, tokenizer, examples, items: list[Item], cfg: EvalConfig, name: str) -> Scores:
+def score(model: nn.Module, tokenizer, examples, items: list[Item], cfg: EvalConfig, name: str, log) -> Scores:
     loss = mean_loss(model, examples, cfg.batch_size)
     scores = Scores(loss, math.exp(loss))
     if not items:
         return scores
-    with progress(len(items), f"generating ({name})") as advance:
+    with progress(len(items), f"generating ({name})", log) as advance:
         texts = generate_answers(model, tokenizer, items, cfg.batch_size, cfg.max_tokens, advance)
     for item, text in zip(items, texts):
         predicted, expected = item.answer(text), item.answer(item.reference)
@@ -222,18 +218,12 @@ def default_adapter(cfg: EvalConfig) -> Optional[str]:
     return TrainConfig.adapter_path if Path(TrainConfig.adapter_path).is_dir() else None
 
 
-def check_output(output: str) -> None:
-    """Fail before the long run, not after it, when the results file cannot be written."""
-    path = Path(output).absolute()
-    existing = next(p for p in path.parents if p.exists())
-    if path.is_dir() or not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise UserError(f"--output {output}: cannot write a file there; give a writable path such as results.json")
-
-
 def run(cfg: EvalConfig, log=print) -> dict:
     """Evaluate the adapter (and the base, with --compare-base or without an adapter); return every figure."""
     if cfg.output:
-        check_output(cfg.output)
+        if Path(cfg.output).is_dir():
+            raise UserError(f"--output {cfg.output}: is a directory; give a file name such as results.json")
+        atomic.check_writable(Path(cfg.output).absolute().parent, "--output")
     adapter_path = default_adapter(cfg)
     if cfg.compare_base and adapter_path is None:
         raise UserError(f"--compare-base needs an adapter: pass --adapter-path (./{TrainConfig.adapter_path} does not exist)")
@@ -249,10 +239,10 @@ def run(cfg: EvalConfig, log=print) -> dict:
     if adapter_path:
         if cfg.compare_base and not lora_layers(base.model):
             raise UserError(f"--adapter-path {adapter_path}: the adapter left no LoRA layers to remove, so the base cannot be compared")
-        scores["adapter"] = score(base.model, base.tokenizer, examples, items, cfg, "adapter")
+        scores["adapter"] = score(base.model, base.tokenizer, examples, items, cfg, "adapter", log)
         remove_lora(base.model)  # the untouched base layers are back: exactly the base
     if cfg.compare_base or not adapter_path:
-        scores["base"] = score(base.model, base.tokenizer, examples, items, cfg, "base")
+        scores["base"] = score(base.model, base.tokenizer, examples, items, cfg, "base", log)
     names = [n for n in ("base", "adapter") if n in scores]
     result = {
         "model": base.name, "adapter_path": adapter_path, "data": str(path), "task": cfg.task,

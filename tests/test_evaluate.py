@@ -234,7 +234,7 @@ def test_cli_eval_prints_the_table_and_rejects_bad_input(llama, adapter, case, t
     assert "--batch-size must be at least 1, got 0" in bad.output
     (tmp_path / "results.json").mkdir()
     bad = runner.invoke(app, args + ["--output", "results.json"])
-    assert bad.exit_code == 2 and "--output results.json: cannot write a file there" in bad.output
+    assert bad.exit_code == 2 and "--output results.json: is a directory" in bad.output
     missing = runner.invoke(app, args + ["--split", "dev"])
     assert missing.exit_code == 2 and f"{data / 'dev.jsonl'}: missing; --split dev reads dev.jsonl" in missing.output
 
