@@ -11,7 +11,8 @@ import typer
 
 from . import blas
 from .config import (
-    ChatConfig, ConvertConfig, FuseConfig, GenerateConfig, PlotConfig, TrainConfig, build_config, field_types, load_yaml,
+    ChatConfig, ConvertConfig, EvalConfig, FuseConfig, GenerateConfig, PlotConfig, TrainConfig,
+    build_config, field_types, load_yaml,
 )
 from .errors import Interrupted, UserError
 
@@ -142,6 +143,13 @@ def convert(cfg: ConvertConfig) -> None:
     from .convert import convert as run_convert
 
     run_convert(cfg)
+
+
+@_command(EvalConfig, "eval", "Loss, perplexity and exact match on a data split; base vs adapter with --compare-base.")
+def evaluate(cfg: EvalConfig) -> None:
+    from .evaluate import run, table
+
+    print(table(run(cfg)))
 
 
 def main() -> None:

@@ -294,6 +294,8 @@ def check(cfg) -> list[str]:
             p.append(f"--val-batches must be -1 (all) or a positive count, got {cfg.val_batches}")
     if isinstance(cfg, ConvertConfig) and cfg.to not in CONVERT_FORMATS:
         p.append(f"--to must be one of {', '.join(CONVERT_FORMATS)}, got '{cfg.to}'")
+    if isinstance(cfg, EvalConfig):
+        p += eval_problems(cfg)
     if isinstance(cfg, InferenceConfig):
         if cfg.max_tokens < 1:
             p.append(f"--max-tokens must be at least 1, got {cfg.max_tokens}")
@@ -395,3 +397,37 @@ class ConvertConfig:
     base_model_id: Optional[str] = opt(
         None, "Base model id to record in the output, e.g. the Hugging Face id for PEFT (default: the adapter's base)."
     )
+
+
+EVAL_TASKS = ("auto", "exact-match", "loss")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: Optional[str] = opt(None, "Base model (default: the one the adapter names, else the shipped model).")
+    adapter_path: Optional[str] = opt(
+        None, "Adapter directory (default: ./adapters when it exists, else the base model alone)."
+    )
+    data: Optional[str] = opt(None, "Directory holding the split's .jsonl file (default: the bundled arithmetic set).")
+    split: str = opt("test", "Evaluate <split>.jsonl of --data: test, valid, train or any other name.")
+    max_examples: Optional[int] = opt(None, "Evaluate only the first N rows of the split (default: all).")
+    task: str = opt(
+        "auto",
+        "auto: loss and perplexity, plus exact match on rows whose reference has an answer after ####; "
+        "exact-match: exact match on every row; loss: loss and perplexity only.",
+    )
+    compare_base: bool = opt(False, "Also evaluate the base without the adapter and print both side by side.")
+    output: Optional[str] = opt(None, "Write every figure and each example's prediction to this JSON file.")
+    batch_size: int = opt(16, "Rows per batch for the loss and for generation.")
+    max_tokens: int = opt(256, "Most tokens generated per answer.")
+
+
+def eval_problems(cfg: EvalConfig) -> list[str]:
+    p = []
+    if cfg.task not in EVAL_TASKS:
+        p.append(f"--task must be one of {', '.join(EVAL_TASKS)}, got '{cfg.task}'")
+    for name in ("batch_size", "max_tokens", "max_examples"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            p.append(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    return p

@@ -147,8 +147,9 @@ def encode_row(where: str, tokenizer, fmt: str, row: dict, train_on_prompt: bool
     return Example(tokens, mask)
 
 
-def load_split(path: Path, tokenizer, max_seq_length: int, train_on_prompt: bool, log=print) -> list[Example]:
-    rows = read_rows(path)
+def load_split(path: Path, tokenizer, max_seq_length: int, train_on_prompt: bool, log=print,
+               max_rows: Optional[int] = None) -> list[Example]:
+    rows = read_rows(path)[:max_rows]
     first_fmt, first_line = None, None
     examples, truncated, empty, shortest = [], 0, 0, None
     for number, row in rows:

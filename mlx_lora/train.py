@@ -48,6 +48,7 @@ def evaluate(model: nn.Module, examples: list[Example], batch_size: int, num_bat
     """Token-weighted mean loss over a fixed selection of batches (the same each call)."""
     batches = epoch_batches(examples, batch_size, seed=0, epoch=0)
     batches = batches if num_batches == -1 else batches[:num_batches]
+    was_training = model.training  # leave the mode as found: eval runs this between generations
     model.eval()
     total, count = mx.array(0.0), mx.array(0.0)
     for indices in track(batches, "validation"):
@@ -55,7 +56,7 @@ def evaluate(model: nn.Module, examples: list[Example], batch_size: int, num_bat
         loss, ntoks = loss_fn(model, tokens, mask)
         total, count = total + loss * ntoks, count + ntoks
         mx.eval(total, count)
-    model.train()
+    model.train(was_training)
     return (total / count).item()
 
 
