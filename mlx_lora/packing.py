@@ -54,13 +54,13 @@ def _per_token(cls: type) -> type:
         y = cls.__call__(self, tokens, offset=offset.reshape(-1), **kwargs)
         return y.reshape(B, L, H, D).swapaxes(1, 2)
 
-    return type(cls.__name__, (cls,), {"__call__": __call__})
+    return type(cls.__name__, (cls,), {"__call__": __call__, "per_token": True})
 
 
 def enable_packing(model: nn.Module, model_type: str) -> None:
     """Make `model` accept PackedRows, then prove on two rows that packed logits equal unpacked."""
     for _, m in model.named_modules():
-        if isinstance(m, nn.RoPE) or "rope" in type(m).__name__.lower():
+        if (isinstance(m, nn.RoPE) or "rope" in type(m).__name__.lower()) and not hasattr(m, "per_token"):
             m.__class__ = _per_token(type(m))
     training = model.training
     model.eval()  # no dropout in the comparison
