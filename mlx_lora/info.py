@@ -79,7 +79,7 @@ def info(cfg: TrainConfig, log=print) -> ModelInfo:
     with tempfile.TemporaryDirectory() as tmp:
         save_adapter(Path(tmp), model, describe(base, lora, modules))
         sizes = {name: (Path(tmp) / name).stat().st_size for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)}
-    memory = estimate_training_memory(model, base.config, cfg.batch_size, cfg.max_seq_length)
+    memory = estimate_training_memory(model, base.config, cfg.batch_size, cfg.max_seq_length, cfg.grad_checkpoint)
 
     log(f"model {base.name} ({base.config.get('model_type', '?')}): {len(prefixes)} blocks, "
         f"{parameters:,} parameters, {str(compute_dtype(model)).split('.')[-1]}")

@@ -148,3 +148,29 @@ def test_cli_takes_every_method_option_and_records_them(llama, tiny_data, tmp_pa
 def test_bad_method_options_exit_2_with_one_line(flags, message):
     result = CliRunner().invoke(app, ["train", *flags])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_resume_continues_packing_accumulation_and_schedule_exactly(llama, tiny_data, tmp_path):
+    """The schedule's position is the optimizer's step and the data position counts batches, not steps."""
+    from dataclasses import replace
+
+    from mlx_lora.checkpoint import checkpoint_dir
+
+    cfg = TrainConfig(model=str(llama), data=str(tiny_data), adapter_path=str(tmp_path / "straight"), iters=6,
+                      batch_size=1, max_seq_length=96, rank=4, num_layers=2, learning_rate=1e-2, val_every=0,
+                      save_every=3, pack=True, grad_accumulation_steps=2, lr_schedule="cosine", warmup_steps=2)
+    straight = train(cfg, log=lambda _: None)
+    resumed = train(replace(cfg, adapter_path=str(tmp_path / "resumed"), resume=str(checkpoint_dir(tmp_path / "straight", 3))),
+                    log=lambda _: None)
+    assert resumed.losses == straight.losses[3:]
+    final, expected = (mx.load(str(tmp_path / d / ADAPTER_WEIGHTS)) for d in ("resumed", "straight"))
+    assert all(mx.array_equal(final[k], expected[k]).item() for k in expected)
+
+
+def test_memory_estimate_counts_checkpointing(llama):
+    from mlx_lora.memory import estimate_training_memory
+
+    base = _adapted(llama)
+    plain, checkpointed = (estimate_training_memory(base.model, base.config, 4, 512, c) for c in (False, True))
+    assert checkpointed.activations < plain.activations / 2  # 4 blocks: one block's activations + 4 block inputs
+    assert (checkpointed.weights, checkpointed.logits) == (plain.weights, plain.logits)
