@@ -369,6 +369,15 @@ def check_methods(cfg: "TrainConfig") -> list[str]:
     return p
 
 
+METHOD_FIELDS = ("pack", "grad_accumulation_steps", "lr_schedule", "warmup_steps", "final_lr_ratio", "early_stopping_patience")
+
+
+def method_options(cfg: "TrainConfig") -> dict[str, Any]:
+    """The training methods a run changed from their defaults (those that shape the weights),
+    as adapter_config.json's `training` block records them."""
+    return {n: getattr(cfg, n) for n in METHOD_FIELDS if getattr(cfg, n) != getattr(TrainConfig, n)}
+
+
 def lora_part(cfg: LoRAConfig) -> dict[str, Any]:
     """The LoRA fields of any config, as stored in adapter_config.json."""
     return {f.name: getattr(cfg, f.name) for f in fields(LoRAConfig)}

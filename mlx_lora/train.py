@@ -22,7 +22,7 @@ from .checkpoint import (
     CHECKPOINTS, TrainerState, checkpoint_dir, find_checkpoint, load_checkpoint, resume_command, rng_key,
     save_checkpoint,
 )
-from .config import LoRAConfig, TrainConfig, lora_part
+from .config import LoRAConfig, TrainConfig, lora_part, method_options
 from .data import (
     PAD_MULTIPLE, Example, batches_per_epoch, collate, epoch_batches, iterate_batches, load_dataset, resolve_data,
 )
@@ -106,18 +106,6 @@ def make_step(model: nn.Module, optimizer: optim.Optimizer):
 
 def grads_finite(grads) -> mx.array:
     return mx.stack([mx.isfinite(g).all() for _, g in tree_flatten(grads)]).all()
-
-
-def training_record(cfg: TrainConfig, result: TrainResult, stopping: Optional[EarlyStopping]) -> dict:
-    """The `training` block of adapter_config.json: the methods that shaped the weights."""
-    record = {"steps": result.steps, "pack": cfg.pack, "grad_accumulation_steps": cfg.grad_accumulation_steps,
-              "lr_schedule": cfg.lr_schedule, "warmup_steps": cfg.warmup_steps}
-    if cfg.lr_schedule != "constant":
-        record["final_lr_ratio"] = cfg.final_lr_ratio
-    if stopping:
-        record |= {"early_stopping_patience": stopping.patience, "best_step": stopping.best_step,
-                   "best_val_loss": stopping.best_loss}
-    return record
 
 
 def train(cfg: TrainConfig, log=print) -> TrainResult:
@@ -226,7 +214,9 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
         model.load_weights(list(stopping.best_weights.items()), strict=False)
         result.best_step = stopping.best_step
         log(f"keeping the adapter of step {stopping.best_step}, the best val loss ({stopping.best_loss:.3f})")
-    adapter.training = training_record(cfg, result, stopping)
+    adapter.training = method_options(cfg)
+    if stopping:
+        adapter.training |= {"steps": it, "best_step": stopping.best_step, "best_val_loss": stopping.best_loss}
     save_adapter(out, model, adapter)
     result.seconds = time.perf_counter() - start
     result.tokens_per_second = total_tokens / result.seconds
