@@ -178,6 +178,7 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     total_tokens, window_tokens, window_start = 0, 0, time.perf_counter()
     start = window_start
     batches = iterate_batches(data["train"], cfg.batch_size, cfg.seed, start=progress.batches_seen, pack_length=pack_length)
+    it = progress.step  # the last step done, also when the loop has none left to do
     with deferred_stop() as stop:
         for it in range(progress.step + 1, iters + 1):
             loss, finite, ntokens = train_step(batches)
