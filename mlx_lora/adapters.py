@@ -12,7 +12,7 @@ every `--adapter-path` takes all three formats.
 import json
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -46,6 +46,7 @@ class AdapterConfig:
     base_model: str
     base_fingerprint: Optional[str]  # None for a foreign adapter: its format records no base shapes
     trained_init: Optional[str] = None  # olora/pissa: how it was trained before saved_config made it plain
+    training: dict[str, Any] = field(default_factory=dict)  # how it was trained; informative only
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -58,6 +59,7 @@ class AdapterConfig:
             "layer_indices": self.layers,
             "modules": self.modules,
             **({"trained_init": self.trained_init} if self.trained_init else {}),
+            **({"training": self.training} if self.training else {}),
         }
 
     @classmethod
@@ -74,7 +76,7 @@ class AdapterConfig:
             raise UserError(f"{path}: {'; '.join(problems)}")
         return cls(
             lora, list(data["modules"]), list(data["layer_indices"]), data["base_model"], data["base_fingerprint"],
-            data.get("trained_init"),
+            data.get("trained_init"), data.get("training", {}),
         )
 
 

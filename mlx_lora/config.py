@@ -18,6 +18,9 @@ import yaml
 from .errors import UserError
 
 
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
 def opt(default, help: str, off: Optional[str] = None):
     """An option; `off` names the flag that sets a boolean to False (default --no-<name>)."""
     return field(default=default, metadata={"help": help, "off": off})
@@ -152,6 +155,28 @@ class TrainConfig(LoRAConfig):
         None,
         "Continue from a checkpoint directory (or an adapter directory: its latest checkpoint): weights, "
         "optimizer, step, data order and random state; the run's saved options apply unless given again.",
+    )
+    # Training methods (issue 8): how the steps are computed, not what the adapter is.
+    pack: bool = opt(
+        False, "Pack several rows into each sequence of up to --max-seq-length tokens; attention and "
+        "positions stay within each row, so losses equal the unpacked run's.",
+    )
+    grad_checkpoint: bool = opt(
+        False, "Recompute each transformer block in the backward pass: less memory, about 30% more time."
+    )
+    grad_accumulation_steps: int = opt(
+        1, "Sum gradients over this many batches per optimizer step (same update as one k-times-larger batch)."
+    )
+    lr_schedule: str = opt(
+        "constant", f"Learning-rate schedule after warmup: {', '.join(LR_SCHEDULES)}."
+    )
+    warmup_steps: int = opt(0, "Raise the learning rate linearly over the first N steps.")
+    final_lr_ratio: float = opt(
+        0.1, "linear / cosine: the last step's learning rate as a fraction of --learning-rate."
+    )
+    early_stopping_patience: Optional[int] = opt(
+        None, "Stop after N validations (every --val-every steps) without a better validation loss, "
+        "and keep the best adapter.",
     )
 
 
@@ -292,6 +317,7 @@ def check(cfg) -> list[str]:
             p.append(f"--report-to: unknown {', '.join(sorted(unknown))}; choose from {', '.join(REPORT_TO)}")
         if cfg.val_batches == 0 or cfg.val_batches < -1:
             p.append(f"--val-batches must be -1 (all) or a positive count, got {cfg.val_batches}")
+        p += check_methods(cfg)
     if isinstance(cfg, ConvertConfig) and cfg.to not in CONVERT_FORMATS:
         p.append(f"--to must be one of {', '.join(CONVERT_FORMATS)}, got '{cfg.to}'")
     if isinstance(cfg, EvalConfig):
@@ -323,6 +349,33 @@ def _pattern_problems(cfg: LoRAConfig) -> list[str]:
             if value <= 0 or (name == "rank_pattern" and value != int(value)):
                 p.append(f"{flag}: {key}={value:g} must be a positive {'whole number' if name == 'rank_pattern' else 'number'}")
     return p
+
+
+def check_methods(cfg: "TrainConfig") -> list[str]:
+    p = []
+    if cfg.grad_accumulation_steps < 1:
+        p.append(f"--grad-accumulation-steps must be at least 1, got {cfg.grad_accumulation_steps}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        p.append(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got '{cfg.lr_schedule}'")
+    if cfg.warmup_steps < 0:
+        p.append(f"--warmup-steps must be 0 or more, got {cfg.warmup_steps}")
+    if not 0 <= cfg.final_lr_ratio <= 1:
+        p.append(f"--final-lr-ratio must be in [0, 1], got {cfg.final_lr_ratio}")
+    if cfg.early_stopping_patience is not None:
+        if cfg.early_stopping_patience < 1:
+            p.append(f"--early-stopping-patience must be at least 1, got {cfg.early_stopping_patience}")
+        if cfg.val_every == 0:
+            p.append("--early-stopping-patience needs validations during training: set --val-every to a positive step count")
+    return p
+
+
+METHOD_FIELDS = ("pack", "grad_accumulation_steps", "lr_schedule", "warmup_steps", "final_lr_ratio", "early_stopping_patience")
+
+
+def method_options(cfg: "TrainConfig") -> dict[str, Any]:
+    """The training methods a run changed from their defaults (those that shape the weights),
+    as adapter_config.json's `training` block records them."""
+    return {n: getattr(cfg, n) for n in METHOD_FIELDS if getattr(cfg, n) != getattr(TrainConfig, n)}
 
 
 def lora_part(cfg: LoRAConfig) -> dict[str, Any]:

@@ -221,17 +221,58 @@ def collate(examples: list[Example], indices: list[int]) -> tuple[mx.array, mx.a
     return mx.array(tokens), mx.array(mask)
 
 
-def iterate_batches(examples: list[Example], batch_size: int, seed: int, start: int = 0) -> Iterator[tuple[mx.array, mx.array, int]]:
-    """Endless (tokens, mask, real token count) batches; `start` skips that many batches, so a
-    resumed run sees the same order as an uninterrupted one."""
+def epoch_packs(examples: list[Example], batch_size: int, length: int, seed: int, epoch: int) -> list[list[list[int]]]:
+    """One epoch of packed batches (--pack): shuffled rows laid end to end into sequences of at
+    most `length` tokens (next fit), `batch_size` sequences per batch."""
+    rng = np.random.default_rng([seed, epoch])
+    packs, used = [[]], 0
+    for i in rng.permutation(len(examples)):
+        n = len(examples[i].tokens)
+        if used + n > length and packs[-1]:
+            packs, used = packs + [[]], 0
+        packs[-1].append(int(i))
+        used += n
+    return [packs[j : j + batch_size] for j in range(0, len(packs), batch_size)]
+
+
+def collate_packs(examples: list[Example], packs: list[list[int]]) -> tuple[mx.array, mx.array, mx.array]:
+    """Tokens, loss mask and segments (B, L): a token's segment is the index of its row within
+    the sequence; padding is one more segment. A row's first token is never a target, so no
+    loss crosses from one row into the next."""
+    rows = [[examples[i] for i in pack] for pack in packs]
+    longest = max(sum(len(ex.tokens) for ex in pack) for pack in rows)
+    length = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+    tokens = np.zeros((len(packs), length), np.int32)
+    mask = np.zeros((len(packs), length), bool)
+    segments = np.zeros((len(packs), length), np.int32)
+    for b, pack in enumerate(rows):
+        ends = np.cumsum([len(ex.tokens) for ex in pack])
+        tokens[b, : ends[-1]] = np.concatenate([ex.tokens for ex in pack])
+        mask[b, : ends[-1]] = np.concatenate([ex.mask for ex in pack])
+        segments[b] = np.searchsorted(ends, np.arange(length), side="right")  # padding: len(pack)
+    return mx.array(tokens), mx.array(mask), mx.array(segments)
+
+
+def iterate_batches(examples: list[Example], batch_size: int, seed: int, start: int = 0,
+                    pack_length: Optional[int] = None) -> Iterator[tuple]:
+    """Endless (tokens, mask, real token count) batches, or (tokens, mask, segments, count)
+    packed ones with `pack_length`; `start` skips that many batches, so a resumed run sees the
+    same order as an uninterrupted one."""
     step, epoch = 0, 0
     while True:
-        for indices in epoch_batches(examples, batch_size, seed, epoch):
+        if pack_length is None:
+            plan, collated = epoch_batches(examples, batch_size, seed, epoch), collate
+        else:
+            plan, collated = epoch_packs(examples, batch_size, pack_length, seed, epoch), collate_packs
+        for batch in plan:
             if step >= start:
-                yield *collate(examples, indices), sum(len(examples[i].tokens) for i in indices)
+                rows = [i for pack in batch for i in pack] if pack_length else batch
+                yield *collated(examples, batch), sum(len(examples[i].tokens) for i in rows)
             step += 1
         epoch += 1
 
 
-def batches_per_epoch(examples: list[Example], batch_size: int) -> int:
+def batches_per_epoch(examples: list[Example], batch_size: int, pack_length: Optional[int] = None) -> int:
+    if pack_length is not None:
+        return len(epoch_packs(examples, batch_size, pack_length, seed=0, epoch=0))
     return -(-len(examples) // batch_size)

@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import get_total_parameters
 
 from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, describe, save_adapter
-from .config import LoRAConfig, TrainConfig, lora_part
+from .config import LoRAConfig, TrainConfig, lora_part, method_options
 from .lora import LINEAR_TYPES, apply_lora, block_paths, linear_dims
 from .memory import MemoryEstimate, compute_dtype, estimate_training_memory
 from .models import load_base
@@ -77,9 +77,11 @@ def info(cfg: TrainConfig, log=print) -> ModelInfo:
     modules = apply_lora(model, lora)
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     with tempfile.TemporaryDirectory() as tmp:
-        save_adapter(Path(tmp), model, describe(base, lora, modules))
+        adapter = describe(base, lora, modules)
+        adapter.training = method_options(cfg)
+        save_adapter(Path(tmp), model, adapter)
         sizes = {name: (Path(tmp) / name).stat().st_size for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)}
-    memory = estimate_training_memory(model, base.config, cfg.batch_size, cfg.max_seq_length)
+    memory = estimate_training_memory(model, base.config, cfg.batch_size, cfg.max_seq_length, cfg.grad_checkpoint)
 
     log(f"model {base.name} ({base.config.get('model_type', '?')}): {len(prefixes)} blocks, "
         f"{parameters:,} parameters, {str(compute_dtype(model)).split('.')[-1]}")

@@ -38,8 +38,10 @@ def compute_dtype(model: nn.Module) -> mx.Dtype:
     return next(v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
 
 
-def estimate_training_memory(model: nn.Module, config: dict, batch_size: int, seq_len: int) -> MemoryEstimate:
-    """`model` has LoRA applied (apply_lora); `config` is its config.json."""
+def estimate_training_memory(model: nn.Module, config: dict, batch_size: int, seq_len: int,
+                             grad_checkpoint: bool = False) -> MemoryEstimate:
+    """`model` has LoRA applied (apply_lora); `config` is its config.json. With `grad_checkpoint`
+    each block keeps only its input, and one block's activations exist at a time."""
     text = config.get("text_config", config)
     act = compute_dtype(model).size
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
@@ -55,6 +57,8 @@ def estimate_training_memory(model: nn.Module, config: dict, batch_size: int, se
     tokens = batch_size * seq_len
     attention = len(kept) * 2 * text.get("num_attention_heads", 0) * seq_len * 4  # per token: scores, probs
     activations = tokens * (2 * out_dims * act + attention)
+    if grad_checkpoint and kept:
+        activations = activations // len(kept) + len(kept) * tokens * text.get("hidden_size", 0) * act
     logits = tokens * text.get("vocab_size", 0) * (act + 2 * 4)
     return MemoryEstimate(weights, trainable, activations, logits)
 
@@ -77,5 +81,5 @@ def check_fits(est: MemoryEstimate, batch_size: int, seq_len: int, available: in
         f"this run needs about {est.total / GB:.1f} GB (weights {est.weights / GB:.1f}, LoRA + optimizer "
         f"{est.trainable / GB:.2f}, activations and logits {(est.activations + est.logits) / GB:.1f} for batch "
         f"{batch_size} x {seq_len} tokens) but this machine has {available / GB:.1f} GB; lower --batch-size or "
-        "--max-seq-length, use gradient checkpointing, or train on a quantized base (e.g. a 4-bit mlx-community model)"
+        "--max-seq-length, use --grad-checkpoint, or train on a quantized base (e.g. a 4-bit mlx-community model)"
     )

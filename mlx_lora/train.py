@@ -12,17 +12,17 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import get_total_parameters
 
 from . import memory
-from .adapters import describe, save_adapter
+from .adapters import adapter_weights, describe, save_adapter
 from .atomic import check_writable, remove_stale
 from .checkpoint import (
     CHECKPOINTS, TrainerState, checkpoint_dir, find_checkpoint, load_checkpoint, resume_command, rng_key,
     save_checkpoint,
 )
-from .config import LoRAConfig, TrainConfig, lora_part
+from .config import LoRAConfig, TrainConfig, lora_part, method_options
 from .data import (
     PAD_MULTIPLE, Example, batches_per_epoch, collate, epoch_batches, iterate_batches, load_dataset, resolve_data,
 )
@@ -30,15 +30,21 @@ from .errors import Interrupted, UserError
 from .lora import apply_lora
 from .models import load_base
 from .monitor import TrainMonitor
+from .packing import enable_packing, packed_cache
 from .progress import track
+from .recompute import checkpoint_blocks
+from .schedule import learning_rate
 from .stop import deferred_stop
+from .stopping import EarlyStopping
 
 
-def loss_fn(model: nn.Module, tokens: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
-    """Mean cross-entropy over the masked targets only; returns (loss, number of targets)."""
+def loss_fn(model: nn.Module, tokens: mx.array, mask: mx.array, segments: Optional[mx.array] = None) -> tuple[mx.array, mx.array]:
+    """Mean cross-entropy over the masked targets only; returns (loss, number of targets).
+    `segments` (B, L) marks the rows of a packed batch: attention and positions stay within each."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L-1)
     weights = mask[:, 1:].astype(mx.float32)  # (B, L-1): 1 where the token is learned
-    logits = model(inputs)  # (B, L-1, V)
+    cache = None if segments is None else packed_cache(model, segments[:, :-1])
+    logits = model(inputs, cache=cache)  # (B, L-1, V)
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * weights
     ntoks = weights.sum()
     return ce.sum() / ntoks, ntoks
@@ -66,9 +72,40 @@ class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)  # training loss of every step
     val_losses: dict[int, float] = field(default_factory=dict)  # step -> validation loss
+    best_step: Optional[int] = None  # with early stopping: the step whose adapter was kept
     seconds: float = 0.0
     tokens_per_second: float = 0.0
     peak_memory_gb: float = 0.0
+
+
+def summed_loss(model: nn.Module, *batch: mx.array) -> tuple[mx.array, mx.array]:
+    """Loss summed over the targets: summed gradients of several batches, divided by their total
+    target count, are exactly the gradient of the one batch they make together."""
+    loss, ntoks = loss_fn(model, *batch)
+    return loss * ntoks, ntoks
+
+
+def make_step(model: nn.Module, optimizer: optim.Optimizer):
+    """The compiled step and the state it reads and writes."""
+    loss_and_grad = nn.value_and_grad(model, summed_loss)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch, acc, update: bool):
+        """Add one batch's summed loss, target count and gradient to `acc`; on `update`, step
+        with their ratio: the gradient of the mean over all the accumulated batches' targets."""
+        (loss, ntoks), grads = loss_and_grad(model, *batch)
+        if acc is not None:
+            loss, ntoks, grads = loss + acc[0], ntoks + acc[1], tree_map(mx.add, grads, acc[2])
+        if update:
+            optimizer.update(model, tree_map(lambda g: g / ntoks, grads))
+        return loss, ntoks, grads
+
+    return step, state
+
+
+def grads_finite(grads) -> mx.array:
+    return mx.stack([mx.isfinite(g).all() for _, g in tree_flatten(grads)]).all()
 
 
 def train(cfg: TrainConfig, log=print) -> TrainResult:
@@ -81,7 +118,11 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     data_dir = resolve_data(cfg.data)
     data = load_dataset(data_dir, base.tokenizer, cfg.max_seq_length, cfg.train_on_prompt, log=log)
     model = base.model
-    optimizer = optim.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    pack_length = cfg.max_seq_length if cfg.pack else None
+    accumulate = cfg.grad_accumulation_steps
+    per_epoch = batches_per_epoch(data["train"], cfg.batch_size, pack_length) / accumulate
+    iters = cfg.iters if cfg.epochs is None else max(1, round(cfg.epochs * per_epoch))
+    optimizer = optim.AdamW(learning_rate=learning_rate(cfg, iters), weight_decay=cfg.weight_decay)
     if cfg.resume:
         last_saved = find_checkpoint(cfg.resume)
         progress, adapter = load_checkpoint(last_saved, base, cfg, optimizer)
@@ -98,26 +139,35 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
         f"({100 * trainable / get_total_parameters(model):.3f}%)"
     )
     check_memory(base, data["train"], cfg, log)
-    iters = cfg.iters if cfg.epochs is None else max(1, round(cfg.epochs * batches_per_epoch(data["train"], cfg.batch_size)))
+    if cfg.pack:
+        enable_packing(model, base.config.get("model_type", "?"))
+    if cfg.grad_checkpoint:
+        checkpoint_blocks(model)
     run_config = {**asdict(cfg), "model": base.name, "data": str(data_dir.resolve()), "resume": None}
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
-    state = [model.state, optimizer.state, mx.random.state]
+    step, state = make_step(model, optimizer)
 
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(tokens, mask):
-        (loss, ntoks), grads = loss_and_grad(model, tokens, mask)
-        optimizer.update(model, grads)
-        grads_finite = mx.stack([mx.isfinite(g).all() for _, g in tree_flatten(grads)]).all()
-        return loss, grads_finite
+    def train_step(batches) -> tuple[float, bool, int]:
+        """One optimizer step over `accumulate` batches: (mean loss per target, gradients finite, tokens read)."""
+        acc, ntokens = None, 0
+        for i in range(accumulate):
+            *batch, count = next(batches)
+            acc, ntokens = step(batch, acc, i == accumulate - 1), ntokens + count
+        finite = grads_finite(acc[2])
+        mx.eval(state, acc, finite)
+        return (acc[0] / acc[1]).item(), finite.item(), ntokens
+
+    stopping = None if cfg.early_stopping_patience is None else EarlyStopping(cfg.early_stopping_patience)
 
     def validate(at: int) -> None:
         result.val_losses[at] = evaluate(model, data["valid"], cfg.batch_size, cfg.val_batches)
         monitor.validation(at, result.val_losses[at])
+        if stopping:
+            stopping.observe(at, result.val_losses[at], adapter_weights(model))
 
     def save_checkpoint_at(at: int) -> Path:
         path = checkpoint_dir(out, at)
-        # one batch per step, so the data position is the step
-        save_checkpoint(path, model, adapter, optimizer, TrainerState(at, at, rng_key(), run_config))
+        # `accumulate` batches per step, so the data position follows from the step
+        save_checkpoint(path, model, adapter, optimizer, TrainerState(at, at * accumulate, rng_key(), run_config))
         return path
 
     result = TrainResult(out, iters)
@@ -127,14 +177,13 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     mx.reset_peak_memory()
     total_tokens, window_tokens, window_start = 0, 0, time.perf_counter()
     start = window_start
-    batches = iterate_batches(data["train"], cfg.batch_size, cfg.seed, start=progress.batches_seen)
+    batches = iterate_batches(data["train"], cfg.batch_size, cfg.seed, start=progress.batches_seen, pack_length=pack_length)
+    it = progress.step  # the last step done, also when the loop has none left to do
     with deferred_stop() as stop:
         for it in range(progress.step + 1, iters + 1):
-            tokens, mask, ntokens = next(batches)
-            loss, grads_finite = step(tokens, mask)
-            mx.eval(state, loss, grads_finite)
-            result.losses.append(loss.item())
-            if not (math.isfinite(result.losses[-1]) and grads_finite.item()):
+            loss, finite, ntokens = train_step(batches)
+            result.losses.append(loss)
+            if not (math.isfinite(loss) and finite):
                 monitor.close()
                 raise UserError(numerical_fault(it, result.losses[-1], out, last_saved))
             monitor.step(result.losses[-1])
@@ -156,13 +205,25 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
                 monitor.close()
                 name = signal.Signals(stop.signum).name
                 raise Interrupted(f"stopped by {name} after step {it}/{iters}; resume with: {resume_command(last_saved)}", stop.signum)
-    validate(iters)
+            if stopping and stopping.exhausted:
+                log(f"early stopping at step {it}: no better val loss in the last {stopping.patience} validations")
+                break
+    result.steps = it
+    if it not in result.val_losses:
+        validate(it)
+    if stopping:
+        model.load_weights(list(stopping.best_weights.items()), strict=False)
+        result.best_step = stopping.best_step
+        log(f"keeping the adapter of step {stopping.best_step}, the best val loss ({stopping.best_loss:.3f})")
+    adapter.training = method_options(cfg)
+    if stopping:
+        adapter.training |= {"steps": it, "best_step": stopping.best_step, "best_val_loss": stopping.best_loss}
     save_adapter(out, model, adapter)
     result.seconds = time.perf_counter() - start
     result.tokens_per_second = total_tokens / result.seconds
     result.peak_memory_gb = mx.get_peak_memory() / 2**30
     monitor.close()
-    first, last = result.val_losses[progress.step], result.val_losses[iters]
+    first, last = result.val_losses[progress.step], stopping.best_loss if stopping else result.val_losses[it]
     log(
         f"done in {result.seconds:.1f}s: val loss {first:.3f} -> {last:.3f} "
         f"({100 * (last - first) / first:+.1f}%); adapter saved to {out}{os.sep}"
@@ -181,10 +242,11 @@ def numerical_fault(step: int, loss: float, out: Path, last_saved: Optional[Path
 
 def check_memory(base, examples: list[Example], cfg: TrainConfig, log) -> None:
     """Refuse a run the machine cannot hold, sized by the longest batch the data can make."""
-    longest = min(cfg.max_seq_length, max(len(e.tokens) for e in examples))
+    lengths = [len(e.tokens) for e in examples]
+    longest = min(cfg.max_seq_length, sum(lengths) if cfg.pack else max(lengths))  # a pack fills up to the limit
     seq_len = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
     batch = min(cfg.batch_size, len(examples))
-    est = memory.estimate_training_memory(base.model, base.config, batch, seq_len)
+    est = memory.estimate_training_memory(base.model, base.config, batch, seq_len, cfg.grad_checkpoint)
     available = memory.available_bytes()
     log(f"memory: about {est.total / memory.GB:.2f} GB at peak (batch {batch} x {seq_len} tokens) of {available / memory.GB:.1f} GB")
     memory.check_fits(est, batch, seq_len, available)

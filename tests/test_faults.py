@@ -63,6 +63,6 @@ def test_run_that_cannot_fit_is_refused_with_the_knobs(llama, tiny_data, tmp_pat
         train(_config(llama, tiny_data, tmp_path), log=lambda _: None)
     message = str(e.value)
     assert re.match(r"this run needs about \d+\.\d GB .* for batch 2 x \d+ tokens\) but this machine has 0\.0 GB; ", message)
-    for knob in ("--batch-size", "--max-seq-length", "gradient checkpointing", "quantized base"):
+    for knob in ("--batch-size", "--max-seq-length", "--grad-checkpoint", "quantized base"):
         assert knob in message
     assert not (tmp_path / "checkpoints").exists()
