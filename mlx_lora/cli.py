@@ -90,9 +90,11 @@ def _command(cls, name: str, help: str, with_config: bool = False):
 
 @_command(TrainConfig, "train", "Train a LoRA adapter on a base model.", with_config=True)
 def train(cfg: TrainConfig) -> None:
+    from .distributed import peer_errors
     from .train import train as run_training
 
-    run_training(cfg)
+    with peer_errors():
+        run_training(cfg)
 
 
 @_command(GenerateConfig, "generate", "Generate text with a base model, with or without one or several adapters.")

@@ -178,6 +178,10 @@ class TrainConfig(LoRAConfig):
         None, "Stop after N validations (every --val-every steps) without a better validation loss, "
         "and keep the best adapter.",
     )
+    peer_timeout: float = opt(
+        300.0, "In a group started by mlx.launch: end every process when one waits this many seconds for "
+        "the others (to join, in one step, at validation), as when a process died or hangs.",
+    )
 
 
 def _unwrap(tp) -> type:
@@ -309,6 +313,8 @@ def check(cfg) -> list[str]:
             p.append(f"--epochs must be positive, got {cfg.epochs}")
         if cfg.learning_rate <= 0:
             p.append(f"--learning-rate must be positive, got {cfg.learning_rate}")
+        if cfg.peer_timeout <= 0:
+            p.append(f"--peer-timeout must be positive, got {cfg.peer_timeout}")
         for name in ("val_every", "report_every", "save_every"):
             if getattr(cfg, name) < 0:
                 p.append(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")

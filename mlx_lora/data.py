@@ -7,7 +7,7 @@ A row's mask marks the tokens the loss counts: the completion or assistant turns
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -254,10 +254,13 @@ def collate_packs(examples: list[Example], packs: list[list[int]]) -> tuple[mx.a
 
 
 def iterate_batches(examples: list[Example], batch_size: int, seed: int, start: int = 0,
-                    pack_length: Optional[int] = None) -> Iterator[tuple]:
+                    pack_length: Optional[int] = None,
+                    shard: Optional[Callable[[list], list]] = None) -> Iterator[tuple]:
     """Endless (tokens, mask, real token count) batches, or (tokens, mask, segments, count)
     packed ones with `pack_length`; `start` skips that many batches, so a resumed run sees the
-    same order as an uninterrupted one."""
+    same order as an uninterrupted one. In a group, `shard` picks this process's rows or packs
+    (distributed.World.shard) and the count stays the whole batch's; a process left without any
+    gets one with nothing to learn, so it still joins the gradient sum."""
     step, epoch = 0, 0
     while True:
         if pack_length is None:
@@ -267,7 +270,9 @@ def iterate_batches(examples: list[Example], batch_size: int, seed: int, start: 
         for batch in plan:
             if step >= start:
                 rows = [i for pack in batch for i in pack] if pack_length else batch
-                yield *collated(examples, batch), sum(len(examples[i].tokens) for i in rows)
+                mine = shard(batch) if shard else batch
+                tokens, mask, *segments = collated(examples, mine or batch[:1])
+                yield tokens, mask if mine else mx.zeros_like(mask), *segments, sum(len(examples[i].tokens) for i in rows)
             step += 1
         epoch += 1
 

@@ -15,7 +15,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import get_total_parameters
 
-from . import memory
+from . import distributed, memory
 from .adapters import adapter_weights, describe, save_adapter
 from .atomic import check_writable, remove_stale
 from .checkpoint import (
@@ -47,20 +47,27 @@ def loss_fn(model: nn.Module, tokens: mx.array, mask: mx.array, segments: Option
     logits = model(inputs, cache=cache)  # (B, L-1, V)
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * weights
     ntoks = weights.sum()
-    return ce.sum() / ntoks, ntoks
+    return ce.sum() / mx.maximum(ntoks, 1), ntoks  # a group's rank can hold a batch with no targets
 
 
-def evaluate(model: nn.Module, examples: list[Example], batch_size: int, num_batches: int = -1) -> float:
-    """Token-weighted mean loss over a fixed selection of batches (the same each call)."""
+def evaluate(model: nn.Module, examples: list[Example], batch_size: int, num_batches: int = -1,
+             world: distributed.World = distributed.SOLO) -> float:
+    """Token-weighted mean loss over a fixed selection of batches (the same each call); a group
+    shares the batches out like training ones and sums the result."""
     batches = epoch_batches(examples, batch_size, seed=0, epoch=0)
     batches = batches if num_batches == -1 else batches[:num_batches]
     was_training = model.training  # leave the mode as found: eval runs this between generations
     model.eval()
     total, count = mx.array(0.0), mx.array(0.0)
-    for indices in track(batches, "validation"):
+    for indices in track(list(map(world.shard, batches)), "validation"):
+        if not indices:
+            continue
         tokens, mask = collate(examples, indices)
         loss, ntoks = loss_fn(model, tokens, mask)
         total, count = total + loss * ntoks, count + ntoks
+        mx.eval(total, count)
+    with world.waiting("to finish validation"):
+        total, count = world.sum(total), world.sum(count)
         mx.eval(total, count)
     model.train(was_training)
     return (total / count).item()
@@ -85,7 +92,7 @@ def summed_loss(model: nn.Module, *batch: mx.array) -> tuple[mx.array, mx.array]
     return loss * ntoks, ntoks
 
 
-def make_step(model: nn.Module, optimizer: optim.Optimizer):
+def make_step(model: nn.Module, optimizer: optim.Optimizer, world: distributed.World = distributed.SOLO):
     """The compiled step and the state it reads and writes."""
     loss_and_grad = nn.value_and_grad(model, summed_loss)
     state = [model.state, optimizer.state, mx.random.state]
@@ -98,6 +105,7 @@ def make_step(model: nn.Module, optimizer: optim.Optimizer):
         if acc is not None:
             loss, ntoks, grads = loss + acc[0], ntoks + acc[1], tree_map(mx.add, grads, acc[2])
         if update:
+            loss, ntoks, grads = distributed.sum_over(world, loss, ntoks, grads)  # the global batch's sums
             optimizer.update(model, tree_map(lambda g: g / ntoks, grads))
         return loss, ntoks, grads
 
@@ -109,10 +117,13 @@ def grads_finite(grads) -> mx.array:
 
 
 def train(cfg: TrainConfig, log=print) -> TrainResult:
+    world = distributed.init(cfg.peer_timeout)
+    log = log if world.main else distributed.quiet
     out = Path(cfg.adapter_path)
-    check_writable(out, "--adapter-path")
-    remove_stale(out)
-    remove_stale(out / CHECKPOINTS)
+    if world.main:
+        check_writable(out, "--adapter-path")
+        remove_stale(out)
+        remove_stale(out / CHECKPOINTS)
     mx.random.seed(cfg.seed)
     base = load_base(cfg.model)
     data_dir = resolve_data(cfg.data)
@@ -139,12 +150,15 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
         f"({100 * trainable / get_total_parameters(model):.3f}%)"
     )
     check_memory(base, data["train"], cfg, log)
+    distributed.check_group(world, cfg, data, trainable)
+    if world.size > 1:
+        log(f"group of {world.size} processes: each computes 1/{world.size} of every batch of {cfg.batch_size} rows")
     if cfg.pack:
         enable_packing(model, base.config.get("model_type", "?"))
     if cfg.grad_checkpoint:
         checkpoint_blocks(model)
     run_config = {**asdict(cfg), "model": base.name, "data": str(data_dir.resolve()), "resume": None}
-    step, state = make_step(model, optimizer)
+    step, state = make_step(model, optimizer, world)
 
     def train_step(batches) -> tuple[float, bool, int]:
         """One optimizer step over `accumulate` batches: (mean loss per target, gradients finite, tokens read)."""
@@ -153,31 +167,34 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
             *batch, count = next(batches)
             acc, ntokens = step(batch, acc, i == accumulate - 1), ntokens + count
         finite = grads_finite(acc[2])
-        mx.eval(state, acc, finite)
+        with world.waiting("in a step"):
+            mx.eval(state, acc, finite)
         return (acc[0] / acc[1]).item(), finite.item(), ntokens
 
     stopping = None if cfg.early_stopping_patience is None else EarlyStopping(cfg.early_stopping_patience)
 
     def validate(at: int) -> None:
-        result.val_losses[at] = evaluate(model, data["valid"], cfg.batch_size, cfg.val_batches)
+        result.val_losses[at] = evaluate(model, data["valid"], cfg.batch_size, cfg.val_batches, world)
         monitor.validation(at, result.val_losses[at])
         if stopping:
             stopping.observe(at, result.val_losses[at], adapter_weights(model))
 
     def save_checkpoint_at(at: int) -> Path:
         path = checkpoint_dir(out, at)
-        # `accumulate` batches per step, so the data position follows from the step
-        save_checkpoint(path, model, adapter, optimizer, TrainerState(at, at * accumulate, rng_key(), run_config))
+        if world.main:  # `accumulate` batches per step, so the data position follows from the step
+            save_checkpoint(path, model, adapter, optimizer, TrainerState(at, at * accumulate, rng_key(), run_config))
         return path
 
     result = TrainResult(out, iters)
-    monitor = TrainMonitor(cfg, out, iters, log)  # bar or plain lines, metrics.jsonl, loss.png
+    # bar or plain lines, metrics.jsonl, loss.png: rank 0's alone
+    monitor = TrainMonitor(cfg, out, iters, log) if world.main else distributed.Silent()
     model.train()
     validate(progress.step)
     mx.reset_peak_memory()
     total_tokens, window_tokens, window_start = 0, 0, time.perf_counter()
     start = window_start
-    batches = iterate_batches(data["train"], cfg.batch_size, cfg.seed, start=progress.batches_seen, pack_length=pack_length)
+    batches = iterate_batches(data["train"], cfg.batch_size, cfg.seed, start=progress.batches_seen, pack_length=pack_length,
+                              shard=world.shard)
     it = progress.step  # the last step done, also when the loop has none left to do
     with deferred_stop() as stop:
         for it in range(progress.step + 1, iters + 1):
@@ -198,13 +215,14 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
                 window_tokens, window_start = 0, now
             if cfg.val_every and it % cfg.val_every == 0 and it != iters:
                 validate(it)
-            interrupted = stop.signum is not None and it != iters
+            interrupted = world.any(stop.signum is not None) and it != iters  # the whole group stops at one step
             if interrupted or (cfg.save_every and it % cfg.save_every == 0 and it != iters):
                 last_saved = save_checkpoint_at(it)
             if interrupted:
                 monitor.close()
-                name = signal.Signals(stop.signum).name
-                raise Interrupted(f"stopped by {name} after step {it}/{iters}; resume with: {resume_command(last_saved)}", stop.signum)
+                signum = stop.signum or signal.SIGTERM  # in a group: the signal reached another rank
+                name = signal.Signals(signum).name
+                raise Interrupted(f"stopped by {name} after step {it}/{iters}; resume with: {resume_command(last_saved)}", signum)
             if stopping and stopping.exhausted:
                 log(f"early stopping at step {it}: no better val loss in the last {stopping.patience} validations")
                 break
@@ -218,7 +236,8 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     adapter.training = method_options(cfg)
     if stopping:
         adapter.training |= {"steps": it, "best_step": stopping.best_step, "best_val_loss": stopping.best_loss}
-    save_adapter(out, model, adapter)
+    if world.main:
+        save_adapter(out, model, adapter)
     result.seconds = time.perf_counter() - start
     result.tokens_per_second = total_tokens / result.seconds
     result.peak_memory_gb = mx.get_peak_memory() / 2**30
