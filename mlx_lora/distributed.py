@@ -24,7 +24,10 @@ from .config import TrainConfig
 from .data import Example
 from .errors import UserError
 
-# Set for each rank by mlx.launch (ring, NCCL, JACCL) or by mpirun: without one we are alone.
+# What mlx.launch (ring, JACCL, NCCL) or mpirun sets in each rank, and the backend it means:
+# join that one, not whichever loads first. None of them set: started alone.
+LAUNCHED = {"MLX_HOSTFILE": "ring", "MLX_IBV_DEVICES": "jaccl", "NCCL_HOST_IP": "nccl",
+            "OMPI_COMM_WORLD_RANK": "mpi", "PMI_RANK": "mpi"}
 RANK_ENV = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 # MLX's backends prefix their errors so; a lost peer surfaces as one of these from any eval.
 BACKEND_ERRORS = ("[ring]", "[mpi]", "[nccl]", "[jaccl]")
@@ -80,21 +83,27 @@ SOLO = World()
 
 def init(timeout: float) -> World:
     """Join the group mlx.launch (or mpirun) started; a process started alone is a group of one."""
-    rank = next((os.environ[k] for k in RANK_ENV if k in os.environ), None)
-    if rank is None:
-        return SOLO
+    backend = next((b for var, b in LAUNCHED.items() if os.environ.get(var)), None)
+    hostfile = Path(os.environ.get("MLX_HOSTFILE", ""))
+    if backend is None or (backend == "ring" and hostfile.is_file() and not hostfile.read_text().strip()):
+        return SOLO  # alone, or `mlx.launch -n 1` (an empty hostfile)
+    rank = env_rank()
     # Python's executable, not `python -m`: the helper needs neither MLX nor this package.
     watchdog = subprocess.Popen([sys.executable, str(WATCHDOG), rank, str(os.getpid())], stdin=subprocess.PIPE)
-    world = World(rank=int(rank), timeout=timeout, watchdog=watchdog)
+    world = World(timeout=timeout, watchdog=watchdog)
     with world.waiting("to join the group (mx.distributed.init)"):
         try:
-            group = mx.distributed.init()
+            group = mx.distributed.init(strict=True, backend=backend)
         except RuntimeError as e:
-            raise UserError(f"rank {rank}: cannot join the group ({e}); check the hosts given to mlx.launch") from None
+            raise UserError(f"rank {rank}: cannot join the {backend} group ({e}); check the hosts given to mlx.launch") from None
     if group.size() == 1:
         watchdog.stdin.close()  # the helper exits at the end of its input
         return SOLO
     return replace(world, group=group, rank=group.rank(), size=group.size())
+
+
+def env_rank() -> str:
+    return next((os.environ[k] for k in RANK_ENV if k in os.environ), "?")
 
 
 def quiet(*args, **kwargs) -> None:
@@ -166,8 +175,7 @@ def peer_errors():
     except RuntimeError as e:
         if not str(e).startswith(BACKEND_ERRORS):
             raise
-        rank = next((os.environ[k] for k in RANK_ENV if k in os.environ), "?")
         raise UserError(
-            f"rank {rank}: {e}: another process of the group died or was stopped (its own output says why); "
+            f"rank {env_rank()}: {e}: another process of the group died or was stopped (its own output says why); "
             "this one stops too"
         ) from None

@@ -19,7 +19,7 @@ import pytest
 
 from mlx_lora.config import TrainConfig
 from mlx_lora.data import Example, epoch_batches, iterate_batches
-from mlx_lora.distributed import World
+from mlx_lora.distributed import SOLO, World, init
 from mlx_lora.train import train
 
 MLX_LAUNCH = Path(sys.executable).with_name("mlx.launch")
@@ -110,6 +110,14 @@ def test_ranks_split_each_global_batch_exactly(size):
             else:  # more ranks than rows: a row that teaches nothing keeps the rank in the sum
                 assert not np.array(m).any()
         assert sum(int(np.array(p[1]).sum()) for p in parts) == int(np.array(mask).sum())
+
+
+def test_a_process_started_alone_or_by_mlx_launch_n_1_is_a_group_of_one(tmp_path, monkeypatch):
+    assert init(5) is SOLO
+    (tmp_path / "hosts.json").write_text("\n")  # what mlx.launch -n 1 writes
+    monkeypatch.setenv("MLX_HOSTFILE", str(tmp_path / "hosts.json"))
+    monkeypatch.setenv("MLX_RANK", "0")
+    assert init(5) is SOLO
 
 
 # --- failures: a peer that never joins, hangs or dies --------------------------------------------
@@ -226,13 +234,16 @@ def test_two_processes_equal_one_on_the_same_global_batch(llama, odd_data, tmp_p
         os.close(keep_open)
     assert group.returncode == 0, err
 
-    # rank 0 alone reports: each step once, with the group's loss
-    losses = [float(x) for x in re.findall(r"^step \d+/6  loss (\S+)", out, re.M)]
-    val_losses = [float(x) for x in re.findall(r"^step \d+/6  val loss (\S+)", out, re.M)]
-    assert len(losses) == 6 and len(val_losses) == 3
+    # rank 0 alone reports, each step once; metrics.jsonl holds the group's losses in full
+    assert len(re.findall(r"^step \d+/6  loss ", out, re.M)) == 6
+    assert len(re.findall(r"^step \d+/6  val loss ", out, re.M)) == 3
     assert out.count("group of 2 processes") == 1
-    np.testing.assert_allclose(losses, alone.losses, atol=6e-4)  # printed with 3 decimals
-    np.testing.assert_allclose(val_losses, [alone.val_losses[s] for s in (0, 3, 6)], atol=6e-4)
+    records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["loss"] is not None]
+    val_losses = {r["step"]: r["val_loss"] for r in records if r["val_loss"] is not None}
+    np.testing.assert_allclose(losses, alone.losses, rtol=1e-5)
+    assert val_losses.keys() == alone.val_losses.keys() == {0, 3, 6}
+    np.testing.assert_allclose([val_losses[s] for s in (0, 3, 6)], [alone.val_losses[s] for s in (0, 3, 6)], rtol=1e-5)
 
     one, two = (mx.load(str(tmp_path / d / "adapters.safetensors")) for d in ("one", "two"))
     assert one.keys() == two.keys()
