@@ -216,13 +216,10 @@ def cli_args(cfg: dict) -> list[str]:
     return [f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()]
 
 
-@pytest.mark.slow
-def test_two_processes_equal_one_on_the_same_global_batch(llama, odd_data, tmp_path):
-    alone = train(TrainConfig(model=str(llama), data=str(odd_data), adapter_path=str(tmp_path / "one"), **TRAIN),
-                  log=lambda *a: None)
+def mlx_launch_train(options: dict) -> str:
+    """`mlx.launch --backend ring -n 2 -- mlx-lora train ...` on 127.0.0.1; its stdout."""
     cmd = [str(MLX_LAUNCH), "--backend", "ring", "-n", "2", "-p", str(free_ports(2)), "--",
-           sys.executable, "-m", "mlx_lora.cli", "train",
-           *cli_args(dict(model=llama, data=odd_data, adapter_path=tmp_path / "two", **TRAIN))]
+           sys.executable, "-m", "mlx_lora.cli", "train", *cli_args(options)]
     # stdin a pipe held open: mlx.launch forwards its stdin and spins at end of file (/dev/null)
     stdin, keep_open = os.pipe()
     group = subprocess.Popen(cmd, env=ENV, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -233,6 +230,14 @@ def test_two_processes_equal_one_on_the_same_global_batch(llama, odd_data, tmp_p
     finally:
         os.close(keep_open)
     assert group.returncode == 0, err
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_on_the_same_global_batch_and_resume_like_it(llama, odd_data, tmp_path):
+    alone = train(TrainConfig(model=str(llama), data=str(odd_data), adapter_path=str(tmp_path / "one"), **TRAIN),
+                  log=lambda *a: None)
+    out = mlx_launch_train(dict(model=llama, data=odd_data, adapter_path=tmp_path / "two", **TRAIN))
 
     # rank 0 alone reports, each step once; metrics.jsonl holds the group's losses in full
     assert len(re.findall(r"^step \d+/6  loss ", out, re.M)) == 6
@@ -253,6 +258,12 @@ def test_two_processes_equal_one_on_the_same_global_batch(llama, odd_data, tmp_p
     assert (tmp_path / "two" / "checkpoints" / "step-0000003" / "adapters.safetensors").is_file()
     config = json.loads((tmp_path / "two" / "adapter_config.json").read_text())
     assert config == json.loads((tmp_path / "one" / "adapter_config.json").read_text())
+
+    # a group resumed from the group's checkpoint ends where the uninterrupted single run did
+    mlx_launch_train(dict(resume=tmp_path / "two" / "checkpoints" / "step-0000003", adapter_path=tmp_path / "three"))
+    three = mx.load(str(tmp_path / "three" / "adapters.safetensors"))
+    for k in one:
+        np.testing.assert_allclose(np.array(three[k]), np.array(one[k]), rtol=1e-4, atol=1e-5, err_msg=k)
 
 
 @pytest.mark.slow
