@@ -213,7 +213,8 @@ TRAIN = dict(num_layers=2, iters=6, batch_size=4, learning_rate=1e-2, val_every=
 
 
 def cli_args(cfg: dict) -> list[str]:
-    return [f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()]
+    flag = lambda k: "--" + k.replace("_", "-")
+    return [(flag(k) if v else "--no-" + flag(k)[2:]) if isinstance(v, bool) else f"{flag(k)}={v}" for k, v in cfg.items()]
 
 
 def mlx_launch_train(options: dict) -> str:
@@ -288,3 +289,20 @@ def test_a_rank_that_dies_ends_the_group_with_a_message(llama, odd_data, tmp_pat
     finally:
         for r in ranks:
             end(r, timeout=0)
+
+
+@pytest.mark.slow
+def test_group_with_packing_accumulation_and_early_stopping_equals_one_process(llama, odd_data, tmp_path):
+    # this run's validation loss turns up after step 3: it stops at step 4 and keeps step 3
+    cfg = dict(TRAIN, pack=True, max_seq_length=64, grad_accumulation_steps=2, iters=12, val_every=1,
+               early_stopping_patience=1, learning_rate=3e-2)
+    alone = train(TrainConfig(model=str(llama), data=str(odd_data), adapter_path=str(tmp_path / "one"), **cfg),
+                  log=lambda *a: None)
+    out = mlx_launch_train(dict(model=llama, data=odd_data, adapter_path=tmp_path / "two", **cfg))
+    # the group stops, and keeps the best step, where one process does
+    assert (alone.steps, alone.best_step) == (4, 3)
+    assert "early stopping at step 4:" in out and "keeping the adapter of step 3," in out
+    one, two = (mx.load(str(tmp_path / d / "adapters.safetensors")) for d in ("one", "two"))
+    assert max(np.abs(np.array(w)).max() for k, w in one.items() if k.endswith("lora_b")) > 1e-2  # it trained
+    for k in one:
+        np.testing.assert_allclose(np.array(two[k]), np.array(one[k]), rtol=1e-4, atol=1e-5, err_msg=k)
