@@ -156,6 +156,10 @@ class TrainConfig(LoRAConfig):
         "Continue from a checkpoint directory (or an adapter directory: its latest checkpoint): weights, "
         "optimizer, step, data order and random state; the run's saved options apply unless given again.",
     )
+    prefix_cache: bool = opt(
+        True, "Compute the frozen blocks before the first LoRA block once per row and reuse their output "
+        "in later epochs (RAM, or a temporary file when large); --no-prefix-cache recomputes them every step.",
+    )
     # Training methods (issue 8): how the steps are computed, not what the adapter is.
     pack: bool = opt(
         False, "Pack several rows into each sequence of up to --max-seq-length tokens; attention and "

@@ -255,10 +255,11 @@ def collate_packs(examples: list[Example], packs: list[list[int]]) -> tuple[mx.a
 
 def iterate_batches(examples: list[Example], batch_size: int, seed: int, start: int = 0,
                     pack_length: Optional[int] = None,
-                    shard: Optional[Callable[[list], list]] = None) -> Iterator[tuple]:
-    """Endless (tokens, mask, real token count) batches, or (tokens, mask, segments, count)
-    packed ones with `pack_length`; `start` skips that many batches, so a resumed run sees the
-    same order as an uninterrupted one. In a group, `shard` picks this process's rows or packs
+                    shard: Optional[Callable[[list], list]] = None) -> Iterator[tuple[list, tuple, int]]:
+    """Endless (rows, batch, real token count): `batch` is (tokens, mask) collated from
+    `examples[rows]`, or (tokens, mask, segments) packed ones with `pack_length` (rows are then
+    packs of row indices); `start` skips that many batches, so a resumed run sees the same order
+    as an uninterrupted one. In a group, `shard` picks this process's rows or packs
     (distributed.World.shard) and the count stays the whole batch's; a process left without any
     gets one with nothing to learn, so it still joins the gradient sum."""
     step, epoch = 0, 0
@@ -272,7 +273,8 @@ def iterate_batches(examples: list[Example], batch_size: int, seed: int, start: 
                 rows = [i for pack in batch for i in pack] if pack_length else batch
                 mine = shard(batch) if shard else batch
                 tokens, mask, *segments = collated(examples, mine or batch[:1])
-                yield tokens, mask if mine else mx.zeros_like(mask), *segments, sum(len(examples[i].tokens) for i in rows)
+                learned = mask if mine else mx.zeros_like(mask)
+                yield mine or batch[:1], (tokens, learned, *segments), sum(len(examples[i].tokens) for i in rows)
             step += 1
         epoch += 1
 

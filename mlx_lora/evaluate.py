@@ -1,6 +1,6 @@
 """Does the adapter help? Loss, perplexity and exact match on a data split, base vs adapter.
 
-Loss counts exactly the tokens training counts (train.loss_fn over data.py's masks). Exact match
+Loss counts exactly the tokens training counts (feed.loss_fn over data.py's masks). Exact match
 generates greedily, batched by mlx-lm's BatchGenerator (left-padded KV caches), and compares the
 final answers: GSM8K's convention, the text after `####`, with numbers normalised.
 """

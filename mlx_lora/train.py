@@ -27,10 +27,11 @@ from .data import (
     PAD_MULTIPLE, Example, batches_per_epoch, collate, epoch_batches, iterate_batches, load_dataset, resolve_data,
 )
 from .errors import Interrupted, UserError
+from .feed import PLAIN, Feed, make_feed
 from .lora import apply_lora
 from .models import load_base
 from .monitor import TrainMonitor
-from .packing import enable_packing, packed_cache
+from .packing import enable_packing
 from .progress import track
 from .recompute import checkpoint_blocks
 from .schedule import learning_rate
@@ -38,20 +39,8 @@ from .stop import deferred_stop
 from .stopping import EarlyStopping
 
 
-def loss_fn(model: nn.Module, tokens: mx.array, mask: mx.array, segments: Optional[mx.array] = None) -> tuple[mx.array, mx.array]:
-    """Mean cross-entropy over the masked targets only; returns (loss, number of targets).
-    `segments` (B, L) marks the rows of a packed batch: attention and positions stay within each."""
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L-1)
-    weights = mask[:, 1:].astype(mx.float32)  # (B, L-1): 1 where the token is learned
-    cache = None if segments is None else packed_cache(model, segments[:, :-1])
-    logits = model(inputs, cache=cache)  # (B, L-1, V)
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * weights
-    ntoks = weights.sum()
-    return ce.sum() / mx.maximum(ntoks, 1), ntoks  # a group's rank can hold a batch with no targets
-
-
 def evaluate(model: nn.Module, examples: list[Example], batch_size: int, num_batches: int = -1,
-             world: distributed.World = distributed.SOLO) -> float:
+             world: distributed.World = distributed.SOLO, feed: Feed = PLAIN) -> float:
     """Token-weighted mean loss over a fixed selection of batches (the same each call); a group
     shares the batches out like training ones and sums the result."""
     batches = epoch_batches(examples, batch_size, seed=0, epoch=0)
@@ -62,8 +51,7 @@ def evaluate(model: nn.Module, examples: list[Example], batch_size: int, num_bat
     for indices in track(list(map(world.shard, batches)), "validation"):
         if not indices:
             continue
-        tokens, mask = collate(examples, indices)
-        loss, ntoks = loss_fn(model, tokens, mask)
+        loss, ntoks = feed.loss(model, *feed.inputs(examples, indices, collate(examples, indices)))
         total, count = total + loss * ntoks, count + ntoks
         mx.eval(total, count)
     with world.waiting("to finish validation"):
@@ -85,15 +73,16 @@ class TrainResult:
     peak_memory_gb: float = 0.0
 
 
-def summed_loss(model: nn.Module, *batch: mx.array) -> tuple[mx.array, mx.array]:
-    """Loss summed over the targets: summed gradients of several batches, divided by their total
-    target count, are exactly the gradient of the one batch they make together."""
-    loss, ntoks = loss_fn(model, *batch)
-    return loss * ntoks, ntoks
-
-
-def make_step(model: nn.Module, optimizer: optim.Optimizer, world: distributed.World = distributed.SOLO):
+def make_step(model: nn.Module, optimizer: optim.Optimizer, world: distributed.World = distributed.SOLO,
+              feed: Feed = PLAIN):
     """The compiled step and the state it reads and writes."""
+
+    def summed_loss(model: nn.Module, *inputs: mx.array) -> tuple[mx.array, mx.array]:
+        """Loss summed over the targets: summed gradients of several batches, divided by their
+        total target count, are exactly the gradient of the one batch they make together."""
+        loss, ntoks = feed.loss(model, *inputs)
+        return loss * ntoks, ntoks
+
     loss_and_grad = nn.value_and_grad(model, summed_loss)
     state = [model.state, optimizer.state, mx.random.state]
 
@@ -158,14 +147,15 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     if cfg.grad_checkpoint:
         checkpoint_blocks(model)
     run_config = {**asdict(cfg), "model": base.name, "data": str(data_dir.resolve()), "resume": None}
-    step, state = make_step(model, optimizer, world)
+    feed = make_feed(model, min(adapter.layers), data["train"], cfg.prefix_cache, cfg.pack, log)
+    step, state = make_step(model, optimizer, world, feed)
 
     def train_step(batches) -> tuple[float, bool, int]:
         """One optimizer step over `accumulate` batches: (mean loss per target, gradients finite, tokens read)."""
         acc, ntokens = None, 0
         for i in range(accumulate):
-            *batch, count = next(batches)
-            acc, ntokens = step(batch, acc, i == accumulate - 1), ntokens + count
+            rows, batch, count = next(batches)
+            acc, ntokens = step(feed.inputs(data["train"], rows, batch), acc, i == accumulate - 1), ntokens + count
         finite = grads_finite(acc[2])
         with world.waiting("in a step"):
             mx.eval(state, acc, finite)
@@ -174,7 +164,7 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     stopping = None if cfg.early_stopping_patience is None else EarlyStopping(cfg.early_stopping_patience)
 
     def validate(at: int) -> None:
-        result.val_losses[at] = evaluate(model, data["valid"], cfg.batch_size, cfg.val_batches, world)
+        result.val_losses[at] = evaluate(model, data["valid"], cfg.batch_size, cfg.val_batches, world, feed)
         monitor.validation(at, result.val_losses[at])
         if stopping:
             stopping.observe(at, result.val_losses[at], adapter_weights(model))

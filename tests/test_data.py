@@ -6,7 +6,7 @@ from conftest import write_jsonl
 from mlx_lora.data import collate, epoch_batches, load_split, read_rows
 from mlx_lora.errors import UserError
 from mlx_lora.models import load_base
-from mlx_lora.train import loss_fn
+from mlx_lora.feed import loss_fn
 
 
 @pytest.fixture(scope="module")

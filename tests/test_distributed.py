@@ -98,8 +98,8 @@ def test_ranks_split_each_global_batch_exactly(size):
     ranks = [iterate_batches(examples, batch, seed=1, shard=World(rank=r, size=size).shard) for r in range(size)]
     order = epoch_batches(examples, batch, seed=1, epoch=0) + epoch_batches(examples, batch, seed=1, epoch=1)
     for indices in order:
-        tokens, mask, count = next(whole)
-        parts = [next(r) for r in ranks]
+        _, (tokens, mask), count = next(whole)
+        parts = [(*batch, n) for _, batch, n in (next(r) for r in ranks)]
         assert [p[2] for p in parts] == [count] * size  # every rank knows the whole batch's size
         shares = [indices[r::size] for r in range(size)]
         assert sorted(sum(shares, [])) == sorted(indices)

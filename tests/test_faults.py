@@ -7,12 +7,12 @@ from dataclasses import replace
 import mlx.core as mx
 import pytest
 
-import mlx_lora.train
 from mlx_lora import memory
 from mlx_lora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter
 from mlx_lora.checkpoint import checkpoint_dir
 from mlx_lora.config import TrainConfig
 from mlx_lora.errors import UserError
+from mlx_lora.feed import Feed
 from mlx_lora.lora import lora_layers
 from mlx_lora.models import load_base
 from mlx_lora.train import train
@@ -44,14 +44,14 @@ def test_nan_loss_stops_naming_the_step_and_keeps_good_files(llama, tiny_data, t
 
 
 def test_non_finite_gradient_with_finite_loss_stops_at_step_1(llama, tiny_data, tmp_path, monkeypatch):
-    real_loss = mlx_lora.train.loss_fn
+    real_loss = Feed.loss
 
-    def loss_with_infinite_gradient(model, tokens, mask):
-        loss, ntoks = real_loss(model, tokens, mask)
+    def loss_with_infinite_gradient(self, model, *inputs):
+        loss, ntoks = real_loss(self, model, *inputs)
         b = next(iter(lora_layers(model).values())).lora_b  # zero at init: d sqrt(|b|) = inf there
         return loss + 0 * mx.sqrt(mx.abs(b)).sum(), ntoks
 
-    monkeypatch.setattr(mlx_lora.train, "loss_fn", loss_with_infinite_gradient)
+    monkeypatch.setattr(Feed, "loss", loss_with_infinite_gradient)
     with pytest.raises(UserError, match=r"^step 1: a gradient is not finite; stopped with nothing saved"):
         train(_config(llama, tiny_data, tmp_path), log=lambda _: None)
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())

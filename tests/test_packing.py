@@ -11,7 +11,7 @@ from mlx_lora.errors import UserError
 from mlx_lora.lora import apply_lora, lora_layers
 from mlx_lora.models import load_base
 from mlx_lora.packing import PackedRows, _per_token, enable_packing
-from mlx_lora.train import loss_fn
+from mlx_lora.feed import loss_fn
 
 
 @pytest.fixture(scope="module")

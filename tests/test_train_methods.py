@@ -18,7 +18,8 @@ from mlx_lora.data import collate, collate_packs, load_split
 from mlx_lora.lora import apply_lora, lora_layers
 from mlx_lora.models import load_base
 from mlx_lora.recompute import checkpoint_blocks
-from mlx_lora.train import loss_fn, make_step, train
+from mlx_lora.feed import loss_fn
+from mlx_lora.train import make_step, train
 
 
 def _adapted(path):
