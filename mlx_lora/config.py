@@ -259,6 +259,8 @@ def load_yaml(path: Path, cls=None) -> dict[str, Any]:
             values[name] = _coerce(name, raw, types_[name])
         except ValueError as e:
             problems.append(f"{path}:{line}: {e}")
+    if values.get("iters") is not None and values.get("epochs") is not None:
+        problems.append(f"{path}: both iters and epochs are set; training length is one or the other, keep one")
     if problems:
         raise UserError("\n".join(problems))
     return values
@@ -267,7 +269,12 @@ def load_yaml(path: Path, cls=None) -> dict[str, Any]:
 def build_config(cls, file_values: dict[str, Any], cli_values: dict[str, Any]):
     """Defaults < YAML < command line; then validate the result."""
     given = {k: v for k, v in cli_values.items() if v is not None and v != []}
-    cfg = replace(cls(), **{**file_values, **given})
+    merged = {**file_values, **given}
+    if "iters" in given and "epochs" in given:
+        raise UserError("--iters and --epochs both given: training length is one or the other; keep one")
+    if "iters" in given:
+        merged["epochs"] = None  # --iters on the command line beats epochs from a file or a resumed run
+    cfg = replace(cls(), **merged)
     problems = check(cfg)
     if problems:
         raise UserError("\n".join(problems))

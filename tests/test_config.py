@@ -36,3 +36,15 @@ def test_broken_yaml_names_the_line(tmp_path):
     path.write_text("rank: 8\nalpha: [1, 2\n")
     with pytest.raises(UserError, match=rf"{path}:\d+: not valid YAML"):
         load_yaml(path)
+
+
+def test_iters_and_epochs_are_one_or_the_other(tmp_path):
+    with pytest.raises(UserError, match="--iters and --epochs both given"):
+        build_config(TrainConfig, {}, {"iters": 5, "epochs": 1.0})
+    path = tmp_path / "run.yaml"
+    path.write_text("iters: 5\nepochs: 2\n")
+    with pytest.raises(UserError, match="both iters and epochs are set"):
+        load_yaml(path)
+    path.write_text("epochs: 2\n")
+    assert build_config(TrainConfig, load_yaml(path), {"iters": 7}).epochs is None  # the flag wins
+    assert build_config(TrainConfig, load_yaml(path), {}).epochs == 2
