@@ -9,7 +9,7 @@ import json
 import shlex
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,6 +25,7 @@ from .models import Base
 CHECKPOINTS = "checkpoints"
 OPTIMIZER_STATE = "optimizer.safetensors"
 TRAINER_STATE = "trainer_state.json"
+BEST_WEIGHTS = "best.safetensors"  # with early stopping: the adapter of the best validation so far
 STATE_VERSION = 1
 # Not restored: the optimizer built from the (possibly changed) options sets it, and a schedule
 # recomputes it from the restored step before every update.
@@ -39,6 +40,7 @@ class TrainerState:
     batches_seen: int  # position in the data order: iterate_batches(start=batches_seen)
     rng_key: list[int]  # mx.random.state[0], the key dropout draws from
     config: dict[str, Any] = field(default_factory=dict)  # the run's TrainConfig, so --resume alone restores it
+    early_stopping: dict[str, Any] = field(default_factory=dict)  # EarlyStopping's counters; weights in BEST_WEIGHTS
 
     def to_json(self) -> dict[str, Any]:
         return {"format_version": STATE_VERSION, **asdict(self)}
@@ -70,11 +72,13 @@ def restore_rng(key: list[int]) -> None:
     mx.random.seed((int(key[0]) << 32) | int(key[1]))
 
 
-def save_checkpoint(directory: Path, model: nn.Module, adapter: AdapterConfig,
-                    optimizer: optim.Optimizer, state: TrainerState) -> None:
+def save_checkpoint(directory: Path, model: nn.Module, adapter: AdapterConfig, optimizer: optim.Optimizer,
+                    state: TrainerState, best_weights: Optional[dict[str, mx.array]] = None) -> None:
     with replace_dir(directory) as tmp:
         save_adapter(tmp, model, adapter)
         mx.save_safetensors(str(tmp / OPTIMIZER_STATE), dict(tree_flatten(optimizer.state)))
+        if best_weights:
+            mx.save_safetensors(str(tmp / BEST_WEIGHTS), best_weights)
         (tmp / TRAINER_STATE).write_text(json.dumps(state.to_json(), indent=2) + "\n")
 
 
@@ -94,6 +98,10 @@ def find_checkpoint(path: str | Path) -> Path:
             "adapter directory); train with --save-every N to write them"
         )
     return found[-1]
+
+
+def read_best(checkpoint: Path) -> dict[str, mx.array]:
+    return read_weights(checkpoint / BEST_WEIGHTS)[0] if (checkpoint / BEST_WEIGHTS).is_file() else {}
 
 
 def read_state(checkpoint: Path) -> TrainerState:

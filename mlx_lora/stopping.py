@@ -22,6 +22,10 @@ class EarlyStopping:
         else:
             self.waited += 1
 
+    def counters(self) -> dict:
+        """What a checkpoint keeps besides the best weights, so a resumed run judges like the first."""
+        return {"best_loss": self.best_loss, "best_step": self.best_step, "waited": self.waited}
+
     @property
     def exhausted(self) -> bool:
         return self.waited >= self.patience

@@ -19,7 +19,7 @@ from . import distributed, memory
 from .adapters import adapter_weights, describe, save_adapter
 from .atomic import check_writable, remove_stale
 from .checkpoint import (
-    CHECKPOINTS, TrainerState, checkpoint_dir, find_checkpoint, load_checkpoint, resume_command, rng_key,
+    CHECKPOINTS, TrainerState, checkpoint_dir, find_checkpoint, load_checkpoint, read_best, resume_command, rng_key,
     save_checkpoint,
 )
 from .config import LoRAConfig, TrainConfig, lora_part, method_options
@@ -162,24 +162,28 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
         return (acc[0] / acc[1]).item(), finite.item(), ntokens
 
     stopping = None if cfg.early_stopping_patience is None else EarlyStopping(cfg.early_stopping_patience)
+    if stopping and cfg.resume and progress.early_stopping:
+        stopping = EarlyStopping(cfg.early_stopping_patience, **progress.early_stopping, best_weights=read_best(last_saved))
 
-    def validate(at: int) -> None:
+    def validate(at: int, observe: bool = True) -> None:
         result.val_losses[at] = evaluate(model, data["valid"], cfg.batch_size, cfg.val_batches, world, feed)
         monitor.validation(at, result.val_losses[at])
-        if stopping:
+        if stopping and observe:
             stopping.observe(at, result.val_losses[at], adapter_weights(model))
 
     def save_checkpoint_at(at: int) -> Path:
         path = checkpoint_dir(out, at)
         if world.main:  # `accumulate` batches per step, so the data position follows from the step
-            save_checkpoint(path, model, adapter, optimizer, TrainerState(at, at * accumulate, rng_key(), run_config))
+            counters, best = (stopping.counters(), stopping.best_weights) if stopping else ({}, None)
+            state = TrainerState(at, at * accumulate, rng_key(), run_config, counters)
+            save_checkpoint(path, model, adapter, optimizer, state, best)
         return path
 
     result = TrainResult(out, iters)
     # bar or plain lines, metrics.jsonl, loss.png: rank 0's alone
     monitor = TrainMonitor(cfg, out, iters, log) if world.main else distributed.Silent()
     model.train()
-    validate(progress.step)
+    validate(progress.step, observe=not cfg.resume)  # a resumed run observed this step before, or never would have
     mx.reset_peak_memory()
     total_tokens, window_tokens, window_start = 0, 0, time.perf_counter()
     start = window_start

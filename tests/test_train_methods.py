@@ -1,6 +1,8 @@
 """Gradient accumulation, gradient checkpointing and early stopping: their effect, not just that they run."""
 
 import json
+import os
+import signal
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,10 +17,11 @@ from mlx_lora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from mlx_lora.cli import app
 from mlx_lora.config import LoRAConfig, TrainConfig
 from mlx_lora.data import collate, collate_packs, load_split
+from mlx_lora.errors import Interrupted
+from mlx_lora.feed import loss_fn
 from mlx_lora.lora import apply_lora, lora_layers
 from mlx_lora.models import load_base
 from mlx_lora.recompute import checkpoint_blocks
-from mlx_lora.feed import loss_fn
 from mlx_lora.train import make_step, train
 
 
@@ -124,6 +127,30 @@ def test_early_stopping_keeps_the_best_steps_adapter(llama, tiny_data, tmp_path,
     assert training == {"early_stopping_patience": 2, "steps": 8, "best_step": 4, "best_val_loss": 3.0}
     assert "early stopping at step 8: no better val loss in the last 2 validations" in lines
     assert "keeping the adapter of step 4, the best val loss (3.000)" in lines
+
+
+def test_early_stopping_survives_an_interrupt_and_resume(llama, tiny_data, tmp_path, monkeypatch):
+    """Best step, its weights and the patience count travel in the checkpoint: the resumed run
+    stops at the same step and keeps the same adapter as the uninterrupted one."""
+    def run(out, losses, log=lambda _: None, **kw):
+        scripted = iter(losses)
+        monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: next(scripted))
+        cfg = TrainConfig(model=str(llama), data=str(tiny_data), adapter_path=str(out), iters=20, val_every=2,
+                          save_every=2, report_every=1, early_stopping_patience=2, learning_rate=1e-2, **kw)
+        return train(cfg, log=log)
+
+    straight = run(tmp_path / "straight", [5.0, 4.0, 3.0, 3.5, 3.2])  # steps 0-8: best 4, stops at 8
+
+    def interrupt_after_6(line):
+        if line.startswith("step 6/") and "val" not in line:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        run(tmp_path / "split", [5.0, 4.0, 3.0, 3.5], log=interrupt_after_6)
+    resumed = run(tmp_path / "split", [3.5, 3.2], resume=str(tmp_path / "split"))  # step 6 again, then 8
+    assert (straight.steps, straight.best_step) == (resumed.steps, resumed.best_step) == (8, 4)
+    want, got = (mx.load(str(tmp_path / d / ADAPTER_WEIGHTS)) for d in ("straight", "split"))
+    assert want.keys() == got.keys() and all(mx.array_equal(want[k], got[k]).item() for k in want)
 
 
 def test_cli_takes_every_method_option_and_records_them(llama, tiny_data, tmp_path):
