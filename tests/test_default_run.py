@@ -26,6 +26,10 @@ def test_default_run_learns_the_format(tmp_path, monkeypatch):
     assert last <= 0.7 * first
     assert json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())["base_model"] == "mlx-lora-default"
 
-    result = CliRunner().invoke(app, ["generate", "--adapter-path", "adapters", "--max-tokens", 40])
-    assert result.exit_code == 0, result.output
-    assert re.match(r" \d+ [-+*] \d+ = \d+\..* #### \d+", result.stdout)
+    # the learned format: working that starts with a sum, then the answer after ####, as in data/;
+    # the exact working varies with the BLAS's summation order, so only its shape is checked
+    adapted = CliRunner().invoke(app, ["generate", "--adapter-path", "adapters", "--max-tokens", 40])
+    base = CliRunner().invoke(app, ["generate", "--max-tokens", 40])
+    assert adapted.exit_code == base.exit_code == 0, adapted.output + base.output
+    assert re.match(r" \d+ [-+*] \d+ = \d+.* #### \d+\n", adapted.stdout)
+    assert "####" not in base.stdout
