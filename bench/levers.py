@@ -13,16 +13,17 @@ import sys
 import time
 from pathlib import Path
 
-import mlx_lora  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
+import mlx_lora  # noqa: F401  (OpenBLAS before mlx)
 from mlx_lora.config import TrainConfig
-from mlx_lora.data import collate, epoch_batches, load_dataset
-from mlx_lora.feed import Feed, make_feed
-from mlx_lora.lora import apply_lora
-from mlx_lora.models import load_base
+from mlx_lora.data.batches import collate, epoch_batches
+from mlx_lora.data.examples import load_dataset
+from mlx_lora.model.base import load_base
+from mlx_lora.model.lora import apply_lora
+from mlx_lora.training.feed import Feed, make_feed
 
 LAST = 4
 
@@ -46,14 +47,17 @@ def main(model_dir: str, data_dir: str, reps: int = 3) -> None:
     apply_lora(base.model, TrainConfig(num_layers=LAST))
     model, first = base.model, len(base.model.layers) - LAST
     cached = make_feed(model, first, examples, True, log=lambda s: None)
-    feeds = {"full logits, whole model": Feed(None, False), "target-only head": Feed(cached.cut, False),
-             "target-only head + cached prefix": cached}
+    feeds = {
+        "full logits, whole model": Feed(None, False),
+        "target-only head": Feed(cached.cut, False),
+        "target-only head + cached prefix": cached,
+    }
     steps = {name: compiled_step(model, feed) for name, feed in feeds.items()}
     batches = epoch_batches(examples, 4, 0, 0)
     for b in batches:
         cached.inputs(examples, b)  # fill the cache; its cost is timed as the prefix forward below
     times = {name: [] for name in [*feeds, "frozen-prefix forward (epoch 1 only)"]}
-    for rep in range(reps):  # the first round compiles and is not counted
+    for _ in range(reps):  # the first round compiles and is not counted
         for b in batches:
             for name, feed in feeds.items():
                 step, state = steps[name]

@@ -32,15 +32,54 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_DIR = ROOT / "mlx_lora" / "default_model"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 SHAPES = {
-    "tiny": dict(arch="llama", hidden_size=128, num_hidden_layers=8, num_attention_heads=4,
-                 num_key_value_heads=2, intermediate_size=384, vocab_size=1024, tie_word_embeddings=True),
-    "smol": dict(arch="llama", hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
-                 num_key_value_heads=3, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
-    "0.5b": dict(arch="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
+    "tiny": dict(
+        arch="llama",
+        hidden_size=128,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=384,
+        vocab_size=1024,
+        tie_word_embeddings=True,
+    ),
+    "smol": dict(
+        arch="llama",
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "0.5b": dict(
+        arch="qwen2",
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
 }
 JOB = dict(rank=8, alpha=16.0, layers=4, batch_size=4, max_len=256, lr=1e-4)
-WORDS = "apple river seven blue number table walk quietly green under over house eleven count".split()
+WORDS = [
+    "apple",
+    "river",
+    "seven",
+    "blue",
+    "number",
+    "table",
+    "walk",
+    "quietly",
+    "green",
+    "under",
+    "over",
+    "house",
+    "eleven",
+    "count",
+]
 
 
 def build_model(shape: str, out: Path) -> Path:
@@ -72,8 +111,12 @@ def build_data(rows: int, batch_size: int, out: Path) -> Path:
     def row():
         total = rng.randint(60, 230)  # + 26 tokens of chat template
         answer = rng.randint(10, total // 2)
-        return {"messages": [{"role": "user", "content": text(total - answer)},
-                             {"role": "assistant", "content": text(answer)}]}
+        return {
+            "messages": [
+                {"role": "user", "content": text(total - answer)},
+                {"role": "assistant", "content": text(answer)},
+            ]
+        }
 
     out.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", rows), ("valid", batch_size)):
@@ -85,13 +128,16 @@ def epoch_tokens(model_dir: Path, data_dir: Path) -> int:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    lengths = [len(tok.apply_chat_template(json.loads(l)["messages"], tokenize=True, return_dict=False))
-               for l in (data_dir / "train.jsonl").read_text().splitlines()]
+    lengths = [
+        len(tok.apply_chat_template(json.loads(l)["messages"], tokenize=True, return_dict=False))
+        for l in (data_dir / "train.jsonl").read_text().splitlines()
+    ]
     assert max(lengths) <= JOB["max_len"], max(lengths)
     return sum(lengths)
 
 
 # ---- the runs, each in its own process ------------------------------------------------------
+
 
 class Clock:
     """Timestamps of every training batch taken from the trainer's iterator."""
@@ -106,29 +152,62 @@ class Clock:
 
 
 def _finish(clock: Clock, end: float, out: dict, peak: float | None) -> None:
-    out.update(fetches=[t - clock.fetches[0] for t in clock.fetches], end=end - clock.fetches[0],
-               peak_mlx=peak, max_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    out.update(
+        fetches=[t - clock.fetches[0] for t in clock.fetches],
+        end=end - clock.fetches[0],
+        peak_mlx=peak,
+        max_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    )
     print("RESULT " + json.dumps(out), flush=True)
 
 
 def run_ours(job: dict) -> None:
-    import mlx_lora  # noqa: F401  (loads OpenBLAS unless MLX_LORA_BLAS=off)
     import mlx.core as mx
+
+    import mlx_lora  # noqa: F401  (loads OpenBLAS unless MLX_LORA_BLAS=off)
     from mlx_lora.cli import app
 
     mx.reset_peak_memory = lambda: None  # count from process start, as for mlx_lm
     clock = Clock()
-    import mlx_lora.train as train_mod
+    import mlx_lora.training.loop as train_mod
 
     name = "iterate_indices" if hasattr(train_mod, "iterate_indices") else "iterate_batches"
     real = getattr(train_mod, name)
     setattr(train_mod, name, lambda *a, **k: clock.wrap(real(*a, **k)))
-    args = ["train", "--model", job["model"], "--data", job["data"], "--adapter-path", job["adapters"],
-            "--targets", "q_proj,v_proj", "--rank", str(JOB["rank"]), "--alpha", str(JOB["alpha"]),
-            "--num-layers", str(JOB["layers"]), "--batch-size", str(JOB["batch_size"]),
-            "--iters", str(job["iters"]), "--learning-rate", str(JOB["lr"]),
-            "--max-seq-length", str(JOB["max_len"]), "--val-batches", "1", "--val-every", "0",
-            "--save-every", "0", "--report-every", str(job["per_epoch"]), *job.get("extra", [])]
+    args = [
+        "train",
+        "--model",
+        job["model"],
+        "--data",
+        job["data"],
+        "--adapter-path",
+        job["adapters"],
+        "--targets",
+        "q_proj,v_proj",
+        "--rank",
+        str(JOB["rank"]),
+        "--alpha",
+        str(JOB["alpha"]),
+        "--num-layers",
+        str(JOB["layers"]),
+        "--batch-size",
+        str(JOB["batch_size"]),
+        "--iters",
+        str(job["iters"]),
+        "--learning-rate",
+        str(JOB["lr"]),
+        "--max-seq-length",
+        str(JOB["max_len"]),
+        "--val-batches",
+        "1",
+        "--val-every",
+        "0",
+        "--save-every",
+        "0",
+        "--report-every",
+        str(job["per_epoch"]),
+        *job.get("extra", []),
+    ]
     try:
         app(args, standalone_mode=False)
     finally:
@@ -166,13 +245,30 @@ def run_theirs(job: dict) -> None:
 
     trainer.evaluate = timed_evaluate
     config = {
-        "model": job["model"], "train": True, "data": job["data"], "adapter_path": job["adapters"],
-        "fine_tune_type": "lora", "optimizer": "adamw", "optimizer_config": {"adamw": {"weight_decay": 0.0}},
-        "mask_prompt": True, "num_layers": JOB["layers"], "batch_size": JOB["batch_size"],
-        "iters": job["iters"], "learning_rate": JOB["lr"], "max_seq_length": JOB["max_len"],
-        "val_batches": 1, "steps_per_eval": 10**9, "save_every": 10**9, "steps_per_report": job["per_epoch"],
-        "seed": 0, "lora_parameters": {"keys": ["self_attn.q_proj", "self_attn.v_proj"],
-                                       "rank": JOB["rank"], "scale": JOB["alpha"] / JOB["rank"], "dropout": 0.0},
+        "model": job["model"],
+        "train": True,
+        "data": job["data"],
+        "adapter_path": job["adapters"],
+        "fine_tune_type": "lora",
+        "optimizer": "adamw",
+        "optimizer_config": {"adamw": {"weight_decay": 0.0}},
+        "mask_prompt": True,
+        "num_layers": JOB["layers"],
+        "batch_size": JOB["batch_size"],
+        "iters": job["iters"],
+        "learning_rate": JOB["lr"],
+        "max_seq_length": JOB["max_len"],
+        "val_batches": 1,
+        "steps_per_eval": 10**9,
+        "save_every": 10**9,
+        "steps_per_report": job["per_epoch"],
+        "seed": 0,
+        "lora_parameters": {
+            "keys": ["self_attn.q_proj", "self_attn.v_proj"],
+            "rank": JOB["rank"],
+            "scale": JOB["alpha"] / JOB["rank"],
+            "dropout": 0.0,
+        },
     }
     path = Path(job["adapters"]).with_suffix(".yaml")
     path.write_text(yaml.safe_dump(config))
@@ -198,9 +294,16 @@ def run_peft(job: dict) -> None:
     tok = AutoTokenizer.from_pretrained(job["model"])
     model = AutoModelForCausalLM.from_pretrained(job["model"], torch_dtype=torch.float32)
     n = model.config.num_hidden_layers
-    model = get_peft_model(model, LoraConfig(
-        r=JOB["rank"], lora_alpha=JOB["alpha"], lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-        layers_to_transform=list(range(n - JOB["layers"], n))))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=JOB["rank"],
+            lora_alpha=JOB["alpha"],
+            lora_dropout=0.0,
+            target_modules=["q_proj", "v_proj"],
+            layers_to_transform=list(range(n - JOB["layers"], n)),
+        ),
+    )
     rows = []
     for line in (Path(job["data"]) / "train.jsonl").read_text().splitlines():
         msgs = json.loads(line)["messages"]
@@ -241,13 +344,14 @@ def _blas_in_maps() -> str:
 
 # ---- the driver -------------------------------------------------------------------------------
 
+
 def spawn(who: str, job: dict, env: dict) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "_run", who, json.dumps(job)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     if proc.returncode or line is None:
         sys.exit(f"{who} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def epochs_of(res: dict, per_epoch: int, tokens: int) -> list[float]:
@@ -281,11 +385,21 @@ def main() -> None:
     data_dir = build_data(a.rows, JOB["batch_size"], work / f"data-{a.rows}")
     tokens = epoch_tokens(model_dir, data_dir)
     per_epoch = a.rows // JOB["batch_size"]
-    base = dict(model=str(model_dir), data=str(data_dir), iters=per_epoch * a.epochs, per_epoch=per_epoch,
-                threads=a.threads, extra=a.ours_extra.split())
+    base = dict(
+        model=str(model_dir),
+        data=str(data_dir),
+        iters=per_epoch * a.epochs,
+        per_epoch=per_epoch,
+        threads=a.threads,
+        extra=a.ours_extra.split(),
+    )
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
-    envs = {"ours": env, "theirs": dict(env, LD_PRELOAD=openblas or ""), "peft": env,
-            "ours, MLX BLAS": dict(env, MLX_LORA_BLAS="off")}
+    envs = {
+        "ours": env,
+        "theirs": dict(env, LD_PRELOAD=openblas or ""),
+        "peft": env,
+        "ours, MLX BLAS": dict(env, MLX_LORA_BLAS="off"),
+    }
     who_runs = {"ours": "ours", "theirs": "theirs", "peft": "peft", "ours, MLX BLAS": "ours"}
     names = ["ours", "theirs"] + (["peft"] if a.peft else []) + (["ours, MLX BLAS"] if a.blas else [])
     results: dict[str, list[dict]] = {n: [] for n in names}
@@ -296,30 +410,39 @@ def main() -> None:
             res["epochs"] = epochs_of(res, per_epoch, tokens)
             res["tps"] = tokens * a.epochs / res["end"]
             results[n].append(res)
-            print(f"round {r + 1} {n:15s} {res['tps']:8.0f} tok/s  epochs "
-                  + " ".join(f"{e:.0f}" for e in res["epochs"]), flush=True)
+            print(
+                f"round {r + 1} {n:15s} {res['tps']:8.0f} tok/s  epochs " + " ".join(f"{e:.0f}" for e in res["epochs"]),
+                flush=True,
+            )
     report(a, results, tokens, openblas)
 
 
 def report(a, results: dict, tokens: int, openblas) -> None:
     med = lambda n, f: statistics.median(f(r) for r in results[n])
     gb = lambda x: f"{x / 2**30:.3f} GB" if x else "-"
-    print(f"\n{platform.node()} {platform.machine()} {os.cpu_count()} cpus, {a.threads} threads, "
-          f"{time.strftime('%Y-%m-%d %H:%M')}; shape {a.shape}, {a.rows} rows x {a.epochs} epochs, "
-          f"{tokens} tokens/epoch, {a.rounds} rounds; OpenBLAS {openblas}")
+    print(
+        f"\n{platform.node()} {platform.machine()} {os.cpu_count()} cpus, {a.threads} threads, "
+        f"{time.strftime('%Y-%m-%d %H:%M')}; shape {a.shape}, {a.rows} rows x {a.epochs} epochs, "
+        f"{tokens} tokens/epoch, {a.rounds} rounds; OpenBLAS {openblas}"
+    )
     print(f"{'':16s}{'tok/s':>9s}{'epoch 1':>9s}{'epoch 2+':>9s}{'peak MLX':>12s}{'max RSS':>12s}  BLAS")
     for n in results:
-        print(f"{n:16s}{med(n, lambda r: r['tps']):9.0f}{med(n, lambda r: r['epochs'][0]):9.0f}"
-              f"{med(n, lambda r: statistics.mean(r['epochs'][1:]) if len(r['epochs']) > 1 else 0):9.0f}"
-              f"{gb(med(n, lambda r: r['peak_mlx'] or 0)):>12s}{gb(med(n, lambda r: r['max_rss'])):>12s}"
-              f"  {results[n][0]['blas']}")
+        print(
+            f"{n:16s}{med(n, lambda r: r['tps']):9.0f}{med(n, lambda r: r['epochs'][0]):9.0f}"
+            f"{med(n, lambda r: statistics.mean(r['epochs'][1:]) if len(r['epochs']) > 1 else 0):9.0f}"
+            f"{gb(med(n, lambda r: r['peak_mlx'] or 0)):>12s}{gb(med(n, lambda r: r['max_rss'])):>12s}"
+            f"  {results[n][0]['blas']}"
+        )
     ratio = lambda x, y, f: med(x, f) / med(y, f)
     tps, first = (lambda r: r["tps"]), (lambda r: r["epochs"][0])
     for peer in [p for p in ("theirs", "peft") if p in results]:
         label = "mlx_lm" if peer == "theirs" else "PEFT+torch"
-        print(f"ours / {label}: tokens/s {ratio('ours', peer, tps):.2f}x (epoch 1 alone {ratio('ours', peer, first):.2f}x), "
-              f"max RSS {ratio('ours', peer, lambda r: r['max_rss']):.2f}x"
-              + (f", peak MLX memory {ratio('ours', peer, lambda r: r['peak_mlx']):.2f}x" if peer == "theirs" else ""))
+        print(
+            f"ours / {label}: tokens/s {ratio('ours', peer, tps):.2f}x "
+            f"(epoch 1 alone {ratio('ours', peer, first):.2f}x), "
+            f"max RSS {ratio('ours', peer, lambda r: r['max_rss']):.2f}x"
+            + (f", peak MLX memory {ratio('ours', peer, lambda r: r['peak_mlx']):.2f}x" if peer == "theirs" else "")
+        )
     if "ours, MLX BLAS" in results:
         print(f"BLAS gain (ours with OpenBLAS / with MLX's bundled BLAS): {ratio('ours', 'ours, MLX BLAS', tps):.1f}x")
 

@@ -14,51 +14,82 @@ from pathlib import Path
 
 # (name, pronoun); make_model.py tells stories about the same people and things.
 NAMES = [
-    ("Tom", "he"), ("Ann", "she"), ("Sam", "he"), ("Mia", "she"), ("Ben", "he"),
-    ("Lily", "she"), ("Max", "he"), ("Zoe", "she"), ("Leo", "he"), ("Eva", "she"),
-    ("Jack", "he"), ("Nora", "she"), ("Owen", "he"), ("Ruby", "she"),
+    ("Tom", "he"),
+    ("Ann", "she"),
+    ("Sam", "he"),
+    ("Mia", "she"),
+    ("Ben", "he"),
+    ("Lily", "she"),
+    ("Max", "he"),
+    ("Zoe", "she"),
+    ("Leo", "he"),
+    ("Eva", "she"),
+    ("Jack", "he"),
+    ("Nora", "she"),
+    ("Owen", "he"),
+    ("Ruby", "she"),
 ]
 ITEMS = [
-    "apples", "pens", "books", "cards", "eggs", "cookies", "marbles",
-    "stickers", "shells", "coins", "toys", "candies", "rocks", "flowers",
+    "apples",
+    "pens",
+    "books",
+    "cards",
+    "eggs",
+    "cookies",
+    "marbles",
+    "stickers",
+    "shells",
+    "coins",
+    "toys",
+    "candies",
+    "rocks",
+    "flowers",
 ]
 SPLITS = {"train": 2000, "valid": 200, "test": 200}
 
 
 def add(rng, n, p, m, item):
     a, b = rng.randint(1, 20), rng.randint(1, 20)
-    q = rng.choice([
-        f"{n} has {a} {item} and buys {b} more. How many {item} does {p} have?",
-        f"{n} has {a} {item}. {p.capitalize()} finds {b} more. How many {item} does {p} have now?",
-        f"{n} has {a} {item} and {m} has {b} {item}. How many {item} do they have in all?",
-    ])
+    q = rng.choice(
+        [
+            f"{n} has {a} {item} and buys {b} more. How many {item} does {p} have?",
+            f"{n} has {a} {item}. {p.capitalize()} finds {b} more. How many {item} does {p} have now?",
+            f"{n} has {a} {item} and {m} has {b} {item}. How many {item} do they have in all?",
+        ]
+    )
     return q, [f"{a} + {b} = {a + b}."], a + b
 
 
 def subtract(rng, n, p, m, item):
     a = rng.randint(2, 30)
     b = rng.randint(1, a - 1)
-    q = rng.choice([
-        f"{n} has {a} {item} and gives {b} to {m}. How many {item} does {n} have left?",
-        f"{n} had {a} {item}. {p.capitalize()} lost {b} of them. How many {item} are left?",
-    ])
+    q = rng.choice(
+        [
+            f"{n} has {a} {item} and gives {b} to {m}. How many {item} does {n} have left?",
+            f"{n} had {a} {item}. {p.capitalize()} lost {b} of them. How many {item} are left?",
+        ]
+    )
     return q, [f"{a} - {b} = {a - b}."], a - b
 
 
 def multiply(rng, n, p, m, item):
     a, b = rng.randint(2, 9), rng.randint(2, 9)
-    q = rng.choice([
-        f"{n} has {a} boxes with {b} {item} in each box. How many {item} does {p} have?",
-        f"{n} buys {a} bags of {item}. Each bag has {b} {item}. How many {item} does {p} buy?",
-    ])
+    q = rng.choice(
+        [
+            f"{n} has {a} boxes with {b} {item} in each box. How many {item} does {p} have?",
+            f"{n} buys {a} bags of {item}. Each bag has {b} {item}. How many {item} does {p} buy?",
+        ]
+    )
     return q, [f"{a} * {b} = {a * b}."], a * b
 
 
 def two_step(rng, n, p, m, item):
     a, b = rng.randint(1, 15), rng.randint(1, 15)
     c = rng.randint(1, a + b - 1)
-    q = (f"{n} has {a} {item}. {p.capitalize()} buys {b} more and then gives {c} to {m}. "
-         f"How many {item} does {p} have now?")
+    q = (
+        f"{n} has {a} {item}. {p.capitalize()} buys {b} more and then gives {c} to {m}. "
+        f"How many {item} does {p} have now?"
+    )
     return q, [f"{a} + {b} = {a + b}.", f"{a + b} - {c} = {a + b - c}."], a + b - c
 
 

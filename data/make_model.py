@@ -11,7 +11,6 @@ MLX runs on OpenBLAS, several times longer on its own matmul:
 """
 
 import json
-import math
 import random
 import string
 import time
@@ -20,11 +19,10 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+from make_data import ITEMS, NAMES
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 from tokenizers import Tokenizer, decoders, models, processors
-
-from make_data import ITEMS, NAMES
 
 OUT = Path(__file__).resolve().parent.parent / "mlx_lora" / "default_model"
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0-3, in Llama's order
@@ -94,22 +92,26 @@ def story(rng):
     if kind == "add":
         a, b = rng.randint(1, 20), rng.randint(1, 20)
         c = a + b
-        start = rng.choice([f"{n} had {a} {item}. {P} got {b} more.",
-                            f"{n} had {a} {item} and {m} had {b} {item}.",
-                            f"{n} found {a} {item}, then {b} more."])
+        start = rng.choice(
+            [
+                f"{n} had {a} {item}. {P} got {b} more.",
+                f"{n} had {a} {item} and {m} had {b} {item}.",
+                f"{n} found {a} {item}, then {b} more.",
+            ]
+        )
         sums = [f"{a} + {b} = {c}"]
     elif kind == "sub":
         a = rng.randint(2, 30)
         b = rng.randint(1, a - 1)
         c = a - b
-        start = rng.choice([f"{n} had {a} {item}. {P} gave {b} to {m}.",
-                            f"{n} had {a} {item} but lost {b} of them."])
+        start = rng.choice([f"{n} had {a} {item}. {P} gave {b} to {m}.", f"{n} had {a} {item} but lost {b} of them."])
         sums = [f"{a} - {b} = {c}"]
     elif kind == "mul":
         a, b = rng.randint(2, 9), rng.randint(2, 9)
         c = a * b
-        start = rng.choice([f"{n} had {a} boxes with {b} {item} in each box.",
-                            f"{n} got {a} bags of {item}, and each bag held {b}."])
+        start = rng.choice(
+            [f"{n} had {a} boxes with {b} {item} in each box.", f"{n} got {a} bags of {item}, and each bag held {b}."]
+        )
         sums = [f"{a} * {b} = {c}"]
     else:
         a, b = rng.randint(1, 15), rng.randint(1, 15)
@@ -117,11 +119,11 @@ def story(rng):
         c = a + b - d
         start = f"{n} had {a} {item}. {P} got {b} more, then gave {d} to {m}."
         sums = [f"{a} + {b} = {a + b}", f"{a + b} - {d} = {c}"]
-    end = rng.choice([f"So {p} had {c} {item}.", f"Now {n} had {c} {item}.",
-                      f"That made {c} {item} in all."])
+    end = rng.choice([f"So {p} had {c} {item}.", f"Now {n} had {c} {item}.", f"That made {c} {item} in all."])
     work = " ".join(f"{s}." for s in sums) if rng.random() < 0.7 else ""
-    opening = rng.choice(["", "", f"One day {n} went to the shop.", "It was a sunny day.",
-                          f"{n} and {m} were friends."])
+    opening = rng.choice(
+        ["", "", f"One day {n} went to the shop.", "It was a sunny day.", f"{n} and {m} were friends."]
+    )
     return " ".join(s for s in [opening, start, work, end] if s)
 
 
@@ -153,6 +155,7 @@ def pretrain(model, vocab):
         loss, grads = nn.value_and_grad(model, loss_fn)(model, x)
         opt.update(model, grads)
         return loss
+
     step = mx.compile(step, inputs=state, outputs=state)
 
     tic, rng = time.time(), random.Random(0)
@@ -167,8 +170,9 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     vocab = save_tokenizer(OUT)
     mx.random.seed(0)
-    model = llama.Model(llama.ModelArgs(**{k: v for k, v in CONFIG.items()
-                                           if k in llama.ModelArgs.__dataclass_fields__}))
+    model = llama.Model(
+        llama.ModelArgs(**{k: v for k, v in CONFIG.items() if k in llama.ModelArgs.__dataclass_fields__})
+    )
     print(f"{sum(v.size for _, v in tree_flatten(model.parameters())) / 1e6:.2f}M parameters")
     pretrain(model, vocab)
     weights = dict(sorted(tree_flatten(model.parameters())))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .errors import UserError
+from mlx_lora.errors import UserError
 
 
 def check_writable(directory: Path, flag: str) -> None:

@@ -16,7 +16,7 @@ import platform
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from mlx_lora.errors import UserError
 
 ENV = "MLX_LORA_BLAS"
 OFF = ("0", "off", "false", "no")

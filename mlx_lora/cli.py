@@ -9,12 +9,20 @@ from typing import Optional
 
 import typer
 
-from . import blas
-from .config import (
-    ChatConfig, ConvertConfig, EvalConfig, FuseConfig, GenerateConfig, PlotConfig, TrainConfig,
-    build_config, field_types, load_yaml,
+from mlx_lora import blas
+from mlx_lora.config import (
+    ChatConfig,
+    ConvertConfig,
+    EvalConfig,
+    FuseConfig,
+    GenerateConfig,
+    PlotConfig,
+    TrainConfig,
+    build_config,
+    field_types,
+    load_yaml,
 )
-from .errors import Interrupted, UserError
+from mlx_lora.errors import Interrupted, UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -36,7 +44,9 @@ def _options(cls) -> list[inspect.Parameter]:
         decls = [f"{flag}/{f.metadata.get('off') or '--no-' + flag[2:]}"] if tp is bool else [flag]
         shown = "" if f.default in (None, MISSING) else f" (default: {f.default})"
         option = typer.Option(None, *decls, help=f.metadata["help"] + shown, show_default=False)
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[tp]))
+        params.append(
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[tp])
+        )
     return params
 
 
@@ -48,11 +58,11 @@ def _say_blas() -> None:
     blas.check()
 
 
-def _resumed_options(resume: Optional[str]) -> dict:
+def _resumed_options(resume: str | None) -> dict:
     """`train --resume` reuses the checkpointed run's options; YAML and flags still override them."""
     if not resume:
         return {}
-    from .checkpoint import saved_options
+    from mlx_lora.training.checkpoint import saved_options
 
     return saved_options(resume)
 
@@ -70,18 +80,21 @@ def _command(cls, name: str, help: str, with_config: bool = False):
                 fn(build_config(cls, file_values, values))
             except UserError as e:
                 typer.echo(f"error: {e}", err=True)
-                raise typer.Exit(2)
+                raise typer.Exit(2) from None
             except Interrupted as e:
                 typer.echo(str(e), err=True)
-                raise typer.Exit(e.exit_code)
+                raise typer.Exit(e.exit_code) from None
             except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
                 typer.echo("interrupted", err=True)
-                raise typer.Exit(130)
+                raise typer.Exit(130) from None
 
         params = _options(cls)
         if with_config:
             option = typer.Option(None, "--config", help="YAML file with any of these options; flags override it.")
-            params.insert(0, inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[Path]))
+            params.insert(
+                0,
+                inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[Path]),
+            )
         run.__signature__ = inspect.Signature(params)
         return app.command(name, help=help)(run)
 
@@ -90,8 +103,8 @@ def _command(cls, name: str, help: str, with_config: bool = False):
 
 @_command(TrainConfig, "train", "Train a LoRA adapter on a base model.", with_config=True)
 def train(cfg: TrainConfig) -> None:
-    from .distributed import peer_errors
-    from .train import train as run_training
+    from mlx_lora.distributed.group import peer_errors
+    from mlx_lora.training.loop import train as run_training
 
     with peer_errors():
         run_training(cfg)
@@ -99,8 +112,9 @@ def train(cfg: TrainConfig) -> None:
 
 @_command(GenerateConfig, "generate", "Generate text with a base model, with or without one or several adapters.")
 def generate(cfg: GenerateConfig) -> None:
-    from .generate import generate as run_generate, speed_line
-    from .multi import load_adapters
+    from mlx_lora.inference.adapter_set import load_adapters
+    from mlx_lora.inference.generation import generate as run_generate
+    from mlx_lora.inference.generation import speed_line
 
     base = load_adapters(cfg).base
     response = None
@@ -113,43 +127,47 @@ def generate(cfg: GenerateConfig) -> None:
 
 @_command(ChatConfig, "chat", "Chat with a model; /adapter NAME, /base and /reset switch on the fly.")
 def chat(cfg: ChatConfig) -> None:
-    from .chat import chat as run_chat
+    from mlx_lora.commands.chat import chat as run_chat
 
     run_chat(cfg)
 
 
-@_command(TrainConfig, "info", "What `train` would do with these options, without training: modules, "
-          "trainable parameters, adapter size, memory.", with_config=True)
+@_command(
+    TrainConfig,
+    "info",
+    "What `train` would do with these options, without training: modules, trainable parameters, adapter size, memory.",
+    with_config=True,
+)
 def info(cfg: TrainConfig) -> None:
-    from .info import info as show_info
+    from mlx_lora.commands.info import info as show_info
 
     show_info(cfg)
 
 
 @_command(PlotConfig, "plot", "Draw the loss curves of one or several training runs into one PNG.")
 def plot(cfg: PlotConfig) -> None:
-    from .plot import plot as draw
+    from mlx_lora.reporting.plot import plot as draw
 
     draw(cfg)
 
 
 @_command(FuseConfig, "fuse", "Merge an adapter into its base and save a standalone model.")
 def fuse(cfg: FuseConfig) -> None:
-    from .fuse import fuse as run_fuse
+    from mlx_lora.commands.fuse import fuse as run_fuse
 
     run_fuse(cfg)
 
 
 @_command(ConvertConfig, "convert", "Rewrite an adapter as PEFT, mlx-lora or mlx-lm files.")
 def convert(cfg: ConvertConfig) -> None:
-    from .convert import convert as run_convert
+    from mlx_lora.commands.convert import convert as run_convert
 
     run_convert(cfg)
 
 
 @_command(EvalConfig, "eval", "Loss, perplexity and exact match on a data split; base vs adapter with --compare-base.")
 def evaluate(cfg: EvalConfig) -> None:
-    from .evaluate import run, table
+    from mlx_lora.commands.evaluate import run, table
 
     print(table(run(cfg)))
 

@@ -4,13 +4,21 @@ import json
 import shutil
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
-from mlx_lora.models import DEFAULT_MODEL_DIR
+from mlx_lora.config import LoRAConfig
+from mlx_lora.model.base import DEFAULT_MODEL_DIR
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=256)
+SMALL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 
 def _configs(vocab_size: int):
@@ -68,7 +76,8 @@ def tiny_data(tmp_path) -> Path:
     """A small prompt/completion set in the bundled format."""
     rows = [
         {"prompt": f"Q: What is {a} + {b}?\nA:", "completion": f" {a} + {b} = {a + b}. #### {a + b}"}
-        for a in range(1, 7) for b in range(1, 5)
+        for a in range(1, 7)
+        for b in range(1, 5)
     ]
     write_jsonl(tmp_path / "data" / "train.jsonl", rows[:16])
     write_jsonl(tmp_path / "data" / "valid.jsonl", rows[16:])
@@ -80,9 +89,9 @@ def random_adapter(model_dir: Path, out: Path, cfg):
     """An mlx-lora adapter on `model_dir` with random A and B (as if trained), saved to `out`; returns the base."""
     import mlx.core as mx
 
-    from mlx_lora.adapters import describe, save_adapter
-    from mlx_lora.lora import apply_lora, lora_layers
-    from mlx_lora.models import load_base
+    from mlx_lora.formats.native import describe, save_adapter
+    from mlx_lora.model.base import load_base
+    from mlx_lora.model.lora import apply_lora, lora_layers
 
     mx.random.seed(1)
     base = load_base(str(model_dir))
@@ -92,6 +101,31 @@ def random_adapter(model_dir: Path, out: Path, cfg):
     save_adapter(out, base.model, describe(base, cfg, modules))
     base.model.eval()
     return base
+
+
+def trained_adapter(model_dir, out, cfg=LoRAConfig(targets="q_proj,v_proj", num_layers=2, rank=4, alpha=8), size=0.1):
+    """An adapter on `model_dir` with random B of scale `size` (A from its init), saved to `out`; returns the base."""
+    from mlx_lora.formats.native import describe, save_adapter
+    from mlx_lora.model.base import load_base
+    from mlx_lora.model.lora import apply_lora, lora_layers
+
+    base = load_base(str(model_dir))
+    modules = apply_lora(base.model, cfg)
+    for layer in lora_layers(base.model).values():
+        layer.lora_b = mx.random.normal(layer.lora_b.shape) * size
+    save_adapter(out, base.model, describe(base, cfg, modules))
+    return base
+
+
+CFG_A = LoRAConfig(targets="q_proj,v_proj", num_layers=2, rank=4, alpha=8)
+CFG_B = LoRAConfig(targets="v_proj,o_proj", num_layers=3, rank=2, alpha=6)
+
+
+def save_random_adapter(model_dir, out, cfg, seed):
+    """An adapter whose updates are large enough to change what the tiny model generates."""
+    mx.random.seed(seed)
+    trained_adapter(model_dir, out, cfg, size=4)
+    return out
 
 
 def hf_logits(model, tokens):
@@ -116,9 +150,9 @@ def assert_round_trip(ours: Path, to: str, tmp: Path) -> None:
     """ours -> `to` -> ours gives back the same tensors, bit for bit, and the same adapter_config.json."""
     import mlx.core as mx
 
-    from mlx_lora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from mlx_lora.commands.convert import convert
     from mlx_lora.config import ConvertConfig
-    from mlx_lora.convert import convert
+    from mlx_lora.formats.native import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
     convert(ConvertConfig(str(ours), str(tmp / to), to=to), log=lambda _: None)
     convert(ConvertConfig(str(tmp / to), str(tmp / "back"), to="mlx"), log=lambda _: None)

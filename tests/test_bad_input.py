@@ -8,12 +8,12 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from conftest import write_jsonl
 from typer.testing import CliRunner
 
-from conftest import write_jsonl
-from mlx_lora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from mlx_lora.checkpoint import OPTIMIZER_STATE, checkpoint_dir
 from mlx_lora.cli import app
+from mlx_lora.formats.native import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from mlx_lora.training.checkpoint import OPTIMIZER_STATE, checkpoint_dir
 
 GOOD_ROW = {"prompt": "Q: 1 + 1?\nA:", "completion": " 2"}
 
@@ -24,8 +24,25 @@ def ws(tmp_path_factory, hf_models):
     root = tmp_path_factory.mktemp("bad")
     write_jsonl(root / "data" / "train.jsonl", [GOOD_ROW] * 4)
     write_jsonl(root / "data" / "valid.jsonl", [GOOD_ROW] * 2)
-    result = _run(["train", "--model", str(hf_models["llama"]), "--data", str(root / "data"), "--adapter-path",
-                   str(root / "adapter"), "--iters", "2", "--save-every", "1", "--num-layers", "2", "--val-every", "0"])
+    result = _run(
+        [
+            "train",
+            "--model",
+            str(hf_models["llama"]),
+            "--data",
+            str(root / "data"),
+            "--adapter-path",
+            str(root / "adapter"),
+            "--iters",
+            "2",
+            "--save-every",
+            "1",
+            "--num-layers",
+            "2",
+            "--val-every",
+            "0",
+        ]
+    )
     assert result.exit_code == 0, result.output
     torn = root / "torn"
     shutil.copytree(root / "adapter", torn)
@@ -64,67 +81,124 @@ def _data(root: Path, name: str, train=None, valid=(GOOD_ROW,), raw=None) -> str
 
 
 def _snapshot(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _train(ws, *extra, data=None):
-    return ["train", "--model", str(ws["llama"]), "--data", data or str(ws["root"] / "data"),
-            "--adapter-path", str(ws["root"] / "adapter"), "--iters", "2", "--val-every", "0", *extra]
+    return [
+        "train",
+        "--model",
+        str(ws["llama"]),
+        "--data",
+        data or str(ws["root"] / "data"),
+        "--adapter-path",
+        str(ws["root"] / "adapter"),
+        "--iters",
+        "2",
+        "--val-every",
+        "0",
+        *extra,
+    ]
 
 
 CASES = {
     "malformed JSON line": lambda ws: (
-        _train(ws, data=_data(ws["root"], "json", raw='{"text": "a"}\n{"text": "b"\n')), "train.jsonl:2: not valid JSON"),
+        _train(ws, data=_data(ws["root"], "json", raw='{"text": "a"}\n{"text": "b"\n')),
+        "train.jsonl:2: not valid JSON",
+    ),
     "no known key": lambda ws: (
-        _train(ws, data=_data(ws["root"], "keys", [{"question": "q"}])), "train.jsonl:1: row has none of the keys"),
+        _train(ws, data=_data(ws["root"], "keys", [{"question": "q"}])),
+        "train.jsonl:1: row has none of the keys",
+    ),
     "mixed formats in one file": lambda ws: (
         _train(ws, data=_data(ws["root"], "mixed", [{"text": "a"}, GOOD_ROW])),
-        "train.jsonl:2: completion row, but line 1 is a text row"),
+        "train.jsonl:2: completion row, but line 1 is a text row",
+    ),
     "empty split": lambda ws: (_train(ws, data=_data(ws["root"], "empty", raw="\n")), "train.jsonl: no rows"),
     "missing split": lambda ws: (
-        _train(ws, data=_data(ws["root"], "missing", [GOOD_ROW], valid=None)), "valid.jsonl: missing"),
+        _train(ws, data=_data(ws["root"], "missing", [GOOD_ROW], valid=None)),
+        "valid.jsonl: missing",
+    ),
     "chat roles out of order": lambda ws: (
         _train(ws, data=_data(ws["root"], "order", [{"messages": [{"role": "assistant", "content": "hi"}]}])),
-        "train.jsonl:1: messages[0] has role 'assistant' where 'user' belongs"),
+        "train.jsonl:1: messages[0] has role 'assistant' where 'user' belongs",
+    ),
     "chat without assistant turn": lambda ws: (
         _train(ws, data=_data(ws["root"], "noreply", [{"messages": [{"role": "user", "content": "hi"}]}])),
-        "train.jsonl:1: 'messages' has no assistant turn"),
+        "train.jsonl:1: 'messages' has no assistant turn",
+    ),
     "rows all longer than --max-seq-length": lambda ws: (
-        _train(ws, "--max-seq-length", "4"), "train.jsonl:1: every row is longer than --max-seq-length 4"),
+        _train(ws, "--max-seq-length", "4"),
+        "train.jsonl:1: every row is longer than --max-seq-length 4",
+    ),
     "unknown --targets": lambda ws: (
-        _train(ws, "--targets", "qq_proj"), "--targets: 'qq_proj' matches no linear module in the selected blocks"),
+        _train(ws, "--targets", "qq_proj"),
+        "--targets: 'qq_proj' matches no linear module in the selected blocks",
+    ),
     "rank larger than a target": lambda ws: (
         _train(ws, "--rank", "100", "--targets", "q_proj", "--num-layers", "1"),
-        "rank 100 is larger than model.layers.3.self_attn.q_proj allows (64x64): use 64 or less"),
+        "rank 100 is larger than model.layers.3.self_attn.q_proj allows (64x64): use 64 or less",
+    ),
     "misspelled YAML key": lambda ws: (
         _train(ws, "--config", str(_yaml(ws["root"], "learnig_rate: 0.1\n"))),
-        "run.yaml:1: unknown key 'learnig_rate' (did you mean 'learning_rate'?)"),
+        "run.yaml:1: unknown key 'learnig_rate' (did you mean 'learning_rate'?)",
+    ),
     "generate: adapter from another base": lambda ws: (
         ["generate", "--model", str(ws["qwen2"]), "--adapter-path", str(ws["root"] / "adapter")],
-        "adapter_config.json: adapter was trained on"),
+        "adapter_config.json: adapter was trained on",
+    ),
     "fuse: adapter from another base": lambda ws: (
-        ["fuse", "--model", str(ws["qwen2"]), "--adapter-path", str(ws["root"] / "adapter"),
-         "--save-path", str(ws["root"] / "fused")], "adapter_config.json: adapter was trained on"),
+        [
+            "fuse",
+            "--model",
+            str(ws["qwen2"]),
+            "--adapter-path",
+            str(ws["root"] / "adapter"),
+            "--save-path",
+            str(ws["root"] / "fused"),
+        ],
+        "adapter_config.json: adapter was trained on",
+    ),
     "resume: checkpoint from another base": lambda ws: (
         ["train", "--resume", str(ws["root"] / "adapter"), "--model", str(ws["qwen2"]), "--iters", "4"],
-        "adapter_config.json: adapter was trained on"),
+        "adapter_config.json: adapter was trained on",
+    ),
     "adapter tensors of the wrong shape": lambda ws: (
         ["generate", "--adapter-path", str(ws["root"] / "reshaped")],
-        "reshaped: adapter weights do not fit '" + str(ws["llama"].resolve()) + "': model.layers.2.self_attn.q_proj.lora_a has shape (64, 8), the model needs (64, 4)"),
+        "reshaped: adapter weights do not fit '"
+        + str(ws["llama"].resolve())
+        + "': model.layers.2.self_attn.q_proj.lora_a has shape (64, 8), the model needs (64, 4)",
+    ),
     "truncated adapter safetensors": lambda ws: (
-        ["generate", "--adapter-path", str(ws["root"] / "torn")], "adapters.safetensors: unreadable or truncated"),
+        ["generate", "--adapter-path", str(ws["root"] / "torn")],
+        "adapters.safetensors: unreadable or truncated",
+    ),
     "truncated optimizer state": lambda ws: (
-        ["train", "--resume", str(checkpoint_dir(ws["root"] / "torn", 1)), "--adapter-path", str(ws["root"] / "adapter")],
-        "optimizer.safetensors: unreadable or truncated"),
+        [
+            "train",
+            "--resume",
+            str(checkpoint_dir(ws["root"] / "torn", 1)),
+            "--adapter-path",
+            str(ws["root"] / "adapter"),
+        ],
+        "optimizer.safetensors: unreadable or truncated",
+    ),
     "truncated model safetensors": lambda ws: (
-        _train(ws, "--model", str(ws["root"] / "torn_model")), "torn_model: mlx-lm cannot load it"),
+        _train(ws, "--model", str(ws["root"] / "torn_model")),
+        "torn_model: mlx-lm cannot load it",
+    ),
     "train: output directory not writable": lambda ws: (
         _train(ws)[:-6] + ["--adapter-path", str(ws["root"] / "a_file" / "out"), "--iters", "2"],
-        "--adapter-path " + str(ws["root"] / "a_file" / "out") + ": cannot write there"),
+        "--adapter-path " + str(ws["root"] / "a_file" / "out") + ": cannot write there",
+    ),
     "fuse: output directory not writable": lambda ws: (
         ["fuse", "--adapter-path", str(ws["root"] / "adapter"), "--save-path", str(ws["root"] / "a_file" / "fused")],
-        "--save-path " + str(ws["root"] / "a_file") + ": cannot write there"),
+        "--save-path " + str(ws["root"] / "a_file") + ": cannot write there",
+    ),
 }
 
 

@@ -21,8 +21,9 @@ print(json.dumps({"used": blas.status[0], "loss": loss.item(), "grad": grads["we
 
 
 def probe(**env) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE], env={**os.environ, **env},
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], env={**os.environ, **env}, capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout)
 
 

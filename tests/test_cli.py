@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from mlx_lora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter
 from mlx_lora.cli import app
-from mlx_lora.models import load_base
+from mlx_lora.formats.loader import load_adapter
+from mlx_lora.formats.native import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from mlx_lora.model.base import load_base
 
 # Phi-3 keeps q, k and v in one fused qkv_proj, as transformers does.
 TARGETS = {"llama": "q_proj,v_proj", "qwen2": "q_proj,v_proj", "phi3": "qkv_proj,o_proj", "gemma": "q_proj,v_proj"}
@@ -24,9 +25,36 @@ def run(*args: str) -> str:
 
 
 def train_args(model, data, out, *extra):
-    return ["train", "--model", model, "--data", data, "--adapter-path", out, "--rank", 4, "--alpha", 8,
-            "--num-layers", 2, "--iters", 6, "--batch-size", 4, "--learning-rate", 2e-3, "--val-every", 3,
-            "--save-every", 3, "--report-every", 2, "--seed", 1, *extra]
+    return [
+        "train",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--adapter-path",
+        out,
+        "--rank",
+        4,
+        "--alpha",
+        8,
+        "--num-layers",
+        2,
+        "--iters",
+        6,
+        "--batch-size",
+        4,
+        "--learning-rate",
+        2e-3,
+        "--val-every",
+        3,
+        "--save-every",
+        3,
+        "--report-every",
+        2,
+        "--seed",
+        1,
+        *extra,
+    ]
 
 
 def adapter_logits(model_dir, adapter_dir, tokens):
@@ -85,9 +113,30 @@ def test_config_file_flags_override_and_options_reach_the_adapter(llama, tiny_da
     for split in ("train", "valid"):  # one row within --max-seq-length (all rows too long is an error)
         with (tiny_data / f"{split}.jsonl").open("a") as f:
             f.write(json.dumps({"prompt": "Q:", "completion": " 1"}) + "\n")
-    log = run("train", "--config", config, "--model", llama, "--data", tiny_data, "--adapter-path", out,
-              "--rank", 8, "--epochs", 0.5, "--batch-size", 4, "--max-seq-length", 24, "--val-every", 0,
-              "--save-every", 0, "--train-on-prompt")
+    log = run(
+        "train",
+        "--config",
+        config,
+        "--model",
+        llama,
+        "--data",
+        tiny_data,
+        "--adapter-path",
+        out,
+        "--rank",
+        8,
+        "--epochs",
+        0.5,
+        "--batch-size",
+        4,
+        "--max-seq-length",
+        24,
+        "--val-every",
+        0,
+        "--save-every",
+        0,
+        "--train-on-prompt",
+    )
     saved = json.loads((out / ADAPTER_CONFIG).read_text())
     assert saved["rank"] == 8 and saved["alpha"] == 4 and saved["dropout"] == 0.1  # flag beats file
     assert saved["modules"] == ["model.layers.0.self_attn.k_proj", "model.layers.2.self_attn.k_proj"]
@@ -102,8 +151,19 @@ def test_same_seed_same_adapter_and_generation_options(llama, tiny_data, tmp_pat
     a, b = (mx.load(str(tmp_path / n / ADAPTER_WEIGHTS)) for n in ("a", "b"))
     assert all(mx.array_equal(a[k], b[k]) for k in a)
 
-    sample = ("generate", "--adapter-path", tmp_path / "a", "--prompt", PROMPT, "--max-tokens", 12,
-              "--temp", 1.5, "--top-p", 0.9)
+    sample = (
+        "generate",
+        "--adapter-path",
+        tmp_path / "a",
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        12,
+        "--temp",
+        1.5,
+        "--top-p",
+        0.9,
+    )
     assert run(*sample, "--seed", 3) == run(*sample, "--seed", 3)
     outputs = {run(*sample, "--seed", s) for s in range(4)}
     assert len(outputs) > 1  # temperature sampling really samples
@@ -120,8 +180,9 @@ def test_same_seed_same_adapter_and_generation_options(llama, tiny_data, tmp_pat
     ],
 )
 def test_bad_options_are_one_line_errors(llama, tiny_data, tmp_path, args, message):
-    result = CliRunner().invoke(app, ["train", "--model", str(llama), "--data", str(tiny_data),
-                                      "--adapter-path", str(tmp_path / "a"), *args])
+    result = CliRunner().invoke(
+        app, ["train", "--model", str(llama), "--data", str(tiny_data), "--adapter-path", str(tmp_path / "a"), *args]
+    )
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "a" / ADAPTER_WEIGHTS).exists()

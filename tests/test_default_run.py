@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mlx_lora.cli import app
-from mlx_lora.models import DEFAULT_MODEL_DIR
+from mlx_lora.model.base import DEFAULT_MODEL_DIR
 
 
 def test_shipped_model_is_small_and_complete():

@@ -1,0 +1,326 @@
+"""Does the adapter help? Loss, perplexity and exact match on a data split, base vs adapter.
+
+Loss counts exactly the tokens training counts (feed.loss_fn over data.py's masks). Exact match
+generates greedily, batched by mlx-lm's BatchGenerator (left-padded KV caches), and compares the
+final answers: GSM8K's convention, the text after `####`, with numbers normalised.
+"""
+
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+
+import mlx.nn as nn
+from mlx_lm.generate import BatchGenerator
+
+from mlx_lora import atomic
+from mlx_lora.config import EvalConfig, TrainConfig
+from mlx_lora.data.examples import load_split
+from mlx_lora.data.rows import read_rows, resolve_data, row_format
+from mlx_lora.errors import UserError
+from mlx_lora.formats.loader import load_for_inference
+from mlx_lora.model.lora import lora_layers, remove_lora
+from mlx_lora.reporting.progress import Bar, on_terminal
+from mlx_lora.training.validation import mean_loss
+
+ANSWER_MARK = "####"
+# A number as people write answers: optional sign and currency, thousands commas, decimals, percent.
+NUMBER = re.compile(r"([-+]?)[$€£]?([-+]?)((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)(?!\d)%?")
+
+
+# --- answers ---------------------------------------------------------------------------------
+
+
+def final_answer(text: str) -> str | None:
+    """What follows the first `####` on its line (GSM8K's convention); None without a `####`."""
+    _, mark, tail = text.partition(ANSWER_MARK)
+    return tail.split("\n", 1)[0].strip() if mark else None
+
+
+def as_number(text: str) -> str | None:
+    """`$1,072.50` -> `1072.5`, `72.0` -> `72`, `-$3` -> `-3`; None unless the whole text is a number."""
+    m = NUMBER.fullmatch(text)
+    if m is None:
+        return None
+    value = Decimal(m[3].replace(",", "")) * (-1 if (m[1] + m[2]).count("-") % 2 else 1)
+    return "0" if value == 0 else format(value.normalize(), "f")
+
+
+def normalize(answer: str) -> str:
+    """Numbers in one canonical form; text with whitespace collapsed, case folded, no final period."""
+    text = " ".join(answer.split()).rstrip(".").strip()
+    number = as_number(text)
+    return number if number is not None else text.casefold()
+
+
+def is_correct(predicted: str | None, reference: str) -> bool:
+    """A numeric reference is matched by the number the prediction starts with (`72 apples.`)."""
+    if predicted is None:
+        return False
+    expected = normalize(reference)
+    if as_number(expected) is not None:
+        m = NUMBER.match(predicted.strip())
+        return m is not None and as_number(m[0].rstrip(".")) == expected
+    return normalize(predicted) == expected
+
+
+# --- what to generate ------------------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    """One row to answer: prompt tokens, the reference and how its answer is read."""
+
+    line: int
+    prompt: str
+    tokens: list[int]
+    reference: str
+    marked: bool  # the reference holds `####`: compare final answers, else the whole texts
+
+    def answer(self, text: str) -> str | None:
+        return final_answer(text) if self.marked else text.strip()
+
+    def cut(self, text: str) -> tuple[str, bool]:
+        """(text up to the end of the answer's line, whether the answer is complete).
+
+        A `####` answer ends at the newline after the mark; a single-line reference's answer at the
+        first newline after some text. Multi-line references end only at EOS or --max-tokens.
+        """
+        if self.marked:
+            head, mark, tail = text.partition(ANSWER_MARK)
+            start = len(head) + len(mark) if mark else None
+        else:
+            start = None if "\n" in self.reference.strip() else len(text) - len(text.lstrip())
+        end = -1 if start is None else text.find("\n", start)
+        return (text, False) if end == -1 else (text[:end], True)
+
+
+def generation_items(path: Path, rows: list[tuple[int, dict]], tokenizer, task: str) -> list[Item]:
+    """The rows exact match applies to: with `####` in the reference, or every row for exact-match.
+
+    Text rows have no boundary between question and answer; cutting them at `####` would hand the
+    model its worked solution, so they get loss and perplexity only.
+    """
+    items = []
+    for number, row in rows:
+        where = f"{path}:{number}"
+        fmt = row_format(where, row)
+        if fmt == "text":
+            if task == "exact-match":
+                raise UserError(
+                    f"{where}: text rows have no prompt to answer; "
+                    "use prompt/completion or messages rows for --task exact-match"
+                )
+            continue
+        if fmt == "completion":
+            prompt, reference = row["prompt"], row["completion"]
+            tokens = tokenizer.encode(prompt)
+        else:
+            last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+            prompt = tokenizer.apply_chat_template(row["messages"][:last], tokenize=False, add_generation_prompt=True)
+            reference = row["messages"][last]["content"]
+            tokens = tokenizer.encode(prompt, add_special_tokens=False)
+        if not tokens:
+            raise UserError(f"{where}: the prompt is empty, so there is nothing to answer; give the row a prompt")
+        marked = final_answer(reference) is not None
+        if task == "exact-match" or (task == "auto" and marked):
+            items.append(Item(number, prompt, tokens, reference, marked))
+    return items
+
+
+# --- generation ------------------------------------------------------------------------------
+
+
+@contextmanager
+def progress(total: int, label: str, log):
+    """The shared live bar on a terminal; elsewhere a plain line per tenth, so a log shows it moving."""
+    bar = Bar(label, total, log=log, transient=True)
+    done, step = 0, max(1, total // 10)
+
+    def advance():
+        nonlocal done
+        done += 1
+        bar.advance()
+        if not on_terminal(log) and (done % step == 0 or done == total):
+            log(f"{label}: {done}/{total}")
+
+    try:
+        yield advance
+    finally:
+        bar.close()
+
+
+def generate_answers(
+    model: nn.Module, tokenizer, items: list[Item], batch_size: int, max_tokens: int, advance=lambda: None
+) -> list[str]:
+    """Greedy continuations of every item, `batch_size` at a time, each stopped at EOS, at the end
+    of its answer's line (Item.cut) or after `max_tokens`. EOS is not part of the text."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i].tokens))  # similar lengths: less padding
+    generator = BatchGenerator(
+        model,
+        max_tokens=max_tokens,
+        stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+        completion_batch_size=batch_size,
+        prefill_batch_size=batch_size,
+    )
+    uids = generator.insert([items[i].tokens for i in order])
+    index = dict(zip(uids, order))
+    tokens = {uid: [] for uid in uids}
+    texts = [""] * len(items)
+    try:
+        while responses := generator.next_generated():
+            answered = []
+            for r in responses:
+                if r.finish_reason != "stop":  # "stop" means the token is EOS
+                    tokens[r.uid].append(r.token)
+                text, complete = items[index[r.uid]].cut(tokenizer.decode(tokens[r.uid]))
+                if complete or r.finish_reason is not None:
+                    texts[index[r.uid]] = text
+                    advance()
+                    if r.finish_reason is None:
+                        answered.append(r.uid)
+            if answered:
+                generator.remove(answered)
+    finally:
+        generator.close()
+    return texts
+
+
+# --- one model, then the comparison ----------------------------------------------------------
+
+
+@dataclass
+class Scores:
+    loss: float
+    perplexity: float
+    correct: int = 0
+    answered: int = 0  # rows exact match was computed on
+    predictions: list[dict] = field(default_factory=list)
+
+    @property
+    def exact_match(self) -> float | None:
+        return self.correct / self.answered if self.answered else None
+
+    def figures(self) -> dict:
+        return {
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "exact_match": self.exact_match,
+            "correct": self.correct,
+            "answered": self.answered,
+        }
+
+
+def score(model: nn.Module, tokenizer, examples, items: list[Item], cfg: EvalConfig, name: str, log) -> Scores:
+    loss = mean_loss(model, examples, cfg.batch_size)
+    scores = Scores(loss, math.exp(loss))
+    if not items:
+        return scores
+    with progress(len(items), f"generating ({name})", log) as advance:
+        texts = generate_answers(model, tokenizer, items, cfg.batch_size, cfg.max_tokens, advance)
+    for item, text in zip(items, texts):
+        predicted, expected = item.answer(text), item.answer(item.reference)
+        correct = is_correct(predicted, expected)
+        scores.correct += correct
+        scores.predictions.append({"prediction": text, "predicted_answer": predicted, "correct": correct})
+    scores.answered = len(items)
+    return scores
+
+
+def default_adapter(cfg: EvalConfig) -> str | None:
+    if cfg.adapter_path is not None:
+        return cfg.adapter_path
+    return TrainConfig.adapter_path if Path(TrainConfig.adapter_path).is_dir() else None
+
+
+def run(cfg: EvalConfig, log=print) -> dict:
+    """Evaluate the adapter (and the base, with --compare-base or without an adapter); return every figure."""
+    if cfg.output:
+        if Path(cfg.output).is_dir():
+            raise UserError(f"--output {cfg.output}: is a directory; give a file name such as results.json")
+        atomic.check_writable(Path(cfg.output).absolute().parent, "--output")
+    adapter_path = default_adapter(cfg)
+    if cfg.compare_base and adapter_path is None:
+        raise UserError(
+            f"--compare-base needs an adapter: pass --adapter-path (./{TrainConfig.adapter_path} does not exist)"
+        )
+    base = load_for_inference(cfg.model, adapter_path)
+    path = resolve_data(cfg.data) / f"{cfg.split}.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path}: missing; --split {cfg.split} reads {cfg.split}.jsonl from --data")
+    examples = load_split(path, base.tokenizer, cfg.max_seq_length, False, log=log, max_rows=cfg.max_examples)
+    items = (
+        []
+        if cfg.task == "loss"
+        else generation_items(path, read_rows(path)[: cfg.max_examples], base.tokenizer, cfg.task)
+    )
+    log(
+        f"eval {base.name}{f' + {adapter_path}' if adapter_path else ''} on {path}: {len(examples)} rows for loss, "
+        f"{len(items)} for exact match"
+    )
+    scores = {}
+    if adapter_path:
+        if cfg.compare_base and not lora_layers(base.model):
+            raise UserError(
+                f"--adapter-path {adapter_path}: the adapter left no LoRA layers to remove, "
+                "so the base cannot be compared"
+            )
+        scores["adapter"] = score(base.model, base.tokenizer, examples, items, cfg, "adapter", log)
+        remove_lora(base.model)  # the untouched base layers are back: exactly the base
+    if cfg.compare_base or not adapter_path:
+        scores["base"] = score(base.model, base.tokenizer, examples, items, cfg, "base", log)
+    result = report(base.name, adapter_path, path, cfg.task, examples, items, scores)
+    if cfg.output:
+        atomic.write_json(Path(cfg.output), result)
+    return result
+
+
+def report(model: str, adapter_path, path: Path, task: str, examples, items: list[Item], scores: dict) -> dict:
+    """Every figure of each evaluated model, their difference, and each row's predictions."""
+    names = [n for n in ("base", "adapter") if n in scores]
+    result = {
+        "model": model,
+        "adapter_path": adapter_path,
+        "data": str(path),
+        "task": task,
+        "rows": len(examples),
+        "loss_tokens": int(sum(ex.mask.sum() for ex in examples)),
+        **{n: scores[n].figures() for n in names},
+        "predictions": [
+            {
+                "line": item.line,
+                "prompt": item.prompt,
+                "reference": item.reference,
+                "reference_answer": item.answer(item.reference),
+                **{n: scores[n].predictions[i] for n in names},
+            }
+            for i, item in enumerate(items)
+        ],
+    }
+    if len(names) == 2:
+        a, b = result["base"], result["adapter"]
+        result["difference"] = {k: None if a[k] is None else b[k] - a[k] for k in ("loss", "perplexity", "exact_match")}
+    return result
+
+
+def table(result: dict) -> str:
+    """Base and/or adapter side by side, with the change the adapter makes."""
+    names = [n for n in ("base", "adapter") if n in result]
+    header = [""] + names + (["change"] if "difference" in result else [])
+    rows = [header]
+    for key, label in (("loss", "loss"), ("perplexity", "perplexity"), ("exact_match", "exact match")):
+        if result[names[0]][key] is None:
+            continue
+        row = [label] + [f"{result[n][key]:.3f}" for n in names]
+        if key == "exact_match":
+            row[1:] = [f"{cell} ({result[n]['correct']}/{result[n]['answered']})" for cell, n in zip(row[1:], names)]
+        if "difference" in result:
+            row.append(f"{result['difference'][key]:+.3f}")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))).rstrip()
+        for r in rows
+    )

@@ -1,0 +1,104 @@
+"""Base + adapter -> merged model directory that mlx-lm and transformers load; checks itself."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.gguf import convert_to_gguf
+from mlx_lm.utils import dequantize_model, load_model
+
+from mlx_lora.atomic import check_writable, replace_dir
+from mlx_lora.config import FuseConfig
+from mlx_lora.errors import UserError
+from mlx_lora.formats.loader import apply_adapter, read_adapter
+from mlx_lora.model.base import load_base, write_model_files
+from mlx_lora.model.lora import fuse_lora, lora_layers
+
+CHECK_PROMPT = "Q: Tom has 3 apples and buys 4 more. How many apples does he have?\nA: 3 + 4 = 7. #### 7"
+# Largest logit difference allowed between adapter and fused model, relative to max(1, |logits|).
+TOLERANCE = {mx.float32: 1e-3, mx.float16: 3e-2, mx.bfloat16: 6e-2}
+GGUF_FILE = "model.gguf"
+GGUF_ARCHITECTURES = ("llama", "mistral", "mixtral")  # the model types mlx_lm.gguf can translate
+
+
+@dataclass
+class FuseResult:
+    save_path: Path
+    max_logit_diff: float  # fused model (as saved) vs adapter model
+    effect_kept: float | None = None  # re-quantized only: 1 - |fused - adapter| / |adapter - base|
+
+
+def _logits(model: nn.Module, tokens: mx.array) -> mx.array:
+    return model(tokens[None])[0]  # (T, V)
+
+
+def check_gguf(config: dict, requantize: bool) -> None:
+    """Before any work: can mlx-lm's GGUF writer take this model?"""
+    model_type = config.get("model_type")
+    if model_type not in GGUF_ARCHITECTURES:
+        raise UserError(
+            f"--export-gguf: mlx-lm writes GGUF for {', '.join(GGUF_ARCHITECTURES)} models, not {model_type}; "
+            "fuse without it and run llama.cpp's convert_hf_to_gguf.py on the fused directory"
+        )
+    if requantize:
+        raise UserError("--export-gguf needs full-precision weights: drop --requantize")
+
+
+def fuse(cfg: FuseConfig, log=print) -> FuseResult:
+    """Merge in float32 and save in the base's dtype, de-quantized unless --requantize."""
+    adapter, weights = read_adapter(Path(cfg.adapter_path))
+    check_writable(Path(cfg.save_path).absolute().parent, "--save-path")
+    base = load_base(cfg.model or adapter.base_model)
+    if cfg.export_gguf:
+        check_gguf(base.config, cfg.requantize)
+    tokens = mx.array(base.tokenizer.encode(CHECK_PROMPT))
+    base_logits = _logits(base.model, tokens).astype(mx.float32)
+    apply_adapter(base, adapter, weights, Path(cfg.adapter_path))
+    base.model.eval()
+    raw = _logits(base.model, tokens)
+    adapter_logits = raw.astype(mx.float32)
+    quantized = [l.linear for l in lora_layers(base.model).values() if isinstance(l.linear, nn.QuantizedLinear)]
+    if cfg.requantize and not quantized:
+        raise UserError(
+            "--requantize: the adapted layers of this base are not quantized; there is nothing to re-quantize"
+        )
+    fuse_lora(base.model, requantize=cfg.requantize)
+    config = dict(base.config)
+    if not cfg.requantize:
+        dequantize_model(base.model)
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+    in_memory = _logits(base.model, tokens).astype(mx.float32)
+    with replace_dir(Path(cfg.save_path)) as tmp:
+        write_model_files(tmp, base.model, base.tokenizer, config, base.path)
+        fused, _ = load_model(tmp)
+        fused_logits = _logits(fused, tokens).astype(mx.float32)
+        diff = mx.abs(fused_logits - adapter_logits).max().item()
+        scale = max(1.0, mx.abs(adapter_logits).max().item())
+        tol = TOLERANCE.get(raw.dtype, 6e-2) * scale
+        log(f"check: largest logit difference, fused vs adapter model: {diff:.2e}")
+        if cfg.requantize:
+            saved_diff = mx.abs(fused_logits - in_memory).max().item()
+            if saved_diff > tol:
+                raise UserError(
+                    f"fused model on disk differs from the merged model by {saved_diff:.2e} (> {tol:.1e}); "
+                    "nothing written"
+                )
+            effect = mx.sqrt(mx.square(adapter_logits - base_logits).sum()).item()
+            lost = mx.sqrt(mx.square(fused_logits - adapter_logits).sum()).item()
+            kept = 1 - lost / effect if effect > 0 else 1.0
+            log(
+                f"re-quantizing to {quantized[0].bits}-bit changed the logits by up to {diff:.2e} and kept "
+                f"{100 * kept:.0f}% of the adapter's effect on the check prompt"
+                + ("" if kept > 0.8 else "; fuse without --requantize to keep all of it")
+            )
+        elif diff > tol:
+            raise UserError(f"fused model differs from the adapter model by {diff:.2e} (> {tol:.1e}); nothing written")
+        else:
+            kept = None
+        if cfg.export_gguf:
+            convert_to_gguf(tmp, dict(tree_flatten(base.model.parameters())), config, str(tmp / GGUF_FILE))
+    log(f"fused model saved to {cfg.save_path}")
+    return FuseResult(Path(cfg.save_path), diff, kept)

@@ -1,0 +1,108 @@
+"""`mlx-lora info`: what `train` would do with the same options, without training.
+
+The model is loaded and wrapped exactly as training wraps it, and the adapter is written to a
+temporary directory by the same save function, so the parameter counts and the size on disk are
+the ones training will produce; only the memory figure is an estimate (memory.py).
+"""
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlx.utils import tree_flatten
+from mlx_lm.utils import get_total_parameters
+
+from mlx_lora.config import LoRAConfig, TrainConfig, lora_part, method_options
+from mlx_lora.formats.native import ADAPTER_CONFIG, ADAPTER_WEIGHTS, describe, save_adapter
+from mlx_lora.model.base import load_base
+from mlx_lora.model.lora import LINEAR_TYPES, apply_lora, block_paths, linear_dims
+from mlx_lora.training.memory import MemoryEstimate, compute_dtype, estimate_training_memory
+
+
+def human(size: int) -> str:
+    for unit, factor in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if size >= factor:
+            return f"{size / factor:.2f} {unit}"
+    return f"{size} B"
+
+
+@dataclass
+class ModelInfo:
+    blocks: int
+    linears: dict[str, tuple[int, int]]  # module path -> (out, in), before LoRA
+    modules: list[str]  # the ones that get LoRA
+    parameters: int  # the base model's (quantized weights counted unpacked, as mlx-lm counts them)
+    trainable: int
+    adapter_bytes: dict[str, int]  # file name -> size on disk
+    memory: MemoryEstimate
+
+
+def _spans(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    spans, start = [], None
+    for i, n in enumerate(indices):
+        start = n if start is None else start
+        if i + 1 == len(indices) or indices[i + 1] != n + 1:
+            spans.append(f"{start}-{n}" if n > start else f"{n}")
+            start = None
+    return ", ".join(spans)
+
+
+def _by_block(items: dict[str, str], prefixes: list[str]) -> list[str]:
+    """{module path: text} -> one line per run of blocks whose modules read the same, then the rest."""
+    groups: dict[int, list[str]] = {}
+    other = []
+    for path, text in items.items():
+        i = next((i for i, p in enumerate(prefixes) if path.startswith(p)), None)
+        if i is None:
+            other.append(f"{path}{text}")
+        else:
+            groups.setdefault(i, []).append(f"{path[len(prefixes[i]) :]}{text}")
+    layouts: dict[tuple, list[int]] = {}
+    for i, names in sorted(groups.items()):
+        layouts.setdefault(tuple(names), []).append(i)
+    lines = [f"  blocks {_spans(blocks)}: {', '.join(names)}" for names, blocks in layouts.items()]
+    return lines + ([f"  outside the blocks: {', '.join(other)}"] if other else [])
+
+
+def info(cfg: TrainConfig, log=print) -> ModelInfo:
+    base = load_base(cfg.model)
+    model = base.model
+    prefixes = [p + "." for p in block_paths(model)]
+    linears = {n: linear_dims(m) for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
+    bits = {n: m.bits for n, m in model.named_modules() if hasattr(m, "bits")}
+    parameters = get_total_parameters(model)
+    lora = LoRAConfig(**lora_part(cfg))
+    modules = apply_lora(model, lora)
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = describe(base, lora, modules)
+        adapter.training = method_options(cfg)
+        save_adapter(Path(tmp), model, adapter)
+        sizes = {name: (Path(tmp) / name).stat().st_size for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)}
+    memory = estimate_training_memory(model, base.config, cfg.batch_size, cfg.max_seq_length, cfg.grad_checkpoint)
+
+    log(
+        f"model {base.name} ({base.config.get('model_type', '?')}): {len(prefixes)} blocks, "
+        f"{parameters:,} parameters, {str(compute_dtype(model)).split('.')[-1]}"
+    )
+    log("linear modules (out×in):")
+    for line in _by_block(
+        {n: f" {o}×{i}" + (f" {bits[n]}-bit" if n in bits else "") for n, (o, i) in linears.items()}, prefixes
+    ):
+        log(line)
+    log(f"LoRA r={cfg.rank} alpha={cfg.alpha} (scale {lora.scale:g}) on {len(modules)} modules:")
+    for line in _by_block(dict.fromkeys(modules, ""), prefixes):
+        log(line)
+    log(f"trainable parameters: {trainable:,} ({100 * trainable / parameters:.3f}% of {parameters:,})")
+    log(
+        f"adapter on disk: {sum(sizes.values()):,} bytes ("
+        + " + ".join(f"{name} {size:,}" for name, size in sizes.items())
+        + ")"
+    )
+    log(
+        f"training memory for batch {cfg.batch_size} × {cfg.max_seq_length} tokens, estimated: "
+        f"{human(memory.total)} = weights {human(memory.weights)} + LoRA, gradients and AdamW "
+        f"{human(memory.trainable)} + activations {human(memory.activations)} + logits {human(memory.logits)}"
+    )
+    return ModelInfo(len(prefixes), linears, modules, parameters, trainable, sizes, memory)

@@ -1,0 +1,51 @@
+"""Every option of every command: its default and its help text, written once, one dataclass per concern.
+
+Precedence: command line > YAML file (files.py) > the field's default.
+"""
+
+from mlx_lora.config.commands import CONVERT_FORMATS, EVAL_TASKS, ConvertConfig, EvalConfig, FuseConfig, PlotConfig
+from mlx_lora.config.fields import arg, field_types, opt, split_list
+from mlx_lora.config.files import build_config, load_yaml
+from mlx_lora.config.inference import ChatConfig, GenerateConfig, InferenceConfig
+from mlx_lora.config.lora import (
+    INITS,
+    LoRAConfig,
+    format_pattern,
+    lora_part,
+    lora_scale,
+    parse_layers,
+    parse_pattern,
+    pattern_key,
+)
+from mlx_lora.config.train import LR_SCHEDULES, METHOD_FIELDS, REPORT_TO, TrainConfig, method_options
+
+__all__ = [
+    "CONVERT_FORMATS",
+    "EVAL_TASKS",
+    "INITS",
+    "LR_SCHEDULES",
+    "METHOD_FIELDS",
+    "REPORT_TO",
+    "ChatConfig",
+    "ConvertConfig",
+    "EvalConfig",
+    "FuseConfig",
+    "GenerateConfig",
+    "InferenceConfig",
+    "LoRAConfig",
+    "PlotConfig",
+    "TrainConfig",
+    "arg",
+    "build_config",
+    "field_types",
+    "format_pattern",
+    "load_yaml",
+    "lora_part",
+    "lora_scale",
+    "method_options",
+    "opt",
+    "parse_layers",
+    "parse_pattern",
+    "pattern_key",
+    "split_list",
+]

@@ -1,0 +1,83 @@
+"""The options of the commands around training: fuse, convert, eval and plot."""
+
+from dataclasses import dataclass
+
+from mlx_lora.config.fields import arg, opt
+
+CONVERT_FORMATS = ("peft", "mlx", "mlx-lm")
+EVAL_TASKS = ("auto", "exact-match", "loss")
+
+
+@dataclass(frozen=True)
+class PlotConfig:
+    runs: list[str] | None = arg("Run directories (the --adapter-path of each training run).")
+    output: str | None = opt(None, "PNG to write (default: RUN_DIR/loss.png for one run, loss.png for several).")
+
+    def problems(self) -> list[str]:
+        return []
+
+
+@dataclass(frozen=True)
+class FuseConfig:
+    model: str | None = opt(None, "Base model (default: the one the adapter names).")
+    adapter_path: str = opt("adapters", "Adapter directory to merge.")
+    save_path: str = opt("fused_model", "Directory for the merged model (replaced only once it checks out).")
+    requantize: bool = opt(
+        False,
+        "Quantized base: re-quantize the merged layers like the base and report the logit change "
+        "this causes (default, --dequantize: save the whole model de-quantized, merged in full precision).",
+        off="--dequantize",
+    )
+    export_gguf: bool = opt(
+        False, "Also write <save-path>/model.gguf (float16) for llama.cpp; llama, mistral and mixtral models only."
+    )
+
+    def problems(self) -> list[str]:
+        return []
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    adapter_dir: str | None = arg("Adapter directory to read: mlx-lora, PEFT or mlx_lm.lora format.")
+    out_dir: str | None = arg("Directory to write (created, or replaced once complete).")
+    to: str = opt("peft", "Format to write: peft (Hugging Face PEFT), mlx (mlx-lora's own) or mlx-lm (mlx_lm.lora's).")
+    model: str | None = opt(None, "Base model the adapter belongs to (default: the one the adapter names).")
+    base_model_id: str | None = opt(
+        None, "Base model id to record in the output, e.g. the Hugging Face id for PEFT (default: the adapter's base)."
+    )
+
+    def problems(self) -> list[str]:
+        return (
+            [] if self.to in CONVERT_FORMATS else [f"--to must be one of {', '.join(CONVERT_FORMATS)}, got '{self.to}'"]
+        )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: str | None = opt(None, "Base model (default: the one the adapter names, else the shipped model).")
+    adapter_path: str | None = opt(
+        None, "Adapter directory (default: ./adapters when it exists, else the base model alone)."
+    )
+    data: str | None = opt(None, "Directory holding the split's .jsonl file (default: the bundled arithmetic set).")
+    split: str = opt("test", "Evaluate <split>.jsonl of --data: test, valid, train or any other name.")
+    max_examples: int | None = opt(None, "Evaluate only the first N rows of the split (default: all).")
+    task: str = opt(
+        "auto",
+        "auto: loss and perplexity, plus exact match on rows whose reference has an answer after ####; "
+        "exact-match: exact match on every row; loss: loss and perplexity only.",
+    )
+    compare_base: bool = opt(False, "Also evaluate the base without the adapter and print both side by side.")
+    output: str | None = opt(None, "Write every figure and each example's prediction to this JSON file.")
+    batch_size: int = opt(16, "Rows per batch for the loss and for generation.")
+    max_tokens: int = opt(256, "Most tokens generated per answer.")
+    max_seq_length: int = opt(2048, "Rows longer than this many tokens are truncated for the loss.")
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.task not in EVAL_TASKS:
+            p.append(f"--task must be one of {', '.join(EVAL_TASKS)}, got '{self.task}'")
+        for name in ("batch_size", "max_tokens", "max_examples", "max_seq_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                p.append(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        return p

@@ -1,0 +1,131 @@
+"""A training run: the LoRA options plus data, optimisation, methods, saving and reporting."""
+
+from dataclasses import dataclass
+from typing import Any
+
+from mlx_lora.config.fields import opt, split_list
+from mlx_lora.config.lora import LoRAConfig
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+REPORT_TO = ("tensorboard", "wandb")
+
+
+@dataclass(frozen=True)
+class TrainConfig(LoRAConfig):
+    """A training run. Inherits LoRAConfig so CLI flags and YAML keys share one flat namespace."""
+
+    model: str | None = opt(
+        None, "Hugging Face model directory or hub id (default: the small model shipped with mlx-lora)."
+    )
+    data: str | None = opt(None, "Directory with train.jsonl and valid.jsonl (default: the bundled arithmetic set).")
+    adapter_path: str = opt("adapters", "Directory for adapters.safetensors, adapter_config.json and checkpoints.")
+    iters: int = opt(300, "Optimizer steps to train for.")
+    epochs: float | None = opt(None, "Train for this many passes over the training set instead of --iters.")
+    batch_size: int = opt(4, "Rows per batch.")
+    learning_rate: float = opt(1e-3, "AdamW learning rate.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    max_seq_length: int = opt(2048, "Rows longer than this many tokens are truncated.")
+    seed: int = opt(0, "Seed for LoRA init, dropout and data order.")
+    val_every: int = opt(50, "Compute the validation loss every N steps (0: only at start and end).")
+    val_batches: int = opt(25, "Validation batches per evaluation (-1: the whole split).")
+    report_every: int = opt(10, "Print the training loss every N steps.")
+    save_every: int = opt(100, "Write a checkpoint under <adapter-path>/checkpoints every N steps (0: never).")
+    train_on_prompt: bool = opt(
+        False, "Also train on prompt / user tokens (default: loss on completions and assistant turns only)."
+    )
+    report_to: str | None = opt(
+        None, "Also send the metrics to tensorboard, wandb or both (comma-separated); each must be installed."
+    )
+    resume: str | None = opt(
+        None,
+        "Continue from a checkpoint directory (or an adapter directory: its latest checkpoint): weights, "
+        "optimizer, step, data order and random state; the run's saved options apply unless given again.",
+    )
+    prefix_cache: bool = opt(
+        True,
+        "Compute the frozen blocks before the first LoRA block once per row and reuse their output "
+        "in later epochs (RAM, or a temporary file when large); --no-prefix-cache recomputes them every step.",
+    )
+    # Training methods (issue 8): how the steps are computed, not what the adapter is.
+    pack: bool = opt(
+        False,
+        "Pack several rows into each sequence of up to --max-seq-length tokens; attention and "
+        "positions stay within each row, so losses equal the unpacked run's.",
+    )
+    grad_checkpoint: bool = opt(
+        False, "Recompute each transformer block in the backward pass: less memory, about 30% more time."
+    )
+    grad_accumulation_steps: int = opt(
+        1, "Sum gradients over this many batches per optimizer step (same update as one k-times-larger batch)."
+    )
+    lr_schedule: str = opt("constant", f"Learning-rate schedule after warmup: {', '.join(LR_SCHEDULES)}.")
+    warmup_steps: int = opt(0, "Raise the learning rate linearly over the first N steps.")
+    final_lr_ratio: float = opt(0.1, "linear / cosine: the last step's learning rate as a fraction of --learning-rate.")
+    early_stopping_patience: int | None = opt(
+        None,
+        "Stop after N validations (every --val-every steps) without a better validation loss, "
+        "and keep the best adapter.",
+    )
+    peer_timeout: float = opt(
+        300.0,
+        "In a group started by mlx.launch: end every process when one waits this many seconds for "
+        "the others (to join, in one step, at validation), as when a process died or hangs.",
+    )
+
+    def problems(self) -> list[str]:
+        p = super().problems()
+        for name in ("iters", "batch_size", "max_seq_length"):
+            if getattr(self, name) < 1:
+                p.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.epochs is not None and self.epochs <= 0:
+            p.append(f"--epochs must be positive, got {self.epochs}")
+        if self.learning_rate <= 0:
+            p.append(f"--learning-rate must be positive, got {self.learning_rate}")
+        if self.peer_timeout <= 0:
+            p.append(f"--peer-timeout must be positive, got {self.peer_timeout}")
+        for name in ("val_every", "report_every", "save_every"):
+            if getattr(self, name) < 0:
+                p.append(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        unknown = set(split_list(self.report_to)) - set(REPORT_TO)
+        if unknown:
+            p.append(f"--report-to: unknown {', '.join(sorted(unknown))}; choose from {', '.join(REPORT_TO)}")
+        if self.val_batches == 0 or self.val_batches < -1:
+            p.append(f"--val-batches must be -1 (all) or a positive count, got {self.val_batches}")
+        p += self._method_problems()
+        return p
+
+    def _method_problems(self) -> list[str]:
+        p = []
+        if self.grad_accumulation_steps < 1:
+            p.append(f"--grad-accumulation-steps must be at least 1, got {self.grad_accumulation_steps}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            p.append(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got '{self.lr_schedule}'")
+        if self.warmup_steps < 0:
+            p.append(f"--warmup-steps must be 0 or more, got {self.warmup_steps}")
+        if not 0 <= self.final_lr_ratio <= 1:
+            p.append(f"--final-lr-ratio must be in [0, 1], got {self.final_lr_ratio}")
+        if self.early_stopping_patience is not None:
+            if self.early_stopping_patience < 1:
+                p.append(f"--early-stopping-patience must be at least 1, got {self.early_stopping_patience}")
+            if self.val_every == 0:
+                p.append(
+                    "--early-stopping-patience needs validations during training: "
+                    "set --val-every to a positive step count"
+                )
+        return p
+
+
+METHOD_FIELDS = (
+    "pack",
+    "grad_accumulation_steps",
+    "lr_schedule",
+    "warmup_steps",
+    "final_lr_ratio",
+    "early_stopping_patience",
+)
+
+
+def method_options(cfg: "TrainConfig") -> dict[str, Any]:
+    """The training methods a run changed from their defaults (those that shape the weights),
+    as adapter_config.json's `training` block records them."""
+    return {n: getattr(cfg, n) for n in METHOD_FIELDS if getattr(cfg, n) != getattr(TrainConfig, n)}

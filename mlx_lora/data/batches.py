@@ -1,0 +1,108 @@
+"""Examples -> padded batches: rows of similar length grouped so padding stays small; packs of rows.
+
+The order of every epoch follows from (seed, epoch) alone, so a resumed or sharded run reads the
+same batches as an uninterrupted one.
+"""
+
+from collections.abc import Callable, Iterator
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_lora.data.examples import Example
+
+PAD_MULTIPLE = 8  # fewer distinct batch shapes, so the compiled step is rebuilt less often
+
+
+def epoch_batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's batches: rows shuffled, sorted by length within windows, batches shuffled."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(examples))
+    window = batch_size * 16
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: len(examples[i].tokens))
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def collate(examples: list[Example], indices: list[int]) -> tuple[mx.array, mx.array]:
+    """Right-padded tokens (B, L) and loss mask (B, L); padding is never a target."""
+    longest = max(len(examples[i].tokens) for i in indices)
+    length = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+    tokens = np.zeros((len(indices), length), np.int32)
+    mask = np.zeros((len(indices), length), bool)
+    for row, i in enumerate(indices):
+        ex = examples[i]
+        tokens[row, : len(ex.tokens)] = ex.tokens
+        mask[row, : len(ex.mask)] = ex.mask
+    return mx.array(tokens), mx.array(mask)
+
+
+def epoch_packs(examples: list[Example], batch_size: int, length: int, seed: int, epoch: int) -> list[list[list[int]]]:
+    """One epoch of packed batches (--pack): shuffled rows laid end to end into sequences of at
+    most `length` tokens (next fit), `batch_size` sequences per batch."""
+    rng = np.random.default_rng([seed, epoch])
+    packs, used = [[]], 0
+    for i in rng.permutation(len(examples)):
+        n = len(examples[i].tokens)
+        if used + n > length and packs[-1]:
+            packs, used = packs + [[]], 0
+        packs[-1].append(int(i))
+        used += n
+    return [packs[j : j + batch_size] for j in range(0, len(packs), batch_size)]
+
+
+def collate_packs(examples: list[Example], packs: list[list[int]]) -> tuple[mx.array, mx.array, mx.array]:
+    """Tokens, loss mask and segments (B, L): a token's segment is the index of its row within
+    the sequence; padding is one more segment. A row's first token is never a target, so no
+    loss crosses from one row into the next."""
+    rows = [[examples[i] for i in pack] for pack in packs]
+    longest = max(sum(len(ex.tokens) for ex in pack) for pack in rows)
+    length = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+    tokens = np.zeros((len(packs), length), np.int32)
+    mask = np.zeros((len(packs), length), bool)
+    segments = np.zeros((len(packs), length), np.int32)
+    for b, pack in enumerate(rows):
+        ends = np.cumsum([len(ex.tokens) for ex in pack])
+        tokens[b, : ends[-1]] = np.concatenate([ex.tokens for ex in pack])
+        mask[b, : ends[-1]] = np.concatenate([ex.mask for ex in pack])
+        segments[b] = np.searchsorted(ends, np.arange(length), side="right")  # padding: len(pack)
+    return mx.array(tokens), mx.array(mask), mx.array(segments)
+
+
+def iterate_batches(
+    examples: list[Example],
+    batch_size: int,
+    seed: int,
+    start: int = 0,
+    pack_length: int | None = None,
+    shard: Callable[[list], list] | None = None,
+) -> Iterator[tuple[list, tuple, int]]:
+    """Endless (rows, batch, real token count): `batch` is (tokens, mask) collated from
+    `examples[rows]`, or (tokens, mask, segments) packed ones with `pack_length` (rows are then
+    packs of row indices); `start` skips that many batches, so a resumed run sees the same order
+    as an uninterrupted one. In a group, `shard` picks this process's rows or packs
+    (distributed.World.shard) and the count stays the whole batch's; a process left without any
+    gets one with nothing to learn, so it still joins the gradient sum."""
+    step, epoch = 0, 0
+    while True:
+        if pack_length is None:
+            plan, collated = epoch_batches(examples, batch_size, seed, epoch), collate
+        else:
+            plan, collated = epoch_packs(examples, batch_size, pack_length, seed, epoch), collate_packs
+        for batch in plan:
+            if step >= start:
+                rows = [i for pack in batch for i in pack] if pack_length else batch
+                mine = shard(batch) if shard else batch
+                tokens, mask, *segments = collated(examples, mine or batch[:1])
+                learned = mask if mine else mx.zeros_like(mask)
+                yield mine or batch[:1], (tokens, learned, *segments), sum(len(examples[i].tokens) for i in rows)
+            step += 1
+        epoch += 1
+
+
+def batches_per_epoch(examples: list[Example], batch_size: int, pack_length: int | None = None) -> int:
+    if pack_length is not None:
+        return len(epoch_packs(examples, batch_size, pack_length, seed=0, epoch=0))
+    return -(-len(examples) // batch_size)

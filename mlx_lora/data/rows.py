@@ -1,0 +1,102 @@
+"""JSONL rows on disk: where the data is, reading each line, and which of the three row formats it is.
+
+Formats: text ({"text"}), completion ({"prompt", "completion"}) and chat ({"messages"}). Every
+problem names the file and line.
+"""
+
+import json
+from pathlib import Path
+
+from mlx_lora.errors import UserError
+
+SPLITS = ("train", "valid", "test")
+DEFAULT_DATA_DIRS = (
+    Path(__file__).parent.parent / "default_data",  # installed wheel
+    Path(__file__).parent.parent.parent / "data",  # source checkout
+)
+FORMAT_KEYS = {"text": ("text",), "completion": ("prompt", "completion"), "chat": ("messages",)}
+ROLES = ("system", "user", "assistant")
+
+
+def resolve_data(data: str | None) -> Path:
+    if data is None:
+        return next(d for d in DEFAULT_DATA_DIRS if (d / "train.jsonl").exists())
+    path = Path(data).expanduser()
+    if not path.is_dir():
+        raise UserError(f"--data {data}: not a directory (expected one holding train.jsonl and valid.jsonl)")
+    return path
+
+
+def read_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) for every non-blank line; the first bad line is a UserError."""
+    rows = []
+    try:
+        # only "\n" ends a JSONL line (str.splitlines would also split at U+2028 inside a string)
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(
+                f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno}); write one JSON object per line"
+            ) from None
+        except RecursionError:
+            raise UserError(f"{path}:{number}: JSON nested too deeply to read; flatten the row") from None
+        if not isinstance(row, dict):
+            raise UserError(
+                f'{path}:{number}: expected a JSON object such as {{"text": ...}}, got {type(row).__name__}'
+            )
+        try:
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UserError(
+                f"{path}:{number}: contains an unpaired surrogate escape "
+                f"({e.object[e.start : e.end]!a}); write valid Unicode"
+            ) from None
+        rows.append((number, row))
+    if not rows:
+        raise UserError(f"{path}: no rows; each line must be a JSON object with text, prompt+completion or messages")
+    return rows
+
+
+def row_format(where: str, row: dict) -> str:
+    found = [fmt for fmt, keys in FORMAT_KEYS.items() if any(k in row for k in keys)]
+    if not found:
+        raise UserError(
+            f"{where}: row has none of the keys 'text', 'prompt'+'completion', 'messages' "
+            f"(found: {', '.join(map(repr, row)) or 'no keys'})"
+        )
+    if len(found) > 1:
+        raise UserError(f"{where}: row mixes formats ({' and '.join(found)}); use one of them per row")
+    fmt = found[0]
+    for key in FORMAT_KEYS[fmt]:
+        if key not in row:
+            raise UserError(f"{where}: key '{key}' missing; a {fmt} row needs {' and '.join(FORMAT_KEYS[fmt])}")
+        if fmt != "chat" and not isinstance(row[key], str):
+            raise UserError(f"{where}: key '{key}' must be a string, got {type(row[key]).__name__}")
+    if fmt == "chat":
+        check_messages(where, row["messages"])
+    return fmt
+
+
+def check_messages(where: str, messages) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: key 'messages' must be a non-empty list of {{role, content}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+            raise UserError(f'{where}: messages[{i}] must be {{"role": one of {", ".join(ROLES)}, "content": string}}')
+    roles = [m["role"] for m in messages]
+    turns = roles[1:] if roles[0] == "system" else roles
+    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
+    if turns != expected:
+        bad = next(i for i, (r, e) in enumerate(zip(turns, expected)) if r != e) + len(roles) - len(turns)
+        raise UserError(
+            f"{where}: messages[{bad}] has role '{roles[bad]}' where '{expected[bad - len(roles) + len(turns)]}' "
+            "belongs; use an optional system turn, then user and assistant turns alternating"
+        )
+    if "assistant" not in turns:
+        raise UserError(f"{where}: 'messages' has no assistant turn, so there is nothing to learn")

@@ -1,0 +1,102 @@
+"""mlx_lm.lora's adapter format, both ways: adapters.safetensors + adapter_config.json.
+
+The tensors are named and shaped like ours. The config differs: mlx-lm wraps the same `keys`
+(module paths inside a block) in each of the last `num_layers` blocks, and its `scale` is the
+multiplier itself where ours is alpha / r. Blocks it wraps that we did not adapt get no tensors
+and keep mlx-lm's zero-initialised B, so they add nothing.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from mlx_lora import atomic
+from mlx_lora.errors import UserError
+from mlx_lora.formats.native import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    BLOCK_MODULE,
+    EMBEDDED_CONFIG,
+    FORMAT,
+    AdapterConfig,
+    from_modules,
+    read_weights,
+)
+from mlx_lora.model.lora import LORA_KEYS
+
+MLXLM_PARAMETERS = "lora_parameters"
+
+
+def is_mlxlm(data: dict[str, Any]) -> bool:
+    return MLXLM_PARAMETERS in data and data.get("format") != FORMAT
+
+
+def read_mlxlm(directory: Path, data: dict[str, Any]) -> tuple[AdapterConfig, dict[str, mx.array]]:
+    path = directory / ADAPTER_CONFIG
+    kind = data.get("fine_tune_type", "lora")
+    if kind != "lora":
+        raise UserError(
+            f"{path}: fine_tune_type {kind}; mlx-lora reads LoRA adapters only"
+            + (" (a full fine-tune is a whole model: pass it as --model)" if kind == "full" else "")
+        )
+    params = data[MLXLM_PARAMETERS]
+    missing = [k for k in ("rank", "scale") if k not in params] + ([] if "num_layers" in data else ["num_layers"])
+    if missing:
+        raise UserError(f"{path}: mlx-lm adapter config lacks {', '.join(missing)}")
+    weights, metadata = read_weights(directory / ADAPTER_WEIGHTS)
+    foreign = [k for k in weights if k.rsplit(".", 1)[-1] not in LORA_KEYS]
+    if foreign or not weights:
+        raise UserError(
+            f"{directory / ADAPTER_WEIGHTS}: {', '.join(foreign[:3]) or 'no tensors'}: not LoRA A/B weights"
+        )
+    rank, scale = int(params["rank"]), float(params["scale"])
+    modules = sorted({k.rsplit(".", 1)[0] for k in weights})
+    config = from_modules(
+        modules,
+        rank,
+        scale * rank,
+        float(params.get("dropout", 0.0)),
+        str(data.get("model") or ""),
+        num_layers=int(data["num_layers"]),
+        embedded=metadata.get(EMBEDDED_CONFIG),
+    )
+    return config, weights
+
+
+def write_mlxlm(
+    directory: Path, config: AdapterConfig, weights: dict[str, mx.array], num_blocks: int, base_model: str
+) -> None:
+    """The two files `mlx_lm.load(model, adapter_path=...)` and `mlx_lm.lora --resume-adapter-file` read."""
+    parts = [BLOCK_MODULE.match(m) for m in config.modules]
+    if not all(parts):
+        outside = config.modules[[p is None for p in parts].index(True)]
+        raise UserError(f"{outside}: mlx-lm adapters hold only modules inside transformer blocks; use --to peft or mlx")
+    unsaid = [
+        what
+        for what, on in (
+            ("DoRA", config.lora.dora),
+            ("per-module ranks", config.lora.rank_pattern),
+            ("per-module alphas", config.lora.alpha_pattern),
+        )
+        if on
+    ]
+    if unsaid:
+        raise UserError(
+            f"mlx-lm's adapter format cannot hold {', '.join(unsaid)} as mlx-lora computes them; use --to peft or mlx"
+        )
+    data = {
+        "model": base_model,
+        "fine_tune_type": "lora",
+        "num_layers": num_blocks - min(config.layers),
+        MLXLM_PARAMETERS: {
+            "rank": config.lora.rank,
+            "scale": config.lora.scale,
+            "dropout": config.lora.dropout,
+            "keys": sorted({p.group(2) for p in parts}),
+        },
+    }
+    metadata = {"format": "mlx", EMBEDDED_CONFIG: json.dumps(config.to_json())}
+    atomic.save_safetensors(directory / ADAPTER_WEIGHTS, weights, metadata)
+    atomic.write_json(directory / ADAPTER_CONFIG, data)

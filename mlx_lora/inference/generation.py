@@ -1,0 +1,69 @@
+"""Run a base model, with or without an adapter, through mlx-lm's own streaming generation."""
+
+from collections.abc import Iterator
+
+import mlx.core as mx
+from mlx_lm.generate import GenerationResponse, stream_generate
+from mlx_lm.sample_utils import make_sampler
+
+from mlx_lora.config import GenerateConfig, InferenceConfig
+from mlx_lora.errors import UserError
+from mlx_lora.model.base import Base
+from mlx_lora.reporting.progress import Bar
+
+LONG_PROMPT = 512  # tokens; shorter prompts are read too fast for a progress bar to help
+
+
+def require_chat_template(base: Base) -> None:
+    if not base.tokenizer.has_chat_template:
+        raise UserError(
+            f"{base.name}: the tokenizer has no chat template; use a chat model, or generate without --chat"
+        )
+
+
+def chat_tokens(base: Base, messages: list[dict[str, str]]) -> list[int]:
+    """The conversation in the tokenizer's chat template, ending where the assistant speaks next."""
+    require_chat_template(base)
+    text = base.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return base.tokenizer.encode(text, add_special_tokens=False)
+
+
+def prompt_tokens(base: Base, prompt: str, chat: bool) -> list[int]:
+    if chat:
+        return chat_tokens(base, [{"role": "user", "content": prompt}])
+    return base.tokenizer.encode(prompt)
+
+
+def stream(base: Base, tokens: list[int], cfg: InferenceConfig) -> Iterator[GenerationResponse]:
+    """mlx-lm's responses (text piece, speeds, peak memory); a bar while a long prompt is read."""
+    bar = Bar("reading prompt", len(tokens), transient=True) if len(tokens) >= LONG_PROMPT else None
+    sampler = make_sampler(temp=cfg.temp, top_p=cfg.top_p)
+    try:
+        for response in stream_generate(
+            base.model,
+            base.tokenizer,
+            tokens,
+            max_tokens=cfg.max_tokens,
+            sampler=sampler,
+            prompt_progress_callback=lambda done, total: bar and bar.advance(0, completed=done),
+        ):
+            if bar:
+                bar.close()  # the streamed text shows progress from here on
+            yield response
+    finally:
+        if bar:
+            bar.close()
+
+
+def generate(base: Base, cfg: GenerateConfig) -> Iterator[GenerationResponse]:
+    """mlx-lm's responses for `cfg.prompt`, seeded; `.text` is the next piece of text."""
+    mx.random.seed(cfg.seed)
+    yield from stream(base, prompt_tokens(base, cfg.prompt, cfg.chat), cfg)
+
+
+def speed_line(response: GenerationResponse) -> str:
+    return (
+        f"{response.prompt_tokens} prompt tokens at {response.prompt_tps:.0f} tok/s, "
+        f"{response.generation_tokens} generated at {response.generation_tps:.1f} tok/s, "
+        f"peak memory {response.peak_memory:.2f} GB"
+    )

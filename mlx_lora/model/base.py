@@ -1,0 +1,111 @@
+"""Load a base model through mlx-lm (local directory or hub id) and save model directories."""
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.nn as nn
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_model, load_tokenizer, save_config, save_model
+
+from mlx_lora.errors import UserError
+
+DEFAULT_MODEL = "mlx-lora-default"
+DEFAULT_MODEL_DIR = Path(__file__).parent.parent / "default_model"
+# Config keys that fix the shapes of a model; quantization and dtype deliberately left out so a
+# QLoRA adapter still fits the full-precision base it came from.
+FINGERPRINT_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+)
+EXTRA_FILES = ("generation_config.json", "*.py", "*.jinja")
+
+
+@dataclass
+class Base:
+    model: nn.Module
+    tokenizer: TokenizerWrapper
+    config: dict[str, Any]
+    path: Path
+    name: str  # what the user gave (hub id or path), recorded in adapter_config.json
+
+
+def resolve_model(name: str | None) -> Path:
+    """Local directory, or hub id downloaded once and then read from the cache (offline too)."""
+    if name is None or name == DEFAULT_MODEL:
+        return DEFAULT_MODEL_DIR
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"--model {name}: directory has no config.json (expected a Hugging Face model directory)")
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=DEFAULT_ALLOW_PATTERNS))
+    except Exception as online_error:
+        try:
+            return Path(snapshot_download(name, allow_patterns=DEFAULT_ALLOW_PATTERNS, local_files_only=True))
+        except Exception:
+            raise UserError(
+                f"--model {name}: not a local directory, and the hub download failed "
+                f"({type(online_error).__name__}); check the id, your network, or the HF cache"
+            ) from None
+
+
+def fingerprint(config: dict[str, Any]) -> str:
+    shape = {k: config[k] for k in FINGERPRINT_KEYS if k in config}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def rope_overrides(path: Path) -> dict[str, Any]:
+    """transformers >= 5 writes rope_theta / rope_scaling inside `rope_parameters`; mlx-lm reads the
+    top-level keys and would silently fall back to its own default theta (1e6 for Qwen2)."""
+    try:
+        rope = json.loads((path / "config.json").read_text()).get("rope_parameters")
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if not isinstance(rope, dict) or "rope_theta" not in rope:
+        return {}
+    out = {"rope_theta": rope["rope_theta"]}
+    if rope.get("rope_type", "default") != "default":
+        out["rope_scaling"] = rope
+    return out
+
+
+def load_base(name: str | None) -> Base:
+    path = resolve_model(name)
+    try:
+        model, config = load_model(path, model_config=rope_overrides(path))
+        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:  # mlx: RuntimeError for torn files
+        raise UserError(
+            f"--model {name or DEFAULT_MODEL}: mlx-lm cannot load it ({e}); re-download it or point --model at a "
+            "complete model directory"
+        ) from None
+    shown = (
+        DEFAULT_MODEL
+        if name in (None, DEFAULT_MODEL)
+        else (str(path.resolve()) if Path(name).expanduser().exists() else name)
+    )
+    return Base(model, tokenizer, config, path, shown)
+
+
+def write_model_files(dst: Path, model: nn.Module, tokenizer: TokenizerWrapper, config: dict, src: Path) -> None:
+    """Weights, config and tokenizer in a directory that mlx-lm and transformers load as-is."""
+    save_model(dst, model)
+    save_config(dict(config), dst / "config.json")
+    tokenizer.save_pretrained(str(dst))
+    for pattern in EXTRA_FILES:
+        for f in src.glob(pattern):
+            if not (dst / f.name).exists():
+                shutil.copy(f, dst / f.name)

@@ -1,0 +1,241 @@
+"""The LoRA layer and the choice of which layers of a model get one."""
+
+import math
+import re
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+
+from mlx_lora.config import LoRAConfig, parse_layers, parse_pattern, pattern_key
+from mlx_lora.errors import UserError
+from mlx_lora.model.initialization import BASE_CHANGING, initialize
+
+ALL_LINEAR = "all-linear"
+LORA_KEYS = ("lora_a", "lora_b")
+MAGNITUDE = "magnitude"  # DoRA's m; PEFT calls it lora_magnitude_vector
+LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
+_REGEX_CHARS = set("\\^$*+?{}[]()|")
+
+
+def linear_dims(layer: nn.Module) -> tuple[int, int]:
+    """(out, in) of a plain or quantized linear; quantized weights pack 32/bits values per uint32."""
+    out_dims, packed = layer.weight.shape
+    if isinstance(layer, nn.QuantizedLinear):
+        return out_dims, packed * 32 // layer.bits
+    return out_dims, packed
+
+
+def dequantized_weight(layer: nn.Module) -> mx.array:
+    if isinstance(layer, nn.QuantizedLinear):
+        return mx.dequantize(
+            layer.weight,
+            layer.scales,
+            layer.get("biases"),
+            group_size=layer.group_size,
+            bits=layer.bits,
+            mode=layer.mode,
+        )
+    return layer.weight
+
+
+class LoRALinear(nn.Module):
+    """y = W x + scale · (dropout(x) A) B, with A (in, r), B (r, out); scale = alpha/r (alpha/√r with rsLoRA).
+
+    With DoRA (as PEFT defines it) y = m / ||W + ΔW|| · (W + ΔW) x + bias, where ΔW = delta(), the
+    norm is taken per output row over the input dim and kept out of the gradient (DoRA paper §4.3),
+    and m (out,) starts at ||W|| so a freshly wrapped layer still equals its base.
+    A starts uniform in ±1/sqrt(in) and B at zero (init.py has the other starts). The base
+    (nn.Linear or nn.QuantizedLinear) is never trained.
+    """
+
+    def __init__(self, base: nn.Module, rank: int, scale: float, dropout: float = 0.0, dora: bool = False):
+        super().__init__()
+        out_dims, in_dims = linear_dims(base)
+        self.linear = base
+        self.dropout = nn.Dropout(p=dropout)
+        self.scale = scale
+        self.dora = dora
+        self.initial = None  # (A0, B0) when init.py moved part of W into them (OLoRA / PiSSA)
+        bound = 1 / math.sqrt(in_dims)
+        self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(in_dims, rank))
+        self.lora_b = mx.zeros((rank, out_dims))
+        if dora:
+            self.magnitude = self.weight_norm()  # (out,)
+
+    def delta(self) -> mx.array:
+        """The weight update the adapter adds to W, shaped like W: (out, in)."""
+        return (self.scale * (self.lora_a @ self.lora_b)).T
+
+    def weight_norm(self) -> mx.array:
+        """||W + ΔW|| per output row, (out,), in float32."""
+        return mx.linalg.norm(dequantized_weight(self.linear).astype(mx.float32) + self.delta(), axis=1)
+
+    def merged_weight(self) -> mx.array:
+        """The weight of the equivalent plain layer, (out, in) in float32: what fuse writes."""
+        weight = dequantized_weight(self.linear).astype(mx.float32) + self.delta()
+        if self.dora:
+            weight = (self.magnitude / mx.linalg.norm(weight, axis=1))[:, None] * weight
+        return weight
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.linear(x)  # (B, T, out)
+        z = (self.dropout(x) @ self.lora_a) @ self.lora_b  # (B, T, out) through rank r
+        if not self.dora:
+            return y + (self.scale * z).astype(y.dtype)
+        bias = self.linear.get("bias")
+        wx = y if bias is None else y - bias  # (B, T, out)
+        g = self.magnitude / mx.stop_gradient(self.weight_norm())  # (out,)
+        out = g * (wx + self.scale * z)
+        return (out if bias is None else out + bias).astype(y.dtype)
+
+    def fuse(self, requantize: bool = False) -> nn.Module:
+        """A plain layer computing the merged weight in the base's dtype; re-quantized like the base only if asked."""
+        base = self.linear
+        quantized = isinstance(base, nn.QuantizedLinear)
+        out_dims, in_dims = linear_dims(base)
+        fused = nn.Linear(in_dims, out_dims, bias="bias" in base)
+        fused.weight = self.merged_weight().astype(base.scales.dtype if quantized else base.weight.dtype)
+        if "bias" in base:
+            fused.bias = base.bias
+        if quantized and requantize:
+            return nn.QuantizedLinear.from_linear(fused, group_size=base.group_size, bits=base.bits, mode=base.mode)
+        return fused
+
+    def export(self) -> dict[str, mx.array]:
+        """The tensors an adapter file holds, as an update to the *unmodified* base.
+
+        After OLoRA/PiSSA the base holds W - ΔW0, so the update to W is ΔW - ΔW0 = s·(A B - A0 B0):
+        the plain LoRA [A, A0] (in, 2r), [B; -B0] (2r, out), as PEFT's weight conversion does.
+        """
+        a, b = self.lora_a, self.lora_b
+        if self.initial is not None:
+            a0, b0 = self.initial
+            a, b = mx.concatenate([a, a0], axis=1), mx.concatenate([b, -b0], axis=0)
+        return {"lora_a": a, "lora_b": b, **({MAGNITUDE: self.magnitude} if self.dora else {})}
+
+
+def block_indices(model: nn.Module, cfg: LoRAConfig) -> list[int]:
+    """The transformer blocks to adapt: --layers exactly, else the last --num-layers."""
+    n = len(model.layers)
+    explicit = parse_layers(cfg.layers)
+    if explicit is not None:
+        bad = [i for i in explicit if not 0 <= i < n]
+        if bad:
+            raise UserError(f"--layers {cfg.layers}: the model has blocks 0..{n - 1}, not {bad}")
+        return sorted(set(explicit))
+    return list(range(n)) if cfg.num_layers == -1 else list(range(n))[-cfg.num_layers :]
+
+
+def block_paths(model: nn.Module) -> list[str]:
+    """Module path of every transformer block, e.g. 'model.layers.3'."""
+    names = {id(m): name for name, m in model.named_modules()}
+    return [names[id(block)] for block in model.layers]
+
+
+def _is_regex(targets: str) -> bool:
+    return any(c in _REGEX_CHARS for c in targets)
+
+
+def select_targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
+    """Full paths of the linear modules that get LoRA; a target matching nothing is an error."""
+    prefixes = [p + "." for p in block_paths(model)]
+    chosen = [prefixes[i] for i in block_indices(model, cfg)]
+    linears = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, LINEAR_TYPES) and any(name.startswith(p) for p in chosen)
+    ]
+    targets = str(cfg.targets).strip()
+    if targets == ALL_LINEAR:
+        matched, missing = linears, [] if linears else [targets]
+    elif _is_regex(targets):
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise UserError(f"--targets '{targets}' is not a valid regular expression: {e}") from None
+        matched = [n for n in linears if pattern.fullmatch(n)]
+        missing = [] if matched else [targets]
+    else:
+        names = [t.strip() for t in targets.split(",") if t.strip()]
+        matched = [n for n in linears if any(n == t or n.endswith("." + t) for t in names)]
+        missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in linears)]
+    if missing:
+        in_block = sorted({n[len(p) :] for n in linears for p in chosen if n.startswith(p)})
+        raise UserError(
+            f"--targets: {', '.join(repr(m) for m in missing)} matches no linear module in the "
+            f"selected blocks; they have: {', '.join(in_block) or 'none'} (or use all-linear)"
+        )
+    block_of = lambda n: next(i for i, p in enumerate(chosen) if n.startswith(p))
+    return sorted(matched, key=lambda n: (block_of(n), n))
+
+
+def _check_choices(modules: dict[str, nn.Module], paths: list[str], cfg: LoRAConfig) -> None:
+    """What only a new adapter must satisfy: ranks that fit, patterns that name a module, an init that can run."""
+    problems = []
+    for path in paths:
+        out_dims, in_dims = linear_dims(modules[path])
+        rank = cfg.rank_alpha(path)[0]
+        if rank > min(out_dims, in_dims):
+            problems.append(
+                f"rank {rank} is larger than {path} allows ({out_dims}x{in_dims}): use {min(out_dims, in_dims)} or less"
+            )
+        if cfg.init in BASE_CHANGING and isinstance(modules[path], nn.QuantizedLinear):
+            problems.append(
+                f"--init {cfg.init} rewrites the base weights, which {path} holds quantized: use a full-precision base"
+            )
+    for name in ("rank_pattern", "alpha_pattern"):
+        unused = [k for k in parse_pattern(getattr(cfg, name)) if not any(pattern_key({k: 0}, p) for p in paths)]
+        if unused:
+            problems.append(f"--{name.replace('_', '-')}: {', '.join(unused)} matches none of the adapted modules")
+    if problems:
+        raise UserError("\n".join(problems[:5]))
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig, paths: list[str] | None = None) -> list[str]:
+    """Freeze the model and wrap linears in LoRALinear; only A, B (and DoRA's m) stay trainable.
+
+    Without `paths` this starts a new adapter: choose targets, check, initialise. With `paths`
+    it rebuilds a saved one: the layers are only shaped, and their weights are loaded next.
+    """
+    new = paths is None
+    paths = select_targets(model, cfg) if new else paths
+    modules = dict(model.named_modules())
+    missing = [p for p in paths if p not in modules]
+    if missing:
+        raise UserError(f"the model has no module {missing[0]}: is this the base the adapter was made for?")
+    not_linear = [p for p in paths if not isinstance(modules[p], LINEAR_TYPES)]
+    if not_linear:
+        raise UserError(
+            f"{not_linear[0]} is a {type(modules[not_linear[0]]).__name__}; mlx-lora adapts linear layers only"
+        )
+    if new:
+        _check_choices(modules, paths, cfg)
+    model.freeze()
+    wrapped = [(p, LoRALinear(modules[p], cfg.rank_alpha(p)[0], cfg.scale_of(p), cfg.dropout, cfg.dora)) for p in paths]
+    model.update_modules(tree_unflatten(wrapped))
+    for _, layer in wrapped:
+        if new:
+            initialize(layer, cfg.init)
+        layer.unfreeze(keys=list(LORA_KEYS) + ([MAGNITUDE] if cfg.dora else []), recurse=False)
+    return paths
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def fuse_lora(model: nn.Module, requantize: bool = False) -> nn.Module:
+    """Replace every LoRALinear by its merged plain layer, in place."""
+    fused = [(name, layer.fuse(requantize)) for name, layer in lora_layers(model).items()]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    return model
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Put the untouched base layers back, in place."""
+    bases = [(name, layer.linear) for name, layer in lora_layers(model).items()]
+    if bases:
+        model.update_modules(tree_unflatten(bases))
+    return model

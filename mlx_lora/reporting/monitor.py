@@ -1,0 +1,48 @@
+"""Everything a training run reports, behind three calls from the loop: step, report, validation.
+
+Each report or evaluation is one plain `log` line (what CI and log files see), one record in
+metrics.jsonl (and TensorBoard / wandb when asked), and fresh numbers on the live bar when on a
+terminal. At the end the loss curve goes to loss.png beside the adapter.
+"""
+
+import time
+from pathlib import Path
+
+from mlx_lora.config import TrainConfig
+from mlx_lora.reporting.metrics import MetricsLog
+from mlx_lora.reporting.plot import plot_after_training
+from mlx_lora.reporting.progress import Bar
+
+
+class TrainMonitor:
+    def __init__(self, cfg: TrainConfig, out: Path, total: int, log=print):
+        self.out, self.total, self.log = Path(out), total, log
+        self.metrics = MetricsLog(self.out, cfg)
+        self.bar = Bar("training", total, log)
+        self.start = time.perf_counter()
+
+    def _record(self, **values) -> None:
+        self.metrics.write(**values, time=round(time.perf_counter() - self.start, 3))
+
+    def step(self, loss: float) -> None:
+        """Called once per optimizer step: moves the bar."""
+        self.bar.advance(loss=loss)
+
+    def report(self, step: int, loss: float, tokens_per_second: float, peak_memory_gb: float, lr: float) -> None:
+        """Mean training loss over the last report window, throughput and memory."""
+        self.log(
+            f"step {step}/{self.total}  loss {loss:.3f}  {tokens_per_second:.0f} tok/s  "
+            f"peak mem {peak_memory_gb:.2f} GB"
+        )
+        self._record(step=step, loss=loss, lr=lr, tokens_per_second=tokens_per_second, peak_memory_gb=peak_memory_gb)
+        self.bar.advance(0, loss=loss, tokens_per_second=tokens_per_second, peak_memory_gb=peak_memory_gb)
+
+    def validation(self, step: int, val_loss: float) -> None:
+        self.log(f"step {step}/{self.total}  val loss {val_loss:.3f}")
+        self._record(step=step, val_loss=val_loss)
+        self.bar.advance(0, val_loss=val_loss)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics.close()
+        plot_after_training(self.out, self.log)

@@ -1,0 +1,148 @@
+"""A model cut where training starts: frozen blocks whose output can be cached, then the rest.
+
+mlx-lm models run `h = block(h, mask, cache)` over their blocks, then a norm and an output
+projection. Rather than re-implement each architecture's forward, a cut swaps modules for the
+length of one call and lets the model's own code build embeddings, masks and positions:
+- `prefix`: block k raises with its input, so the call stops at the hidden state entering it;
+- `hidden`: block 0 hands on a given hidden state and blocks 1..k-1 pass it through, and the
+  output projection returns its input, so the call yields the final normed hidden state;
+- `logits`: the output projection alone, for the positions the loss needs.
+`find_cut` checks that the pieces reproduce the model's plain forward; architectures where they
+do not (blocks that pass more than one tensor, logit soft-capping after the head) get None and
+train on the plain forward.
+"""
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_lora.model.lora import LINEAR_TYPES
+
+EMBEDDINGS = (nn.Embedding, nn.QuantizedEmbedding)
+
+
+class _Stop(Exception):
+    def __init__(self, h: mx.array):
+        self.h = h
+
+
+def _stop(x, *args, **kwargs):
+    raise _Stop(x)
+
+
+def _through(x, *args, **kwargs):
+    return x
+
+
+class _Standin:
+    """Takes a module's place for one call: another function, the same attributes (llama reads
+    `block.use_sliding`, a tied head is the embedding's `as_linear`)."""
+
+    def __init__(self, module, fn: Callable, as_linear: Callable | None = None):
+        self._module, self._fn, self._as_linear = module, fn, as_linear
+
+    def __call__(self, *args, **kwargs):
+        return self._fn(*args, **kwargs)
+
+    def as_linear(self, x):
+        return self._as_linear(x)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+@contextmanager
+def _swapped(container, replacements: dict):
+    """Put replacements into a module (a dict) or a list of blocks for one call, then restore."""
+    saved = {k: container[k] for k in replacements}
+    try:
+        for k, v in replacements.items():
+            container[k] = v
+        yield
+    finally:
+        for k, v in saved.items():
+            container[k] = v
+
+
+def _block_list(model: nn.Module) -> tuple[list, int]:
+    """The list the model iterates over (model.layers may be a copy) and where block 0 sits in it."""
+    first = model.layers[0]
+    for _, module in model.named_modules():
+        for value in module.values():
+            if isinstance(value, list):
+                for i, item in enumerate(value):
+                    if item is first:
+                        return value, i
+    raise ValueError("no list of blocks")
+
+
+def _head_site(model: nn.Module) -> tuple[nn.Module, str, bool]:
+    """(parent module, attribute, tied) of the output projection: an `lm_head`, else the embedding."""
+    modules = dict(model.named_modules())
+    for kinds, tied in ((LINEAR_TYPES, False), (EMBEDDINGS, True)):
+        found = [p for p, m in modules.items() if isinstance(m, kinds) and (tied or p.split(".")[-1] == "lm_head")]
+        if len(found) == 1:
+            parent, _, key = found[0].rpartition(".")
+            return modules[parent], key, tied
+    raise ValueError("no single output projection")
+
+
+@dataclass
+class Cut:
+    model: nn.Module
+    k: int  # the first trained block: blocks before it are frozen
+    blocks: list  # the model's own list of blocks
+    offset: int  # index of block 0 in `blocks`
+    head_parent: nn.Module
+    head_key: str
+    tied: bool
+
+    def prefix(self, inputs: mx.array) -> mx.array:
+        """The hidden state entering block k, (B, T, D)."""
+        block = self.blocks[self.offset + self.k]
+        try:
+            with _swapped(self.blocks, {self.offset + self.k: _Standin(block, _stop)}):
+                self.model(inputs)
+        except _Stop as stop:
+            return stop.h
+        raise ValueError(f"block {self.k} was never called")
+
+    def hidden(self, inputs: mx.array, h: mx.array | None = None) -> mx.array:
+        """Final normed hidden state (B, T, D); with `h` entering block k (k >= 1), blocks before k are skipped."""
+        head = self.head_parent[self.head_key]
+        standin = _Standin(head, head, _through) if self.tied else _Standin(head, _through)
+        skip = {}
+        if h is not None:
+            skip = {self.offset + i: _Standin(self.blocks[self.offset + i], _through) for i in range(1, self.k)}
+            skip[self.offset] = _Standin(self.blocks[self.offset], lambda *args, **kwargs: h)
+        with _swapped(self.blocks, skip), _swapped(self.head_parent, {self.head_key: standin}):
+            return self.model(inputs)
+
+    def logits(self, x: mx.array) -> mx.array:
+        """The output projection alone: (..., D) -> (..., V)."""
+        head = self.head_parent[self.head_key]
+        return head.as_linear(x) if self.tied else head(x)
+
+
+def find_cut(model: nn.Module, k: int, probe: mx.array, log: Callable = print) -> Cut | None:
+    """A Cut before block k that reproduces the model's forward on `probe` (B, T), else None."""
+    training = model.training
+    model.eval()  # dropout would make the two forwards differ
+    try:
+        blocks, offset = _block_list(model)
+        parent, key, tied = _head_site(model)
+        cut = Cut(model, k, blocks, offset, parent, key, tied)
+        expected = model(probe)
+        got = cut.logits(cut.hidden(probe, cut.prefix(probe) if k else None))
+        ok = expected.shape == got.shape and mx.allclose(expected, got, rtol=1e-4, atol=1e-4).item()
+    except Exception as e:  # any architecture we cannot cut trains uncut; say why
+        ok, cut = False, None
+        log(f"speed: cannot cut {type(model).__name__} ({type(e).__name__}: {e}); training on the full forward")
+    finally:
+        model.train(training)
+    if cut is not None and not ok:
+        log(f"speed: cutting {type(model).__name__} changes its output; training on the full forward")
+    return cut if ok else None

@@ -1,0 +1,124 @@
+"""What a training or evaluation step reads, and the loss that reads it.
+
+The plain path feeds (tokens, mask) to `loss_fn`, which scores every position with the whole
+model. When the model can be cut (cut.py) the step instead gets the hidden states entering the
+first trained block from a PrefixCache and the flat positions of the loss targets: it runs only
+the trained blocks, and the output projection (576 x 49k for SmolLM, more than one block costs)
+only where a token is learned, in chunks, so no (B, T, V) logits exist for prompts or padding.
+"""
+
+from collections.abc import Callable
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mlx_lora.data.batches import collate
+from mlx_lora.data.examples import Example
+from mlx_lora.training.cut import Cut, find_cut
+from mlx_lora.training.packing import packed_cache
+from mlx_lora.training.prefix_cache import PrefixCache
+
+TARGET_MULTIPLE = 32  # target counts are padded up to this, so the compiled step sees few shapes
+CE_CHUNK = 1024  # target rows whose logits (rows x vocab) exist at once in the loss
+
+
+def loss_fn(
+    model: nn.Module, tokens: mx.array, mask: mx.array, segments: mx.array | None = None
+) -> tuple[mx.array, mx.array]:
+    """Mean cross-entropy over the masked targets only, from full logits; returns (loss, number of targets).
+    `segments` (B, L) marks the rows of a packed batch: attention and positions stay within each."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L-1)
+    weights = mask[:, 1:].astype(mx.float32)  # (B, L-1): 1 where the token is learned
+    cache = None if segments is None else packed_cache(model, segments[:, :-1])
+    logits = model(inputs, cache=cache)  # (B, L-1, V)
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * weights
+    ntoks = weights.sum()
+    return ce.sum() / mx.maximum(ntoks, 1), ntoks  # a group's rank can hold a batch with no targets
+
+
+def _chunk_ce(cut: Cut, y: mx.array, x: mx.array) -> mx.array:
+    return nn.losses.cross_entropy(cut.logits(x).astype(mx.float32), y)  # (C,)
+
+
+def target_loss(cut: Cut, inputs, states, positions, targets, weights) -> tuple[mx.array, mx.array]:
+    """Like loss_fn, but the head runs only on the N target positions (flat indices into (B, T))."""
+    hidden = cut.hidden(inputs, states)  # (B, T, D)
+    picked = hidden.reshape(-1, hidden.shape[-1])[positions]  # (N, D)
+    if picked.shape[0] <= CE_CHUNK:
+        ce = _chunk_ce(cut, targets, picked)
+    else:  # recomputing each chunk's logits in the backward pass keeps one (C, V) chunk alive, not N
+        ce = mx.concatenate(
+            [
+                mx.checkpoint(partial(_chunk_ce, cut, targets[i : i + CE_CHUNK]))(picked[i : i + CE_CHUNK])
+                for i in range(0, picked.shape[0], CE_CHUNK)
+            ]
+        )
+    ntoks = weights.sum()
+    return (ce * weights).sum() / mx.maximum(ntoks, 1), ntoks
+
+
+def target_positions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices into the (B, L-1) inputs whose next token is learned, and their 0/1 weights,
+    padded with index 0 / weight 0 to a multiple of TARGET_MULTIPLE."""
+    flat = np.flatnonzero(mask[:, 1:])
+    n = max(1, -(-len(flat) // TARGET_MULTIPLE)) * TARGET_MULTIPLE  # never empty: a group's rank may learn nothing
+    positions = np.zeros(n, np.int32)
+    positions[: len(flat)] = flat
+    weights = np.zeros(n, np.float32)
+    weights[: len(flat)] = 1.0
+    return positions, weights
+
+
+class Feed:
+    """Turns a batch of example indices into step inputs; `loss(model, *inputs)` reads them."""
+
+    def __init__(self, cut: Cut | None, cache_prefix: bool, log: Callable = print):
+        self.cut, self.cache_prefix, self.log = cut, cache_prefix and cut is not None and cut.k > 0, log
+        self.caches: dict[int, PrefixCache] = {}
+
+    def inputs(self, examples: list[Example], rows: list[int], batch: tuple[mx.array, ...]) -> tuple[mx.array, ...]:
+        """Step inputs for `batch` (collated from `examples[rows]`: tokens, mask[, segments])."""
+        if self.cut is None:
+            return batch
+        tokens, mask = batch
+        positions, weights = target_positions(np.array(mask))
+        inputs = tokens[:, :-1]  # (B, L-1)
+        targets = np.array(tokens)[:, 1:].reshape(-1)[positions]  # (N,)
+        flat = (mx.array(positions), mx.array(targets), mx.array(weights))
+        if not self.cache_prefix:
+            return inputs, *flat
+        cache = self.caches.setdefault(id(examples), PrefixCache(self.cut, examples, self.log))
+        return inputs, cache.states(rows, inputs.shape[1]), *flat
+
+    def loss(self, model: nn.Module, *inputs) -> tuple[mx.array, mx.array]:
+        if self.cut is None:
+            return loss_fn(model, *inputs)
+        if not self.cache_prefix:
+            inputs = (inputs[0], None, *inputs[1:])
+        return target_loss(self.cut, *inputs)
+
+
+PLAIN = Feed(None, cache_prefix=False)  # whole-model logits: evaluation outside training, packed batches
+
+
+def make_feed(
+    model: nn.Module,
+    first_trained: int,
+    examples: list[Example],
+    cache_prefix: bool,
+    packed: bool,
+    log: Callable = print,
+) -> Feed:
+    """The fastest feed this model allows: cut before its first trained block when the cut checks
+    out. Packed batches keep the plain path: their mask and positions travel through the cache
+    argument of the model's own forward, which the cut pieces do not take."""
+    if packed:
+        return PLAIN
+    shortest = min(range(len(examples)), key=lambda i: len(examples[i].tokens))
+    probe, _ = collate(examples, [shortest])
+    feed = Feed(find_cut(model, first_trained, probe[:, :-1], log), cache_prefix, log)
+    if feed.cache_prefix:
+        log(f"speed: blocks 0-{first_trained - 1} are frozen; their output is kept per row after its first batch")
+    return feed

@@ -1,0 +1,307 @@
+"""`mlx-lora train`: build the run from its options, then fit it; a flat loop that reports and saves.
+
+build_run() loads the base, the data and the adapter (new or resumed) and prepares the compiled
+step; fit() runs the steps, with `if step % n == 0` blocks for reports, validation and checkpoints.
+"""
+
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten
+from mlx_lm.utils import get_total_parameters
+
+from mlx_lora.atomic import check_writable, remove_stale
+from mlx_lora.config import LoRAConfig, TrainConfig, lora_part, method_options
+from mlx_lora.data.batches import batches_per_epoch, iterate_batches
+from mlx_lora.data.examples import Example, load_dataset
+from mlx_lora.data.rows import resolve_data
+from mlx_lora.distributed import group as distributed
+from mlx_lora.errors import Interrupted, UserError
+from mlx_lora.formats.native import AdapterConfig, adapter_weights, describe, save_adapter
+from mlx_lora.model.base import Base, load_base
+from mlx_lora.model.lora import apply_lora
+from mlx_lora.reporting.monitor import TrainMonitor
+from mlx_lora.training.checkpoint import (
+    CHECKPOINTS,
+    TrainerState,
+    checkpoint_dir,
+    find_checkpoint,
+    load_checkpoint,
+    read_best,
+    resume_command,
+    rng_key,
+    save_checkpoint,
+)
+from mlx_lora.training.early_stopping import EarlyStopping
+from mlx_lora.training.feed import Feed, make_feed
+from mlx_lora.training.grad_checkpoint import checkpoint_blocks
+from mlx_lora.training.memory import check_training_memory
+from mlx_lora.training.packing import enable_packing
+from mlx_lora.training.schedule import learning_rate
+from mlx_lora.training.signals import deferred_stop
+from mlx_lora.training.step import grads_finite, make_step
+from mlx_lora.training.validation import mean_loss
+
+
+@dataclass
+class TrainResult:
+    adapter_path: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)  # training loss of every step
+    val_losses: dict[int, float] = field(default_factory=dict)  # step -> validation loss
+    best_step: Optional[int] = None  # with early stopping: the step whose adapter was kept
+    seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    peak_memory_gb: float = 0.0
+
+
+@dataclass
+class Run:
+    """A run ready to fit: the model with its adapter applied, the data, the optimizer and the
+    compiled step, and where a resumed run continues from."""
+
+    cfg: TrainConfig
+    world: distributed.World
+    log: Callable[[str], None]
+    out: Path
+    base: Base
+    data: dict[str, list[Example]]
+    adapter: AdapterConfig
+    optimizer: optim.Optimizer
+    progress: TrainerState  # where this run starts: step 0, or the checkpoint's
+    iters: int
+    feed: Feed
+    step: Callable
+    state: list  # what the compiled step reads and writes
+    run_config: dict[str, Any]  # saved in checkpoints, so --resume alone restores the options
+    monitor: Any  # TrainMonitor on rank 0, distributed.Silent elsewhere
+    stopping: Optional[EarlyStopping] = None
+    last_saved: Optional[Path] = None
+
+    def train_step(self, batches: Iterator) -> tuple[float, bool, int]:
+        """One optimizer step over the accumulated batches: (mean loss per target, gradients finite, tokens read)."""
+        accumulate, examples = self.cfg.grad_accumulation_steps, self.data["train"]
+        acc, ntokens = None, 0
+        for i in range(accumulate):
+            rows, batch, count = next(batches)
+            acc = self.step(self.feed.inputs(examples, rows, batch), acc, i == accumulate - 1)
+            ntokens += count
+        finite = grads_finite(acc[2])
+        with self.world.waiting("in a step"):
+            mx.eval(self.state, acc, finite)
+        return (acc[0] / acc[1]).item(), finite.item(), ntokens
+
+    def validate(self, result: TrainResult, at: int, observe: bool = True) -> None:
+        cfg = self.cfg
+        loss = mean_loss(self.base.model, self.data["valid"], cfg.batch_size, cfg.val_batches, self.world, self.feed)
+        result.val_losses[at] = loss
+        self.monitor.validation(at, loss)
+        if self.stopping and observe:
+            self.stopping.observe(at, loss, adapter_weights(self.base.model))
+
+    def save_checkpoint(self, at: int) -> None:
+        path = checkpoint_dir(self.out, at)
+        if self.world.main:  # `accumulate` batches per step, so the data position follows from the step
+            counters, best = (self.stopping.counters(), self.stopping.best_weights) if self.stopping else ({}, None)
+            state = TrainerState(at, at * self.cfg.grad_accumulation_steps, rng_key(), self.run_config, counters)
+            save_checkpoint(path, self.base.model, self.adapter, self.optimizer, state, best)
+        self.last_saved = path
+
+
+def train(cfg: TrainConfig, log=print) -> TrainResult:
+    run = build_run(cfg, log)
+    try:
+        result = fit(run)
+    finally:
+        run.monitor.close()  # bar, metrics.jsonl and loss.png, however the run ended
+    first = result.val_losses[run.progress.step]
+    last = run.stopping.best_loss if run.stopping else result.val_losses[result.steps]
+    run.log(
+        f"done in {result.seconds:.1f}s: val loss {first:.3f} -> {last:.3f} "
+        f"({100 * (last - first) / first:+.1f}%); adapter saved to {run.out}{os.sep}"
+    )
+    return result
+
+
+def build_run(cfg: TrainConfig, log=print) -> Run:
+    """Everything before the first step; refuses (UserError) what cannot run."""
+    world = distributed.init(cfg.peer_timeout)
+    log = log if world.main else distributed.quiet
+    out = Path(cfg.adapter_path)
+    if world.main:
+        check_writable(out, "--adapter-path")
+        remove_stale(out)
+        remove_stale(out / CHECKPOINTS)
+    mx.random.seed(cfg.seed)
+    base = load_base(cfg.model)
+    data_dir = resolve_data(cfg.data)
+    data = load_dataset(data_dir, base.tokenizer, cfg.max_seq_length, cfg.train_on_prompt, log=log)
+    model = base.model
+    pack_length = cfg.max_seq_length if cfg.pack else None
+    per_epoch = batches_per_epoch(data["train"], cfg.batch_size, pack_length) / cfg.grad_accumulation_steps
+    iters = cfg.iters if cfg.epochs is None else max(1, round(cfg.epochs * per_epoch))
+    optimizer = optim.AdamW(learning_rate=learning_rate(cfg, iters), weight_decay=cfg.weight_decay)
+    last_saved = find_checkpoint(cfg.resume) if cfg.resume else None
+    progress, adapter = start_adapter(cfg, base, optimizer, last_saved, log)
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    log(
+        f"model {base.name}: {cfg.summary()} on {len(adapter.modules)} modules in blocks "
+        f"{adapter.layers}; {trainable:,} trainable parameters "
+        f"({100 * trainable / get_total_parameters(model):.3f}%)"
+    )
+    check_training_memory(base, data["train"], cfg.batch_size, cfg.max_seq_length, cfg.pack, cfg.grad_checkpoint, log)
+    distributed.check_group(world, cfg, data, trainable)
+    if world.size > 1:
+        log(f"group of {world.size} processes: each computes 1/{world.size} of every batch of {cfg.batch_size} rows")
+    if cfg.pack:
+        enable_packing(model, base.config.get("model_type", "?"))
+    if cfg.grad_checkpoint:
+        checkpoint_blocks(model)
+    feed = make_feed(model, min(adapter.layers), data["train"], cfg.prefix_cache, cfg.pack, log)
+    step, state = make_step(model, optimizer, world, feed)
+    return Run(
+        cfg,
+        world,
+        log,
+        out,
+        base,
+        data,
+        adapter,
+        optimizer,
+        progress,
+        iters,
+        feed,
+        step,
+        state,
+        run_config={**asdict(cfg), "model": base.name, "data": str(data_dir.resolve()), "resume": None},
+        # bar or plain lines, metrics.jsonl, loss.png: rank 0's alone
+        monitor=TrainMonitor(cfg, out, iters, log) if world.main else distributed.Silent(),
+        stopping=early_stopping(cfg, last_saved, progress),
+        last_saved=last_saved,
+    )
+
+
+def start_adapter(cfg: TrainConfig, base: Base, optimizer: optim.Optimizer, checkpoint: Optional[Path], log):
+    """A new adapter on `base`, or the checkpoint's with its optimizer state: (where to start, its config)."""
+    if checkpoint:
+        progress, adapter = load_checkpoint(checkpoint, base, cfg, optimizer)
+        log(f"resuming from {checkpoint} after step {progress.step}")
+        return progress, adapter
+    adapter = describe(base, LoRAConfig(**lora_part(cfg)), apply_lora(base.model, cfg))
+    optimizer.init(base.model.trainable_parameters())
+    return TrainerState(step=0, batches_seen=0, rng_key=rng_key()), adapter
+
+
+def early_stopping(cfg: TrainConfig, checkpoint: Optional[Path], progress: TrainerState) -> Optional[EarlyStopping]:
+    """A new watch, or the one a resumed checkpoint saved (counters and best adapter so far)."""
+    if cfg.early_stopping_patience is None:
+        return None
+    if checkpoint and progress.early_stopping:
+        return EarlyStopping(cfg.early_stopping_patience, **progress.early_stopping, best_weights=read_best(checkpoint))
+    return EarlyStopping(cfg.early_stopping_patience)
+
+
+def fit(run: Run) -> TrainResult:
+    """The steps from where the run starts to its last, then the adapter saved."""
+    cfg, model, monitor, stopping = run.cfg, run.base.model, run.monitor, run.stopping
+    result = TrainResult(run.out, run.iters)
+    model.train()
+    run.validate(result, run.progress.step, observe=not cfg.resume)  # a resumed run observed this step already
+    mx.reset_peak_memory()
+    total_tokens, window_tokens, window_start = 0, 0, time.perf_counter()
+    start = window_start
+    batches = iterate_batches(
+        run.data["train"],
+        cfg.batch_size,
+        cfg.seed,
+        start=run.progress.batches_seen,
+        pack_length=cfg.max_seq_length if cfg.pack else None,
+        shard=run.world.shard,
+    )
+    it = run.progress.step  # the last step done, also when the loop has none left to do
+    with deferred_stop() as stop:
+        for it in range(run.progress.step + 1, run.iters + 1):
+            loss, finite, ntokens = run.train_step(batches)
+            result.losses.append(loss)
+            if not (math.isfinite(loss) and finite):
+                raise UserError(numerical_fault(it, loss, run.out, run.last_saved))
+            monitor.step(loss)
+            total_tokens, window_tokens = total_tokens + ntokens, window_tokens + ntokens
+            if it % cfg.report_every == 0 or it == run.iters:
+                now = time.perf_counter()
+                recent = result.losses[-cfg.report_every :]
+                monitor.report(
+                    it,
+                    sum(recent) / len(recent),
+                    window_tokens / (now - window_start),
+                    mx.get_peak_memory() / 2**30,
+                    run.optimizer.learning_rate.item(),
+                )
+                window_tokens, window_start = 0, now
+            if cfg.val_every and it % cfg.val_every == 0 and it != run.iters:
+                run.validate(result, it)
+            interrupted = (
+                run.world.any(stop.signum is not None) and it != run.iters
+            )  # the whole group stops at one step
+            if interrupted or (cfg.save_every and it % cfg.save_every == 0 and it != run.iters):
+                run.save_checkpoint(it)
+            if interrupted:
+                raise interruption(stop.signum, it, run.iters, run.last_saved)
+            if stopping and stopping.exhausted:
+                run.log(f"early stopping at step {it}: no better val loss in the last {stopping.patience} validations")
+                break
+    result.steps = it
+    if it not in result.val_losses:
+        run.validate(result, it)
+    save_result(run, result)
+    result.seconds = time.perf_counter() - start
+    result.tokens_per_second = total_tokens / result.seconds
+    result.peak_memory_gb = mx.get_peak_memory() / 2**30
+    return result
+
+
+def save_result(run: Run, result: TrainResult) -> None:
+    """The adapter the run keeps (with early stopping: the best one), with how it was trained."""
+    stopping = run.stopping
+    if stopping:
+        run.base.model.load_weights(list(stopping.best_weights.items()), strict=False)
+        result.best_step = stopping.best_step
+        run.log(f"keeping the adapter of step {stopping.best_step}, the best val loss ({stopping.best_loss:.3f})")
+    run.adapter.training = method_options(run.cfg)
+    if stopping:
+        run.adapter.training |= {
+            "steps": result.steps,
+            "best_step": stopping.best_step,
+            "best_val_loss": stopping.best_loss,
+        }
+    if run.world.main:
+        save_adapter(run.out, run.base.model, run.adapter)
+
+
+def interruption(signum: Optional[int], step: int, iters: int, last_saved: Path) -> Interrupted:
+    signum = signum or signal.SIGTERM  # in a group: the signal reached another rank
+    name = signal.Signals(signum).name
+    return Interrupted(
+        f"stopped by {name} after step {step}/{iters}; resume with: {resume_command(last_saved)}", signum
+    )
+
+
+def numerical_fault(step: int, loss: float, out: Path, last_saved: Optional[Path]) -> str:
+    what = f"the loss is {loss}" if not math.isfinite(loss) else "a gradient is not finite"
+    if last_saved is None:
+        return (
+            f"step {step}: {what}; stopped with nothing saved ({out} left as it was); "
+            "lower --learning-rate or check the data, and start again"
+        )
+    return (
+        f"step {step}: {what}; stopped, {out} left as it was; the last good checkpoint is {last_saved}: "
+        f"lower --learning-rate and continue with {resume_command(last_saved)} --learning-rate <smaller>"
+    )

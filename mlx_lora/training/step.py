@@ -1,0 +1,45 @@
+"""One optimizer step: a compiled function that accumulates summed losses and gradients and,
+on the last batch of the step, updates the adapter with their ratio."""
+
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map
+
+from mlx_lora.distributed import group as distributed
+from mlx_lora.training.feed import PLAIN, Feed
+
+
+def make_step(
+    model: nn.Module, optimizer: optim.Optimizer, world: distributed.World = distributed.SOLO, feed: Feed = PLAIN
+):
+    """The compiled step and the state it reads and writes."""
+
+    def summed_loss(model: nn.Module, *inputs: mx.array) -> tuple[mx.array, mx.array]:
+        """Loss summed over the targets: summed gradients of several batches, divided by their
+        total target count, are exactly the gradient of the one batch they make together."""
+        loss, ntoks = feed.loss(model, *inputs)
+        return loss * ntoks, ntoks
+
+    loss_and_grad = nn.value_and_grad(model, summed_loss)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch, acc, update: bool):
+        """Add one batch's summed loss, target count and gradient to `acc`; on `update`, step
+        with their ratio: the gradient of the mean over all the accumulated batches' targets."""
+        (loss, ntoks), grads = loss_and_grad(model, *batch)
+        if acc is not None:
+            loss, ntoks, grads = loss + acc[0], ntoks + acc[1], tree_map(mx.add, grads, acc[2])
+        if update:
+            loss, ntoks, grads = distributed.sum_over(world, loss, ntoks, grads)  # the global batch's sums
+            optimizer.update(model, tree_map(lambda g: g / ntoks, grads))
+        return loss, ntoks, grads
+
+    return step, state
+
+
+def grads_finite(grads) -> mx.array:
+    return mx.stack([mx.isfinite(g).all() for _, g in tree_flatten(grads)]).all()

@@ -1,0 +1,126 @@
+import numpy as np
+import pytest
+from conftest import write_jsonl
+
+from mlx_lora.data.batches import collate, epoch_batches
+from mlx_lora.data.examples import load_split
+from mlx_lora.data.rows import read_rows
+from mlx_lora.errors import UserError
+from mlx_lora.model.base import load_base
+from mlx_lora.training.feed import loss_fn
+
+
+@pytest.fixture(scope="module")
+def base(llama):
+    return load_base(str(llama))
+
+
+def test_completion_mask_covers_completion_and_eos_only(base, tmp_path):
+    tok = base.tokenizer
+    path = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "Q: 1+1?\nA:", "completion": " 2"}])
+    [ex] = load_split(path, tok, 2048, train_on_prompt=False)
+    prompt = tok.encode("Q: 1+1?\nA:")
+    assert list(ex.tokens) == prompt + tok.encode(" 2", add_special_tokens=False) + [tok.eos_token_id]
+    assert list(ex.mask) == [False] * len(prompt) + [True, True, True]
+    [ex] = load_split(path, tok, 2048, train_on_prompt=True)
+    assert list(ex.mask) == [False] + [True] * (len(ex.tokens) - 1)
+
+
+def test_chat_mask_covers_assistant_turns_only(base, tmp_path):
+    tok = base.tokenizer
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+    [ex] = load_split(write_jsonl(tmp_path / "t.jsonl", [{"messages": messages}]), tok, 2048, False)
+    full = tok.apply_chat_template(messages, tokenize=False)
+    assert tok.decode(ex.tokens.tolist()) == full
+    learned = tok.decode(ex.tokens[ex.mask].tolist())
+    assert "Hello" in learned and "4" in learned
+    assert "Hi" not in learned and "Be brief" not in learned and "2+2" not in learned
+
+
+def test_padding_never_counts_in_the_loss(base, tmp_path):
+    """A row's loss is the same alone and padded beside a much longer row."""
+    rows = [{"prompt": "Q:", "completion": " 5"}, {"prompt": "Q: " + "x" * 40, "completion": " 7 and more"}]
+    examples = load_split(write_jsonl(tmp_path / "t.jsonl", rows), base.tokenizer, 2048, False)
+    alone, n_alone = loss_fn(base.model, *collate(examples, [0]))
+    tokens, mask = collate(examples, [0, 1])
+    assert tokens.shape[1] > len(examples[0].tokens)
+    _, n_both = loss_fn(base.model, tokens, mask)
+    assert n_alone.item() == examples[0].mask.sum()
+    assert n_both.item() == examples[0].mask.sum() + examples[1].mask.sum()
+    # the padded copy of row 0, scored on its own mask, must give the same loss
+    padded, _ = loss_fn(base.model, tokens[:1], mask[:1])
+    assert abs(padded.item() - alone.item()) < 1e-5
+
+
+def test_long_rows_are_truncated_with_one_warning(base, tmp_path):
+    rows = [{"text": "a" * 50}, {"text": "b" * 10}, {"text": "c" * 60}]
+    logged = []
+    examples = load_split(write_jsonl(tmp_path / "t.jsonl", rows), base.tokenizer, 32, False, log=logged.append)
+    assert [len(e.tokens) for e in examples] == [32, 12, 32]
+    assert len(logged) == 1 and "2 of 3 rows" in logged[0] and "--max-seq-length 32" in logged[0]
+
+
+def test_rows_all_longer_than_max_seq_length_are_an_error(base, tmp_path):
+    rows = [{"prompt": "x" * 50, "completion": "y"}, {"prompt": "x" * 30, "completion": "y"}]
+    with pytest.raises(
+        UserError,
+        match=r"t.jsonl:2: every row is longer than --max-seq-length 16 \(this one, the shortest, has \d+ tokens\)",
+    ):
+        load_split(write_jsonl(tmp_path / "t.jsonl", rows), base.tokenizer, 16, False)
+
+
+def test_batches_are_grouped_by_length_and_cover_every_row_once():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 200, size=512)
+    examples = [type("E", (), {"tokens": np.zeros(n)})() for n in lengths]
+    batches = epoch_batches(examples, 8, seed=0, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(512))
+    padded = sum(8 * max(lengths[b]) for b in batches)
+    random_padded = sum(8 * max(lengths[i : i + 8]) for i in range(0, 512, 8))
+    assert padded < 0.75 * random_padded
+    assert epoch_batches(examples, 8, 0, 1) != batches  # a new order each epoch
+    assert epoch_batches(examples, 8, 0, 0) == batches  # and reproducible
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"text": "ok"', "t.jsonl:2: not valid JSON"),
+        ("[1, 2]", "t.jsonl:2: expected a JSON object"),
+    ],
+)
+def test_malformed_lines_name_file_and_line(tmp_path, line, message):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(UserError, match=message):
+        read_rows(path)
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"question": "q"}], "t.jsonl:1: row has none of the keys"),
+        ([{"text": "a", "prompt": "b", "completion": "c"}], "t.jsonl:1: row mixes formats"),
+        ([{"text": "a"}, {"prompt": "b", "completion": "c"}], "t.jsonl:2: completion row, but line 1 is a text row"),
+        ([{"prompt": "b"}], "t.jsonl:1: key 'completion' missing"),
+        ([{"messages": [{"role": "assistant", "content": "a"}]}], r"t.jsonl:1: messages\[0\] has role 'assistant'"),
+        ([{"messages": [{"role": "user", "content": "a"}]}], "t.jsonl:1: 'messages' has no assistant turn"),
+        ([{"messages": [{"role": "bot", "content": "a"}]}], r"t.jsonl:1: messages\[0\] must be"),
+    ],
+)
+def test_bad_rows_name_file_line_and_key(base, tmp_path, rows, message):
+    with pytest.raises(UserError, match=message):
+        load_split(write_jsonl(tmp_path / "t.jsonl", rows), base.tokenizer, 2048, False)
+
+
+def test_empty_file_is_an_error(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n")
+    with pytest.raises(UserError, match="no rows"):
+        read_rows(path)

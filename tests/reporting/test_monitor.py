@@ -1,0 +1,232 @@
+"""Progress, metrics.jsonl, loss.png, plot and TensorBoard/wandb: what a training run reports."""
+
+import io
+import json
+import os
+import pty
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from mlx_lora.cli import app
+from mlx_lora.config import TrainConfig
+from mlx_lora.errors import UserError
+from mlx_lora.reporting import progress
+from mlx_lora.reporting.metrics import KEYS, METRICS, MetricsLog, read_metrics
+from mlx_lora.reporting.plot import LOSS_PNG, plot_after_training
+from mlx_lora.training.loop import train
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ROWS = [
+    {"prompt": f"Q: What is {a} + {b}?\nA:", "completion": f" {a} + {b} = {a + b}. #### {a + b}"}
+    for a in range(1, 7)
+    for b in range(1, 5)
+]
+
+
+def _data(root: Path) -> Path:
+    for split, rows in (("train", ROWS[:16]), ("valid", ROWS[16:])):
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        (root / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "data"
+
+
+def _cfg(llama, root, **kw):
+    return TrainConfig(
+        model=str(llama),
+        data=str(_data(root)),
+        adapter_path=str(root / "run"),
+        iters=4,
+        batch_size=4,
+        report_every=2,
+        val_every=2,
+        num_layers=2,
+        rank=4,
+        save_every=0,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def run(llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("monitor")
+    lines = []
+    result = train(_cfg(llama, root, report_to="tensorboard"), log=lines.append)
+    return result, lines
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_metrics_jsonl_has_one_record_per_report_and_evaluation(run):
+    result, _ = run
+    records = read_metrics(result.adapter_path)
+    assert all(tuple(r) == KEYS for r in records)
+    assert [(r["step"], r["loss"] is not None, r["val_loss"] is not None) for r in records] == [
+        (0, False, True),
+        (2, True, False),
+        (2, False, True),
+        (4, True, False),
+        (4, False, True),
+    ]
+    reports = [r for r in records if r["loss"] is not None]
+    assert [r["loss"] for r in reports] == [sum(result.losses[0:2]) / 2, sum(result.losses[2:4]) / 2]
+    assert {r["step"]: r["val_loss"] for r in records if r["val_loss"] is not None} == result.val_losses
+    assert all(
+        r["lr"] == pytest.approx(1e-3) and r["tokens_per_second"] > 0 and r["peak_memory_gb"] > 0 for r in reports
+    )
+    times = [r["time"] for r in records]
+    assert times == sorted(times)
+
+
+def test_loss_png_is_written_beside_the_adapter(run):
+    result, _ = run
+    width, height = _png_size((result.adapter_path / LOSS_PNG).read_bytes())
+    assert width > 300 and height > 200
+
+
+def test_plain_lines_when_not_on_a_terminal(run):
+    _, lines = run
+    assert "step 2/4  val loss" in "\n".join(lines) and any(l.startswith("step 4/4  loss ") for l in lines)
+    assert not any("\x1b" in l for l in lines)
+
+
+def test_tensorboard_gets_the_same_scalars(run):
+    from tensorboardX.proto.event_pb2 import Event
+
+    result, _ = run
+    (events,) = (result.adapter_path / "tensorboard").iterdir()
+    data, scalars = events.read_bytes(), {}
+    while data:  # TFRecord: length (8), crc (4), payload, crc (4)
+        (length,) = struct.unpack("<Q", data[:8])
+        event = Event.FromString(data[12 : 12 + length])
+        data = data[16 + length :]
+        for value in event.summary.value:
+            scalars[(value.tag, event.step)] = value.simple_value
+    records = read_metrics(result.adapter_path)
+    assert scalars[("val_loss", 4)] == pytest.approx(records[-1]["val_loss"])
+    assert scalars[("loss", 2)] == pytest.approx(records[1]["loss"])
+    assert {tag for tag, _ in scalars} == {"loss", "val_loss", "lr", "tokens_per_second", "peak_memory_gb"}
+
+
+def test_report_to_a_missing_package_is_a_user_error_before_any_file(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    for name in ("wandb", "tensorboard"):
+        with pytest.raises(UserError, match=f"--report-to {name}: .* pip install"):
+            MetricsLog(tmp_path, TrainConfig(report_to=name))
+    assert not (tmp_path / METRICS).exists()
+    result = CliRunner().invoke(app, ["train", "--report-to", "tensorboard,mlflow"])
+    assert result.exit_code == 2 and "--report-to: unknown mlflow; choose from tensorboard, wandb" in result.output
+
+
+def test_wandb_receives_every_record(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeRun:
+        def log(self, values, step):
+            calls.append((step, values))
+
+        def finish(self):
+            calls.append("finish")
+
+    fake = type(sys)("wandb")
+    fake.init = lambda **kw: calls.append(kw["project"]) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    metrics = MetricsLog(tmp_path, TrainConfig(report_to="wandb"))
+    metrics.write(step=0, val_loss=2.5, time=0.1)
+    metrics.write(step=3, loss=2.0, lr=1e-3, tokens_per_second=10.0, peak_memory_gb=0.5, time=0.2)
+    metrics.close()
+    assert calls == [
+        "mlx-lora",
+        (0, {"val_loss": 2.5, "time": 0.1}),
+        (3, {"loss": 2.0, "lr": 1e-3, "tokens_per_second": 10.0, "peak_memory_gb": 0.5, "time": 0.2}),
+        "finish",
+    ]
+
+
+def test_without_matplotlib_one_line_says_how_to_get_the_png(run, tmp_path, monkeypatch):
+    result, _ = run
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    lines = []
+    assert plot_after_training(result.adapter_path, log=lines.append) is None
+    assert len(lines) == 1 and 'pip install "mlx-lora[plot]"' in lines[0]
+    cli = CliRunner().invoke(app, ["plot", str(result.adapter_path), "--output", str(tmp_path / "x.png")])
+    assert cli.exit_code == 2 and "plotting needs matplotlib" in cli.output and not (tmp_path / "x.png").exists()
+
+
+def test_plot_draws_several_runs_on_one_chart(run, tmp_path):
+    result, _ = run
+    other = tmp_path / "other"
+    other.mkdir()
+    records = read_metrics(result.adapter_path)
+    (other / METRICS).write_text(
+        "".join(json.dumps({**r, "loss": r["loss"] and r["loss"] / 2}) + "\n" for r in records) + '{"step": 9, "lo'
+    )
+    runner = CliRunner()
+    one = runner.invoke(app, ["plot", str(result.adapter_path), "--output", str(tmp_path / "one.png")])
+    two = runner.invoke(app, ["plot", str(result.adapter_path), str(other), "--output", str(tmp_path / "two.png")])
+    assert one.exit_code == two.exit_code == 0, two.output
+    assert "loss curves of 2 runs written to" in two.output
+    one_png, two_png = (tmp_path / "one.png").read_bytes(), (tmp_path / "two.png").read_bytes()
+    _png_size(one_png), _png_size(two_png)
+    assert one_png != two_png
+    missing = runner.invoke(app, ["plot", str(tmp_path)])
+    assert missing.exit_code == 2 and "no metrics.jsonl here" in missing.output
+
+
+def test_bar_on_a_terminal_shows_step_stats_and_eta():
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=150)
+    bar = progress.Bar("training", 10, console=console)
+    for step in range(1, 11):
+        bar.advance(loss=2.0 / step, tokens_per_second=1234.0, peak_memory_gb=0.25)
+    bar.advance(0, val_loss=0.75)
+    bar.close()
+    screen = out.getvalue()
+    assert "10/10" in screen and "loss 0.200" in screen and "val 0.750" in screen
+    assert "1234 tok/s" in screen and "peak 0.25 GB" in screen and "ETA" in screen
+    assert not progress._shown
+
+
+@pytest.mark.slow
+def test_cli_draws_a_bar_on_a_terminal_and_plain_lines_otherwise(llama, tmp_path, monkeypatch):
+    args = [
+        sys.executable,
+        "-m",
+        "mlx_lora.cli",
+        "train",
+        "--model",
+        str(llama),
+        "--data",
+        str(_data(tmp_path)),
+        "--iters",
+        "4",
+        "--report-every",
+        "2",
+        "--num-layers",
+        "2",
+        "--adapter-path",
+        str(tmp_path / "run"),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "COLUMNS": "150"}
+    piped = CliRunner().invoke(app, args[3:]).stdout  # in-process: stdout is not a terminal
+    assert "step 4/4  loss" in piped and "\x1b" not in piped and "━" not in piped
+    chunks = []
+
+    def read(fd):
+        chunks.append(os.read(fd, 4096))
+        return chunks[-1]
+
+    for key, value in env.items():  # pty.spawn inherits the environment
+        monkeypatch.setenv(key, value)
+    pty.spawn(args, read)
+    screen = b"".join(chunks).decode()
+    assert "step 4/4  loss" in screen and "━" in screen and "4/4" in screen and "ETA" in screen

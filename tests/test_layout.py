@@ -1,0 +1,90 @@
+"""The house rules of ARCHITECTURE.md, checked: rooms import only the rooms beneath them, no
+module imports one that imports it back, and no function runs past 60 lines without a reason."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mlx_lora"
+# Each room and the rooms it may import (besides itself). Lower rooms never import higher ones.
+FOUNDATION = {"errors", "atomic", "blas", "config"}
+MAY_IMPORT = {
+    "errors": set(),
+    "atomic": {"errors"},
+    "blas": {"errors"},
+    "config": {"errors"},
+    "model": FOUNDATION,
+    "data": FOUNDATION,
+    "reporting": FOUNDATION,
+    "distributed": FOUNDATION | {"data"},
+    "formats": FOUNDATION | {"model"},
+    "inference": FOUNDATION | {"model", "formats", "reporting"},
+    "training": FOUNDATION | {"model", "data", "formats", "reporting", "distributed"},
+    "commands": FOUNDATION | {"model", "data", "formats", "reporting", "inference", "training"},
+    "cli": FOUNDATION | {"commands", "distributed", "inference", "reporting", "training"},
+    "__init__": {"blas"},
+}
+LONG_FUNCTION = 60  # lines; a longer one says why in a `# long:` comment on its first line
+
+
+def modules() -> dict[str, Path]:
+    return {
+        ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in PACKAGE.rglob("*.py")
+    }
+
+
+def imports(path: Path) -> set[str]:
+    """Every mlx_lora module this file imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mlx_lora"):
+            assert node.level == 0, f"{path}: relative import; the house uses absolute mlx_lora.* imports"
+            found |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("mlx_lora")}
+    known = modules()
+    return {m for m in found if m in known and m != "mlx_lora"}
+
+
+def room(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def test_rooms_import_only_the_rooms_beneath_them():
+    wrong = [
+        f"{module} imports {target}"
+        for module, path in modules().items()
+        for target in imports(path)
+        if room(target) != room(module) and room(target) not in MAY_IMPORT[room(module)]
+    ]
+    assert not wrong, wrong
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    graph = {m: imports(p) for m, p in modules().items()}
+    cycles = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        for target in graph[module]:
+            if target in path:
+                cycles.add(" -> ".join(path[path.index(target) :] + [target]))
+            elif len(path) < len(graph):
+                visit(target, path + [target])
+
+    for module in graph:
+        visit(module, [module])
+    assert not cycles, sorted(cycles)
+
+
+def test_every_room_is_known_and_every_function_is_short_or_says_why():
+    assert {room(m) for m in modules()} <= set(MAY_IMPORT) | {"default_model", "default_data"}
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > LONG_FUNCTION and "# long:" not in lines[node.lineno - 1]:
+                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({length} lines)")
+    assert not long, long

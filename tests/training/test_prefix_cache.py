@@ -1,0 +1,139 @@
+"""The speed levers change no number: cut forward == model forward, target-only loss == full loss,
+prefix-cached training == uncached training, and the cache computes each row once."""
+
+from dataclasses import replace
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+import mlx_lora.training.feed as feed_module
+import mlx_lora.training.prefix_cache as prefix_cache
+from mlx_lora.config import TrainConfig
+from mlx_lora.data.batches import collate
+from mlx_lora.data.examples import load_dataset
+from mlx_lora.model.base import load_base
+from mlx_lora.model.lora import apply_lora, lora_layers
+from mlx_lora.training.cut import find_cut
+from mlx_lora.training.feed import Feed, target_positions
+from mlx_lora.training.loop import train
+
+TARGETS = {"phi3": "qkv_proj"}  # phi3 fuses q, k and v
+
+
+def _adapted(path, arch, num_layers=2):
+    base = load_base(str(path))
+    mx.random.seed(0)
+    apply_lora(base.model, TrainConfig(targets=TARGETS.get(arch, "q_proj,v_proj"), num_layers=num_layers))
+    for layer in lora_layers(base.model).values():  # B != 0, so the adapter changes the output
+        layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1
+    return base
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gemma"])
+def test_cut_pieces_reproduce_the_model(hf_models, arch):
+    model = _adapted(hf_models[arch], arch).model
+    x = mx.array([[1, 40, 41, 5, 6, 7, 60, 2], [1, 9, 8, 7, 6, 5, 4, 3]])
+    cut = find_cut(model, 2, x[:1])
+    assert cut is not None and cut.tied == (arch in ("qwen2", "gemma"))
+    expected = model(x)
+    assert mx.array_equal(cut.logits(cut.hidden(x, cut.prefix(x))), expected)
+    assert mx.array_equal(cut.logits(cut.hidden(x)), expected)
+    assert mx.array_equal(model(x), expected)  # every swapped module is back
+
+
+def test_architecture_the_cut_cannot_reproduce_falls_back(llama):
+    model = load_base(str(llama)).model
+    plain = type(model).__call__
+    type(model).__call__ = lambda self, *a, **k: mx.tanh(plain(self, *a, **k) / 30) * 30  # soft-capped logits
+    try:
+        said = []
+        assert find_cut(model, 2, mx.array([[1, 5, 6, 7]]), log=said.append) is None
+        assert said and "changes its output" in said[0]
+    finally:
+        type(model).__call__ = plain
+
+
+def test_target_positions_are_the_masked_next_tokens_padded_with_weight_zero():
+    mask = np.array([[0, 0, 1, 1, 0], [0, 1, 0, 0, 0]], bool)  # (B=2, L=5) -> inputs (2, 4)
+    positions, weights = target_positions(mask)
+    assert positions.tolist()[:3] == [1, 2, 4] and len(positions) == 32
+    assert weights.tolist() == [1.0] * 3 + [0.0] * 29
+
+
+def _losses_and_grads(model, feed, examples, indices):
+    loss_and_grad = nn.value_and_grad(model, feed.loss)
+    (loss, n), grads = loss_and_grad(model, *feed.inputs(examples, indices, collate(examples, indices)))
+    return loss.item(), n.item(), dict(tree_flatten(grads))
+
+
+@pytest.mark.parametrize("chunk", [1024, 16])  # one chunk; several, recomputed in the backward pass
+def test_target_loss_and_cache_give_the_full_loss_and_its_gradients(llama, tiny_data, monkeypatch, chunk):
+    monkeypatch.setattr(feed_module, "CE_CHUNK", chunk)
+    base = _adapted(llama, "llama")
+    examples = load_dataset(tiny_data, base.tokenizer, 256, train_on_prompt=False)["train"]
+    batch = [0, 5, 9]  # different lengths: padding, prompts masked
+    cut = find_cut(base.model, 2, collate(examples, [0])[0])
+    plain = _losses_and_grads(base.model, Feed(None, False), examples, batch)
+    for feed in (Feed(cut, False), Feed(cut, True)):
+        loss, n, grads = _losses_and_grads(base.model, feed, examples, batch)
+        assert n == plain[1] and loss == pytest.approx(plain[0], rel=1e-6)
+        assert grads.keys() == plain[2].keys()
+        assert all(mx.allclose(grads[k], plain[2][k], rtol=1e-4, atol=1e-6).item() for k in grads)
+
+
+def test_cache_computes_each_row_once_and_file_equals_ram(llama, tiny_data, monkeypatch):
+    base = _adapted(llama, "llama")
+    examples = load_dataset(tiny_data, base.tokenizer, 256, train_on_prompt=False)["train"]
+    cut = find_cut(base.model, 2, collate(examples, [0])[0])
+    calls = []
+    real = cut.prefix
+    cut.prefix = lambda x: calls.append(x.shape[0]) or real(x)
+    ram = prefix_cache.PrefixCache(cut, examples)
+    width = max(len(examples[i].tokens) for i in (3, 1, 7)) + 2
+    first = ram.states([3, 1, 7], width)
+    again = ram.states([7, 1], width)
+    assert calls == [3] and mx.array_equal(again, first[[2, 1]])
+    tokens, _ = collate(examples, [3])
+    n = len(examples[3].tokens) - 1
+    assert mx.array_equal(first[0, :n], real(tokens[:, :-1])[0, :n]) and not first[0, n:].any().item()
+    monkeypatch.setattr(prefix_cache, "RAM_LIMIT", 0)
+    on_disk = prefix_cache.PrefixCache(cut, examples, log=lambda s: None)
+    assert mx.array_equal(on_disk.states([3, 1, 7], width), first)
+    assert isinstance(on_disk.store, np.memmap)
+
+
+def test_bf16_states_round_trip_exactly(llama, tiny_data):
+    base = _adapted(llama, "llama")
+    base.model.set_dtype(mx.bfloat16)
+    examples = load_dataset(tiny_data, base.tokenizer, 256, train_on_prompt=False)["train"]
+    cut = find_cut(base.model, 2, collate(examples, [0])[0])
+    n = len(examples[2].tokens) - 1
+    states = prefix_cache.PrefixCache(cut, examples).states([2], n + 3)
+    tokens, _ = collate(examples, [2])
+    assert states.dtype == mx.bfloat16
+    assert mx.array_equal(states[0, :n], cut.prefix(tokens[:, :-1])[0, :n])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_training_with_the_prefix_cache_gives_the_same_losses_and_adapter(llama, tiny_data, tmp_path, dropout):
+    cfg = TrainConfig(
+        model=str(llama),
+        data=str(tiny_data),
+        iters=12,
+        num_layers=2,
+        dropout=dropout,
+        learning_rate=1e-2,
+        val_every=0,
+        save_every=0,
+        report_every=4,
+    )  # 12 steps = 3 epochs
+    cached = train(replace(cfg, adapter_path=str(tmp_path / "cached")), log=lambda s: None)
+    plain = train(replace(cfg, adapter_path=str(tmp_path / "plain"), prefix_cache=False), log=lambda s: None)
+    assert cached.losses == plain.losses and cached.val_losses == plain.val_losses
+    assert len(set(cached.losses)) == 12 and cached.losses[-1] < cached.losses[0]
+    a = mx.load(str(tmp_path / "cached" / "adapters.safetensors"))
+    b = mx.load(str(tmp_path / "plain" / "adapters.safetensors"))
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]) for k in a)
