@@ -2,6 +2,8 @@
 module imports one that imports it back, and no function runs past 60 lines without a reason."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_lora"
@@ -88,3 +90,11 @@ def test_every_room_is_known_and_every_function_is_short_or_says_why():
                 if length > LONG_FUNCTION and "# long:" not in lines[node.lineno - 1]:
                     long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({length} lines)")
     assert not long, long
+
+
+def test_ruff_lint_and_format_are_clean():
+    """pyproject.toml's ruff rules (with the complexity bound) and its formatting, over the whole repo."""
+    repo = PACKAGE.parent
+    for args in (["check", "--no-cache", "."], ["format", "--check", "--no-cache", "."]):
+        run = subprocess.run([sys.executable, "-m", "ruff", *args], cwd=repo, capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout + run.stderr
