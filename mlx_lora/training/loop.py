@@ -148,7 +148,8 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     pack_length = cfg.max_seq_length if cfg.pack else None
     per_epoch = batches_per_epoch(data["train"], cfg.batch_size, pack_length) / cfg.grad_accumulation_steps
     iters = cfg.iters if cfg.epochs is None else max(1, round(cfg.epochs * per_epoch))
-    optimizer = optim.AdamW(learning_rate=learning_rate(cfg, iters), weight_decay=cfg.weight_decay)
+    lr = learning_rate(cfg.learning_rate, cfg.lr_schedule, cfg.warmup_steps, cfg.final_lr_ratio, iters)
+    optimizer = optim.AdamW(learning_rate=lr, weight_decay=cfg.weight_decay)
     last_saved = find_checkpoint(cfg.resume) if cfg.resume else None
     progress, adapter = start_adapter(cfg, base, optimizer, last_saved, log)
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))

@@ -12,24 +12,23 @@ from collections.abc import Callable
 
 import mlx.optimizers as optim
 
-from mlx_lora.config import TrainConfig
 from mlx_lora.errors import UserError
 
 
-def learning_rate(cfg: TrainConfig, steps: int) -> float | Callable:
-    """A float when the rate never changes, else a schedule of the optimizer's step counter."""
-    lr, warmup = cfg.learning_rate, cfg.warmup_steps
+def learning_rate(lr: float, schedule: str, warmup: int, final_ratio: float, steps: int) -> float | Callable:
+    """A float when the rate never changes, else a schedule of the optimizer's step counter
+    (--learning-rate, --lr-schedule, --warmup-steps, --final-lr-ratio over the run's steps)."""
     if warmup > steps:
         raise UserError(f"--warmup-steps {warmup} is more than the {steps} steps of this run; lower it")
-    if cfg.lr_schedule == "constant" and warmup <= 1:  # lr·u/W at u = W = 1 is lr itself
+    if schedule == "constant" and warmup <= 1:  # lr·u/W at u = W = 1 is lr itself
         return lr
     decay_steps = max(1, steps - warmup - 1)  # from the first step after warmup to the last
-    final = lr * cfg.final_lr_ratio
+    final = lr * final_ratio
     decay = {
         "constant": optim.linear_schedule(lr, lr, 1),
         "linear": optim.linear_schedule(lr, final, decay_steps),
         "cosine": optim.cosine_decay(lr, decay_steps, final),
-    }[cfg.lr_schedule]
+    }[schedule]
     if warmup <= 1:
         return decay
     ramp = optim.linear_schedule(lr / warmup, lr, warmup - 1)  # lr/W at the first step, lr at step W

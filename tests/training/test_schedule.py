@@ -7,7 +7,7 @@ from mlx.utils import tree_map
 
 from mlx_lora.config import TrainConfig, build_config
 from mlx_lora.errors import UserError
-from mlx_lora.training.schedule import learning_rate
+from mlx_lora.training import schedule as schedules
 
 LR, STEPS = 0.1, 10
 
@@ -25,6 +25,11 @@ def rates(schedule, steps=STEPS, optimizer=None):
 
 def cfg(**kw):
     return build_config(TrainConfig, {}, {"learning_rate": LR, **kw})
+
+
+def learning_rate(c: TrainConfig, steps: int):
+    """The schedule `mlx-lora train` builds from these options."""
+    return schedules.learning_rate(c.learning_rate, c.lr_schedule, c.warmup_steps, c.final_lr_ratio, steps)
 
 
 def test_constant_without_warmup_is_a_plain_rate():
