@@ -9,7 +9,6 @@ from pathlib import Path
 
 from mlx_lora.errors import UserError
 
-SPLITS = ("train", "valid", "test")
 DEFAULT_DATA_DIRS = (
     Path(__file__).parent.parent / "default_data",  # installed wheel
     Path(__file__).parent.parent.parent / "data",  # source checkout

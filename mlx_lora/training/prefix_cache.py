@@ -33,7 +33,7 @@ class PrefixCache:
 
     def _allocate(self, h: mx.array) -> None:
         self.dtype = h.dtype
-        mx_bits, np_bits = _BITS[h.dtype.size]
+        _, np_bits = _BITS[h.dtype.size]
         shape = (int(self.offsets[-1]), h.shape[-1])
         nbytes = shape[0] * shape[1] * h.dtype.size
         if nbytes <= RAM_LIMIT:
