@@ -21,8 +21,10 @@ print(json.dumps({"used": blas.status[0], "loss": loss.item(), "grad": grads["we
 
 
 def probe(**env) -> dict:
+    """The probe in a fresh process; MLX_LORA_BLAS only as given here (CI also runs the suite with it off)."""
+    inherited = {k: v for k, v in os.environ.items() if k != blas.ENV}
     out = subprocess.run(
-        [sys.executable, "-c", PROBE], env={**os.environ, **env}, capture_output=True, text=True, check=True
+        [sys.executable, "-c", PROBE], env={**inherited, **env}, capture_output=True, text=True, check=True
     )
     return json.loads(out.stdout)
 
