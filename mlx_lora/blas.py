@@ -68,7 +68,7 @@ def enable() -> tuple[str | None, str]:
         else:
             try:
                 ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-                status = (path, f"MLX matmuls use {path} ({ENV}=off to disable)")
+                status = (path, f"MLX matmuls use {Path(path).name} ({ENV}=off to disable)")
             except OSError as e:
                 status = (None, f"{ENV}: cannot load {path} ({e}); using MLX's bundled BLAS")
     return status
