@@ -6,6 +6,7 @@ import os
 import mlx.core as mx
 import numpy as np
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from mlx_lora.cli import app
@@ -219,3 +220,33 @@ def test_saved_files_get_ordinary_permissions(llama, tiny_data, tmp_path):
     os.umask(mask)
     assert (out / ADAPTER_WEIGHTS).stat().st_mode & 0o777 == 0o666 & ~mask
     assert (tmp_path / "fused").stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+COMMANDS = {c.name: c.callback for c in app.registered_commands}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_fits_80_columns_with_every_flag_whole(command):
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert all(len(line) <= 80 for line in lines), [line for line in lines if len(line) > 80]
+    assert "<bool>" not in result.output and "…" not in result.output
+    options = [p.default for p in COMMANDS[command].__signature__.parameters.values()]
+    flags = [o.param_decls[0] for o in options if isinstance(o, typer.models.OptionInfo) and not o.hidden]
+    assert flags and all(any(f"│ {flag} " in line for line in lines) for flag in flags), result.output
+    if command == "train":
+        panels = ("Model and LoRA", "Data", "Optimisation", "Methods", "Saving and logging", "Distributed")
+        assert all(f"╭─ {panel} ─" in result.output for panel in panels)
+        assert len(lines) < 110  # 225 before the panels and short help strings
+
+
+def test_on_off_flags_and_their_hidden_opposites(monkeypatch):
+    from mlx_lora.training import loop
+
+    seen = []
+    monkeypatch.setattr(loop, "train", seen.append)
+    for args in ([], ["--dora", "--no-prefix-cache"], ["--no-dora", "--prefix-cache"]):
+        result = CliRunner().invoke(app, ["train", *args])
+        assert result.exit_code == 0, result.output
+    assert [(cfg.dora, cfg.prefix_cache) for cfg in seen] == [(False, True), (True, False), (False, True)]
