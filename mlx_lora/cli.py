@@ -232,8 +232,9 @@ def convert(cfg: ConvertConfig) -> None:
 @_command(EvalConfig, "eval", "Loss, perplexity and exact match on a data split; base vs adapter with --compare-base.")
 def evaluate(cfg: EvalConfig) -> None:
     from mlx_lora.commands.evaluate import run, table
+    from mlx_lora.reporting.progress import eprint
 
-    print(table(run(cfg)))
+    print(table(run(cfg, log=eprint)))  # stdout holds the results alone; progress goes to stderr
 
 
 def main() -> None:

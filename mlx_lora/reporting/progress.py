@@ -8,6 +8,7 @@ as a field of that line, not as a second bar: rich shows one live display at a t
 """
 
 import atexit
+import sys
 from collections.abc import Iterable, Iterator
 from datetime import timedelta
 
@@ -26,9 +27,23 @@ STATS = (
 )
 
 
+def eprint(*values, **kwargs) -> None:
+    """`print` to stderr: the log of a command whose stdout is its result (eval)."""
+    print(*values, file=sys.stderr, **kwargs)
+
+
+def _console(log, console: Console | None) -> Console | None:
+    """Where the bar of a job logging through `log` is drawn: the stream its lines go to."""
+    if console is not None or log not in (print, eprint):
+        return console
+    return Console(stderr=log is eprint)
+
+
 def on_terminal(log=print, console: Console | None = None) -> bool:
-    """Draw bars only when output goes to a terminal through print (tests and callers pass their own log)."""
-    return log is print and (console or Console()).is_terminal
+    """Draw bars only when output goes to a terminal through print or eprint (tests and callers
+    pass their own log)."""
+    shown = _console(log, console)
+    return shown is not None and shown.is_terminal
 
 
 def format_stats(stats: dict[str, float | None]) -> dict[str, str]:
@@ -109,7 +124,7 @@ class Bar:
         if _shown:
             self.progress = _shown[-1]
         else:
-            self.progress = _OneLine(console=console, transient=transient)
+            self.progress = _OneLine(console=_console(log, console), transient=transient)
             self.progress.start()
             _shown.append(self.progress)
             self.owner = True
@@ -134,9 +149,9 @@ class Bar:
         self.progress = None
 
 
-def track(items: Iterable, description: str, total: int | None = None) -> Iterator:
+def track(items: Iterable, description: str, total: int | None = None, log=print) -> Iterator:
     """Yield `items`, with a bar that disappears when done (used by evaluation)."""
-    bar = Bar(description, total if total is not None else len(items), transient=True)
+    bar = Bar(description, total if total is not None else len(items), log=log, transient=True)
     try:
         for item in items:
             yield item
