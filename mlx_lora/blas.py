@@ -74,6 +74,15 @@ def enable() -> tuple[str | None, str]:
     return status
 
 
+def note() -> str | None:
+    """The line a training run prints about the BLAS on Linux: the library in use, or that the
+    slow bundled one is (with how to get a fast one); None where there is nothing to say."""
+    used, reason = status
+    if sys.platform == "linux" and (used or "no OpenBLAS" in reason):
+        return f"blas: {reason}"
+    return None
+
+
 def check() -> None:
     """Compare one MLX matmul with NumPy's, so a broken library stops the run instead of training on garbage."""
     if status[0] is None:

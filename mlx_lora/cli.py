@@ -2,7 +2,6 @@
 
 import functools
 import inspect
-import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Optional
@@ -111,14 +110,6 @@ def _merge_opposites(values: dict) -> dict:
     return merged
 
 
-def _say_blas() -> None:
-    """One line on stderr about the Linux BLAS (blas.py), then a quick check that it computes right."""
-    used, reason = blas.status
-    if sys.platform == "linux" and (used or "no OpenBLAS" in reason):
-        typer.echo(f"blas: {reason}", err=True)
-    blas.check()
-
-
 def _resumed_options(resume: str | None) -> dict:
     """`train --resume` reuses the checkpointed run's options; YAML and flags still override them."""
     if not resume:
@@ -135,7 +126,7 @@ def _command(cls, name: str, help: str, with_config: bool = False):
         @functools.wraps(fn)
         def run(**values):
             try:
-                _say_blas()
+                blas.check()  # a broken BLAS stops every command; `train` says which one it uses
                 values = _merge_opposites(values)
                 config = values.pop("config", None)
                 file_values = {**_resumed_options(values.get("resume")), **(load_yaml(config, cls) if config else {})}
