@@ -2,6 +2,7 @@
 
 import functools
 import inspect
+import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Optional
@@ -172,6 +173,8 @@ def generate(cfg: GenerateConfig) -> None:
     from mlx_lora.inference.generation import speed_line
 
     base = load_adapters(cfg).base
+    # The prompt on stderr, so a terminal shows what the answer continues; stdout is the new text alone.
+    typer.echo(cfg.prompt, err=True, nl=not sys.stdout.isatty())
     response = None
     for response in run_generate(base, cfg):
         print(response.text, end="", flush=True)

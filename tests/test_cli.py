@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -250,3 +251,15 @@ def test_on_off_flags_and_their_hidden_opposites(monkeypatch):
         result = CliRunner().invoke(app, ["train", *args])
         assert result.exit_code == 0, result.output
     assert [(cfg.dora, cfg.prefix_cache) for cfg in seen] == [(False, True), (True, False), (False, True)]
+
+
+def test_generate_echoes_the_prompt_on_stderr_and_shows_memory_in_a_readable_unit(llama):
+    from mlx_lora.inference.generation import memory_text
+
+    result = CliRunner().invoke(app, ["generate", "--model", str(llama), "--prompt", PROMPT, "--max-tokens", 4])
+    assert result.exit_code == 0, result.output
+    assert PROMPT not in result.stdout  # stdout is the generated text alone
+    assert result.stderr.startswith(PROMPT + "\n")  # what the answer continues, before it
+    stats = result.stderr.splitlines()[-1]
+    assert re.search(r"peak memory \d+\.\d+ (MB|GB)$", stats) and "0.00 GB" not in stats
+    assert (memory_text(0.0038), memory_text(2.5)) == ("3.8 MB", "2.50 GB")
