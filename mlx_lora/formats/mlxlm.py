@@ -65,6 +65,20 @@ def read_mlxlm(directory: Path, data: dict[str, Any]) -> tuple[AdapterConfig, di
     return config, weights
 
 
+def block_count(config: AdapterConfig) -> int | None:
+    """The base's number of transformer blocks, where the adapter alone says it (else None: read the base).
+
+    An mlx-lora adapter on the last N blocks (or all) adapts the last block, so it is one past the
+    highest adapted index. An mlx-lm adapter wraps the last `num_layers` blocks, from its lowest
+    one. Explicit --layers (or PEFT's layers_to_transform) say nothing about the blocks above.
+    """
+    if config.lora.layers is not None or not config.layers:
+        return None
+    if config.base_fingerprint is not None:  # trained by mlx-lora
+        return max(config.layers) + 1
+    return min(config.layers) + config.lora.num_layers  # from_modules gives -1 (all) explicit layers
+
+
 def write_mlxlm(
     directory: Path, config: AdapterConfig, weights: dict[str, mx.array], num_blocks: int, base_model: str
 ) -> None:

@@ -140,3 +140,18 @@ def test_adapter_trained_by_mlx_lm_lora_loads_as_is(llama, tiny_data, tmp_path):
     assert np.array_equal(mlx_logits(base.model, TOKENS), mlx_logits(theirs, TOKENS))
     untouched, _ = load(str(llama))
     assert np.abs(mlx_logits(theirs, TOKENS) - mlx_logits(untouched, TOKENS)).max() > 1e-3  # training moved B
+
+
+def test_block_count_only_where_the_adapter_says_it():
+    from dataclasses import replace
+
+    from mlx_lora.formats.mlxlm import block_count
+    from mlx_lora.formats.native import from_modules
+
+    paths = lambda *blocks: [f"model.layers.{b}.self_attn.q_proj" for b in blocks]  # noqa: E731
+    mlx_lm_made = from_modules(paths(6, 7), 8, 16.0, 0.0, "base", num_layers=4)  # wraps 4..7; 4, 5 got no tensors
+    assert block_count(mlx_lm_made) == 10  # 6 + 4: mlx-lm wrapped the last 4 from block 6
+    peft_made = from_modules(paths(0, 5, 7), 8, 16.0, 0.0, "base")  # explicit blocks: the top is unknown
+    assert peft_made.lora.layers == "0,5,7" and block_count(peft_made) is None
+    ours = replace(mlx_lm_made, base_fingerprint="f", lora=replace(mlx_lm_made.lora, num_layers=16))
+    assert block_count(ours) == 8  # trained by mlx-lora on the last blocks: the top one is adapted
