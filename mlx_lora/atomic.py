@@ -13,12 +13,15 @@ from mlx_lora.errors import UserError
 
 
 def check_writable(directory: Path, flag: str) -> None:
-    """Fail before the work, not after it: make `directory` and write a probe file there."""
+    """Fail before the work, not after it, and leave nothing behind: a probe file in `directory`,
+    or where it does not exist yet, a probe directory in its nearest existing parent (the writers
+    create it when they first have something to write)."""
+    directory = Path(directory)
+    existing = next(p for p in (directory, *directory.absolute().parents) if p.exists() or p == p.parent)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        if not existing.is_dir():
+            raise NotADirectoryError(20, os.strerror(20))
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".write-test."))
     except OSError as e:
         raise UserError(f"{flag} {directory}: cannot write there ({e.strerror}); choose another directory") from None
 

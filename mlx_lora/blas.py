@@ -68,10 +68,19 @@ def enable() -> tuple[str | None, str]:
         else:
             try:
                 ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-                status = (path, f"MLX matmuls use {path} ({ENV}=off to disable)")
+                status = (path, f"MLX matmuls use {Path(path).name} ({ENV}=off to disable)")
             except OSError as e:
                 status = (None, f"{ENV}: cannot load {path} ({e}); using MLX's bundled BLAS")
     return status
+
+
+def note() -> str | None:
+    """The line a training run prints about the BLAS on Linux: the library in use, or that the
+    slow bundled one is (with how to get a fast one); None where there is nothing to say."""
+    used, reason = status
+    if sys.platform == "linux" and (used or "no OpenBLAS" in reason):
+        return f"blas: {reason}"
+    return None
 
 
 def check() -> None:

@@ -11,6 +11,7 @@ import typer
 
 from mlx_lora import blas
 from mlx_lora.config import (
+    PANELS,
     ChatConfig,
     ConvertConfig,
     EvalConfig,
@@ -24,7 +25,27 @@ from mlx_lora.config import (
 )
 from mlx_lora.errors import Interrupted, UserError
 
+
+class _NoHelpType:
+    """typer 0.29 lists `--help` with a `<bool>` type; it takes no value, so show none."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Command(_NoHelpType, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_NoHelpType, typer.core.TyperGroup):
+    pass
+
+
 app = typer.Typer(
+    cls=_Group,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -32,30 +53,62 @@ app = typer.Typer(
 )
 
 
+OFF = "__off"  # the keyword of a boolean's opposite flag: dora__off for --no-dora
+
+
+def _keyword(name: str, option, annotation) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+
+def _shown_default(default) -> str:
+    if default is None or default is MISSING or default is False:
+        return ""
+    return f" (default: {'on' if default is True else default})"
+
+
+def _flag(f, tp) -> list[inspect.Parameter]:
+    """`--name VALUE`, or for a boolean `--name` plus its opposite: --no-name, listed only in the
+    epilog so the help table keeps two columns, or a named one such as --dequantize, listed."""
+    flag, panel = "--" + f.name.replace("_", "-"), f.metadata.get("panel")
+    help = f.metadata["help"] + _shown_default(f.default)
+    if tp is not bool:
+        option = typer.Option(None, flag, help=help, show_default=False, rich_help_panel=panel)
+        return [_keyword(f.name, option, Optional[tp])]
+    off = f.metadata.get("off")
+    on_option = typer.Option(None, flag, help=help, show_default=False, rich_help_panel=panel, metavar="")
+    off_help = f"The opposite of {flag}." if off else None
+    off_option = typer.Option(
+        None,
+        off or "--no-" + flag[2:],
+        help=off_help,
+        hidden=not off,
+        show_default=False,
+        rich_help_panel=panel,
+        metavar="",
+    )
+    return [_keyword(f.name, on_option, Optional[bool]), _keyword(f.name + OFF, off_option, Optional[bool])]
+
+
 def _options(cls) -> list[inspect.Parameter]:
-    """One `--flag` per dataclass field; None means 'not given', so YAML and defaults can apply."""
-    params = []
-    for f, tp in zip(fields(cls), field_types(cls).values()):
-        flag = "--" + f.name.replace("_", "-")
+    """One `--flag` per dataclass field; None means 'not given', so YAML and defaults can apply.
+    Grouped by --help panel in PANELS order, the base model first in its panel."""
+    order, types, params = [None, *PANELS], field_types(cls), []
+    for f in sorted(fields(cls), key=lambda f: (order.index(f.metadata.get("panel")), f.name != "model")):
         if f.metadata.get("positional"):
             argument = typer.Argument(..., metavar=f.name.upper(), help=f.metadata["help"], show_default=False)
-            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=argument, annotation=tp))
-            continue
-        decls = [f"{flag}/{f.metadata.get('off') or '--no-' + flag[2:]}"] if tp is bool else [flag]
-        shown = "" if f.default in (None, MISSING) else f" (default: {f.default})"
-        option = typer.Option(None, *decls, help=f.metadata["help"] + shown, show_default=False)
-        params.append(
-            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[tp])
-        )
+            params.append(_keyword(f.name, argument, types[f.name]))
+        else:
+            params += _flag(f, types[f.name])
     return params
 
 
-def _say_blas() -> None:
-    """One line on stderr about the Linux BLAS (blas.py), then a quick check that it computes right."""
-    used, reason = blas.status
-    if sys.platform == "linux" and (used or "no OpenBLAS" in reason):
-        typer.echo(f"blas: {reason}", err=True)
-    blas.check()
+def _merge_opposites(values: dict) -> dict:
+    """{'dora': None, 'dora__off': True} -> {'dora': False}."""
+    merged = {k: v for k, v in values.items() if not k.endswith(OFF)}
+    for key, off in values.items():
+        if key.endswith(OFF) and off:
+            merged[key.removesuffix(OFF)] = False
+    return merged
 
 
 def _resumed_options(resume: str | None) -> dict:
@@ -74,7 +127,8 @@ def _command(cls, name: str, help: str, with_config: bool = False):
         @functools.wraps(fn)
         def run(**values):
             try:
-                _say_blas()
+                blas.check()  # a broken BLAS stops every command; `train` says which one it uses
+                values = _merge_opposites(values)
                 config = values.pop("config", None)
                 file_values = {**_resumed_options(values.get("resume")), **(load_yaml(config, cls) if config else {})}
                 fn(build_config(cls, file_values, values))
@@ -96,7 +150,9 @@ def _command(cls, name: str, help: str, with_config: bool = False):
                 inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[Path]),
             )
         run.__signature__ = inspect.Signature(params)
-        return app.command(name, help=help)(run)
+        hidden = any(f.type in (bool, "bool") and not f.metadata.get("off") for f in fields(cls))
+        epilog = "Each on/off flag --NAME also has an opposite, --no-NAME." if hidden else None
+        return app.command(name, help=help, epilog=epilog, cls=_Command)(run)
 
     return register
 
@@ -117,6 +173,8 @@ def generate(cfg: GenerateConfig) -> None:
     from mlx_lora.inference.generation import speed_line
 
     base = load_adapters(cfg).base
+    # The prompt on stderr, so a terminal shows what the answer continues; stdout is the new text alone.
+    typer.echo(cfg.prompt, err=True, nl=not sys.stdout.isatty())
     response = None
     for response in run_generate(base, cfg):
         print(response.text, end="", flush=True)
@@ -168,8 +226,9 @@ def convert(cfg: ConvertConfig) -> None:
 @_command(EvalConfig, "eval", "Loss, perplexity and exact match on a data split; base vs adapter with --compare-base.")
 def evaluate(cfg: EvalConfig) -> None:
     from mlx_lora.commands.evaluate import run, table
+    from mlx_lora.reporting.progress import eprint
 
-    print(table(run(cfg)))
+    print(table(run(cfg, log=eprint)))  # stdout holds the results alone; progress goes to stderr
 
 
 def main() -> None:

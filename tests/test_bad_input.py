@@ -212,10 +212,35 @@ def test_bad_input_is_one_line_exit_2_and_nothing_overwritten(ws, case):
     args, expected = CASES[case](ws)
     before = _snapshot(ws["root"] / "adapter")
     result = _run(args)
-    lines = [l for l in result.stderr.splitlines() if not l.startswith("blas:")]
+    lines = result.stderr.splitlines()  # the error alone: no `blas:` line before it
     assert result.exit_code == 2, result.output
     assert isinstance(result.exception, SystemExit)  # not an escaped exception
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
     assert "Traceback" not in result.output
     assert _snapshot(ws["root"] / "adapter") == before
     assert not (ws["root"] / "fused").exists()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [["--model", "./no-such-dir"], ["--data", "no-such-data"], ["--targets", "nope"], ["--layers", "0,9"]],
+)
+def test_a_failed_run_creates_no_adapter_directory(ws, tmp_path, monkeypatch, bad):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "new" / "adapter"
+    args = ["train", "--model", str(ws["llama"]), "--data", str(ws["root"] / "data"), "--adapter-path", str(out)]
+    result = _run([*args, *bad])
+    assert result.exit_code == 2, result.output
+    assert list(tmp_path.iterdir()) == []  # neither the adapter directory nor its parent, nor a probe
+
+
+def test_the_writability_probe_leaves_nothing(tmp_path):
+    from mlx_lora.atomic import check_writable
+    from mlx_lora.errors import UserError
+
+    check_writable(tmp_path / "a" / "b", "--adapter-path")
+    check_writable(tmp_path, "--adapter-path")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="cannot write there"):
+        check_writable(tmp_path / "file" / "out", "--adapter-path")

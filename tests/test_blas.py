@@ -49,3 +49,21 @@ def test_check_catches_a_wrong_matmul(monkeypatch):
     monkeypatch.setattr(mx, "array", lambda a: mx.zeros(a.shape))
     with pytest.raises(blas.UserError, match="wrong matmul results"):
         blas.check()
+
+
+def test_only_a_training_run_says_which_blas_and_never_before_an_error(llama, tiny_data, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from mlx_lora.cli import app
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(blas, "status", (None, "no OpenBLAS found; MLX matmuls run ~40x slower on its bundled BLAS"))
+    runner = CliRunner()
+    args = ["--model", str(llama), "--data", str(tiny_data), "--num-layers", "2", "--adapter-path", str(tmp_path / "a")]
+    trained = runner.invoke(app, ["train", *args, "--iters", "1", "--val-batches", "1"])
+    assert trained.exit_code == 0, trained.output
+    assert "blas: no OpenBLAS found" in trained.stdout
+    info = runner.invoke(app, ["info", *args])
+    assert info.exit_code == 0 and "blas:" not in info.output
+    bad = runner.invoke(app, ["train", *args, "--rank", "0"])
+    assert bad.exit_code == 2 and bad.stderr.splitlines() == ["error: --rank must be at least 1, got 0"]

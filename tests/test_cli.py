@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 
 import mlx.core as mx
 import numpy as np
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from mlx_lora.cli import app
@@ -219,3 +221,45 @@ def test_saved_files_get_ordinary_permissions(llama, tiny_data, tmp_path):
     os.umask(mask)
     assert (out / ADAPTER_WEIGHTS).stat().st_mode & 0o777 == 0o666 & ~mask
     assert (tmp_path / "fused").stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+COMMANDS = {c.name: c.callback for c in app.registered_commands}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_fits_80_columns_with_every_flag_whole(command):
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert all(len(line) <= 80 for line in lines), [line for line in lines if len(line) > 80]
+    assert "<bool>" not in result.output and "…" not in result.output
+    options = [p.default for p in COMMANDS[command].__signature__.parameters.values()]
+    flags = [o.param_decls[0] for o in options if isinstance(o, typer.models.OptionInfo) and not o.hidden]
+    assert flags and all(any(f"│ {flag} " in line for line in lines) for flag in flags), result.output
+    if command == "train":
+        panels = ("Model and LoRA", "Data", "Optimisation", "Methods", "Saving and logging", "Distributed")
+        assert all(f"╭─ {panel} ─" in result.output for panel in panels)
+        assert len(lines) < 110  # 225 before the panels and short help strings
+
+
+def test_on_off_flags_and_their_hidden_opposites(monkeypatch):
+    from mlx_lora.training import loop
+
+    seen = []
+    monkeypatch.setattr(loop, "train", seen.append)
+    for args in ([], ["--dora", "--no-prefix-cache"], ["--no-dora", "--prefix-cache"]):
+        result = CliRunner().invoke(app, ["train", *args])
+        assert result.exit_code == 0, result.output
+    assert [(cfg.dora, cfg.prefix_cache) for cfg in seen] == [(False, True), (True, False), (False, True)]
+
+
+def test_generate_echoes_the_prompt_on_stderr_and_shows_memory_in_a_readable_unit(llama):
+    from mlx_lora.inference.generation import memory_text
+
+    result = CliRunner().invoke(app, ["generate", "--model", str(llama), "--prompt", PROMPT, "--max-tokens", 4])
+    assert result.exit_code == 0, result.output
+    assert PROMPT not in result.stdout  # stdout is the generated text alone
+    assert result.stderr.startswith(PROMPT + "\n")  # what the answer continues, before it
+    stats = result.stderr.splitlines()[-1]
+    assert re.search(r"peak memory \d+\.\d+ (MB|GB)$", stats) and "0.00 GB" not in stats
+    assert (memory_text(0.0038), memory_text(2.5)) == ("3.8 MB", "2.50 GB")

@@ -32,4 +32,7 @@ def test_default_run_learns_the_format(tmp_path, monkeypatch):
     base = CliRunner().invoke(app, ["generate", "--max-tokens", 40])
     assert adapted.exit_code == base.exit_code == 0, adapted.output + base.output
     assert re.match(r" \d+ [-+*] \d+ = \d+.* #### \d+\n", adapted.stdout)
+    # and it ends there: the EOS that closes every training completion stops generation (fewer
+    # than the 40 tokens allowed, one answer)
+    assert adapted.stdout.count("####") == 1 and int(re.search(r"(\d+) generated", adapted.stderr)[1]) < 40
     assert "####" not in base.stdout

@@ -214,7 +214,7 @@ class Scores:
 
 
 def score(model: nn.Module, tokenizer, examples, items: list[Item], cfg: EvalConfig, name: str, log) -> Scores:
-    loss = mean_loss(model, examples, cfg.batch_size)
+    loss = mean_loss(model, examples, cfg.batch_size, log=log)
     scores = Scores(loss, math.exp(loss))
     if not items:
         return scores

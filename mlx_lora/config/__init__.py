@@ -4,7 +4,7 @@ Precedence: command line > YAML file (files.py) > the field's default.
 """
 
 from mlx_lora.config.commands import CONVERT_FORMATS, EVAL_TASKS, ConvertConfig, EvalConfig, FuseConfig, PlotConfig
-from mlx_lora.config.fields import arg, field_types, opt, split_list
+from mlx_lora.config.fields import PANELS, arg, field_types, opt, split_list
 from mlx_lora.config.files import build_config, load_yaml
 from mlx_lora.config.inference import ChatConfig, GenerateConfig, InferenceConfig
 from mlx_lora.config.lora import (
@@ -25,6 +25,7 @@ __all__ = [
     "INITS",
     "LR_SCHEDULES",
     "METHOD_FIELDS",
+    "PANELS",
     "REPORT_TO",
     "ChatConfig",
     "ConvertConfig",

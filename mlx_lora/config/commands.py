@@ -22,11 +22,10 @@ class FuseConfig:
     model: str | None = opt(None, "Base model (default: the one the adapter names).")
     adapter_path: str = opt("adapters", "Adapter directory to merge.")
     save_path: str = opt("fused_model", "Directory for the merged model (replaced only once it checks out).")
+    # --requantize reports the logit change re-quantizing causes; --dequantize (the default) merges
+    # in full precision and saves the whole model de-quantized.
     requantize: bool = opt(
-        False,
-        "Quantized base: re-quantize the merged layers like the base and report the logit change "
-        "this causes (default, --dequantize: save the whole model de-quantized, merged in full precision).",
-        off="--dequantize",
+        False, "Quantized base: re-quantize the merged layers like the base (default: de-quantize).", off="--dequantize"
     )
     export_gguf: bool = opt(
         False, "Also write <save-path>/model.gguf (float16) for llama.cpp; llama, mistral and mixtral models only."

@@ -9,10 +9,22 @@ import typing
 from dataclasses import field, fields
 from typing import Any
 
+# The panels `--help` groups a command's options into (typer's rich_help_panel).
+MODEL, DATA, OPTIMISATION, METHODS, SAVING, DISTRIBUTED = (
+    "Model and LoRA",
+    "Data",
+    "Optimisation",
+    "Methods",
+    "Saving and logging",
+    "Distributed",
+)
+PANELS = (MODEL, DATA, OPTIMISATION, METHODS, SAVING, DISTRIBUTED)  # the order --help shows them in
 
-def opt(default, help: str, off: str | None = None):
-    """An option; `off` names the flag that sets a boolean to False (default --no-<name>)."""
-    return field(default=default, metadata={"help": help, "off": off})
+
+def opt(default, help: str, off: str | None = None, panel: str | None = None):
+    """An option; `off` names the flag that sets a boolean to False (default --no-<name>); `panel`
+    is the --help group it is listed in (default: the command's one 'Options' panel)."""
+    return field(default=default, metadata={"help": help, "off": off, "panel": panel})
 
 
 def arg(help: str):

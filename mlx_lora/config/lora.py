@@ -5,7 +5,7 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any
 
-from mlx_lora.config.fields import opt
+from mlx_lora.config.fields import MODEL, opt
 from mlx_lora.errors import UserError
 
 INITS = ("default", "gaussian", "olora", "pissa")
@@ -17,29 +17,22 @@ class LoRAConfig:
     """What an adapter is: stored in adapter_config.json and enough to rebuild it on a base."""
 
     targets: str = opt(
-        "q_proj,v_proj",
-        "Modules to adapt: comma-separated names (q_proj,v_proj), a regular expression "
-        "matched against full module paths, or all-linear.",
+        "q_proj,v_proj", "Modules to adapt: names, a regex over module paths, or all-linear.", panel=MODEL
     )
-    rank: int = opt(8, "LoRA rank r.")
-    alpha: float = opt(16.0, "LoRA alpha: the update is scaled by alpha/r.")
-    dropout: float = opt(0.0, "Dropout on the LoRA branch input.")
-    num_layers: int = opt(16, "Adapt the last N transformer blocks (-1: all).")
-    layers: str | None = opt(None, "Exact block indices to adapt, e.g. 0,5,7 (overrides --num-layers).")
-    dora: bool = opt(False, "DoRA: also learn a magnitude per output row; the weight is m * (W + BA) / ||W + BA||.")
-    rslora: bool = opt(False, "rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r.")
-    init: str = opt(
-        "default",
-        "Start of A and B: default (A uniform, B zero), gaussian (A normal with std 1/r, B zero), "
-        "olora (QR of W) or pissa (SVD of W); olora/pissa adapters are saved as a plain LoRA "
-        "of twice the rank that applies to the unmodified base.",
-    )
-    rank_pattern: str | None = opt(
-        None,
-        "Per-module rank: 'regex=r,regex=r' (YAML: a mapping), matched against the end of each "
-        "module path like PEFT's rank_pattern, e.g. '.*v_proj=16,.*q_proj=4'.",
-    )
-    alpha_pattern: str | None = opt(None, "Per-module alpha, written like --rank-pattern, e.g. '.*v_proj=32'.")
+    rank: int = opt(8, "LoRA rank r.", panel=MODEL)
+    alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha/r.", panel=MODEL)
+    dropout: float = opt(0.0, "Dropout on the LoRA branch input.", panel=MODEL)
+    num_layers: int = opt(16, "Adapt the last N transformer blocks (-1: all).", panel=MODEL)
+    layers: str | None = opt(None, "Exact blocks to adapt, e.g. 0,5,7 (overrides --num-layers).", panel=MODEL)
+    # DoRA: the weight is m * (W + BA) / ||W + BA||, with m learned per output row.
+    dora: bool = opt(False, "DoRA: also learn a magnitude per output row.", panel=MODEL)
+    rslora: bool = opt(False, "rsLoRA: scale by alpha/sqrt(r) instead of alpha/r.", panel=MODEL)
+    # default: A uniform, B zero; gaussian: A normal with std 1/r, B zero; olora: QR of W; pissa: SVD
+    # of W. olora/pissa adapters are saved as a plain LoRA of twice the rank on the unmodified base.
+    init: str = opt("default", f"Start of A and B: {', '.join(INITS)}.", panel=MODEL)
+    # Matched against the end of each module path like PEFT's rank_pattern; YAML takes a mapping.
+    rank_pattern: str | None = opt(None, "Per-module rank, e.g. '.*v_proj=16,.*q_proj=4'.", panel=MODEL)
+    alpha_pattern: str | None = opt(None, "Per-module alpha, e.g. '.*v_proj=32'.", panel=MODEL)
 
     @property
     def scale(self) -> float:

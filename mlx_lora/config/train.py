@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import Any
 
-from mlx_lora.config.fields import opt, split_list
+from mlx_lora.config.fields import DATA, DISTRIBUTED, METHODS, MODEL, OPTIMISATION, SAVING, opt, split_list
 from mlx_lora.config.lora import LoRAConfig
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -14,63 +14,46 @@ REPORT_TO = ("tensorboard", "wandb")
 class TrainConfig(LoRAConfig):
     """A training run. Inherits LoRAConfig so CLI flags and YAML keys share one flat namespace."""
 
-    model: str | None = opt(
-        None, "Hugging Face model directory or hub id (default: the small model shipped with mlx-lora)."
-    )
-    data: str | None = opt(None, "Directory with train.jsonl and valid.jsonl (default: the bundled arithmetic set).")
-    adapter_path: str = opt("adapters", "Directory for adapters.safetensors, adapter_config.json and checkpoints.")
-    iters: int = opt(300, "Optimizer steps to train for.")
-    epochs: float | None = opt(None, "Train for this many passes over the training set instead of --iters.")
-    batch_size: int = opt(4, "Rows per batch.")
-    learning_rate: float = opt(1e-3, "AdamW learning rate.")
-    weight_decay: float = opt(0.0, "AdamW weight decay.")
-    max_seq_length: int = opt(2048, "Rows longer than this many tokens are truncated.")
-    seed: int = opt(0, "Seed for LoRA init, dropout and data order.")
-    val_every: int = opt(50, "Compute the validation loss every N steps (0: only at start and end).")
-    val_batches: int = opt(25, "Validation batches per evaluation (-1: the whole split).")
-    report_every: int = opt(10, "Print the training loss every N steps.")
-    save_every: int = opt(100, "Write a checkpoint under <adapter-path>/checkpoints every N steps (0: never).")
-    train_on_prompt: bool = opt(
-        False, "Also train on prompt / user tokens (default: loss on completions and assistant turns only)."
-    )
-    report_to: str | None = opt(
-        None, "Also send the metrics to tensorboard, wandb or both (comma-separated); each must be installed."
-    )
-    resume: str | None = opt(
-        None,
-        "Continue from a checkpoint directory (or an adapter directory: its latest checkpoint): weights, "
-        "optimizer, step, data order and random state; the run's saved options apply unless given again.",
-    )
-    prefix_cache: bool = opt(
-        True,
-        "Compute the frozen blocks before the first LoRA block once per row and reuse their output "
-        "in later epochs (RAM, or a temporary file when large); --no-prefix-cache recomputes them every step.",
-    )
+    model: str | None = opt(None, "HF model directory or hub id (default: the shipped model).", panel=MODEL)
+    data: str | None = opt(None, "Directory with train.jsonl and valid.jsonl (default: bundled).", panel=DATA)
+    max_seq_length: int = opt(2048, "Rows longer than this many tokens are truncated.", panel=DATA)
+    # Default: the loss covers completions and assistant turns only.
+    train_on_prompt: bool = opt(False, "Also train on prompt and user tokens.", panel=DATA)
+    iters: int = opt(300, "Optimizer steps to train for.", panel=OPTIMISATION)
+    epochs: float | None = opt(None, "Passes over the training set (instead of --iters).", panel=OPTIMISATION)
+    batch_size: int = opt(4, "Rows per batch.", panel=OPTIMISATION)
+    learning_rate: float = opt(1e-3, "AdamW learning rate.", panel=OPTIMISATION)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", panel=OPTIMISATION)
+    seed: int = opt(0, "Seed for LoRA init, dropout and data order.", panel=OPTIMISATION)
+    adapter_path: str = opt("adapters", "Directory for the adapter, its config and checkpoints.", panel=SAVING)
+    val_every: int = opt(50, "Validate every N steps (0: at start and end only).", panel=SAVING)
+    val_batches: int = opt(25, "Batches per validation (-1: the whole split).", panel=SAVING)
+    report_every: int = opt(10, "Print the training loss every N steps.", panel=SAVING)
+    save_every: int = opt(100, "Checkpoint to <adapter-path>/checkpoints every N steps (0: never).", panel=SAVING)
+    report_to: str | None = opt(None, "Also log to tensorboard, wandb or both (comma-separated).", panel=SAVING)
+    # Restores weights, optimizer, step, data order and random state; the run's saved options apply
+    # unless given again. An adapter directory means its latest checkpoint.
+    resume: str | None = opt(None, "Continue from a checkpoint or adapter directory.", panel=SAVING)
     # Training methods (issue 8): how the steps are computed, not what the adapter is.
-    pack: bool = opt(
-        False,
-        "Pack several rows into each sequence of up to --max-seq-length tokens; attention and "
-        "positions stay within each row, so losses equal the unpacked run's.",
-    )
+    # The frozen blocks before the first LoRA block: their output is kept in RAM, or a temporary
+    # file when large; --no-prefix-cache recomputes them every step.
+    prefix_cache: bool = opt(True, "Compute the frozen first blocks once per row.", panel=METHODS)
+    # Attention and positions stay within each row, so losses equal the unpacked run's.
+    pack: bool = opt(False, "Pack several rows into each --max-seq-length sequence.", panel=METHODS)
     grad_checkpoint: bool = opt(
-        False, "Recompute each transformer block in the backward pass: less memory, about 30% more time."
+        False, "Recompute blocks in the backward pass: less memory, ~30% slower.", panel=METHODS
     )
-    grad_accumulation_steps: int = opt(
-        1, "Sum gradients over this many batches per optimizer step (same update as one k-times-larger batch)."
-    )
-    lr_schedule: str = opt("constant", f"Learning-rate schedule after warmup: {', '.join(LR_SCHEDULES)}.")
-    warmup_steps: int = opt(0, "Raise the learning rate linearly over the first N steps.")
-    final_lr_ratio: float = opt(0.1, "linear / cosine: the last step's learning rate as a fraction of --learning-rate.")
+    # The same update as one k-times-larger batch.
+    grad_accumulation_steps: int = opt(1, "Sum gradients over N batches per optimizer step.", panel=METHODS)
+    lr_schedule: str = opt("constant", f"Schedule after warmup: {', '.join(LR_SCHEDULES)}.", panel=OPTIMISATION)
+    warmup_steps: int = opt(0, "Raise the learning rate linearly over N steps.", panel=OPTIMISATION)
+    final_lr_ratio: float = opt(0.1, "linear/cosine: last learning rate / --learning-rate.", panel=OPTIMISATION)
     early_stopping_patience: int | None = opt(
-        None,
-        "Stop after N validations (every --val-every steps) without a better validation loss, "
-        "and keep the best adapter.",
+        None, "Stop after N validations without improvement; keep the best.", panel=METHODS
     )
-    peer_timeout: float = opt(
-        300.0,
-        "In a group started by mlx.launch: end every process when one waits this many seconds for "
-        "the others (to join, in one step, at validation), as when a process died or hangs.",
-    )
+    # In a group started by mlx.launch: a process waiting this long for the others (to join, in one
+    # step, at validation) ends them all, as when one died or hangs.
+    peer_timeout: float = opt(300.0, "Seconds to wait for a silent peer before ending the group.", panel=DISTRIBUTED)
 
     def problems(self) -> list[str]:
         p = super().problems()

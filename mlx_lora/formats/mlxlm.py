@@ -1,9 +1,11 @@
 """mlx_lm.lora's adapter format, both ways: adapters.safetensors + adapter_config.json.
 
-The tensors are named and shaped like ours. The config differs: mlx-lm wraps the same `keys`
-(module paths inside a block) in each of the last `num_layers` blocks, and its `scale` is the
-multiplier itself where ours is alpha / r. Blocks it wraps that we did not adapt get no tensors
-and keep mlx-lm's zero-initialised B, so they add nothing.
+The tensors are named and shaped like ours, except DoRA's magnitude, `m` in mlx-lm's DoRALinear
+(fine_tune_type "dora"), which computes what our LoRALinear does with --dora. The config
+differs: mlx-lm wraps the same `keys` (module paths inside a block) in each of the last
+`num_layers` blocks, and its `scale` is the multiplier itself where ours is alpha / r. Blocks it
+wraps that we did not adapt get no tensors and keep mlx-lm's zero-initialised B (and with DoRA
+m = ||W||), so they add nothing.
 """
 
 import json
@@ -24,9 +26,11 @@ from mlx_lora.formats.native import (
     from_modules,
     read_weights,
 )
-from mlx_lora.model.lora import LORA_KEYS
+from mlx_lora.model.lora import LORA_KEYS, MAGNITUDE
 
 MLXLM_PARAMETERS = "lora_parameters"
+MLXLM_MAGNITUDE = "m"  # DoRALinear's name for our MAGNITUDE
+KINDS = ("lora", "dora")  # fine_tune_type values that are adapters
 
 
 def is_mlxlm(data: dict[str, Any]) -> bool:
@@ -36,9 +40,9 @@ def is_mlxlm(data: dict[str, Any]) -> bool:
 def read_mlxlm(directory: Path, data: dict[str, Any]) -> tuple[AdapterConfig, dict[str, mx.array]]:
     path = directory / ADAPTER_CONFIG
     kind = data.get("fine_tune_type", "lora")
-    if kind != "lora":
+    if kind not in KINDS:
         raise UserError(
-            f"{path}: fine_tune_type {kind}; mlx-lora reads LoRA adapters only"
+            f"{path}: fine_tune_type {kind}; mlx-lora reads LoRA and DoRA adapters only"
             + (" (a full fine-tune is a whole model: pass it as --model)" if kind == "full" else "")
         )
     params = data[MLXLM_PARAMETERS]
@@ -46,11 +50,11 @@ def read_mlxlm(directory: Path, data: dict[str, Any]) -> tuple[AdapterConfig, di
     if missing:
         raise UserError(f"{path}: mlx-lm adapter config lacks {', '.join(missing)}")
     weights, metadata = read_weights(directory / ADAPTER_WEIGHTS)
-    foreign = [k for k in weights if k.rsplit(".", 1)[-1] not in LORA_KEYS]
+    leaves = (*LORA_KEYS, MLXLM_MAGNITUDE) if kind == "dora" else LORA_KEYS
+    foreign = [k for k in weights if k.rsplit(".", 1)[-1] not in leaves]
     if foreign or not weights:
-        raise UserError(
-            f"{directory / ADAPTER_WEIGHTS}: {', '.join(foreign[:3]) or 'no tensors'}: not LoRA A/B weights"
-        )
+        raise UserError(f"{directory / ADAPTER_WEIGHTS}: {', '.join(foreign[:3]) or 'no tensors'}: not {kind} weights")
+    weights = {_rename(k, MLXLM_MAGNITUDE, MAGNITUDE): w for k, w in weights.items()}
     rank, scale = int(params["rank"]), float(params["scale"])
     modules = sorted({k.rsplit(".", 1)[0] for k in weights})
     config = from_modules(
@@ -61,8 +65,29 @@ def read_mlxlm(directory: Path, data: dict[str, Any]) -> tuple[AdapterConfig, di
         str(data.get("model") or ""),
         num_layers=int(data["num_layers"]),
         embedded=metadata.get(EMBEDDED_CONFIG),
+        methods={"dora": kind == "dora"},
     )
     return config, weights
+
+
+def _rename(key: str, leaf: str, to: str) -> str:
+    """'model.layers.0.self_attn.q_proj.m' -> '....magnitude' (leaf -> to); other keys unchanged."""
+    path, last = key.rsplit(".", 1)
+    return f"{path}.{to}" if last == leaf else key
+
+
+def block_count(config: AdapterConfig) -> int | None:
+    """The base's number of transformer blocks, where the adapter alone says it (else None: read the base).
+
+    An mlx-lora adapter on the last N blocks (or all) adapts the last block, so it is one past the
+    highest adapted index. An mlx-lm adapter wraps the last `num_layers` blocks, from its lowest
+    one. Explicit --layers (or PEFT's layers_to_transform) say nothing about the blocks above.
+    """
+    if config.lora.layers is not None or not config.layers:
+        return None
+    if config.base_fingerprint is not None:  # trained by mlx-lora
+        return max(config.layers) + 1
+    return min(config.layers) + config.lora.num_layers  # from_modules gives -1 (all) explicit layers
 
 
 def write_mlxlm(
@@ -76,7 +101,6 @@ def write_mlxlm(
     unsaid = [
         what
         for what, on in (
-            ("DoRA", config.lora.dora),
             ("per-module ranks", config.lora.rank_pattern),
             ("per-module alphas", config.lora.alpha_pattern),
         )
@@ -88,7 +112,7 @@ def write_mlxlm(
         )
     data = {
         "model": base_model,
-        "fine_tune_type": "lora",
+        "fine_tune_type": "dora" if config.lora.dora else "lora",
         "num_layers": num_blocks - min(config.layers),
         MLXLM_PARAMETERS: {
             "rank": config.lora.rank,
@@ -98,5 +122,6 @@ def write_mlxlm(
         },
     }
     metadata = {"format": "mlx", EMBEDDED_CONFIG: json.dumps(config.to_json())}
+    weights = {_rename(k, MAGNITUDE, MLXLM_MAGNITUDE): w for k, w in weights.items()}
     atomic.save_safetensors(directory / ADAPTER_WEIGHTS, weights, metadata)
     atomic.write_json(directory / ADAPTER_CONFIG, data)

@@ -65,5 +65,11 @@ def speed_line(response: GenerationResponse) -> str:
     return (
         f"{response.prompt_tokens} prompt tokens at {response.prompt_tps:.0f} tok/s, "
         f"{response.generation_tokens} generated at {response.generation_tps:.1f} tok/s, "
-        f"peak memory {response.peak_memory:.2f} GB"
+        f"peak memory {memory_text(response.peak_memory)}"
     )
+
+
+def memory_text(gb: float) -> str:
+    """mlx-lm's peak (MLX's own allocations, CPU or GPU, in GB) in a unit that shows it: a small
+    model's few MB read '0.00 GB' before."""
+    return f"{gb:.2f} GB" if gb >= 1 else f"{gb * 1000:.1f} MB"

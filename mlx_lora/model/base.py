@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,8 @@ FINGERPRINT_KEYS = (
     "vocab_size",
 )
 EXTRA_FILES = ("generation_config.json", "*.py", "*.jinja")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # name or org/name, as the hub spells them
+PATH_STARTS = ("./", "../", "/", "~", ".\\", "..\\")
 
 
 @dataclass
@@ -48,6 +52,8 @@ def resolve_model(name: str | None) -> Path:
         if not (path / "config.json").is_file():
             raise UserError(f"--model {name}: directory has no config.json (expected a Hugging Face model directory)")
         return path
+    if looks_like_path(name):
+        raise UserError(f"--model {name}: no such directory")
     from huggingface_hub import snapshot_download
 
     try:
@@ -56,10 +62,18 @@ def resolve_model(name: str | None) -> Path:
         try:
             return Path(snapshot_download(name, allow_patterns=DEFAULT_ALLOW_PATTERNS, local_files_only=True))
         except Exception:
-            raise UserError(
-                f"--model {name}: not a local directory, and the hub download failed "
-                f"({type(online_error).__name__}); check the id, your network, or the HF cache"
-            ) from None
+            pass
+        if path.parent != Path(".") and path.parent.is_dir():  # org/name whose org is a local directory
+            raise UserError(f"--model {name}: no such directory (and no such model on the hub)") from None
+        raise UserError(
+            f"--model {name}: not a local directory, and the hub download failed "
+            f"({type(online_error).__name__}); check the id, your network, or the HF cache"
+        ) from None
+
+
+def looks_like_path(name: str) -> bool:
+    """./x, ../x, /x, ~/x, a/b/c or anything else the hub could not take as an id: a local path."""
+    return name.startswith(PATH_STARTS) or (os.sep != "/" and os.sep in name) or not HUB_ID.fullmatch(name)
 
 
 def fingerprint(config: dict[str, Any]) -> str:

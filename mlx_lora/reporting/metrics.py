@@ -66,6 +66,7 @@ class MetricsLog:
 
     def __init__(self, out: Path, cfg: TrainConfig):
         self.sinks = [SINKS[name](out, cfg) for name in split_list(cfg.report_to)]  # fails before any file is touched
+        out.mkdir(parents=True, exist_ok=True)  # the run's first file: the directory is made only now
         self.file = open(out / METRICS, "a" if cfg.resume else "w")  # noqa: SIM115  (open for the run; close())
 
     def write(self, **values: float | None) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 from mlx_lm.utils import get_total_parameters
 
+from mlx_lora import blas
 from mlx_lora.atomic import check_writable, remove_stale
 from mlx_lora.config import LoRAConfig, TrainConfig, lora_part, method_options
 from mlx_lora.data.batches import batches_per_epoch, iterate_batches
@@ -159,6 +160,8 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         f"({100 * trainable / get_total_parameters(model):.3f}%)"
     )
     check_training_memory(base, data["train"], cfg.batch_size, cfg.max_seq_length, cfg.pack, cfg.grad_checkpoint, log)
+    if blas.note():  # once the run is sure to start, so an error stays one line
+        log(blas.note())
     distributed.check_group(world, cfg, data, trainable)
     if world.size > 1:
         log(f"group of {world.size} processes: each computes 1/{world.size} of every batch of {cfg.batch_size} rows")

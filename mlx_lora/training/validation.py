@@ -17,15 +17,16 @@ def mean_loss(
     num_batches: int = -1,
     world: distributed.World = distributed.SOLO,
     feed: Feed = PLAIN,
+    log=print,
 ) -> float:
     """Token-weighted mean loss over a fixed selection of batches (the same each call); a group
-    shares the batches out like training ones and sums the result."""
+    shares the batches out like training ones and sums the result. `log` says where a bar may go."""
     batches = epoch_batches(examples, batch_size, seed=0, epoch=0)
     batches = batches if num_batches == -1 else batches[:num_batches]
     was_training = model.training  # leave the mode as found: eval runs this between generations
     model.eval()
     total, count = mx.array(0.0), mx.array(0.0)
-    for indices in track(list(map(world.shard, batches)), "validation"):
+    for indices in track(list(map(world.shard, batches)), "validation", log=log):
         if not indices:
             continue
         loss, ntoks = feed.loss(model, *feed.inputs(examples, indices, collate(examples, indices)))

@@ -27,7 +27,7 @@ def test_convert_command_writes_each_format(llama, tmp_path):
     assert result.exit_code == 0, result.output
     assert {p.name for p in (tmp_path / "peft").iterdir()} == {PEFT_WEIGHTS, PEFT_CONFIG}
     assert json.loads((tmp_path / "peft" / PEFT_CONFIG).read_text())["base_model_name_or_path"] == "org/tiny-llama"
-    result = _run("convert", "--to", "mlx-lm", tmp_path / "peft", tmp_path / "mlxlm")
+    result = _run("convert", "--to", "peft", tmp_path / "peft", tmp_path / "peft2")
     assert result.exit_code == 2 and "--model org/tiny-llama: not a local directory" in result.output  # not on the hub
     assert _run("convert", "--to", "mlx-lm", tmp_path / "peft", tmp_path / "mlxlm", "--model", llama).exit_code == 0
     assert "lora_parameters" in json.loads((tmp_path / "mlxlm" / ADAPTER_CONFIG).read_text())
@@ -84,3 +84,28 @@ def test_gguf_for_an_unsupported_architecture_is_refused_before_anything_is_writ
     result = _run("fuse", "--adapter-path", tmp_path / "ours", "--save-path", tmp_path / "fused", "--export-gguf")
     assert result.exit_code == 2 and "mlx-lm writes GGUF for llama, mistral, mixtral models, not qwen2" in result.output
     assert not (tmp_path / "fused").exists()
+
+
+def test_converting_between_formats_reads_the_base_only_where_needed(llama, tmp_path, monkeypatch):
+    import mlx_lora.commands.convert as convert
+
+    random_adapter(llama, tmp_path / "ours", CFG)
+    assert _run("convert", "--to", "mlx-lm", tmp_path / "ours", tmp_path / "with_base").exit_code == 0
+    # the same adapter naming a base that is nowhere: nothing but PEFT export needs to read it
+    missing = "org/not-on-any-hub"
+    assert (
+        _run("convert", "--to", "mlx", tmp_path / "ours", tmp_path / "ours2", "--base-model-id", missing).exit_code == 0
+    )
+    result = _run("convert", "--to", "peft", tmp_path / "ours", tmp_path / "peft", "--base-model-id", missing)
+    assert result.exit_code == 0, result.output
+    monkeypatch.setattr(convert, "resolve_model", lambda name: pytest.fail(f"read the base {name}"))
+    for to, src in (("mlx-lm", "ours2"), ("mlx", "peft"), ("mlx-lm", "with_base"), ("mlx", "with_base")):
+        result = _run("convert", "--to", to, tmp_path / src, tmp_path / f"{src}-{to}")
+        assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "ours2-mlx-lm" / ADAPTER_CONFIG).read_text())
+    assert written["num_layers"] == json.loads((tmp_path / "with_base" / ADAPTER_CONFIG).read_text())["num_layers"] == 2
+    assert json.loads((tmp_path / "with_base-mlx-lm" / ADAPTER_CONFIG).read_text())["num_layers"] == 2
+    assert json.loads((tmp_path / "peft-mlx" / ADAPTER_CONFIG).read_text())["base_model"] == missing
+    # our PEFT export carries our config beside its tensors, so it says the block count as well
+    assert _run("convert", "--to", "mlx-lm", tmp_path / "peft", tmp_path / "peft-mlx-lm").exit_code == 0
+    assert json.loads((tmp_path / "peft-mlx-lm" / ADAPTER_CONFIG).read_text())["num_layers"] == 2

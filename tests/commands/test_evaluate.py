@@ -293,10 +293,17 @@ def test_cli_eval_prints_the_table_and_rejects_bad_input(llama, adapter, case, t
     args = ["eval", "--model", str(llama), "--data", str(data), "--max-tokens", "4"]
     ok = runner.invoke(app, args + ["--adapter-path", str(adapter), "--compare-base", "--task", "loss"])
     assert ok.exit_code == 0, ok.output
-    assert [line.split()[0] for line in ok.output.splitlines()[-3:]] == ["base", "loss", "perplexity"]
+    assert [line.split()[0] for line in ok.stdout.splitlines()] == ["base", "loss", "perplexity"]  # results alone
+    assert ok.stderr.startswith("eval ") or "\neval " in ok.stderr  # progress goes to stderr
+    generated = runner.invoke(
+        app, [*args, "--adapter-path", str(adapter), "--max-examples", "2", "--task", "exact-match"]
+    )
+    assert generated.exit_code == 0, generated.output
+    assert [line.split()[0] for line in generated.stdout.splitlines()] == ["adapter", "loss", "perplexity", "exact"]
+    assert "generating (adapter): 2/2" in generated.stderr
     monkeypatch.chdir(tmp_path)  # no ./adapters here
     alone = runner.invoke(app, args)
-    assert alone.exit_code == 0 and alone.output.splitlines()[-3].split() == ["base"]
+    assert alone.exit_code == 0 and alone.stdout.splitlines()[0].split() == ["base"]
     bad = runner.invoke(app, args + ["--compare-base"])
     assert bad.exit_code == 2 and "--compare-base needs an adapter" in bad.output
     bad = runner.invoke(app, args + ["--task", "bleu", "--batch-size", "0"])

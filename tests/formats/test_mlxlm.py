@@ -40,23 +40,23 @@ def test_exported_adapter_loads_in_mlx_lm_with_our_logits(llama, tmp_path):
     assert np.array_equal(mlx_logits(model, TOKENS), mlx_logits(ours.model, TOKENS))
 
 
-def _mlxlm_adapter(model_dir, out, num_layers, params):
+def _mlxlm_adapter(model_dir, out, num_layers, params, dora=False):
     """An adapter as mlx_lm.lora makes it: freeze, linear_to_lora_layers, save the trainable tensors."""
     mx.random.seed(2)
     model, _ = load_model(model_dir)
     model.freeze()
-    linear_to_lora_layers(model, num_layers, params)
-    lora_b = {
-        k: mx.random.normal(v.shape) * 0.2
+    linear_to_lora_layers(model, num_layers, params, use_dora=dora)
+    trained = {  # as if trained: B away from zero, DoRA's m away from ||W||
+        k: mx.random.normal(v.shape) * 0.2 if k.endswith("lora_b") else v * (1 + 0.3 * mx.random.normal(v.shape))
         for k, v in tree_flatten(model.trainable_parameters())
-        if k.endswith("lora_b")
+        if k.endswith(("lora_b", ".m"))
     }
-    model.load_weights(list(lora_b.items()), strict=False)
+    model.load_weights(list(trained.items()), strict=False)
     out.mkdir()
     mx.save_safetensors(str(out / ADAPTER_WEIGHTS), dict(tree_flatten(model.trainable_parameters())))
     config = {
         "model": str(model_dir),
-        "fine_tune_type": "lora",
+        "fine_tune_type": "dora" if dora else "lora",
         "num_layers": num_layers,
         "lora_parameters": params,
         "iters": 10,
@@ -94,13 +94,40 @@ def test_round_trip_through_mlx_lm_is_bit_identical(llama, tmp_path):
     assert_round_trip(tmp_path / "ours", "mlx-lm", tmp_path)
 
 
-def test_dora_and_full_fine_tunes_are_refused(llama, tmp_path):
+def test_full_fine_tunes_are_refused(llama, tmp_path):
     _mlxlm_adapter(llama, tmp_path / "mlxlm", 1, {"rank": 2, "scale": 1.0, "dropout": 0.0})
     path = tmp_path / "mlxlm" / ADAPTER_CONFIG
-    for kind, hint in [("dora", ""), ("full", r" \(a full fine-tune is a whole model: pass it as --model\)")]:
-        path.write_text(json.dumps({**json.loads(path.read_text()), "fine_tune_type": kind}))
-        with pytest.raises(UserError, match=f"fine_tune_type {kind}; mlx-lora reads LoRA adapters only{hint}$"):
-            read_adapter(tmp_path / "mlxlm")
+    path.write_text(json.dumps({**json.loads(path.read_text()), "fine_tune_type": "full"}))
+    hint = r" \(a full fine-tune is a whole model: pass it as --model\)"
+    with pytest.raises(UserError, match=f"fine_tune_type full; mlx-lora reads LoRA and DoRA adapters only{hint}$"):
+        read_adapter(tmp_path / "mlxlm")
+
+
+def test_dora_exports_to_mlx_lm_with_our_logits_and_back_bit_for_bit(llama, tmp_path):
+    from mlx_lora.formats.native import save_adapter
+    from mlx_lora.model.lora import lora_layers
+
+    cfg = LoRAConfig(targets="q_proj,down_proj", layers="1,3", rank=4, alpha=6, dora=True)
+    ours = random_adapter(llama, tmp_path / "ours", cfg)
+    for layer in lora_layers(ours.model).values():  # as if trained: m away from ||W||
+        layer.magnitude = layer.magnitude * (1 + 0.3 * mx.random.normal(layer.magnitude.shape))
+    save_adapter(tmp_path / "ours", ours.model, read_adapter(tmp_path / "ours")[0])
+    _to_mlxlm(tmp_path / "ours", tmp_path / "mlxlm")
+    assert json.loads((tmp_path / "mlxlm" / ADAPTER_CONFIG).read_text())["fine_tune_type"] == "dora"
+    names = mx.load(str(tmp_path / "mlxlm" / ADAPTER_WEIGHTS))
+    assert "model.layers.1.self_attn.q_proj.m" in names and not any(k.endswith("magnitude") for k in names)
+    model, _ = load(str(llama), adapter_path=str(tmp_path / "mlxlm"))
+    # the same float32 operations in the same order; the tolerance only allows for summation order
+    np.testing.assert_allclose(mlx_logits(model, TOKENS), mlx_logits(ours.model, TOKENS), atol=1e-5, rtol=0)
+    assert_round_trip(tmp_path / "ours", "mlx-lm", tmp_path / "trip")
+
+
+def test_dora_adapter_made_by_mlx_lm_loads_as_is(llama, tmp_path):
+    params = {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "mlp.down_proj"]}
+    theirs = _mlxlm_adapter(llama, tmp_path / "mlxlm", 2, params, dora=True)
+    base = load_for_inference(None, str(tmp_path / "mlxlm"))
+    assert read_adapter(tmp_path / "mlxlm")[0].lora.dora
+    np.testing.assert_allclose(mlx_logits(base.model, TOKENS), mlx_logits(theirs, TOKENS), atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
@@ -140,3 +167,18 @@ def test_adapter_trained_by_mlx_lm_lora_loads_as_is(llama, tiny_data, tmp_path):
     assert np.array_equal(mlx_logits(base.model, TOKENS), mlx_logits(theirs, TOKENS))
     untouched, _ = load(str(llama))
     assert np.abs(mlx_logits(theirs, TOKENS) - mlx_logits(untouched, TOKENS)).max() > 1e-3  # training moved B
+
+
+def test_block_count_only_where_the_adapter_says_it():
+    from dataclasses import replace
+
+    from mlx_lora.formats.mlxlm import block_count
+    from mlx_lora.formats.native import from_modules
+
+    paths = lambda *blocks: [f"model.layers.{b}.self_attn.q_proj" for b in blocks]  # noqa: E731
+    mlx_lm_made = from_modules(paths(6, 7), 8, 16.0, 0.0, "base", num_layers=4)  # wraps 4..7; 4, 5 got no tensors
+    assert block_count(mlx_lm_made) == 10  # 6 + 4: mlx-lm wrapped the last 4 from block 6
+    peft_made = from_modules(paths(0, 5, 7), 8, 16.0, 0.0, "base")  # explicit blocks: the top is unknown
+    assert peft_made.lora.layers == "0,5,7" and block_count(peft_made) is None
+    ours = replace(mlx_lm_made, base_fingerprint="f", lora=replace(mlx_lm_made.lora, num_layers=16))
+    assert block_count(ours) == 8  # trained by mlx-lora on the last blocks: the top one is adapted

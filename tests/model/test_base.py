@@ -1,5 +1,6 @@
 """Model loading: a hub id goes through huggingface-hub's cache, offline too."""
 
+import re
 import shutil
 
 import huggingface_hub.constants as hf_constants
@@ -39,3 +40,23 @@ def test_unknown_hub_id_offline_is_a_user_error(tmp_path, monkeypatch):
 def test_directory_without_config_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="has no config.json"):
         load_base(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "name", ["./no-such-dir", "../no/such", "/no/such/dir", "~/no-such-dir", "a/b/c", "dir with space"]
+)
+def test_a_missing_path_is_no_such_directory_without_asking_the_hub(name, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("asked the hub"))
+    with pytest.raises(UserError, match=f"^--model {re.escape(name)}: no such directory$"):
+        load_base(name)
+
+
+def test_org_name_whose_org_is_a_local_directory_says_no_such_directory(tmp_path, monkeypatch):
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(UserError, match="^--model models/llama: no such directory"):
+        load_base("models/llama")

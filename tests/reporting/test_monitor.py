@@ -4,6 +4,7 @@ import io
 import json
 import os
 import pty
+import re
 import struct
 import sys
 from pathlib import Path
@@ -182,6 +183,23 @@ def test_plot_draws_several_runs_on_one_chart(run, tmp_path):
     assert missing.exit_code == 2 and "no metrics.jsonl here" in missing.output
 
 
+def _lines(screen: str) -> list[str]:
+    """What a terminal shows: every redraw of the live line, without escape codes."""
+    return [line for line in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen).replace("\r", "\n").split("\n") if line]
+
+
+def _on_a_terminal(args: list[str]) -> str:
+    """What `args` writes to a pseudo-terminal (pty.spawn inherits the environment)."""
+    chunks = []
+
+    def read(fd):
+        chunks.append(os.read(fd, 4096))
+        return chunks[-1]
+
+    pty.spawn(args, read)
+    return b"".join(chunks).decode()
+
+
 def test_bar_on_a_terminal_shows_step_stats_and_eta():
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, width=150)
@@ -192,8 +210,40 @@ def test_bar_on_a_terminal_shows_step_stats_and_eta():
     bar.close()
     screen = out.getvalue()
     assert "10/10" in screen and "loss 0.200" in screen and "val 0.750" in screen
-    assert "1234 tok/s" in screen and "peak 0.25 GB" in screen and "ETA" in screen
+    assert "1234 tok/s" in screen and "peak 0.25 GB" in screen and "took 0:00:00" in screen
     assert not progress._shown
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_one_line_that_fits_the_width_with_validation_as_a_field(width):
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=width)
+    bar = progress.Bar("training", 300, console=console)
+    bar.advance(15, loss=0.943, val_loss=1.11, tokens_per_second=2892.0, peak_memory_gb=0.04)
+    validation = progress.Bar("validation", 25, console=console, transient=True)
+    validation.advance(12)
+    bar.progress.refresh()
+    validation.close()
+    bar.progress.refresh()
+    bar.close()
+    lines = _lines(out.getvalue())
+    assert lines and all(len(line) <= width for line in lines) and "…" not in out.getvalue()
+    assert all(line.startswith("training ━") for line in lines)  # one line; no second bar
+    assert any("15/300 loss 0.943" in line and "validation 12/25" in line and "ETA" in line for line in lines)
+    wide = "15/300 loss 0.943 · val 1.110 · 2892 tok/s · peak 0.04 GB · ETA"
+    assert any(wide in line for line in lines) == (width == 200)
+
+
+def test_fit_line_drops_the_least_useful_fields_first():
+    fields = [(0, "15/300"), (1, "loss 0.943"), (4, "val 1.110"), (5, "2892 tok/s"), (1, "ETA 0:01:00")]
+    assert progress.fit_line("training", fields, 200) == (
+        "training",
+        40,
+        "15/300 loss 0.943 · val 1.110 · 2892 tok/s · ETA 0:01:00",
+    )
+    assert progress.fit_line("training", fields, 65) == ("training", 12, "15/300 loss 0.943 · val 1.110 · ETA 0:01:00")
+    assert progress.fit_line("training", fields, 60) == ("training", 19, "15/300 loss 0.943 · ETA 0:01:00")
+    assert progress.fit_line("training", fields, 20) == ("training 15/300", 0, "")
 
 
 @pytest.mark.slow
@@ -213,20 +263,16 @@ def test_cli_draws_a_bar_on_a_terminal_and_plain_lines_otherwise(llama, tmp_path
         "2",
         "--num-layers",
         "2",
-        "--adapter-path",
-        str(tmp_path / "run"),
     ]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "COLUMNS": "150"}
-    piped = CliRunner().invoke(app, args[3:]).stdout  # in-process: stdout is not a terminal
+    # in-process: stdout is not a terminal
+    piped = CliRunner().invoke(app, [*args[3:], "--adapter-path", str(tmp_path / "piped")]).stdout
     assert "step 4/4  loss" in piped and "\x1b" not in piped and "━" not in piped
-    chunks = []
-
-    def read(fd):
-        chunks.append(os.read(fd, 4096))
-        return chunks[-1]
-
-    for key, value in env.items():  # pty.spawn inherits the environment
-        monkeypatch.setenv(key, value)
-    pty.spawn(args, read)
-    screen = b"".join(chunks).decode()
-    assert "step 4/4  loss" in screen and "━" in screen and "4/4" in screen and "ETA" in screen
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parents[2]))  # pty.spawn inherits the environment
+    for width in (80, 200):
+        monkeypatch.setenv("COLUMNS", str(width))
+        screen = _on_a_terminal([*args, "--adapter-path", str(tmp_path / f"run{width}")])
+        assert "step 4/4  loss" in screen and "━" in screen and "ETA" in screen and "…" not in screen
+        bars = [line for line in _lines(screen) if "━" in line]  # the live line (plain lines hold paths)
+        assert all(len(line) <= width for line in bars), [line for line in bars if len(line) > width]
+        assert all(line.startswith("training ━") for line in bars)  # validation is a field, not a second bar
+        assert any("4/4 loss" in line and "val" in line for line in bars)
