@@ -17,6 +17,7 @@ from mlx_lora.config import (
     FuseConfig,
     GenerateConfig,
     PlotConfig,
+    ServeConfig,
     TrainConfig,
     build_config,
     field_types,
@@ -170,6 +171,13 @@ def evaluate(cfg: EvalConfig) -> None:
     from mlx_lora.commands.evaluate import run, table
 
     print(table(run(cfg)))
+
+
+@_command(ServeConfig, "serve", "Serve the base and its adapters over the OpenAI HTTP API, all adapters in one batch.")
+def serve(cfg: ServeConfig) -> None:
+    from mlx_lora.commands.serve import serve as run_serve
+
+    run_serve(cfg)
 
 
 def main() -> None:

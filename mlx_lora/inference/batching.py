@@ -48,6 +48,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    status: int = 500  # for an error: the HTTP status that fits it
 
 
 @dataclass(eq=False)
@@ -72,7 +73,7 @@ def row_sampler(offset: int, sampling: Sampling) -> Callable[[mx.array], mx.arra
     """logprobs (1, V) -> the next id (1,), plus `offset` (the row's slot · V, see RoutedModel)."""
     if sampling.temperature == 0:
         return lambda logprobs: mx.argmax(logprobs, axis=-1) + offset
-    key = [mx.random.key(random.getrandbits(32) if sampling.seed is None else sampling.seed)]
+    key = [mx.random.key(random.getrandbits(32) if sampling.seed is None else sampling.seed % 2**32)]
 
     def sample(logprobs: mx.array) -> mx.array:
         if sampling.top_p < 1:
@@ -175,7 +176,10 @@ class BatchEngine:
 
     def _handle(self, kind: str, payload: Any) -> None:
         if kind == "submit" and not payload.cancelled:
-            self._insert(payload)
+            try:
+                self._insert(payload)
+            except Exception as e:  # refused by the generator: this request fails, the worker goes on
+                _emit(payload, Event("", "error", error=f"{type(e).__name__}: {e}", status=400))
         elif kind == "cancel" and payload.uid in self._jobs:
             self._generator.remove([payload.uid])
             del self._jobs[payload.uid]
@@ -188,7 +192,7 @@ class BatchEngine:
 
     def _insert(self, job: Job) -> None:
         if job.adapter is not None and job.adapter not in self.adapters.names:
-            _emit(job, Event("", "error", error=f"the adapter '{job.adapter}' was removed"))
+            _emit(job, Event("", "error", error=f"the adapter '{job.adapter}' was removed", status=404))
             return
         job.slot = self.adapters.slot(job.adapter)
         offset = job.slot * self.vocab

@@ -3,14 +3,12 @@ import threading
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import CFG_A, CFG_B, save_random_adapter
+from conftest import CFG_A, CFG_B, generate_alone, save_random_adapter
 
-from mlx_lora.config import GenerateConfig, LoRAConfig
+from mlx_lora.config import LoRAConfig
 from mlx_lora.errors import UserError
 from mlx_lora.formats.loader import load_for_inference
-from mlx_lora.inference.adapter_set import load_adapters
 from mlx_lora.inference.batching import BatchEngine, Event, Sampling
-from mlx_lora.inference.generation import generate
 from mlx_lora.inference.multi_lora import AdapterSlots, RoutedModel, vocab_size
 from mlx_lora.model.base import load_base
 
@@ -38,11 +36,7 @@ def engine(llama, adapters):
 
 
 def alone(llama, adapter_dir, prompt: str, max_tokens: int) -> str:
-    """What `mlx-lora generate` prints for this prompt with this adapter alone (None: the base)."""
-    cfg = GenerateConfig(
-        model=str(llama), adapter_path=[str(adapter_dir)] if adapter_dir else None, prompt=prompt, max_tokens=max_tokens
-    )
-    return "".join(r.text for r in generate(load_adapters(cfg).base, cfg))
+    return generate_alone(llama, adapter_dir, prompt, max_tokens)
 
 
 def run_all(engine: BatchEngine, requests: list[tuple[list[int], str | None, Sampling]]) -> list[tuple[str, str]]:
