@@ -290,16 +290,20 @@ class Server:
         return await self.whole(request, job, events, reply)
 
     async def whole(self, request, job: Job, events: asyncio.Queue, reply: Reply) -> dict[str, Any]:
-        """Wait for the whole text; a client that went away frees its row."""
-        parts = []
+        """Wait for the whole text, looking every second for a client that went away (its row is freed)."""
+        parts, next_look = [], time.monotonic() + 1
         try:
             while True:
                 try:
                     event = await asyncio.wait_for(events.get(), timeout=1.0)
                 except asyncio.TimeoutError:
+                    event = None
+                if time.monotonic() >= next_look:
+                    next_look = time.monotonic() + 1
                     if await request.is_disconnected():
                         self.engine.cancel(job)
                         return {}
+                if event is None:
                     continue
                 parts.append(event.text)
                 if event.finish_reason == "error":
@@ -366,6 +370,25 @@ class Server:
             )
 
 
+class RequireKey:
+    """`Authorization: Bearer KEY` on every route but /health. Plain ASGI rather than @app.middleware:
+    Starlette's BaseHTTPMiddleware hides a client's disconnect from the route behind it."""
+
+    def __init__(self, app, key: str | None):
+        self.app, self.expected = app, f"Bearer {key}".encode() if key else None
+
+    async def __call__(self, scope, receive, send):
+        if self.expected and scope["type"] == "http" and scope["path"] not in OPEN_ROUTES:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                from fastapi.responses import JSONResponse
+
+                error = ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)", None, "invalid_api_key")
+                await JSONResponse(error.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(engine: BatchEngine, cfg: ServeConfig):
     """The FastAPI app: OpenAI routes, /health, the API key check and OpenAI-shaped errors."""
     from fastapi import FastAPI, Request
@@ -380,16 +403,7 @@ def create_app(engine: BatchEngine, cfg: ServeConfig):
     app.add_exception_handler(HTTPException, lambda _, e: as_json(ApiError(e.status_code, str(e.detail))))
     app.add_exception_handler(Exception, lambda _, e: as_json(ApiError(500, f"internal error: {type(e).__name__}")))
 
-    @app.middleware("http")
-    async def require_key(request: Request, call_next):
-        given = request.headers.get("authorization", "")
-        expected = f"Bearer {cfg.api_key}"
-        if cfg.api_key and request.url.path not in OPEN_ROUTES and not hmac.compare_digest(given, expected):
-            return as_json(
-                ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)", None, "invalid_api_key")
-            )
-        return await call_next(request)
-
+    app.add_middleware(RequireKey, key=cfg.api_key)
     app.get("/health")(server.health)
     app.get("/v1/models")(server.models)
 

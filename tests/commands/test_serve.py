@@ -70,7 +70,11 @@ def served(llama, tmp_path_factory):
         pytest.fail("the server did not come up: " + (root / "server.log").read_text())
     yield {"url": url, "pid": process.pid, "model": llama, "paths": paths, "root": adapters}
     process.terminate()
-    process.wait(timeout=30)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("the server did not stop within 30 s of SIGTERM")
 
 
 @pytest.fixture(scope="module")
@@ -199,12 +203,20 @@ def test_a_client_leaving_mid_stream_frees_its_row(served):
             lines = response.iter_lines()
             assert sum(1 for line, _ in zip(lines, range(6)) if line.startswith("data:")) >= 2
             assert health(served)["in_flight"] == 1
+    assert_drained(served)
+    with pytest.raises(httpx.ReadTimeout):  # a client that gives up on a whole (not streamed) answer
+        httpx.post(served["url"] + "/v1/completions", json={**body, "max_tokens": 4000}, headers=headers, timeout=1.0)
+    assert_drained(served)
+
+
+def assert_drained(served) -> None:
+    """Within seconds nothing is in flight and nothing decodes any more (4000 tokens would take far longer)."""
     deadline = time.time() + 10
     while health(served)["in_flight"] and time.time() < deadline:
         time.sleep(0.1)
     steps = health(served)["steps"]
     time.sleep(0.5)
-    assert health(served)["in_flight"] == 0 and health(served)["steps"] == steps  # nothing decodes any more
+    assert health(served)["in_flight"] == 0 and health(served)["steps"] == steps
 
 
 def test_adapters_load_and_unload_at_run_time_only_under_the_root(served, expected):
