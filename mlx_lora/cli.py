@@ -173,7 +173,12 @@ def evaluate(cfg: EvalConfig) -> None:
     print(table(run(cfg)))
 
 
-@_command(ServeConfig, "serve", "Serve the base and its adapters over the OpenAI HTTP API, all adapters in one batch.")
+@_command(
+    ServeConfig,
+    "serve",
+    "Serve the base and its adapters over the OpenAI HTTP API, all adapters in one batch.",
+    with_config=True,
+)
 def serve(cfg: ServeConfig) -> None:
     from mlx_lora.commands.serve import serve as run_serve
 

@@ -257,14 +257,17 @@ class Server:
 
     def prompt_tokens(self, body: dict, chat: bool) -> list[int]:
         base = self.engine.base
-        try:
-            if chat:
-                tokens = chat_tokens(base, parse_messages(body))
-            else:
-                prompt = parse_prompt(body, self.engine.vocab)
-                tokens = base.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        except UserError as e:  # no chat template
-            raise ApiError(400, str(e), "messages", "unsupported") from None
+        if chat:
+            messages = parse_messages(body)
+            try:
+                tokens = chat_tokens(base, messages)
+            except Exception as e:  # no template, or one that refuses these roles (jinja's raise_exception)
+                raise ApiError(
+                    400, f"the chat template refuses these messages: {e}", "messages", "unsupported"
+                ) from None
+        else:
+            prompt = parse_prompt(body, self.engine.vocab)
+            tokens = base.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         limit = self.cfg.max_prompt_tokens
         if not tokens or len(tokens) > limit:
             param = "messages" if chat else "prompt"

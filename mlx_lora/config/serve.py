@@ -2,6 +2,7 @@
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from mlx_lora.config.fields import opt
 
@@ -55,6 +56,8 @@ class ServeConfig:
                 p.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.allow_adapter_loading and not self.adapter_root:
             p.append("--allow-adapter-loading needs --adapter-root DIR: the only place adapters may be loaded from")
+        if self.adapter_root and not Path(self.adapter_root).is_dir():
+            p.append(f"--adapter-root {self.adapter_root}: no such directory")
         if self.api_key is not None and not self.api_key.strip():
             p.append("--api-key is empty; give a key or leave the option out")
         return p

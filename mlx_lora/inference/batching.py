@@ -157,9 +157,12 @@ class BatchEngine:
 
     def _run(self) -> None:
         while not self._stopping:
-            self._drain(block=not self._jobs)
-            if self._jobs:
-                self._step()
+            try:
+                self._drain(block=not self._jobs)
+                if self._jobs:
+                    self._step()
+            except Exception as e:  # the worker outlives any one failure; the requests in flight end
+                self._fail_all(f"{type(e).__name__}: {e}")
 
     def _drain(self, block: bool) -> None:
         """Handle every message waiting; when idle, wait for the first one."""

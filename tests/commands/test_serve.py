@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from conftest import CFG_A, CFG_B, generate_alone, save_random_adapter
 from typer.testing import CliRunner
 
 from mlx_lora.cli import app
-from mlx_lora.config import LoRAConfig, ServeConfig
+from mlx_lora.config import LoRAConfig, ServeConfig, build_config, load_yaml
 from mlx_lora.errors import UserError
 
 KEY = "sk-test-key"
@@ -264,19 +265,29 @@ def test_load_200_requests_16_clients_none_lost_or_wrong_memory_flat(served, exp
     print(f"load: 200 requests in {took:.1f}s, server RSS {before:.0f} -> {after:.0f} MB")
 
 
-def test_loading_is_off_unless_asked_and_the_extra_is_named_when_missing(llama, monkeypatch):
+def test_loading_off_a_refusing_chat_template_and_a_missing_extra(llama, tmp_path, monkeypatch):
     from fastapi.testclient import TestClient
 
     from mlx_lora.commands.serve import SERVE_HINT, create_app, serve
     from mlx_lora.inference.batching import BatchEngine
     from mlx_lora.model.base import load_base
 
-    engine = BatchEngine(load_base(str(llama)), max_batch=2)
+    model = tmp_path / "strict"
+    shutil.copytree(llama, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}x"
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    engine = BatchEngine(load_base(str(model)), max_batch=2)
     try:
-        http = TestClient(create_app(engine, ServeConfig(model=str(llama))))
+        http = TestClient(create_app(engine, ServeConfig(model=str(model))))
         assert http.post("/v1/adapters", json={"name": "x", "path": "a"}).status_code == 403
         assert http.delete("/v1/adapters/x").status_code == 403
         assert http.get("/v1/models").json()["data"][0]["id"] == "base"  # no key asked: none set
+        body = {"model": "base", "messages": [{"role": "assistant", "content": "hi"}], "max_tokens": 2}
+        refused = http.post("/v1/chat/completions", json=body)
+        assert refused.status_code == 400 and "user first" in refused.json()["error"]["message"]
+        body["messages"][0]["role"] = "user"
+        assert http.post("/v1/chat/completions", json=body).status_code == 200
     finally:
         engine.close()
     monkeypatch.setitem(sys.modules, "uvicorn", None)
@@ -285,8 +296,15 @@ def test_loading_is_off_unless_asked_and_the_extra_is_named_when_missing(llama, 
     assert "pip install" in SERVE_HINT
 
 
-def test_serve_flags_are_checked_before_anything_loads():
+def test_serve_flags_are_checked_before_anything_loads(tmp_path):
     result = CliRunner().invoke(app, ["serve", "--allow-adapter-loading", "--adapter", "noequals", "--port", "70000"])
     assert result.exit_code == 2
     for words in ("--adapter-root", "NAME=DIR", "--port"):
         assert words in result.output
+    result = CliRunner().invoke(
+        app, ["serve", "--adapter", "a=x", "--adapter", "a=y", "--adapter-root", "/nonexistent"]
+    )
+    assert result.exit_code == 2 and "given twice" in result.output and "no such directory" in result.output
+    (tmp_path / "serve.yaml").write_text("adapter: [math=runs/math, style=runs/style]\nport: 9000\n")
+    cfg = build_config(ServeConfig, load_yaml(tmp_path / "serve.yaml", ServeConfig), {"port": 9001})
+    assert cfg.adapter == ["math=runs/math", "style=runs/style"] and cfg.port == 9001 and cfg.host == "127.0.0.1"
