@@ -141,3 +141,26 @@ def test_a_cancelled_request_frees_its_row(engine):
     engine.cancel(job)
     run_all(engine, [(tokens, None, Sampling(max_tokens=2))])  # a round trip through the worker after the cancel
     assert engine.active == 0
+
+
+def test_a_quantized_base_and_adapters_in_other_formats_mix_too(llama, adapters, tmp_path):
+    """4-bit base (mlx-lm's own quantization); b as PEFT files and c as mlx_lm.lora files, beside our a."""
+    from mlx_lm.convert import convert as quantize
+
+    from mlx_lora.commands.convert import convert
+    from mlx_lora.config import ConvertConfig
+
+    quantize(str(llama), str(tmp_path / "q4"), quantize=True, q_bits=4, q_group_size=32)
+    convert(ConvertConfig(str(adapters["b"]), str(tmp_path / "b-peft"), to="peft"), log=lambda _: None)
+    convert(ConvertConfig(str(adapters["c"]), str(tmp_path / "c-mlxlm"), to="mlx-lm"), log=lambda _: None)
+    served = {"a": adapters["a"], "b": tmp_path / "b-peft", "c": tmp_path / "c-mlxlm"}
+    engine = BatchEngine(load_base(str(tmp_path / "q4")), max_batch=8)
+    try:
+        for name, path in served.items():
+            engine.add_adapter(name, path).result()
+        cases = [(p, name) for p in PROMPTS[:2] for name in (None, "a", "b", "c")]
+        got = run_all(engine, [(engine.base.tokenizer.encode(p), n, Sampling(max_tokens=10)) for p, n in cases])
+    finally:
+        engine.close()
+    expected = [generate_alone(tmp_path / "q4", served[n] if n else None, p, 10) for p, n in cases]
+    assert [text for text, _ in got] == expected
