@@ -134,6 +134,19 @@ def test_completion_and_chat_whole_and_streamed(served, expected):
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
 
 
+def test_stop_seed_and_max_completion_tokens_reach_generation(served, expected):
+    api = client(served)
+    (prompt, model), full = next((k, v) for k, v in expected.items() if len(v) > 4)
+    stop = full[2:4]
+    cut = api.completions.create(model=model, prompt=prompt, max_tokens=8, stop=[stop])
+    assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    hot = dict(model="b", prompt=PROMPTS[1], max_tokens=8, temperature=1.5, seed=11)
+    assert len({api.completions.create(**hot).choices[0].text for _ in range(3)}) == 1
+    messages = [{"role": "user", "content": "Say something"}]
+    short = api.chat.completions.create(model="c", messages=messages, max_completion_tokens=3)
+    assert short.usage.completion_tokens <= 3
+
+
 async def _ask_all(served, requests: list[tuple[str, str, bool]], concurrency: int) -> list[str]:
     """(prompt, model, stream) each, `concurrency` clients at a time; the texts in order."""
     api = openai.AsyncOpenAI(base_url=served["url"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
