@@ -40,7 +40,8 @@ class MultiLoRALinear(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         y = self.linear(x)  # (B, T, out)
         index = self.rows.index  # (B,)
-        z = (x @ self.a[index]) @ self.b[index]  # (B, T, r_max) then (B, T, out)
+        # (x A[i]) B[i] without copying the gathered (B, in, r_max) and (B, r_max, out) stacks
+        z = mx.gather_mm(mx.gather_mm(x, self.a, rhs_indices=index), self.b, rhs_indices=index)  # (B, T, out)
         return y + z.astype(y.dtype)
 
 
