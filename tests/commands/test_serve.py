@@ -68,6 +68,7 @@ def served(llama, tmp_path_factory):
         except httpx.HTTPError:
             time.sleep(0.5)
     else:
+        process.kill()
         pytest.fail("the server did not come up: " + (root / "server.log").read_text())
     yield {"url": url, "pid": process.pid, "model": llama, "paths": paths, "root": adapters}
     process.terminate()
