@@ -226,11 +226,18 @@ class Server:
         base_names = {BASE_ID, cfg.model, engine.base.name}
         self.base_ids = {n for n in base_names if n}
         self.started = int(time.time())
+        self.open: set[Job] = set()  # submitted, not finished or cancelled; touched on the event loop only
 
     def health(self) -> dict[str, Any]:
         """Up, and what the batch is doing: requests in flight, decoding steps, most adapters in one step."""
         engine = self.engine
-        return {"status": "ok", "in_flight": engine.active, "steps": engine.steps, "peak_mix": engine.peak_mix}
+        return {
+            "status": "ok",
+            "open": len(self.open),
+            "in_flight": engine.active,
+            "steps": engine.steps,
+            "peak_mix": engine.peak_mix,
+        }
 
     def models(self) -> dict[str, Any]:
         card = lambda name, **extra: {
@@ -284,13 +291,38 @@ class Server:
         stream = typed(body, "stream", (bool,), False)
         include_usage = typed(body, "stream_options", (dict,), {}).get("include_usage") is True
         tokens = self.prompt_tokens(body, chat)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        job = self.engine.submit(tokens, adapter, sampling, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        if len(self.open) >= self.cfg.max_requests:
+            message = f"the server has {len(self.open)} requests open (--max-requests); retry later"
+            raise ApiError(429, message, None, "server_busy")
+        job, events = self.submit(tokens, adapter, sampling)
         reply = Reply(chat, model)
         if stream:
             return EventSourceResponse(self.chunks(job, events, reply, include_usage))
         return await self.whole(request, job, events, reply)
+
+    def submit(self, tokens: list[int], adapter: str | None, sampling: Sampling) -> tuple[Job, asyncio.Queue]:
+        """Hand the request to the engine; its events arrive on the returned queue, on this loop.
+
+        The request counts as open until its last event arrives or it is cancelled, whatever the
+        route does meanwhile (a stream whose client left before it started is still counted out).
+        """
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        mine: list[Job] = []
+
+        def deliver(event: Event) -> None:  # on the loop's thread
+            if event.finish_reason:
+                self.open.difference_update(mine)
+            events.put_nowait(event)
+
+        job = self.engine.submit(tokens, adapter, sampling, lambda e: loop.call_soon_threadsafe(deliver, e))
+        mine.append(job)
+        self.open.add(job)
+        return job, events
+
+    def cancel(self, job: Job) -> None:
+        self.engine.cancel(job)
+        self.open.discard(job)
 
     async def whole(self, request, job: Job, events: asyncio.Queue, reply: Reply) -> dict[str, Any]:
         """Wait for the whole text, looking every second for a client that went away (its row is freed)."""
@@ -304,7 +336,7 @@ class Server:
                 if time.monotonic() >= next_look:
                     next_look = time.monotonic() + 1
                     if await request.is_disconnected():
-                        self.engine.cancel(job)
+                        self.cancel(job)
                         return {}
                 if event is None:
                     continue
@@ -314,7 +346,7 @@ class Server:
                 if event.finish_reason:
                     return reply.whole("".join(parts), event)
         except asyncio.CancelledError:
-            self.engine.cancel(job)
+            self.cancel(job)
             raise
 
     async def chunks(self, job: Job, events: asyncio.Queue, reply: Reply, include_usage: bool):
@@ -335,7 +367,7 @@ class Server:
                     yield sse("[DONE]")
                     return
         finally:
-            self.engine.cancel(job)  # frees the row of a client that left; nothing for a finished job
+            self.cancel(job)  # frees the row of a client that left; nothing for a finished job
 
     async def load_adapter(self, request) -> dict[str, Any]:
         self.check_loading_allowed()

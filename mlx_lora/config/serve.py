@@ -35,6 +35,7 @@ class ServeConfig:
     max_tokens: int = opt(512, "Most tokens a request may ask for; also what a request that names none gets.")
     max_prompt_tokens: int = opt(4096, "Longest prompt accepted, in tokens (after the chat template).")
     max_body_bytes: int = opt(1_000_000, "Largest request body accepted, in bytes.")
+    max_requests: int = opt(256, "Most requests open at once (decoding or waiting for a row); more get 429.")
     allow_adapter_loading: bool = opt(
         False, "Allow POST /v1/adapters and DELETE /v1/adapters/NAME (only for directories under --adapter-root)."
     )
@@ -51,7 +52,7 @@ class ServeConfig:
         p += [f"--adapter: the name '{n}' is given twice" for n in sorted({n for n in names if names.count(n) > 1})]
         if not 0 <= self.port <= 65535:
             p.append(f"--port must be in 0..65535, got {self.port}")
-        for name in ("max_batch", "max_tokens", "max_prompt_tokens", "max_body_bytes"):
+        for name in ("max_batch", "max_tokens", "max_prompt_tokens", "max_body_bytes", "max_requests"):
             if getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.allow_adapter_loading and not self.adapter_root:

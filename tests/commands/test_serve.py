@@ -231,7 +231,8 @@ def assert_drained(served) -> None:
         time.sleep(0.1)
     steps = health(served)["steps"]
     time.sleep(0.5)
-    assert health(served)["in_flight"] == 0 and health(served)["steps"] == steps
+    now = health(served)
+    assert now["in_flight"] == 0 and now["open"] == 0 and now["steps"] == steps
 
 
 def test_adapters_load_and_unload_at_run_time_only_under_the_root(served, expected):
@@ -275,7 +276,7 @@ def test_load_200_requests_16_clients_none_lost_or_wrong_memory_flat(served, exp
     assert len(texts) == 200 and not wrong, wrong[:3]
     assert took < 300, took
     assert after - before < 64, (before, after)
-    assert health(served)["in_flight"] == 0
+    assert health(served)["in_flight"] == 0 and health(served)["open"] == 0
     print(f"load: 200 requests in {took:.1f}s, server RSS {before:.0f} -> {after:.0f} MB")
 
 
@@ -293,7 +294,8 @@ def test_loading_off_a_refusing_chat_template_and_a_missing_extra(llama, tmp_pat
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     engine = BatchEngine(load_base(str(model)), max_batch=2)
     try:
-        http = TestClient(create_app(engine, ServeConfig(model=str(model))))
+        served_app = create_app(engine, ServeConfig(model=str(model), max_requests=2))
+        http = TestClient(served_app)
         assert http.post("/v1/adapters", json={"name": "x", "path": "a"}).status_code == 403
         assert http.delete("/v1/adapters/x").status_code == 403
         assert http.get("/v1/models").json()["data"][0]["id"] == "base"  # no key asked: none set
@@ -302,6 +304,12 @@ def test_loading_off_a_refusing_chat_template_and_a_missing_extra(llama, tmp_pat
         assert refused.status_code == 400 and "user first" in refused.json()["error"]["message"]
         body["messages"][0]["role"] = "user"
         assert http.post("/v1/chat/completions", json=body).status_code == 200
+        served_app.state.server.open.update({"one", "two"})  # as if two requests were open
+        busy = http.post("/v1/chat/completions", json=body)
+        assert busy.status_code == 429 and busy.json()["error"]["code"] == "server_busy"
+        served_app.state.server.open.clear()
+        assert http.post("/v1/chat/completions", json=body).status_code == 200
+        assert http.get("/health").json()["open"] == 0
     finally:
         engine.close()
     monkeypatch.setitem(sys.modules, "uvicorn", None)
