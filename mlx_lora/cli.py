@@ -18,6 +18,7 @@ from mlx_lora.config import (
     FuseConfig,
     GenerateConfig,
     PlotConfig,
+    ServeConfig,
     TrainConfig,
     build_config,
     field_types,
@@ -229,6 +230,18 @@ def evaluate(cfg: EvalConfig) -> None:
     from mlx_lora.reporting.progress import eprint
 
     print(table(run(cfg, log=eprint)))  # stdout holds the results alone; progress goes to stderr
+
+
+@_command(
+    ServeConfig,
+    "serve",
+    "Serve the base and its adapters over the OpenAI HTTP API, all adapters in one batch.",
+    with_config=True,
+)
+def serve(cfg: ServeConfig) -> None:
+    from mlx_lora.commands.serve import serve as run_serve
+
+    run_serve(cfg)
 
 
 def main() -> None:

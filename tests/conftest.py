@@ -160,3 +160,16 @@ def assert_round_trip(ours: Path, to: str, tmp: Path) -> None:
     assert before.keys() == after.keys()
     assert all(before[k].dtype == after[k].dtype and mx.array_equal(before[k], after[k]).item() for k in before)
     assert json.loads((tmp / "back" / ADAPTER_CONFIG).read_text()) == json.loads((ours / ADAPTER_CONFIG).read_text())
+
+
+def generate_alone(model_dir, adapter_dir, prompt: str, max_tokens: int, chat: bool = False) -> str:
+    """What `mlx-lora generate` prints (greedy) for this prompt with this adapter alone (None: the base)."""
+    from mlx_lora.config import GenerateConfig
+    from mlx_lora.inference.adapter_set import load_adapters
+    from mlx_lora.inference.generation import generate
+
+    adapter_path = [str(adapter_dir)] if adapter_dir else None
+    cfg = GenerateConfig(
+        model=str(model_dir), adapter_path=adapter_path, prompt=prompt, max_tokens=max_tokens, chat=chat
+    )
+    return "".join(r.text for r in generate(load_adapters(cfg).base, cfg))

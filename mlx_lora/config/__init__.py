@@ -17,9 +17,11 @@ from mlx_lora.config.lora import (
     parse_pattern,
     pattern_key,
 )
+from mlx_lora.config.serve import BASE_ID, ServeConfig, parse_adapter_spec
 from mlx_lora.config.train import LR_SCHEDULES, METHOD_FIELDS, REPORT_TO, TrainConfig, method_options
 
 __all__ = [
+    "BASE_ID",
     "CONVERT_FORMATS",
     "EVAL_TASKS",
     "INITS",
@@ -35,6 +37,7 @@ __all__ = [
     "InferenceConfig",
     "LoRAConfig",
     "PlotConfig",
+    "ServeConfig",
     "TrainConfig",
     "arg",
     "build_config",
@@ -45,6 +48,7 @@ __all__ = [
     "lora_scale",
     "method_options",
     "opt",
+    "parse_adapter_spec",
     "parse_layers",
     "parse_pattern",
     "pattern_key",

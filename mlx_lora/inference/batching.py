@@ -1,0 +1,268 @@
+"""Continuous batching over many adapters: one worker thread drives mlx-lm's BatchGenerator.
+
+Requests arrive from any thread (`submit`, `cancel`, `call`) through one queue; the worker inserts
+them into the running batch between decoding steps, so a request joins as soon as a row is free
+and leaves as soon as it ends. Every row carries its adapter's slot (multi_lora.RoutedModel), so
+one batch may mix any adapters and the base. Each row has its own sampler (temperature, top-p, a
+seeded key of its own: the same seed gives the same text whatever else is in the batch) and its
+own stop strings; text is handed out as it is decoded, holding back what could start a stop string.
+"""
+
+import queue
+import random
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.sample_utils import apply_top_p
+
+from mlx_lora.errors import UserError
+from mlx_lora.inference.multi_lora import AdapterSlots, RoutedModel, vocab_size
+from mlx_lora.model.base import Base
+
+PREFILL_BATCH = 8  # prompts read together; more rows than this decode together once read
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What one request asks of generation."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Event:
+    """New text of one request since its last event; the last event has a finish_reason."""
+
+    text: str
+    finish_reason: str | None = None  # "stop" (EOS or a stop string), "length", or "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+    status: int = 500  # for an error: the HTTP status that fits it
+
+
+@dataclass(eq=False)
+class Job:
+    tokens: list[int]
+    adapter: str | None  # None: the base
+    sampling: Sampling
+    emit: Callable[[Event], None]  # called on the worker thread; must not block
+    detokenizer: Any = None
+    slot: int = 0
+    uid: int | None = None
+    cancelled: bool = False
+    emitted: int = 0  # characters of the text handed out so far
+    generated: int = 0
+    hold: int = field(init=False)
+
+    def __post_init__(self):
+        self.hold = max((len(s) for s in self.sampling.stop), default=1) - 1
+
+
+def row_sampler(offset: int, sampling: Sampling) -> Callable[[mx.array], mx.array]:
+    """logprobs (1, V) -> the next id (1,), plus `offset` (the row's slot · V, see RoutedModel)."""
+    if sampling.temperature == 0:
+        return lambda logprobs: mx.argmax(logprobs, axis=-1) + offset
+    key = [mx.random.key(random.getrandbits(32) if sampling.seed is None else sampling.seed % 2**32)]
+
+    def sample(logprobs: mx.array) -> mx.array:
+        if sampling.top_p < 1:
+            logprobs = apply_top_p(logprobs, sampling.top_p)
+        key[0], now = mx.random.split(key[0])
+        return mx.random.categorical(logprobs * (1 / sampling.temperature), key=now) + offset
+
+    return sample
+
+
+def first_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
+    """Where the earliest stop string begins in text[start:], or None."""
+    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+class BatchEngine:
+    """The base with its adapters in slots, and the thread that decodes every request in one batch."""
+
+    def __init__(self, base: Base, max_batch: int = 16):
+        self.base = base
+        self.adapters = AdapterSlots(base)
+        self.vocab = vocab_size(base.model)
+        self.model = RoutedModel(base.model, self.adapters.rows, self.vocab)
+        self.max_batch = max_batch
+        self.peak_mix = 0  # most distinct adapters (base included) decoded in one step
+        self.steps = 0
+        self._inbox: queue.Queue = queue.Queue()
+        self._jobs: dict[int, Job] = {}  # BatchGenerator uid -> job
+        self._generator = self._new_generator()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="mlx-lora-batching", daemon=True)
+        self._thread.start()
+
+    # --- from any thread -------------------------------------------------------------------
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.adapters.names)
+
+    @property
+    def active(self) -> int:
+        return len(self._jobs)
+
+    def submit(self, tokens: list[int], adapter: str | None, sampling: Sampling, emit: Callable[[Event], None]) -> Job:
+        job = Job(list(tokens), adapter, sampling, emit, self.base.tokenizer.detokenizer)
+        self._inbox.put(("submit", job))
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Free the job's row (a client that went away); nothing more is emitted for it."""
+        job.cancelled = True
+        self._inbox.put(("cancel", job))
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the worker between two steps (it may change the model); its result in the Future."""
+        future: Future = Future()
+        self._inbox.put(("call", (fn, future)))
+        return future
+
+    def add_adapter(self, name: str, directory: Path) -> Future:
+        return self.call(lambda: self.adapters.add(name, directory))
+
+    def remove_adapter(self, name: str) -> Future:
+        return self.call(lambda: self._remove(name))
+
+    def close(self) -> None:
+        self._stopping = True
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout=30)
+        self._generator.close()
+
+    # --- on the worker ---------------------------------------------------------------------
+
+    def _new_generator(self) -> BatchGenerator:
+        return BatchGenerator(
+            self.model,
+            completion_batch_size=self.max_batch,
+            prefill_batch_size=min(PREFILL_BATCH, self.max_batch),
+        )
+
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                self._drain(block=not self._jobs)
+                if self._jobs:
+                    self._step()
+            except Exception as e:  # the worker outlives any one failure; the requests in flight end
+                self._fail_all(f"{type(e).__name__}: {e}")
+
+    def _drain(self, block: bool) -> None:
+        """Handle every message waiting; when idle, wait for the first one."""
+        try:
+            message = self._inbox.get(timeout=1.0) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(*message)
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, kind: str, payload: Any) -> None:
+        if kind == "submit" and not payload.cancelled:
+            try:
+                self._insert(payload)
+            except Exception as e:  # refused by the generator: this request fails, the worker goes on
+                _emit(payload, Event("", "error", error=f"{type(e).__name__}: {e}", status=400))
+        elif kind == "cancel" and payload.uid in self._jobs:
+            self._generator.remove([payload.uid])
+            del self._jobs[payload.uid]
+        elif kind == "call":
+            fn, future = payload
+            try:
+                future.set_result(fn())
+            except Exception as e:  # handed to the caller, who turns a UserError into a 4xx
+                future.set_exception(e)
+
+    def _insert(self, job: Job) -> None:
+        if job.adapter is not None and job.adapter not in self.adapters.names:
+            _emit(job, Event("", "error", error=f"the adapter '{job.adapter}' was removed", status=404))
+            return
+        job.slot = self.adapters.slot(job.adapter)
+        offset = job.slot * self.vocab
+        stops = StopSequences([[t + offset] for t in self.base.tokenizer.eos_token_ids])
+        (job.uid,) = self._generator.insert(
+            [[t + offset for t in job.tokens]],
+            max_tokens=[job.sampling.max_tokens],
+            samplers=[row_sampler(offset, job.sampling)],
+            stop_sequences=[stops],
+        )
+        self._jobs[job.uid] = job
+
+    def _step(self) -> None:
+        try:
+            responses = self._generator.next_generated()
+        except Exception as e:  # one failed step ends the requests in it, never the server
+            self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+            return
+        self.steps += 1
+        self.peak_mix = max(self.peak_mix, len({self._jobs[r.uid].slot for r in responses if r.uid in self._jobs}))
+        unfinished_but_done = []
+        for r in responses:
+            job = self._jobs.get(r.uid)
+            if job is not None and self._advance(job, r.token - job.slot * self.vocab, r.finish_reason):
+                del self._jobs[r.uid]
+                if r.finish_reason is None:  # a stop string: the generator would go on
+                    unfinished_but_done.append(r.uid)
+        if unfinished_but_done:
+            self._generator.remove(unfinished_but_done)
+
+    def _advance(self, job: Job, token: int, finish: str | None) -> bool:
+        """Add one token to the job's text, emit what is safe to show; True when the job is finished."""
+        if finish != "stop":  # "stop" from the generator: the token is EOS, not text
+            job.detokenizer.add_token(token)
+            job.generated += 1
+        if finish:
+            job.detokenizer.finalize()
+        text = job.detokenizer.text
+        cut = first_stop(text, job.sampling.stop, job.emitted) if job.sampling.stop else None
+        if cut is not None:
+            text, finish = text[:cut], "stop"
+        end = len(text) if finish else max(job.emitted, len(text) - job.hold)
+        if end > job.emitted or finish:
+            _emit(job, Event(text[job.emitted : end], finish, len(job.tokens), job.generated))
+            job.emitted = end
+        return finish is not None
+
+    def _fail_all(self, message: str) -> None:
+        for job in self._jobs.values():
+            _emit(job, Event("", "error", len(job.tokens), job.generated, error=message))
+        self._jobs.clear()
+        self._generator.close()
+        self._generator = self._new_generator()
+
+    def _remove(self, name: str) -> None:
+        if name not in self.adapters.names:
+            raise UserError(f"no adapter named '{name}'; loaded: {', '.join(self.adapters.names) or 'none'}")
+        slot = self.adapters.slot(name)
+        busy = sum(job.slot == slot for job in self._jobs.values())
+        if busy:
+            raise UserError(f"the adapter '{name}' is answering {busy} request(s); delete it when they are done")
+        self.adapters.remove(name)
+
+
+def _emit(job: Job, event: Event) -> None:
+    if not job.cancelled:
+        try:
+            job.emit(event)
+        except Exception:  # a client's callback failing must not stop the worker
+            job.cancelled = True
