@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 from typing import Any
 
+from mlx_lora.config.data import DataConfig
 from mlx_lora.config.fields import opt, split_list
 from mlx_lora.config.lora import LoRAConfig
 
@@ -11,13 +12,17 @@ REPORT_TO = ("tensorboard", "wandb")
 
 
 @dataclass(frozen=True)
-class TrainConfig(LoRAConfig):
-    """A training run. Inherits LoRAConfig so CLI flags and YAML keys share one flat namespace."""
+class TrainConfig(DataConfig, LoRAConfig):
+    """A training run. Inherits LoRAConfig and DataConfig so CLI flags and YAML keys share one flat namespace."""
 
     model: str | None = opt(
         None, "Hugging Face model directory or hub id (default: the small model shipped with mlx-lora)."
     )
-    data: str | None = opt(None, "Directory with train.jsonl and valid.jsonl (default: the bundled arithmetic set).")
+    data: str | None = opt(
+        None,
+        "Directory with train.jsonl and valid.jsonl, a .jsonl/.json/.parquet/.csv/.arrow file, a dataset "
+        "directory or a Hugging Face dataset id such as openai/gsm8k (default: the bundled arithmetic set).",
+    )
     adapter_path: str = opt("adapters", "Directory for adapters.safetensors, adapter_config.json and checkpoints.")
     iters: int = opt(300, "Optimizer steps to train for.")
     epochs: float | None = opt(None, "Train for this many passes over the training set instead of --iters.")
@@ -73,7 +78,7 @@ class TrainConfig(LoRAConfig):
     )
 
     def problems(self) -> list[str]:
-        p = super().problems()
+        p = LoRAConfig.problems(self) + DataConfig.problems(self)
         for name in ("iters", "batch_size", "max_seq_length"):
             if getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
