@@ -59,10 +59,6 @@ class EvalConfig(DataConfig):
     adapter_path: str | None = opt(
         None, "Adapter directory (default: ./adapters when it exists, else the base model alone)."
     )
-    data: str | None = opt(
-        None,
-        "Directory holding the split's .jsonl file, a data file or dataset id as for train (default: the bundled set).",
-    )
     split: str = opt(
         "test",
         "Split to evaluate: test, valid or train (as --test-split, --valid-split and --train-split name "

@@ -14,6 +14,12 @@ VALID_NAMES = ("validation", "valid", "val")  # the first that exists is the val
 class DataConfig:
     """The source's configuration and splits, and the mapping from a row's fields to a row format."""
 
+    data: str | None = opt(
+        None,
+        "Directory of <split>.jsonl files (train.jsonl, valid.jsonl, test.jsonl), a .jsonl/.json/.parquet/"
+        ".csv/.arrow file, a dataset directory or a Hugging Face dataset id such as openai/gsm8k "
+        "(default: the bundled arithmetic set).",
+    )
     data_config: str | None = opt(
         None, "Hugging Face dataset configuration (subset) to load, e.g. main for openai/gsm8k."
     )

@@ -18,11 +18,6 @@ class TrainConfig(DataConfig, LoRAConfig):
     model: str | None = opt(
         None, "Hugging Face model directory or hub id (default: the small model shipped with mlx-lora)."
     )
-    data: str | None = opt(
-        None,
-        "Directory with train.jsonl and valid.jsonl, a .jsonl/.json/.parquet/.csv/.arrow file, a dataset "
-        "directory or a Hugging Face dataset id such as openai/gsm8k (default: the bundled arithmetic set).",
-    )
     adapter_path: str = opt("adapters", "Directory for adapters.safetensors, adapter_config.json and checkpoints.")
     iters: int = opt(300, "Optimizer steps to train for.")
     epochs: float | None = opt(None, "Train for this many passes over the training set instead of --iters.")
