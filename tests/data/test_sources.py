@@ -3,6 +3,7 @@ id through a pre-filled hub cache; single files of every type; mapping flags; on
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -311,6 +312,15 @@ def test_cli_trains_and_evaluates_gsm8k_by_id_offline(llama, tmp_path):
     assert result["data"] == "openai/gsm8k [main] test" and result["rows"] == 6
     assert result["adapter"]["answered"] == 6  # every `#### N` reference is scored by exact match
     assert result["predictions"][0]["prompt"] == f"Q: {gsm8k_rows(1, 1000)['question'][0]}\nA:"
+    held_out = subprocess.run(
+        [*cli, "eval", *common, "--adapter-path", str(out), "--split", "valid", "--task", "loss",
+         "--output", str(tmp_path / "valid.json")],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert held_out.returncode == 0, held_out.stderr + held_out.stdout
+    last_val_loss = float(re.search(r"val loss [\d.]+ -> ([\d.]+)", log)[1])  # "done in …: val loss a -> b"
+    valid = json.loads((tmp_path / "valid.json").read_text())
+    assert valid["rows"] == 2 and abs(valid["adapter"]["loss"] - last_val_loss) <= 6e-4  # the same held-out rows
     missing = subprocess.run([*cli, "train", *common[:4], "--data-config", "nope", "--adapter-path", str(out)],
                              env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)  # fmt: skip
     assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("error: --data-config nope:")
