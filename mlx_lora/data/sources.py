@@ -128,11 +128,20 @@ def _datasets(data: str):
     return datasets
 
 
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip() or '?').splitlines()[0][:200]}"
+
+
 def _load(data: str, name: str, *args, **kwargs):
-    """datasets.load_dataset with its configuration problems as one line each."""
+    """datasets.load_dataset with each of its refusals as one line that says what to change."""
     datasets = _datasets(data)
     try:
         return datasets.load_dataset(*args, **kwargs)
+    except datasets.exceptions.DatasetNotFoundError:
+        raise UserError(
+            f"--data {data}: no such dataset on the Hugging Face hub, or it is private or gated "
+            "(log in with `hf auth login`)"
+        ) from None
     except ValueError as e:
         message = str(e)
         available = re.search(r"\[([^\]]*)\]", message)
@@ -143,12 +152,12 @@ def _load(data: str, name: str, *args, **kwargs):
             raise UserError(
                 f"--data {data}: has several configurations; pick one with --data-config: {choices}"
             ) from None
-        raise UserError(f"--data {name}: cannot be read by the datasets library ({message.splitlines()[0]})") from None
-    except (datasets.exceptions.DataFilesNotFoundError, datasets.exceptions.EmptyDatasetError, FileNotFoundError) as e:
-        raise UserError(
-            f"--data {name}: holds no train.jsonl and no data files the datasets library reads "
-            f"({str(e).splitlines()[0]})"
-        ) from None
+        raise UserError(f"--data {name}: the datasets library cannot read it ({_first_line(e)})") from None
+    except FileNotFoundError as e:  # also datasets' DataFilesNotFoundError and EmptyDatasetError
+        raise UserError(f"--data {name}: found no data to read ({_first_line(e)})") from None
+    except datasets.exceptions.DatasetGenerationError as e:  # its own message is generic; the cause says what
+        cause = e.__cause__ or e.__context__ or e
+        raise UserError(f"--data {name}: the datasets library cannot read it ({_first_line(cause)})") from None
 
 
 def offline() -> bool:
@@ -172,7 +181,7 @@ def cached_snapshot(repo_id: str) -> Path | None:
 def _hub(repo_id: str, data_config: str | None, log) -> TableSource:
     """A hub dataset: downloaded (and cached) by datasets; offline, or with the hub unreachable, the
     hub cache's snapshot read like a local dataset directory."""
-    datasets = _datasets(repo_id)
+    _datasets(repo_id)
     from huggingface_hub import constants
 
     name = f"{repo_id} [{data_config}]" if data_config else repo_id
@@ -185,16 +194,9 @@ def _hub(repo_id: str, data_config: str | None, log) -> TableSource:
             )
         return TableSource(name, _load(repo_id, name, str(snapshot), data_config), repo_id)
     try:
-        return TableSource(name, datasets.load_dataset(repo_id, data_config), repo_id)
-    except datasets.exceptions.DatasetNotFoundError:
-        raise UserError(
-            f"--data {repo_id}: no such dataset on the Hugging Face hub, or it is private or gated "
-            "(log in with `hf auth login`)"
-        ) from None
-    except ValueError:
-        return TableSource(
-            name, _load(repo_id, name, repo_id, data_config), repo_id
-        )  # the same call, its error as one line
+        return TableSource(name, _load(repo_id, name, repo_id, data_config), repo_id)
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - no network surfaces as httpx, OSError or ConnectionError types
         if snapshot is not None:
             log(f"the hub is unreachable ({type(e).__name__}); reading {repo_id} from the cache: {snapshot}")

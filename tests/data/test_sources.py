@@ -158,6 +158,50 @@ def test_unavailable_dataset_is_one_line(hf_cache, data, config, message):
     assert "\n" not in str(e.value)
 
 
+def test_unreachable_hub_falls_back_to_the_cached_snapshot(hf_cache, monkeypatch):
+    """Online but without network: datasets cannot reach the hub; the hub cache's snapshot is read if there."""
+    import datasets
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    real = datasets.load_dataset
+
+    def no_network(path, *args, **kwargs):
+        if path == REPO_ID:
+            raise ConnectionError(f"Couldn't reach '{path}' on the Hub (ConnectError)")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", no_network)
+    with pytest.raises(UserError, match=r"^--data openai/gsm8k: not in the local cache \(.*\) and the hub is "
+                       r"unreachable \(ConnectionError: Couldn't reach 'openai/gsm8k' on the Hub"):  # fmt: skip
+        open_source(REPO_ID, "main", quiet)
+    prefill_hub_cache(hf_cache)
+    logged = []
+    source = open_source(REPO_ID, "main", logged.append)
+    assert source.splits == ["train", "test"] and len(source.read("train")) == 40
+    assert logged == [f"the hub is unreachable (ConnectionError); reading openai/gsm8k from the cache: "
+                      f"{hf_cache / 'datasets--openai--gsm8k' / 'snapshots' / COMMIT}"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("broken.json", '[{"a": 1}, {"a": \n', "broken.json: the datasets library cannot read it (ValueError: "),
+        ("broken.csv", 'a,b\n"x\n', "broken.csv: the datasets library cannot read it (ParserError: "),
+        ("broken.arrow", "x", "broken.arrow: the datasets library cannot read it (ArrowInvalid: "),
+        ("empty", None, "empty: found no data to read (EmptyDatasetError: "),
+        ("data.txt", "x", "data.txt: unknown file type '.txt'; use .jsonl, .json, .parquet, .csv, .arrow"),
+    ],
+)
+def test_unreadable_files_are_one_line(hf_cache, tmp_path, name, content, message):
+    path = tmp_path / name
+    path.mkdir() if content is None else path.write_text(content)
+    with pytest.raises(UserError) as e:
+        open_source(str(path), None, quiet)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
 def test_configuration_errors_list_the_configurations(hf_cache):
     prefill_hub_cache(hf_cache)
     with pytest.raises(UserError, match=r"--data-config mian: openai/gsm8k has no such configuration; it has: main, "):
