@@ -41,6 +41,11 @@ class TrainConfig(DataConfig, LoRAConfig):
         "Continue from a checkpoint directory (or an adapter directory: its latest checkpoint): weights, "
         "optimizer, step, data order and random state; the run's saved options apply unless given again.",
     )
+    data_cache: str | None = opt(
+        None,
+        "Directory for tokenized training and validation rows: a later run with the same data, tokenizer, "
+        "mapping, --max-seq-length and --train-on-prompt reads them instead of tokenizing again.",
+    )
     prefix_cache: bool = opt(
         True,
         "Compute the frozen blocks before the first LoRA block once per row and reuse their output "

@@ -21,7 +21,8 @@ from mlx_lm.utils import get_total_parameters
 from mlx_lora.atomic import check_writable, remove_stale
 from mlx_lora.config import LoRAConfig, TrainConfig, lora_part, method_options
 from mlx_lora.data.batches import batches_per_epoch, iterate_batches
-from mlx_lora.data.examples import Example, load_sets
+from mlx_lora.data.cache import tokenized_sets
+from mlx_lora.data.examples import Example
 from mlx_lora.data.sources import open_source
 from mlx_lora.distributed import group as distributed
 from mlx_lora.errors import Interrupted, UserError
@@ -143,7 +144,8 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     mx.random.seed(cfg.seed)
     base = load_base(cfg.model)
     source = open_source(cfg.data, cfg.data_config, log)
-    data = load_sets(source, cfg, base.tokenizer, cfg.max_seq_length, cfg.train_on_prompt, log=log)
+    cache_dir = Path(cfg.data_cache).expanduser() if cfg.data_cache else None
+    data = tokenized_sets(source, cfg, base.tokenizer, cfg.max_seq_length, cfg.train_on_prompt, cache_dir, log)
     model = base.model
     pack_length = cfg.max_seq_length if cfg.pack else None
     per_epoch = batches_per_epoch(data["train"], cfg.batch_size, pack_length) / cfg.grad_accumulation_steps
