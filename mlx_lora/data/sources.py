@@ -186,11 +186,12 @@ def _hub(repo_id: str, data_config: str | None, log) -> TableSource:
 
     name = f"{repo_id} [{data_config}]" if data_config else repo_id
     snapshot = cached_snapshot(repo_id)
+    nor = "" if "/" in repo_id else f"; nor is there a file or directory named {repo_id} here"
     if offline():
         if snapshot is None:
             raise UserError(
                 f"--data {repo_id}: not in the local cache ({constants.HF_HUB_CACHE}) and the hub is unreachable "
-                f"(HF_HUB_OFFLINE is set); fetch it once online: hf download --repo-type dataset {repo_id}"
+                f"(HF_HUB_OFFLINE is set); fetch it once online: hf download --repo-type dataset {repo_id}{nor}"
             )
         return TableSource(name, _load(repo_id, name, str(snapshot), data_config), repo_id)
     try:
@@ -204,7 +205,7 @@ def _hub(repo_id: str, data_config: str | None, log) -> TableSource:
         reason = (str(e).splitlines() or [""])[0][:200]
         raise UserError(
             f"--data {repo_id}: not in the local cache ({constants.HF_HUB_CACHE}) and the hub is unreachable "
-            f"({type(e).__name__}: {reason}); connect, or set HF_HUB_OFFLINE=1 to use only the cache"
+            f"({type(e).__name__}: {reason}); connect, or set HF_HUB_OFFLINE=1 to use only the cache{nor}"
         ) from None
 
 

@@ -146,15 +146,22 @@ def test_hub_id_loads_from_a_prefilled_cache_offline(hf_cache, tmp_path):
 @pytest.mark.parametrize(
     "data, config, message",
     [
-        ("openai/gsm8k", "main", "--data openai/gsm8k: not in the local cache (HUB) and the hub is unreachable"),
-        ("someone/nothing", None, "--data someone/nothing: not in the local cache (HUB) and the hub is unreachable"),
+        ("openai/gsm8k", "main", "--data openai/gsm8k: not in the local cache (CACHE) and the hub is unreachable"),
+        ("someone/nothing", None, "--data someone/nothing: not in the local cache (CACHE) and the hub is unreachable"),
         ("./gsm8k.parquet", None, "--data ./gsm8k.parquet: no such file or directory"),
+        (
+            "my_dta",
+            None,
+            "--data my_dta: not in the local cache (CACHE) and the hub is unreachable (HF_HUB_OFFLINE is "
+            "set); fetch it once online: hf download --repo-type dataset my_dta; nor is there a file or directory "
+            "named my_dta here",
+        ),
     ],
 )
 def test_unavailable_dataset_is_one_line(hf_cache, data, config, message):
     with pytest.raises(UserError) as e:
         open_source(data, config, quiet)
-    assert str(e.value).startswith(message.replace("HUB", str(hf_cache)))
+    assert str(e.value).startswith(message.replace("CACHE", str(hf_cache)))
     assert "\n" not in str(e.value)
 
 
