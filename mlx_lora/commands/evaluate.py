@@ -17,8 +17,10 @@ from mlx_lm.generate import BatchGenerator
 
 from mlx_lora import atomic
 from mlx_lora.config import EvalConfig, TrainConfig
-from mlx_lora.data.examples import load_split
-from mlx_lora.data.rows import read_rows, resolve_data, row_format
+from mlx_lora.data.examples import encode_rows
+from mlx_lora.data.mapping import map_rows
+from mlx_lora.data.rows import Row, row_format
+from mlx_lora.data.sources import open_source, split_label, split_rows
 from mlx_lora.errors import UserError
 from mlx_lora.formats.loader import load_for_inference
 from mlx_lora.model.lora import lora_layers, remove_lora
@@ -97,15 +99,14 @@ class Item:
         return (text, False) if end == -1 else (text[:end], True)
 
 
-def generation_items(path: Path, rows: list[tuple[int, dict]], tokenizer, task: str) -> list[Item]:
+def generation_items(rows: list[Row], tokenizer, task: str) -> list[Item]:
     """The rows exact match applies to: with `####` in the reference, or every row for exact-match.
 
     Text rows have no boundary between question and answer; cutting them at `####` would hand the
     model its worked solution, so they get loss and perplexity only.
     """
     items = []
-    for number, row in rows:
-        where = f"{path}:{number}"
+    for where, number, row in rows:
         fmt = row_format(where, row)
         if fmt == "text":
             if task == "exact-match":
@@ -247,15 +248,11 @@ def run(cfg: EvalConfig, log=print) -> dict:
             f"--compare-base needs an adapter: pass --adapter-path (./{TrainConfig.adapter_path} does not exist)"
         )
     base = load_for_inference(cfg.model, adapter_path)
-    path = resolve_data(cfg.data) / f"{cfg.split}.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path}: missing; --split {cfg.split} reads {cfg.split}.jsonl from --data")
-    examples = load_split(path, base.tokenizer, cfg.max_seq_length, False, log=log, max_rows=cfg.max_examples)
-    items = (
-        []
-        if cfg.task == "loss"
-        else generation_items(path, read_rows(path)[: cfg.max_examples], base.tokenizer, cfg.task)
-    )
+    source = open_source(cfg.data, cfg.data_config, log)
+    rows = map_rows(split_rows(source, cfg, cfg.split, log)[: cfg.max_examples], cfg)
+    path = split_label(source, cfg, cfg.split)
+    examples = encode_rows(path, rows, base.tokenizer, cfg.max_seq_length, False, log=log)
+    items = [] if cfg.task == "loss" else generation_items(rows, base.tokenizer, cfg.task)
     log(
         f"eval {base.name}{f' + {adapter_path}' if adapter_path else ''} on {path}: {len(examples)} rows for loss, "
         f"{len(items)} for exact match"
@@ -277,7 +274,7 @@ def run(cfg: EvalConfig, log=print) -> dict:
     return result
 
 
-def report(model: str, adapter_path, path: Path, task: str, examples, items: list[Item], scores: dict) -> dict:
+def report(model: str, adapter_path, path: str, task: str, examples, items: list[Item], scores: dict) -> dict:
     """Every figure of each evaluated model, their difference, and each row's predictions."""
     names = [n for n in ("base", "adapter") if n in scores]
     result = {

@@ -4,6 +4,7 @@ Precedence: command line > YAML file (files.py) > the field's default.
 """
 
 from mlx_lora.config.commands import CONVERT_FORMATS, EVAL_TASKS, ConvertConfig, EvalConfig, FuseConfig, PlotConfig
+from mlx_lora.config.data import VALID_NAMES, DataConfig
 from mlx_lora.config.fields import PANELS, arg, field_types, opt, split_list
 from mlx_lora.config.files import build_config, load_yaml
 from mlx_lora.config.inference import ChatConfig, GenerateConfig, InferenceConfig
@@ -29,8 +30,10 @@ __all__ = [
     "METHOD_FIELDS",
     "PANELS",
     "REPORT_TO",
+    "VALID_NAMES",
     "ChatConfig",
     "ConvertConfig",
+    "DataConfig",
     "EvalConfig",
     "FuseConfig",
     "GenerateConfig",

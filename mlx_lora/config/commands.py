@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+from mlx_lora.config.data import DataConfig
 from mlx_lora.config.fields import arg, opt
 
 CONVERT_FORMATS = ("peft", "mlx", "mlx-lm")
@@ -52,13 +53,16 @@ class ConvertConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(DataConfig):
     model: str | None = opt(None, "Base model (default: the one the adapter names, else the shipped model).")
     adapter_path: str | None = opt(
         None, "Adapter directory (default: ./adapters when it exists, else the base model alone)."
     )
-    data: str | None = opt(None, "Directory holding the split's .jsonl file (default: the bundled arithmetic set).")
-    split: str = opt("test", "Evaluate <split>.jsonl of --data: test, valid, train or any other name.")
+    split: str = opt(
+        "test",
+        "Split to evaluate: test, valid or train (as --test-split, --valid-split and --train-split name "
+        "them) or any other split by its name.",
+    )
     max_examples: int | None = opt(None, "Evaluate only the first N rows of the split (default: all).")
     task: str = opt(
         "auto",
@@ -72,7 +76,7 @@ class EvalConfig:
     max_seq_length: int = opt(2048, "Rows longer than this many tokens are truncated for the loss.")
 
     def problems(self) -> list[str]:
-        p = []
+        p = DataConfig.problems(self)
         if self.task not in EVAL_TASKS:
             p.append(f"--task must be one of {', '.join(EVAL_TASKS)}, got '{self.task}'")
         for name in ("batch_size", "max_tokens", "max_examples", "max_seq_length"):

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 from typing import Any
 
+from mlx_lora.config.data import DataConfig
 from mlx_lora.config.fields import DATA, DISTRIBUTED, METHODS, MODEL, OPTIMISATION, SAVING, opt, split_list
 from mlx_lora.config.lora import LoRAConfig
 
@@ -11,12 +12,14 @@ REPORT_TO = ("tensorboard", "wandb")
 
 
 @dataclass(frozen=True)
-class TrainConfig(LoRAConfig):
-    """A training run. Inherits LoRAConfig so CLI flags and YAML keys share one flat namespace."""
+class TrainConfig(DataConfig, LoRAConfig):
+    """A training run. Inherits LoRAConfig and DataConfig so CLI flags and YAML keys share one flat namespace."""
 
     model: str | None = opt(None, "HF model directory or hub id (default: the shipped model).", panel=MODEL)
-    data: str | None = opt(None, "Directory with train.jsonl and valid.jsonl (default: bundled).", panel=DATA)
     max_seq_length: int = opt(2048, "Rows longer than this many tokens are truncated.", panel=DATA)
+    # Tokenized rows are reused by a later run with the same data, tokenizer, mapping,
+    # --max-seq-length and --train-on-prompt.
+    data_cache: str | None = opt(None, "Directory to keep tokenized rows in for later runs.", panel=DATA)
     # Default: the loss covers completions and assistant turns only.
     train_on_prompt: bool = opt(False, "Also train on prompt and user tokens.", panel=DATA)
     iters: int = opt(300, "Optimizer steps to train for.", panel=OPTIMISATION)
@@ -56,7 +59,7 @@ class TrainConfig(LoRAConfig):
     peer_timeout: float = opt(300.0, "Seconds to wait for a silent peer before ending the group.", panel=DISTRIBUTED)
 
     def problems(self) -> list[str]:
-        p = super().problems()
+        p = LoRAConfig.problems(self) + DataConfig.problems(self)
         for name in ("iters", "batch_size", "max_seq_length"):
             if getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

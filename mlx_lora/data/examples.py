@@ -9,7 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_lora.data.rows import read_rows, row_format
+from mlx_lora.config.data import DataConfig
+from mlx_lora.data.mapping import map_rows
+from mlx_lora.data.rows import Row, file_rows, row_format
+from mlx_lora.data.sources import split_label, train_valid_rows
 from mlx_lora.errors import UserError
 
 
@@ -59,22 +62,21 @@ def encode_row(where: str, tokenizer, fmt: str, row: dict, train_on_prompt: bool
     return Example(tokens, mask)
 
 
-def load_split(
-    path: Path, tokenizer, max_seq_length: int, train_on_prompt: bool, log=print, max_rows: int | None = None
+def encode_rows(
+    label: str, rows: list[Row], tokenizer, max_seq_length: int, train_on_prompt: bool, log=print
 ) -> list[Example]:
-    rows = read_rows(path)[:max_rows]
-    first_fmt, first_line = None, None
+    """Rows already in a row format -> examples; `label` names the set in warnings."""
+    first = None
     examples, truncated, empty, shortest = [], 0, 0, None
-    for number, row in rows:
-        where = f"{path}:{number}"
-        fmt = row_format(where, row)
-        if first_fmt is None:
-            first_fmt, first_line = fmt, number
-        elif fmt != first_fmt:
-            raise UserError(f"{where}: {fmt} row, but line {first_line} is a {first_fmt} row; use one format per file")
-        ex = encode_row(where, tokenizer, fmt, row, train_on_prompt)
+    for row in rows:
+        fmt = row_format(row.where, row.fields)
+        if first is None:
+            first = (fmt, row.where)
+        elif fmt != first[0]:
+            raise UserError(f"{row.where}: {fmt} row, but {first[1]} is a {first[0]} row; use one format per set")
+        ex = encode_row(row.where, tokenizer, fmt, row.fields, train_on_prompt)
         if shortest is None or len(ex.tokens) < shortest[1]:
-            shortest = (number, len(ex.tokens))
+            shortest = (row.where, len(ex.tokens))
         if len(ex.tokens) > max_seq_length:
             truncated += 1
             ex = Example(ex.tokens[:max_seq_length], ex.mask[:max_seq_length])
@@ -82,21 +84,42 @@ def load_split(
             examples.append(ex)
         else:
             empty += 1
+    if not rows:
+        raise UserError(f"{label}: no rows")
     if truncated == len(rows):
         raise UserError(
-            f"{path}:{shortest[0]}: every row is longer than --max-seq-length {max_seq_length} (this one, the "
+            f"{shortest[0]}: every row is longer than --max-seq-length {max_seq_length} (this one, the "
             f"shortest, has {shortest[1]} tokens); raise --max-seq-length or shorten the rows"
         )
     if truncated:
         log(
-            f"warning: {truncated} of {len(rows)} rows in {path} are longer than "
+            f"warning: {truncated} of {len(rows)} rows in {label} are longer than "
             f"--max-seq-length {max_seq_length} and were truncated"
         )
     if empty:
-        log(f"warning: {empty} rows in {path} have no tokens to learn from (after truncation) and were skipped")
+        log(f"warning: {empty} rows in {label} have no tokens to learn from (after truncation) and were skipped")
     if not examples:
-        raise UserError(f"{path}: no row has a token to learn from within --max-seq-length {max_seq_length}; raise it")
+        raise UserError(f"{label}: no row has a token to learn from within --max-seq-length {max_seq_length}; raise it")
     return examples
+
+
+def load_split(
+    path: Path, tokenizer, max_seq_length: int, train_on_prompt: bool, log=print, max_rows: int | None = None
+) -> list[Example]:
+    """One JSONL file of rows in a row format."""
+    return encode_rows(str(path), file_rows(path)[:max_rows], tokenizer, max_seq_length, train_on_prompt, log)
+
+
+def load_sets(
+    source, cfg: DataConfig, tokenizer, max_seq_length: int, train_on_prompt: bool, log=print
+) -> dict[str, list[Example]]:
+    """The training and validation examples of a source (sources.py), mapped as `cfg` says."""
+    train, valid = train_valid_rows(source, cfg, log)
+    label, valid_label = split_label(source, cfg, "train"), split_label(source, cfg, "valid")
+    return {
+        "train": encode_rows(label, map_rows(train, cfg), tokenizer, max_seq_length, train_on_prompt, log),
+        "valid": encode_rows(valid_label, map_rows(valid, cfg), tokenizer, max_seq_length, train_on_prompt, log),
+    }
 
 
 def load_dataset(

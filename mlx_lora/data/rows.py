@@ -6,6 +6,7 @@ problem names the file and line.
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 from mlx_lora.errors import UserError
 
@@ -17,13 +18,12 @@ FORMAT_KEYS = {"text": ("text",), "completion": ("prompt", "completion"), "chat"
 ROLES = ("system", "user", "assistant")
 
 
-def resolve_data(data: str | None) -> Path:
-    if data is None:
-        return next(d for d in DEFAULT_DATA_DIRS if (d / "train.jsonl").exists())
-    path = Path(data).expanduser()
-    if not path.is_dir():
-        raise UserError(f"--data {data}: not a directory (expected one holding train.jsonl and valid.jsonl)")
-    return path
+class Row(NamedTuple):
+    """One row of any source, with where it came from for every later error."""
+
+    where: str  # "data/train.jsonl:12" or "openai/gsm8k [main] train row 12"
+    number: int  # line in a file, row in a dataset split (1-based)
+    fields: dict
 
 
 def read_rows(path: Path) -> list[tuple[int, dict]]:
@@ -62,12 +62,17 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
+def file_rows(path: Path) -> list[Row]:
+    return [Row(f"{path}:{n}", n, row) for n, row in read_rows(path)]
+
+
 def row_format(where: str, row: dict) -> str:
     found = [fmt for fmt, keys in FORMAT_KEYS.items() if any(k in row for k in keys)]
     if not found:
         raise UserError(
             f"{where}: row has none of the keys 'text', 'prompt'+'completion', 'messages' "
-            f"(found: {', '.join(map(repr, row)) or 'no keys'})"
+            f"(found: {', '.join(map(repr, row)) or 'no keys'}); map yours with --prompt-field and "
+            "--completion-field, --text-field, --messages-field or --prompt-template and --completion-template"
         )
     if len(found) > 1:
         raise UserError(f"{where}: row mixes formats ({' and '.join(found)}); use one of them per row")

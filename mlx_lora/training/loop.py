@@ -22,8 +22,9 @@ from mlx_lora import blas
 from mlx_lora.atomic import check_writable, remove_stale
 from mlx_lora.config import LoRAConfig, TrainConfig, lora_part, method_options
 from mlx_lora.data.batches import batches_per_epoch, iterate_batches
-from mlx_lora.data.examples import Example, load_dataset
-from mlx_lora.data.rows import resolve_data
+from mlx_lora.data.cache import tokenized_sets
+from mlx_lora.data.examples import Example
+from mlx_lora.data.sources import open_source
 from mlx_lora.distributed import group as distributed
 from mlx_lora.errors import Interrupted, UserError
 from mlx_lora.formats.native import AdapterConfig, adapter_weights, describe, save_adapter
@@ -143,8 +144,9 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         remove_stale(out / CHECKPOINTS)
     mx.random.seed(cfg.seed)
     base = load_base(cfg.model)
-    data_dir = resolve_data(cfg.data)
-    data = load_dataset(data_dir, base.tokenizer, cfg.max_seq_length, cfg.train_on_prompt, log=log)
+    source = open_source(cfg.data, cfg.data_config, log)
+    cache_dir = Path(cfg.data_cache).expanduser() if cfg.data_cache else None
+    data = tokenized_sets(source, cfg, base.tokenizer, cfg.max_seq_length, cfg.train_on_prompt, cache_dir, log)
     model = base.model
     pack_length = cfg.max_seq_length if cfg.pack else None
     per_epoch = batches_per_epoch(data["train"], cfg.batch_size, pack_length) / cfg.grad_accumulation_steps
@@ -185,7 +187,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         feed,
         step,
         state,
-        run_config={**asdict(cfg), "model": base.name, "data": str(data_dir.resolve()), "resume": None},
+        run_config={**asdict(cfg), "model": base.name, "data": source.origin, "resume": None},
         # bar or plain lines, metrics.jsonl, loss.png: rank 0's alone
         monitor=TrainMonitor(cfg, out, iters, log) if world.main else distributed.Silent(),
         stopping=early_stopping(cfg, last_saved, progress),

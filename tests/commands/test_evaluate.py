@@ -10,7 +10,7 @@ from mlx_lora.cli import app
 from mlx_lora.commands.evaluate import Item, final_answer, generation_items, is_correct, normalize, run, table
 from mlx_lora.config import EvalConfig, LoRAConfig
 from mlx_lora.data.examples import encode_row
-from mlx_lora.data.rows import read_rows, row_format
+from mlx_lora.data.rows import file_rows, row_format
 from mlx_lora.formats.loader import load_for_inference
 from mlx_lora.formats.native import describe, save_adapter
 from mlx_lora.model.base import load_base
@@ -139,7 +139,7 @@ def test_prompt_is_exactly_the_context_training_gives_the_answer(llama, tmp_path
     tokenizer = load_base(str(llama)).tokenizer
     for i, row in enumerate(rows):
         path = write_jsonl(tmp_path / f"{i}.jsonl", [row])
-        [item] = generation_items(path, read_rows(path), tokenizer, "auto")
+        [item] = generation_items(file_rows(path), tokenizer, "auto")
         example = encode_row("x", tokenizer, row_format("x", row), row, False)
         answer_start = len(example.mask) - list(example.mask[::-1]).index(False)  # where the last reply starts
         assert example.tokens[:answer_start].tolist() == item.tokens
@@ -149,9 +149,9 @@ def test_prompt_is_exactly_the_context_training_gives_the_answer(llama, tmp_path
 def test_text_rows_get_loss_only_and_refuse_exact_match(llama, tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "Q: 3 + 4? A: 7 #### 7"}])
     tokenizer = load_base(str(llama)).tokenizer
-    assert generation_items(path, read_rows(path), tokenizer, "auto") == []
+    assert generation_items(file_rows(path), tokenizer, "auto") == []
     with pytest.raises(Exception, match=r"t.jsonl:1: text rows have no prompt"):
-        generation_items(path, read_rows(path), tokenizer, "exact-match")
+        generation_items(file_rows(path), tokenizer, "exact-match")
 
 
 # --- end to end: figures recomputed independently ---------------------------------------------
@@ -314,7 +314,7 @@ def test_cli_eval_prints_the_table_and_rejects_bad_input(llama, adapter, case, t
     bad = runner.invoke(app, args + ["--output", "results.json"])
     assert bad.exit_code == 2 and "--output results.json: is a directory" in bad.output
     missing = runner.invoke(app, args + ["--split", "dev"])
-    assert missing.exit_code == 2 and f"{data / 'dev.jsonl'}: missing; --split dev reads dev.jsonl" in missing.output
+    assert missing.exit_code == 2 and f"--split dev: {data} has no such split; it has: test" in missing.output
 
 
 @pytest.mark.parametrize("fmt", ["peft", "mlx-lm"])
