@@ -62,6 +62,12 @@ def encode_row(where: str, tokenizer, fmt: str, row: dict, train_on_prompt: bool
     return Example(tokens, mask)
 
 
+def earlier(first: Row, row: Row) -> str:
+    """How an error on `row` names an earlier row: its line in the same file, else where it is."""
+    same_file = first.where.removesuffix(f":{first.number}") == row.where.removesuffix(f":{row.number}")
+    return f"line {first.number}" if same_file and first.where.endswith(f":{first.number}") else first.where
+
+
 def encode_rows(
     label: str, rows: list[Row], tokenizer, max_seq_length: int, train_on_prompt: bool, log=print
 ) -> list[Example]:
@@ -71,9 +77,11 @@ def encode_rows(
     for row in rows:
         fmt = row_format(row.where, row.fields)
         if first is None:
-            first = (fmt, row.where)
+            first = (fmt, row)
         elif fmt != first[0]:
-            raise UserError(f"{row.where}: {fmt} row, but {first[1]} is a {first[0]} row; use one format per set")
+            raise UserError(
+                f"{row.where}: {fmt} row, but {earlier(first[1], row)} is a {first[0]} row; use one format per set"
+            )
         ex = encode_row(row.where, tokenizer, fmt, row.fields, train_on_prompt)
         if shortest is None or len(ex.tokens) < shortest[1]:
             shortest = (row.where, len(ex.tokens))

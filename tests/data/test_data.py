@@ -107,7 +107,7 @@ def test_malformed_lines_name_file_and_line(tmp_path, line, message):
     [
         ([{"question": "q"}], "t.jsonl:1: row has none of the keys"),
         ([{"text": "a", "prompt": "b", "completion": "c"}], "t.jsonl:1: row mixes formats"),
-        ([{"text": "a"}, {"prompt": "b", "completion": "c"}], "t.jsonl:2: completion row, but .*:1 is a text row"),
+        ([{"text": "a"}, {"prompt": "b", "completion": "c"}], "t.jsonl:2: completion row, but line 1 is a text row"),
         ([{"prompt": "b"}], "t.jsonl:1: key 'completion' missing"),
         ([{"messages": [{"role": "assistant", "content": "a"}]}], r"t.jsonl:1: messages\[0\] has role 'assistant'"),
         ([{"messages": [{"role": "user", "content": "a"}]}], "t.jsonl:1: 'messages' has no assistant turn"),
