@@ -17,7 +17,15 @@ from mlx_lora.config.lora import (
     parse_pattern,
     pattern_key,
 )
-from mlx_lora.config.train import LR_SCHEDULES, METHOD_FIELDS, REPORT_TO, TrainConfig, method_options
+from mlx_lora.config.train import (
+    LR_SCHEDULES,
+    METHOD_FIELDS,
+    OBJECTIVES,
+    PREFERENCE_OBJECTIVES,
+    REPORT_TO,
+    TrainConfig,
+    method_options,
+)
 
 __all__ = [
     "CONVERT_FORMATS",
@@ -25,6 +33,8 @@ __all__ = [
     "INITS",
     "LR_SCHEDULES",
     "METHOD_FIELDS",
+    "OBJECTIVES",
+    "PREFERENCE_OBJECTIVES",
     "REPORT_TO",
     "ChatConfig",
     "ConvertConfig",

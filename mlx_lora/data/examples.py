@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_lora.data.rows import read_rows, row_format
+from mlx_lora.data.rows import PREFERENCE, read_rows, row_format
 from mlx_lora.errors import UserError
 
 
@@ -68,6 +68,11 @@ def load_split(
     for number, row in rows:
         where = f"{path}:{number}"
         fmt = row_format(where, row)
+        if fmt == PREFERENCE:
+            raise UserError(
+                f"{where}: a preference row (prompt, chosen, rejected); train on it with "
+                "--objective dpo, ipo, orpo or simpo, or write prompt/completion rows for sft"
+            )
         if first_fmt is None:
             first_fmt, first_line = fmt, number
         elif fmt != first_fmt:

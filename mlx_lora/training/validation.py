@@ -3,7 +3,7 @@
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_lora.data.batches import collate, epoch_batches
+from mlx_lora.data.batches import epoch_batches
 from mlx_lora.data.examples import Example
 from mlx_lora.distributed import group as distributed
 from mlx_lora.reporting.progress import track
@@ -28,7 +28,7 @@ def mean_loss(
     for indices in track(list(map(world.shard, batches)), "validation"):
         if not indices:
             continue
-        loss, ntoks = feed.loss(model, *feed.inputs(examples, indices, collate(examples, indices)))
+        loss, ntoks, *_ = feed.loss(model, *feed.inputs(examples, indices, feed.collate(examples, indices)))
         total, count = total + loss * ntoks, count + ntoks
         mx.eval(total, count)
     with world.waiting("to finish validation"):
