@@ -16,8 +16,10 @@ import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
 
 from mlx_lora import atomic
+from mlx_lora.commands.preference_eval import preference_table, run_preference
 from mlx_lora.config import EvalConfig, TrainConfig
 from mlx_lora.data.examples import load_split
+from mlx_lora.data.preference import is_preference_file
 from mlx_lora.data.rows import read_rows, resolve_data, row_format
 from mlx_lora.errors import UserError
 from mlx_lora.formats.loader import load_for_inference
@@ -250,6 +252,13 @@ def run(cfg: EvalConfig, log=print) -> dict:
     path = resolve_data(cfg.data) / f"{cfg.split}.jsonl"
     if not path.is_file():
         raise UserError(f"{path}: missing; --split {cfg.split} reads {cfg.split}.jsonl from --data")
+    if cfg.task == "preference" or (cfg.task == "auto" and is_preference_file(path)):
+        result = run_preference(cfg, base, adapter_path, path, log)
+        if cfg.output:
+            atomic.write_json(Path(cfg.output), result)
+        return result
+    if is_preference_file(path):
+        raise UserError(f"{path}:1: preference rows (prompt, chosen, rejected); evaluate them with --task preference")
     examples = load_split(path, base.tokenizer, cfg.max_seq_length, False, log=log, max_rows=cfg.max_examples)
     items = (
         []
@@ -307,6 +316,8 @@ def report(model: str, adapter_path, path: Path, task: str, examples, items: lis
 
 def table(result: dict) -> str:
     """Base and/or adapter side by side, with the change the adapter makes."""
+    if result["task"] == "preference":
+        return preference_table(result)
     names = [n for n in ("base", "adapter") if n in result]
     header = [""] + names + (["change"] if "difference" in result else [])
     rows = [header]

@@ -33,19 +33,24 @@ def sequence_logps(model: nn.Module, tokens: mx.array, mask: mx.array) -> tuple[
     return logps.sum(axis=1), weights.sum(axis=1)
 
 
-def reference_logps(model: nn.Module, pairs: list[Pair], batch_size: int) -> np.ndarray:
-    """(N, 2) summed completion log-probs of every pair's (chosen, rejected) under the base with
-    the adapter off, in eval mode; fixed batches in file order, so a resumed run gets the same."""
+def pair_logps(model: nn.Module, pairs: list[Pair], batch_size: int) -> np.ndarray:
+    """(N, 2) summed completion log-probs of every pair's (chosen, rejected), in eval mode; fixed
+    batches in file order, so a resumed run gets the same numbers."""
     was_training = model.training
     model.eval()
     out = np.zeros((len(pairs), 2), np.float32)
-    with adapter_off(model):
-        for start in range(0, len(pairs), batch_size):
-            rows = list(range(start, min(start + batch_size, len(pairs))))
-            logps, _ = sequence_logps(model, *collate_pairs(pairs, rows))  # (2b,)
-            out[rows] = np.array(logps).reshape(2, -1).T
+    for start in range(0, len(pairs), batch_size):
+        rows = list(range(start, min(start + batch_size, len(pairs))))
+        logps, _ = sequence_logps(model, *collate_pairs(pairs, rows))  # (2b,)
+        out[rows] = np.array(logps).reshape(2, -1).T
     model.train(was_training)
     return out
+
+
+def reference_logps(model: nn.Module, pairs: list[Pair], batch_size: int) -> np.ndarray:
+    """pair_logps under the base: the model with its adapter switched off."""
+    with adapter_off(model):
+        return pair_logps(model, pairs, batch_size)
 
 
 def pair_stats(chosen: mx.array, rejected: mx.array, log_odds: mx.array) -> mx.array:
