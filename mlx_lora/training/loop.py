@@ -160,7 +160,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     mx.random.seed(cfg.seed)
     base = load_base(cfg.model)
     data_dir = resolve_data(cfg.data)
-    data = load_data(cfg, data_dir, base.tokenizer, log)
+    data = load_data(cfg, world, data_dir, base.tokenizer, log)
     model = base.model
     pack_length = cfg.max_seq_length if cfg.pack else None
     per_epoch = batches_per_epoch(data["train"], cfg.batch_size, pack_length) / cfg.grad_accumulation_steps
@@ -183,7 +183,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         enable_packing(model, base.config.get("model_type", "?"))
     if cfg.grad_checkpoint:
         checkpoint_blocks(model)
-    feed = choose_feed(cfg, world, model, min(adapter.layers), data, log)
+    feed = choose_feed(cfg, model, min(adapter.layers), data, log)
     step, state = make_step(model, optimizer, world, feed)
     return Run(
         cfg,
@@ -207,8 +207,13 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     )
 
 
-def load_data(cfg: TrainConfig, data_dir: Path, tokenizer, log) -> dict[str, list]:
+def load_data(cfg: TrainConfig, world: distributed.World, data_dir: Path, tokenizer, log) -> dict[str, list]:
     """Examples for SFT; pairs of them (data/preference.py) for a preference objective."""
+    if cfg.preference and world.size > 1:
+        raise UserError(
+            f"--objective {cfg.objective} runs in one process: its rewards and accuracy are not summed over "
+            "a group yet; run it without mlx.launch"
+        )
     if cfg.preference:
         return load_preference(data_dir, tokenizer, cfg.max_seq_length)
     return load_dataset(data_dir, tokenizer, cfg.max_seq_length, cfg.train_on_prompt, log=log)
@@ -218,16 +223,11 @@ def objective(cfg: TrainConfig) -> Objective:
     return Objective(cfg.objective, cfg.beta_value, cfg.label_smoothing, cfg.simpo_gamma, cfg.cpo_alpha)
 
 
-def choose_feed(cfg: TrainConfig, world, model, first_trained: int, data: dict, log) -> Feed | PreferenceFeed:
+def choose_feed(cfg: TrainConfig, model, first_trained: int, data: dict, log) -> Feed | PreferenceFeed:
     """SFT: the fastest feed the model allows. Preference: whole-model forwards over pairs, with
     the reference log-probs computed now, once."""
     if not cfg.preference:
         return make_feed(model, first_trained, data["train"], cfg.prefix_cache, cfg.pack, log)
-    if world.size > 1:
-        raise UserError(
-            f"--objective {cfg.objective} runs in one process: its rewards and accuracy are not summed over "
-            "a group yet; run it without mlx.launch"
-        )
     if cfg.prefix_cache:
         log(f"speed: no prefix cache with --objective {cfg.objective}; each step runs the whole model on both sides")
     return make_preference_feed(model, data, objective(cfg), cfg.batch_size, log)

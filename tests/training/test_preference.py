@@ -172,3 +172,12 @@ def test_bad_preference_options_exit_2_with_one_line(flags, message):
     result = CliRunner().invoke(app, ["train", *flags])
     assert result.exit_code == 2 and message in result.output
     assert len([line for line in result.output.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_groups_are_refused_before_loading(pref_data, tmp_path):
+    from mlx_lora.distributed import group as distributed
+    from mlx_lora.training.loop import load_data
+
+    cfg = _config("unused", pref_data, tmp_path / "out")
+    with pytest.raises(UserError, match="--objective dpo runs in one process: .*; run it without mlx.launch"):
+        load_data(cfg, replace(distributed.SOLO, size=2), pref_data, None, print)
