@@ -57,7 +57,7 @@ def run_preference(cfg: EvalConfig, base: Base, adapter_path: str | None, path: 
         result["difference"] = {k: result["adapter"][k] - result["base"][k] for k in ("accuracy", "margin")}
     result["pairs"] = [
         {
-            "line": i + 1,
+            "pair": i + 1,
             "base": [float(x) for x in off[i]],
             **({"adapter": [float(x) for x in on[i]]} if "adapter" in result else {}),
         }

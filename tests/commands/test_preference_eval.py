@@ -9,13 +9,12 @@ import pytest
 from mlx_lora.commands.evaluate import run, table
 from mlx_lora.config import EvalConfig
 from mlx_lora.errors import UserError
-from tests.conftest import trained_adapter, write_jsonl
-from tests.training.test_preference import _rows
+from tests.conftest import preference_rows, trained_adapter, write_jsonl
 
 
 @pytest.fixture
 def pref_split(tmp_path):
-    write_jsonl(tmp_path / "pref" / "test.jsonl", _rows(6))
+    write_jsonl(tmp_path / "pref" / "test.jsonl", preference_rows(6))
     return tmp_path / "pref"
 
 

@@ -23,20 +23,13 @@ from mlx_lora.training.loop import train
 from mlx_lora.training.objectives import Objective
 from mlx_lora.training.preference import make_preference_feed
 from mlx_lora.training.step import make_step
-from tests.conftest import write_jsonl
-
-
-def _rows(n: int, start: int = 1) -> list[dict]:
-    return [
-        {"prompt": f"Q: {a} + 2?\nA:", "chosen": f" {a} + 2 = {a + 2}. #### {a + 2}", "rejected": f" {a} + 2 = {a}."}
-        for a in range(start, start + n)
-    ]
+from tests.conftest import preference_rows, write_jsonl
 
 
 @pytest.fixture
 def pref_data(tmp_path):
-    write_jsonl(tmp_path / "pref" / "train.jsonl", _rows(8))
-    write_jsonl(tmp_path / "pref" / "valid.jsonl", _rows(4, 20))
+    write_jsonl(tmp_path / "pref" / "train.jsonl", preference_rows(8))
+    write_jsonl(tmp_path / "pref" / "valid.jsonl", preference_rows(4, 20))
     return tmp_path / "pref"
 
 
@@ -181,3 +174,23 @@ def test_groups_are_refused_before_loading(pref_data, tmp_path):
     cfg = _config("unused", pref_data, tmp_path / "out")
     with pytest.raises(UserError, match="--objective dpo runs in one process: .*; run it without mlx.launch"):
         load_data(cfg, replace(distributed.SOLO, size=2), pref_data, None, print)
+
+
+def test_conversational_rows_train(llama, tmp_path):
+    """Rows of messages, rendered with the chat template (the shipped tokenizer's, copied into
+    the test model): DPO starts at ln 2 on them too."""
+
+    def chat(rows):
+        return [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                "rejected": [{"role": "assistant", "content": r["rejected"]}],
+            }
+            for r in rows
+        ]
+
+    write_jsonl(tmp_path / "chat" / "train.jsonl", chat(preference_rows(6)))
+    write_jsonl(tmp_path / "chat" / "valid.jsonl", chat(preference_rows(2, 20)))
+    result = train(_config(llama, tmp_path / "chat", tmp_path / "out", iters=2), log=lambda _: None)
+    assert result.losses[0] == pytest.approx(math.log(2), abs=1e-5)
