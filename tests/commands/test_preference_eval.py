@@ -55,3 +55,24 @@ def test_base_alone_and_the_wrong_task(llama, pref_split, tmp_path, monkeypatch)
     assert "adapter" not in result and set(result["base"]) == {"accuracy", "margin"}
     with pytest.raises(UserError, match=r"test.jsonl:1: preference rows .*; evaluate them with --task preference"):
         run(EvalConfig(model=str(llama), data=str(pref_split), task="loss"), log=lambda _: None)
+
+
+def test_cli_train_then_eval_reads_the_objective_and_beta(llama, pref_split, tmp_path):
+    from typer.testing import CliRunner
+
+    from mlx_lora.cli import app
+
+    write_jsonl(pref_split / "train.jsonl", preference_rows(6))
+    write_jsonl(pref_split / "valid.jsonl", preference_rows(2, 20))
+    out = tmp_path / "adapter"
+    flags = ["--model", str(llama), "--data", str(pref_split), "--adapter-path", str(out), "--iters", "2"]
+    flags += ["--batch-size", "2", "--objective", "simpo", "--beta", "1.5", "--simpo-gamma", "0.3", "--save-every", "0"]
+    trained = CliRunner().invoke(app, ["train", *flags])
+    assert trained.exit_code == 0, trained.output
+    training = json.loads((out / "adapter_config.json").read_text())["training"]
+    assert (training["objective"], training["beta"], training["simpo_gamma"]) == ("simpo", 1.5, 0.3)
+    evaluated = CliRunner().invoke(app, ["eval", "--adapter-path", str(out), "--data", str(pref_split)])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "preference accuracy" in evaluated.output and "reward accuracy" in evaluated.output
+    result = run(EvalConfig(adapter_path=str(out), data=str(pref_split)), log=lambda _: None)
+    assert result["adapter"]["beta"] == 1.5
