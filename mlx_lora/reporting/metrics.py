@@ -23,7 +23,8 @@ PREFERENCE_KEYS = (
     "log_odds_ratio",
     "log_odds_chosen",
 )
-KEYS = KEYS + PREFERENCE_KEYS
+VAL_PREFERENCE_KEYS = ("val_rewards/chosen", "val_rewards/rejected", "val_rewards/margins", "val_rewards/accuracies")
+KEYS = KEYS + PREFERENCE_KEYS + VAL_PREFERENCE_KEYS
 TENSORBOARD_DIR = "tensorboard"
 
 

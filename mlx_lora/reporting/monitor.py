@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from mlx_lora.config import TrainConfig
-from mlx_lora.reporting.metrics import MetricsLog
+from mlx_lora.reporting.metrics import VAL_PREFERENCE_KEYS, MetricsLog
 from mlx_lora.reporting.plot import plot_after_training
 from mlx_lora.reporting.progress import Bar
 
@@ -55,9 +55,13 @@ class TrainMonitor:
         )
         self.bar.advance(0, loss=loss, tokens_per_second=tokens_per_second, peak_memory_gb=peak_memory_gb)
 
-    def validation(self, step: int, val_loss: float) -> None:
-        self.log(f"step {step}/{self.total}  val loss {val_loss:.3f}")
-        self._record(step=step, val_loss=val_loss)
+    def validation(self, step: int, val_loss: float, **stats: float) -> None:
+        """The validation loss; a preference objective's rewards on the valid pairs when given."""
+        if stats:
+            stats["rewards/margins"] = stats["rewards/chosen"] - stats["rewards/rejected"]
+        self.log(f"step {step}/{self.total}  val loss {val_loss:.3f}{preference_line(stats)}")
+        val = {f"val_{k}": v for k, v in stats.items() if f"val_{k}" in VAL_PREFERENCE_KEYS}
+        self._record(step=step, val_loss=val_loss, **val)
         self.bar.advance(0, val_loss=val_loss)
 
     def close(self) -> None:

@@ -118,9 +118,11 @@ class Run:
 
     def validate(self, result: TrainResult, at: int, observe: bool = True) -> None:
         cfg = self.cfg
-        loss = mean_loss(self.base.model, self.data["valid"], cfg.batch_size, cfg.val_batches, self.world, self.feed)
+        stats = {}
+        model, valid = self.base.model, self.data["valid"]
+        loss = mean_loss(model, valid, cfg.batch_size, cfg.val_batches, self.world, self.feed, stats)
         result.val_losses[at] = loss
-        self.monitor.validation(at, loss)
+        self.monitor.validation(at, loss, **stats)
         if self.stopping and observe:
             self.stopping.observe(at, loss, adapter_weights(self.base.model))
 

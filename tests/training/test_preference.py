@@ -66,6 +66,10 @@ def test_dpo_starts_at_ln2_and_reports_rewards(llama, pref_data, tmp_path):
         assert r["rewards/margins"] == pytest.approx(r["rewards/chosen"] - r["rewards/rejected"])
         assert 0 <= r["rewards/accuracies"] <= 1 and r["log_odds_chosen"] is None
     assert steps[0]["rewards/chosen"] == pytest.approx(0, abs=1e-5)  # beta * (policy - reference) at step 1
+    first, last = [r for r in read_metrics(tmp_path / "out") if r["val_loss"] is not None]
+    assert first["val_rewards/margins"] == pytest.approx(0, abs=1e-5)  # the valid pairs, before any step
+    assert 0 <= last["val_rewards/accuracies"] <= 1 and last["rewards/chosen"] is None
+    assert any(line.startswith("step 0/4  val loss 0.693  acc ") for line in lines)
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["training"]["objective"] == "dpo"
 
