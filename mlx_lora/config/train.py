@@ -13,6 +13,13 @@ PREFERENCE_OBJECTIVES = OBJECTIVES[1:]
 # TRL's defaults: DPOConfig/ORPOConfig beta 0.1 (IPO's tau, ORPO's lambda); SimPO's paper and TRL's
 # CPO docs use beta 2.0 (CPOConfig's own default, 0.1, is for the sigmoid CPO loss).
 DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0}
+# The objectives each hyperparameter applies to: set for another, it would be silently ignored.
+APPLIES_TO = {
+    "beta": PREFERENCE_OBJECTIVES,
+    "label_smoothing": ("dpo", "simpo"),
+    "simpo_gamma": ("simpo",),
+    "cpo_alpha": ("simpo",),
+}
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,10 @@ class TrainConfig(LoRAConfig):
             p.append(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.cpo_alpha < 0:
             p.append(f"--cpo-alpha must be 0 or more, got {self.cpo_alpha}")
+        for name, objectives in APPLIES_TO.items():
+            if getattr(self, name) != getattr(TrainConfig, name) and self.objective not in objectives:
+                flag = "--" + name.replace("_", "-")
+                p.append(f"{flag} applies to --objective {' or '.join(objectives)}, not {self.objective}")
         if not self.preference:
             return p
         if self.pack:

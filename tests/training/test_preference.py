@@ -163,6 +163,8 @@ def test_sft_on_preference_rows_is_refused(llama, pref_data, tmp_path):
         (["--objective", "dpo", "--init", "pissa"], "--init pissa moves part of the base into the adapter"),
         (["--objective", "dpo", "--beta", "0"], "--beta must be positive, got 0.0"),
         (["--objective", "simpo", "--label-smoothing", "0.5"], "--label-smoothing must be in [0, 0.5), got 0.5"),
+        (["--beta", "0.2"], "--beta applies to --objective dpo or ipo or orpo or simpo, not sft"),
+        (["--objective", "dpo", "--simpo-gamma", "1"], "--simpo-gamma applies to --objective simpo, not dpo"),
     ],
 )
 def test_bad_preference_options_exit_2_with_one_line(flags, message):
