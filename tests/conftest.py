@@ -85,6 +85,14 @@ def tiny_data(tmp_path) -> Path:
     return tmp_path / "data"
 
 
+def preference_rows(n: int, start: int = 1) -> list[dict]:
+    """Text preference rows: the right sum chosen, a wrong one rejected."""
+    return [
+        {"prompt": f"Q: {a} + 2?\nA:", "chosen": f" {a} + 2 = {a + 2}. #### {a + 2}", "rejected": f" {a} + 2 = {a}."}
+        for a in range(start, start + n)
+    ]
+
+
 def random_adapter(model_dir: Path, out: Path, cfg):
     """An mlx-lora adapter on `model_dir` with random A and B (as if trained), saved to `out`; returns the base."""
     import mlx.core as mx

@@ -16,9 +16,11 @@ import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
 
 from mlx_lora import atomic
+from mlx_lora.commands.preference_eval import preference_table, run_preference
 from mlx_lora.config import EvalConfig, TrainConfig
 from mlx_lora.data.examples import encode_rows
 from mlx_lora.data.mapping import map_rows
+from mlx_lora.data.preference import preference_split
 from mlx_lora.data.rows import Row, row_format
 from mlx_lora.data.sources import open_source, split_label, split_rows
 from mlx_lora.errors import UserError
@@ -249,6 +251,13 @@ def run(cfg: EvalConfig, log=print) -> dict:
         )
     base = load_for_inference(cfg.model, adapter_path)
     source = open_source(cfg.data, cfg.data_config, log)
+    preference = preference_split(source, cfg.split)  # the split's .jsonl file when it holds preference rows
+    if cfg.task == "preference" or (cfg.task == "auto" and preference):
+        return preference_result(cfg, base, adapter_path, source, preference, log)
+    if preference:
+        raise UserError(
+            f"{preference}:1: preference rows (prompt, chosen, rejected); evaluate them with --task preference"
+        )
     rows = map_rows(split_rows(source, cfg, cfg.split, log)[: cfg.max_examples], cfg)
     path = split_label(source, cfg, cfg.split)
     examples = encode_rows(path, rows, base.tokenizer, cfg.max_seq_length, False, log=log)
@@ -269,6 +278,18 @@ def run(cfg: EvalConfig, log=print) -> dict:
     if cfg.compare_base or not adapter_path:
         scores["base"] = score(base.model, base.tokenizer, examples, items, cfg, "base", log)
     result = report(base.name, adapter_path, path, cfg.task, examples, items, scores)
+    if cfg.output:
+        atomic.write_json(Path(cfg.output), result)
+    return result
+
+
+def preference_result(cfg: EvalConfig, base, adapter_path, source, path, log) -> dict:
+    if path is None:
+        raise UserError(
+            f"--task preference: --split {cfg.split} of --data {source.name} holds no preference rows "
+            "(prompt, chosen, rejected); they are read from a directory of <split>.jsonl files"
+        )
+    result = run_preference(cfg, base, adapter_path, path, log)
     if cfg.output:
         atomic.write_json(Path(cfg.output), result)
     return result
@@ -304,6 +325,8 @@ def report(model: str, adapter_path, path: str, task: str, examples, items: list
 
 def table(result: dict) -> str:
     """Base and/or adapter side by side, with the change the adapter makes."""
+    if result["task"] == "preference":
+        return preference_table(result)
     names = [n for n in ("base", "adapter") if n in result]
     header = [""] + names + (["change"] if "difference" in result else [])
     rows = [header]

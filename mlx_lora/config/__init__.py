@@ -19,7 +19,15 @@ from mlx_lora.config.lora import (
     pattern_key,
 )
 from mlx_lora.config.serve import BASE_ID, ServeConfig, parse_adapter_spec
-from mlx_lora.config.train import LR_SCHEDULES, METHOD_FIELDS, REPORT_TO, TrainConfig, method_options
+from mlx_lora.config.train import (
+    LR_SCHEDULES,
+    METHOD_FIELDS,
+    OBJECTIVES,
+    PREFERENCE_OBJECTIVES,
+    REPORT_TO,
+    TrainConfig,
+    method_options,
+)
 
 __all__ = [
     "BASE_ID",
@@ -29,6 +37,8 @@ __all__ = [
     "LR_SCHEDULES",
     "METHOD_FIELDS",
     "PANELS",
+    "OBJECTIVES",
+    "PREFERENCE_OBJECTIVES",
     "REPORT_TO",
     "VALID_NAMES",
     "ChatConfig",

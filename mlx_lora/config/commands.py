@@ -6,7 +6,7 @@ from mlx_lora.config.data import DataConfig
 from mlx_lora.config.fields import arg, opt
 
 CONVERT_FORMATS = ("peft", "mlx", "mlx-lm")
-EVAL_TASKS = ("auto", "exact-match", "loss")
+EVAL_TASKS = ("auto", "exact-match", "loss", "preference")
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,10 @@ class EvalConfig(DataConfig):
     max_examples: int | None = opt(None, "Evaluate only the first N rows of the split (default: all).")
     task: str = opt(
         "auto",
-        "auto: loss and perplexity, plus exact match on rows whose reference has an answer after ####; "
-        "exact-match: exact match on every row; loss: loss and perplexity only.",
+        "auto: loss and perplexity, plus exact match on rows whose reference has an answer after ####, "
+        "or preference on {prompt, chosen, rejected} rows; exact-match: exact match on every row; "
+        "loss: loss and perplexity only; preference: how often the chosen side is the likelier, and "
+        "DPO's reward accuracy and margin against the base.",
     )
     compare_base: bool = opt(False, "Also evaluate the base without the adapter and print both side by side.")
     output: str | None = opt(None, "Write every figure and each example's prediction to this JSON file.")

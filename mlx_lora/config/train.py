@@ -9,6 +9,18 @@ from mlx_lora.config.lora import LoRAConfig
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 REPORT_TO = ("tensorboard", "wandb")
+OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo")
+PREFERENCE_OBJECTIVES = OBJECTIVES[1:]
+# TRL's defaults: DPOConfig/ORPOConfig beta 0.1 (IPO's tau, ORPO's lambda); SimPO's paper and TRL's
+# CPO docs use beta 2.0 (CPOConfig's own default, 0.1, is for the sigmoid CPO loss).
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0}
+# The objectives each hyperparameter applies to: set for another, it would be silently ignored.
+APPLIES_TO = {
+    "beta": PREFERENCE_OBJECTIVES,
+    "label_smoothing": ("dpo", "simpo"),
+    "simpo_gamma": ("simpo",),
+    "cpo_alpha": ("simpo",),
+}
 
 
 @dataclass(frozen=True)
@@ -58,8 +70,33 @@ class TrainConfig(DataConfig, LoRAConfig):
     # step, at validation) ends them all, as when one died or hangs.
     peer_timeout: float = opt(300.0, "Seconds to wait for a silent peer before ending the group.", panel=DISTRIBUTED)
 
+    # Preference tuning (issue 16): the objective and its hyperparameters, named as TRL names them.
+    objective: str = opt(
+        "sft",
+        "sft: cross-entropy on completions; dpo, ipo, orpo, simpo: preference tuning on "
+        "{prompt, chosen, rejected} rows (docs/preference.md).",
+    )
+    beta: float | None = opt(
+        None,
+        "dpo: the KL strength beta; ipo: tau; orpo: lambda, the odds-ratio weight; simpo: the reward scale "
+        "(default: 0.1, and 2.0 for simpo).",
+    )
+    label_smoothing: float = opt(0.0, "dpo, simpo: the probability that a pair's labels are flipped (cDPO).")
+    simpo_gamma: float = opt(0.5, "simpo: the target reward margin gamma.")
+    cpo_alpha: float = opt(0.0, "simpo: weight of the NLL loss on the chosen completions (CPO's BC term).")
+
+    @property
+    def preference(self) -> bool:
+        return self.objective != "sft"
+
+    @property
+    def beta_value(self) -> float:
+        """--beta, or the objective's default."""
+        return self.beta if self.beta is not None else DEFAULT_BETA.get(self.objective, 0.1)
+
     def problems(self) -> list[str]:
         p = LoRAConfig.problems(self) + DataConfig.problems(self)
+        p += self._objective_problems()
         for name in ("iters", "batch_size", "max_seq_length"):
             if getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -78,6 +115,33 @@ class TrainConfig(DataConfig, LoRAConfig):
         if self.val_batches == 0 or self.val_batches < -1:
             p.append(f"--val-batches must be -1 (all) or a positive count, got {self.val_batches}")
         p += self._method_problems()
+        return p
+
+    def _objective_problems(self) -> list[str]:
+        p = []
+        if self.objective not in OBJECTIVES:
+            return [f"--objective must be one of {', '.join(OBJECTIVES)}, got '{self.objective}'"]
+        if self.beta is not None and self.beta <= 0:
+            p.append(f"--beta must be positive, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            p.append(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.cpo_alpha < 0:
+            p.append(f"--cpo-alpha must be 0 or more, got {self.cpo_alpha}")
+        for name, objectives in APPLIES_TO.items():
+            if getattr(self, name) != getattr(TrainConfig, name) and self.objective not in objectives:
+                flag = "--" + name.replace("_", "-")
+                p.append(f"{flag} applies to --objective {' or '.join(objectives)}, not {self.objective}")
+        if not self.preference:
+            return p
+        if self.pack:
+            p.append(f"--pack does not apply to --objective {self.objective}: chosen and rejected are scored whole")
+        if self.train_on_prompt:
+            p.append(f"--train-on-prompt does not apply to --objective {self.objective}: it compares completions")
+        if self.init in ("olora", "pissa"):
+            p.append(
+                f"--init {self.init} moves part of the base into the adapter, so the base with the adapter off is "
+                f"no reference for --objective {self.objective}; use --init default or gaussian"
+            )
         return p
 
     def _method_problems(self) -> list[str]:
@@ -108,6 +172,11 @@ METHOD_FIELDS = (
     "warmup_steps",
     "final_lr_ratio",
     "early_stopping_patience",
+    "objective",
+    "beta",
+    "label_smoothing",
+    "simpo_gamma",
+    "cpo_alpha",
 )
 
 

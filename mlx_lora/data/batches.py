@@ -78,17 +78,19 @@ def iterate_batches(
     start: int = 0,
     pack_length: int | None = None,
     shard: Callable[[list], list] | None = None,
+    collate_rows: Callable = collate,
 ) -> Iterator[tuple[list, tuple, int]]:
     """Endless (rows, batch, real token count): `batch` is (tokens, mask) collated from
     `examples[rows]`, or (tokens, mask, segments) packed ones with `pack_length` (rows are then
     packs of row indices); `start` skips that many batches, so a resumed run sees the same order
     as an uninterrupted one. In a group, `shard` picks this process's rows or packs
     (distributed.World.shard) and the count stays the whole batch's; a process left without any
-    gets one with nothing to learn, so it still joins the gradient sum."""
+    gets one with nothing to learn, so it still joins the gradient sum. `collate_rows` collates
+    unpacked batches (preference pairs bring their own)."""
     step, epoch = 0, 0
     while True:
         if pack_length is None:
-            plan, collated = epoch_batches(examples, batch_size, seed, epoch), collate
+            plan, collated = epoch_batches(examples, batch_size, seed, epoch), collate_rows
         else:
             plan, collated = epoch_packs(examples, batch_size, pack_length, seed, epoch), collate_packs
         for batch in plan:

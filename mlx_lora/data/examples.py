@@ -11,7 +11,7 @@ import numpy as np
 
 from mlx_lora.config.data import DataConfig
 from mlx_lora.data.mapping import map_rows
-from mlx_lora.data.rows import Row, file_rows, row_format
+from mlx_lora.data.rows import PREFERENCE, Row, file_rows, row_format
 from mlx_lora.data.sources import split_label, train_valid_rows
 from mlx_lora.errors import UserError
 
@@ -68,6 +68,19 @@ def earlier(first: Row, row: Row) -> str:
     return f"line {first.number}" if same_file and first.where.endswith(f":{first.number}") else first.where
 
 
+def check_same_format(row: Row, fmt: str, first_fmt: str, first: Row) -> None:
+    """One SFT row format per set; preference rows belong to the preference objectives."""
+    if fmt == PREFERENCE:
+        raise UserError(
+            f"{row.where}: a preference row (prompt, chosen, rejected); train on it with "
+            "--objective dpo, ipo, orpo or simpo, or write prompt/completion rows for sft"
+        )
+    if fmt != first_fmt:
+        raise UserError(
+            f"{row.where}: {fmt} row, but {earlier(first, row)} is a {first_fmt} row; use one format per set"
+        )
+
+
 def encode_rows(
     label: str, rows: list[Row], tokenizer, max_seq_length: int, train_on_prompt: bool, log=print
 ) -> list[Example]:
@@ -76,12 +89,8 @@ def encode_rows(
     examples, truncated, empty, shortest = [], 0, 0, None
     for row in rows:
         fmt = row_format(row.where, row.fields)
-        if first is None:
-            first = (fmt, row)
-        elif fmt != first[0]:
-            raise UserError(
-                f"{row.where}: {fmt} row, but {earlier(first[1], row)} is a {first[0]} row; use one format per set"
-            )
+        first = first or (fmt, row)
+        check_same_format(row, fmt, *first)
         ex = encode_row(row.where, tokenizer, fmt, row.fields, train_on_prompt)
         if shortest is None or len(ex.tokens) < shortest[1]:
             shortest = (row.where, len(ex.tokens))

@@ -1,7 +1,8 @@
 """JSONL rows on disk: where the data is, reading each line, and which of the three row formats it is.
 
-Formats: text ({"text"}), completion ({"prompt", "completion"}) and chat ({"messages"}). Every
-problem names the file and line.
+Formats: text ({"text"}), completion ({"prompt", "completion"}), chat ({"messages"}) and
+preference ({"prompt", "chosen", "rejected"}: strings, or a list of messages and lists of
+assistant messages). Every problem names the file and line.
 """
 
 import json
@@ -16,6 +17,8 @@ DEFAULT_DATA_DIRS = (
 )
 FORMAT_KEYS = {"text": ("text",), "completion": ("prompt", "completion"), "chat": ("messages",)}
 ROLES = ("system", "user", "assistant")
+PREFERENCE = "preference"
+PREFERENCE_KEYS = ("prompt", "chosen", "rejected")
 
 
 class Row(NamedTuple):
@@ -67,6 +70,9 @@ def file_rows(path: Path) -> list[Row]:
 
 
 def row_format(where: str, row: dict) -> str:
+    if "chosen" in row or "rejected" in row:
+        check_preference(where, row)
+        return PREFERENCE
     found = [fmt for fmt, keys in FORMAT_KEYS.items() if any(k in row for k in keys)]
     if not found:
         raise UserError(
@@ -104,3 +110,48 @@ def check_messages(where: str, messages) -> None:
         )
     if "assistant" not in turns:
         raise UserError(f"{where}: 'messages' has no assistant turn, so there is nothing to learn")
+
+
+def check_preference(where: str, row: dict) -> None:
+    """A {prompt, chosen, rejected} row: three strings, or a conversation (prompt: messages ending
+    with a user turn; chosen, rejected: lists of assistant messages); the two sides must differ."""
+    missing = [k for k in PREFERENCE_KEYS if k not in row]
+    if missing:
+        raise UserError(f"{where}: key '{missing[0]}' missing; a preference row needs prompt, chosen and rejected")
+    if "completion" in row or "messages" in row or "text" in row:
+        raise UserError(f"{where}: row mixes formats (preference and others); use prompt, chosen and rejected only")
+    if isinstance(row["prompt"], str):
+        for side in ("chosen", "rejected"):
+            if not isinstance(row[side], str):
+                raise UserError(f"{where}: '{side}' must be a string like the prompt, got {type(row[side]).__name__}")
+            if not row[side].strip():
+                raise UserError(f"{where}: '{side}' is empty; each side needs a completion to score")
+    else:
+        _check_conversation(where, row)
+    if row["chosen"] == row["rejected"]:
+        raise UserError(f"{where}: 'chosen' and 'rejected' are the same; a pair must differ to teach a preference")
+
+
+def _check_conversation(where: str, row: dict) -> None:
+    if not isinstance(row["prompt"], list) or not row["prompt"]:
+        raise UserError(f"{where}: 'prompt' must be a string or a non-empty list of {{role, content}} messages")
+    check_messages(f"{where}: prompt", [*row["prompt"], {"role": "assistant", "content": "-"}])
+    if row["prompt"][-1]["role"] != "user":
+        raise UserError(f"{where}: 'prompt' must end with a user turn, got '{row['prompt'][-1]['role']}'")
+    for side in ("chosen", "rejected"):
+        replies = row[side]
+        ok = (
+            isinstance(replies, list)
+            and replies
+            and all(
+                isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("content"), str)
+                for m in replies
+            )
+        )
+        if not ok:
+            raise UserError(
+                f'{where}: \'{side}\' must be a non-empty list of {{"role": "assistant", "content": string}} '
+                "when the prompt is a list of messages"
+            )
+        if not any(m["content"].strip() for m in replies):
+            raise UserError(f"{where}: '{side}' is empty; each side needs a completion to score")

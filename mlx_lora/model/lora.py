@@ -2,6 +2,8 @@
 
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -56,6 +58,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(p=dropout)
         self.scale = scale
         self.dora = dora
+        self.off = False  # adapter_off(): the layer is its base alone (the reference of preference tuning)
         self.initial = None  # (A0, B0) when init.py moved part of W into them (OLoRA / PiSSA)
         bound = 1 / math.sqrt(in_dims)
         self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(in_dims, rank))
@@ -80,6 +83,8 @@ class LoRALinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.linear(x)  # (B, T, out)
+        if self.off:
+            return y
         z = (self.dropout(x) @ self.lora_a) @ self.lora_b  # (B, T, out) through rank r
         if not self.dora:
             return y + (self.scale * z).astype(y.dtype)
@@ -231,6 +236,20 @@ def fuse_lora(model: nn.Module, requantize: bool = False) -> nn.Module:
     if fused:
         model.update_modules(tree_unflatten(fused))
     return model
+
+
+@contextmanager
+def adapter_off(model: nn.Module) -> Iterator[nn.Module]:
+    """The model computing its base alone (no delta, no DoRA rescaling) inside the block: the
+    reference model of DPO and IPO without a second copy of the weights."""
+    layers = list(lora_layers(model).values())
+    for layer in layers:
+        layer.off = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.off = False
 
 
 def remove_lora(model: nn.Module) -> nn.Module:

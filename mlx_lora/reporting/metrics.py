@@ -14,6 +14,17 @@ from mlx_lora.errors import UserError
 
 METRICS = "metrics.jsonl"
 KEYS = ("step", "loss", "val_loss", "lr", "tokens_per_second", "peak_memory_gb", "time")
+# Preference objectives add TRL's per-pair means (null in SFT runs): rewards, margins, accuracy, ORPO's log odds.
+PREFERENCE_KEYS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "log_odds_ratio",
+    "log_odds_chosen",
+)
+VAL_PREFERENCE_KEYS = ("val_rewards/chosen", "val_rewards/rejected", "val_rewards/margins", "val_rewards/accuracies")
+KEYS = KEYS + PREFERENCE_KEYS + VAL_PREFERENCE_KEYS
 TENSORBOARD_DIR = "tensorboard"
 
 

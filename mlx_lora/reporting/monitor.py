@@ -9,9 +9,20 @@ import time
 from pathlib import Path
 
 from mlx_lora.config import TrainConfig
-from mlx_lora.reporting.metrics import MetricsLog
+from mlx_lora.reporting.metrics import VAL_PREFERENCE_KEYS, MetricsLog
 from mlx_lora.reporting.plot import plot_after_training
 from mlx_lora.reporting.progress import Bar
+
+
+def preference_line(stats: dict[str, float]) -> str:
+    """'  acc 0.75  margin 0.123  chosen 0.050  rejected -0.073' (and ORPO's log odds), or '' for SFT."""
+    if not stats:
+        return ""
+    line = (
+        f"  acc {stats['rewards/accuracies']:.2f}  margin {stats['rewards/margins']:.3f}  "
+        f"chosen {stats['rewards/chosen']:.3f}  rejected {stats['rewards/rejected']:.3f}"
+    )
+    return line + (f"  log odds {stats['log_odds_chosen']:.3f}" if "log_odds_chosen" in stats else "")
 
 
 class TrainMonitor:
@@ -28,18 +39,29 @@ class TrainMonitor:
         """Called once per optimizer step: moves the bar."""
         self.bar.advance(loss=loss)
 
-    def report(self, step: int, loss: float, tokens_per_second: float, peak_memory_gb: float, lr: float) -> None:
-        """Mean training loss over the last report window, throughput and memory."""
+    def report(
+        self, step: int, loss: float, tokens_per_second: float, peak_memory_gb: float, lr: float, **stats: float
+    ) -> None:
+        """Mean training loss over the last report window, throughput and memory; a preference
+        objective's rewards (`rewards/chosen`, `rewards/rejected`, ...) when given."""
+        if stats:
+            stats["rewards/margins"] = stats["rewards/chosen"] - stats["rewards/rejected"]
         self.log(
-            f"step {step}/{self.total}  loss {loss:.3f}  {tokens_per_second:.0f} tok/s  "
+            f"step {step}/{self.total}  loss {loss:.3f}{preference_line(stats)}  {tokens_per_second:.0f} tok/s  "
             f"peak mem {peak_memory_gb:.2f} GB"
         )
-        self._record(step=step, loss=loss, lr=lr, tokens_per_second=tokens_per_second, peak_memory_gb=peak_memory_gb)
+        self._record(
+            step=step, loss=loss, lr=lr, tokens_per_second=tokens_per_second, peak_memory_gb=peak_memory_gb, **stats
+        )
         self.bar.advance(0, loss=loss, tokens_per_second=tokens_per_second, peak_memory_gb=peak_memory_gb)
 
-    def validation(self, step: int, val_loss: float) -> None:
-        self.log(f"step {step}/{self.total}  val loss {val_loss:.3f}")
-        self._record(step=step, val_loss=val_loss)
+    def validation(self, step: int, val_loss: float, **stats: float) -> None:
+        """The validation loss; a preference objective's rewards on the valid pairs when given."""
+        if stats:
+            stats["rewards/margins"] = stats["rewards/chosen"] - stats["rewards/rejected"]
+        self.log(f"step {step}/{self.total}  val loss {val_loss:.3f}{preference_line(stats)}")
+        val = {f"val_{k}": v for k, v in stats.items() if f"val_{k}" in VAL_PREFERENCE_KEYS}
+        self._record(step=step, val_loss=val_loss, **val)
         self.bar.advance(0, val_loss=val_loss)
 
     def close(self) -> None:

@@ -74,6 +74,9 @@ def target_positions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class Feed:
     """Turns a batch of example indices into step inputs; `loss(model, *inputs)` reads them."""
 
+    collate = staticmethod(collate)  # how a batch of rows is laid out (preference.PreferenceFeed has its own)
+    stats: tuple[str, ...] = ()  # what loss() reports besides the loss: none for SFT
+
     def __init__(self, cut: Cut | None, cache_prefix: bool, log: Callable = print):
         self.cut, self.cache_prefix, self.log = cut, cache_prefix and cut is not None and cut.k > 0, log
         self.caches: dict[int, PrefixCache] = {}

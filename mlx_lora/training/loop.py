@@ -24,6 +24,7 @@ from mlx_lora.config import LoRAConfig, TrainConfig, lora_part, method_options
 from mlx_lora.data.batches import batches_per_epoch, iterate_batches
 from mlx_lora.data.cache import tokenized_sets
 from mlx_lora.data.examples import Example
+from mlx_lora.data.preference import load_preference, preference_dir
 from mlx_lora.data.sources import open_source
 from mlx_lora.distributed import group as distributed
 from mlx_lora.errors import Interrupted, UserError
@@ -46,7 +47,9 @@ from mlx_lora.training.early_stopping import EarlyStopping
 from mlx_lora.training.feed import Feed, make_feed
 from mlx_lora.training.grad_checkpoint import checkpoint_blocks
 from mlx_lora.training.memory import check_training_memory
+from mlx_lora.training.objectives import Objective
 from mlx_lora.training.packing import enable_packing
+from mlx_lora.training.preference import PreferenceFeed, make_preference_feed
 from mlx_lora.training.schedule import learning_rate
 from mlx_lora.training.signals import deferred_stop
 from mlx_lora.training.step import grads_finite, make_step
@@ -88,8 +91,9 @@ class Run:
     stopping: Optional[EarlyStopping] = None
     last_saved: Optional[Path] = None
 
-    def train_step(self, batches: Iterator) -> tuple[float, bool, int]:
-        """One optimizer step over the accumulated batches: (mean loss per target, gradients finite, tokens read)."""
+    def train_step(self, batches: Iterator) -> tuple[float, bool, int, dict[str, float]]:
+        """One optimizer step over the accumulated batches: (mean loss per target, gradients finite,
+        tokens read, the feed's statistics per pair: rewards and accuracy of a preference objective)."""
         accumulate, examples = self.cfg.grad_accumulation_steps, self.data["train"]
         acc, ntokens = None, 0
         for i in range(accumulate):
@@ -99,13 +103,28 @@ class Run:
         finite = grads_finite(acc[2])
         with self.world.waiting("in a step"):
             mx.eval(self.state, acc, finite)
-        return (acc[0] / acc[1]).item(), finite.item(), ntokens
+        stats = dict(zip(self.feed.stats, (acc[3] / acc[1]).tolist())) if self.feed.stats else {}
+        return (acc[0] / acc[1]).item(), finite.item(), ntokens, stats
+
+    def report(self, it: int, losses: list[float], stats: list[dict], tokens: int, seconds: float) -> None:
+        """The report of the steps since the last: mean loss (and statistics), throughput, memory."""
+        means = {k: sum(s[k] for s in stats) / len(stats) for k in (stats[0] if stats else {})}
+        self.monitor.report(
+            it,
+            sum(losses) / len(losses),
+            tokens / seconds,
+            mx.get_peak_memory() / 2**30,
+            self.optimizer.learning_rate.item(),
+            **means,
+        )
 
     def validate(self, result: TrainResult, at: int, observe: bool = True) -> None:
         cfg = self.cfg
-        loss = mean_loss(self.base.model, self.data["valid"], cfg.batch_size, cfg.val_batches, self.world, self.feed)
+        stats = {}
+        model, valid = self.base.model, self.data["valid"]
+        loss = mean_loss(model, valid, cfg.batch_size, cfg.val_batches, self.world, self.feed, stats=stats)
         result.val_losses[at] = loss
-        self.monitor.validation(at, loss)
+        self.monitor.validation(at, loss, **stats)
         if self.stopping and observe:
             self.stopping.observe(at, loss, adapter_weights(self.base.model))
 
@@ -145,8 +164,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     mx.random.seed(cfg.seed)
     base = load_base(cfg.model)
     source = open_source(cfg.data, cfg.data_config, log)
-    cache_dir = Path(cfg.data_cache).expanduser() if cfg.data_cache else None
-    data = tokenized_sets(source, cfg, base.tokenizer, cfg.max_seq_length, cfg.train_on_prompt, cache_dir, log)
+    data = load_data(cfg, world, source, base.tokenizer, log)
     model = base.model
     pack_length = cfg.max_seq_length if cfg.pack else None
     per_epoch = batches_per_epoch(data["train"], cfg.batch_size, pack_length) / cfg.grad_accumulation_steps
@@ -171,7 +189,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         enable_packing(model, base.config.get("model_type", "?"))
     if cfg.grad_checkpoint:
         checkpoint_blocks(model)
-    feed = make_feed(model, min(adapter.layers), data["train"], cfg.prefix_cache, cfg.pack, log)
+    feed = choose_feed(cfg, model, min(adapter.layers), data, log)
     step, state = make_step(model, optimizer, world, feed)
     return Run(
         cfg,
@@ -193,6 +211,33 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         stopping=early_stopping(cfg, last_saved, progress),
         last_saved=last_saved,
     )
+
+
+def load_data(cfg: TrainConfig, world: distributed.World, source, tokenizer, log) -> dict[str, list]:
+    """Examples for SFT; pairs of them (data/preference.py) for a preference objective."""
+    if cfg.preference and world.size > 1:
+        raise UserError(
+            f"--objective {cfg.objective} runs in one process: its rewards and accuracy are not summed over "
+            "a group yet; run it without mlx.launch"
+        )
+    if cfg.preference:
+        return load_preference(preference_dir(source, cfg.objective), tokenizer, cfg.max_seq_length)
+    cache_dir = Path(cfg.data_cache).expanduser() if cfg.data_cache else None
+    return tokenized_sets(source, cfg, tokenizer, cfg.max_seq_length, cfg.train_on_prompt, cache_dir, log)
+
+
+def objective(cfg: TrainConfig) -> Objective:
+    return Objective(cfg.objective, cfg.beta_value, cfg.label_smoothing, cfg.simpo_gamma, cfg.cpo_alpha)
+
+
+def choose_feed(cfg: TrainConfig, model, first_trained: int, data: dict, log) -> Feed | PreferenceFeed:
+    """SFT: the fastest feed the model allows. Preference: whole-model forwards over pairs, with
+    the reference log-probs computed now, once."""
+    if not cfg.preference:
+        return make_feed(model, first_trained, data["train"], cfg.prefix_cache, cfg.pack, log)
+    if cfg.prefix_cache:
+        log(f"speed: no prefix cache with --objective {cfg.objective}; each step runs the whole model on both sides")
+    return make_preference_feed(model, data, objective(cfg), cfg.batch_size, log)
 
 
 def start_adapter(cfg: TrainConfig, base: Base, optimizer: optim.Optimizer, checkpoint: Optional[Path], log):
@@ -222,7 +267,7 @@ def fit(run: Run) -> TrainResult:
     model.train()
     run.validate(result, run.progress.step, observe=not cfg.resume)  # a resumed run observed this step already
     mx.reset_peak_memory()
-    total_tokens, window_tokens, window_start = 0, 0, time.perf_counter()
+    total_tokens, window_tokens, window_start, window_stats = 0, 0, time.perf_counter(), []
     start = window_start
     batches = iterate_batches(
         run.data["train"],
@@ -231,27 +276,22 @@ def fit(run: Run) -> TrainResult:
         start=run.progress.batches_seen,
         pack_length=cfg.max_seq_length if cfg.pack else None,
         shard=run.world.shard,
+        collate_rows=run.feed.collate,
     )
     it = run.progress.step  # the last step done, also when the loop has none left to do
     with deferred_stop() as stop:
         for it in range(run.progress.step + 1, run.iters + 1):
-            loss, finite, ntokens = run.train_step(batches)
+            loss, finite, ntokens, stats = run.train_step(batches)
             result.losses.append(loss)
+            window_stats.append(stats)
             if not (math.isfinite(loss) and finite):
                 raise UserError(numerical_fault(it, loss, run.out, run.last_saved))
             monitor.step(loss)
             total_tokens, window_tokens = total_tokens + ntokens, window_tokens + ntokens
             if it % cfg.report_every == 0 or it == run.iters:
                 now = time.perf_counter()
-                recent = result.losses[-cfg.report_every :]
-                monitor.report(
-                    it,
-                    sum(recent) / len(recent),
-                    window_tokens / (now - window_start),
-                    mx.get_peak_memory() / 2**30,
-                    run.optimizer.learning_rate.item(),
-                )
-                window_tokens, window_start = 0, now
+                run.report(it, result.losses[-cfg.report_every :], window_stats, window_tokens, now - window_start)
+                window_tokens, window_start, window_stats = 0, now, []
             if cfg.val_every and it % cfg.val_every == 0 and it != run.iters:
                 run.validate(result, it)
             interrupted = (

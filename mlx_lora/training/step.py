@@ -17,26 +17,28 @@ def make_step(
 ):
     """The compiled step and the state it reads and writes."""
 
-    def summed_loss(model: nn.Module, *inputs: mx.array) -> tuple[mx.array, mx.array]:
+    def summed_loss(model: nn.Module, *inputs: mx.array) -> tuple[mx.array, ...]:
         """Loss summed over the targets: summed gradients of several batches, divided by their
-        total target count, are exactly the gradient of the one batch they make together."""
-        loss, ntoks = feed.loss(model, *inputs)
-        return loss * ntoks, ntoks
+        total target count, are exactly the gradient of the one batch they make together.
+        A preference feed counts pairs and adds its statistics' sums (preference.STATS)."""
+        loss, ntoks, *stats = feed.loss(model, *inputs)
+        return loss * ntoks, ntoks, *stats
 
     loss_and_grad = nn.value_and_grad(model, summed_loss)
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(batch, acc, update: bool):
-        """Add one batch's summed loss, target count and gradient to `acc`; on `update`, step
-        with their ratio: the gradient of the mean over all the accumulated batches' targets."""
-        (loss, ntoks), grads = loss_and_grad(model, *batch)
+        """Add one batch's summed loss, target count, gradient (and statistics) to `acc`; on
+        `update`, step with their ratio: the gradient of the mean over all the accumulated batches' targets."""
+        (loss, ntoks, *stats), grads = loss_and_grad(model, *batch)
         if acc is not None:
             loss, ntoks, grads = loss + acc[0], ntoks + acc[1], tree_map(mx.add, grads, acc[2])
+            stats = [s + a for s, a in zip(stats, acc[3:])]
         if update:
             loss, ntoks, grads = distributed.sum_over(world, loss, ntoks, grads)  # the global batch's sums
             optimizer.update(model, tree_map(lambda g: g / ntoks, grads))
-        return loss, ntoks, grads
+        return loss, ntoks, grads, *stats
 
     return step, state
 

@@ -308,7 +308,7 @@ def test_cli_eval_prints_the_table_and_rejects_bad_input(llama, adapter, case, t
     assert bad.exit_code == 2 and "--compare-base needs an adapter" in bad.output
     bad = runner.invoke(app, args + ["--task", "bleu", "--batch-size", "0"])
     assert bad.exit_code == 2
-    assert "--task must be one of auto, exact-match, loss, got 'bleu'" in bad.output
+    assert "--task must be one of auto, exact-match, loss, preference, got 'bleu'" in bad.output
     assert "--batch-size must be at least 1, got 0" in bad.output
     (tmp_path / "results.json").mkdir()
     bad = runner.invoke(app, args + ["--output", "results.json"])

@@ -8,6 +8,7 @@ from mlx_lora.errors import UserError
 from mlx_lora.model.base import load_base
 from mlx_lora.model.lora import (
     LoRALinear,
+    adapter_off,
     apply_lora,
     dequantized_weight,
     fuse_lora,
@@ -86,6 +87,25 @@ def test_fused_model_reproduces_adapter_logits_and_unload_restores_base(llama):
     assert not mx.allclose(adapted, before, atol=1e-3)
     remove_lora(base.model)
     assert mx.array_equal(base.model(tokens), before)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_adapter_off_is_the_base_and_switches_back_on(llama, dora):
+    """The reference of preference tuning: a trained adapter (and DoRA's trained magnitude) switched
+    off gives the base's logits bit for bit, without a second copy of the model."""
+    base = load_base(str(llama))
+    tokens = mx.array([[1, 40, 41, 42, 43, 44]])
+    before = base.model(tokens)
+    apply_lora(base.model, LoRAConfig(targets="all-linear", num_layers=-1, dora=dora))
+    _randomize_b(base.model)
+    for layer in lora_layers(base.model).values():
+        if dora:
+            layer.magnitude = layer.magnitude * 1.5
+    adapted = base.model(tokens)
+    assert not mx.allclose(adapted, before, atol=1e-3)
+    with adapter_off(base.model):
+        assert mx.array_equal(base.model(tokens), before)
+    assert mx.array_equal(base.model(tokens), adapted)
 
 
 def test_fuse_lora_on_whole_model(llama):
