@@ -6,6 +6,7 @@ from mlx_lora.config.fields import arg, opt
 
 CONVERT_FORMATS = ("peft", "mlx", "mlx-lm")
 EVAL_TASKS = ("auto", "exact-match", "loss")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,15 @@ class FuseConfig:
         off="--dequantize",
     )
     export_gguf: bool = opt(
-        False, "Also write <save-path>/model.gguf (float16) for llama.cpp; llama, mistral and mixtral models only."
+        False, "Also write <save-path>/model.gguf for llama.cpp and Ollama; llama (SmolLM2 too) and qwen2 models."
+    )
+    gguf_type: str = opt(
+        "f16", "Type of the 2-D weights in model.gguf: f32, f16, bf16 or q8_0 (norms and biases stay f32)."
     )
 
     def problems(self) -> list[str]:
+        if self.gguf_type not in GGUF_TYPES:
+            return [f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got '{self.gguf_type}'"]
         return []
 
 

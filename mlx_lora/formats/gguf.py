@@ -1,0 +1,120 @@
+"""A fused model as one GGUF file that llama.cpp runs: tensors named and laid out the way llama.cpp's
+convert_hf_to_gguf.py writes them, and the tokenizer in the form llama.cpp re-implements it."""
+
+from pathlib import Path
+from typing import Any
+
+import gguf
+import mlx.core as mx
+import numpy as np
+
+from mlx_lora.errors import UserError
+from mlx_lora.formats.gguf_vocab import add_vocab
+
+GGUF_FILE = "model.gguf"
+QTYPE = gguf.GGMLQuantizationType
+# --gguf-type -> (tensor type of the 2-D weights, general.file_type)
+GGUF_TYPES = {
+    "f32": (QTYPE.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (QTYPE.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (QTYPE.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (QTYPE.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+# HF model_type -> llama.cpp architecture, and the rope_theta mlx-lm assumes when config.json has none.
+ARCHITECTURES = {"llama": (gguf.MODEL_ARCH.LLAMA, 10000.0), "qwen2": (gguf.MODEL_ARCH.QWEN2, 1000000.0)}
+
+
+def check_gguf(config: dict[str, Any], gguf_type: str) -> None:
+    """Before any work: can we write this model as GGUF? One line naming what is supported."""
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise UserError(
+            f"--export-gguf: GGUF export supports {', '.join(ARCHITECTURES)} models, not {model_type}; "
+            "fuse without --export-gguf and run llama.cpp's convert_hf_to_gguf.py on the fused directory"
+        )
+    rope = config.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise UserError(
+            f"--export-gguf: rope scaling '{rope.get('rope_type', rope.get('type'))}' is not written yet; "
+            "fuse without --export-gguf and run llama.cpp's convert_hf_to_gguf.py on the fused directory"
+        )
+    if gguf_type not in GGUF_TYPES:
+        raise UserError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got '{gguf_type}'")
+
+
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotates the two halves of each head (rotate_half); llama.cpp's llama rotates adjacent
+    pairs. Interleave the halves, as convert_hf_to_gguf.py's LlamaModel.permute does."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tensor(name: str, w: mx.array, qtype: QTYPE) -> tuple[np.ndarray, QTYPE]:
+    """Norms, biases and other 1-D tensors stay float32 (llama.cpp adds and multiplies them in f32)."""
+    data = np.array(w.astype(mx.float32))
+    if data.ndim <= 1 or name.endswith("_norm.weight"):
+        return data, QTYPE.F32
+    if qtype == QTYPE.Q8_0 and data.shape[-1] % gguf.GGML_QUANT_SIZES[QTYPE.Q8_0][0]:
+        qtype = QTYPE.F16  # rows not a whole number of Q8_0 blocks, as convert_hf_to_gguf.py falls back
+    if qtype == QTYPE.F32:
+        return data, qtype
+    if qtype == QTYPE.F16:
+        return data.astype(np.float16), qtype
+    return gguf.quants.quantize(data, qtype), qtype
+
+
+def add_tensors(writer: gguf.GGUFWriter, weights: dict[str, mx.array], config: dict, qtype: QTYPE) -> None:
+    arch = ARCHITECTURES[config["model_type"]][0]
+    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    for key, w in weights.items():
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UserError(f"--export-gguf: no GGUF name for tensor {key}; this model's layout is not supported")
+        data, dtype = _tensor(name, w, qtype)
+        if arch == gguf.MODEL_ARCH.LLAMA and key.endswith(("q_proj.weight", "q_proj.bias")):
+            data = permute(data, heads)
+        elif arch == gguf.MODEL_ARCH.LLAMA and key.endswith(("k_proj.weight", "k_proj.bias")):
+            data = permute(data, kv_heads)
+        writer.add_tensor(name, data, raw_dtype=None if dtype in (QTYPE.F32, QTYPE.F16) else dtype)
+
+
+def add_hparams(writer: gguf.GGUFWriter, config: dict, n_vocab: int, file_type: int) -> None:
+    """The llama.cpp keys of convert_hf_to_gguf.py's TextModel.set_gguf_parameters, for llama and qwen2."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    rope = config.get("rope_parameters") or {}
+    writer.add_context_length(config.get("max_position_embeddings", 4096))
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+    writer.add_rope_freq_base(config.get("rope_theta", rope.get("rope_theta", ARCHITECTURES[config["model_type"]][1])))
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config["hidden_size"] // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_vocab_size(n_vocab)
+    writer.add_file_type(file_type)
+
+
+def write_gguf(
+    path: Path, weights: dict[str, mx.array], config: dict, tokenizer_dir: Path, gguf_type: str = "f16"
+) -> None:
+    """`weights` in mlx-lm's names (HF's for llama and qwen2), full precision; `tokenizer_dir` holds
+    tokenizer.json and tokenizer_config.json (and tokenizer.model for SentencePiece)."""
+    check_gguf(config, gguf_type)
+    qtype, file_type = GGUF_TYPES[gguf_type]
+    arch = ARCHITECTURES[config["model_type"]][0]
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(config.get("_name_or_path") or Path(path).parent.name)
+    n_vocab = add_vocab(writer, Path(tokenizer_dir), config.get("vocab_size", 0))
+    add_hparams(writer, config, n_vocab, file_type)
+    add_tensors(writer, weights, config, qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
