@@ -1,0 +1,232 @@
+"""GGUF export, checked in llama.cpp itself (llama-cpp-python): the file loads, and its token ids,
+logits and greedy continuation are those of our model and the Hugging Face tokenizer."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import make_hf_model, mlx_logits, random_adapter
+from typer.testing import CliRunner
+
+from mlx_lora.cli import app
+from mlx_lora.config import LoRAConfig
+from mlx_lora.errors import UserError
+from mlx_lora.formats.gguf import GGUF_FILE, write_gguf
+from mlx_lora.model.base import load_base
+
+llama_cpp = pytest.importorskip("llama_cpp")
+CFG = LoRAConfig(targets="all-linear", num_layers=2, rank=4, alpha=8)
+# The shipped tokenizer knows ASCII only (no byte fallback); unicode is tested on SmolLM2's below.
+ASCII_PROMPTS = {
+    "plain": "Q: What is 3 + 4?\nA: 7",
+    "code": "def f(x):\n    return {x: [x * 2]}  # ok\n",
+    "numbers": "In 2024, 1234567 people paid $3.14 each.",
+}
+PROMPTS = ASCII_PROMPTS | {
+    "unicode": "Grüße aus Köln: naïve café, 日本語, emoji 😀 and “quotes”.",
+    "spaces": "  two  spaces\n\n\ttab and\r\nCRLF   ",
+}
+# Largest |llama.cpp - MLX| logit, relative to max(1, |logits|), per GGUF weight type. f32: the same
+# arithmetic in another order (measured ~1e-6). f16 rounds weights and, in ggml's f16 matmul, the
+# activations to 11 bits (2^-11 ~ 5e-4 each, over 4 layers measured ~2e-3); bf16 keeps 8 bits (2^-8,
+# measured ~2e-2); q8_0 rounds weights and activations to 8-bit blocks (measured ~4e-2).
+TOLERANCE = {"f32": 1e-4, "f16": 1e-2, "bf16": 5e-2, "q8_0": 1e-1}
+
+
+def _run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _llama(path, **kw):
+    # The KV cache in f32 too: llama.cpp's default f16 cache would round K and V.
+    f32 = llama_cpp.GGML_TYPE_F32
+    return llama_cpp.Llama(
+        model_path=str(path), logits_all=True, n_ctx=256, verbose=False, type_k=f32, type_v=f32, **kw
+    )
+
+
+def cpp_logits(llm, tokens) -> np.ndarray:
+    llm.reset()
+    llm.eval(tokens)
+    return np.array(llm.scores[: len(tokens)])  # (T, V)
+
+
+def _greedy(logits_of, tokens, n=8) -> list[int]:
+    tokens = list(tokens)
+    for _ in range(n):
+        tokens.append(int(np.argmax(logits_of(tokens)[-1])))
+    return tokens
+
+
+def _export(model_dir, tmp_path, *flags):
+    random_adapter(model_dir, tmp_path / "adapter", CFG)
+    result = _run(
+        "fuse", "--adapter-path", tmp_path / "adapter", "--save-path", tmp_path / "fused", "--export-gguf", *flags
+    )
+    assert result.exit_code == 0, result.output
+    return tmp_path / "fused" / GGUF_FILE
+
+
+def _field(reader, key):
+    from gguf import GGUFValueType
+
+    field = reader.fields[key]
+    return field.contents(), field.types[-1] if field.types[0] == GGUFValueType.ARRAY else field.types[0]
+
+
+def _tensor_types(path) -> dict[str, str]:
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_model_in_llama_cpp_gives_our_tokens_logits_and_greedy_text(hf_models, arch, tmp_path):
+    from gguf import GGUFReader, GGUFValueType
+
+    path = _export(hf_models[arch], tmp_path, "--gguf-type", "f32")
+    fused = load_base(str(tmp_path / "fused"))
+    llm = _llama(path)
+    for name, text in ASCII_PROMPTS.items():
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == fused.tokenizer.encode(text), name
+    tokens = fused.tokenizer.encode(ASCII_PROMPTS["plain"])
+    ours = mlx_logits(fused.model, tokens)
+    diff = np.abs(cpp_logits(llm, tokens) - ours).max()
+    assert diff <= TOLERANCE["f32"] * max(1.0, np.abs(ours).max()), diff
+    assert _greedy(lambda t: cpp_logits(llm, t), tokens) == _greedy(lambda t: mlx_logits(fused.model, t), tokens)
+    llm.close()
+    reader = GGUFReader(path)
+    assert _field(reader, "tokenizer.ggml.token_type")[1] == GGUFValueType.INT32  # llama.cpp requires INT32
+    assert (
+        _field(reader, "tokenizer.ggml.bos_token_id")[0] == 1 and _field(reader, "tokenizer.ggml.eos_token_id")[0] == 2
+    )
+    assert _field(reader, "tokenizer.chat_template")[0] == fused.tokenizer.chat_template
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gguf_type", ["f16", "bf16", "q8_0"])
+def test_each_gguf_type_stays_within_its_rounding_and_keeps_norms_f32(llama, gguf_type, tmp_path):
+    path = _export(llama, tmp_path, "--gguf-type", gguf_type)
+    fused = load_base(str(tmp_path / "fused"))
+    tokens = fused.tokenizer.encode(ASCII_PROMPTS["code"])
+    ours = mlx_logits(fused.model, tokens)
+    llm = _llama(path)
+    diff = np.abs(cpp_logits(llm, tokens) - ours).max()
+    llm.close()
+    assert diff <= TOLERANCE[gguf_type] * max(1.0, np.abs(ours).max()), diff
+    types = _tensor_types(path)
+    assert types["blk.0.attn_norm.weight"] == types["output_norm.weight"] == "F32"
+    assert types["blk.0.attn_q.weight"] == types["output.weight"] == gguf_type.upper()
+
+
+@pytest.mark.slow
+def test_bf16_base_exports_f16_that_llama_cpp_evaluates(tmp_path):
+    base = make_hf_model(tmp_path / "bf16", "llama", dtype="bfloat16")
+    path = _export(base, tmp_path)  # default --gguf-type f16
+    fused = load_base(str(tmp_path / "fused"))
+    tokens = fused.tokenizer.encode(ASCII_PROMPTS["plain"])
+    ours = mlx_logits(fused.model, tokens)  # MLX computes in bf16 here: its rounding, not only ours
+    llm = _llama(path)
+    theirs = cpp_logits(llm, tokens)
+    llm.close()
+    assert np.isfinite(theirs).all()
+    assert np.abs(theirs - ours).max() <= TOLERANCE["bf16"] * max(1.0, np.abs(ours).max())
+    types = _tensor_types(path)
+    assert types["blk.0.ffn_norm.weight"] == "F32" and types["blk.0.ffn_up.weight"] == "F16"
+
+
+@pytest.mark.slow
+def test_qlora_base_is_dequantized_before_export(llama, tmp_path):
+    from mlx_lm import convert
+
+    convert(str(llama), str(tmp_path / "q4"), quantize=True, q_bits=4, q_group_size=32)
+    path = _export(tmp_path / "q4", tmp_path, "--gguf-type", "f32")
+    fused = load_base(str(tmp_path / "fused"))
+    assert "quantization" not in fused.config
+    tokens = fused.tokenizer.encode(ASCII_PROMPTS["numbers"])
+    ours = mlx_logits(fused.model, tokens)
+    llm = _llama(path)
+    diff = np.abs(cpp_logits(llm, tokens) - ours).max()
+    llm.close()
+    assert diff <= TOLERANCE["f32"] * max(1.0, np.abs(ours).max()), diff
+    assert set(_tensor_types(path).values()) == {"F32"}
+
+
+# SmolLM2's own tokenizer as transformers builds it from the GGUF (GPT-2 ByteLevel split), and the
+# same vocabulary and merges under the other pre-tokenizers llama.cpp knows by name.
+DIGITS = {"type": "Digits", "individual_digits": True}
+BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+PRE_TOKENIZERS = {
+    "gpt-2": None,
+    "smollm": {"type": "Sequence", "pretokenizers": [DIGITS, BYTE_LEVEL]},
+    "llama-bpe": "LLAMA3_REGEX",
+    "qwen2": "QWEN2_REGEX",
+}
+
+
+def _with_pre_tokenizer(src, dst, pre):
+    from mlx_lora.formats import gguf_vocab
+
+    shutil.copytree(src, dst)
+    tok = json.loads((src / "tokenizer.json").read_text())
+    if isinstance(pre, str):
+        split = {
+            "type": "Split",
+            "pattern": {"Regex": getattr(gguf_vocab, pre)},
+            "behavior": "Isolated",
+            "invert": False,
+        }
+        pre = {"type": "Sequence", "pretokenizers": [split, BYTE_LEVEL | {"use_regex": False}]}
+    tok["pre_tokenizer"] = pre or tok["pre_tokenizer"]
+    (dst / "tokenizer.json").write_text(json.dumps(tok))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def smollm2_shaped(smollm2_tokenizer, tmp_path_factory):
+    """A random llama with SmolLM2's tokenizer, loaded."""
+    return load_base(
+        str(make_hf_model(tmp_path_factory.mktemp("smol") / "llama", "llama", tokenizer=smollm2_tokenizer))
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pre", PRE_TOKENIZERS)
+def test_byte_level_bpe_gives_the_hugging_face_ids_in_llama_cpp(smollm2_shaped, pre, tmp_path):
+    from gguf import GGUFReader
+    from mlx.utils import tree_flatten
+    from tokenizers import Tokenizer
+
+    tok_dir = _with_pre_tokenizer(smollm2_shaped.path, tmp_path / "tok", PRE_TOKENIZERS[pre])
+    path = tmp_path / GGUF_FILE
+    write_gguf(path, dict(tree_flatten(smollm2_shaped.model.parameters())), smollm2_shaped.config, tok_dir, "f16")
+    assert _field(GGUFReader(path), "tokenizer.ggml.pre")[0] == pre
+    assert _field(GGUFReader(path), "tokenizer.ggml.model")[0] == "gpt2"
+    hf = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    for name, text in PROMPTS.items():
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == hf.encode(text).ids, name
+    llm.close()
+    template = (smollm2_shaped.path / "chat_template.jinja").read_text()
+    assert _field(GGUFReader(path), "tokenizer.chat_template")[0] == template
+
+
+def test_unknown_pre_tokenizer_is_refused_in_one_line(smollm2_shaped, tmp_path):
+    from mlx.utils import tree_flatten
+
+    tok_dir = _with_pre_tokenizer(smollm2_shaped.path, tmp_path / "tok", {"type": "Whitespace"})
+    with pytest.raises(UserError, match="knows the pre-tokenizers .* not this one"):
+        write_gguf(
+            tmp_path / GGUF_FILE, dict(tree_flatten(smollm2_shaped.model.parameters())), smollm2_shaped.config, tok_dir
+        )
+
+
+def test_unsupported_architecture_or_type_is_refused_before_anything_is_written(hf_models, tmp_path):
+    random_adapter(hf_models["phi3"], tmp_path / "ours", CFG)
+    result = _run("fuse", "--adapter-path", tmp_path / "ours", "--save-path", tmp_path / "fused", "--export-gguf")
+    assert result.exit_code == 2 and "GGUF export supports llama, qwen2 models, not phi3" in result.output
+    result = _run("fuse", "--adapter-path", tmp_path / "ours", "--save-path", tmp_path / "fused", "--gguf-type", "q4")
+    assert result.exit_code == 2 and "--gguf-type must be one of f32, f16, bf16, q8_0, got 'q4'" in result.output
+    assert not (tmp_path / "fused").exists()
