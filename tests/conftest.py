@@ -46,7 +46,7 @@ def make_hf_model(
 
     directory.mkdir(parents=True, exist_ok=True)
     for f in tokenizer.iterdir():
-        if f.name in TOKENIZER_FILES or f.name == "chat_template.jinja":
+        if f.name in TOKENIZER_FILES or f.name in ("chat_template.jinja", "tokenizer.model"):
             shutil.copy(f, directory / f.name)
     vocab = len(json.loads((directory / "tokenizer.json").read_text())["model"]["vocab"])
     vocab += len(json.loads((directory / "tokenizer.json").read_text()).get("added_tokens", []))

@@ -27,7 +27,7 @@ FINGERPRINT_KEYS = (
     "head_dim",
     "vocab_size",
 )
-EXTRA_FILES = ("generation_config.json", "*.py", "*.jinja")
+EXTRA_FILES = ("generation_config.json", "*.py", "*.jinja", "tokenizer.model")  # tokenizer.model: SentencePiece scores
 
 
 @dataclass

@@ -3,6 +3,7 @@ logits and greedy continuation are those of our model and the Hugging Face token
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -211,6 +212,54 @@ def test_byte_level_bpe_gives_the_hugging_face_ids_in_llama_cpp(smollm2_shaped, 
     llm.close()
     template = (smollm2_shaped.path / "chat_template.jinja").read_text()
     assert _field(GGUFReader(path), "tokenizer.chat_template")[0] == template
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_shaped(tmp_path_factory):
+    """A random llama with a SentencePiece BPE tokenizer (byte fallback) trained here on README.md,
+    as tokenizer.model and as the tokenizer.json transformers makes of it."""
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("spm")
+    (root / "corpus.txt").write_text((Path(__file__).parents[2] / "README.md").read_text() + PROMPTS["unicode"])
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(root / "corpus.txt"), model_prefix=str(root / "sp"), vocab_size=1000, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,  # as Llama 2
+    )  # fmt: skip
+    (root / "src").mkdir()
+    shutil.copy(root / "sp.model", root / "src" / "tokenizer.model")
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}
+    (root / "src" / "tokenizer_config.json").write_text(json.dumps(special))
+    AutoTokenizer.from_pretrained(root / "src").save_pretrained(root / "tok")
+    shutil.copy(root / "sp.model", root / "tok" / "tokenizer.model")
+    return load_base(str(make_hf_model(root / "llama", "llama", tokenizer=root / "tok")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scores", ["tokenizer.model", "merge order"])
+def test_sentencepiece_gives_the_same_ids_in_llama_cpp(sentencepiece_shaped, scores, tmp_path):
+    import sentencepiece
+    from gguf import GGUFReader
+    from mlx.utils import tree_flatten
+    from tokenizers import Tokenizer
+
+    tok_dir = shutil.copytree(sentencepiece_shaped.path, tmp_path / "tok")
+    if scores == "merge order":
+        (tok_dir / "tokenizer.model").unlink()
+    path = tmp_path / GGUF_FILE
+    weights = dict(tree_flatten(sentencepiece_shaped.model.parameters()))
+    write_gguf(path, weights, sentencepiece_shaped.config, tok_dir, "f16")
+    assert _field(GGUFReader(path), "tokenizer.ggml.model")[0] == "llama"
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(sentencepiece_shaped.path / "tokenizer.model"))
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    hf = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    for name, text in PROMPTS.items():
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == [1] + sp.encode(text), name
+        if name != "spaces":  # transformers' copy of the tokenizer splits leading double spaces otherwise
+            assert hf.encode(text).ids == [1] + sp.encode(text), name
+    llm.close()
 
 
 def test_unknown_pre_tokenizer_is_refused_in_one_line(smollm2_shaped, tmp_path):
