@@ -8,21 +8,12 @@ from pathlib import Path
 import gguf
 
 from mlx_lora.errors import UserError
+from mlx_lora.model.gguf import PRE_TOKENIZERS, pre_signature
 
 TOKEN = gguf.TokenType
-# The Split regexes of tokenizer.json pre-tokenizers -> llama.cpp's name for the same split.
-LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-QWEN2_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-SPLIT_PRE = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
 # llama.cpp refuses a gpt2 vocabulary without merges. Symbols start as single characters and only
 # merges make longer ones, so a merge of two multi-character strings never fires.
 NO_MERGE = "<no-merge> <no-merge>"
-KNOWN_PRE = "GPT-2 ByteLevel (gpt-2), Digits+ByteLevel (smollm), Llama-3 (llama-bpe), Qwen2 (qwen2)"
 
 
 def read_json(path: Path) -> dict:
@@ -45,22 +36,13 @@ def _is_byte_level(tok: dict) -> bool:
 def pre_name(tok: dict, path: Path) -> str:
     """llama.cpp splits text with its own copy of each known regex before BPE; name the one that
     equals this tokenizer's, or refuse, since any other split gives other token ids."""
-    steps = _steps(tok.get("pre_tokenizer"))
-    kinds = [s.get("type") for s in steps]
-    last = steps[-1] if steps else {}
-    if last.get("type") == "ByteLevel" and last.get("add_prefix_space", False):
-        kinds = ["ByteLevel with add_prefix_space"]
-    if kinds == ["ByteLevel"] and last.get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and last.get("use_regex", True):
-        return "smollm"
-    if kinds == ["Split", "ByteLevel"] and not last.get("use_regex", True):
-        regex = (steps[0].get("pattern") or {}).get("Regex")
-        if regex in SPLIT_PRE:
-            return SPLIT_PRE[regex]
+    signature = pre_signature(tok.get("pre_tokenizer"))
+    for name, pre in PRE_TOKENIZERS.items():
+        if pre_signature(pre) == signature:
+            return name
     raise UserError(
-        f"{path}: --export-gguf knows the pre-tokenizers {KNOWN_PRE}, not this one ({kinds}); "
-        "run llama.cpp's convert_hf_to_gguf.py on the fused directory"
+        f"{path}: --export-gguf knows the pre-tokenizers {', '.join(PRE_TOKENIZERS)} (llama.cpp's names), "
+        f"not this one ({[s[0] for s in signature]}); run llama.cpp's convert_hf_to_gguf.py on the fused directory"
     )
 
 

@@ -15,6 +15,7 @@ from mlx_lora.config import LoRAConfig
 from mlx_lora.errors import UserError
 from mlx_lora.formats.gguf import GGUF_FILE, write_gguf
 from mlx_lora.model.base import load_base
+from mlx_lora.model.gguf import PRE_TOKENIZERS
 
 llama_cpp = pytest.importorskip("llama_cpp")
 CFG = LoRAConfig(targets="all-linear", num_layers=2, rank=4, alpha=8)
@@ -155,32 +156,10 @@ def test_qlora_base_is_dequantized_before_export(llama, tmp_path):
     assert set(_tensor_types(path).values()) == {"F32"}
 
 
-# SmolLM2's own tokenizer as transformers builds it from the GGUF (GPT-2 ByteLevel split), and the
-# same vocabulary and merges under the other pre-tokenizers llama.cpp knows by name.
-DIGITS = {"type": "Digits", "individual_digits": True}
-BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-PRE_TOKENIZERS = {
-    "gpt-2": None,
-    "smollm": {"type": "Sequence", "pretokenizers": [DIGITS, BYTE_LEVEL]},
-    "llama-bpe": "LLAMA3_REGEX",
-    "qwen2": "QWEN2_REGEX",
-}
-
-
 def _with_pre_tokenizer(src, dst, pre):
-    from mlx_lora.formats import gguf_vocab
-
     shutil.copytree(src, dst)
     tok = json.loads((src / "tokenizer.json").read_text())
-    if isinstance(pre, str):
-        split = {
-            "type": "Split",
-            "pattern": {"Regex": getattr(gguf_vocab, pre)},
-            "behavior": "Isolated",
-            "invert": False,
-        }
-        pre = {"type": "Sequence", "pretokenizers": [split, BYTE_LEVEL | {"use_regex": False}]}
-    tok["pre_tokenizer"] = pre or tok["pre_tokenizer"]
+    tok["pre_tokenizer"] = pre
     (dst / "tokenizer.json").write_text(json.dumps(tok))
     return dst
 
@@ -194,7 +173,7 @@ def smollm2_shaped(smollm2_tokenizer, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pre", PRE_TOKENIZERS)
+@pytest.mark.parametrize("pre", PRE_TOKENIZERS)  # SmolLM2's vocabulary and merges under each split
 def test_byte_level_bpe_gives_the_hugging_face_ids_in_llama_cpp(smollm2_shaped, pre, tmp_path):
     from gguf import GGUFReader
     from mlx.utils import tree_flatten
@@ -266,7 +245,7 @@ def test_unknown_pre_tokenizer_is_refused_in_one_line(smollm2_shaped, tmp_path):
     from mlx.utils import tree_flatten
 
     tok_dir = _with_pre_tokenizer(smollm2_shaped.path, tmp_path / "tok", {"type": "Whitespace"})
-    with pytest.raises(UserError, match="knows the pre-tokenizers .* not this one"):
+    with pytest.raises(UserError, match="knows the pre-tokenizers gpt-2, smollm, llama-bpe, qwen2 .* not this one"):
         write_gguf(
             tmp_path / GGUF_FILE, dict(tree_flatten(smollm2_shaped.model.parameters())), smollm2_shaped.config, tok_dir
         )
