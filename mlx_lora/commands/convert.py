@@ -8,14 +8,28 @@ from mlx_lm.utils import load_model
 from mlx_lora.atomic import replace_dir
 from mlx_lora.config import ConvertConfig
 from mlx_lora.errors import UserError
+from mlx_lora.formats.gguf import GGUF_ADAPTER_FILE, write_gguf_adapter
 from mlx_lora.formats.loader import check_base, read_adapter
 from mlx_lora.formats.mlxlm import write_mlxlm
 from mlx_lora.formats.native import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_json, write_adapter
 from mlx_lora.formats.peft import PEFT_CONFIG, PEFT_WEIGHTS, checkpoint_names, hub_id, write_peft
 from mlx_lora.model.base import fingerprint, resolve_model
+from mlx_lora.model.gguf import GGUF_SUFFIX, read_gguf_config
 
 # What a previous conversion leaves; OUT_DIR holding anything else is not ours to replace.
-ADAPTER_FILES = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS}
+ADAPTER_FILES = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, GGUF_ADAPTER_FILE}
+
+
+def _base(name: str, to: str) -> tuple[Path, dict]:
+    """The base's directory and config; a GGUF base gives its config from its metadata."""
+    if name.endswith(GGUF_SUFFIX):
+        if to in ("peft", "mlx-lm"):
+            raise UserError(
+                f"--to {to} needs the Hugging Face base the adapter fits, not the GGUF {name}; pass --model"
+            )
+        return Path(name), read_gguf_config(Path(name))
+    base_dir = resolve_model(name)
+    return base_dir, read_json(base_dir / "config.json")
 
 
 def convert(cfg: ConvertConfig, log=print) -> Path:
@@ -27,8 +41,7 @@ def convert(cfg: ConvertConfig, log=print) -> Path:
     config, weights = read_adapter(src)
     if not (cfg.model or config.base_model):
         raise UserError(f"{src}: the adapter names no base model; pass --model")
-    base_dir = resolve_model(cfg.model or config.base_model)
-    base_config = read_json(base_dir / "config.json")
+    base_dir, base_config = _base(cfg.model or config.base_model, cfg.to)
     check_base(config, base_config, str(base_dir), src)
     config = replace(config, base_fingerprint=fingerprint(base_config))  # foreign formats record none
     with replace_dir(out) as tmp:
@@ -40,6 +53,9 @@ def convert(cfg: ConvertConfig, log=print) -> Path:
                 cfg.base_model_id or hub_id(base_dir, config.base_model),
                 checkpoint_names(base_dir),
             )
+        elif cfg.to == "gguf":
+            scales = {m: config.lora.scale_of(m) for m in config.modules}
+            write_gguf_adapter(tmp / GGUF_ADAPTER_FILE, config.modules, weights, scales, base_config)
         elif cfg.to == "mlx-lm":
             num_blocks = len(load_model(base_dir, lazy=True)[0].layers)
             write_mlxlm(tmp, config, weights, num_blocks, cfg.base_model_id or config.base_model)

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from mlx_lora.config.fields import arg, opt
 
-CONVERT_FORMATS = ("peft", "mlx", "mlx-lm")
+CONVERT_FORMATS = ("peft", "mlx", "mlx-lm", "gguf")
 EVAL_TASKS = ("auto", "exact-match", "loss")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -46,7 +46,11 @@ class FuseConfig:
 class ConvertConfig:
     adapter_dir: str | None = arg("Adapter directory to read: mlx-lora, PEFT or mlx_lm.lora format.")
     out_dir: str | None = arg("Directory to write (created, or replaced once complete).")
-    to: str = opt("peft", "Format to write: peft (Hugging Face PEFT), mlx (mlx-lora's own) or mlx-lm (mlx_lm.lora's).")
+    to: str = opt(
+        "peft",
+        "Format to write: peft (Hugging Face PEFT), mlx (mlx-lora's own), mlx-lm (mlx_lm.lora's) or gguf "
+        "(llama.cpp's LoRA adapter, OUT_DIR/adapter.gguf; llama and qwen2 bases).",
+    )
     model: str | None = opt(None, "Base model the adapter belongs to (default: the one the adapter names).")
     base_model_id: str | None = opt(
         None, "Base model id to record in the output, e.g. the Hugging Face id for PEFT (default: the adapter's base)."

@@ -10,8 +10,10 @@ import numpy as np
 
 from mlx_lora.errors import UserError
 from mlx_lora.formats.gguf_vocab import add_vocab
+from mlx_lora.model.lora import MAGNITUDE
 
 GGUF_FILE = "model.gguf"
+GGUF_ADAPTER_FILE = "adapter.gguf"
 QTYPE = gguf.GGMLQuantizationType
 # --gguf-type -> (tensor type of the 2-D weights, general.file_type)
 GGUF_TYPES = {
@@ -24,19 +26,20 @@ GGUF_TYPES = {
 ARCHITECTURES = {"llama": (gguf.MODEL_ARCH.LLAMA, 10000.0), "qwen2": (gguf.MODEL_ARCH.QWEN2, 1000000.0)}
 
 
-def check_gguf(config: dict[str, Any], gguf_type: str) -> None:
+def check_gguf(config: dict[str, Any], gguf_type: str, flag: str = "--export-gguf") -> None:
     """Before any work: can we write this model as GGUF? One line naming what is supported."""
     model_type = config.get("model_type")
+    instead = (
+        "fuse without --export-gguf and run llama.cpp's convert_hf_to_gguf.py on the fused directory"
+        if flag == "--export-gguf"
+        else "convert --to peft and run llama.cpp's convert_lora_to_gguf.py on it"
+    )
     if model_type not in ARCHITECTURES:
-        raise UserError(
-            f"--export-gguf: GGUF export supports {', '.join(ARCHITECTURES)} models, not {model_type}; "
-            "fuse without --export-gguf and run llama.cpp's convert_hf_to_gguf.py on the fused directory"
-        )
+        raise UserError(f"{flag}: GGUF export supports {', '.join(ARCHITECTURES)} models, not {model_type}; {instead}")
     rope = config.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise UserError(
-            f"--export-gguf: rope scaling '{rope.get('rope_type', rope.get('type'))}' is not written yet; "
-            "fuse without --export-gguf and run llama.cpp's convert_hf_to_gguf.py on the fused directory"
+            f"{flag}: rope scaling '{rope.get('rope_type', rope.get('type'))}' is not written yet; {instead}"
         )
     if gguf_type not in GGUF_TYPES:
         raise UserError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got '{gguf_type}'")
@@ -114,6 +117,42 @@ def write_gguf(
     n_vocab = add_vocab(writer, Path(tokenizer_dir), config.get("vocab_size", 0))
     add_hparams(writer, config, n_vocab, file_type)
     add_tensors(writer, weights, config, qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def write_gguf_adapter(path: Path, modules: list[str], weights: dict[str, mx.array], scales: dict[str, float],
+                       base_config: dict) -> None:  # fmt: skip
+    """A LoRA adapter in llama.cpp's GGUF form (convert_lora_to_gguf.py's): `<base tensor>.lora_a`
+    (r, in) and `.lora_b` (out, r) in float32, q/k's B rows permuted like the base weights.
+    llama.cpp scales B·A by alpha / r with one alpha per file; ours can differ per module (rsLoRA,
+    rank and alpha patterns, OLoRA/PiSSA's 2r), so each module's scale goes into its B and the file
+    says alpha 0, which llama.cpp reads as "apply B·A as it is"."""
+    check_gguf(base_config, "f32", "--to gguf")
+    if any(k.endswith(f".{MAGNITUDE}") for k in weights):
+        raise UserError("--to gguf: llama.cpp's LoRA adapters have no DoRA magnitude; fuse and --export-gguf instead")
+    arch = ARCHITECTURES[base_config["model_type"]][0]
+    names = gguf.get_tensor_name_map(arch, base_config["num_hidden_layers"])
+    heads = base_config["num_attention_heads"]
+    kv_heads = base_config.get("num_key_value_heads") or heads
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)
+    for module in modules:
+        name = names.get_name(f"{module}.weight", try_suffixes=(".weight",))
+        if name is None:
+            raise UserError(f"--to gguf: llama.cpp has no tensor for {module}; only linear layers of the blocks")
+        a = np.array(weights[f"{module}.lora_a"].astype(mx.float32)).T  # (r, in)
+        b = np.array((weights[f"{module}.lora_b"] * scales[module]).astype(mx.float32)).T  # (out, r)
+        if arch == gguf.MODEL_ARCH.LLAMA and module.endswith("q_proj"):
+            b = permute(b, heads)
+        elif arch == gguf.MODEL_ARCH.LLAMA and module.endswith("k_proj"):
+            b = permute(b, kv_heads)
+        writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a))
+        writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -95,13 +95,14 @@ def gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], path: Path) 
         "intermediate_size": key("feed_forward_length"),
         "num_attention_heads": heads,
         "num_key_value_heads": key("attention.head_count_kv", heads),
-        "head_dim": head_dim,
         "rms_norm_eps": float(f"{key('attention.layer_norm_rms_epsilon'):.6g}"),  # stored as float32
         "rope_theta": float(key("rope.freq_base", 10000.0 if arch == "llama" else 1000000.0)),
         "max_position_embeddings": key("context_length"),
         "vocab_size": len(meta["tokenizer.ggml.tokens"]),
         "tie_word_embeddings": "output.weight" not in weights,
     }
+    if head_dim != config["hidden_size"] // heads:  # only then, so the fingerprint equals the HF config's
+        config["head_dim"] = head_dim
     for name in ("bos", "eos", "padding"):
         if f"tokenizer.ggml.{name}_token_id" in meta:
             config[f"{name.replace('padding', 'pad')}_token_id"] = _value(meta[f"tokenizer.ggml.{name}_token_id"])
@@ -179,13 +180,21 @@ def load_gguf_tokenizer(path: Path, pre: str | None, eos_token_ids: Any) -> Toke
         return load_tokenizer(Path(tmp), eos_token_ids=eos_token_ids)
 
 
+def read_gguf(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
+    try:
+        return mx.load(str(path), return_metadata=True)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"--model {path}: MLX cannot read this GGUF ({e}); MLX reads F32/F16/Q4_0/Q4_1/Q8_0") from None
+
+
+def read_gguf_config(path: Path) -> dict[str, Any]:
+    return gguf_config(*reversed(read_gguf(path)), path)
+
+
 def load_gguf(path: Path) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any]]:
     from mlx_lm.utils import _get_classes
 
-    try:
-        raw, meta = mx.load(str(path), return_metadata=True)
-    except (RuntimeError, ValueError) as e:
-        raise UserError(f"--model {path}: MLX cannot read this GGUF ({e}); MLX reads F32/F16/Q4_0/Q4_1/Q8_0") from None
+    raw, meta = read_gguf(path)
     config = gguf_config(meta, raw, path)
     weights = hf_weights(raw, config)
     model_class, args_class = _get_classes(config)

@@ -38,7 +38,7 @@ def test_convert_command_writes_each_format(llama, tmp_path):
 def test_convert_refuses_bad_input_without_writing(llama, tmp_path):
     random_adapter(llama, tmp_path / "ours", CFG)
     result = _run("convert", "--to", "onnx", tmp_path / "ours", tmp_path / "out")
-    assert result.exit_code == 2 and "--to must be one of peft, mlx, mlx-lm, got 'onnx'" in result.output
+    assert result.exit_code == 2 and "--to must be one of peft, mlx, mlx-lm, gguf, got 'onnx'" in result.output
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     result = _run("convert", tmp_path / "ours", tmp_path / "busy")

@@ -258,3 +258,31 @@ def test_unsupported_architecture_or_type_is_refused_before_anything_is_written(
     result = _run("fuse", "--adapter-path", tmp_path / "ours", "--save-path", tmp_path / "fused", "--gguf-type", "q4")
     assert result.exit_code == 2 and "--gguf-type must be one of f32, f16, bf16, q8_0, got 'q4'" in result.output
     assert not (tmp_path / "fused").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_adapter_gguf_on_the_base_gguf_gives_our_adapter_logits_in_llama_cpp(hf_models, arch, tmp_path):
+    from mlx.utils import tree_flatten
+
+    base = load_base(str(hf_models[arch]))
+    write_gguf(tmp_path / "base.gguf", dict(tree_flatten(base.model.parameters())), base.config, base.path, "f32")
+    # rsLoRA and a per-module rank: scales llama.cpp's one alpha cannot express, folded into B
+    cfg = LoRAConfig(targets="all-linear", num_layers=2, rank=4, alpha=8, rslora=True, rank_pattern="v_proj=2")
+    ours = random_adapter(hf_models[arch], tmp_path / "adapter", cfg)
+    result = _run("convert", "--to", "gguf", tmp_path / "adapter", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    tokens = ours.tokenizer.encode(ASCII_PROMPTS["plain"])
+    expected, plain = mlx_logits(ours.model, tokens), mlx_logits(base.model, tokens)
+    llm = _llama(tmp_path / "base.gguf", lora_path=str(tmp_path / "out" / "adapter.gguf"))
+    diff = np.abs(cpp_logits(llm, tokens) - expected).max()
+    llm.close()
+    assert np.abs(expected - plain).max() > 0.5  # the adapter changes the logits visibly
+    assert diff <= TOLERANCE["f32"] * max(1.0, np.abs(expected).max()), diff
+
+
+def test_dora_adapter_has_no_gguf_form(llama, tmp_path):
+    random_adapter(llama, tmp_path / "adapter", LoRAConfig(targets="q_proj", num_layers=1, rank=2, dora=True))
+    result = _run("convert", "--to", "gguf", tmp_path / "adapter", tmp_path / "out")
+    assert result.exit_code == 2 and "llama.cpp's LoRA adapters have no DoRA magnitude" in result.output
+    assert not (tmp_path / "out").exists()
