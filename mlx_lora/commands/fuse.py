@@ -87,7 +87,8 @@ def fuse(cfg: FuseConfig, log=print) -> FuseResult:
         else:
             kept = None
         if cfg.export_gguf:
-            write_gguf(tmp / GGUF_FILE, dict(tree_flatten(base.model.parameters())), config, tmp, cfg.gguf_type)
+            weights = dict(tree_flatten(base.model.parameters()))
+            write_gguf(tmp / GGUF_FILE, weights, config, tmp, cfg.gguf_type, Path(cfg.save_path).name)
             log(f"wrote {GGUF_FILE} ({cfg.gguf_type}) for llama.cpp")
     log(f"fused model saved to {cfg.save_path}")
     return FuseResult(Path(cfg.save_path), diff, kept)

@@ -16,7 +16,7 @@ GGUF_FILE = "model.gguf"
 GGUF_ADAPTER_FILE = "adapter.gguf"
 QTYPE = gguf.GGMLQuantizationType
 # --gguf-type -> (tensor type of the 2-D weights, general.file_type)
-GGUF_TYPES = {
+WEIGHT_TYPES = {
     "f32": (QTYPE.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (QTYPE.F16, gguf.LlamaFileType.MOSTLY_F16),
     "bf16": (QTYPE.BF16, gguf.LlamaFileType.MOSTLY_BF16),
@@ -41,8 +41,8 @@ def check_gguf(config: dict[str, Any], gguf_type: str, flag: str = "--export-ggu
         raise UserError(
             f"{flag}: rope scaling '{rope.get('rope_type', rope.get('type'))}' is not written yet; {instead}"
         )
-    if gguf_type not in GGUF_TYPES:
-        raise UserError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got '{gguf_type}'")
+    if gguf_type not in WEIGHT_TYPES:
+        raise UserError(f"--gguf-type must be one of {', '.join(WEIGHT_TYPES)}, got '{gguf_type}'")
 
 
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -104,16 +104,21 @@ def add_hparams(writer: gguf.GGUFWriter, config: dict, n_vocab: int, file_type: 
 
 
 def write_gguf(
-    path: Path, weights: dict[str, mx.array], config: dict, tokenizer_dir: Path, gguf_type: str = "f16"
+    path: Path,
+    weights: dict[str, mx.array],
+    config: dict,
+    tokenizer_dir: Path,
+    gguf_type: str = "f16",
+    name: str | None = None,
 ) -> None:
     """`weights` in mlx-lm's names (HF's for llama and qwen2), full precision; `tokenizer_dir` holds
     tokenizer.json and tokenizer_config.json (and tokenizer.model for SentencePiece)."""
     check_gguf(config, gguf_type)
-    qtype, file_type = GGUF_TYPES[gguf_type]
+    qtype, file_type = WEIGHT_TYPES[gguf_type]
     arch = ARCHITECTURES[config["model_type"]][0]
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(config.get("_name_or_path") or Path(path).parent.name)
+    writer.add_name(name or Path(path).stem)
     n_vocab = add_vocab(writer, Path(tokenizer_dir), config.get("vocab_size", 0))
     add_hparams(writer, config, n_vocab, file_type)
     add_tensors(writer, weights, config, qtype)
@@ -123,8 +128,9 @@ def write_gguf(
     writer.close()
 
 
-def write_gguf_adapter(path: Path, modules: list[str], weights: dict[str, mx.array], scales: dict[str, float],
-                       base_config: dict) -> None:  # fmt: skip
+def write_gguf_adapter(
+    path: Path, modules: list[str], weights: dict[str, mx.array], scales: dict[str, float], base_config: dict
+) -> None:
     """A LoRA adapter in llama.cpp's GGUF form (convert_lora_to_gguf.py's): `<base tensor>.lora_a`
     (r, in) and `.lora_b` (out, r) in float32, q/k's B rows permuted like the base weights.
     llama.cpp scales B·A by alpha / r with one alpha per file; ours can differ per module (rsLoRA,
