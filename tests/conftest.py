@@ -22,7 +22,7 @@ SMALL = dict(
 
 
 def _configs(vocab_size: int):
-    from transformers import GemmaConfig, LlamaConfig, Phi3Config, Qwen2Config
+    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(SMALL, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return {
@@ -30,6 +30,9 @@ def _configs(vocab_size: int):
         "qwen2": Qwen2Config(**common, tie_word_embeddings=True),
         "phi3": Phi3Config(**common, tie_word_embeddings=False),
         "gemma": GemmaConfig(**common, head_dim=16),
+        # not in ARCHS (hf_models): made where a test needs them
+        "mistral": MistralConfig(**common, sliding_window=None, tie_word_embeddings=False),
+        "qwen3": Qwen3Config(**common, head_dim=32, tie_word_embeddings=True),  # head_dim != hidden / heads
     }
 
 

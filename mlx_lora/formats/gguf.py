@@ -23,7 +23,13 @@ WEIGHT_TYPES = {
     "q8_0": (QTYPE.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
 # HF model_type -> llama.cpp architecture, and the rope_theta mlx-lm assumes when config.json has none.
-ARCHITECTURES = {"llama": (gguf.MODEL_ARCH.LLAMA, 10000.0), "qwen2": (gguf.MODEL_ARCH.QWEN2, 1000000.0)}
+# Mistral is llama to llama.cpp (convert_hf_to_gguf.py's MistralModel), q/k permuted alike.
+ARCHITECTURES = {
+    "llama": (gguf.MODEL_ARCH.LLAMA, 10000.0),
+    "mistral": (gguf.MODEL_ARCH.LLAMA, 10000.0),
+    "qwen2": (gguf.MODEL_ARCH.QWEN2, 1000000.0),
+    "qwen3": (gguf.MODEL_ARCH.QWEN3, 1000000.0),
+}
 
 
 def check_gguf(config: dict[str, Any], gguf_type: str, flag: str = "--export-gguf") -> None:
@@ -36,6 +42,8 @@ def check_gguf(config: dict[str, Any], gguf_type: str, flag: str = "--export-ggu
     )
     if model_type not in ARCHITECTURES:
         raise UserError(f"{flag}: GGUF export supports {', '.join(ARCHITECTURES)} models, not {model_type}; {instead}")
+    if config.get("sliding_window") and config.get("use_sliding_window", True) and model_type == "mistral":
+        raise UserError(f"{flag}: llama.cpp's llama has no sliding-window attention (Mistral v0.1); {instead}")
     rope = config.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise UserError(
@@ -111,8 +119,9 @@ def write_gguf(
     gguf_type: str = "f16",
     name: str | None = None,
 ) -> None:
-    """`weights` in mlx-lm's names (HF's for llama and qwen2), full precision; `tokenizer_dir` holds
-    tokenizer.json and tokenizer_config.json (and tokenizer.model for SentencePiece)."""
+    """`weights` in mlx-lm's names (HF's for these architectures), full precision; `tokenizer_dir` holds
+    tokenizer.json and tokenizer_config.json (and tokenizer.model for SentencePiece) as the loaded
+    tokenizer saves them (transformers may change the split on load: Qwen2Tokenizer does)."""
     check_gguf(config, gguf_type)
     qtype, file_type = WEIGHT_TYPES[gguf_type]
     arch = ARCHITECTURES[config["model_type"]][0]

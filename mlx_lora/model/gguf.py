@@ -14,7 +14,8 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lora.errors import UserError
 
 GGUF_SUFFIX = ".gguf"
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+GENERIC = "PreTrainedTokenizerFast"  # transformers' tokenizer class that changes nothing in tokenizer.json
 GROUP_SIZE = 32  # the block size of GGUF's Q4_0, Q4_1 and Q8_0
 # GGUF tensor name (after blk.N.) -> mlx-lm / Hugging Face module name
 LAYER_NAMES = {
@@ -23,6 +24,8 @@ LAYER_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
@@ -177,6 +180,9 @@ def load_gguf_tokenizer(path: Path, pre: str | None, eos_token_ids: Any) -> Toke
             files = json.loads((Path(tmp) / "tokenizer.json").read_text())
             files["pre_tokenizer"] = PRE_TOKENIZERS[pre]
             (Path(tmp) / "tokenizer.json").write_text(json.dumps(files))
+            # the generic class takes tokenizer.json as it is; Qwen2Tokenizer would put Qwen's split back
+            config = json.loads((Path(tmp) / "tokenizer_config.json").read_text())
+            (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(config | {"tokenizer_class": GENERIC}))
         return load_tokenizer(Path(tmp), eos_token_ids=eos_token_ids)
 
 

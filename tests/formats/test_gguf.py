@@ -83,12 +83,19 @@ def _tensor_types(path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
 
 
+@pytest.fixture(scope="module")
+def models(hf_models, tmp_path_factory) -> dict:
+    """The session's test models plus mistral and qwen3 (head_dim 32 != hidden / heads)."""
+    root = tmp_path_factory.mktemp("more-models")
+    return hf_models | {arch: make_hf_model(root / arch, arch) for arch in ("mistral", "qwen3")}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_fused_model_in_llama_cpp_gives_our_tokens_logits_and_greedy_text(hf_models, arch, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
+def test_fused_model_in_llama_cpp_gives_our_tokens_logits_and_greedy_text(models, arch, tmp_path):
     from gguf import GGUFReader, GGUFValueType
 
-    path = _export(hf_models[arch], tmp_path, "--gguf-type", "f32")
+    path = _export(models[arch], tmp_path, "--gguf-type", "f32")
     fused = load_base(str(tmp_path / "fused"))
     llm = _llama(path)
     for name, text in ASCII_PROMPTS.items():
@@ -241,6 +248,25 @@ def test_sentencepiece_gives_the_same_ids_in_llama_cpp(sentencepiece_shaped, sco
     llm.close()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_our_gguf_reads_back_as_the_same_model(smollm2_tokenizer, arch, tmp_path):
+    from mlx.utils import tree_flatten
+
+    ours = load_base(str(make_hf_model(tmp_path / arch, arch, tokenizer=smollm2_tokenizer)))
+    ours.tokenizer.save_pretrained(str(tmp_path / "tok"))  # as fuse does: transformers' Qwen2Tokenizer
+    path = tmp_path / GGUF_FILE  # splits the Qwen way whatever tokenizer.json said, and saves that
+    write_gguf(path, dict(tree_flatten(ours.model.parameters())), ours.config, tmp_path / "tok", "f32")
+    back = load_base(str(path))
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    for name, text in PROMPTS.items():
+        tokens = ours.tokenizer.encode(text)
+        assert back.tokenizer.encode(text) == tokens == llm.tokenize(text.encode(), add_bos=True, special=False), name
+        expected = mlx_logits(ours.model, tokens)
+        assert np.abs(mlx_logits(back.model, tokens) - expected).max() <= 1e-5 * np.abs(expected).max(), name
+    llm.close()
+
+
 def test_unknown_pre_tokenizer_is_refused_in_one_line(smollm2_shaped, tmp_path):
     from mlx.utils import tree_flatten
 
@@ -254,7 +280,9 @@ def test_unknown_pre_tokenizer_is_refused_in_one_line(smollm2_shaped, tmp_path):
 def test_unsupported_architecture_or_type_is_refused_before_anything_is_written(hf_models, tmp_path):
     random_adapter(hf_models["phi3"], tmp_path / "ours", CFG)
     result = _run("fuse", "--adapter-path", tmp_path / "ours", "--save-path", tmp_path / "fused", "--export-gguf")
-    assert result.exit_code == 2 and "GGUF export supports llama, qwen2 models, not phi3" in result.output
+    assert (
+        result.exit_code == 2 and "GGUF export supports llama, mistral, qwen2, qwen3 models, not phi3" in result.output
+    )
     result = _run("fuse", "--adapter-path", tmp_path / "ours", "--save-path", tmp_path / "fused", "--gguf-type", "q4")
     assert result.exit_code == 2 and "--gguf-type must be one of f32, f16, bf16, q8_0, got 'q4'" in result.output
     assert not (tmp_path / "fused").exists()

@@ -119,5 +119,5 @@ def test_missing_or_foreign_gguf_is_a_user_error(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(UserError, match="a GGUF of gpt2; reading GGUF supports llama, qwen2 only"):
+    with pytest.raises(UserError, match="a GGUF of gpt2; reading GGUF supports llama, qwen2, qwen3 only"):
         load_base(str(tmp_path / "gpt2.gguf"))
