@@ -30,7 +30,7 @@ class FuseConfig:
         off="--dequantize",
     )
     export_gguf: bool = opt(
-        False, "Also write <save-path>/model.gguf for llama.cpp and Ollama; llama (SmolLM2 too) and qwen2 models."
+        False, "Also write <save-path>/model.gguf for llama.cpp; llama (SmolLM2 too), mistral, qwen2 and qwen3 models."
     )
     gguf_type: str = opt(
         "f16", "Type of the 2-D weights in model.gguf: f32, f16, bf16 or q8_0 (norms and biases stay f32)."
