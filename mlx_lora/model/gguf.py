@@ -1,0 +1,214 @@
+"""A llama.cpp GGUF file as a base model: weights through mx.load (Q4_0, Q4_1 and Q8_0 arrive as
+MLX-quantized arrays, group size 32, and stay quantized), the config from the file's metadata, the
+tokenizer built by transformers from the same file; llama's q/k rows put back in Hugging Face's order."""
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from mlx_lora.errors import UserError
+
+GGUF_SUFFIX = ".gguf"
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+GENERIC = "PreTrainedTokenizerFast"  # transformers' tokenizer class that changes nothing in tokenizer.json
+GROUP_SIZE = 32  # the block size of GGUF's Q4_0, Q4_1 and Q8_0
+# GGUF tensor name (after blk.N.) -> mlx-lm / Hugging Face module name
+LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# llama.cpp's byte-level BPE pre-tokenizers by their GGUF name (tokenizer.ggml.pre), as the
+# tokenizer.json pre_tokenizer that splits text the same way. The GGUF writer names a tokenizer by
+# this table; the reader puts the split back (transformers' GGUF conversion writes GPT-2's for all).
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_REGEX = LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")  # digits one by one
+BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+
+
+def _split(regex: str) -> dict:
+    return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+
+
+PRE_TOKENIZERS = {
+    "gpt-2": BYTE_LEVEL,
+    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, BYTE_LEVEL]},
+    "llama-bpe": {"type": "Sequence", "pretokenizers": [_split(LLAMA3_REGEX), BYTE_LEVEL | {"use_regex": False}]},
+    "qwen2": {"type": "Sequence", "pretokenizers": [_split(QWEN2_REGEX), BYTE_LEVEL | {"use_regex": False}]},
+}
+
+
+def pre_signature(pre: dict | None) -> tuple:
+    """What decides a pre-tokenizer's split, step by step (trim_offsets and the like do not)."""
+    steps = (pre or {}).get("pretokenizers", []) if (pre or {}).get("type") == "Sequence" else [pre or {}]
+    return tuple(
+        (
+            s.get("type"),
+            (s.get("pattern") or {}).get("Regex"),
+            s.get("behavior"),
+            s.get("individual_digits"),
+            s.get("add_prefix_space"),
+            s.get("use_regex", True) if s.get("type") == "ByteLevel" else None,
+        )
+        for s in steps
+    )
+
+
+def _value(v: Any) -> Any:
+    return v.item() if isinstance(v, mx.array) else v
+
+
+def gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], path: Path) -> dict[str, Any]:
+    """The Hugging Face config.json keys mlx-lm's llama and qwen2 read, from llama.cpp's keys."""
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise UserError(f"--model {path}: a GGUF of {arch}; reading GGUF supports {', '.join(ARCHITECTURES)} only")
+    if any(k.startswith(f"{arch}.rope.scaling") for k in meta) or "rope_freqs.weight" in weights:
+        raise UserError(f"--model {path}: rope scaling in a GGUF is not read yet; use the Hugging Face model")
+
+    def key(name: str, default: Any = None) -> Any:
+        return _value(meta.get(f"{arch}.{name}", default))
+
+    heads = key("attention.head_count")
+    head_dim = key("attention.key_length", key("embedding_length") // heads)
+    if key("rope.dimension_count", head_dim) != head_dim:
+        raise UserError(f"--model {path}: partial rotary embeddings are not read yet; use the Hugging Face model")
+    config = {
+        "model_type": arch,
+        "architectures": [ARCHITECTURES[arch]],
+        "hidden_size": key("embedding_length"),
+        "num_hidden_layers": key("block_count"),
+        "intermediate_size": key("feed_forward_length"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": key("attention.head_count_kv", heads),
+        "rms_norm_eps": float(f"{key('attention.layer_norm_rms_epsilon'):.6g}"),  # stored as float32
+        "rope_theta": float(key("rope.freq_base", 10000.0 if arch == "llama" else 1000000.0)),
+        "max_position_embeddings": key("context_length"),
+        "vocab_size": len(meta["tokenizer.ggml.tokens"]),
+        "tie_word_embeddings": "output.weight" not in weights,
+    }
+    if head_dim != config["hidden_size"] // heads:  # only then, so the fingerprint equals the HF config's
+        config["head_dim"] = head_dim
+    for name in ("bos", "eos", "padding"):
+        if f"tokenizer.ggml.{name}_token_id" in meta:
+            config[f"{name.replace('padding', 'pad')}_token_id"] = _value(meta[f"tokenizer.ggml.{name}_token_id"])
+    return config
+
+
+def hf_name(name: str) -> str:
+    """blk.3.attn_q.scales -> model.layers.3.self_attn.q_proj.scales"""
+    parts = name.split(".")
+    if parts[0] == "blk":
+        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{'.'.join(parts[3:])}"
+    return f"{TOP_NAMES[parts[0]]}.{'.'.join(parts[1:])}"
+
+
+def unpermute(w: mx.array, n_head: int) -> mx.array:
+    """Undo llama.cpp's row interleave of q/k (rows only, so quantized weights, scales and biases alike)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def compute_dtype(weights: dict[str, mx.array]) -> mx.Dtype:
+    """float32 for a quantized file: its scales come as float16, but the norms are float32 and carry
+    the activations to float32 anyway, and de-quantizing (fuse) in float32 loses nothing. Otherwise
+    the dtype of the 2-D weights (an f16 GGUF runs in float16, as its Hugging Face model would)."""
+    if any(name.endswith(".scales") for name in weights):
+        return mx.float32
+    return next((w.dtype for w in weights.values() if w.ndim == 2), mx.float32)
+
+
+def hf_weights(weights: dict[str, mx.array], config: dict) -> dict[str, mx.array]:
+    dtype = compute_dtype(weights)
+    out = {}
+    for name, w in weights.items():
+        w = w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w  # packed uint32 stays
+        key = hf_name(name)
+        if config["model_type"] == "llama" and ".q_proj." in key:
+            w = unpermute(w, config["num_attention_heads"])
+        elif config["model_type"] == "llama" and ".k_proj." in key:
+            w = unpermute(w, config["num_key_value_heads"])
+        out[key] = w
+    return out
+
+
+def quantized_layers(weights: dict[str, mx.array]) -> dict[str, dict]:
+    """mlx-lm's per-layer quantization entry for every module GGUF stores quantized (bits differ:
+    SmolLM2's Q4_1 file keeps the embedding in Q8_0)."""
+    layers = {}
+    for key, scales in weights.items():
+        if key.endswith(".scales"):
+            module = key.removesuffix(".scales")
+            bits = weights[f"{module}.weight"].shape[-1] * 32 // (scales.shape[-1] * GROUP_SIZE)
+            layers[module] = {"group_size": GROUP_SIZE, "bits": bits}
+    return layers
+
+
+def quantization_config(layers: dict[str, dict]) -> dict[str, Any]:
+    """mlx-lm's form: the common bits, and the modules that differ (mlx-lm quantizes the rest by
+    the presence of their .scales)."""
+    bits = [q["bits"] for q in layers.values()]
+    most = max(set(bits), key=bits.count)
+    return {"group_size": GROUP_SIZE, "bits": most, **{k: q for k, q in layers.items() if q["bits"] != most}}
+
+
+def load_gguf_tokenizer(path: Path, pre: str | None, eos_token_ids: Any) -> TokenizerWrapper:
+    from mlx_lm.utils import load_tokenizer
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        if pre in PRE_TOKENIZERS:
+            files = json.loads((Path(tmp) / "tokenizer.json").read_text())
+            files["pre_tokenizer"] = PRE_TOKENIZERS[pre]
+            (Path(tmp) / "tokenizer.json").write_text(json.dumps(files))
+            # the generic class takes tokenizer.json as it is; Qwen2Tokenizer would put Qwen's split back
+            config = json.loads((Path(tmp) / "tokenizer_config.json").read_text())
+            (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(config | {"tokenizer_class": GENERIC}))
+        return load_tokenizer(Path(tmp), eos_token_ids=eos_token_ids)
+
+
+def read_gguf(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
+    try:
+        return mx.load(str(path), return_metadata=True)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"--model {path}: MLX cannot read this GGUF ({e}); MLX reads F32/F16/Q4_0/Q4_1/Q8_0") from None
+
+
+def read_gguf_config(path: Path) -> dict[str, Any]:
+    return gguf_config(*reversed(read_gguf(path)), path)
+
+
+def load_gguf(path: Path) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any]]:
+    from mlx_lm.utils import _get_classes
+
+    raw, meta = read_gguf(path)
+    config = gguf_config(meta, raw, path)
+    weights = hf_weights(raw, config)
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    if layers := quantized_layers(weights):
+        config["quantization"] = quantization_config(layers)
+        nn.quantize(model, GROUP_SIZE, 4, class_predicate=lambda p, _: layers.get(p, False))
+    model.load_weights(list(weights.items()))
+    mx.eval(model.parameters())
+    model.eval()
+    return model, load_gguf_tokenizer(path, meta.get("tokenizer.ggml.pre"), config.get("eos_token_id")), config

@@ -1,0 +1,316 @@
+"""GGUF export, checked in llama.cpp itself (llama-cpp-python): the file loads, and its token ids,
+logits and greedy continuation are those of our model and the Hugging Face tokenizer."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_hf_model, mlx_logits, random_adapter
+from typer.testing import CliRunner
+
+from mlx_lora.cli import app
+from mlx_lora.config import LoRAConfig
+from mlx_lora.errors import UserError
+from mlx_lora.formats.gguf import GGUF_FILE, write_gguf
+from mlx_lora.model.base import load_base
+from mlx_lora.model.gguf import PRE_TOKENIZERS
+
+llama_cpp = pytest.importorskip("llama_cpp")
+CFG = LoRAConfig(targets="all-linear", num_layers=2, rank=4, alpha=8)
+# The shipped tokenizer knows ASCII only (no byte fallback); unicode is tested on SmolLM2's below.
+ASCII_PROMPTS = {
+    "plain": "Q: What is 3 + 4?\nA: 7",
+    "code": "def f(x):\n    return {x: [x * 2]}  # ok\n",
+    "numbers": "In 2024, 1234567 people paid $3.14 each.",
+}
+PROMPTS = ASCII_PROMPTS | {
+    "unicode": "Grüße aus Köln: naïve café, 日本語, emoji 😀 and “quotes”.",
+    "spaces": "  two  spaces\n\n\ttab and\r\nCRLF   ",
+}
+# Largest |llama.cpp - MLX| logit, relative to max(1, |logits|), per GGUF weight type. f32: the same
+# arithmetic in another order (measured ~1e-6). f16 rounds weights and, in ggml's f16 matmul, the
+# activations to 11 bits (2^-11 ~ 5e-4 each, over 4 layers measured ~2e-3); bf16 keeps 8 bits (2^-8,
+# measured ~2e-2); q8_0 rounds weights and activations to 8-bit blocks (measured ~4e-2).
+TOLERANCE = {"f32": 1e-4, "f16": 1e-2, "bf16": 5e-2, "q8_0": 1e-1}
+
+
+def _run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _llama(path, **kw):
+    # The KV cache in f32 too: llama.cpp's default f16 cache would round K and V.
+    f32 = llama_cpp.GGML_TYPE_F32
+    return llama_cpp.Llama(
+        model_path=str(path), logits_all=True, n_ctx=256, verbose=False, type_k=f32, type_v=f32, **kw
+    )
+
+
+def cpp_logits(llm, tokens) -> np.ndarray:
+    llm.reset()
+    llm.eval(tokens)
+    return np.array(llm.scores[: len(tokens)])  # (T, V)
+
+
+def _greedy(logits_of, tokens, n=8) -> list[int]:
+    tokens = list(tokens)
+    for _ in range(n):
+        tokens.append(int(np.argmax(logits_of(tokens)[-1])))
+    return tokens
+
+
+def _export(model_dir, tmp_path, *flags):
+    random_adapter(model_dir, tmp_path / "adapter", CFG)
+    result = _run(
+        "fuse", "--adapter-path", tmp_path / "adapter", "--save-path", tmp_path / "fused", "--export-gguf", *flags
+    )
+    assert result.exit_code == 0, result.output
+    return tmp_path / "fused" / GGUF_FILE
+
+
+def _field(reader, key):
+    from gguf import GGUFValueType
+
+    field = reader.fields[key]
+    return field.contents(), field.types[-1] if field.types[0] == GGUFValueType.ARRAY else field.types[0]
+
+
+def _tensor_types(path) -> dict[str, str]:
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+
+
+@pytest.fixture(scope="module")
+def models(hf_models, tmp_path_factory) -> dict:
+    """The session's test models plus mistral and qwen3 (head_dim 32 != hidden / heads)."""
+    root = tmp_path_factory.mktemp("more-models")
+    return hf_models | {arch: make_hf_model(root / arch, arch) for arch in ("mistral", "qwen3")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
+def test_fused_model_in_llama_cpp_gives_our_tokens_logits_and_greedy_text(models, arch, tmp_path):
+    from gguf import GGUFReader, GGUFValueType
+
+    path = _export(models[arch], tmp_path, "--gguf-type", "f32")
+    fused = load_base(str(tmp_path / "fused"))
+    llm = _llama(path)
+    for name, text in ASCII_PROMPTS.items():
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == fused.tokenizer.encode(text), name
+    tokens = fused.tokenizer.encode(ASCII_PROMPTS["plain"])
+    ours = mlx_logits(fused.model, tokens)
+    diff = np.abs(cpp_logits(llm, tokens) - ours).max()
+    assert diff <= TOLERANCE["f32"] * max(1.0, np.abs(ours).max()), diff
+    assert _greedy(lambda t: cpp_logits(llm, t), tokens) == _greedy(lambda t: mlx_logits(fused.model, t), tokens)
+    llm.close()
+    reader = GGUFReader(path)
+    assert _field(reader, "tokenizer.ggml.token_type")[1] == GGUFValueType.INT32  # llama.cpp requires INT32
+    assert (
+        _field(reader, "tokenizer.ggml.bos_token_id")[0] == 1 and _field(reader, "tokenizer.ggml.eos_token_id")[0] == 2
+    )
+    assert _field(reader, "tokenizer.chat_template")[0] == fused.tokenizer.chat_template
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gguf_type", ["f16", "bf16", "q8_0"])
+def test_each_gguf_type_stays_within_its_rounding_and_keeps_norms_f32(llama, gguf_type, tmp_path):
+    path = _export(llama, tmp_path, "--gguf-type", gguf_type)
+    fused = load_base(str(tmp_path / "fused"))
+    tokens = fused.tokenizer.encode(ASCII_PROMPTS["code"])
+    ours = mlx_logits(fused.model, tokens)
+    llm = _llama(path)
+    diff = np.abs(cpp_logits(llm, tokens) - ours).max()
+    llm.close()
+    assert diff <= TOLERANCE[gguf_type] * max(1.0, np.abs(ours).max()), diff
+    types = _tensor_types(path)
+    assert types["blk.0.attn_norm.weight"] == types["output_norm.weight"] == "F32"
+    assert types["blk.0.attn_q.weight"] == types["output.weight"] == gguf_type.upper()
+
+
+@pytest.mark.slow
+def test_bf16_base_exports_f16_that_llama_cpp_evaluates(tmp_path):
+    base = make_hf_model(tmp_path / "bf16", "llama", dtype="bfloat16")
+    path = _export(base, tmp_path)  # default --gguf-type f16
+    fused = load_base(str(tmp_path / "fused"))
+    tokens = fused.tokenizer.encode(ASCII_PROMPTS["plain"])
+    ours = mlx_logits(fused.model, tokens)  # MLX computes in bf16 here: its rounding, not only ours
+    llm = _llama(path)
+    theirs = cpp_logits(llm, tokens)
+    llm.close()
+    assert np.isfinite(theirs).all()
+    assert np.abs(theirs - ours).max() <= TOLERANCE["bf16"] * max(1.0, np.abs(ours).max())
+    types = _tensor_types(path)
+    assert types["blk.0.ffn_norm.weight"] == "F32" and types["blk.0.ffn_up.weight"] == "F16"
+
+
+@pytest.mark.slow
+def test_qlora_base_is_dequantized_before_export(llama, tmp_path):
+    from mlx_lm import convert
+
+    convert(str(llama), str(tmp_path / "q4"), quantize=True, q_bits=4, q_group_size=32)
+    path = _export(tmp_path / "q4", tmp_path, "--gguf-type", "f32")
+    fused = load_base(str(tmp_path / "fused"))
+    assert "quantization" not in fused.config
+    tokens = fused.tokenizer.encode(ASCII_PROMPTS["numbers"])
+    ours = mlx_logits(fused.model, tokens)
+    llm = _llama(path)
+    diff = np.abs(cpp_logits(llm, tokens) - ours).max()
+    llm.close()
+    assert diff <= TOLERANCE["f32"] * max(1.0, np.abs(ours).max()), diff
+    assert set(_tensor_types(path).values()) == {"F32"}
+
+
+def _with_pre_tokenizer(src, dst, pre):
+    shutil.copytree(src, dst)
+    tok = json.loads((src / "tokenizer.json").read_text())
+    tok["pre_tokenizer"] = pre
+    (dst / "tokenizer.json").write_text(json.dumps(tok))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def smollm2_shaped(smollm2_tokenizer, tmp_path_factory):
+    """A random llama with SmolLM2's tokenizer, loaded."""
+    return load_base(
+        str(make_hf_model(tmp_path_factory.mktemp("smol") / "llama", "llama", tokenizer=smollm2_tokenizer))
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pre", PRE_TOKENIZERS)  # SmolLM2's vocabulary and merges under each split
+def test_byte_level_bpe_gives_the_hugging_face_ids_in_llama_cpp(smollm2_shaped, pre, tmp_path):
+    from gguf import GGUFReader
+    from mlx.utils import tree_flatten
+    from tokenizers import Tokenizer
+
+    tok_dir = _with_pre_tokenizer(smollm2_shaped.path, tmp_path / "tok", PRE_TOKENIZERS[pre])
+    path = tmp_path / GGUF_FILE
+    write_gguf(path, dict(tree_flatten(smollm2_shaped.model.parameters())), smollm2_shaped.config, tok_dir, "f16")
+    assert _field(GGUFReader(path), "tokenizer.ggml.pre")[0] == pre
+    assert _field(GGUFReader(path), "tokenizer.ggml.model")[0] == "gpt2"
+    hf = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    for name, text in PROMPTS.items():
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == hf.encode(text).ids, name
+    llm.close()
+    template = (smollm2_shaped.path / "chat_template.jinja").read_text()
+    assert _field(GGUFReader(path), "tokenizer.chat_template")[0] == template
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_shaped(tmp_path_factory):
+    """A random llama with a SentencePiece BPE tokenizer (byte fallback) trained here on README.md,
+    as tokenizer.model and as the tokenizer.json transformers makes of it."""
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("spm")
+    (root / "corpus.txt").write_text((Path(__file__).parents[2] / "README.md").read_text() + PROMPTS["unicode"])
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(root / "corpus.txt"), model_prefix=str(root / "sp"), vocab_size=1000, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,  # as Llama 2
+    )  # fmt: skip
+    (root / "src").mkdir()
+    shutil.copy(root / "sp.model", root / "src" / "tokenizer.model")
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}
+    (root / "src" / "tokenizer_config.json").write_text(json.dumps(special))
+    AutoTokenizer.from_pretrained(root / "src").save_pretrained(root / "tok")
+    shutil.copy(root / "sp.model", root / "tok" / "tokenizer.model")
+    return load_base(str(make_hf_model(root / "llama", "llama", tokenizer=root / "tok")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scores", ["tokenizer.model", "merge order"])
+def test_sentencepiece_gives_the_same_ids_in_llama_cpp(sentencepiece_shaped, scores, tmp_path):
+    import sentencepiece
+    from gguf import GGUFReader
+    from mlx.utils import tree_flatten
+    from tokenizers import Tokenizer
+
+    tok_dir = shutil.copytree(sentencepiece_shaped.path, tmp_path / "tok")
+    if scores == "merge order":
+        (tok_dir / "tokenizer.model").unlink()
+    path = tmp_path / GGUF_FILE
+    weights = dict(tree_flatten(sentencepiece_shaped.model.parameters()))
+    write_gguf(path, weights, sentencepiece_shaped.config, tok_dir, "f16")
+    assert _field(GGUFReader(path), "tokenizer.ggml.model")[0] == "llama"
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(sentencepiece_shaped.path / "tokenizer.model"))
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    hf = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    for name, text in PROMPTS.items():
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == [1] + sp.encode(text), name
+        if name != "spaces":  # transformers' copy of the tokenizer splits leading double spaces otherwise
+            assert hf.encode(text).ids == [1] + sp.encode(text), name
+    llm.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_our_gguf_reads_back_as_the_same_model(smollm2_tokenizer, arch, tmp_path):
+    from mlx.utils import tree_flatten
+
+    ours = load_base(str(make_hf_model(tmp_path / arch, arch, tokenizer=smollm2_tokenizer)))
+    ours.tokenizer.save_pretrained(str(tmp_path / "tok"))  # as fuse does: transformers' Qwen2Tokenizer
+    path = tmp_path / GGUF_FILE  # splits the Qwen way whatever tokenizer.json said, and saves that
+    write_gguf(path, dict(tree_flatten(ours.model.parameters())), ours.config, tmp_path / "tok", "f32")
+    back = load_base(str(path))
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    for name, text in PROMPTS.items():
+        tokens = ours.tokenizer.encode(text)
+        assert back.tokenizer.encode(text) == tokens == llm.tokenize(text.encode(), add_bos=True, special=False), name
+        expected = mlx_logits(ours.model, tokens)
+        assert np.abs(mlx_logits(back.model, tokens) - expected).max() <= 1e-5 * np.abs(expected).max(), name
+    llm.close()
+
+
+def test_unknown_pre_tokenizer_is_refused_in_one_line(smollm2_shaped, tmp_path):
+    from mlx.utils import tree_flatten
+
+    tok_dir = _with_pre_tokenizer(smollm2_shaped.path, tmp_path / "tok", {"type": "Whitespace"})
+    with pytest.raises(UserError, match="knows the pre-tokenizers gpt-2, smollm, llama-bpe, qwen2 .* not this one"):
+        write_gguf(
+            tmp_path / GGUF_FILE, dict(tree_flatten(smollm2_shaped.model.parameters())), smollm2_shaped.config, tok_dir
+        )
+
+
+def test_unsupported_architecture_or_type_is_refused_before_anything_is_written(hf_models, tmp_path):
+    random_adapter(hf_models["phi3"], tmp_path / "ours", CFG)
+    result = _run("fuse", "--adapter-path", tmp_path / "ours", "--save-path", tmp_path / "fused", "--export-gguf")
+    assert (
+        result.exit_code == 2 and "GGUF export supports llama, mistral, qwen2, qwen3 models, not phi3" in result.output
+    )
+    result = _run("fuse", "--adapter-path", tmp_path / "ours", "--save-path", tmp_path / "fused", "--gguf-type", "q4")
+    assert result.exit_code == 2 and "--gguf-type must be one of f32, f16, bf16, q8_0, got 'q4'" in result.output
+    assert not (tmp_path / "fused").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_adapter_gguf_on_the_base_gguf_gives_our_adapter_logits_in_llama_cpp(hf_models, arch, tmp_path):
+    from mlx.utils import tree_flatten
+
+    base = load_base(str(hf_models[arch]))
+    write_gguf(tmp_path / "base.gguf", dict(tree_flatten(base.model.parameters())), base.config, base.path, "f32")
+    # rsLoRA and a per-module rank: scales llama.cpp's one alpha cannot express, folded into B
+    cfg = LoRAConfig(targets="all-linear", num_layers=2, rank=4, alpha=8, rslora=True, rank_pattern="v_proj=2")
+    ours = random_adapter(hf_models[arch], tmp_path / "adapter", cfg)
+    result = _run("convert", "--to", "gguf", tmp_path / "adapter", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    tokens = ours.tokenizer.encode(ASCII_PROMPTS["plain"])
+    expected, plain = mlx_logits(ours.model, tokens), mlx_logits(base.model, tokens)
+    llm = _llama(tmp_path / "base.gguf", lora_path=str(tmp_path / "out" / "adapter.gguf"))
+    diff = np.abs(cpp_logits(llm, tokens) - expected).max()
+    llm.close()
+    assert np.abs(expected - plain).max() > 0.5  # the adapter changes the logits visibly
+    assert diff <= TOLERANCE["f32"] * max(1.0, np.abs(expected).max()), diff
+
+
+def test_dora_adapter_has_no_gguf_form(llama, tmp_path):
+    random_adapter(llama, tmp_path / "adapter", LoRAConfig(targets="q_proj", num_layers=1, rank=2, dora=True))
+    result = _run("convert", "--to", "gguf", tmp_path / "adapter", tmp_path / "out")
+    assert result.exit_code == 2 and "llama.cpp's LoRA adapters have no DoRA magnitude" in result.output
+    assert not (tmp_path / "out").exists()
