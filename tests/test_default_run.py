@@ -26,10 +26,11 @@ def test_default_run_learns_the_format(tmp_path, monkeypatch):
     assert last <= 0.7 * first
     assert json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())["base_model"] == "mlx-lora-default"
 
-    # the learned format: working that starts with a sum, then the answer after ####, as in data/;
-    # the exact working varies with the BLAS's summation order, so only its shape is checked
+    # the learned format: working that starts with a sum, then an answer after ####, as in data/.
+    # Which digits this tiny model writes, and whether it stops right after the answer or goes on,
+    # changes with the BLAS's summation order (CPU, library, thread count), so only the shape is checked.
     adapted = CliRunner().invoke(app, ["generate", "--adapter-path", "adapters", "--max-tokens", 40])
     base = CliRunner().invoke(app, ["generate", "--max-tokens", 40])
     assert adapted.exit_code == base.exit_code == 0, adapted.output + base.output
-    assert re.match(r" \d+ [-+*] \d+ = \d+.* #### \d+\n", adapted.stdout)
-    assert "####" not in base.stdout
+    assert re.match(r" \d+ [-+*] \d+ = \d+.* #### \d+", adapted.stdout), adapted.stdout
+    assert "####" not in base.stdout, base.stdout
