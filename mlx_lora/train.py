@@ -79,7 +79,8 @@ def make_step(model: nn.Module, optimizer: optim.Optimizer, world: distributed.W
 
     def summed_loss(model: nn.Module, *inputs: mx.array) -> tuple[mx.array, mx.array]:
         """Loss summed over the targets: summed gradients of several batches, divided by their
-        total target count, are exactly the gradient of the one batch they make together."""
+        total target count, are the gradient of the one batch they make together (up to fp32
+        summation order)."""
         loss, ntoks = feed.loss(model, *inputs)
         return loss * ntoks, ntoks
 
