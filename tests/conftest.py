@@ -1,6 +1,7 @@
 """Tiny random-weight Hugging Face models, made by transformers itself, so loading is the real path."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -200,7 +201,8 @@ TOKENS = [1, 50, 51, 52, 53, 30, 7, 99, 2]
 
 
 def assert_round_trip(ours: Path, to: str, tmp: Path) -> None:
-    """ours -> `to` -> ours gives back the same tensors, bit for bit, and the same adapter_config.json."""
+    """ours -> `to` -> ours gives back the same tensors, bit for bit (a conversion only transposes and
+    renames them: no arithmetic, so on any CPU), and the same adapter_config.json."""
     import mlx.core as mx
 
     from mlx_lora.commands.convert import convert
@@ -226,3 +228,37 @@ def generate_alone(model_dir, adapter_dir, prompt: str, max_tokens: int, chat: b
         model=str(model_dir), adapter_path=adapter_path, prompt=prompt, max_tokens=max_tokens, chat=chat
     )
     return "".join(r.text for r in generate(load_adapters(cfg).base, cfg))
+
+
+# Comparing the same numbers computed through different matrix shapes (accumulated batches vs one
+# big batch, 2 ranks vs 1, states cached in one batch vs recomputed in another): a BLAS (OpenBLAS,
+# Accelerate) picks its kernel, and with it the order of every sum, by CPU, shape and thread count,
+# so such results agree only up to rounding. A sum of n fp32 terms taken in another order differs
+# by up to about n·EPS of the terms' size (Higham's γ_n), so a forward or backward pass whose
+# longest sums have n terms agrees to about n·EPS. The very same shapes in the same order, on one
+# machine with one BLAS thread count, give bit-identical results: those are compared exactly.
+EPS = 2.0**-23  # fp32 machine epsilon, 1.19e-7
+# AdamW (mlx: β1 0.9, β2 0.999, no bias correction) steps each element by lr·m/√v: a gradient that
+# is off by δ of its size moves m/√v by up to (1 - β1)/√(1 - β2) = 3.16 δ, and every step adds its own.
+ADAM_GAIN = 0.1 / 0.001**0.5
+
+
+def fp32_tol(n: int, adam_steps: int = 0) -> float:
+    """Relative tolerance between two fp32 computations whose longest sums (n terms) ran in
+    different orders: n·EPS for one pass; after k AdamW steps on different-shaped sums, k·ADAM_GAIN
+    times that (k·lr is small in these tests, so the steps' errors add up rather than grow)."""
+    return n * EPS * (adam_steps * ADAM_GAIN if adam_steps else 1.0)
+
+
+def assert_tensors_close(got: dict, want: dict, rel: float, norm: float = math.inf) -> None:
+    """Same names, and per tensor ||got - want|| <= rel ||want||, the tensors taken as flat vectors.
+    norm=math.inf (the largest element) for one pass; 2 (Frobenius) after AdamW steps, which divide
+    each element by its own gradient's RMS: an element whose gradient is near 0 can take a large
+    share of the error, but not of the whole tensor's norm."""
+    import numpy as np
+
+    assert got.keys() == want.keys()
+    for k in want:
+        a, b = np.array(got[k], np.float64), np.array(want[k], np.float64)
+        off, size = np.linalg.norm((a - b).ravel(), norm), np.linalg.norm(b.ravel(), norm)
+        assert off <= rel * size, f"{k}: off by {off / size:.3g} of its size, more than {rel:.3g}"

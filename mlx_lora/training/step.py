@@ -19,7 +19,8 @@ def make_step(
 
     def summed_loss(model: nn.Module, *inputs: mx.array) -> tuple[mx.array, ...]:
         """Loss summed over the targets: summed gradients of several batches, divided by their
-        total target count, are exactly the gradient of the one batch they make together.
+        total target count, are the gradient of the one batch they make together (up to fp32
+        summation order).
         A preference feed counts pairs and adds its statistics' sums (preference.STATS)."""
         loss, ntoks, *stats = feed.loss(model, *inputs)
         return loss * ntoks, ntoks, *stats
