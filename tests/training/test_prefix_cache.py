@@ -141,8 +141,8 @@ def test_training_with_the_prefix_cache_gives_the_same_losses_and_adapter(llama,
     # Epochs 2 and 3 (steps 5-12) read states cached from epoch 1's batches, where the plain run
     # recomputes them in its current batches: other shapes, so sums in another order. Longest sums:
     # the gradients' over a batch's 4 x 48 = 192 positions, over 8 AdamW steps:
-    # 8 x 3.16 x 192 x 1.2e-7 = 5.8e-4 of the losses and of each tensor's norm (measured: 0 to 1e-7). States handed to the wrong rows of a batch put the
-    # losses 3e-3 and the adapter 0.1 off.
+    # 8 x 3.16 x 192 x 1.2e-7 = 5.8e-4 of the losses and of each tensor's norm (measured: 0 to
+    # 1e-7). States handed to the wrong rows of a batch put the losses 3e-3 and the adapter 0.1 off.
     tol = fp32_tol(4 * 48, adam_steps=8)
     assert cached.losses == pytest.approx(plain.losses, rel=tol)
     assert cached.val_losses.keys() == plain.val_losses.keys()
