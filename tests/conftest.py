@@ -1,5 +1,10 @@
 """Tiny random-weight Hugging Face models, made by transformers itself, so loading is the real path."""
 
+# First, before anything imports mlx.core: mlx_lora loads OpenBLAS then (mlx_lora/blas.py), so the
+# tests in this process run on the BLAS the CLI's processes use.
+import mlx_lora  # noqa: F401
+
+# isort: split
 import json
 import math
 import shutil

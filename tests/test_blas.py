@@ -67,3 +67,13 @@ def test_only_a_training_run_says_which_blas_and_never_before_an_error(llama, ti
     assert info.exit_code == 0 and "blas:" not in info.output
     bad = runner.invoke(app, ["train", *args, "--rank", "0"])
     assert bad.exit_code == 2 and bad.stderr.splitlines() == ["error: --rank must be at least 1, got 0"]
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or blas._find_openblas() is None or os.environ.get(blas.ENV) == "off",
+    reason="needs OpenBLAS on Linux, not switched off",
+)
+def test_the_suite_itself_runs_on_the_fast_blas():
+    """conftest imports mlx_lora before mlx: in-process tests compute like the CLI's processes,
+    which a test comparing the two (a resume after a signal) relies on."""
+    assert blas.status[0]
