@@ -145,19 +145,10 @@ def preference_rows(n: int, start: int = 1) -> list[dict]:
 
 
 def random_adapter(model_dir: Path, out: Path, cfg):
-    """An mlx-lora adapter on `model_dir` with random A and B (as if trained), saved to `out`; returns the base."""
-    import mlx.core as mx
-
-    from mlx_lora.formats.native import describe, save_adapter
-    from mlx_lora.model.base import load_base
-    from mlx_lora.model.lora import apply_lora, lora_layers
-
+    """An mlx-lora adapter on `model_dir` with random A and B (as if trained), saved to `out`; returns the
+    base in eval mode. Seeded, so every call gives the same adapter."""
     mx.random.seed(1)
-    base = load_base(str(model_dir))
-    modules = apply_lora(base.model, cfg)
-    for layer in lora_layers(base.model).values():
-        layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.2
-    save_adapter(out, base.model, describe(base, cfg, modules))
+    base = trained_adapter(model_dir, out, cfg, size=0.2)
     base.model.eval()
     return base
 
