@@ -28,7 +28,7 @@ SMALL = dict(
 
 
 def _configs(vocab_size: int):
-    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(SMALL, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return {
@@ -39,6 +39,8 @@ def _configs(vocab_size: int):
         # not in ARCHS (hf_models): made where a test needs them
         "mistral": MistralConfig(**common, sliding_window=None, tie_word_embeddings=False),
         "qwen3": Qwen3Config(**common, head_dim=32, tie_word_embeddings=True),  # head_dim != hidden / heads
+        # query_pre_attn_scalar = head_dim, as Gemma 2 2B/9B (and llama.cpp) have it
+        "gemma2": Gemma2Config(**common, head_dim=16, query_pre_attn_scalar=16),
     }
 
 
