@@ -48,10 +48,10 @@ ARCHS = ("llama", "qwen2", "phi3", "gemma")
 
 
 def make_hf_model(
-    directory: Path, arch: str, seed: int = 0, tokenizer: Path = DEFAULT_MODEL_DIR, dtype: str = "float32"
+    directory: Path, arch: str, seed: int = 0, tokenizer: Path = DEFAULT_MODEL_DIR, dtype: str = "float32", **sizes
 ) -> Path:
     """Save a random model of `arch` with transformers (torch, in `dtype`) plus the tokenizer files
-    of `tokenizer` (default: the shipped one)."""
+    of `tokenizer` (default: the shipped one); `sizes` override SMALL's (hidden_size=256, ...)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -63,6 +63,7 @@ def make_hf_model(
     vocab += len(json.loads((directory / "tokenizer.json").read_text()).get("added_tokens", []))
     torch.manual_seed(seed)
     config = _configs(vocab)[arch]
+    config.update(sizes)
     config.initializer_range = 0.1  # larger than usual so logits differ visibly between tokens
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).to(getattr(torch, dtype))
     model.save_pretrained(directory)
