@@ -28,7 +28,7 @@ SMALL = dict(
 
 
 def _configs(vocab_size: int):
-    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(SMALL, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return {
@@ -39,6 +39,8 @@ def _configs(vocab_size: int):
         # not in ARCHS (hf_models): made where a test needs them
         "mistral": MistralConfig(**common, sliding_window=None, tie_word_embeddings=False),
         "qwen3": Qwen3Config(**common, head_dim=32, tie_word_embeddings=True),  # head_dim != hidden / heads
+        # query_pre_attn_scalar = head_dim, as Gemma 2 2B/9B (and llama.cpp) have it
+        "gemma2": Gemma2Config(**common, head_dim=16, query_pre_attn_scalar=16),
     }
 
 
@@ -46,10 +48,10 @@ ARCHS = ("llama", "qwen2", "phi3", "gemma")
 
 
 def make_hf_model(
-    directory: Path, arch: str, seed: int = 0, tokenizer: Path = DEFAULT_MODEL_DIR, dtype: str = "float32"
+    directory: Path, arch: str, seed: int = 0, tokenizer: Path = DEFAULT_MODEL_DIR, dtype: str = "float32", **sizes
 ) -> Path:
     """Save a random model of `arch` with transformers (torch, in `dtype`) plus the tokenizer files
-    of `tokenizer` (default: the shipped one)."""
+    of `tokenizer` (default: the shipped one); `sizes` override SMALL's (hidden_size=256, ...)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -61,6 +63,7 @@ def make_hf_model(
     vocab += len(json.loads((directory / "tokenizer.json").read_text()).get("added_tokens", []))
     torch.manual_seed(seed)
     config = _configs(vocab)[arch]
+    config.update(sizes)
     config.initializer_range = 0.1  # larger than usual so logits differ visibly between tokens
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).to(getattr(torch, dtype))
     model.save_pretrained(directory)

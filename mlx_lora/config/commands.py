@@ -30,7 +30,9 @@ class FuseConfig:
         False, "Quantized base: re-quantize the merged layers like the base (default: de-quantize).", off="--dequantize"
     )
     export_gguf: bool = opt(
-        False, "Also write <save-path>/model.gguf for llama.cpp; llama (SmolLM2 too), mistral, qwen2 and qwen3 models."
+        False,
+        "Also write <save-path>/model.gguf for llama.cpp; llama (SmolLM2 too), mistral, qwen2, qwen3, gemma2 and "
+        "phi3 models.",
     )
     gguf_type: str = opt(
         "f16", "Type of the 2-D weights in model.gguf: f32, f16, bf16 or q8_0 (norms and biases stay f32)."
@@ -49,7 +51,7 @@ class ConvertConfig:
     to: str = opt(
         "peft",
         "Format to write: peft (Hugging Face PEFT), mlx (mlx-lora's own), mlx-lm (mlx_lm.lora's) or gguf "
-        "(llama.cpp's LoRA adapter, OUT_DIR/adapter.gguf; llama and qwen2 bases).",
+        "(llama.cpp's LoRA adapter, OUT_DIR/adapter.gguf; the bases --export-gguf writes).",
     )
     model: str | None = opt(None, "Base model the adapter belongs to (default: the one the adapter names).")
     base_model_id: str | None = opt(

@@ -23,13 +23,17 @@ WEIGHT_TYPES = {
     "q8_0": (QTYPE.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
 # HF model_type -> llama.cpp architecture, and the rope_theta mlx-lm assumes when config.json has none.
-# Mistral is llama to llama.cpp (convert_hf_to_gguf.py's MistralModel), q/k permuted alike.
+# Mistral is llama to llama.cpp (convert_hf_to_gguf.py's MistralModel), q/k permuted alike. Phi-3's
+# fused qkv_proj and gate_up_proj are llama.cpp's attn_qkv and ffn_up as they are (gate rows first).
 ARCHITECTURES = {
     "llama": (gguf.MODEL_ARCH.LLAMA, 10000.0),
     "mistral": (gguf.MODEL_ARCH.LLAMA, 10000.0),
     "qwen2": (gguf.MODEL_ARCH.QWEN2, 1000000.0),
     "qwen3": (gguf.MODEL_ARCH.QWEN3, 1000000.0),
+    "gemma2": (gguf.MODEL_ARCH.GEMMA2, 10000.0),
+    "phi3": (gguf.MODEL_ARCH.PHI3, 10000.0),
 }
+GEMMA2_27B_LAYERS = 46  # llama.cpp tells Gemma 2 27B by its block count, for its attention scale
 
 
 def check_gguf(config: dict[str, Any], gguf_type: str, flag: str = "--export-gguf") -> None:
@@ -49,8 +53,21 @@ def check_gguf(config: dict[str, Any], gguf_type: str, flag: str = "--export-ggu
         raise UserError(
             f"{flag}: rope scaling '{rope.get('rope_type', rope.get('type'))}' is not written yet; {instead}"
         )
+    if model_type == "gemma2" and config.get("query_pre_attn_scalar") != _gemma2_query_scalar(config):
+        raise UserError(
+            f"{flag}: llama.cpp scales Gemma 2's queries by 1/sqrt({_gemma2_query_scalar(config)}), this model by "
+            f"1/sqrt({config.get('query_pre_attn_scalar')}); llama.cpp cannot run it as trained"
+        )
     if gguf_type not in WEIGHT_TYPES:
         raise UserError(f"--gguf-type must be one of {', '.join(WEIGHT_TYPES)}, got '{gguf_type}'")
+
+
+def _gemma2_query_scalar(config: dict) -> int:
+    """What llama.cpp's gemma2 divides q by (the root of): hidden / heads for the 27B, else head_dim;
+    GGUF has no key for it, and Gemma 2's own configs follow this rule."""
+    if config["num_hidden_layers"] == GEMMA2_27B_LAYERS:
+        return config["hidden_size"] // config["num_attention_heads"]
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
 
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -59,9 +76,13 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _tensor(name: str, w: mx.array, qtype: QTYPE) -> tuple[np.ndarray, QTYPE]:
-    """Norms, biases and other 1-D tensors stay float32 (llama.cpp adds and multiplies them in f32)."""
+def _tensor(name: str, w: mx.array, qtype: QTYPE, arch: gguf.MODEL_ARCH) -> tuple[np.ndarray, QTYPE]:
+    """Norms, biases and other 1-D tensors stay float32 (llama.cpp adds and multiplies them in f32).
+    Gemma's RMSNorm multiplies by 1 + weight, llama.cpp's by the weight: the 1 is added here, as
+    convert_hf_to_gguf.py's Gemma2Model does."""
     data = np.array(w.astype(mx.float32))
+    if arch == gguf.MODEL_ARCH.GEMMA2 and name.endswith("norm.weight"):
+        return data + 1, QTYPE.F32
     if data.ndim <= 1 or name.endswith("_norm.weight"):
         return data, QTYPE.F32
     if qtype == QTYPE.Q8_0 and data.shape[-1] % gguf.GGML_QUANT_SIZES[QTYPE.Q8_0][0]:
@@ -82,7 +103,7 @@ def add_tensors(writer: gguf.GGUFWriter, weights: dict[str, mx.array], config: d
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise UserError(f"--export-gguf: no GGUF name for tensor {key}; this model's layout is not supported")
-        data, dtype = _tensor(name, w, qtype)
+        data, dtype = _tensor(name, w, qtype, arch)
         if arch == gguf.MODEL_ARCH.LLAMA and key.endswith(("q_proj.weight", "q_proj.bias")):
             data = permute(data, heads)
         elif arch == gguf.MODEL_ARCH.LLAMA and key.endswith(("k_proj.weight", "k_proj.bias")):
@@ -91,7 +112,8 @@ def add_tensors(writer: gguf.GGUFWriter, weights: dict[str, mx.array], config: d
 
 
 def add_hparams(writer: gguf.GGUFWriter, config: dict, n_vocab: int, file_type: int) -> None:
-    """The llama.cpp keys of convert_hf_to_gguf.py's TextModel.set_gguf_parameters, for llama and qwen2."""
+    """The llama.cpp keys of convert_hf_to_gguf.py's TextModel.set_gguf_parameters, and those its
+    Gemma2Model and Phi3MiniModel add."""
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     rope = config.get("rope_parameters") or {}
@@ -103,10 +125,15 @@ def add_hparams(writer: gguf.GGUFWriter, config: dict, n_vocab: int, file_type: 
     writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
     writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
     writer.add_rope_freq_base(config.get("rope_theta", rope.get("rope_theta", ARCHITECTURES[config["model_type"]][1])))
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(int(head_dim * config.get("partial_rotary_factor", 1.0)))
     if head_dim != config["hidden_size"] // heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if config["model_type"] == "gemma2":
+        writer.add_attn_logit_softcapping(config.get("attn_logit_softcapping", 50.0))  # mlx-lm's defaults
+        writer.add_final_logit_softcapping(config.get("final_logit_softcapping", 30.0))
+    if config["model_type"] in ("gemma2", "phi3") and config.get("sliding_window"):
+        writer.add_sliding_window(config["sliding_window"])
     writer.add_vocab_size(n_vocab)
     writer.add_file_type(file_type)
 

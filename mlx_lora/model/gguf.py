@@ -1,22 +1,25 @@
-"""A llama.cpp GGUF file as a base model: weights through mx.load (Q4_0, Q4_1 and Q8_0 arrive as
-MLX-quantized arrays, group size 32, and stay quantized), the config from the file's metadata, the
-tokenizer built by transformers from the same file; llama's q/k rows put back in Hugging Face's order."""
+"""A llama.cpp GGUF file as a base model: weights as model/gguf_tensors.py reads them (quantized
+types stay MLX-quantized, group size 32, where MLX's form holds them exactly), the config from the
+file's metadata, the tokenizer built by transformers from the same file; llama's q/k rows put back
+in Hugging Face's order."""
 
 import json
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+import gguf
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_lora.errors import UserError
+from mlx_lora.model.gguf_tensors import GROUP_SIZE, read_tensors
 
 GGUF_SUFFIX = ".gguf"
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 GENERIC = "PreTrainedTokenizerFast"  # transformers' tokenizer class that changes nothing in tokenizer.json
-GROUP_SIZE = 32  # the block size of GGUF's Q4_0, Q4_1 and Q8_0
 # GGUF tensor name (after blk.N.) -> mlx-lm / Hugging Face module name
 LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -71,11 +74,7 @@ def pre_signature(pre: dict | None) -> tuple:
     )
 
 
-def _value(v: Any) -> Any:
-    return v.item() if isinstance(v, mx.array) else v
-
-
-def gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], path: Path) -> dict[str, Any]:
+def gguf_config(meta: dict[str, Any], weights: Collection[str], path: Path) -> dict[str, Any]:
     """The Hugging Face config.json keys mlx-lm's llama and qwen2 read, from llama.cpp's keys."""
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
@@ -84,7 +83,7 @@ def gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], path: Path) 
         raise UserError(f"--model {path}: rope scaling in a GGUF is not read yet; use the Hugging Face model")
 
     def key(name: str, default: Any = None) -> Any:
-        return _value(meta.get(f"{arch}.{name}", default))
+        return meta.get(f"{arch}.{name}", default)
 
     heads = key("attention.head_count")
     head_dim = key("attention.key_length", key("embedding_length") // heads)
@@ -108,7 +107,7 @@ def gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], path: Path) 
         config["head_dim"] = head_dim
     for name in ("bos", "eos", "padding"):
         if f"tokenizer.ggml.{name}_token_id" in meta:
-            config[f"{name.replace('padding', 'pad')}_token_id"] = _value(meta[f"tokenizer.ggml.{name}_token_id"])
+            config[f"{name.replace('padding', 'pad')}_token_id"] = meta[f"tokenizer.ggml.{name}_token_id"]
     return config
 
 
@@ -186,18 +185,27 @@ def load_gguf_tokenizer(path: Path, pre: str | None, eos_token_ids: Any) -> Toke
         return load_tokenizer(Path(tmp), eos_token_ids=eos_token_ids)
 
 
-def read_gguf(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
+def open_gguf(path: Path) -> tuple[gguf.GGUFReader, dict[str, Any]]:
+    """gguf-py's reader of the file (tensors mapped, not read) and its metadata as Python values."""
     try:
-        return mx.load(str(path), return_metadata=True)
-    except (RuntimeError, ValueError) as e:
-        raise UserError(f"--model {path}: MLX cannot read this GGUF ({e}); MLX reads F32/F16/Q4_0/Q4_1/Q8_0") from None
+        reader = gguf.GGUFReader(path)
+    except (OSError, ValueError, IndexError) as e:  # a short or foreign file fails as it is parsed
+        raise UserError(f"--model {path}: not a readable GGUF file ({e}); is it complete?") from None
+    return reader, {name: field.contents() for name, field in reader.fields.items()}
+
+
+def read_gguf(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
+    reader, meta = open_gguf(path)
+    return read_tensors(reader, path), meta
 
 
 def read_gguf_config(path: Path) -> dict[str, Any]:
-    return gguf_config(*reversed(read_gguf(path)), path)
+    reader, meta = open_gguf(path)
+    return gguf_config(meta, {t.name for t in reader.tensors}, path)
 
 
-def load_gguf(path: Path) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any]]:
+def gguf_model(path: Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """The model alone (mlx-lm's class, quantized where the file is), its config and the file's metadata."""
     from mlx_lm.utils import _get_classes
 
     raw, meta = read_gguf(path)
@@ -211,4 +219,9 @@ def load_gguf(path: Path) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any]]:
     model.load_weights(list(weights.items()))
     mx.eval(model.parameters())
     model.eval()
+    return model, config, meta
+
+
+def load_gguf(path: Path) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any]]:
+    model, config, meta = gguf_model(path)
     return model, load_gguf_tokenizer(path, meta.get("tokenizer.ggml.pre"), config.get("eos_token_id")), config

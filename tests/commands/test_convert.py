@@ -82,9 +82,8 @@ def test_fuse_exports_gguf_that_the_gguf_reader_reads(llama, tmp_path):
 def test_gguf_for_an_unsupported_architecture_is_refused_before_anything_is_written(hf_models, tmp_path):
     random_adapter(hf_models["gemma"], tmp_path / "ours", CFG)
     result = _run("fuse", "--adapter-path", tmp_path / "ours", "--save-path", tmp_path / "fused", "--export-gguf")
-    assert (
-        result.exit_code == 2 and "GGUF export supports llama, mistral, qwen2, qwen3 models, not gemma" in result.output
-    )
+    assert result.exit_code == 2
+    assert "GGUF export supports llama, mistral, qwen2, qwen3, gemma2, phi3 models, not gemma" in result.output
     assert not (tmp_path / "fused").exists()
 
 

@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import make_hf_model, mlx_logits, random_adapter
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 from mlx_lora.cli import app
 from mlx_lora.config import LoRAConfig
 from mlx_lora.errors import UserError
-from mlx_lora.formats.gguf import GGUF_FILE, write_gguf
+from mlx_lora.formats.gguf import GGUF_FILE, check_gguf, write_gguf
 from mlx_lora.model.base import load_base
 from mlx_lora.model.gguf import PRE_TOKENIZERS
 
@@ -34,6 +35,21 @@ PROMPTS = ASCII_PROMPTS | {
 # activations to 11 bits (2^-11 ~ 5e-4 each, over 4 layers measured ~2e-3); bf16 keeps 8 bits (2^-8,
 # measured ~2e-2); q8_0 rounds weights and activations to 8-bit blocks (measured ~4e-2).
 TOLERANCE = {"f32": 1e-4, "f16": 1e-2, "bf16": 5e-2, "q8_0": 1e-1}
+# Gemma 2 in f32: ggml's CPU GELU reads an f16 table, input and output rounded to 11 bits (2^-11 ~ 5e-4
+# each), so over 4 layers about 4 * 2^-11 ~ 2e-3. Measured 3.5e-4 (fused) and 3.8e-4 (adapter), against
+# ~1e-6 for the other architectures; with MLX's GELU rounded the same way the fused gap falls to 1.0e-4,
+# which the test checks (the table is most of it; the rest, 1e-4, we have not traced).
+GELU_TABLE_TOLERANCE = 2e-3
+
+
+def ggml_gelu(gelu):
+    """GELU as ggml's CPU backend computes it: looked up in an f16 table, 0 below -10, x above 10."""
+
+    def table(x):
+        y = gelu(x.astype(mx.float16).astype(mx.float32)).astype(mx.float16).astype(mx.float32)
+        return mx.where(x <= -10, 0.0, mx.where(x >= 10, x, y))
+
+    return table
 
 
 def _run(*args):
@@ -85,14 +101,14 @@ def _tensor_types(path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def models(hf_models, tmp_path_factory) -> dict:
-    """The session's test models plus mistral and qwen3 (head_dim 32 != hidden / heads)."""
+    """The session's test models plus mistral, qwen3 (head_dim 32 != hidden / heads) and gemma2."""
     root = tmp_path_factory.mktemp("more-models")
-    return hf_models | {arch: make_hf_model(root / arch, arch) for arch in ("mistral", "qwen3")}
+    return hf_models | {arch: make_hf_model(root / arch, arch) for arch in ("mistral", "qwen3", "gemma2")}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
-def test_fused_model_in_llama_cpp_gives_our_tokens_logits_and_greedy_text(models, arch, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3", "gemma2", "phi3"])
+def test_fused_model_in_llama_cpp_gives_our_tokens_logits_and_greedy_text(models, arch, tmp_path, monkeypatch):
     from gguf import GGUFReader, GGUFValueType
 
     path = _export(models[arch], tmp_path, "--gguf-type", "f32")
@@ -101,11 +117,17 @@ def test_fused_model_in_llama_cpp_gives_our_tokens_logits_and_greedy_text(models
     for name, text in ASCII_PROMPTS.items():
         assert llm.tokenize(text.encode(), add_bos=True, special=False) == fused.tokenizer.encode(text), name
     tokens = fused.tokenizer.encode(ASCII_PROMPTS["plain"])
-    ours = mlx_logits(fused.model, tokens)
-    diff = np.abs(cpp_logits(llm, tokens) - ours).max()
-    assert diff <= TOLERANCE["f32"] * max(1.0, np.abs(ours).max()), diff
+    ours, theirs = mlx_logits(fused.model, tokens), cpp_logits(llm, tokens)
+    tol = GELU_TABLE_TOLERANCE if arch == "gemma2" else TOLERANCE["f32"]
+    diff = np.abs(theirs - ours).max()
+    assert diff <= tol * max(1.0, np.abs(ours).max()), diff
     assert _greedy(lambda t: cpp_logits(llm, t), tokens) == _greedy(lambda t: mlx_logits(fused.model, t), tokens)
     llm.close()
+    if arch == "gemma2":  # most of the gap is ggml's GELU table: with it in MLX too, the gap shrinks
+        import mlx_lm.models.gemma2
+
+        monkeypatch.setattr(mlx_lm.models.gemma2.nn, "gelu_approx", ggml_gelu(mlx_lm.models.gemma2.nn.gelu_approx))
+        assert np.abs(theirs - mlx_logits(fused.model, tokens)).max() < diff / 2
     reader = GGUFReader(path)
     assert _field(reader, "tokenizer.ggml.token_type")[1] == GGUFValueType.INT32  # llama.cpp requires INT32
     assert (
@@ -278,26 +300,26 @@ def test_unknown_pre_tokenizer_is_refused_in_one_line(smollm2_shaped, tmp_path):
 
 
 def test_unsupported_architecture_or_type_is_refused_before_anything_is_written(hf_models, tmp_path):
-    random_adapter(hf_models["phi3"], tmp_path / "ours", CFG)
+    # Gemma (1): mlx-lm's computes GELU exactly, Hugging Face's and llama.cpp's with tanh
+    random_adapter(hf_models["gemma"], tmp_path / "ours", CFG)
     result = _run("fuse", "--adapter-path", tmp_path / "ours", "--save-path", tmp_path / "fused", "--export-gguf")
-    assert (
-        result.exit_code == 2 and "GGUF export supports llama, mistral, qwen2, qwen3 models, not phi3" in result.output
-    )
+    assert result.exit_code == 2
+    assert "GGUF export supports llama, mistral, qwen2, qwen3, gemma2, phi3 models, not gemma" in result.output
     result = _run("fuse", "--adapter-path", tmp_path / "ours", "--save-path", tmp_path / "fused", "--gguf-type", "q4")
     assert result.exit_code == 2 and "--gguf-type must be one of f32, f16, bf16, q8_0, got 'q4'" in result.output
     assert not (tmp_path / "fused").exists()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_adapter_gguf_on_the_base_gguf_gives_our_adapter_logits_in_llama_cpp(hf_models, arch, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "phi3"])
+def test_adapter_gguf_on_the_base_gguf_gives_our_adapter_logits_in_llama_cpp(models, arch, tmp_path):
     from mlx.utils import tree_flatten
 
-    base = load_base(str(hf_models[arch]))
+    base = load_base(str(models[arch]))
     write_gguf(tmp_path / "base.gguf", dict(tree_flatten(base.model.parameters())), base.config, base.path, "f32")
     # rsLoRA and a per-module rank: scales llama.cpp's one alpha cannot express, folded into B
-    cfg = LoRAConfig(targets="all-linear", num_layers=2, rank=4, alpha=8, rslora=True, rank_pattern="v_proj=2")
-    ours = random_adapter(hf_models[arch], tmp_path / "adapter", cfg)
+    cfg = LoRAConfig(targets="all-linear", num_layers=2, rank=4, alpha=8, rslora=True, rank_pattern="o_proj=2")
+    ours = random_adapter(models[arch], tmp_path / "adapter", cfg)
     result = _run("convert", "--to", "gguf", tmp_path / "adapter", tmp_path / "out")
     assert result.exit_code == 0, result.output
     tokens = ours.tokenizer.encode(ASCII_PROMPTS["plain"])
@@ -306,7 +328,18 @@ def test_adapter_gguf_on_the_base_gguf_gives_our_adapter_logits_in_llama_cpp(hf_
     diff = np.abs(cpp_logits(llm, tokens) - expected).max()
     llm.close()
     assert np.abs(expected - plain).max() > 0.5  # the adapter changes the logits visibly
-    assert diff <= TOLERANCE["f32"] * max(1.0, np.abs(expected).max()), diff
+    tol = GELU_TABLE_TOLERANCE if arch == "gemma2" else TOLERANCE["f32"]
+    assert diff <= tol * max(1.0, np.abs(expected).max()), diff
+
+
+def test_gemma2_query_scale_llama_cpp_cannot_express_is_refused():
+    config = {"model_type": "gemma2", "num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4}
+    check_gguf(config | {"head_dim": 16, "query_pre_attn_scalar": 16}, "f16")
+    check_gguf(config | {"num_hidden_layers": 46, "head_dim": 8, "query_pre_attn_scalar": 16}, "f16")  # as 27B
+    with pytest.raises(
+        UserError, match=r"llama.cpp scales Gemma 2's queries by 1/sqrt\(16\), this model by 1/sqrt\(32\)"
+    ):
+        check_gguf(config | {"head_dim": 16, "query_pre_attn_scalar": 32}, "f16")
 
 
 def test_dora_adapter_has_no_gguf_form(llama, tmp_path):
