@@ -13,7 +13,7 @@ from mlx_lm.models.base import scaled_dot_product_attention as mlx_attention
 from mlx_lora.config import LoRAConfig
 from mlx_lora.model import cpu_kernels
 from mlx_lora.model.base import load_base
-from mlx_lora.model.cpu_kernels import attention, fast_exp, swiglu, use_cpu_kernels
+from mlx_lora.model.cpu_kernels import attention, cross_entropy, fast_exp, swiglu, use_cpu_kernels
 from mlx_lora.model.lora import apply_lora
 
 
@@ -125,3 +125,14 @@ def test_other_devices_keep_mlx_kernels(monkeypatch):
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
     layer = nn.QuantizedLinear.from_linear(nn.Linear(64, 32), group_size=32, bits=4)
     assert not use_cpu_kernels(nn.Sequential(layer)) and type(layer) is nn.QuantizedLinear
+
+
+def test_cross_entropy_equals_mlx_with_gradients():
+    logits, targets = mx.random.normal((64, 5000)) * 4, mx.random.randint(0, 5000, (64,))
+    want = nn.losses.cross_entropy(logits, targets)
+    # log-sum-exp over 5000 terms summed in another order: fp32_tol(5000) of its size
+    assert mx.abs(cross_entropy(logits, targets) - want).max() <= fp32_tol(5000) * mx.abs(want).max()
+    ours, theirs = (
+        mx.grad(lambda x, f=f: f(x, targets).sum())(logits) for f in (cross_entropy, nn.losses.cross_entropy)
+    )
+    assert mx.abs(ours - theirs).max() <= fp32_tol(5000) * mx.abs(theirs).max()
