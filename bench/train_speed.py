@@ -237,9 +237,11 @@ def _finish(clock: Clock, end: float, out: dict, peak: float | None) -> None:
 
 
 def run_ours(job: dict) -> None:
+    import mlx_lora  # noqa: F401  (loads OpenBLAS unless MLX_LORA_BLAS=off: before mlx.core)
+
+    # isort: split
     import mlx.core as mx
 
-    import mlx_lora  # noqa: F401  (loads OpenBLAS unless MLX_LORA_BLAS=off)
     from mlx_lora.cli import app
 
     mx.reset_peak_memory = lambda: None  # count from process start, as for mlx_lm
@@ -429,6 +431,8 @@ def spawn(who: str, job: dict, env: dict) -> dict:
     if proc.returncode or line is None:
         sys.exit(f"{who} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     res = json.loads(line[len("RESULT ") :])
+    if env.get("EXPECT_OPENBLAS") and "openblas" not in res["blas"]:
+        sys.exit(f"{who} ran on {res['blas']}, not OpenBLAS: the numbers would be meaningless")
     return dict(res, wall=wall, to_first=res["first_wall"] - start)
 
 
@@ -461,7 +465,8 @@ def main() -> None:
     if not (model_dir / "config.json").exists():
         build_model(a.shape, model_dir)
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
-    envs = {"ours": env, "ours-4bit": env, "theirs": dict(env, LD_PRELOAD=openblas or ""), "peft": env}
+    mlx_env = dict(env, EXPECT_OPENBLAS="1") if openblas else env
+    envs = {"ours": mlx_env, "ours-4bit": mlx_env, "theirs": dict(mlx_env, LD_PRELOAD=openblas or ""), "peft": env}
     peak = sgemm_peak(a.threads)
     print(f"sgemm peak (2048^3 fp32, {a.threads} threads): {peak / 1e9:.0f} GFLOP/s", flush=True)
     tables = []

@@ -15,12 +15,14 @@ Measured on a 2-core x86 machine (bench/RESULTS.md, "Where an epoch-1 step goes"
 Results equal MLX's kernels up to fp32 rounding (tests/model/test_cpu_kernels.py).
 """
 
+import os
 import sys
 from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 
+ENV, OFF = "MLX_LORA_CPU_KERNELS", ("off", "0", "false", "no")  # MLX's own kernels, to compare
 MIN_ROWS = 8  # below this the quantized kernel wins
 _LOG2E = 1.4426950408889634
 _LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4  # ln 2 split so that n * _LN2_HI is exact
@@ -145,7 +147,7 @@ def use_cpu_kernels(model: nn.Module) -> bool:
     it did. Quantized layers keep their arrays, so saving, fusing and LoRA wrapping see the same
     layers as before; swiglu and attention are replaced in the modules that define the model's
     classes, which is where mlx-lm's model code looks them up."""
-    if mx.default_device() != mx.cpu:
+    if mx.default_device() != mx.cpu or os.environ.get(ENV, "").strip().lower() in OFF:
         return False
     for _, module in model.named_modules():
         cpu_class = _CPU_CLASSES.get(type(module))

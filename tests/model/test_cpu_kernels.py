@@ -121,8 +121,12 @@ def test_a_model_on_the_cpu_kernels_equals_it_on_mlx_kernels(llama, quantized, m
         assert mx.abs(g - h).max() <= tol * mx.abs(h).max(), name
 
 
-def test_other_devices_keep_mlx_kernels(monkeypatch):
-    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+@pytest.mark.parametrize("where", ["gpu", "env"])
+def test_other_devices_and_the_off_switch_keep_mlx_kernels(where, monkeypatch):
+    if where == "gpu":
+        monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    else:
+        monkeypatch.setenv(cpu_kernels.ENV, "off")
     layer = nn.QuantizedLinear.from_linear(nn.Linear(64, 32), group_size=32, bits=4)
     assert not use_cpu_kernels(nn.Sequential(layer)) and type(layer) is nn.QuantizedLinear
 
