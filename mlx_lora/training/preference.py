@@ -18,6 +18,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_lora.data.preference import Pair, collate_pairs
+from mlx_lora.model.cpu_kernels import cross_entropy
 from mlx_lora.model.lora import adapter_off
 from mlx_lora.training.objectives import Objective, preference_loss
 
@@ -29,7 +30,7 @@ def sequence_logps(model: nn.Module, tokens: mx.array, mask: mx.array) -> tuple[
     """Summed log-probs of each row's completion tokens and their count, both (R,)."""
     logits = model(tokens[:, :-1]).astype(mx.float32)  # (R, L-1, V)
     weights = mask[:, 1:].astype(mx.float32)  # (R, L-1): 1 on completion tokens
-    logps = -nn.losses.cross_entropy(logits, tokens[:, 1:]) * weights  # (R, L-1)
+    logps = -cross_entropy(logits, tokens[:, 1:]) * weights  # (R, L-1)
     return logps.sum(axis=1), weights.sum(axis=1)
 
 

@@ -6,11 +6,11 @@ from mlx.utils import tree_flatten
 from mlx_lora.config import LoRAConfig
 from mlx_lora.errors import UserError
 from mlx_lora.model.base import load_base
+from mlx_lora.model.cpu_kernels import dequantized
 from mlx_lora.model.lora import (
     LoRALinear,
     adapter_off,
     apply_lora,
-    dequantized_weight,
     fuse_lora,
     lora_layers,
     remove_lora,
@@ -35,7 +35,7 @@ def test_wrapped_layer_equals_base_at_init(quantized, dora):
     assert wrapped.lora_a.shape == (64, 4) and wrapped.lora_b.shape == (4, 32)
     assert mx.all(wrapped.lora_b == 0).item()
     if dora:  # m starts at the row norms of W, so m / ||W + 0|| = 1
-        assert mx.array_equal(wrapped.magnitude, mx.linalg.norm(dequantized_weight(base), axis=1))
+        assert mx.array_equal(wrapped.magnitude, mx.linalg.norm(dequantized(base), axis=1))
         assert mx.allclose(wrapped(x), base(x), atol=1e-5)
     else:
         assert mx.array_equal(wrapped(x), base(x))

@@ -13,7 +13,8 @@ from mlx_lora.errors import UserError
 from mlx_lora.formats.loader import load_adapter
 from mlx_lora.formats.native import describe, save_adapter
 from mlx_lora.model.base import load_base
-from mlx_lora.model.lora import LoRALinear, apply_lora, dequantized_weight, linear_dims, lora_layers
+from mlx_lora.model.cpu_kernels import dequantized
+from mlx_lora.model.lora import LoRALinear, apply_lora, linear_dims, lora_layers
 
 BITS = (2, 3, 4, 5, 6, 8)
 
@@ -35,7 +36,7 @@ def test_dims_dora_and_fuse_are_right_at_every_bit_width(bits):
     assert linear_dims(base) == (40, 96)
     layer = LoRALinear(base, rank=4, scale=2.0, dora=True)
     assert layer.lora_a.shape == (96, 4) and layer.lora_b.shape == (4, 40)
-    assert mx.array_equal(layer.magnitude, mx.linalg.norm(dequantized_weight(base), axis=1))
+    assert mx.array_equal(layer.magnitude, mx.linalg.norm(dequantized(base), axis=1))
     x = mx.random.normal((2, 3, 96))
     assert mx.allclose(layer(x), base(x), atol=1e-5)
     layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1

@@ -1,0 +1,99 @@
+"""Where one epoch-1 training step goes, ours and PEFT+torch's, on the same 4 rows.
+
+    python bench/profile_step.py MODEL_DIR DATA_DIR     # e.g. the dirs bench/train_speed.py --work made
+
+Ours: each piece of a step timed alone (median of 6, after a warm-up), from the same batch:
+the frozen prefix (blocks before the first trained one), the trained blocks forward, the head
+and loss at the target positions, and the whole compiled step (forward, backward, AdamW).
+torch: torch.profiler over 6 steps of PEFT's usual loop, operators by self CPU time.
+Set MLX_LORA_CPU_KERNELS=off to see ours on MLX's own kernels.
+"""
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+
+def median_ms(fn, n: int = 6) -> float:
+    import mlx.core as mx
+
+    mx.eval(fn())
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        mx.eval(fn())
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def ours(model: str, data: str) -> None:
+
+    from mlx_lora.config import TrainConfig
+    from mlx_lora.data.batches import collate, iterate_batches
+    from mlx_lora.training.feed import _chunk_ce
+    from mlx_lora.training.loop import build_run
+
+    cfg = TrainConfig(model=model, data=data, targets="q_proj,v_proj", num_layers=4, rank=8, alpha=16.0)
+    run = build_run(replace(cfg, adapter_path=tempfile.mkdtemp()), log=lambda s: None)
+    feed, examples, cut = run.feed, run.data["train"], run.feed.cut
+    rows, batch, count = next(iterate_batches(examples, 4, 0))
+    tokens = collate(examples, rows)[0][:, :-1]
+    inputs = feed.inputs(examples, rows, batch)
+    inp, states, positions, targets, _ = inputs
+    picked = cut.hidden(inp, states).reshape(-1, states.shape[-1])[positions]
+    parts = {
+        f"frozen prefix: blocks 0-{cut.k - 1} forward": lambda: cut.prefix(tokens),
+        "trained blocks forward": lambda: cut.hidden(inp, states),
+        f"head + loss forward at {positions.shape[0]} target rows": lambda: _chunk_ce(cut, targets, picked),
+        "compiled step from the prefix (fwd + bwd + AdamW)": lambda: (run.step(inputs, None, True), run.state)[0],
+    }
+    print(f"ours: batch {tuple(tokens.shape)}, {count} real tokens")
+    for name, fn in parts.items():
+        print(f"  {name:55s} {median_ms(fn):7.1f} ms", flush=True)
+
+
+def torch_side(model: str, data: str) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    n = net.config.num_hidden_layers
+    lora = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], layers_to_transform=list(range(n - 4, n))
+    )
+    net = get_peft_model(net, lora)
+    msgs = [json.loads(l)["messages"] for l in Path(data, "train.jsonl").read_text().splitlines()[:4]]
+    ids = [tok.apply_chat_template(m, tokenize=True, return_dict=False) for m in msgs]
+    width = max(map(len, ids))
+    x = torch.tensor([i + [0] * (width - len(i)) for i in ids])
+    att = (torch.arange(width)[None] < torch.tensor([len(i) for i in ids])[:, None]).long()
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+
+    def step():
+        net(input_ids=x, attention_mask=att, labels=x.masked_fill(att == 0, -100)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()
+    t = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(6):
+            step()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads: batch {tuple(x.shape)}, "
+        f"{(time.perf_counter() - t) / 6 * 1000:.0f} ms/step under the profiler"
+    )
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    import mlx_lora  # noqa: F401  (OpenBLAS before mlx.core)
+
+    ours(sys.argv[1], sys.argv[2])
+    torch_side(sys.argv[1], sys.argv[2])

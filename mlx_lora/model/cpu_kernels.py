@@ -1,0 +1,162 @@
+"""What MLX's CPU backend computes slowly, computed another way when a model runs on the CPU.
+
+Measured on a 2-core x86 machine (bench/RESULTS.md, "Where an epoch-1 step goes"):
+- MLX's CPU `exp` runs at ~80 M values/s, so SiLU and softmax cost more than a block's matmuls.
+  `fast_exp` (Cody-Waite range reduction and a degree-7 polynomial, compiled into one loop) is 4x
+  faster and closer to float64's exp than MLX's own (1e-7 against 9e-7 relative error);
+  `swiglu` and `attention` are built on it and stand in for mlx-lm's in the model's own module;
+  the training loss takes `cross_entropy`.
+- MLX's CPU quantized matmul is a plain loop, 20-50x slower than OpenBLAS sgemm at training
+  shapes, while de-quantizing costs one pass over the weight. So a quantized layer given at least
+  MIN_ROWS rows de-quantizes its weight just for that matmul: the weight stays quantized in
+  memory and the float copy lives only as long as the matmul (or its backward pass) needs it.
+  Fewer rows, as in decoding a token at a time, keep the quantized kernel, which reads 4-8x
+  fewer bytes and wins there.
+Results equal MLX's kernels up to fp32 rounding (tests/model/test_cpu_kernels.py).
+"""
+
+import os
+import sys
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+
+ENV, OFF = "MLX_LORA_CPU_KERNELS", ("off", "0", "false", "no")  # MLX's own kernels, to compare
+MIN_ROWS = 8  # below this the quantized kernel wins
+_LOG2E = 1.4426950408889634
+_LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4  # ln 2 split so that n * _LN2_HI is exact
+_EXP_TAYLOR = (1.0, 1.0, 1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720, 1 / 5040)  # |r| <= ln2/2: error < 1e-7
+
+
+@mx.compile  # not shapeless: the final view needs its shape
+def _exp(x: mx.array) -> mx.array:
+    x = mx.clip(x, -87.0, 88.0)  # float32's range; below it the result is ~1e-38 rather than 0
+    n = mx.floor(x * _LOG2E + 0.5)
+    r = x - n * _LN2_HI - n * _LN2_LO
+    p = _EXP_TAYLOR[-1]
+    for c in reversed(_EXP_TAYLOR[:-1]):
+        p = p * r + c
+    return p * mx.left_shift(n.astype(mx.int32) + 127, 23).view(mx.float32)  # p * 2**n
+
+
+@mx.custom_function
+def fast_exp(x: mx.array) -> mx.array:
+    """exp(x), computed in float32 and returned in x's type."""
+    return _exp(x.astype(mx.float32)).astype(x.dtype)
+
+
+@fast_exp.vjp
+def _fast_exp_vjp(primals, cotangent, output):
+    return cotangent * output
+
+
+def swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    """mlx-lm's swiglu: silu(gate) * x."""
+    return gate / (1 + fast_exp(-gate)) * x
+
+
+def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """nn.losses.cross_entropy without reduction; on the CPU its log-sum-exp runs on fast_exp
+    (compiled with its backward pass: 20 against 44 ms for 64 rows of a 49k vocabulary)."""
+    if mx.default_device() != mx.cpu:
+        return nn.losses.cross_entropy(logits, targets)
+    top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))  # any shift gives the same value and gradient
+    lse = mx.log(fast_exp(logits - top).sum(axis=-1)) + top.squeeze(-1)
+    return lse - mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
+
+
+def attention(queries, keys, values, cache, scale: float, mask, sinks=None, fallback=None):
+    """mlx-lm's scaled_dot_product_attention: queries (B, H, Tq, D), keys and values (B, KV, Tk, D).
+    The H/KV query heads that share a key head go through one matmul, and the softmax is taken in
+    float32 with fast_exp. Quantized KV caches and attention sinks go to mlx-lm's own (`fallback`)."""
+    if hasattr(cache, "bits") or sinks is not None:
+        return fallback(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+    b, h, tq, d = queries.shape
+    kv, tk = keys.shape[1], keys.shape[2]
+    q = (queries * scale).reshape(b, kv, h // kv * tq, d)
+    scores = (q @ keys.swapaxes(-1, -2)).reshape(b, kv, h // kv, tq, tk).astype(mx.float32)
+    scores = _masked(scores, mask)
+    scores = fast_exp(scores - mx.stop_gradient(scores.max(axis=-1, keepdims=True)))
+    probs = (scores / scores.sum(axis=-1, keepdims=True)).astype(values.dtype)
+    return (probs.reshape(b, kv, h // kv * tq, tk) @ values).reshape(b, h, tq, d)
+
+
+def _masked(scores: mx.array, mask) -> mx.array:
+    """scores (B, KV, G, Tq, Tk) with `mask` applied: "causal" (the last Tq of Tk positions), a
+    boolean (True = attend) or additive array broadcasting to (B, H, Tq, Tk), or None."""
+    _, kv, g, tq, tk = scores.shape
+    if mask is None:
+        return scores
+    if isinstance(mask, str):
+        mask = mx.arange(tq)[:, None] + (tk - tq) >= mx.arange(tk)[None]
+    if mask.ndim > 2:  # (B or 1, H or 1, Tq, Tk): split H into (KV, G) like the scores
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        heads = (kv, g) if mask.shape[1] > 1 else (1, 1)
+        mask = mask.reshape(mask.shape[0], *heads, tq, tk)
+    if mask.dtype == mx.bool_:
+        return mx.where(mask, scores, mx.finfo(mx.float32).min)
+    return scores + mask.astype(mx.float32)
+
+
+def dequantized(layer: nn.Module) -> mx.array:
+    """The weight of a plain or quantized linear or embedding as the floats it stands for, (out, in)."""
+    if "scales" not in layer:
+        return layer.weight
+    args = (layer["weight"], layer["scales"], layer.get("biases"))
+    if layer.mode == "affine" and layer.bits in (2, 4, 8) and args[2] is not None:
+        return _dequantize(*args, layer.group_size, layer.bits)
+    return mx.dequantize(*args, group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+
+
+@mx.compile  # traced per shape: the reshapes read it
+def _dequantize(w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> mx.array:
+    """mx.dequantize for affine 2/4/8-bit weights as one compiled loop: the same values, computed
+    ~1.7x faster on the CPU (a 49k x 576 head: 87 against 152 ms)."""
+    out, packed = w.shape
+    codes = (w[..., None] >> mx.arange(0, 32, bits, dtype=mx.uint32)) & ((1 << bits) - 1)  # (out, packed, 32/bits)
+    codes = codes.reshape(out, -1, group_size).astype(scales.dtype)
+    return (codes * scales[..., None] + biases[..., None]).reshape(out, -1)
+
+
+def _rows(x: mx.array) -> int:
+    return x.size // x.shape[-1]
+
+
+class CPUQuantizedLinear(nn.QuantizedLinear):
+    def __call__(self, x: mx.array) -> mx.array:
+        if _rows(x) < MIN_ROWS:
+            return super().__call__(x)
+        y = x @ dequantized(self).T
+        return y + self["bias"] if "bias" in self else y
+
+
+class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
+    def as_linear(self, x: mx.array) -> mx.array:
+        """The tied output projection: the whole vocabulary against every row."""
+        if _rows(x) < MIN_ROWS:
+            return super().as_linear(x)
+        return x @ dequantized(self).T
+
+
+_CPU_CLASSES = {nn.QuantizedLinear: CPUQuantizedLinear, nn.QuantizedEmbedding: CPUQuantizedEmbedding}
+
+
+def use_cpu_kernels(model: nn.Module) -> bool:
+    """When MLX computes on the CPU, give `model` the kernels above (the GPU's own are fast); True if
+    it did. Quantized layers keep their arrays, so saving, fusing and LoRA wrapping see the same
+    layers as before; swiglu and attention are replaced in the modules that define the model's
+    classes, which is where mlx-lm's model code looks them up."""
+    if mx.default_device() != mx.cpu or os.environ.get(ENV, "").strip().lower() in OFF:
+        return False
+    for _, module in model.named_modules():
+        cpu_class = _CPU_CLASSES.get(type(module))
+        if cpu_class is not None:
+            module.__class__ = cpu_class
+        source = sys.modules.get(type(module).__module__)
+        if getattr(source, "swiglu", swiglu) is not swiglu:
+            source.swiglu = swiglu
+        own = getattr(source, "scaled_dot_product_attention", None)
+        if own is not None and getattr(own, "func", None) is not attention:
+            source.scaled_dot_product_attention = partial(attention, fallback=own)
+    return True

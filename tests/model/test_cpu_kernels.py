@@ -1,0 +1,142 @@
+"""The CPU kernels equal MLX's own up to fp32 rounding, and stand in only where they should."""
+
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from conftest import EPS, fp32_tol
+from mlx.utils import tree_flatten
+from mlx_lm.models.base import scaled_dot_product_attention as mlx_attention
+
+from mlx_lora.config import LoRAConfig
+from mlx_lora.model import cpu_kernels
+from mlx_lora.model.base import load_base
+from mlx_lora.model.cpu_kernels import attention, cross_entropy, fast_exp, swiglu, use_cpu_kernels
+from mlx_lora.model.lora import apply_lora
+
+
+def test_fast_exp_is_as_close_to_float64_as_mlx_exp():
+    x = mx.concatenate([mx.linspace(-87, 88, 200_001), mx.random.normal((10_000,)) * 3])
+    exact = np.exp(np.array(x, np.float64))
+    ours = np.abs(np.array(fast_exp(x), np.float64) - exact) / exact
+    theirs = np.abs(np.array(mx.exp(x), np.float64) - exact) / exact
+    # Horner over 8 terms rounds ~8 times (each <= EPS/2) on values near 1; the 7th-degree
+    # truncation on |r| <= ln2/2 adds < 2e-9. MLX's own exp is off by up to ~1e-6 here.
+    assert ours.max() < 4 * EPS and ours.max() <= theirs.max()
+    grad = mx.grad(lambda v: (fast_exp(v) * 3).sum())(x[:100])
+    assert mx.allclose(grad, 3 * fast_exp(x[:100]), rtol=EPS).item()
+
+
+def _qkv(tq: int, tk: int):
+    mx.random.seed(1)
+    return mx.random.normal((2, 9, tq, 64)), mx.random.normal((2, 3, tk, 64)), mx.random.normal((2, 3, tk, 64))
+
+
+def _masks(t: int) -> dict:
+    mx.random.seed(2)
+    eye = mx.eye(t, dtype=mx.bool_)
+    return {
+        "causal": "causal",
+        "none": None,
+        "bool per batch": (mx.random.uniform(shape=(2, 1, t, t)) > 0.3) | eye,
+        "bool per head": (mx.random.uniform(shape=(2, 9, t, t)) > 0.3) | eye,
+        "additive": mx.random.normal((t, t)),
+    }
+
+
+def _grad_q(fn, q, k, v, mask) -> mx.array:
+    return mx.grad(lambda q: (fn(q, k, v, None, 0.125, mask) ** 2).sum())(q)
+
+
+@pytest.mark.parametrize("mask", list(_masks(1)))
+def test_attention_equals_mlx_lm_with_every_kind_of_mask(mask):
+    q, k, v = _qkv(17, 17)
+    m = _masks(17)[mask]
+    want = mlx_attention(q, k, v, None, 0.125, m)
+    # softmax over 17 keys, then sums over 17 values and 64 dims: each in its own order
+    assert mx.abs(attention(q, k, v, None, 0.125, m) - want).max() <= fp32_tol(64 + 17) * mx.abs(want).max()
+    ours, theirs = _grad_q(attention, q, k, v, m), _grad_q(mlx_attention, q, k, v, m)
+    assert mx.abs(ours - theirs).max() <= fp32_tol(2 * (64 + 17)) * mx.abs(theirs).max()
+
+
+def test_causal_attention_of_new_queries_over_a_longer_cache():
+    q, k, v = _qkv(3, 12)  # generation: the last 3 positions of 12
+    want = mlx_attention(q, k, v, None, 0.125, "causal")
+    assert mx.abs(attention(q, k, v, None, 0.125, "causal") - want).max() <= fp32_tol(64 + 12) * mx.abs(want).max()
+
+
+def test_swiglu_equals_silu_times_x_with_gradients():
+    gate, x = mx.random.normal((4, 33, 100)) * 5, mx.random.normal((4, 33, 100))
+    plain = lambda g: nn.silu(g) * x  # noqa: E731
+    assert mx.allclose(swiglu(gate, x), plain(gate), rtol=8 * EPS, atol=8 * EPS).item()
+    ours = mx.grad(lambda g: (swiglu(g, x) ** 2).sum())(gate)
+    theirs = mx.grad(lambda g: (plain(g) ** 2).sum())(gate)
+    assert mx.allclose(ours, theirs, rtol=32 * EPS, atol=32 * EPS * mx.abs(theirs).max().item()).item()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_layers_dequantize_only_for_enough_rows(bits, monkeypatch):
+    layer = nn.QuantizedLinear.from_linear(nn.Linear(256, 96, bias=True), group_size=32, bits=bits)
+    kernel, calls = mx.quantized_matmul, []
+    monkeypatch.setattr(mx, "quantized_matmul", lambda *a, **k: calls.append(a[0].shape) or kernel(*a, **k))
+    assert use_cpu_kernels(nn.Sequential(layer)) and type(layer) is cpu_kernels.CPUQuantizedLinear
+    for rows in (1, cpu_kernels.MIN_ROWS):
+        x = mx.random.normal((rows, 256))
+        want = kernel(x, layer.weight, layer.scales, layer.biases, group_size=32, bits=bits) + layer.bias
+        assert mx.abs(layer(x) - want).max() <= fp32_tol(256) * mx.abs(want).max()
+    assert calls == [(1, 256)]  # one row kept the quantized kernel, MIN_ROWS rows did not
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_model_on_the_cpu_kernels_equals_it_on_mlx_kernels(llama, quantized, monkeypatch):
+    """Logits and LoRA gradients of a whole model (plain and 4-bit) against the same model with
+    mlx-lm's swiglu and attention and MLX's quantized layers put back."""
+    model = load_base(str(llama)).model
+    if quantized:
+        nn.quantize(model, group_size=32, bits=4)
+        use_cpu_kernels(model)
+    source = sys.modules[type(model.layers[0].mlp).__module__]
+    assert source.swiglu is swiglu and source.scaled_dot_product_attention.func is attention
+    apply_lora(model, LoRAConfig(targets="q_proj,v_proj", num_layers=2, rank=4, alpha=8))
+    tokens = mx.array([[1, 5, 9, 14, 3, 7, 22, 8, 4, 11, 19, 2]])
+
+    def outputs():
+        loss = lambda m: nn.losses.cross_entropy(m(tokens[:, :-1]), tokens[:, 1:]).mean()  # noqa: E731
+        return model(tokens), tree_flatten(nn.value_and_grad(model, loss)(model)[1])
+
+    ours = outputs()
+    monkeypatch.setattr(source, "swiglu", sys.modules["mlx_lm.models.activations"].swiglu)
+    monkeypatch.setattr(source, "scaled_dot_product_attention", mlx_attention)
+    cpu_classes = (cpu_kernels.CPUQuantizedLinear, cpu_kernels.CPUQuantizedEmbedding)
+    swapped = [m for _, m in model.named_modules() if isinstance(m, cpu_classes)]
+    assert len(swapped) == (7 * len(model.layers) + 2 if quantized else 0)  # every linear, embedding, head
+    for m in swapped:
+        m.__class__ = m.__class__.__bases__[0]
+    theirs = outputs()
+    tol = fp32_tol(64 * 8)  # sums of 64 terms (the hidden size) through ~8 matmuls in a row
+    assert mx.abs(ours[0] - theirs[0]).max() <= tol * mx.abs(theirs[0]).max()
+    for (name, g), (_, h) in zip(ours[1], theirs[1]):
+        assert mx.abs(g - h).max() <= tol * mx.abs(h).max(), name
+
+
+@pytest.mark.parametrize("where", ["gpu", "env"])
+def test_other_devices_and_the_off_switch_keep_mlx_kernels(where, monkeypatch):
+    if where == "gpu":
+        monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    else:
+        monkeypatch.setenv(cpu_kernels.ENV, "off")
+    layer = nn.QuantizedLinear.from_linear(nn.Linear(64, 32), group_size=32, bits=4)
+    assert not use_cpu_kernels(nn.Sequential(layer)) and type(layer) is nn.QuantizedLinear
+
+
+def test_cross_entropy_equals_mlx_with_gradients():
+    logits, targets = mx.random.normal((64, 5000)) * 4, mx.random.randint(0, 5000, (64,))
+    want = nn.losses.cross_entropy(logits, targets)
+    # log-sum-exp over 5000 terms summed in another order: fp32_tol(5000) of its size
+    assert mx.abs(cross_entropy(logits, targets) - want).max() <= fp32_tol(5000) * mx.abs(want).max()
+    ours, theirs = (
+        mx.grad(lambda x, f=f: f(x, targets).sum())(logits) for f in (cross_entropy, nn.losses.cross_entropy)
+    )
+    assert mx.abs(ours - theirs).max() <= fp32_tol(5000) * mx.abs(theirs).max()
