@@ -47,7 +47,7 @@ class StoredArray:
             header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
             shape, _, dtype = header[np.lib.format.read_magic(file)](file)
             if len(shape) != 1 or os.fstat(file.fileno()).st_size != file.tell() + shape[0] * dtype.itemsize:
-                raise ValueError(f"{path}: not a whole 1-D array")
+                raise ValueError  # cut short, or not what save() wrote
         except (KeyError, ValueError):
             file.close()
             raise ValueError(f"{path}: not a .npy array this version wrote") from None
@@ -57,6 +57,7 @@ class StoredArray:
         return self.size
 
     def __getitem__(self, index: slice) -> np.ndarray:
+        """array[begin:end] (the step is not read: an example is a contiguous run)."""
         begin, end, _ = index.indices(self.size)
         n = max(0, end - begin)
         data = os.pread(self.file.fileno(), n * self.dtype.itemsize, self.start + begin * self.dtype.itemsize)

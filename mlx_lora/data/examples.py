@@ -4,7 +4,7 @@ A row's mask marks the tokens the loss counts: the completion or assistant turns
 --train-on-prompt), never padding.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from mlx_lora.config.data import DataConfig
-from mlx_lora.data.mapping import map_rows
+from mlx_lora.data.mapping import iter_mapped
 from mlx_lora.data.rows import PREFERENCE, Row, file_rows, row_format
-from mlx_lora.data.sources import split_label, train_valid_rows
+from mlx_lora.data.sources import split_label, train_valid_streams
 from mlx_lora.errors import UserError
 
 
@@ -130,12 +130,14 @@ def check_same_format(row: Row, fmt: str, first_fmt: str, first: Row) -> None:
 
 
 def encode_rows(
-    label: str, rows: list[Row], tokenizer, max_seq_length: int, train_on_prompt: bool, log=print
+    label: str, rows: Iterable[Row], tokenizer, max_seq_length: int, train_on_prompt: bool, log=print
 ) -> ExampleSet:
-    """Rows already in a row format -> examples; `label` names the set in warnings."""
+    """Rows already in a row format -> examples; `label` names the set in warnings. Rows are read
+    as they come, so a stream of them is never held whole."""
     first = None
-    parts, examples, truncated, empty, shortest = [], [], 0, 0, None
+    parts, examples, truncated, empty, shortest, count = [], [], 0, 0, None, 0
     for row in rows:
+        count += 1
         fmt = row_format(row.where, row.fields)
         first = first or (fmt, row)
         check_same_format(row, fmt, *first)
@@ -152,16 +154,16 @@ def encode_rows(
         if len(examples) == CHUNK:
             parts.append(ExampleSet.of(examples))
             examples = []
-    if not rows:
+    if not count:
         raise UserError(f"{label}: no rows")
-    if truncated == len(rows):
+    if truncated == count:
         raise UserError(
             f"{shortest[0]}: every row is longer than --max-seq-length {max_seq_length} (this one, the "
             f"shortest, has {shortest[1]} tokens); raise --max-seq-length or shorten the rows"
         )
     if truncated:
         log(
-            f"warning: {truncated} of {len(rows)} rows in {label} are longer than "
+            f"warning: {truncated} of {count} rows in {label} are longer than "
             f"--max-seq-length {max_seq_length} and were truncated"
         )
     if empty:
@@ -182,12 +184,13 @@ def load_split(
 def load_sets(
     source, cfg: DataConfig, tokenizer, max_seq_length: int, train_on_prompt: bool, log=print
 ) -> dict[str, ExampleSet]:
-    """The training and validation examples of a source (sources.py), mapped as `cfg` says."""
-    train, valid = train_valid_rows(source, cfg, log)
+    """The training and validation examples of a source (sources.py), mapped as `cfg` says; rows
+    are read, mapped and tokenized one at a time, and only the tokens are kept."""
+    train, valid = train_valid_streams(source, cfg, log)
     label, valid_label = split_label(source, cfg, "train"), split_label(source, cfg, "valid")
     return {
-        "train": encode_rows(label, map_rows(train, cfg), tokenizer, max_seq_length, train_on_prompt, log),
-        "valid": encode_rows(valid_label, map_rows(valid, cfg), tokenizer, max_seq_length, train_on_prompt, log),
+        "train": encode_rows(label, iter_mapped(train, cfg), tokenizer, max_seq_length, train_on_prompt, log),
+        "valid": encode_rows(valid_label, iter_mapped(valid, cfg), tokenizer, max_seq_length, train_on_prompt, log),
     }
 
 

@@ -3,7 +3,7 @@ import pytest
 from conftest import write_jsonl
 
 from mlx_lora.data.batches import collate, epoch_batches
-from mlx_lora.data.examples import load_split
+from mlx_lora.data.examples import Example, ExampleSet, load_split
 from mlx_lora.data.rows import read_rows
 from mlx_lora.errors import UserError
 from mlx_lora.model.base import load_base
@@ -86,6 +86,27 @@ def test_batches_are_grouped_by_length_and_cover_every_row_once():
     assert padded < 0.75 * random_padded
     assert epoch_batches(examples, 8, 0, 1) != batches  # a new order each epoch
     assert epoch_batches(examples, 8, 0, 0) == batches  # and reproducible
+
+
+def sorted_plan(examples, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """epoch_batches as it was written before ExampleSet, with sorted() over a key per row."""
+    rng = np.random.default_rng([seed, epoch])
+    order, window, batches = rng.permutation(len(examples)), batch_size * 16, []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: len(examples[i].tokens))
+        batches += [[int(i) for i in chunk[j : j + batch_size]] for j in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def test_the_plan_from_the_lengths_array_is_the_one_checkpoints_were_made_with():
+    """Lengths with many ties (1-11 tokens over 1,000 rows): the stable argsort keeps sorted()'s
+    order, so a checkpoint written before resumes on the same rows, from a list or an ExampleSet."""
+    rng = np.random.default_rng(1)
+    examples = [Example(np.zeros(n, np.int32), np.ones(n, bool)) for n in rng.integers(1, 12, 1000)]
+    stored = ExampleSet.of(examples)
+    for batch_size, epoch in [(1, 0), (3, 1), (4, 2), (7, 0)]:
+        want = sorted_plan(examples, batch_size, 5, epoch)
+        assert epoch_batches(stored, batch_size, 5, epoch) == want == epoch_batches(examples, batch_size, 5, epoch)
 
 
 @pytest.mark.parametrize(
