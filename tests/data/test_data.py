@@ -1,3 +1,5 @@
+import weakref
+
 import numpy as np
 import pytest
 from conftest import write_jsonl
@@ -145,3 +147,36 @@ def test_empty_file_is_an_error(tmp_path):
     path.write_text("\n")
     with pytest.raises(UserError, match="no rows"):
         read_rows(path)
+
+
+class Fields(dict):
+    """A row's fields that a weak reference can watch."""
+
+
+@pytest.mark.parametrize("valid_split", [True, False])
+def test_tokenizing_a_set_holds_one_row_at_a_time(base, valid_split):
+    """load_sets reads each row as it tokenizes it: as the source yields row after row, all but a
+    few of the earlier ones are gone: the first (kept to name it in a format error), the one being
+    tokenized, and, holding out, the one the filter last passed over. 200 if rows were kept."""
+    from mlx_lora.config import DataConfig
+    from mlx_lora.data.examples import load_sets
+    from mlx_lora.data.rows import Row
+
+    alive, most = [], []
+
+    class Source:
+        name, splits = "s", ["train", "valid"] if valid_split else ["train"]
+
+        def stream(self, split):
+            for i in range(1, 201):
+                fields = Fields(prompt=f"{i} + 1 =", completion=f" {i + 1}")
+                alive.append(weakref.ref(fields))
+                most.append(sum(ref() is not None for ref in alive))
+                yield Row(f"{split} row {i}", i, fields)
+
+        count = lambda self, split: 200
+        columns = lambda self, split: None
+        label = lambda self, split: split
+
+    sets = load_sets(Source(), DataConfig(), base.tokenizer, 2048, False, lambda _: None)
+    assert len(sets["train"]) == (200 if valid_split else 190) and max(most) <= 4
