@@ -21,17 +21,23 @@ def lengths(examples: Sequence) -> np.ndarray:
     return np.array([len(ex.tokens) for ex in examples], np.int64)  # preference pairs, lists in tests
 
 
-def epoch_batches(examples: Sequence, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """One epoch's batches: rows shuffled, sorted by length within windows, batches shuffled."""
+def epoch_plan(examples: Sequence, batch_size: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """One epoch's batches as two arrays, not a list per batch (a start at a million rows would
+    spend a second building them): rows shuffled, then sorted by length within windows of 16
+    batches; batch k of the epoch is rows[b * batch_size : (b + 1) * batch_size] for b = order[k]."""
     rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(examples))
-    sizes, window = lengths(examples)[order], batch_size * 16
-    batches = []
-    for start in range(0, len(order), window):
-        # stable, as sorted() was: ties keep their shuffled order, so every epoch is the one it always was
-        chunk = order[start : start + window][np.argsort(sizes[start : start + window], kind="stable")].tolist()
-        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
+    shuffled = rng.permutation(len(examples))
+    window = np.arange(len(shuffled)) // (batch_size * 16)
+    # By window, then length within it; stable, as the sorted() per window it replaces, so ties keep
+    # their shuffled order and every epoch is the one it always was. A window holds whole batches.
+    rows = shuffled[np.lexsort((lengths(examples)[shuffled], window))]
+    return rows, rng.permutation(-(-len(rows) // batch_size))
+
+
+def epoch_batches(examples: Sequence, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's batches (epoch_plan) as lists of row indices."""
+    rows, order = epoch_plan(examples, batch_size, seed, epoch)
+    return [rows[b * batch_size : (b + 1) * batch_size].tolist() for b in order.tolist()]
 
 
 def collate(examples: Sequence[Example], indices: list[int]) -> tuple[mx.array, mx.array]:
@@ -101,7 +107,9 @@ def iterate_batches(
     step, epoch, sizes = 0, 0, lengths(examples)
     while True:
         if pack_length is None:
-            plan, collated = epoch_batches(examples, batch_size, seed, epoch), collate_rows
+            ordered, order = epoch_plan(examples, batch_size, seed, epoch)  # each batch made as it is read
+            plan = (ordered[b * batch_size : (b + 1) * batch_size].tolist() for b in order)
+            collated = collate_rows
         else:
             plan, collated = epoch_packs(examples, batch_size, pack_length, seed, epoch), collate_packs
         for batch in plan:

@@ -219,9 +219,9 @@ def cached_start_growth(tmp_path, rows: int) -> int:
 
 def test_a_cached_start_does_not_hold_the_rows(tmp_path):
     """Rows stay on disk: what a start keeps per row is its index, the offsets of both sets (16
-    bytes) and the training lengths (8), and the epoch's plan, its batches as lists of Python ints
-    (about 28 an int, 8 its list slot, 14 the lists of 4 and 2 the list of them: 52), about 76
-    bytes; the rows themselves are 5 bytes a token (int32 token, bool mask), 640 at 128 tokens.
-    Bound: 120 bytes a row, allocator slack included (measured here: about 80)."""
+    bytes) and the training lengths (8), and the epoch's plan (batches.epoch_plan: the rows in
+    batch order, 8, and the order of the batches, 2 at 4 rows a batch), 34 bytes; the rows
+    themselves are 5 bytes a token (int32 token, bool mask), 640 at 128 tokens. Bound: 64 bytes a
+    row, the rest for the allocator and transients (measured here: about 37)."""
     small, big = cached_start_growth(tmp_path, ROWS_SMALL), cached_start_growth(tmp_path, ROWS_BIG)
-    assert big - small < 120 * (ROWS_BIG - ROWS_SMALL), (small, big)  # holding the rows would add 640 a row
+    assert big - small < 64 * (ROWS_BIG - ROWS_SMALL), (small, big)  # holding the rows would add 640 a row
