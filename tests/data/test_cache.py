@@ -19,6 +19,7 @@ from mlx_lora.data.cache import StoredArray, entry_path, save, tokenized_sets, t
 from mlx_lora.data.examples import ExampleSet, encode_rows, load_sets
 from mlx_lora.data.mapping import map_rows
 from mlx_lora.data.sources import open_source, split_rows
+from mlx_lora.distributed.group import World
 from mlx_lora.model.base import load_base
 
 
@@ -37,10 +38,10 @@ def entries(cache):
     return [p for p in cache.iterdir() if not p.name.startswith(".")]
 
 
-def same_batches(a, b, batch_size: int, steps: int, pack_length=None) -> bool:
+def same_batches(a, b, batch_size: int, steps: int, pack_length=None, start=0, shard=None) -> bool:
     """The batches training reads (rows, token ids, masks, segments, token counts), over more than one epoch."""
-    got = islice(iterate_batches(a, batch_size, seed=3, pack_length=pack_length), steps)
-    want = islice(iterate_batches(b, batch_size, seed=3, pack_length=pack_length), steps)
+    got = islice(iterate_batches(a, batch_size, seed=3, start=start, pack_length=pack_length, shard=shard), steps)
+    want = islice(iterate_batches(b, batch_size, seed=3, start=start, pack_length=pack_length, shard=shard), steps)
     for (rows_a, batch_a, count_a), (rows_b, batch_b, count_b) in zip(got, want, strict=True):
         arrays_equal = all(np.array_equal(np.array(x), np.array(y)) for x, y in zip(batch_a, batch_b, strict=True))
         if rows_a != rows_b or count_a != count_b or not arrays_equal:
@@ -79,6 +80,11 @@ def test_a_second_run_reads_the_tokens_back(tokenizer, tmp_path, kind, monkeypat
     assert isinstance(second["train"].tokens, StoredArray) and isinstance(second["valid"].mask, StoredArray)
     assert same_batches(second["train"], want["train"], batch_size=3, steps=30)  # 38 rows: three epochs
     assert same_batches(second["train"], want["train"], batch_size=2, steps=8, pack_length=64)
+    assert same_batches(second["train"], want["train"], batch_size=3, steps=10, start=11)  # resumed mid-epoch
+    for rank in (0, 1):  # each process of a group of two
+        assert same_batches(
+            second["train"], want["train"], batch_size=3, steps=15, shard=World(rank=rank, size=2).shard
+        )
     assert second_log[0] == first_log[0] and "holding out 2 of 40" in second_log[0]  # said again
     assert "read from the cache" in second_log[-1]
 
