@@ -129,7 +129,8 @@ def load(path: Path) -> tuple[ExampleSet, list[str]] | None:
         warnings = json.loads((path / WARNINGS).read_text())
     except (OSError, ValueError):
         return None
-    consistent = offsets.ndim == 1 and len(offsets) > 1 and offsets[0] == 0 and offsets[-1] == len(tokens)
+    consistent = offsets.dtype == np.int64 and offsets.ndim == 1 and len(offsets) > 1
+    consistent = consistent and offsets[0] == 0 and offsets[-1] == len(tokens)
     if not (consistent and len(mask) == len(tokens) and tokens.dtype == np.int32 and mask.dtype == bool):
         return None
     return ExampleSet(tokens, mask, offsets), warnings
