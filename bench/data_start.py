@@ -11,6 +11,7 @@ reports the seconds from launch to the line of step 1 and the process's peak RSS
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -58,8 +59,7 @@ def main() -> None:
         cache = args.work / f"cache-{rows}"
         for name, cached, fresh in CASES:
             if fresh and cache.exists():
-                for entry in cache.glob("*.npz"):
-                    entry.unlink()
+                shutil.rmtree(cache)
             seconds, gigabytes = run(data, args.work / "adapters", cache if cached else None)
             print(f"| {rows:,} | {name} | {seconds:.1f} | {gigabytes:.2f} |", flush=True)
 

@@ -7,6 +7,7 @@ final answers: GSM8K's convention, the text after `####`, with numbers normalise
 
 import math
 import re
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -18,7 +19,8 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lora import atomic
 from mlx_lora.commands.preference_eval import preference_table, run_preference
 from mlx_lora.config import EvalConfig, TrainConfig
-from mlx_lora.data.examples import encode_rows
+from mlx_lora.data.cache import tokenized_split
+from mlx_lora.data.examples import ExampleSet, encode_rows
 from mlx_lora.data.mapping import map_rows
 from mlx_lora.data.preference import preference_split
 from mlx_lora.data.rows import Row, row_format
@@ -238,6 +240,26 @@ def default_adapter(cfg: EvalConfig) -> str | None:
     return TrainConfig.adapter_path if Path(TrainConfig.adapter_path).is_dir() else None
 
 
+def split_examples(cfg: EvalConfig, source, tokenizer, log) -> tuple[Callable[[], list[Row]], ExampleSet]:
+    """The split's rows (read when first asked for: a loss-only eval that hits --data-cache reads
+    none) and its examples for the loss, tokenized now or read from the cache."""
+    rows = []
+
+    def read(say=log) -> list[Row]:
+        if not rows:
+            rows.extend(map_rows(split_rows(source, cfg, cfg.split, say)[: cfg.max_examples], cfg))
+        return rows
+
+    def tokenize(say) -> ExampleSet:
+        mapped = read(say)  # first: a split that does not exist is refused by name
+        return encode_rows(split_label(source, cfg, cfg.split), mapped, tokenizer, cfg.max_seq_length, False, log=say)
+
+    cache_dir = Path(cfg.data_cache).expanduser() if cfg.data_cache else None
+    first = {} if cfg.max_examples is None else {"first": cfg.max_examples}  # else the same key as training's
+    encoding = dict(max_seq_length=cfg.max_seq_length, train_on_prompt=False, **first)
+    return read, tokenized_split(source, cfg, cfg.split, tokenizer, cache_dir, tokenize, log, **encoding)
+
+
 def run(cfg: EvalConfig, log=print) -> dict:
     """Evaluate the adapter (and the base, with --compare-base or without an adapter); return every figure."""
     if cfg.output:
@@ -258,10 +280,9 @@ def run(cfg: EvalConfig, log=print) -> dict:
         raise UserError(
             f"{preference}:1: preference rows (prompt, chosen, rejected); evaluate them with --task preference"
         )
-    rows = map_rows(split_rows(source, cfg, cfg.split, log)[: cfg.max_examples], cfg)
-    path = split_label(source, cfg, cfg.split)
-    examples = encode_rows(path, rows, base.tokenizer, cfg.max_seq_length, False, log=log)
-    items = [] if cfg.task == "loss" else generation_items(rows, base.tokenizer, cfg.task)
+    rows, examples = split_examples(cfg, source, base.tokenizer, log)
+    path = split_label(source, cfg, cfg.split)  # after: a split that does not exist is refused by name
+    items = [] if cfg.task == "loss" else generation_items(rows(), base.tokenizer, cfg.task)
     log(
         f"eval {base.name}{f' + {adapter_path}' if adapter_path else ''} on {path}: {len(examples)} rows for loss, "
         f"{len(items)} for exact match"

@@ -32,6 +32,9 @@ class DataConfig:
     # {column} fields; {{ }} for braces; a typed \n is a newline.
     prompt_template: str | None = opt(None, "Prompt from a row's columns, e.g. 'Q: {question}\\nA:'.", panel=DATA)
     completion_template: str | None = opt(None, "Completion from columns, e.g. ' {answer}'.", panel=DATA)
+    # Tokenized rows are reused, read from disk as batches need them, by a later run (train or
+    # eval) with the same data, tokenizer, mapping, --max-seq-length and --train-on-prompt.
+    data_cache: str | None = opt(None, "Directory to keep tokenized rows in for later runs.", panel=DATA)
 
     def problems(self) -> list[str]:
         p = []

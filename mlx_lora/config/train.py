@@ -29,9 +29,6 @@ class TrainConfig(DataConfig, LoRAConfig):
 
     model: str | None = opt(None, "HF model directory or hub id (default: the shipped model).", panel=MODEL)
     max_seq_length: int = opt(2048, "Rows longer than this many tokens are truncated.", panel=DATA)
-    # Tokenized rows are reused by a later run with the same data, tokenizer, mapping,
-    # --max-seq-length and --train-on-prompt.
-    data_cache: str | None = opt(None, "Directory to keep tokenized rows in for later runs.", panel=DATA)
     # Default: the loss covers completions and assistant turns only.
     train_on_prompt: bool = opt(False, "Also train on prompt and user tokens.", panel=DATA)
     iters: int = opt(300, "Optimizer steps to train for.", panel=OPTIMISATION)

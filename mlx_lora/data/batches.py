@@ -4,29 +4,43 @@ The order of every epoch follows from (seed, epoch) alone, so a resumed or shard
 same batches as an uninterrupted one.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
 
-from mlx_lora.data.examples import Example
+from mlx_lora.data.examples import Example, ExampleSet
 
 PAD_MULTIPLE = 8  # fewer distinct batch shapes, so the compiled step is rebuilt less often
 
 
-def epoch_batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """One epoch's batches: rows shuffled, sorted by length within windows, batches shuffled."""
+def lengths(examples: Sequence) -> np.ndarray:
+    """Every example's token count: an ExampleSet's own array (no row is read), else counted."""
+    if isinstance(examples, ExampleSet):
+        return examples.lengths
+    return np.array([len(ex.tokens) for ex in examples], np.int64)  # preference pairs, lists in tests
+
+
+def epoch_plan(examples: Sequence, batch_size: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """One epoch's batches as two arrays, not a list per batch (a start at a million rows would
+    spend a second building them): rows shuffled, then sorted by length within windows of 16
+    batches; batch k of the epoch is rows[b * batch_size : (b + 1) * batch_size] for b = order[k]."""
     rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(examples))
-    window = batch_size * 16
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lambda i: len(examples[i].tokens))
-        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
+    shuffled = rng.permutation(len(examples))
+    window = np.arange(len(shuffled)) // (batch_size * 16)
+    # By window, then length within it; stable, as the sorted() per window it replaces, so ties keep
+    # their shuffled order and every epoch is the one it always was. A window holds whole batches.
+    rows = shuffled[np.lexsort((lengths(examples)[shuffled], window))]
+    return rows, rng.permutation(-(-len(rows) // batch_size))
 
 
-def collate(examples: list[Example], indices: list[int]) -> tuple[mx.array, mx.array]:
+def epoch_batches(examples: Sequence, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's batches (epoch_plan) as lists of row indices."""
+    rows, order = epoch_plan(examples, batch_size, seed, epoch)
+    return [rows[b * batch_size : (b + 1) * batch_size].tolist() for b in order.tolist()]
+
+
+def collate(examples: Sequence[Example], indices: list[int]) -> tuple[mx.array, mx.array]:
     """Right-padded tokens (B, L) and loss mask (B, L); padding is never a target."""
     longest = max(len(examples[i].tokens) for i in indices)
     length = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
@@ -39,21 +53,24 @@ def collate(examples: list[Example], indices: list[int]) -> tuple[mx.array, mx.a
     return mx.array(tokens), mx.array(mask)
 
 
-def epoch_packs(examples: list[Example], batch_size: int, length: int, seed: int, epoch: int) -> list[list[list[int]]]:
+def epoch_packs(
+    examples: Sequence[Example], batch_size: int, length: int, seed: int, epoch: int
+) -> list[list[list[int]]]:
     """One epoch of packed batches (--pack): shuffled rows laid end to end into sequences of at
     most `length` tokens (next fit), `batch_size` sequences per batch."""
     rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(examples))
     packs, used = [[]], 0
-    for i in rng.permutation(len(examples)):
-        n = len(examples[i].tokens)
+    for i, n in zip(order.tolist(), lengths(examples)[order].tolist()):
         if used + n > length and packs[-1]:
-            packs, used = packs + [[]], 0
-        packs[-1].append(int(i))
+            packs.append([])
+            used = 0
+        packs[-1].append(i)
         used += n
     return [packs[j : j + batch_size] for j in range(0, len(packs), batch_size)]
 
 
-def collate_packs(examples: list[Example], packs: list[list[int]]) -> tuple[mx.array, mx.array, mx.array]:
+def collate_packs(examples: Sequence[Example], packs: list[list[int]]) -> tuple[mx.array, mx.array, mx.array]:
     """Tokens, loss mask and segments (B, L): a token's segment is the index of its row within
     the sequence; padding is one more segment. A row's first token is never a target, so no
     loss crosses from one row into the next."""
@@ -72,7 +89,7 @@ def collate_packs(examples: list[Example], packs: list[list[int]]) -> tuple[mx.a
 
 
 def iterate_batches(
-    examples: list[Example],
+    examples: Sequence[Example],
     batch_size: int,
     seed: int,
     start: int = 0,
@@ -87,10 +104,12 @@ def iterate_batches(
     (distributed.World.shard) and the count stays the whole batch's; a process left without any
     gets one with nothing to learn, so it still joins the gradient sum. `collate_rows` collates
     unpacked batches (preference pairs bring their own)."""
-    step, epoch = 0, 0
+    step, epoch, sizes = 0, 0, lengths(examples)
     while True:
         if pack_length is None:
-            plan, collated = epoch_batches(examples, batch_size, seed, epoch), collate_rows
+            ordered, order = epoch_plan(examples, batch_size, seed, epoch)  # each batch made as it is read
+            plan = (ordered[b * batch_size : (b + 1) * batch_size].tolist() for b in order)
+            collated = collate_rows
         else:
             plan, collated = epoch_packs(examples, batch_size, pack_length, seed, epoch), collate_packs
         for batch in plan:
@@ -99,12 +118,12 @@ def iterate_batches(
                 mine = shard(batch) if shard else batch
                 tokens, mask, *segments = collated(examples, mine or batch[:1])
                 learned = mask if mine else mx.zeros_like(mask)
-                yield mine or batch[:1], (tokens, learned, *segments), sum(len(examples[i].tokens) for i in rows)
+                yield mine or batch[:1], (tokens, learned, *segments), int(sizes[rows].sum())
             step += 1
         epoch += 1
 
 
-def batches_per_epoch(examples: list[Example], batch_size: int, pack_length: int | None = None) -> int:
+def batches_per_epoch(examples: Sequence[Example], batch_size: int, pack_length: int | None = None) -> int:
     if pack_length is not None:
         return len(epoch_packs(examples, batch_size, pack_length, seed=0, epoch=0))
     return -(-len(examples) // batch_size)

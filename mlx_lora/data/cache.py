@@ -2,24 +2,66 @@
 the same way: same data (file size and modification time, or the datasets fingerprint), tokenizer,
 mapping, split choice, --max-seq-length and --train-on-prompt. A run that misses writes its entry.
 
-One entry is a .npz: every example's tokens and mask laid end to end, their lengths, and the
-warnings tokenizing printed (said again on a hit).
+One entry is a directory of .npy arrays, an ExampleSet's three (every example's tokens and mask
+laid end to end, and where each starts), and warnings.json (what tokenizing printed, said again
+on a hit). A hit reads the offsets alone; tokens and mask stay on disk and a batch reads its own
+rows (os.pread), so memory does not grow with the rows. Not a memory map: the page cache maps a
+file in folios of up to 2 MB, and every row touched would keep one in the process's RSS.
 """
 
 import hashlib
-import io
 import json
-from dataclasses import fields
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from mlx_lora import atomic
 from mlx_lora.config.data import DataConfig
-from mlx_lora.data.examples import Example, load_sets
+from mlx_lora.data.examples import ExampleSet, load_sets
 from mlx_lora.data.sources import HOLDOUT_SEED, valid_split_name
 
-VERSION = 1  # bump when the encoding of rows changes, so old entries are not read
+VERSION = 2  # bump when the encoding of rows or the layout of an entry changes, so old entries are not read
+ARRAYS = ("tokens", "mask", "offsets")  # <name>.npy in an entry, ExampleSet's fields
+WARNINGS = "warnings.json"
+NOT_KEYS = ("data_cache",)  # where the cache is does not change what is in it
+
+
+@dataclass(frozen=True, eq=False)
+class StoredArray:
+    """A 1-D .npy file that hands out slices read from disk, as ExampleSet's tokens or mask."""
+
+    file: BinaryIO  # open for the life of the set; closed when it is collected
+    dtype: np.dtype
+    start: int  # byte offset of element 0, after the header
+    size: int
+
+    @classmethod
+    def open(cls, path: Path) -> "StoredArray":
+        """ValueError when the file is not a whole 1-D .npy array."""
+        file = open(path, "rb", buffering=0)  # noqa: SIM115  (lives with the array)
+        try:
+            header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            shape, _, dtype = header[np.lib.format.read_magic(file)](file)
+            if len(shape) != 1 or os.fstat(file.fileno()).st_size != file.tell() + shape[0] * dtype.itemsize:
+                raise ValueError  # cut short, or not what save() wrote
+        except (KeyError, ValueError):
+            file.close()
+            raise ValueError(f"{path}: not a .npy array this version wrote") from None
+        return cls(file, dtype, file.tell(), shape[0])
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        """array[begin:end] (the step is not read: an example is a contiguous run)."""
+        begin, end, _ = index.indices(self.size)
+        n = max(0, end - begin)
+        data = os.pread(self.file.fileno(), n * self.dtype.itemsize, self.start + begin * self.dtype.itemsize)
+        return np.frombuffer(data, self.dtype, n)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -40,67 +82,70 @@ def split_fingerprint(source, split: str) -> str:
     return f"{source.origin}:{source.tables[split]._fingerprint}"
 
 
-def cache_key(source, cfg: DataConfig, part: str, split: str, tokenizer_id: str, **encoding) -> str:
-    """`part` is which rows of `split`: all, or the kept / held-out part of a validation hold-out."""
-    mapping = {f.name: getattr(cfg, f.name) for f in fields(DataConfig)}  # every data option: none is missed
+def split_part(source, cfg: DataConfig, wanted: str) -> tuple[str, str] | None:
+    """(split, which of its rows) that sources.split_rows(source, cfg, wanted) reads: all of them, or
+    the kept / held-out part of a validation hold-out; None when a split it needs is missing (the
+    uncached path then says so)."""
+    valid = valid_split_name(source, cfg)
+    holdout = f"{cfg.valid_fraction} seed {HOLDOUT_SEED}"
+    if wanted == "train":
+        split, part = cfg.train_split, "all" if valid else f"kept {holdout}"
+    elif wanted == "valid":
+        split, part = (valid, "all") if valid else (cfg.train_split, f"held out {holdout}")
+    else:
+        split, part = cfg.test_split if wanted == "test" else wanted, "all"
+    needed = {split, cfg.train_split, valid} - {None} if wanted in ("train", "valid") else {split}
+    return (split, part) if needed <= set(source.splits) else None
+
+
+def entry_path(source, cfg: DataConfig, wanted: str, tokenizer_id: str, cache_dir: Path, **encoding) -> Path | None:
+    """Where the entry of one set lives; None when its split is missing."""
+    found = split_part(source, cfg, wanted)
+    if found is None:
+        return None
+    split, part = found
+    mapping = {f.name: getattr(cfg, f.name) for f in fields(DataConfig) if f.name not in NOT_KEYS}
     described = dict(
         version=VERSION, data=split_fingerprint(source, split), part=part, mapping=mapping, tokenizer=tokenizer_id
     )
-    return hashlib.sha256(json.dumps({**described, **encoding}, sort_keys=True).encode()).hexdigest()[:32]
+    key = hashlib.sha256(json.dumps({**described, **encoding}, sort_keys=True).encode()).hexdigest()[:32]
+    return cache_dir / key
 
 
-def save(path: Path, examples: list[Example], warnings: list[str]) -> None:
-    lengths = np.array([len(ex.tokens) for ex in examples], np.int64)
-    buffer = io.BytesIO()
-    np.savez(
-        buffer,
-        tokens=np.concatenate([ex.tokens for ex in examples]),
-        mask=np.concatenate([ex.mask for ex in examples]),
-        lengths=lengths,
-        warnings=np.array(json.dumps(warnings)),
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_bytes(path, buffer.getvalue())
+def save(path: Path, examples: ExampleSet, warnings: list[str]) -> None:
+    """Written whole or not at all: a run killed mid-write leaves no entry a later run would trust."""
+    with atomic.replace_dir(path) as tmp:
+        for name in ARRAYS:
+            np.save(tmp / f"{name}.npy", getattr(examples, name))
+        (tmp / WARNINGS).write_text(json.dumps(warnings))
 
 
-def load(path: Path) -> tuple[list[Example], list[str]] | None:
-    """The entry's examples and warnings; None when it is missing or unreadable (then it is rewritten)."""
+def load(path: Path) -> tuple[ExampleSet, list[str]] | None:
+    """The entry's examples (offsets in memory, tokens and mask on disk) and its warnings; None when
+    it is missing or damaged (then it is rewritten)."""
     try:
-        with np.load(path) as entry:
-            tokens, mask, lengths = entry["tokens"], entry["mask"], entry["lengths"]
-            warnings = json.loads(str(entry["warnings"]))
-    except (OSError, ValueError, KeyError):
+        offsets = np.load(path / "offsets.npy")
+        tokens, mask = StoredArray.open(path / "tokens.npy"), StoredArray.open(path / "mask.npy")
+        warnings = json.loads((path / WARNINGS).read_text())
+    except (OSError, ValueError):
         return None
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    return [Example(tokens[s:e], mask[s:e]) for s, e in zip(starts, ends)], warnings
-
-
-def entry_paths(source, cfg: DataConfig, tokenizer, cache_dir: Path, **encoding) -> dict[str, Path] | None:
-    """Where the training and validation entries live; None when a split is missing (the uncached
-    path then says so)."""
-    valid = valid_split_name(source, cfg)
-    if cfg.train_split not in source.splits or (valid is not None and valid not in source.splits):
+    consistent = offsets.dtype == np.int64 and offsets.ndim == 1 and len(offsets) > 1
+    consistent = consistent and offsets[0] == 0 and offsets[-1] == len(tokens)
+    if not (consistent and len(mask) == len(tokens) and tokens.dtype == np.int32 and mask.dtype == bool):
         return None
-    holdout = f"{cfg.valid_fraction} seed {HOLDOUT_SEED}"
-    parts = {
-        "train": (cfg.train_split, "all" if valid else f"kept {holdout}"),
-        "valid": (valid, "all") if valid else (cfg.train_split, f"held out {holdout}"),
-    }
-    tokenizer_id = tokenizer_fingerprint(tokenizer)
-    return {
-        role: cache_dir / f"{cache_key(source, cfg, part, split, tokenizer_id, **encoding)}.npz"
-        for role, (split, part) in parts.items()
-    }
+    return ExampleSet(tokens, mask, offsets), warnings
 
 
 def tokenized_sets(
     source, cfg: DataConfig, tokenizer, max_seq_length: int, train_on_prompt: bool, cache_dir: Path | None, log=print
-) -> dict[str, list[Example]]:
+) -> dict[str, ExampleSet]:
     """examples.load_sets, read from `cache_dir` when an earlier run wrote the same entries there."""
     encoding = dict(max_seq_length=max_seq_length, train_on_prompt=train_on_prompt)
-    paths = entry_paths(source, cfg, tokenizer, cache_dir, **encoding) if cache_dir else None
-    if paths is None:
+    if cache_dir is None:
+        return load_sets(source, cfg, tokenizer, max_seq_length, train_on_prompt, log)
+    tokenizer_id = tokenizer_fingerprint(tokenizer)
+    paths = {role: entry_path(source, cfg, role, tokenizer_id, cache_dir, **encoding) for role in ("train", "valid")}
+    if None in paths.values():
         return load_sets(source, cfg, tokenizer, max_seq_length, train_on_prompt, log)
     entries = {role: load(path) for role, path in paths.items()}
     if all(entries.values()):
@@ -115,4 +160,35 @@ def tokenized_sets(
     for role, path in paths.items():
         save(path, sets[role], said if role == "train" else [])
     log(f"tokenized rows saved to the cache ({cache_dir}) for later runs")
-    return sets
+    return {role: (load(path) or (sets[role],))[0] for role, path in paths.items()}  # on disk: memory let go
+
+
+def tokenized_split(
+    source,
+    cfg: DataConfig,
+    wanted: str,
+    tokenizer,
+    cache_dir: Path | None,
+    tokenize: Callable[[Callable], ExampleSet],
+    log=print,
+    **encoding,
+) -> ExampleSet:
+    """One set, as `split_rows(source, cfg, wanted)` names it (what eval reads): `tokenize(log)` makes
+    it, or the entry an earlier run wrote (a training run's validation entry, when eval reads the
+    same rows the same way)."""
+    path = (
+        entry_path(source, cfg, wanted, tokenizer_fingerprint(tokenizer), cache_dir, **encoding) if cache_dir else None
+    )
+    if path is None:
+        return tokenize(log)
+    entry = load(path)
+    if entry is not None:
+        for line in entry[1]:
+            log(line)
+        log(f"tokenized rows read from the cache ({cache_dir}): {path.name}")
+        return entry[0]
+    said = []
+    examples = tokenize(lambda line: (said.append(line), log(line)))
+    save(path, examples, said)
+    log(f"tokenized rows saved to the cache ({cache_dir}) for later runs")
+    return (load(path) or (examples,))[0]

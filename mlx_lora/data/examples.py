@@ -4,15 +4,17 @@ A row's mask marks the tokens the loss counts: the completion or assistant turns
 --train-on-prompt), never padding.
 """
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from mlx_lora.config.data import DataConfig
-from mlx_lora.data.mapping import map_rows
+from mlx_lora.data.mapping import iter_mapped
 from mlx_lora.data.rows import PREFERENCE, Row, file_rows, row_format
-from mlx_lora.data.sources import split_label, train_valid_rows
+from mlx_lora.data.sources import split_label, train_valid_streams
 from mlx_lora.errors import UserError
 
 
@@ -20,6 +22,52 @@ from mlx_lora.errors import UserError
 class Example:
     tokens: np.ndarray  # (T,) int32
     mask: np.ndarray  # (T,) bool: token t is a training target (predicted from tokens < t)
+
+
+CHUNK = 4096  # examples tokenized before they are laid end to end: a few MB, never one object per row
+
+
+@dataclass(frozen=True, eq=False)
+class ExampleSet(Sequence):
+    """Examples laid end to end in three flat arrays. Indexing slices tokens and mask, which may
+    be anything sliced like an array: a set read from --data-cache (cache.StoredArray) stays on
+    disk, and a batch reads only its own rows."""
+
+    tokens: np.ndarray  # (total,) int32
+    mask: np.ndarray  # (total,) bool
+    offsets: np.ndarray  # (N + 1,) int64: example i is [offsets[i], offsets[i + 1])
+
+    @classmethod
+    def concat(cls, parts: list["ExampleSet"]) -> "ExampleSet":
+        lengths = np.concatenate([p.lengths for p in parts])
+        return cls(
+            np.concatenate([p.tokens for p in parts]),
+            np.concatenate([p.mask for p in parts]),
+            np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        )
+
+    @classmethod
+    def of(cls, examples: list[Example]) -> "ExampleSet":
+        lengths = [len(ex.tokens) for ex in examples]
+        return cls(
+            np.concatenate([ex.tokens for ex in examples]).astype(np.int32),
+            np.concatenate([ex.mask for ex in examples]).astype(bool),
+            np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        )
+
+    @cached_property
+    def lengths(self) -> np.ndarray:
+        """(N,) int64, in memory: all that ordering batches reads."""
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> Example:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"example {i} of {len(self)}")
+        start, end = self.offsets[i % len(self)], self.offsets[i % len(self) + 1]
+        return Example(self.tokens[start:end], self.mask[start:end])
 
 
 def _chat_segments(where: str, tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
@@ -82,12 +130,14 @@ def check_same_format(row: Row, fmt: str, first_fmt: str, first: Row) -> None:
 
 
 def encode_rows(
-    label: str, rows: list[Row], tokenizer, max_seq_length: int, train_on_prompt: bool, log=print
-) -> list[Example]:
-    """Rows already in a row format -> examples; `label` names the set in warnings."""
+    label: str, rows: Iterable[Row], tokenizer, max_seq_length: int, train_on_prompt: bool, log=print
+) -> ExampleSet:
+    """Rows already in a row format -> examples; `label` names the set in warnings. Rows are read
+    as they come, so a stream of them is never held whole."""
     first = None
-    examples, truncated, empty, shortest = [], 0, 0, None
+    parts, examples, truncated, empty, shortest, count = [], [], 0, 0, None, 0
     for row in rows:
+        count += 1
         fmt = row_format(row.where, row.fields)
         first = first or (fmt, row)
         check_same_format(row, fmt, *first)
@@ -101,47 +151,52 @@ def encode_rows(
             examples.append(ex)
         else:
             empty += 1
-    if not rows:
+        if len(examples) == CHUNK:
+            parts.append(ExampleSet.of(examples))
+            examples = []
+    if not count:
         raise UserError(f"{label}: no rows")
-    if truncated == len(rows):
+    if truncated == count:
         raise UserError(
             f"{shortest[0]}: every row is longer than --max-seq-length {max_seq_length} (this one, the "
             f"shortest, has {shortest[1]} tokens); raise --max-seq-length or shorten the rows"
         )
     if truncated:
         log(
-            f"warning: {truncated} of {len(rows)} rows in {label} are longer than "
+            f"warning: {truncated} of {count} rows in {label} are longer than "
             f"--max-seq-length {max_seq_length} and were truncated"
         )
     if empty:
         log(f"warning: {empty} rows in {label} have no tokens to learn from (after truncation) and were skipped")
-    if not examples:
+    parts += [ExampleSet.of(examples)] if examples else []
+    if not parts:
         raise UserError(f"{label}: no row has a token to learn from within --max-seq-length {max_seq_length}; raise it")
-    return examples
+    return ExampleSet.concat(parts)
 
 
 def load_split(
     path: Path, tokenizer, max_seq_length: int, train_on_prompt: bool, log=print, max_rows: int | None = None
-) -> list[Example]:
+) -> ExampleSet:
     """One JSONL file of rows in a row format."""
     return encode_rows(str(path), file_rows(path)[:max_rows], tokenizer, max_seq_length, train_on_prompt, log)
 
 
 def load_sets(
     source, cfg: DataConfig, tokenizer, max_seq_length: int, train_on_prompt: bool, log=print
-) -> dict[str, list[Example]]:
-    """The training and validation examples of a source (sources.py), mapped as `cfg` says."""
-    train, valid = train_valid_rows(source, cfg, log)
+) -> dict[str, ExampleSet]:
+    """The training and validation examples of a source (sources.py), mapped as `cfg` says; rows
+    are read, mapped and tokenized one at a time, and only the tokens are kept."""
+    train, valid = train_valid_streams(source, cfg, log)
     label, valid_label = split_label(source, cfg, "train"), split_label(source, cfg, "valid")
     return {
-        "train": encode_rows(label, map_rows(train, cfg), tokenizer, max_seq_length, train_on_prompt, log),
-        "valid": encode_rows(valid_label, map_rows(valid, cfg), tokenizer, max_seq_length, train_on_prompt, log),
+        "train": encode_rows(label, iter_mapped(train, cfg), tokenizer, max_seq_length, train_on_prompt, log),
+        "valid": encode_rows(valid_label, iter_mapped(valid, cfg), tokenizer, max_seq_length, train_on_prompt, log),
     }
 
 
 def load_dataset(
     data_dir: Path, tokenizer, max_seq_length: int, train_on_prompt: bool, splits=("train", "valid"), log=print
-) -> dict[str, list[Example]]:
+) -> dict[str, ExampleSet]:
     out = {}
     for split in splits:
         path = data_dir / f"{split}.jsonl"

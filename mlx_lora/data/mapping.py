@@ -7,6 +7,7 @@ conversations` (role/content or ShareGPT from/value turns) or `--prompt-template
 
 import re
 import string
+from collections.abc import Iterable, Iterator
 
 from mlx_lora.config.data import DataConfig
 from mlx_lora.data.rows import Row
@@ -102,6 +103,9 @@ def map_row(where: str, row: dict, cfg: DataConfig) -> dict:
 
 def map_rows(rows: list[Row], cfg: DataConfig) -> list[Row]:
     """Every row in a row format (unchanged when no mapping flag is set)."""
-    if not cfg.mapped:
-        return rows
-    return [Row(r.where, r.number, map_row(r.where, r.fields, cfg)) for r in rows]
+    return list(iter_mapped(rows, cfg)) if cfg.mapped else rows
+
+
+def iter_mapped(rows: Iterable[Row], cfg: DataConfig) -> Iterator[Row]:
+    """map_rows a row at a time."""
+    return (Row(r.where, r.number, map_row(r.where, r.fields, cfg)) if cfg.mapped else r for r in rows)

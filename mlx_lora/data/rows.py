@@ -6,6 +6,7 @@ assistant messages). Every problem names the file and line.
 """
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,15 +30,29 @@ class Row(NamedTuple):
     fields: dict
 
 
+def lines(path: Path) -> Iterator[str]:
+    """The file's lines, read one at a time, without a leading byte-order mark; only "\n" ends a
+    JSONL line (str.splitlines would also split at U+2028 inside a string)."""
+    offset = 0
+    with open(path, "rb") as f:
+        for raw in f:  # a binary file splits at b"\n" alone
+            try:
+                line = raw.decode("utf-8-sig" if offset == 0 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {offset + e.start})") from None
+            offset += len(raw)
+            yield line.removesuffix("\n")
+
+
 def read_rows(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) for every non-blank line; the first bad line is a UserError."""
-    rows = []
-    try:
-        # only "\n" ends a JSONL line (str.splitlines would also split at U+2028 inside a string)
-        lines = path.read_text(encoding="utf-8-sig").split("\n")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for number, line in enumerate(lines, 1):
+    return list(iter_rows(path))
+
+
+def iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """read_rows a line at a time, for sets larger than memory."""
+    found = False
+    for number, line in enumerate(lines(path), 1):
         if not line.strip():
             continue
         try:
@@ -59,14 +74,18 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
                 f"{path}:{number}: contains an unpaired surrogate escape "
                 f"({e.object[e.start : e.end]!a}); write valid Unicode"
             ) from None
-        rows.append((number, row))
-    if not rows:
+        found = True
+        yield number, row
+    if not found:
         raise UserError(f"{path}: no rows; each line must be a JSON object with text, prompt+completion or messages")
-    return rows
 
 
 def file_rows(path: Path) -> list[Row]:
-    return [Row(f"{path}:{n}", n, row) for n, row in read_rows(path)]
+    return list(iter_file_rows(path))
+
+
+def iter_file_rows(path: Path) -> Iterator[Row]:
+    return (Row(f"{path}:{n}", n, row) for n, row in iter_rows(path))
 
 
 def row_format(where: str, row: dict) -> str:

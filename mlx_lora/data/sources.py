@@ -8,6 +8,7 @@ the `datasets` library; everything else goes through it (an optional extra: mlx-
 
 import os
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 
 from mlx_lora.config.data import VALID_NAMES, DataConfig
 from mlx_lora.data.mapping import mapped_columns
-from mlx_lora.data.rows import DEFAULT_DATA_DIRS, Row, file_rows
+from mlx_lora.data.rows import DEFAULT_DATA_DIRS, Row, file_rows, iter_file_rows, lines
 from mlx_lora.errors import UserError
 
 FILE_BUILDERS = {".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}  # datasets' readers
@@ -50,6 +51,13 @@ class JsonlSource:
     def read(self, split: str) -> list[Row]:
         return file_rows(self.files[split])
 
+    def stream(self, split: str) -> Iterator[Row]:
+        return iter_file_rows(self.files[split])
+
+    def count(self, split: str) -> int:
+        """The rows `stream` yields (or it fails first): the non-blank lines, not parsed."""
+        return sum(1 for line in lines(self.files[split]) if line.strip())
+
 
 @dataclass
 class TableSource:
@@ -70,7 +78,13 @@ class TableSource:
         return f"{self.name} {split}"
 
     def read(self, split: str) -> list[Row]:
-        return [Row(f"{self.name} {split} row {i}", i, dict(r)) for i, r in enumerate(self.tables[split], 1)]
+        return list(self.stream(split))
+
+    def stream(self, split: str) -> Iterator[Row]:
+        return (Row(f"{self.name} {split} row {i}", i, dict(r)) for i, r in enumerate(self.tables[split], 1))
+
+    def count(self, split: str) -> int:
+        return self.tables[split].num_rows
 
 
 def open_source(data: str | None, data_config: str | None = None, log=print) -> JsonlSource | TableSource:
@@ -212,11 +226,15 @@ def _hub(repo_id: str, data_config: str | None, log) -> TableSource:
 # --- splits ----------------------------------------------------------------------------------
 
 
-def _split(source, split: str, flag: str) -> list[Row]:
+def _check_split(source, split: str, flag: str) -> None:
     if split not in source.splits:
         raise UserError(
             f"{flag} {split}: {source.name} has no such split; it has: {', '.join(source.splits) or 'none'}"
         )
+
+
+def _split(source, split: str, flag: str) -> list[Row]:
+    _check_split(source, split, flag)
     return source.read(split)
 
 
@@ -238,32 +256,44 @@ def valid_split_name(source, cfg: DataConfig) -> str | None:
     return next((n for n in VALID_NAMES if n in source.splits), None)
 
 
-def hold_out(rows: list[Row], fraction: float, where: str) -> tuple[list[Row], list[Row]]:
-    """(train, valid): a seeded `fraction` of the rows (at least one), both in their original order."""
-    if len(rows) < 2:
-        raise UserError(f"{where}: {len(rows)} row, too few to hold out a validation set; add a validation split")
-    n = min(len(rows) - 1, max(1, round(fraction * len(rows))))
-    held = np.zeros(len(rows), bool)
-    held[np.random.default_rng(HOLDOUT_SEED).permutation(len(rows))[:n]] = True
-    return [r for r, h in zip(rows, held) if not h], [r for r, h in zip(rows, held) if h]
+def held_out(count: int, fraction: float, where: str) -> np.ndarray:
+    """(count,) bool: a seeded `fraction` of the rows (at least one, never all) is held out."""
+    if count < 2:
+        raise UserError(f"{where}: {count} row, too few to hold out a validation set; add a validation split")
+    n = min(count - 1, max(1, round(fraction * count)))
+    held = np.zeros(count, bool)
+    held[np.random.default_rng(HOLDOUT_SEED).permutation(count)[:n]] = True
+    return held
+
+
+def _say_held_out(source, cfg: DataConfig, held: np.ndarray, log) -> None:
+    log(
+        f"{source.name} has no validation split ({', '.join(VALID_NAMES)}): holding out {held.sum()} of "
+        f"{len(held)} {cfg.train_split} rows for validation (--valid-fraction {cfg.valid_fraction}, "
+        f"seed {HOLDOUT_SEED})"
+    )
 
 
 def train_valid_rows(source, cfg: DataConfig, log=print) -> tuple[list[Row], list[Row]]:
     """The training and validation rows; without a validation split, a held-out part of train (said in one line)."""
-    train = _split(source, cfg.train_split, "--train-split")
+    train, valid = train_valid_streams(source, cfg, log)
+    return list(train), list(valid)
+
+
+def train_valid_streams(source, cfg: DataConfig, log=print) -> tuple[Iterable[Row], Iterable[Row]]:
+    """train_valid_rows, read a row at a time as they are consumed, so no split need be held whole;
+    a hold-out counts the training rows first and reads them twice, once for each side."""
+    _check_split(source, cfg.train_split, "--train-split")
     check_columns(source, cfg.train_split, cfg)
     valid = valid_split_name(source, cfg)
     if valid is not None:
-        rows = _split(source, valid, "--valid-split")
+        _check_split(source, valid, "--valid-split")
         check_columns(source, valid, cfg)
-        return train, rows
-    kept, held = hold_out(train, cfg.valid_fraction, f"{source.name} {cfg.train_split}")
-    log(
-        f"{source.name} has no validation split ({', '.join(VALID_NAMES)}): holding out {len(held)} of "
-        f"{len(train)} {cfg.train_split} rows for validation (--valid-fraction {cfg.valid_fraction}, "
-        f"seed {HOLDOUT_SEED})"
-    )
-    return kept, held
+        return source.stream(cfg.train_split), source.stream(valid)
+    held = held_out(source.count(cfg.train_split), cfg.valid_fraction, f"{source.name} {cfg.train_split}")
+    _say_held_out(source, cfg, held, log)
+    side = lambda keep: (row for row, h in zip(source.stream(cfg.train_split), held, strict=True) if h != keep)
+    return side(True), side(False)
 
 
 def split_rows(source, cfg: DataConfig, wanted: str, log=print) -> list[Row]:

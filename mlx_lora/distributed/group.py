@@ -18,10 +18,11 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_map
 
 from mlx_lora.config import TrainConfig
-from mlx_lora.data.examples import Example
+from mlx_lora.data.examples import ExampleSet
 from mlx_lora.errors import UserError
 
 # What mlx.launch (ring, JACCL, NCCL) or mpirun sets in each rank, and the backend it means:
@@ -135,14 +136,16 @@ def sum_over(world: World, loss: mx.array, ntoks: mx.array, grads: Any) -> tuple
     return total["loss"], total["ntoks"], total["grads"]
 
 
-def checksum(examples: list[Example]) -> int:
-    crc = 0
-    for ex in examples:
-        crc = zlib.crc32(ex.mask.tobytes(), zlib.crc32(ex.tokens.tobytes(), crc))
+def checksum(examples: ExampleSet, chunk: int = 2**22) -> int:
+    """Over the flat arrays, a chunk at a time (a set read from --data-cache is never read whole)."""
+    crc = zlib.crc32(np.ascontiguousarray(examples.offsets))
+    for array in (examples.tokens, examples.mask):
+        for start in range(0, len(array), chunk):
+            crc = zlib.crc32(np.ascontiguousarray(array[start : start + chunk]), crc)
     return crc
 
 
-def check_group(world: World, cfg: TrainConfig, data: dict[str, list[Example]], trainable: int) -> None:
+def check_group(world: World, cfg: TrainConfig, data: dict[str, ExampleSet], trainable: int) -> None:
     """Every rank must train the same model on the same data with the same options, else the
     summed gradients mean nothing; hosts read their own --data and --model, so compare."""
     if world.size == 1:

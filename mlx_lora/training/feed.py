@@ -7,14 +7,14 @@ the trained blocks, and the output projection (576 x 49k for SmolLM, more than o
 only where a token is learned, in chunks, so no (B, T, V) logits exist for prompts or padding.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_lora.data.batches import collate
+from mlx_lora.data.batches import collate, lengths
 from mlx_lora.data.examples import Example
 from mlx_lora.model.cpu_kernels import cross_entropy
 from mlx_lora.training.cut import Cut, find_cut
@@ -82,7 +82,7 @@ class Feed:
         self.cut, self.cache_prefix, self.log = cut, cache_prefix and cut is not None and cut.k > 0, log
         self.caches: dict[int, PrefixCache] = {}
 
-    def inputs(self, examples: list[Example], rows: list[int], batch: tuple[mx.array, ...]) -> tuple[mx.array, ...]:
+    def inputs(self, examples: Sequence[Example], rows: list[int], batch: tuple[mx.array, ...]) -> tuple[mx.array, ...]:
         """Step inputs for `batch` (collated from `examples[rows]`: tokens, mask[, segments])."""
         if self.cut is None:
             return batch
@@ -110,7 +110,7 @@ PLAIN = Feed(None, cache_prefix=False)  # whole-model logits: evaluation outside
 def make_feed(
     model: nn.Module,
     first_trained: int,
-    examples: list[Example],
+    examples: Sequence[Example],
     cache_prefix: bool,
     packed: bool,
     log: Callable = print,
@@ -120,8 +120,7 @@ def make_feed(
     argument of the model's own forward, which the cut pieces do not take."""
     if packed:
         return PLAIN
-    shortest = min(range(len(examples)), key=lambda i: len(examples[i].tokens))
-    probe, _ = collate(examples, [shortest])
+    probe, _ = collate(examples, [int(lengths(examples).argmin())])  # the first shortest, as min() chose
     feed = Feed(find_cut(model, first_trained, probe[:, :-1], log), cache_prefix, log)
     if feed.cache_prefix:
         log(f"speed: blocks 0-{first_trained - 1} are frozen; their output is kept per row after its first batch")

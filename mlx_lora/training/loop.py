@@ -8,7 +8,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -78,7 +78,7 @@ class Run:
     log: Callable[[str], None]
     out: Path
     base: Base
-    data: dict[str, list[Example]]
+    data: dict[str, Sequence[Example]]
     adapter: AdapterConfig
     optimizer: optim.Optimizer
     progress: TrainerState  # where this run starts: step 0, or the checkpoint's

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_lora.data.batches import PAD_MULTIPLE
+from mlx_lora.data.batches import PAD_MULTIPLE, lengths
 from mlx_lora.errors import UserError
 from mlx_lora.model.lora import LINEAR_TYPES, block_paths, linear_dims, lora_layers
 
@@ -91,8 +91,8 @@ def check_training_memory(
     base, examples: list, batch_size: int, max_seq_length: int, pack: bool, grad_checkpoint: bool, log
 ) -> None:
     """Refuse a run the machine cannot hold, sized by the longest batch the data can make."""
-    lengths = [len(e.tokens) for e in examples]
-    longest = min(max_seq_length, sum(lengths) if pack else max(lengths))  # a pack fills up to the limit
+    sizes = lengths(examples)
+    longest = min(max_seq_length, int(sizes.sum() if pack else sizes.max()))  # a pack fills up to the limit
     seq_len = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
     batch = min(batch_size, len(examples))
     est = estimate_training_memory(base.model, base.config, batch, seq_len, grad_checkpoint)

@@ -9,12 +9,12 @@ temporary file (deleted when closed, also on a crash).
 """
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
 
-from mlx_lora.data.batches import collate
+from mlx_lora.data.batches import collate, lengths
 from mlx_lora.data.examples import Example
 from mlx_lora.training.cut import Cut
 
@@ -23,10 +23,10 @@ _BITS = {2: (mx.uint16, np.uint16), 4: (mx.uint32, np.uint32)}  # bf16 has no Nu
 
 
 class PrefixCache:
-    def __init__(self, cut: Cut, examples: list[Example], log: Callable = print):
+    def __init__(self, cut: Cut, examples: Sequence[Example], log: Callable = print):
         self.cut, self.examples, self.log = cut, examples, log
         # Row i keeps the states of its first len-1 positions: the inputs that predict a token.
-        sizes = np.array([len(ex.tokens) - 1 for ex in examples])
+        sizes = lengths(examples) - 1
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
         self.done = np.zeros(len(examples), bool)
         self.store = None  # (total positions, D) raw bits, allocated with the first batch

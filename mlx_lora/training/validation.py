@@ -1,5 +1,7 @@
 """The mean loss of a split: what validation during training and `mlx-lora eval` report."""
 
+from collections.abc import Sequence
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -12,7 +14,7 @@ from mlx_lora.training.feed import PLAIN, Feed
 
 def mean_loss(
     model: nn.Module,
-    examples: list[Example],
+    examples: Sequence[Example],
     batch_size: int,
     num_batches: int = -1,
     world: distributed.World = distributed.SOLO,

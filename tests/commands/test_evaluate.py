@@ -1,5 +1,6 @@
 import json
 import math
+from dataclasses import replace
 
 import mlx.core as mx
 import pytest
@@ -315,6 +316,23 @@ def test_cli_eval_prints_the_table_and_rejects_bad_input(llama, adapter, case, t
     assert bad.exit_code == 2 and "--output results.json: is a directory" in bad.output
     missing = runner.invoke(app, args + ["--split", "dev"])
     assert missing.exit_code == 2 and f"--split dev: {data} has no such split; it has: test" in missing.output
+
+
+def test_data_cache_gives_the_same_figures_without_reading_the_rows(llama, adapter, case, tmp_path, monkeypatch):
+    from mlx_lora.commands import evaluate
+
+    data, _ = case
+    cfg = EvalConfig(model=str(llama), adapter_path=str(adapter), data=str(data), task="loss", batch_size=3)
+    want = run(cfg, log=lambda _: None)
+    first, second = [], []
+    cached = replace(cfg, data_cache=str(tmp_path / "c"))
+    assert run(cached, log=first.append) == want and any("saved to the cache" in line for line in first)
+
+    def unread(*args):
+        raise AssertionError("rows read although the cache holds their tokens")
+
+    monkeypatch.setattr(evaluate, "split_rows", unread)
+    assert run(cached, log=second.append) == want and any("read from the cache" in line for line in second)
 
 
 @pytest.mark.parametrize("fmt", ["peft", "mlx-lm"])

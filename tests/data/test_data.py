@@ -1,9 +1,11 @@
+import weakref
+
 import numpy as np
 import pytest
 from conftest import write_jsonl
 
 from mlx_lora.data.batches import collate, epoch_batches
-from mlx_lora.data.examples import load_split
+from mlx_lora.data.examples import Example, ExampleSet, load_split
 from mlx_lora.data.rows import read_rows
 from mlx_lora.errors import UserError
 from mlx_lora.model.base import load_base
@@ -88,6 +90,27 @@ def test_batches_are_grouped_by_length_and_cover_every_row_once():
     assert epoch_batches(examples, 8, 0, 0) == batches  # and reproducible
 
 
+def sorted_plan(examples, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """epoch_batches as it was written before ExampleSet, with sorted() over a key per row."""
+    rng = np.random.default_rng([seed, epoch])
+    order, window, batches = rng.permutation(len(examples)), batch_size * 16, []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: len(examples[i].tokens))
+        batches += [[int(i) for i in chunk[j : j + batch_size]] for j in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def test_the_plan_from_the_lengths_array_is_the_one_checkpoints_were_made_with():
+    """Lengths with many ties (1-11 tokens over 1,000 rows): the stable argsort keeps sorted()'s
+    order, so a checkpoint written before resumes on the same rows, from a list or an ExampleSet."""
+    rng = np.random.default_rng(1)
+    examples = [Example(np.zeros(n, np.int32), np.ones(n, bool)) for n in rng.integers(1, 12, 1000)]
+    stored = ExampleSet.of(examples)
+    for batch_size, epoch in [(1, 0), (3, 1), (4, 2), (7, 0)]:
+        want = sorted_plan(examples, batch_size, 5, epoch)
+        assert epoch_batches(stored, batch_size, 5, epoch) == want == epoch_batches(examples, batch_size, 5, epoch)
+
+
 @pytest.mark.parametrize(
     "line, message",
     [
@@ -124,3 +147,36 @@ def test_empty_file_is_an_error(tmp_path):
     path.write_text("\n")
     with pytest.raises(UserError, match="no rows"):
         read_rows(path)
+
+
+class Fields(dict):
+    """A row's fields that a weak reference can watch."""
+
+
+@pytest.mark.parametrize("valid_split", [True, False])
+def test_tokenizing_a_set_holds_one_row_at_a_time(base, valid_split):
+    """load_sets reads each row as it tokenizes it: as the source yields row after row, all but a
+    few of the earlier ones are gone: the first (kept to name it in a format error), the one being
+    tokenized, and, holding out, the one the filter last passed over. 200 if rows were kept."""
+    from mlx_lora.config import DataConfig
+    from mlx_lora.data.examples import load_sets
+    from mlx_lora.data.rows import Row
+
+    alive, most = [], []
+
+    class Source:
+        name, splits = "s", ["train", "valid"] if valid_split else ["train"]
+
+        def stream(self, split):
+            for i in range(1, 201):
+                fields = Fields(prompt=f"{i} + 1 =", completion=f" {i + 1}")
+                alive.append(weakref.ref(fields))
+                most.append(sum(ref() is not None for ref in alive))
+                yield Row(f"{split} row {i}", i, fields)
+
+        count = lambda self, split: 200
+        columns = lambda self, split: None
+        label = lambda self, split: split
+
+    sets = load_sets(Source(), DataConfig(), base.tokenizer, 2048, False, lambda _: None)
+    assert len(sets["train"]) == (200 if valid_split else 190) and max(most) <= 4

@@ -178,12 +178,12 @@ CHECK_SCRIPT = """
 import sys
 import numpy as np
 from mlx_lora.config import TrainConfig
-from mlx_lora.data.examples import Example
+from mlx_lora.data.examples import Example, ExampleSet
 from mlx_lora.distributed.group import check_group, init
 from mlx_lora.errors import UserError
 world = init(60)
 rows = [Example(np.arange(n, dtype=np.int32), np.ones(n, bool)) for n in (5, 6, 7)]
-mine = {"train": rows[: 2 + world.rank], "valid": rows}  # rank 1 reads one more training row
+mine = {"train": ExampleSet.of(rows[: 2 + world.rank]), "valid": ExampleSet.of(rows)}  # rank 1: one more row
 for cfg in (TrainConfig(batch_size=1), TrainConfig()):
     try:
         check_group(world, cfg, mine, trainable=100)
