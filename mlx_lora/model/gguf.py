@@ -17,6 +17,8 @@ GGUF_SUFFIX = ".gguf"
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 GENERIC = "PreTrainedTokenizerFast"  # transformers' tokenizer class that changes nothing in tokenizer.json
 GROUP_SIZE = 32  # the block size of GGUF's Q4_0, Q4_1 and Q8_0
+QUANT_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # GGUF types mx.load gives as MLX-quantized arrays
+FLOAT_TYPES = {"F32": mx.float32, "F16": mx.float16}
 # GGUF tensor name (after blk.N.) -> mlx-lm / Hugging Face module name
 LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -193,14 +195,43 @@ def read_gguf(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
         raise UserError(f"--model {path}: MLX cannot read this GGUF ({e}); MLX reads F32/F16/Q4_0/Q4_1/Q8_0") from None
 
 
+def read_gguf_shapes(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
+    """What read_gguf returns, from the file's header alone: the metadata, and for each tensor a
+    stand-in with the shape and dtype mx.load gives it (zeros, never evaluated, so never allocated).
+    gguf-py's reader maps the file and parses only the header; mx.load would read every tensor."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    meta = {name: field.contents() for name, field in reader.fields.items()}
+    weights = {}
+    for tensor in reader.tensors:
+        shape, kind = (
+            tuple(int(d) for d in reversed(tensor.shape)),
+            tensor.tensor_type.name,
+        )  # ggml lists dims inner first
+        if kind in QUANT_BITS:  # MLX's affine quantization: packed uint32 words, a scale and a bias per group
+            module, groups = tensor.name.removesuffix(".weight"), (*shape[:-1], shape[-1] // GROUP_SIZE)
+            weights[tensor.name] = mx.zeros((*shape[:-1], shape[-1] * QUANT_BITS[kind] // 32), mx.uint32)
+            weights[f"{module}.scales"] = weights[f"{module}.biases"] = mx.zeros(groups, mx.float16)
+        elif kind in FLOAT_TYPES:
+            weights[tensor.name] = mx.zeros(shape, FLOAT_TYPES[kind])
+        else:
+            raise UserError(
+                f"--model {path}: MLX cannot read this GGUF ({kind} tensors); MLX reads F32/F16/Q4_0/Q4_1/Q8_0"
+            )
+    return weights, meta
+
+
 def read_gguf_config(path: Path) -> dict[str, Any]:
     return gguf_config(*reversed(read_gguf(path)), path)
 
 
-def load_gguf(path: Path) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any]]:
+def load_gguf(path: Path, lazy: bool = False) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any]]:
+    """The model, its tokenizer and config; `lazy`: the weights are stand-ins of the right shapes
+    and dtypes (read_gguf_shapes), for what needs only those (`mlx-lora info`)."""
     from mlx_lm.utils import _get_classes
 
-    raw, meta = read_gguf(path)
+    raw, meta = read_gguf_shapes(path) if lazy else read_gguf(path)
     config = gguf_config(meta, raw, path)
     weights = hf_weights(raw, config)
     model_class, args_class = _get_classes(config)
@@ -209,6 +240,7 @@ def load_gguf(path: Path) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any]]:
         config["quantization"] = quantization_config(layers)
         nn.quantize(model, GROUP_SIZE, 4, class_predicate=lambda p, _: layers.get(p, False))
     model.load_weights(list(weights.items()))
-    mx.eval(model.parameters())
+    if not lazy:
+        mx.eval(model.parameters())
     model.eval()
     return model, load_gguf_tokenizer(path, meta.get("tokenizer.ggml.pre"), config.get("eos_token_id")), config
