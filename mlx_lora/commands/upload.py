@@ -11,7 +11,7 @@ huggingface-hub, so a failure before the commit leaves the Hub as it was.
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -74,15 +74,19 @@ def copy_run_files(run: Path, out: Path) -> dict[str, dict]:
     return evals
 
 
-def stage_adapter(adapter_dir: Path, out: Path, repo: str, base_model_id: str | None = None) -> Staged:
-    """Every format the adapter can be written in, the run's files and the card, into `out` (new)."""
+def stage_adapter(
+    adapter_dir: Path, out: Path, repo: str, base_model_id: str | None = None, model: str | None = None
+) -> Staged:
+    """Every format the adapter can be written in, the run's files and the card, into `out` (new);
+    `model` is the base's directory or id where the adapter's own record will not do (a GGUF base)."""
     adapter_dir = Path(adapter_dir)
     adapter, _ = read_adapter(adapter_dir)
-    convert(ConvertConfig(str(adapter_dir), str(out), to="peft", base_model_id=base_model_id), log=_quiet)
+    peft = ConvertConfig(str(adapter_dir), str(out), to="peft", model=model, base_model_id=base_model_id)
+    convert(peft, log=_quiet)
     staged = Staged(out, repo, read_json(out / PEFT_CONFIG)["base_model_name_or_path"], ["peft"])
     for to, sub in list(FORMAT_DIRS.items())[1:]:
         try:
-            convert(ConvertConfig(str(adapter_dir), str(out / sub), to=to, base_model_id=staged.base), log=_quiet)
+            convert(replace(peft, out_dir=str(out / sub), to=to, base_model_id=staged.base), log=_quiet)
             staged.formats.append(to)
         except UserError as e:  # mlx-lm and llama.cpp cannot hold every adapter; the card says why
             staged.skipped[to] = str(e)
@@ -146,7 +150,8 @@ def results_section(evals: dict[str, dict], has_plot: bool) -> str:
     parts = ["## Results\n"] if evals or has_plot else []
     parts += [f"![training and validation loss]({LOSS_PNG})\n"] if has_plot else []
     for name, result in evals.items():
-        what = f"`mlx-lora eval` on `{result.get('data')}`, {result.get('rows')} rows ([{name}]({name}))"
+        rows = f", {result['rows']} rows" if result.get("rows") else ""
+        what = f"`mlx-lora eval` on `{result.get('data')}`{rows} ([{name}]({name}))"
         parts.append(f"{what}:\n\n```\n{table(result)}\n```\n")
     return "\n".join(parts)
 
@@ -256,7 +261,7 @@ def push(files: dict[str, Path | bytes], repo: str, private: bool, message: str)
 def upload(cfg: UploadConfig, log=print) -> Staged:
     hub_token()  # before any work: a missing token is the commonest failure
     with tempfile.TemporaryDirectory() as tmp:
-        staged = stage_adapter(Path(cfg.adapter_dir), Path(tmp) / "repo", cfg.repo, cfg.base_model_id)
+        staged = stage_adapter(Path(cfg.adapter_dir), Path(tmp) / "repo", cfg.repo, cfg.base_model_id, cfg.model)
         for to, why in staged.skipped.items():
             log(f"not uploaded as {to}: {why}")
         files = repo_files(staged.directory)

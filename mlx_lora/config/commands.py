@@ -58,6 +58,9 @@ class UploadConfig:
     adapter_dir: str | None = arg("Adapter directory to upload (the --adapter-path of a training run).")
     repo: str | None = opt(None, "Hub repository to create or update, user/name (required).")
     private: bool = opt(False, "Create the repository private.", off="--public")
+    model: str | None = opt(
+        None, "Hugging Face base the adapter belongs to, to place the PEFT files (default: the one the adapter names)."
+    )
     base_model_id: str | None = opt(
         None, "Hub id of the base, for the card and PEFT's config (default: the one the adapter names)."
     )
