@@ -42,15 +42,15 @@ class ModelInfo:
     memory: MemoryEstimate
 
 
-def _spans(indices: list[int]) -> str:
+def spans(indices: list[int]) -> str:
     """[0, 1, 2, 5] -> '0-2, 5'."""
-    spans, start = [], None
+    runs, start = [], None
     for i, n in enumerate(indices):
         start = n if start is None else start
         if i + 1 == len(indices) or indices[i + 1] != n + 1:
-            spans.append(f"{start}-{n}" if n > start else f"{n}")
+            runs.append(f"{start}-{n}" if n > start else f"{n}")
             start = None
-    return ", ".join(spans)
+    return ", ".join(runs)
 
 
 def _by_block(items: dict[str, str], prefixes: list[str]) -> list[str]:
@@ -66,7 +66,7 @@ def _by_block(items: dict[str, str], prefixes: list[str]) -> list[str]:
     layouts: dict[tuple, list[int]] = {}
     for i, names in sorted(groups.items()):
         layouts.setdefault(tuple(names), []).append(i)
-    lines = [f"  blocks {_spans(blocks)}: {', '.join(names)}" for names, blocks in layouts.items()]
+    lines = [f"  blocks {spans(blocks)}: {', '.join(names)}" for names, blocks in layouts.items()]
     return lines + ([f"  outside the blocks: {', '.join(other)}"] if other else [])
 
 

@@ -19,6 +19,7 @@ import yaml
 from mlx_lora.atomic import write_bytes
 from mlx_lora.commands.convert import convert
 from mlx_lora.commands.evaluate import table
+from mlx_lora.commands.info import spans
 from mlx_lora.config import ConvertConfig, UploadConfig
 from mlx_lora.config.commands import HUB_REPO
 from mlx_lora.errors import UserError
@@ -116,11 +117,12 @@ def front_matter(base: str, library: str, tags: list[str]) -> str:
 def training_rows(adapter: AdapterConfig, metrics: list[dict]) -> list[tuple[str, str]]:
     """(option, value) for the card: the LoRA options, the recorded recipe and methods, the losses."""
     lora, recorded = adapter.lora, dict(adapter.training)
-    rows = [
-        ("base model", f"`{adapter.base_model}`"),
-        ("data", f"`{recorded.pop('data', None) or 'the bundled arithmetic set'}`"),
+    rows = [("base model", f"`{adapter.base_model}`")]
+    if "data" in recorded:  # adapters saved before the recipe was recorded say nothing of their data
+        rows.append(("data", f"`{recorded.pop('data') or 'the bundled arithmetic set'}`"))
+    rows += [
         ("LoRA", f"r={lora.rank}, alpha={lora.alpha:g} (scale {lora.scale:g}), dropout {lora.dropout:g}"),
-        ("modules", f"{len(adapter.modules)}: `{lora.targets}` in blocks {_spans(adapter.layers)}"),
+        ("modules", f"{len(adapter.modules)}: `{lora.targets}` in blocks {spans(adapter.layers)}"),
     ]
     methods = [m for m, on in (("DoRA", lora.dora), ("rsLoRA", lora.rslora)) if on]
     methods += [f"{adapter.trained_init} init"] if adapter.trained_init else []
@@ -134,12 +136,6 @@ def training_rows(adapter: AdapterConfig, metrics: list[dict]) -> list[tuple[str
     rows += [("train loss", f"{losses[0]:.3f} → {losses[-1]:.3f}")] if losses else []
     rows += [("validation loss", f"{vals[0]:.3f} → {vals[-1]:.3f}")] if vals else []
     return rows
-
-
-def _spans(indices: list[int]) -> str:
-    if indices and indices == list(range(indices[0], indices[-1] + 1)):
-        return f"{indices[0]}-{indices[-1]}" if len(indices) > 1 else str(indices[0])
-    return ", ".join(map(str, indices))
 
 
 def _table(rows: list[tuple[str, str]]) -> str:

@@ -135,7 +135,7 @@ def line_chart(series: list[Series], x_label: str, y_label: str) -> bytes:
         color, points = COLORS[s.color % len(COLORS)], [at(x, y) for x, y in s.points]
         for a, b in zip(points, points[1:]):
             canvas.line(a, b, color, dash=6 if s.dashed else 0)
-        for p in points if s.dashed else []:
+        for p in points if s.dashed or len(points) == 1 else []:  # a lone point would not show
             canvas.dot(p[0] - 3, p[1] - 3, color, size=7)
     _legend(canvas, series, right)
     return canvas.png()
