@@ -20,6 +20,7 @@ from mlx_lora.config import (
     PlotConfig,
     ServeConfig,
     TrainConfig,
+    UploadConfig,
     build_config,
     field_types,
     load_yaml,
@@ -222,6 +223,15 @@ def convert(cfg: ConvertConfig) -> None:
     from mlx_lora.commands.convert import convert as run_convert
 
     run_convert(cfg)
+
+
+@_command(
+    UploadConfig, "upload", "Upload an adapter to the Hugging Face Hub: PEFT, mlx-lm and GGUF files and a model card."
+)
+def upload(cfg: UploadConfig) -> None:
+    from mlx_lora.commands.upload import upload as run_upload
+
+    run_upload(cfg)
 
 
 @_command(EvalConfig, "eval", "Loss, perplexity and exact match on a data split; base vs adapter with --compare-base.")

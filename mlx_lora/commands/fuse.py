@@ -9,6 +9,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import dequantize_model, load_model
 
 from mlx_lora.atomic import check_writable, replace_dir
+from mlx_lora.commands.upload import hub_token, upload_fused
 from mlx_lora.config import FuseConfig
 from mlx_lora.errors import UserError
 from mlx_lora.formats.gguf import GGUF_FILE, check_gguf, write_gguf
@@ -33,6 +34,16 @@ def _logits(model: nn.Module, tokens: mx.array) -> mx.array:
 
 
 def fuse(cfg: FuseConfig, log=print) -> FuseResult:
+    """Merge, check and save; then upload with --upload-repo."""
+    if cfg.upload_repo:
+        hub_token()  # a missing token stops the run before the merge, not after it
+    result = merge(cfg, log)
+    if cfg.upload_repo:
+        upload_fused(result.save_path, Path(cfg.adapter_path), cfg.upload_repo, cfg.private, log)
+    return result
+
+
+def merge(cfg: FuseConfig, log=print) -> FuseResult:
     """Merge in float32 and save in the base's dtype, de-quantized unless --requantize."""
     adapter, weights = read_adapter(Path(cfg.adapter_path))
     check_writable(Path(cfg.save_path).absolute().parent, "--save-path")

@@ -2,7 +2,10 @@
 
 The model is loaded and wrapped exactly as training wraps it, and the adapter is written to a
 temporary directory by the same save function, so the parameter counts and the size on disk are
-the ones training will produce; only the memory figure is an estimate (memory.py).
+the ones training will produce; only the memory figure is an estimate (memory.py), for the largest
+batch the data makes. The base's weights are not read (load_base(lazy=True)), except those of the
+adapted layers with DoRA, OLoRA or PiSSA, whose initial values come from them: info takes seconds
+and little memory at any model size.
 """
 
 import tempfile
@@ -13,10 +16,12 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import get_total_parameters
 
 from mlx_lora.config import LoRAConfig, TrainConfig, lora_part, method_options
+from mlx_lora.data.sources import open_source
 from mlx_lora.formats.native import ADAPTER_CONFIG, ADAPTER_WEIGHTS, describe, save_adapter
 from mlx_lora.model.base import load_base
 from mlx_lora.model.lora import LINEAR_TYPES, apply_lora, block_paths, linear_dims
-from mlx_lora.training.memory import MemoryEstimate, compute_dtype, estimate_training_memory
+from mlx_lora.training.loop import load_data
+from mlx_lora.training.memory import MemoryEstimate, compute_dtype, estimate_training_memory, largest_batch
 
 
 def human(size: int) -> str:
@@ -37,15 +42,15 @@ class ModelInfo:
     memory: MemoryEstimate
 
 
-def _spans(indices: list[int]) -> str:
+def spans(indices: list[int]) -> str:
     """[0, 1, 2, 5] -> '0-2, 5'."""
-    spans, start = [], None
+    runs, start = [], None
     for i, n in enumerate(indices):
         start = n if start is None else start
         if i + 1 == len(indices) or indices[i + 1] != n + 1:
-            spans.append(f"{start}-{n}" if n > start else f"{n}")
+            runs.append(f"{start}-{n}" if n > start else f"{n}")
             start = None
-    return ", ".join(spans)
+    return ", ".join(runs)
 
 
 def _by_block(items: dict[str, str], prefixes: list[str]) -> list[str]:
@@ -61,12 +66,22 @@ def _by_block(items: dict[str, str], prefixes: list[str]) -> list[str]:
     layouts: dict[tuple, list[int]] = {}
     for i, names in sorted(groups.items()):
         layouts.setdefault(tuple(names), []).append(i)
-    lines = [f"  blocks {_spans(blocks)}: {', '.join(names)}" for names, blocks in layouts.items()]
+    lines = [f"  blocks {spans(blocks)}: {', '.join(names)}" for names, blocks in layouts.items()]
     return lines + ([f"  outside the blocks: {', '.join(other)}"] if other else [])
 
 
+def data_batch(cfg: TrainConfig, tokenizer) -> tuple[int, int]:
+    """(rows, tokens) of the largest batch `train` would make from its data, read as training reads it."""
+    data = load_data(cfg, open_source(cfg.data, cfg.data_config, log=_quiet), tokenizer, _quiet)
+    return largest_batch(data["train"], cfg.batch_size, cfg.max_seq_length, cfg.pack)
+
+
+def _quiet(*_) -> None:
+    pass
+
+
 def info(cfg: TrainConfig, log=print) -> ModelInfo:
-    base = load_base(cfg.model)
+    base = load_base(cfg.model, lazy=True)  # shapes only: no weight is read
     model = base.model
     prefixes = [p + "." for p in block_paths(model)]
     linears = {n: linear_dims(m) for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
@@ -80,7 +95,8 @@ def info(cfg: TrainConfig, log=print) -> ModelInfo:
         adapter.training = method_options(cfg)
         save_adapter(Path(tmp), model, adapter)
         sizes = {name: (Path(tmp) / name).stat().st_size for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)}
-    memory = estimate_training_memory(model, base.config, cfg.batch_size, cfg.max_seq_length, cfg.grad_checkpoint)
+    batch, seq_len = data_batch(cfg, base.tokenizer)
+    memory = estimate_training_memory(model, base.config, batch, seq_len, cfg.grad_checkpoint)
 
     log(
         f"model {base.name} ({base.config.get('model_type', '?')}): {len(prefixes)} blocks, "
@@ -101,7 +117,7 @@ def info(cfg: TrainConfig, log=print) -> ModelInfo:
         + ")"
     )
     log(
-        f"training memory for batch {cfg.batch_size} × {cfg.max_seq_length} tokens, estimated: "
+        f"training memory for batch {batch} × {seq_len} tokens (the largest batch of the data), estimated: "
         f"{human(memory.total)} = weights {human(memory.weights)} + LoRA, gradients and AdamW "
         f"{human(memory.trainable)} + activations {human(memory.activations)} + logits {human(memory.logits)}"
     )

@@ -3,7 +3,15 @@
 Precedence: command line > YAML file (files.py) > the field's default.
 """
 
-from mlx_lora.config.commands import CONVERT_FORMATS, EVAL_TASKS, ConvertConfig, EvalConfig, FuseConfig, PlotConfig
+from mlx_lora.config.commands import (
+    CONVERT_FORMATS,
+    EVAL_TASKS,
+    ConvertConfig,
+    EvalConfig,
+    FuseConfig,
+    PlotConfig,
+    UploadConfig,
+)
 from mlx_lora.config.data import VALID_NAMES, DataConfig
 from mlx_lora.config.fields import PANELS, arg, field_types, opt, split_list
 from mlx_lora.config.files import build_config, load_yaml
@@ -52,6 +60,7 @@ __all__ = [
     "PlotConfig",
     "ServeConfig",
     "TrainConfig",
+    "UploadConfig",
     "arg",
     "build_config",
     "field_types",

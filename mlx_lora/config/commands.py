@@ -1,5 +1,6 @@
-"""The options of the commands around training: fuse, convert, eval and plot."""
+"""The options of the commands around training: fuse, convert, eval, plot and upload."""
 
+import re
 from dataclasses import dataclass
 
 from mlx_lora.config.data import DataConfig
@@ -8,6 +9,13 @@ from mlx_lora.config.fields import arg, opt
 CONVERT_FORMATS = ("peft", "mlx", "mlx-lm", "gguf")
 EVAL_TASKS = ("auto", "exact-match", "loss", "preference")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+HUB_REPO = re.compile(r"[\w.-]+/[\w.-]+")  # user/name, as the Hub spells repository ids
+
+
+def repo_problems(flag: str, repo: str | None) -> list[str]:
+    if repo is None or HUB_REPO.fullmatch(repo):
+        return []
+    return [f"{flag} must be a Hub repository id such as user/name, got '{repo}'"]
 
 
 @dataclass(frozen=True)
@@ -37,11 +45,30 @@ class FuseConfig:
     gguf_type: str = opt(
         "f16", "Type of the 2-D weights in model.gguf: f32, f16, bf16 or q8_0 (norms and biases stay f32)."
     )
+    upload_repo: str | None = opt(None, "Then upload the fused model, with a model card, to this Hub repo (user/name).")
+    private: bool = opt(False, "With --upload-repo: create the repository private.", off="--public")
 
     def problems(self) -> list[str]:
+        p = repo_problems("--upload-repo", self.upload_repo)
         if self.gguf_type not in GGUF_TYPES:
-            return [f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got '{self.gguf_type}'"]
-        return []
+            p.append(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got '{self.gguf_type}'")
+        return p
+
+
+@dataclass(frozen=True)
+class UploadConfig:
+    adapter_dir: str | None = arg("Adapter directory to upload (the --adapter-path of a training run).")
+    repo: str | None = opt(None, "Hub repository to create or update, user/name (required).")
+    private: bool = opt(False, "Create the repository private.", off="--public")
+    model: str | None = opt(
+        None, "Hugging Face base the adapter belongs to, to place the PEFT files (default: the one the adapter names)."
+    )
+    base_model_id: str | None = opt(
+        None, "Hub id of the base, for the card and PEFT's config (default: the one the adapter names)."
+    )
+
+    def problems(self) -> list[str]:
+        return repo_problems("--repo", self.repo) if self.repo else ["--repo is required: the Hub repo, user/name"]
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,11 @@ class TrainConfig(DataConfig, LoRAConfig):
         return p
 
 
+# Recorded in every adapter's `training` block: what reproducing the run (and its model card) needs first.
+RECIPE_FIELDS = ("data", "iters", "epochs", "batch_size", "learning_rate", "max_seq_length")
 METHOD_FIELDS = (
+    "train_on_prompt",
+    "weight_decay",
     "pack",
     "grad_accumulation_steps",
     "lr_schedule",
@@ -178,6 +182,7 @@ METHOD_FIELDS = (
 
 
 def method_options(cfg: "TrainConfig") -> dict[str, Any]:
-    """The training methods a run changed from their defaults (those that shape the weights),
-    as adapter_config.json's `training` block records them."""
-    return {n: getattr(cfg, n) for n in METHOD_FIELDS if getattr(cfg, n) != getattr(TrainConfig, n)}
+    """How the run trained, as adapter_config.json's `training` block records it: the recipe
+    (data, length, batch, learning rate) always, the methods only where changed from their defaults."""
+    changed = {n: getattr(cfg, n) for n in METHOD_FIELDS if getattr(cfg, n) != getattr(TrainConfig, n)}
+    return {n: getattr(cfg, n) for n in RECIPE_FIELDS} | changed

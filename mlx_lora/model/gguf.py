@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_lora.errors import UserError
-from mlx_lora.model.gguf_tensors import GROUP_SIZE, read_tensors
+from mlx_lora.model.gguf_tensors import GROUP_SIZE, read_shapes, read_tensors
 
 GGUF_SUFFIX = ".gguf"
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -194,9 +194,10 @@ def open_gguf(path: Path) -> tuple[gguf.GGUFReader, dict[str, Any]]:
     return reader, {name: field.contents() for name, field in reader.fields.items()}
 
 
-def read_gguf(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
+def read_gguf(path: Path, lazy: bool = False) -> tuple[dict[str, mx.array], dict[str, Any]]:
+    """The tensors (`lazy`: stand-ins of their shapes and dtypes, nothing read) and the metadata."""
     reader, meta = open_gguf(path)
-    return read_tensors(reader, path), meta
+    return (read_shapes if lazy else read_tensors)(reader, path), meta
 
 
 def read_gguf_config(path: Path) -> dict[str, Any]:
@@ -204,11 +205,11 @@ def read_gguf_config(path: Path) -> dict[str, Any]:
     return gguf_config(meta, {t.name for t in reader.tensors}, path)
 
 
-def gguf_model(path: Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+def gguf_model(path: Path, lazy: bool = False) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """The model alone (mlx-lm's class, quantized where the file is), its config and the file's metadata."""
     from mlx_lm.utils import _get_classes
 
-    raw, meta = read_gguf(path)
+    raw, meta = read_gguf(path, lazy)
     config = gguf_config(meta, raw, path)
     weights = hf_weights(raw, config)
     model_class, args_class = _get_classes(config)
@@ -217,11 +218,14 @@ def gguf_model(path: Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
         config["quantization"] = quantization_config(layers)
         nn.quantize(model, GROUP_SIZE, 4, class_predicate=lambda p, _: layers.get(p, False))
     model.load_weights(list(weights.items()))
-    mx.eval(model.parameters())
+    if not lazy:
+        mx.eval(model.parameters())
     model.eval()
     return model, config, meta
 
 
-def load_gguf(path: Path) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any]]:
-    model, config, meta = gguf_model(path)
+def load_gguf(path: Path, lazy: bool = False) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any]]:
+    """The model, its tokenizer and config; `lazy`: the weights are stand-ins of the right shapes and
+    dtypes (read_gguf), for what needs only those (`mlx-lora info`)."""
+    model, config, meta = gguf_model(path, lazy)
     return model, load_gguf_tokenizer(path, meta.get("tokenizer.ggml.pre"), config.get("eos_token_id")), config

@@ -88,13 +88,34 @@ def tensor_arrays(tensor) -> dict[str, mx.array]:
     return {tensor.name: mx.array(values).astype(mx.bfloat16 if qtype == QTYPE.BF16 else mx.float32)}
 
 
-def read_tensors(reader: gguf.GGUFReader, path: Path) -> dict[str, mx.array]:
+def _types(reader: gguf.GGUFReader, path: Path) -> set:
     types = {t.tensor_type for t in reader.tensors}
     if unknown := types - READABLE:
         raise UserError(
             f"--model {path}: tensors of type {', '.join(sorted(t.name for t in unknown))} in this GGUF; mlx-lora "
             f"reads {', '.join(t.name for t in sorted(READABLE))}: use a GGUF of one of those or the Hugging Face model"
         )
-    if types <= MLX_NATIVE:
+    return types
+
+
+def read_tensors(reader: gguf.GGUFReader, path: Path) -> dict[str, mx.array]:
+    if _types(reader, path) <= MLX_NATIVE:
         return mx.load(str(path))
     return {name: a for t in reader.tensors for name, a in tensor_arrays(t).items()}
+
+
+def read_shapes(reader: gguf.GGUFReader, path: Path) -> dict[str, mx.array]:
+    """What read_tensors returns, as stand-ins with the same names, shapes and dtypes: zeros never
+    evaluated, so never allocated, made from the header alone (what `mlx-lora info` needs)."""
+    scales = mx.float16 if _types(reader, path) <= MLX_NATIVE else mx.float32  # mx.load's, else affine()'s
+    out = {}
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists dims inner first
+        if t.tensor_type in AFFINE and len(shape) == 2:
+            base, bits = t.name.removesuffix(".weight"), AFFINE[t.tensor_type][0]
+            out[t.name] = mx.zeros((shape[0], shape[1] * bits // 32), mx.uint32)
+            out[f"{base}.scales"] = out[f"{base}.biases"] = mx.zeros((shape[0], shape[1] // GROUP_SIZE), scales)
+        else:
+            kind = {QTYPE.F16: mx.float16, QTYPE.BF16: mx.bfloat16}.get(t.tensor_type, mx.float32)
+            out[t.name] = mx.zeros(shape, kind)
+    return out

@@ -2,15 +2,17 @@
 
 Each report or evaluation is one plain `log` line (what CI and log files see), one record in
 metrics.jsonl (and TensorBoard / wandb when asked), and fresh numbers on the live bar when on a
-terminal. At the end the loss curve goes to loss.png beside the adapter.
+terminal. At the end the loss curve goes to loss.png beside the adapter, and a sparkline of it to
+the log.
 """
 
 import time
 from pathlib import Path
 
 from mlx_lora.config import TrainConfig
+from mlx_lora.reporting.chart import sparkline
 from mlx_lora.reporting.metrics import VAL_PREFERENCE_KEYS, MetricsLog
-from mlx_lora.reporting.plot import plot_after_training
+from mlx_lora.reporting.plot import LOSS_PNG, plot_runs
 from mlx_lora.reporting.progress import Bar
 
 
@@ -31,12 +33,14 @@ class TrainMonitor:
         self.metrics = MetricsLog(self.out, cfg)
         self.bar = Bar("training", total, log)
         self.start = time.perf_counter()
+        self.losses: list[float] = []  # every step's, for the sparkline
 
     def _record(self, **values) -> None:
         self.metrics.write(**values, time=round(time.perf_counter() - self.start, 3))
 
     def step(self, loss: float) -> None:
         """Called once per optimizer step: moves the bar."""
+        self.losses.append(loss)
         self.bar.advance(loss=loss)
 
     def report(
@@ -67,4 +71,9 @@ class TrainMonitor:
     def close(self) -> None:
         self.bar.close()
         self.metrics.close()
-        plot_after_training(self.out, self.log)
+        plot_runs([self.out], self.out / LOSS_PNG)
+        if self.losses:
+            self.log(
+                f"train loss {sparkline(self.losses)} {self.losses[0]:.3f} -> {self.losses[-1]:.3f} "
+                f"over {len(self.losses)} steps; the curve is in {self.out / LOSS_PNG}"
+            )

@@ -164,7 +164,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     mx.random.seed(cfg.seed)
     base = load_base(cfg.model)
     source = open_source(cfg.data, cfg.data_config, log)
-    data = load_data(cfg, world, source, base.tokenizer, log)
+    data = load_data(cfg, source, base.tokenizer, log, world)
     model = base.model
     pack_length = cfg.max_seq_length if cfg.pack else None
     per_epoch = batches_per_epoch(data["train"], cfg.batch_size, pack_length) / cfg.grad_accumulation_steps
@@ -213,7 +213,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     )
 
 
-def load_data(cfg: TrainConfig, world: distributed.World, source, tokenizer, log) -> dict[str, list]:
+def load_data(cfg: TrainConfig, source, tokenizer, log, world: distributed.World = distributed.SOLO) -> dict[str, list]:
     """Examples for SFT; pairs of them (data/preference.py) for a preference objective."""
     if cfg.preference and world.size > 1:
         raise UserError(

@@ -87,14 +87,18 @@ def check_fits(est: MemoryEstimate, batch_size: int, seq_len: int, available: in
     )
 
 
+def largest_batch(examples: list, batch_size: int, max_seq_length: int, pack: bool) -> tuple[int, int]:
+    """(rows, padded tokens) of the largest batch the data can make: what a step's memory is sized by."""
+    sizes = lengths(examples)
+    longest = min(max_seq_length, int(sizes.sum() if pack else sizes.max()))  # a pack fills up to the limit
+    return min(batch_size, len(examples)), -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+
+
 def check_training_memory(
     base, examples: list, batch_size: int, max_seq_length: int, pack: bool, grad_checkpoint: bool, log
 ) -> None:
     """Refuse a run the machine cannot hold, sized by the longest batch the data can make."""
-    sizes = lengths(examples)
-    longest = min(max_seq_length, int(sizes.sum() if pack else sizes.max()))  # a pack fills up to the limit
-    seq_len = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
-    batch = min(batch_size, len(examples))
+    batch, seq_len = largest_batch(examples, batch_size, max_seq_length, pack)
     est = estimate_training_memory(base.model, base.config, batch, seq_len, grad_checkpoint)
     available = available_bytes()
     log(f"memory: about {est.total / GB:.2f} GB at peak (batch {batch} x {seq_len} tokens) of {available / GB:.1f} GB")

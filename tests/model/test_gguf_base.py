@@ -2,17 +2,20 @@
 file are llama.cpp's own on the same file, and an adapter trained on it fuses back into a GGUF."""
 
 from dataclasses import replace
+from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import CFG_A, mlx_logits, trained_adapter
+from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
 from mlx_lora.cli import app
 from mlx_lora.errors import UserError
 from mlx_lora.formats.gguf import permute
 from mlx_lora.model.base import load_base
-from mlx_lora.model.gguf import unpermute
+from mlx_lora.model.gguf import gguf_config, read_gguf, unpermute
 
 llama_cpp = pytest.importorskip("llama_cpp")
 PROMPTS = {
@@ -47,6 +50,19 @@ def _cpp_logits(llm, tokens) -> np.ndarray:
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf):
     return load_base(str(smollm2_gguf))
+
+
+def test_lazy_gguf_base_has_the_shapes_and_dtypes_of_the_loaded_one(smollm2, smollm2_gguf, monkeypatch):
+    """`info` reads a GGUF's header alone: the stand-ins have every tensor's mx.load shape and dtype
+    (this file has F32, Q4_1 and Q8_0 tensors), so the model built on them is the loaded one's shape."""
+    stand_ins, meta = read_gguf(Path(smollm2_gguf), lazy=True)
+    loaded, loaded_meta = read_gguf(Path(smollm2_gguf))
+    assert {k: (v.shape, v.dtype) for k, v in stand_ins.items()} == {k: (v.shape, v.dtype) for k, v in loaded.items()}
+    assert gguf_config(meta, stand_ins, smollm2_gguf) == gguf_config(loaded_meta, loaded, smollm2_gguf)
+    monkeypatch.setattr(mx, "load", None)  # a lazy load that read the tensors would fail here
+    lazy = load_base(str(smollm2_gguf), lazy=True)
+    shapes = lambda model: {k: (v.shape, v.dtype) for k, v in tree_flatten(model.parameters())}
+    assert shapes(lazy.model) == shapes(smollm2.model) and lazy.config == smollm2.config
 
 
 def test_unpermute_undoes_llama_cpp_row_order():

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from mlx_lora.cli import app
 from mlx_lora.errors import UserError
 from mlx_lora.model.gguf import gguf_model
-from mlx_lora.model.gguf_tensors import AFFINE, QTYPE, read_tensors, tensor_arrays
+from mlx_lora.model.gguf_tensors import AFFINE, QTYPE, read_shapes, read_tensors, tensor_arrays
 
 gguf = pytest.importorskip("gguf")
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -66,6 +66,10 @@ def _assert_exact(arrays: dict, tensor) -> None:
         assert arrays[tensor.name].dtype == mx.bfloat16
 
 
+def _shapes(arrays: dict) -> dict:
+    return {k: (v.shape, v.dtype) for k, v in arrays.items()}
+
+
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "BF16"])
 def test_gguf_py_quantized_tensor_reads_exactly(type_name, tmp_path):
     qtype = QTYPE[type_name]
@@ -75,6 +79,8 @@ def test_gguf_py_quantized_tensor_reads_exactly(type_name, tmp_path):
     tensor = gguf.GGUFReader(tmp_path / "t.gguf").tensors[0]
     ours = tensor_arrays(tensor)
     _assert_exact(ours, tensor)
+    reader = gguf.GGUFReader(tmp_path / "t.gguf")
+    assert _shapes(read_shapes(reader, tmp_path / "t.gguf")) == _shapes(read_tensors(reader, tmp_path / "t.gguf"))
     if qtype in (QTYPE.Q4_0, QTYPE.Q4_1, QTYPE.Q8_0):  # and as MLX itself reads them, bit for bit
         theirs = {k: v.astype(ours[k].dtype) for k, v in mx.load(str(tmp_path / "t.gguf")).items()}
         assert mx.array_equal(ours["a.scales"], theirs["a.scales"]) and mx.array_equal(
@@ -131,6 +137,7 @@ def test_llama_cpp_quantized_file_reads_exactly_and_computes_what_llama_cpp_does
     arrays = read_tensors(reader, path)
     for tensor in reader.tensors:
         _assert_exact(arrays, tensor)
+    assert _shapes(read_shapes(reader, path)) == _shapes(arrays)  # what `info` reads from the header alone
     model, config, _ = gguf_model(path)
     ours = mlx_logits(model, TOKENS)
     scale = np.abs(ours).max()

@@ -2,6 +2,7 @@
 
 import io
 import json
+import math
 import os
 import pty
 import re
@@ -17,8 +18,9 @@ from mlx_lora.cli import app
 from mlx_lora.config import TrainConfig
 from mlx_lora.errors import UserError
 from mlx_lora.reporting import progress
+from mlx_lora.reporting.chart import BOTTOM, COLORS, HEIGHT, LEFT, RIGHT, TOP, WIDTH, Series, line_chart, sparkline
 from mlx_lora.reporting.metrics import KEYS, METRICS, MetricsLog, read_metrics
-from mlx_lora.reporting.plot import LOSS_PNG, plot_after_training
+from mlx_lora.reporting.plot import LOSS_PNG
 from mlx_lora.training.loop import train
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -54,9 +56,12 @@ def _cfg(llama, root, **kw):
 
 @pytest.fixture(scope="module")
 def run(llama, tmp_path_factory):
+    """A run with matplotlib unimportable: loss.png must not need it."""
     root = tmp_path_factory.mktemp("monitor")
     lines = []
-    result = train(_cfg(llama, root, report_to="tensorboard"), log=lines.append)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "matplotlib", None)
+        result = train(_cfg(llama, root, report_to="tensorboard"), log=lines.append)
     return result, lines
 
 
@@ -86,10 +91,44 @@ def test_metrics_jsonl_has_one_record_per_report_and_evaluation(run):
     assert times == sorted(times)
 
 
-def test_loss_png_is_written_beside_the_adapter(run):
-    result, _ = run
-    width, height = _png_size((result.adapter_path / LOSS_PNG).read_bytes())
-    assert width > 300 and height > 200
+def test_loss_png_is_written_beside_the_adapter_without_matplotlib(run):
+    from PIL import Image
+
+    result, lines = run
+    data = (result.adapter_path / LOSS_PNG).read_bytes()
+    assert _png_size(data) == (WIDTH, HEIGHT)
+    image = Image.open(io.BytesIO(data))
+    image.load()  # decompresses every row: a bad CRC or a short IDAT raises here
+    colours = {colour for _, colour in image.getcolors(WIDTH * HEIGHT)}
+    assert COLORS[0] in colours  # the run's train and validation lines
+    (summary,) = [l for l in lines if l.startswith("train loss ")]
+    first, last = result.losses[0], result.losses[-1]
+    assert f"{sparkline(result.losses)} {first:.3f} -> {last:.3f} over 4 steps" in summary
+    assert len(sparkline(result.losses)) == 4
+
+
+def test_sparkline_spans_the_blocks_and_averages_long_runs():
+    assert sparkline([4.0, 3.0, 2.0, 1.0]) == "█▆▃▁"
+    assert sparkline([2.0] * 3) == "▁▁▁" and sparkline([]) == "" and sparkline([2.0, math.nan, 1.0]) == "█▁"
+    assert sparkline([float(i % 2) for i in range(80)]) == "▁" * 40  # pairs average to 0.5 each: flat
+    # Ten buckets of ten: means 4.5 ... 94.5, at k/9 of the range -> levels round(7k/9) = 0 1 2 2 3 4 5 5 6 7.
+    assert sparkline(list(range(100)), width=10) == "▁▂▃▃▄▅▆▆▇█"
+
+
+def test_chart_puts_each_point_where_its_axes_say():
+    from PIL import Image
+
+    chart = line_chart([Series("train", [(0, 1.0), (10, 0.0)], 1)], "step", "loss")
+    image = Image.open(io.BytesIO(chart)).convert("RGB")
+    # Ticks 0..10 and 0..1 (round numbers at the data's ends): the line runs corner to corner of the plot area.
+    right, bottom = WIDTH - RIGHT, HEIGHT - BOTTOM
+    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
+        x, y = round(LEFT + t * (right - LEFT)), round(TOP + t * (bottom - TOP))
+        near = {image.getpixel((x + dx, y + dy)) for dx in (-1, 0, 1) for dy in (-1, 0, 1)}
+        assert COLORS[1] in near, (t, near)
+    assert image.getpixel((LEFT + 5, bottom - 5)) == (255, 255, 255)  # off the line: background
+    with_nan = line_chart([Series("train", [(0, 1.0), (5, math.nan), (10, 0.0)], 1)], "step", "loss")
+    assert with_nan == chart  # a diverged step is left out, not drawn or fatal
 
 
 def test_plain_lines_when_not_on_a_terminal(run):
@@ -151,16 +190,6 @@ def test_wandb_receives_every_record(tmp_path, monkeypatch):
         (3, {"loss": 2.0, "lr": 1e-3, "tokens_per_second": 10.0, "peak_memory_gb": 0.5, "time": 0.2}),
         "finish",
     ]
-
-
-def test_without_matplotlib_one_line_says_how_to_get_the_png(run, tmp_path, monkeypatch):
-    result, _ = run
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    lines = []
-    assert plot_after_training(result.adapter_path, log=lines.append) is None
-    assert len(lines) == 1 and 'pip install "mlx-lora[plot]"' in lines[0]
-    cli = CliRunner().invoke(app, ["plot", str(result.adapter_path), "--output", str(tmp_path / "x.png")])
-    assert cli.exit_code == 2 and "plotting needs matplotlib" in cli.output and not (tmp_path / "x.png").exists()
 
 
 def test_plot_draws_several_runs_on_one_chart(run, tmp_path):

@@ -179,7 +179,7 @@ def test_groups_are_refused_before_loading(pref_data, tmp_path):
 
     cfg = _config("unused", pref_data, tmp_path / "out")
     with pytest.raises(UserError, match="--objective dpo runs in one process: .*; run it without mlx.launch"):
-        load_data(cfg, replace(distributed.SOLO, size=2), pref_data, None, print)
+        load_data(cfg, pref_data, None, print, replace(distributed.SOLO, size=2))
 
 
 def test_conversational_rows_train(llama, tmp_path):

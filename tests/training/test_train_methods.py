@@ -145,7 +145,14 @@ def test_early_stopping_keeps_the_best_steps_adapter(llama, tiny_data, tmp_path,
     assert saved.keys() == at_best.keys() and all(mx.array_equal(saved[k], at_best[k]).item() for k in saved)
     assert not all(mx.array_equal(saved[k], at_stop[k]).item() for k in saved)
     training = json.loads((tmp_path / "ad" / ADAPTER_CONFIG).read_text())["training"]
-    assert training == {"early_stopping_patience": 2, "steps": 8, "best_step": 4, "best_val_loss": 3.0}
+    recipe = {"data": str(tiny_data), "iters": 20, "epochs": None, "batch_size": 4, "learning_rate": 1e-2}
+    assert training == recipe | {
+        "max_seq_length": 2048,
+        "early_stopping_patience": 2,
+        "steps": 8,
+        "best_step": 4,
+        "best_val_loss": 3.0,
+    }
     assert "early stopping at step 8: no better val loss in the last 2 validations" in lines
     assert "keeping the adapter of step 4, the best val loss (3.000)" in lines
 
@@ -219,6 +226,14 @@ def test_cli_takes_every_method_option_and_records_them(llama, tiny_data, tmp_pa
     assert result.exit_code == 0, result.output
     training = json.loads((out / ADAPTER_CONFIG).read_text())["training"]
     assert training | {"best_val_loss": None} == {
+        # the recipe, always recorded (the card `upload` writes reads it)
+        "data": str(tiny_data),
+        "iters": 3,
+        "epochs": None,
+        "batch_size": 4,
+        "learning_rate": 1e-3,
+        "max_seq_length": 2048,
+        # the methods changed from their defaults
         "pack": True,
         "grad_accumulation_steps": 2,
         "lr_schedule": "cosine",
