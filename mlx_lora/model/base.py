@@ -97,21 +97,22 @@ def rope_overrides(path: Path) -> dict[str, Any]:
     return out
 
 
-def _load(name: str | None) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any], Path]:
+def _load(name: str | None, lazy: bool) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any], Path]:
     if name is not None and name.endswith(GGUF_SUFFIX):
         path = Path(name).expanduser()
         if not path.is_file():
             raise UserError(f"--model {name}: no such GGUF file; give the path of a llama.cpp .gguf model")
         return *load_gguf(path), path
     path = resolve_model(name)
-    model, config = load_model(path, model_config=rope_overrides(path))
+    model, config = load_model(path, lazy=lazy, model_config=rope_overrides(path))
     return model, load_tokenizer(path, eos_token_ids=config.get("eos_token_id")), config, path
 
 
-def load_base(name: str | None) -> Base:
-    """A Hugging Face / mlx-lm model directory, a hub id, or a llama.cpp .gguf file."""
+def load_base(name: str | None, lazy: bool = False) -> Base:
+    """A Hugging Face / mlx-lm model directory, a hub id, or a llama.cpp .gguf file. `lazy`: the
+    safetensors are read only when a weight is first evaluated (a GGUF file is read whole)."""
     try:
-        model, tokenizer, config, path = _load(name)
+        model, tokenizer, config, path = _load(name, lazy)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:  # mlx: RuntimeError for torn files
         raise UserError(
             f"--model {name or DEFAULT_MODEL}: mlx-lm cannot load it ({e}); re-download it or point --model at a "
