@@ -46,10 +46,17 @@ ARCHS = ("llama", "qwen2", "phi3", "gemma")
 
 
 def make_hf_model(
-    directory: Path, arch: str, seed: int = 0, tokenizer: Path = DEFAULT_MODEL_DIR, dtype: str = "float32"
+    directory: Path,
+    arch: str,
+    seed: int = 0,
+    tokenizer: Path = DEFAULT_MODEL_DIR,
+    dtype: str = "float32",
+    shapes: dict | None = None,
+    max_shard_size: str | None = None,
 ) -> Path:
     """Save a random model of `arch` with transformers (torch, in `dtype`) plus the tokenizer files
-    of `tokenizer` (default: the shipped one)."""
+    of `tokenizer` (default: the shipped one); `shapes` overrides SMALL's sizes, `max_shard_size`
+    ("64MB") splits the weights into several safetensors files."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -61,9 +68,11 @@ def make_hf_model(
     vocab += len(json.loads((directory / "tokenizer.json").read_text()).get("added_tokens", []))
     torch.manual_seed(seed)
     config = _configs(vocab)[arch]
+    for key, value in (shapes or {}).items():
+        setattr(config, key, value)
     config.initializer_range = 0.1  # larger than usual so logits differ visibly between tokens
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).to(getattr(torch, dtype))
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return directory
 
 

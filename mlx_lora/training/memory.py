@@ -25,7 +25,7 @@ from mlx_lora.data.batches import PAD_MULTIPLE
 from mlx_lora.errors import UserError
 from mlx_lora.model.lora import LINEAR_TYPES, block_paths, linear_dims, lora_layers
 from mlx_lora.training.cut import EMBEDDINGS, cut_at
-from mlx_lora.training.streaming import GROUP_TOKENS, cache_bytes
+from mlx_lora.training.streaming import cache_bytes, largest_group
 
 GB = 2**30
 
@@ -126,8 +126,8 @@ def plan_memory(
         frozen, embedding = [], 0
     streamed = MemoryEstimate(est.weights - sum(frozen) - embedding, est.trainable, est.activations, est.logits)
     # one block call on a group: its input and output states plus its widest intermediate, twice
-    group = GROUP_TOKENS * (2 * hidden + 2 * text.get("intermediate_size", 4 * hidden)) * act
     sets = [data["train"], data.get("valid") or []]
+    group = largest_group(sets) * (2 * hidden + 2 * text.get("intermediate_size", 4 * hidden)) * act
     return MemoryPlan(est, streamed, max(frozen + [embedding]) + group, cache_bytes(sets, hidden, act), batch, seq_len)
 
 

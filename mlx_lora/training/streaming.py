@@ -67,6 +67,11 @@ def groups(examples: list[Example]) -> list[list[int]]:
     return out
 
 
+def largest_group(sets: list[list[Example]]) -> int:
+    """Tokens (rows x the longest row) of the largest group a pass runs at once."""
+    return max((len(g) * len(examples[g[-1]].tokens) for examples in sets for g in groups(examples)), default=0)
+
+
 def release(module: nn.Module) -> None:
     """Free a module's weights: each becomes a zero scalar broadcast to its shape, which holds no
     memory and keeps the shapes the model's code reads; its states are already on disk."""
