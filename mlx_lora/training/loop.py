@@ -182,11 +182,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         f"{adapter.layers}; {trainable:,} trainable parameters "
         f"({100 * trainable / get_total_parameters(model):.3f}%)"
     )
-    why_not = why_not_stream(cfg, world, base, min(adapter.layers))
-    limits = (cfg.batch_size, cfg.max_seq_length, cfg.pack, cfg.grad_checkpoint)
-    stream = check_training_memory(base, data, *limits, cfg.stream_prefix, why_not, log)
-    if not stream:
-        mx.eval(model.parameters())  # loaded lazily: read whole now, as an in-memory run always was
+    stream = choose_memory(cfg, world, base, data, min(adapter.layers), log)
     if blas.note():  # once the run is sure to start, so an error stays one line
         log(blas.note())
     distributed.check_group(world, cfg, data, trainable)
@@ -235,6 +231,17 @@ def load_data(cfg: TrainConfig, world: distributed.World, source, tokenizer, log
 
 def objective(cfg: TrainConfig) -> Objective:
     return Objective(cfg.objective, cfg.beta_value, cfg.label_smoothing, cfg.simpo_gamma, cfg.cpo_alpha)
+
+
+def choose_memory(cfg: TrainConfig, world: distributed.World, base: Base, data: dict, first: int, log) -> bool:
+    """Refuse a run the machine cannot hold; True when its frozen blocks are to be streamed, else
+    the lazily loaded model is read whole now, as an in-memory run always was."""
+    limits = (cfg.batch_size, cfg.max_seq_length, cfg.pack, cfg.grad_checkpoint)
+    why_not = why_not_stream(cfg, world, base, first)
+    stream = check_training_memory(base, data, *limits, cfg.stream_prefix, why_not, log)
+    if not stream:
+        mx.eval(base.model.parameters())
+    return stream
 
 
 def why_not_stream(cfg: TrainConfig, world: distributed.World, base: Base, first_trained: int) -> Optional[str]:

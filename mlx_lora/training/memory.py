@@ -143,13 +143,20 @@ def cache_dir_free() -> tuple[str, int]:
     return directory, shutil.disk_usage(directory).free
 
 
+def would_stream(mode: str, plan: MemoryPlan, why_not: str | None, available: int) -> bool:
+    """auto streams when the whole model would not fit and the streamed run would."""
+    return mode == "on" or (
+        mode == "auto" and why_not is None and plan.in_memory.total > available >= plan.streamed_peak
+    )
+
+
 def choose_streaming(mode: str, plan: MemoryPlan, why_not: str | None, available: int, log) -> bool:
     """--stream-prefix auto|on|off against the plan: whether to stream, said in one line, or a refusal."""
     if mode == "on" and why_not:
         raise UserError(f"--stream-prefix on: {why_not}")
     whole = plan.in_memory.total
     streamable = why_not is None
-    stream = mode == "on" or (mode == "auto" and streamable and whole > available >= plan.streamed_peak)
+    stream = would_stream(mode, plan, why_not, available)
     if not stream:
         batch = f"batch {plan.batch} x {plan.seq_len} tokens"
         log(f"memory: about {whole / GB:.2f} GB at peak ({batch}) of {available / GB:.1f} GB")
