@@ -8,6 +8,7 @@ from mlx_lora.config.fields import arg, opt
 CONVERT_FORMATS = ("peft", "mlx", "mlx-lm", "gguf")
 EVAL_TASKS = ("auto", "exact-match", "loss", "preference")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+BY_SHARD_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,20 @@ class FuseConfig:
         "f16", "Type of the 2-D weights in model.gguf: f32, f16, bf16 or q8_0 (norms and biases stay f32)."
     )
 
+    # on: read one safetensors shard, merge the adapted weights in it, write it, then the next, so
+    # peak memory is about the largest shard; the self-check then compares a few blocks' outputs.
+    # auto: on when the whole model would not fit twice (base, and the fused copy it checks against).
+    by_shard: str = opt(
+        "auto", f"Merge one shard at a time, for a base larger than memory: {', '.join(BY_SHARD_MODES)}."
+    )
+
     def problems(self) -> list[str]:
+        p = []
         if self.gguf_type not in GGUF_TYPES:
-            return [f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got '{self.gguf_type}'"]
-        return []
+            p.append(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got '{self.gguf_type}'")
+        if self.by_shard not in BY_SHARD_MODES:
+            p.append(f"--by-shard must be one of {', '.join(BY_SHARD_MODES)}, got '{self.by_shard}'")
+        return p
 
 
 @dataclass(frozen=True)
