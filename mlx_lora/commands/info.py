@@ -14,11 +14,10 @@ from mlx_lm.utils import get_total_parameters
 
 from mlx_lora.config import LoRAConfig, TrainConfig, lora_part, method_options
 from mlx_lora.data.sources import open_source
-from mlx_lora.distributed.group import SOLO
 from mlx_lora.formats.native import ADAPTER_CONFIG, ADAPTER_WEIGHTS, describe, save_adapter
 from mlx_lora.model.base import load_base
 from mlx_lora.model.lora import LINEAR_TYPES, apply_lora, block_paths, linear_dims
-from mlx_lora.training.loop import load_data, why_not_stream
+from mlx_lora.training.loop import read_data, why_not_stream
 from mlx_lora.training.memory import (
     MemoryEstimate,
     MemoryPlan,
@@ -125,10 +124,11 @@ def info(cfg: TrainConfig, log=print) -> ModelInfo:
 
 def show_modes(cfg: TrainConfig, base, log) -> tuple[MemoryPlan, bool]:
     """Both ways train can hold the model, sized by the data's longest batch, and the one it would take here."""
-    data = load_data(cfg, SOLO, open_source(cfg.data, cfg.data_config, lambda _: None), base.tokenizer, lambda _: None)
+    quiet = lambda _: None  # noqa: E731
+    data = read_data(cfg, open_source(cfg.data, cfg.data_config, quiet), base.tokenizer, quiet)
     limits = (cfg.batch_size, cfg.max_seq_length, cfg.pack, cfg.grad_checkpoint)
     plan, first, available = plan_memory(base, data, *limits), first_adapted(base.model), available_bytes()
-    why_not = why_not_stream(cfg, SOLO, base, first)
+    why_not = why_not_stream(cfg, 1, base, first)
     streams = why_not is None and would_stream(cfg.stream_prefix, plan, why_not, available)
     log(f"peak memory for the data's longest batch ({plan.batch} × {plan.seq_len} tokens):")
     log(f"  whole model in memory: {human(plan.in_memory.total)}")

@@ -223,6 +223,10 @@ def load_data(cfg: TrainConfig, world: distributed.World, source, tokenizer, log
             f"--objective {cfg.objective} runs in one process: its rewards and accuracy are not summed over "
             "a group yet; run it without mlx.launch"
         )
+    return read_data(cfg, source, tokenizer, log)
+
+
+def read_data(cfg: TrainConfig, source, tokenizer, log) -> dict[str, list]:
     if cfg.preference:
         return load_preference(preference_dir(source, cfg.objective), tokenizer, cfg.max_seq_length)
     cache_dir = Path(cfg.data_cache).expanduser() if cfg.data_cache else None
@@ -237,20 +241,20 @@ def choose_memory(cfg: TrainConfig, world: distributed.World, base: Base, data: 
     """Refuse a run the machine cannot hold; True when its frozen blocks are to be streamed, else
     the lazily loaded model is read whole now, as an in-memory run always was."""
     limits = (cfg.batch_size, cfg.max_seq_length, cfg.pack, cfg.grad_checkpoint)
-    why_not = why_not_stream(cfg, world, base, first)
+    why_not = why_not_stream(cfg, world.size, base, first)
     stream = check_training_memory(base, data, *limits, cfg.stream_prefix, why_not, log)
     if not stream:
         mx.eval(base.model.parameters())
     return stream
 
 
-def why_not_stream(cfg: TrainConfig, world: distributed.World, base: Base, first_trained: int) -> Optional[str]:
+def why_not_stream(cfg: TrainConfig, processes: int, base: Base, first_trained: int) -> Optional[str]:
     """Why this run cannot stream its frozen blocks (--stream-prefix), or None."""
     if first_trained == 0:
         return "LoRA reaches block 0, so no block is frozen; adapt the last blocks only (--num-layers)"
     if base.path.suffix == GGUF_SUFFIX:
         return "a GGUF base is read whole; convert it to a safetensors directory"
-    if world.size > 1:
+    if processes > 1:
         return "not in a group under mlx.launch yet (each rank would stream its own rows, untested); run one process"
     if cfg.preference or cfg.pack or not cfg.prefix_cache:
         what = f"--objective {cfg.objective}" if cfg.preference else "--pack" if cfg.pack else "--no-prefix-cache"
