@@ -42,10 +42,7 @@ def fuse(cfg: FuseConfig, log=print) -> FuseResult:
     if by_shard(cfg, adapter.base_model, log):
         return fuse_by_shard(cfg, adapter, weights, log)
     base = load_base(cfg.model or adapter.base_model)
-    if cfg.export_gguf:
-        check_gguf(base.config, cfg.gguf_type)
-        if cfg.requantize:
-            raise UserError("--export-gguf needs full-precision weights: drop --requantize")
+    check_export(cfg, base.config)
     tokens = mx.array(base.tokenizer.encode(CHECK_PROMPT))
     base_logits = _logits(base.model, tokens).astype(mx.float32)
     apply_adapter(base, adapter, weights, Path(cfg.adapter_path))
@@ -97,6 +94,13 @@ def fuse(cfg: FuseConfig, log=print) -> FuseResult:
             log(f"wrote {GGUF_FILE} ({cfg.gguf_type}) for llama.cpp")
     log(f"fused model saved to {cfg.save_path}")
     return FuseResult(Path(cfg.save_path), diff, kept)
+
+
+def check_export(cfg: FuseConfig, config: dict) -> None:
+    if cfg.export_gguf:
+        check_gguf(config, cfg.gguf_type)
+        if cfg.requantize:
+            raise UserError("--export-gguf needs full-precision weights: drop --requantize")
 
 
 def by_shard(cfg: FuseConfig, name: str, log) -> bool:
