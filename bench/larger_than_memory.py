@@ -145,14 +145,26 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=24)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--mlp", type=int, default=7168)
+    parser.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
     a = parser.parse_args()
-    model = write_model(a.work / "model", a.blocks, a.hidden, a.mlp)
-    data = write_data(a.work / "data")
+    if a.write_only:
+        write_model(a.work / "model", a.blocks, a.hidden, a.mlp)
+        return
+    # Written by a child: Linux hands a forked child its parent's high-water RSS, which wait4 would
+    # then report as the child's peak if this process had grown while writing the weights.
+    sizes = ["--blocks", str(a.blocks), "--hidden", str(a.hidden), "--mlp", str(a.mlp)]
+    subprocess.run([sys.executable, __file__, "--work", str(a.work), *sizes, "--write-only"], check=True)
+    model, data = a.work / "model", write_data(a.work / "data")
     weights = sum(f.stat().st_size for f in model.glob("*.safetensors")) / GB
     shard = max(f.stat().st_size for f in model.glob("*.safetensors")) / GB
     print(f"model: {a.blocks} blocks, hidden {a.hidden}, MLP {a.mlp}: {weights:.2f} GB, shards of up to {shard:.2f} GB")
     train_runs(a.work, model, data, weights)
     fuse_run(a.work, model, shard)
+    print(f"(this process's own peak RSS, a floor under every figure above: {own_peak():.2f} GB)")
+
+
+def own_peak() -> float:
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 2**20
 
 
 if __name__ == "__main__":
