@@ -48,10 +48,17 @@ ARCHS = ("llama", "qwen2", "phi3", "gemma")
 
 
 def make_hf_model(
-    directory: Path, arch: str, seed: int = 0, tokenizer: Path = DEFAULT_MODEL_DIR, dtype: str = "float32", **sizes
+    directory: Path,
+    arch: str,
+    seed: int = 0,
+    tokenizer: Path = DEFAULT_MODEL_DIR,
+    dtype: str = "float32",
+    max_shard_size: str | None = None,
+    **sizes,
 ) -> Path:
     """Save a random model of `arch` with transformers (torch, in `dtype`) plus the tokenizer files
-    of `tokenizer` (default: the shipped one); `sizes` override SMALL's (hidden_size=256, ...)."""
+    of `tokenizer` (default: the shipped one); `sizes` override SMALL's (hidden_size=256, ...),
+    `max_shard_size` ("64MB") splits the weights into several safetensors files."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -66,7 +73,7 @@ def make_hf_model(
     config.update(sizes)
     config.initializer_range = 0.1  # larger than usual so logits differ visibly between tokens
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).to(getattr(torch, dtype))
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return directory
 
 

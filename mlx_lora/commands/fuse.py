@@ -9,13 +9,16 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import dequantize_model, load_model
 
 from mlx_lora.atomic import check_writable, replace_dir
+from mlx_lora.commands.shard_fuse import adapted, checked_blocks, outputs, weights_bytes, why_not_by_shard, write_shards
 from mlx_lora.commands.upload import hub_token, upload_fused
 from mlx_lora.config import FuseConfig
 from mlx_lora.errors import UserError
 from mlx_lora.formats.gguf import GGUF_FILE, check_gguf, write_gguf
 from mlx_lora.formats.loader import apply_adapter, read_adapter
 from mlx_lora.model.base import load_base, write_model_files
+from mlx_lora.model.gguf import GGUF_SUFFIX
 from mlx_lora.model.lora import fuse_lora, lora_layers
+from mlx_lora.training.memory import available_bytes, compute_dtype
 
 CHECK_PROMPT = "Q: Tom has 3 apples and buys 4 more. How many apples does he have?\nA: 3 + 4 = 7. #### 7"
 # Largest logit difference allowed between adapter and fused model, relative to max(1, |logits|).
@@ -47,11 +50,10 @@ def merge(cfg: FuseConfig, log=print) -> FuseResult:
     """Merge in float32 and save in the base's dtype, de-quantized unless --requantize."""
     adapter, weights = read_adapter(Path(cfg.adapter_path))
     check_writable(Path(cfg.save_path).absolute().parent, "--save-path")
+    if by_shard(cfg, adapter.base_model, log):
+        return fuse_by_shard(cfg, adapter, weights, log)
     base = load_base(cfg.model or adapter.base_model)
-    if cfg.export_gguf:
-        check_gguf(base.config, cfg.gguf_type)
-        if cfg.requantize:
-            raise UserError("--export-gguf needs full-precision weights: drop --requantize")
+    check_export(cfg, base.config)
     tokens = mx.array(base.tokenizer.encode(CHECK_PROMPT))
     base_logits = _logits(base.model, tokens).astype(mx.float32)
     apply_adapter(base, adapter, weights, Path(cfg.adapter_path))
@@ -103,3 +105,57 @@ def merge(cfg: FuseConfig, log=print) -> FuseResult:
             log(f"wrote {GGUF_FILE} ({cfg.gguf_type}) for llama.cpp")
     log(f"fused model saved to {cfg.save_path}")
     return FuseResult(Path(cfg.save_path), diff, kept)
+
+
+def check_export(cfg: FuseConfig, config: dict) -> None:
+    if cfg.export_gguf:
+        check_gguf(config, cfg.gguf_type)
+        if cfg.requantize:
+            raise UserError("--export-gguf needs full-precision weights: drop --requantize")
+
+
+def by_shard(cfg: FuseConfig, name: str, log) -> bool:
+    """--by-shard auto|on|off: auto merges shard by shard when the whole model would not fit twice
+    (the base, and the fused copy read back for the check)."""
+    if cfg.by_shard == "off" or (cfg.by_shard == "auto" and (cfg.model or name or "").endswith(GGUF_SUFFIX)):
+        return False  # a GGUF base is read whole: not worth reading twice to learn that
+    base = load_base(cfg.model or name, lazy=True)  # shapes and paths only: nothing is read
+    why_not = why_not_by_shard(base) or (
+        "--requantize and --export-gguf need the whole model" if cfg.requantize or cfg.export_gguf else None
+    )
+    if why_not and cfg.by_shard == "on":
+        raise UserError(f"--by-shard on: {why_not}")
+    size, available = weights_bytes(base.path) if not why_not else 0, available_bytes()
+    if why_not or (cfg.by_shard == "auto" and 2 * size <= available):
+        return False
+    why = (
+        "--by-shard on"
+        if cfg.by_shard == "on"
+        else f"twice its {size / 2**30:.1f} GB would not fit in {available / 2**30:.1f} GB"
+    )
+    log(f"fuse: merging one shard at a time ({why})")
+    return True
+
+
+def fuse_by_shard(cfg: FuseConfig, adapter, weights, log) -> FuseResult:
+    """Merge shard by shard; the check compares a few adapted blocks' outputs (shard_fuse.py)."""
+    name, directory = cfg.model or adapter.base_model, Path(cfg.adapter_path)
+    reference = adapted(name, adapter, weights, directory)
+    model, text = reference.model, reference.config.get("text_config", reference.config)
+    blocks, dtype = checked_blocks(model), compute_dtype(model)
+    tokens = mx.array(reference.tokenizer.encode(CHECK_PROMPT))[None]  # (1, T)
+    h = mx.random.normal((*tokens.shape, text["hidden_size"]), key=mx.random.key(0)).astype(dtype)  # (1, T, D)
+    expected = outputs(model, blocks, tokens, h)
+    del reference, model
+    base = adapted(name, adapter, weights, directory)
+    with replace_dir(Path(cfg.save_path)) as tmp:
+        write_shards(base, tmp, log)
+        got = outputs(load_model(tmp, lazy=True)[0], blocks, tokens, h)
+        diff = max(mx.abs(got[i] - expected[i]).max().item() for i in blocks)
+        scale = max(1.0, *(mx.abs(expected[i]).max().item() for i in blocks))
+        tol = TOLERANCE.get(dtype, 6e-2) * scale
+        log(f"check: largest difference in the outputs of blocks {blocks}, fused vs adapter model: {diff:.2e}")
+        if diff > tol:
+            raise UserError(f"fused model differs from the adapter model by {diff:.2e} (> {tol:.1e}); nothing written")
+    log(f"fused model saved to {cfg.save_path}")
+    return FuseResult(Path(cfg.save_path), diff)

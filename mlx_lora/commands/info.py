@@ -20,8 +20,18 @@ from mlx_lora.data.sources import open_source
 from mlx_lora.formats.native import ADAPTER_CONFIG, ADAPTER_WEIGHTS, describe, save_adapter
 from mlx_lora.model.base import load_base
 from mlx_lora.model.lora import LINEAR_TYPES, apply_lora, block_paths, linear_dims
-from mlx_lora.training.loop import load_data
-from mlx_lora.training.memory import MemoryEstimate, compute_dtype, estimate_training_memory, largest_batch
+from mlx_lora.training.loop import read_data, why_not_stream
+from mlx_lora.training.memory import (
+    MemoryEstimate,
+    MemoryPlan,
+    available_bytes,
+    compute_dtype,
+    estimate_training_memory,
+    first_adapted,
+    largest_batch,
+    plan_memory,
+    would_stream,
+)
 
 
 def human(size: int) -> str:
@@ -40,6 +50,8 @@ class ModelInfo:
     trainable: int
     adapter_bytes: dict[str, int]  # file name -> size on disk
     memory: MemoryEstimate
+    plan: MemoryPlan  # in memory and streamed, sized by the data's longest batch
+    streams: bool  # whether train would stream the frozen blocks on this machine
 
 
 def spans(indices: list[int]) -> str:
@@ -70,18 +82,12 @@ def _by_block(items: dict[str, str], prefixes: list[str]) -> list[str]:
     return lines + ([f"  outside the blocks: {', '.join(other)}"] if other else [])
 
 
-def data_batch(cfg: TrainConfig, tokenizer) -> tuple[int, int]:
-    """(rows, tokens) of the largest batch `train` would make from its data, read as training reads it."""
-    data = load_data(cfg, open_source(cfg.data, cfg.data_config, log=_quiet), tokenizer, _quiet)
-    return largest_batch(data["train"], cfg.batch_size, cfg.max_seq_length, cfg.pack)
-
-
 def _quiet(*_) -> None:
     pass
 
 
 def info(cfg: TrainConfig, log=print) -> ModelInfo:
-    base = load_base(cfg.model, lazy=True)  # shapes only: no weight is read
+    base = load_base(cfg.model, shapes_only=True)  # no weight is read: a model larger than memory is fine
     model = base.model
     prefixes = [p + "." for p in block_paths(model)]
     linears = {n: linear_dims(m) for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
@@ -95,7 +101,8 @@ def info(cfg: TrainConfig, log=print) -> ModelInfo:
         adapter.training = method_options(cfg)
         save_adapter(Path(tmp), model, adapter)
         sizes = {name: (Path(tmp) / name).stat().st_size for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)}
-    batch, seq_len = data_batch(cfg, base.tokenizer)
+    data = read_data(cfg, open_source(cfg.data, cfg.data_config, _quiet), base.tokenizer, _quiet)  # as train reads it
+    batch, seq_len = largest_batch(data["train"], cfg.batch_size, cfg.max_seq_length, cfg.pack)
     memory = estimate_training_memory(model, base.config, batch, seq_len, cfg.grad_checkpoint)
 
     log(
@@ -121,4 +128,28 @@ def info(cfg: TrainConfig, log=print) -> ModelInfo:
         f"{human(memory.total)} = weights {human(memory.weights)} + LoRA, gradients and AdamW "
         f"{human(memory.trainable)} + activations {human(memory.activations)} + logits {human(memory.logits)}"
     )
-    return ModelInfo(len(prefixes), linears, modules, parameters, trainable, sizes, memory)
+    plan, streams = show_modes(cfg, base, data, log)
+    return ModelInfo(len(prefixes), linears, modules, parameters, trainable, sizes, memory, plan, streams)
+
+
+def show_modes(cfg: TrainConfig, base, data: dict, log) -> tuple[MemoryPlan, bool]:
+    """Both ways train can hold the model, sized by the data's longest batch, and the one it would take here."""
+    limits = (cfg.batch_size, cfg.max_seq_length, cfg.pack, cfg.grad_checkpoint)
+    plan, first, available = plan_memory(base, data, *limits), first_adapted(base.model), available_bytes()
+    why_not = why_not_stream(cfg, 1, base, first)
+    streams = why_not is None and would_stream(cfg.stream_prefix, plan, why_not, available)
+    log(f"peak memory for the data's longest batch ({plan.batch} × {plan.seq_len} tokens):")
+    log(f"  whole model in memory: {human(plan.in_memory.total)}")
+    if why_not:
+        log(f"  frozen blocks streamed from disk: not possible ({why_not})")
+    else:
+        log(
+            f"  frozen blocks 0-{first - 1} streamed from disk: {human(plan.streamed_peak)} (training "
+            f"{human(plan.streamed.total)}, prefix pass {human(plan.prefix_pass)}); their states take "
+            f"{human(plan.cache_bytes)} on disk"
+        )
+    mode = "streamed" if streams else "whole model in memory"
+    fits = (plan.streamed_peak if streams else plan.in_memory.total) <= available
+    verdict = "" if fits else ", refused: too large"
+    log(f"--stream-prefix {cfg.stream_prefix}: train runs {mode} here ({human(available)} available{verdict})")
+    return plan, streams

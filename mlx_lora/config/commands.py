@@ -9,6 +9,7 @@ from mlx_lora.config.fields import arg, opt
 CONVERT_FORMATS = ("peft", "mlx", "mlx-lm", "gguf")
 EVAL_TASKS = ("auto", "exact-match", "loss", "preference")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+BY_SHARD_MODES = ("auto", "on", "off")
 HUB_REPO = re.compile(r"[\w.-]+/[\w.-]+")  # user/name, as the Hub spells repository ids
 
 
@@ -48,10 +49,19 @@ class FuseConfig:
     upload_repo: str | None = opt(None, "Then upload the fused model, with a model card, to this Hub repo (user/name).")
     private: bool = opt(False, "With --upload-repo: create the repository private.", off="--public")
 
+    # on: read one safetensors shard, merge the adapted weights in it, write it, then the next, so
+    # peak memory is about the largest shard; the self-check then compares a few blocks' outputs.
+    # auto: on when the whole model would not fit twice (base, and the fused copy it checks against).
+    by_shard: str = opt(
+        "auto", f"Merge one shard at a time, for a base larger than memory: {', '.join(BY_SHARD_MODES)}."
+    )
+
     def problems(self) -> list[str]:
         p = repo_problems("--upload-repo", self.upload_repo)
         if self.gguf_type not in GGUF_TYPES:
             p.append(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got '{self.gguf_type}'")
+        if self.by_shard not in BY_SHARD_MODES:
+            p.append(f"--by-shard must be one of {', '.join(BY_SHARD_MODES)}, got '{self.by_shard}'")
         return p
 
 

@@ -9,6 +9,7 @@ from mlx_lora.config.lora import LoRAConfig
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 REPORT_TO = ("tensorboard", "wandb")
+STREAM_MODES = ("auto", "on", "off")
 OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo")
 PREFERENCE_OBJECTIVES = OBJECTIVES[1:]
 # TRL's defaults: DPOConfig/ORPOConfig beta 0.1 (IPO's tau, ORPO's lambda); SimPO's paper and TRL's
@@ -50,6 +51,10 @@ class TrainConfig(DataConfig, LoRAConfig):
     # The frozen blocks before the first LoRA block: their output is kept in RAM, or a temporary
     # file when large; --no-prefix-cache recomputes them every step.
     prefix_cache: bool = opt(True, "Compute the frozen first blocks once per row.", panel=METHODS)
+    # on: the frozen blocks run one at a time, each block's weights loaded only while it runs, their
+    # output kept on disk; training then holds only the LoRA blocks and the head (docs/memory.md).
+    # auto: on when the whole model would not fit in memory.
+    stream_prefix: str = opt("auto", f"Stream the frozen blocks from disk: {', '.join(STREAM_MODES)}.", panel=METHODS)
     # Attention and positions stay within each row, so losses equal the unpacked run's.
     pack: bool = opt(False, "Pack several rows into each --max-seq-length sequence.", panel=METHODS)
     grad_checkpoint: bool = opt(
@@ -147,6 +152,8 @@ class TrainConfig(DataConfig, LoRAConfig):
             p.append(f"--grad-accumulation-steps must be at least 1, got {self.grad_accumulation_steps}")
         if self.lr_schedule not in LR_SCHEDULES:
             p.append(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got '{self.lr_schedule}'")
+        if self.stream_prefix not in STREAM_MODES:
+            p.append(f"--stream-prefix must be one of {', '.join(STREAM_MODES)}, got '{self.stream_prefix}'")
         if self.warmup_steps < 0:
             p.append(f"--warmup-steps must be 0 or more, got {self.warmup_steps}")
         if not 0 <= self.final_lr_ratio <= 1:

@@ -47,8 +47,9 @@ def check_base(config: AdapterConfig, base_config: dict[str, Any], base_name: st
         )
 
 
-def apply_adapter(base: Base, config: AdapterConfig, weights: Weights, directory: Path) -> None:
-    """Wrap `base.model` as `config` says and load `weights`, checking that they fit."""
+def apply_adapter(base: Base, config: AdapterConfig, weights: Weights, directory: Path, whole: bool = True) -> None:
+    """Wrap `base.model` as `config` says and load `weights`, checking that they fit. `whole=False`
+    evaluates the adapter alone, leaving a lazily loaded base unread (fuse by shard)."""
     check_base(config, base.config, base.name, Path(directory) / ADAPTER_CONFIG)
     apply_lora(base.model, config.lora, config.modules)
     expected = dict(tree_flatten(base.model.trainable_parameters()))
@@ -62,7 +63,7 @@ def apply_adapter(base: Base, config: AdapterConfig, weights: Weights, directory
     if problems:
         raise UserError(f"{directory}: adapter weights do not fit '{base.name}': {'; '.join(problems[:3])}")
     base.model.load_weights(list(weights.items()), strict=False)
-    mx.eval(base.model.parameters())
+    mx.eval(base.model.parameters() if whole else base.model.trainable_parameters())
 
 
 def load_adapter(base: Base, directory: Path) -> AdapterConfig:

@@ -98,23 +98,24 @@ def rope_overrides(path: Path) -> dict[str, Any]:
     return out
 
 
-def _load(name: str | None, lazy: bool) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any], Path]:
+def _load(name: str | None, lazy: bool, shapes_only: bool) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any], Path]:
     if name is not None and name.endswith(GGUF_SUFFIX):
         path = Path(name).expanduser()
         if not path.is_file():
             raise UserError(f"--model {name}: no such GGUF file; give the path of a llama.cpp .gguf model")
-        return *load_gguf(path, lazy), path
+        return *load_gguf(path, shapes_only), path
     path = resolve_model(name)
     model, config = load_model(path, lazy=lazy, model_config=rope_overrides(path))
     return model, load_tokenizer(path, eos_token_ids=config.get("eos_token_id")), config, path
 
 
-def load_base(name: str | None, lazy: bool = False) -> Base:
-    """A Hugging Face / mlx-lm model directory, a hub id, or a llama.cpp .gguf file. `lazy`: for
-    shapes, dtypes and sizes only, at no cost at any model size: safetensors weights stay unread
-    until evaluated (MLX reads a tensor then), a GGUF's are stand-ins (gguf.read_gguf_shapes)."""
+def load_base(name: str | None, lazy: bool = False, shapes_only: bool = False) -> Base:
+    """A Hugging Face / mlx-lm model directory, a hub id, or a llama.cpp .gguf file. `lazy`: the
+    safetensors are read only when a weight is first evaluated (a GGUF file is read whole);
+    `shapes_only`: for shapes, dtypes and sizes alone, at no cost at any model size (a GGUF's
+    weights are stand-ins made from its header, gguf_tensors.read_shapes; never evaluate them)."""
     try:
-        model, tokenizer, config, path = _load(name, lazy)
+        model, tokenizer, config, path = _load(name, lazy or shapes_only, shapes_only)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:  # mlx: RuntimeError for torn files
         raise UserError(
             f"--model {name or DEFAULT_MODEL}: mlx-lm cannot load it ({e}); re-download it or point --model at a "

@@ -100,15 +100,28 @@ class Cut:
     head_key: str
     tied: bool
 
-    def prefix(self, inputs: mx.array) -> mx.array:
-        """The hidden state entering block k, (B, T, D)."""
-        block = self.blocks[self.offset + self.k]
+    def _entering(self, j: int, inputs: mx.array, swaps: dict) -> mx.array:
+        """The hidden state entering block j, (B, T, D), with `swaps` in place for the call."""
+        stop = {self.offset + j: _Standin(self.blocks[self.offset + j], _stop)}
         try:
-            with _swapped(self.blocks, {self.offset + self.k: _Standin(block, _stop)}):
+            with _swapped(self.blocks, swaps | stop):
                 self.model(inputs)
         except _Stop as stop:
             return stop.h
-        raise ValueError(f"block {self.k} was never called")
+        raise ValueError(f"block {j} was never called")
+
+    def prefix(self, inputs: mx.array, k: int | None = None) -> mx.array:
+        """The hidden state entering block k (default: the first trained one), (B, T, D)."""
+        return self._entering(self.k if k is None else k, inputs, {})
+
+    def block(self, i: int, inputs: mx.array, h: mx.array) -> mx.array:
+        """Block i (i < k) alone on `h` (B, T, D) entering it, with the masks and positions the model
+        makes for `inputs`: blocks before it pass through, and the embedding's output reaches no
+        result, so only block i's weights are read."""
+        real = self.blocks[self.offset + i]
+        swaps = {self.offset + j: _Standin(self.blocks[self.offset + j], _through) for j in range(i)}
+        swaps[self.offset + i] = _Standin(real, lambda x, *args, **kwargs: real(h, *args, **kwargs))
+        return self._entering(i + 1, inputs, swaps)
 
     def hidden(self, inputs: mx.array, h: mx.array | None = None) -> mx.array:
         """Final normed hidden state (B, T, D); with `h` entering block k (k >= 1), blocks before k are skipped."""
@@ -127,14 +140,19 @@ class Cut:
         return head.as_linear(x) if self.tied else head(x)
 
 
+def cut_at(model: nn.Module, k: int) -> Cut:
+    """The pieces of `model` cut before block k, unchecked; ValueError where they cannot be found."""
+    blocks, offset = _block_list(model)
+    parent, key, tied = _head_site(model)
+    return Cut(model, k, blocks, offset, parent, key, tied)
+
+
 def find_cut(model: nn.Module, k: int, probe: mx.array, log: Callable = print) -> Cut | None:
     """A Cut before block k that reproduces the model's forward on `probe` (B, T), else None."""
     training = model.training
     model.eval()  # dropout would make the two forwards differ
     try:
-        blocks, offset = _block_list(model)
-        parent, key, tied = _head_site(model)
-        cut = Cut(model, k, blocks, offset, parent, key, tied)
+        cut = cut_at(model, k)
         expected = model(probe)
         got = cut.logits(cut.hidden(probe, cut.prefix(probe) if k else None))
         ok = expected.shape == got.shape and mx.allclose(expected, got, rtol=1e-4, atol=1e-4).item()

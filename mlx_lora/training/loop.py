@@ -30,6 +30,7 @@ from mlx_lora.distributed import group as distributed
 from mlx_lora.errors import Interrupted, UserError
 from mlx_lora.formats.native import AdapterConfig, adapter_weights, describe, save_adapter
 from mlx_lora.model.base import Base, load_base
+from mlx_lora.model.gguf import GGUF_SUFFIX
 from mlx_lora.model.lora import apply_lora
 from mlx_lora.reporting.monitor import TrainMonitor
 from mlx_lora.training.checkpoint import (
@@ -43,6 +44,7 @@ from mlx_lora.training.checkpoint import (
     rng_key,
     save_checkpoint,
 )
+from mlx_lora.training.cut import cut_at
 from mlx_lora.training.early_stopping import EarlyStopping
 from mlx_lora.training.feed import Feed, make_feed
 from mlx_lora.training.grad_checkpoint import checkpoint_blocks
@@ -53,6 +55,7 @@ from mlx_lora.training.preference import PreferenceFeed, make_preference_feed
 from mlx_lora.training.schedule import learning_rate
 from mlx_lora.training.signals import deferred_stop
 from mlx_lora.training.step import grads_finite, make_step
+from mlx_lora.training.streaming import streamed_feed
 from mlx_lora.training.validation import mean_loss
 
 
@@ -162,7 +165,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         remove_stale(out)
         remove_stale(out / CHECKPOINTS)
     mx.random.seed(cfg.seed)
-    base = load_base(cfg.model)
+    base = load_base(cfg.model, lazy=True)  # a streamed run never reads its frozen blocks whole
     source = open_source(cfg.data, cfg.data_config, log)
     data = load_data(cfg, source, base.tokenizer, log, world)
     model = base.model
@@ -179,7 +182,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         f"{adapter.layers}; {trainable:,} trainable parameters "
         f"({100 * trainable / get_total_parameters(model):.3f}%)"
     )
-    check_training_memory(base, data["train"], cfg.batch_size, cfg.max_seq_length, cfg.pack, cfg.grad_checkpoint, log)
+    stream = choose_memory(cfg, world, base, data, min(adapter.layers), log)
     if blas.note():  # once the run is sure to start, so an error stays one line
         log(blas.note())
     distributed.check_group(world, cfg, data, trainable)
@@ -189,7 +192,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         enable_packing(model, base.config.get("model_type", "?"))
     if cfg.grad_checkpoint:
         checkpoint_blocks(model)
-    feed = choose_feed(cfg, model, min(adapter.layers), data, log)
+    feed = choose_feed(cfg, model, min(adapter.layers), data, log, stream)
     step, state = make_step(model, optimizer, world, feed)
     return Run(
         cfg,
@@ -220,6 +223,10 @@ def load_data(cfg: TrainConfig, source, tokenizer, log, world: distributed.World
             f"--objective {cfg.objective} runs in one process: its rewards and accuracy are not summed over "
             "a group yet; run it without mlx.launch"
         )
+    return read_data(cfg, source, tokenizer, log)
+
+
+def read_data(cfg: TrainConfig, source, tokenizer, log) -> dict[str, list]:
     if cfg.preference:
         return load_preference(preference_dir(source, cfg.objective), tokenizer, cfg.max_seq_length)
     cache_dir = Path(cfg.data_cache).expanduser() if cfg.data_cache else None
@@ -230,9 +237,41 @@ def objective(cfg: TrainConfig) -> Objective:
     return Objective(cfg.objective, cfg.beta_value, cfg.label_smoothing, cfg.simpo_gamma, cfg.cpo_alpha)
 
 
-def choose_feed(cfg: TrainConfig, model, first_trained: int, data: dict, log) -> Feed | PreferenceFeed:
-    """SFT: the fastest feed the model allows. Preference: whole-model forwards over pairs, with
-    the reference log-probs computed now, once."""
+def choose_memory(cfg: TrainConfig, world: distributed.World, base: Base, data: dict, first: int, log) -> bool:
+    """Refuse a run the machine cannot hold; True when its frozen blocks are to be streamed, else
+    the lazily loaded model is read whole now, as an in-memory run always was."""
+    limits = (cfg.batch_size, cfg.max_seq_length, cfg.pack, cfg.grad_checkpoint)
+    why_not = why_not_stream(cfg, world.size, base, first)
+    stream = check_training_memory(base, data, *limits, cfg.stream_prefix, why_not, log)
+    if not stream:
+        mx.eval(base.model.parameters())
+    return stream
+
+
+def why_not_stream(cfg: TrainConfig, processes: int, base: Base, first_trained: int) -> Optional[str]:
+    """Why this run cannot stream its frozen blocks (--stream-prefix), or None."""
+    if first_trained == 0:
+        return "LoRA reaches block 0, so no block is frozen; adapt the last blocks only (--num-layers)"
+    if base.path.suffix == GGUF_SUFFIX:
+        return "a GGUF base is read whole; convert it to a safetensors directory"
+    if processes > 1:
+        return "not in a group under mlx.launch yet (each rank would stream its own rows, untested); run one process"
+    if cfg.preference or cfg.pack or not cfg.prefix_cache:
+        what = f"--objective {cfg.objective}" if cfg.preference else "--pack" if cfg.pack else "--no-prefix-cache"
+        return f"{what} runs the whole model every step"
+    try:
+        cut_at(base.model, first_trained)
+    except ValueError as e:
+        return f"cannot cut {type(base.model).__name__} into blocks and a head ({e})"
+    return None
+
+
+def choose_feed(cfg: TrainConfig, model, first_trained: int, data: dict, log, stream: bool) -> Feed | PreferenceFeed:
+    """SFT: the fastest feed the model allows; streamed, the frozen blocks' output computed now,
+    block by block. Preference: whole-model forwards over pairs, with the reference log-probs
+    computed now, once."""
+    if stream:
+        return streamed_feed(model, first_trained, data, log)
     if not cfg.preference:
         return make_feed(model, first_trained, data["train"], cfg.prefix_cache, cfg.pack, log)
     if cfg.prefix_cache:

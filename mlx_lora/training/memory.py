@@ -5,9 +5,16 @@ AdamW's two moments (fp32); for every block from the first adapted one up (gradi
 below it) the outputs of its linears and one elementwise input per output, plus the attention
 probabilities; and the logits with their fp32 copies. It is an estimate, not a measurement: the
 compiled step may fuse or free some of these earlier.
+
+With --stream-prefix (streaming.py) the frozen blocks before the first adapted one are never
+resident together: the run holds the rest of the model during training, and one frozen block
+(or the embedding) plus one group's activations during the prefix pass; the pass's cache goes to
+disk, two files of rows x tokens x hidden x bytes at once.
 """
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -17,6 +24,8 @@ from mlx.utils import tree_flatten
 from mlx_lora.data.batches import PAD_MULTIPLE, lengths
 from mlx_lora.errors import UserError
 from mlx_lora.model.lora import LINEAR_TYPES, block_paths, linear_dims, lora_layers
+from mlx_lora.training.cut import EMBEDDINGS, cut_at
+from mlx_lora.training.streaming import cache_bytes, largest_group
 
 GB = 2**30
 
@@ -74,7 +83,107 @@ def available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_fits(est: MemoryEstimate, batch_size: int, seq_len: int, available: int) -> None:
+@dataclass
+class MemoryPlan:
+    """Both ways to run: the whole model in memory, or its frozen prefix streamed from disk."""
+
+    in_memory: MemoryEstimate
+    streamed: MemoryEstimate  # weights: all but the frozen blocks (and an untied embedding)
+    prefix_pass: int  # the streamed pass's peak: the largest frozen block or embedding + one group
+    cache_bytes: int  # the streamed cache of train + valid on disk
+    batch: int
+    seq_len: int
+
+    @property
+    def streamed_peak(self) -> int:
+        return max(self.streamed.total, self.prefix_pass)
+
+
+def streamed_parts(model: nn.Module, first: int) -> tuple[list[int], int]:
+    """Bytes of each frozen block (before `first`) and of the embedding when it is not also the head."""
+    named = tree_flatten(model.parameters())
+    frozen = [sum(v.nbytes for k, v in named if k.startswith(p + ".")) for p in block_paths(model)[:first]]
+    tied = cut_at(model, first).tied
+    path = next(n for n, m in model.named_modules() if isinstance(m, EMBEDDINGS))
+    return frozen, 0 if tied else sum(v.nbytes for k, v in named if k.startswith(path + "."))
+
+
+def plan_memory(
+    base, data: dict, batch_size: int, max_seq_length: int, pack: bool, grad_checkpoint: bool
+) -> MemoryPlan:
+    """Both estimates, sized by the longest batch the training rows can make."""
+    batch, seq_len = largest_batch(data["train"], batch_size, max_seq_length, pack)
+    model, text = base.model, base.config.get("text_config", base.config)
+    est = estimate_training_memory(model, base.config, batch, seq_len, grad_checkpoint)
+    first = first_adapted(model)
+    act, hidden = compute_dtype(model).size, text.get("hidden_size", 0)
+    try:
+        frozen, embedding = streamed_parts(model, first)
+    except (ValueError, StopIteration):  # no blocks or head to cut at: streaming is refused later
+        frozen, embedding = [], 0
+    streamed = MemoryEstimate(est.weights - sum(frozen) - embedding, est.trainable, est.activations, est.logits)
+    # one block call on a group: its input and output states plus its widest intermediate, twice
+    sets = [data["train"], data.get("valid") or []]
+    group = largest_group(sets) * (2 * hidden + 2 * text.get("intermediate_size", 4 * hidden)) * act
+    return MemoryPlan(est, streamed, max(frozen + [embedding]) + group, cache_bytes(sets, hidden, act), batch, seq_len)
+
+
+def first_adapted(model: nn.Module) -> int:
+    prefixes = [p + "." for p in block_paths(model)]
+    adapted = lora_layers(model)
+    return min((i for i, p in enumerate(prefixes) for m in adapted if m.startswith(p)), default=len(prefixes))
+
+
+def cache_dir_free() -> tuple[str, int]:
+    """Where the streamed cache goes ($TMPDIR) and the bytes free there."""
+    directory = tempfile.gettempdir()
+    return directory, shutil.disk_usage(directory).free
+
+
+def would_stream(mode: str, plan: MemoryPlan, why_not: str | None, available: int) -> bool:
+    """auto streams when the whole model would not fit and the streamed run would."""
+    return mode == "on" or (
+        mode == "auto" and why_not is None and plan.in_memory.total > available >= plan.streamed_peak
+    )
+
+
+def choose_streaming(mode: str, plan: MemoryPlan, why_not: str | None, available: int, log) -> bool:
+    """--stream-prefix auto|on|off against the plan: whether to stream, said in one line, or a refusal."""
+    if mode == "on" and why_not:
+        raise UserError(f"--stream-prefix on: {why_not}")
+    whole = plan.in_memory.total
+    streamable = why_not is None
+    stream = would_stream(mode, plan, why_not, available)
+    if not stream:
+        batch = f"batch {plan.batch} x {plan.seq_len} tokens"
+        log(f"memory: about {whole / GB:.2f} GB at peak ({batch}) of {available / GB:.1f} GB")
+        hint = f"; streaming the frozen blocks (--stream-prefix on) would need {plan.streamed_peak / GB:.1f} GB"
+        check_fits(plan.in_memory, plan.batch, plan.seq_len, available, hint if streamable else "")
+        return False
+    if plan.streamed_peak > available:
+        raise UserError(
+            f"even with --stream-prefix this run needs about {plan.streamed_peak / GB:.1f} GB (weights outside the "
+            f"frozen blocks {plan.streamed.weights / GB:.1f}) but this machine has {available / GB:.1f} GB; lower "
+            "--batch-size or --max-seq-length, use --grad-checkpoint, or adapt fewer blocks (--num-layers)"
+        )
+    directory, free = cache_dir_free()
+    if 2 * plan.cache_bytes > free:  # a pass reads one file while it writes the next
+        raise UserError(
+            f"--stream-prefix: the frozen blocks' states need {2 * plan.cache_bytes / GB:.1f} GB in {directory} while "
+            f"they are computed, but it has {free / GB:.1f} GB free; point TMPDIR at a larger disk, or use fewer "
+            "or shorter rows"
+        )
+    why = "--stream-prefix on"
+    if mode == "auto":
+        why = f"the whole model would need about {whole / GB:.1f} GB of {available / GB:.1f} GB"
+    log(
+        f"memory: streaming the frozen blocks from disk ({why}): about {plan.streamed_peak / GB:.2f} GB at peak, "
+        f"{plan.cache_bytes / GB:.2f} GB of their states cached in {directory}"
+    )
+    return True
+
+
+def check_fits(est: MemoryEstimate, batch_size: int, seq_len: int, available: int, hint: str = "") -> None:
     """Before training: a run that cannot fit stops with the knobs to turn, instead of swapping for
     an hour or being killed by the OS."""
     if est.total <= available:
@@ -84,6 +193,7 @@ def check_fits(est: MemoryEstimate, batch_size: int, seq_len: int, available: in
         f"{est.trainable / GB:.2f}, activations and logits {(est.activations + est.logits) / GB:.1f} for batch "
         f"{batch_size} x {seq_len} tokens) but this machine has {available / GB:.1f} GB; lower --batch-size or "
         "--max-seq-length, use --grad-checkpoint, or train on a quantized base (e.g. a 4-bit mlx-community model)"
+        + hint
     )
 
 
@@ -95,11 +205,9 @@ def largest_batch(examples: list, batch_size: int, max_seq_length: int, pack: bo
 
 
 def check_training_memory(
-    base, examples: list, batch_size: int, max_seq_length: int, pack: bool, grad_checkpoint: bool, log
-) -> None:
-    """Refuse a run the machine cannot hold, sized by the longest batch the data can make."""
-    batch, seq_len = largest_batch(examples, batch_size, max_seq_length, pack)
-    est = estimate_training_memory(base.model, base.config, batch, seq_len, grad_checkpoint)
-    available = available_bytes()
-    log(f"memory: about {est.total / GB:.2f} GB at peak (batch {batch} x {seq_len} tokens) of {available / GB:.1f} GB")
-    check_fits(est, batch, seq_len, available)
+    base, data: dict, batch_size: int, max_seq_length: int, pack: bool, grad_checkpoint: bool, stream: str, why_not, log
+) -> bool:
+    """Refuse a run the machine cannot hold; True when the frozen blocks are to be streamed (`why_not`:
+    why they cannot be, or None)."""
+    plan = plan_memory(base, data, batch_size, max_seq_length, pack, grad_checkpoint)
+    return choose_streaming(stream, plan, why_not, available_bytes(), log)

@@ -19,7 +19,7 @@ from mlx_lora.data.examples import Example
 from mlx_lora.training.cut import Cut
 
 RAM_LIMIT = 2 * 2**30  # bytes kept in memory; beyond this the cache is a file in $TMPDIR
-_BITS = {2: (mx.uint16, np.uint16), 4: (mx.uint32, np.uint32)}  # bf16 has no NumPy type: keep the raw bits
+BITS = {2: (mx.uint16, np.uint16), 4: (mx.uint32, np.uint32)}  # bf16 has no NumPy type: keep the raw bits
 
 
 class PrefixCache:
@@ -33,7 +33,7 @@ class PrefixCache:
 
     def _allocate(self, h: mx.array) -> None:
         self.dtype = h.dtype
-        _, np_bits = _BITS[h.dtype.size]
+        _, np_bits = BITS[h.dtype.size]
         shape = (int(self.offsets[-1]), h.shape[-1])
         nbytes = shape[0] * shape[1] * h.dtype.size
         if nbytes <= RAM_LIMIT:
@@ -48,7 +48,7 @@ class PrefixCache:
         h = self.cut.prefix(tokens[:, :-1])  # (B, L-1, D)
         if self.store is None:
             self._allocate(h)
-        bits = np.array(h.view(_BITS[h.dtype.size][0]))
+        bits = np.array(h.view(BITS[h.dtype.size][0]))
         for row, i in enumerate(indices):
             a, b = self.offsets[i], self.offsets[i + 1]
             self.store[a:b] = bits[row, : b - a]

@@ -4,6 +4,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.nn as nn
@@ -16,7 +17,7 @@ from mlx_lora.commands.info import info
 from mlx_lora.config import TrainConfig
 from mlx_lora.formats.native import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from mlx_lora.model.base import DEFAULT_MODEL_DIR, load_base
-from mlx_lora.training.loop import train
+from mlx_lora.training.loop import build_run, train
 
 
 def test_info_numbers_match_the_model_and_what_training_writes(llama, tiny_data, tmp_path):
@@ -146,3 +147,19 @@ def test_info_reads_only_shapes_of_a_7b_checkpoint(tmp_path):
     # (model built lazily, LoRA wrapped, the data tokenized); the RSS bound above is the sharp check.
     assert cpu_seconds < 30, cpu_seconds
     assert weights.stat().st_blocks * 512 < 2**20  # and nothing was written into it
+
+
+def test_info_shows_both_modes_and_the_cache_a_streamed_run_writes(llama, tiny_data, tmp_path):
+    cfg = TrainConfig(model=str(llama), data=str(tiny_data), num_layers=2, batch_size=2, adapter_path=str(tmp_path))
+    lines = []
+    shown = info(cfg, log=lines.append)
+    text = "\n".join(lines)
+    assert not shown.streams and "--stream-prefix auto: train runs whole model in memory here" in text
+    assert "frozen blocks 0-1 streamed from disk: " in text and "their states take " in text
+    assert shown.plan.streamed.weights < shown.plan.in_memory.weights
+    run = build_run(replace(cfg, stream_prefix="on"), log=lambda _: None)
+    files = [cache.store for cache in run.feed.caches.values()]  # train and valid, on disk
+    assert shown.plan.cache_bytes == sum(os.fstat(f.file.fileno()).st_size for f in files)
+    assert info(replace(cfg, stream_prefix="on"), log=lambda _: None).streams
+    everywhere = info(replace(cfg, num_layers=4), log=lines.append)
+    assert not everywhere.streams and "streamed from disk: not possible (LoRA reaches block 0" in "\n".join(lines)
