@@ -13,11 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+import mlx_lora  # noqa: F401  (OpenBLAS, which must come before mlx.core)
+
+# isort: split
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-import mlx_lora  # noqa: F401  (OpenBLAS before mlx)
 from mlx_lora.config import TrainConfig
 from mlx_lora.data.batches import collate, epoch_batches
 from mlx_lora.data.examples import load_dataset

@@ -21,6 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import mlx_lora  # noqa: F401  (OpenBLAS for MLX, which must come before mlx.core; both tools then use it)
+
+# isort: split
 import mlx.core as mx
 
 ROOT = Path(__file__).resolve().parents[1]
