@@ -129,6 +129,9 @@ def test_other_devices_and_the_off_switch_keep_mlx_kernels(where, monkeypatch):
         monkeypatch.setenv(cpu_kernels.ENV, "off")
     layer = nn.QuantizedLinear.from_linear(nn.Linear(64, 32), group_size=32, bits=4)
     assert not use_cpu_kernels(nn.Sequential(layer)) and type(layer) is nn.QuantizedLinear
+    if where == "env":  # the loss too is MLX's own, bit for bit
+        logits, targets = mx.random.normal((8, 100)), mx.random.randint(0, 100, (8,))
+        assert mx.array_equal(cross_entropy(logits, targets), nn.losses.cross_entropy(logits, targets)).item()
 
 
 def test_cross_entropy_equals_mlx_with_gradients():
