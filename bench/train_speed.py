@@ -121,6 +121,11 @@ def build_model(shape: str, out: Path) -> Path:
         del model.config.quantization_config
         model.save_pretrained(out)
         AutoTokenizer.from_pretrained(gguf.parent, **kw).save_pretrained(out)
+        # transformers 5 writes rope_theta (100000) inside rope_parameters alone; mlx-lm 0.32 reads it
+        # only at the top and would run the peers on its default, 10000: another model
+        config = json.loads((out / "config.json").read_text())
+        config["rope_theta"] = config["rope_parameters"]["rope_theta"]
+        (out / "config.json").write_text(json.dumps(config, indent=2))
         return out
     spec = dict(SHAPES[shape])
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[spec.pop("arch")]
