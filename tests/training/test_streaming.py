@@ -2,6 +2,7 @@
 never holds the frozen part of the model in memory."""
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -19,7 +20,7 @@ from mlx_lora.formats.native import ADAPTER_WEIGHTS
 from mlx_lora.training.checkpoint import checkpoint_dir
 from mlx_lora.training.grad_checkpoint import _recomputed
 from mlx_lora.training.loop import build_run, fit, train
-from mlx_lora.training.streaming import streamed_feed
+from mlx_lora.training.streaming import cache_bytes, streamed_feed
 
 
 def _config(model, data, out, **kw) -> TrainConfig:
@@ -87,7 +88,9 @@ def test_a_rank_streams_the_rows_it_reads_alone(llama, tiny_data, tmp_path):
     feed = streamed_feed(run.base.model, 2, [(examples, rows)], log=said.append)  # as a rank of a group does
     assert "memory: streamed block 1/1 over the 4 of 16 rows this process reads" in "\n".join(said)
     mine, full = feed.caches[id(examples)], every.feed.caches[id(every.data["train"])]
-    assert mine.store.shape[0] == sum(len(examples[i].tokens) - 1 for i in rows)  # the other rows take no room
+    # the other rows take no room, and the memory check's disk figure for a rank is its file's size
+    assert mine.store.shape[0] == sum(len(examples[i].tokens) - 1 for i in rows)
+    assert os.fstat(mine.store.file.fileno()).st_size == cache_bytes([(examples, rows)], hidden=64, itemsize=4)
     width = max(len(examples[i].tokens) for i in rows) - 1
     # the same states as the stream of every row, computed in other groups: sums over the 128-wide
     # MLP and 64-wide attention in each of the 2 frozen blocks
