@@ -136,7 +136,7 @@ def show_modes(cfg: TrainConfig, base, data: dict, log) -> tuple[MemoryPlan, boo
     """Both ways train can hold the model, sized by the data's longest batch, and the one it would take here."""
     limits = (cfg.batch_size, cfg.max_seq_length, cfg.pack, cfg.grad_checkpoint)
     plan, first, available = plan_memory(base, data, *limits), first_adapted(base.model), available_bytes()
-    why_not = why_not_stream(cfg, 1, base, first)
+    why_not = why_not_stream(cfg, base, first)
     streams = why_not is None and would_stream(cfg.stream_prefix, plan, why_not, available)
     log(f"peak memory for the data's longest batch ({plan.batch} × {plan.seq_len} tokens):")
     log(f"  whole model in memory: {human(plan.in_memory.total)}")

@@ -5,6 +5,7 @@ same batches as an uninterrupted one.
 """
 
 from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
 
 import mlx.core as mx
 import numpy as np
@@ -88,6 +89,26 @@ def collate_packs(examples: Sequence[Example], packs: list[list[int]]) -> tuple[
     return mx.array(tokens), mx.array(mask), mx.array(segments)
 
 
+def batch_plan(examples: Sequence, batch_size: int, seed: int, pack_length: int | None = None) -> Iterator[list]:
+    """Endless: every batch's rows (packs of rows with `pack_length`), epoch after epoch, each
+    batch made as it is read."""
+    epoch = 0
+    while True:
+        if pack_length is None:
+            ordered, order = epoch_plan(examples, batch_size, seed, epoch)
+            yield from (ordered[b * batch_size : (b + 1) * batch_size].tolist() for b in order)
+        else:
+            yield from epoch_packs(examples, batch_size, pack_length, seed, epoch)
+        epoch += 1
+
+
+def share(batch: list, shard: Callable[[list], list] | None) -> tuple[list, bool]:
+    """This process's rows (or packs) of a batch, and whether it learns from them: one left
+    without any gets the batch's first with nothing to learn, so it still joins the gradient sum."""
+    mine = shard(batch) if shard else batch
+    return (mine, True) if mine else (batch[:1], False)
+
+
 def iterate_batches(
     examples: Sequence[Example],
     batch_size: int,
@@ -101,26 +122,24 @@ def iterate_batches(
     `examples[rows]`, or (tokens, mask, segments) packed ones with `pack_length` (rows are then
     packs of row indices); `start` skips that many batches, so a resumed run sees the same order
     as an uninterrupted one. In a group, `shard` picks this process's rows or packs
-    (distributed.World.shard) and the count stays the whole batch's; a process left without any
-    gets one with nothing to learn, so it still joins the gradient sum. `collate_rows` collates
-    unpacked batches (preference pairs bring their own)."""
-    step, epoch, sizes = 0, 0, lengths(examples)
-    while True:
-        if pack_length is None:
-            ordered, order = epoch_plan(examples, batch_size, seed, epoch)  # each batch made as it is read
-            plan = (ordered[b * batch_size : (b + 1) * batch_size].tolist() for b in order)
-            collated = collate_rows
-        else:
-            plan, collated = epoch_packs(examples, batch_size, pack_length, seed, epoch), collate_packs
-        for batch in plan:
-            if step >= start:
-                rows = [i for pack in batch for i in pack] if pack_length else batch
-                mine = shard(batch) if shard else batch
-                tokens, mask, *segments = collated(examples, mine or batch[:1])
-                learned = mask if mine else mx.zeros_like(mask)
-                yield mine or batch[:1], (tokens, learned, *segments), int(sizes[rows].sum())
-            step += 1
-        epoch += 1
+    (distributed.World.shard, see `share`) and the count stays the whole batch's. `collate_rows`
+    collates unpacked batches (preference pairs bring their own)."""
+    sizes = lengths(examples)
+    collated = collate_rows if pack_length is None else collate_packs
+    for batch in islice(batch_plan(examples, batch_size, seed, pack_length), start, None):
+        rows = [i for pack in batch for i in pack] if pack_length else batch
+        mine, learns = share(batch, shard)
+        tokens, mask, *segments = collated(examples, mine)
+        yield mine, (tokens, mask if learns else mx.zeros_like(mask), *segments), int(sizes[rows].sum())
+
+
+def rows_read(
+    examples: Sequence[Example], batch_size: int, seed: int, start: int, count: int, shard: Callable[[list], list]
+) -> np.ndarray:
+    """The rows iterate_batches (unpacked) gives this process in batches start .. start+count-1,
+    sorted: in a group, all a rank will read of the frozen prefix's states (training/streaming.py)."""
+    plan = islice(batch_plan(examples, batch_size, seed), start, start + count)
+    return np.unique(np.array([i for batch in plan for i in share(batch, shard)[0]], np.int64))
 
 
 def batches_per_epoch(examples: Sequence[Example], batch_size: int, pack_length: int | None = None) -> int:

@@ -55,7 +55,7 @@ from mlx_lora.training.preference import PreferenceFeed, make_preference_feed
 from mlx_lora.training.schedule import learning_rate
 from mlx_lora.training.signals import deferred_stop
 from mlx_lora.training.step import grads_finite, make_step
-from mlx_lora.training.streaming import streamed_feed
+from mlx_lora.training.streaming import Split, rank_rows, splits, streamed_feed
 from mlx_lora.training.validation import mean_loss
 
 
@@ -182,7 +182,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         f"{adapter.layers}; {trainable:,} trainable parameters "
         f"({100 * trainable / get_total_parameters(model):.3f}%)"
     )
-    stream = choose_memory(cfg, world, base, data, min(adapter.layers), log)
+    stream = choose_memory(cfg, world, base, data, min(adapter.layers), (progress, iters), log)
     if blas.note():  # once the run is sure to start, so an error stays one line
         log(blas.note())
     distributed.check_group(world, cfg, data, trainable)
@@ -237,25 +237,31 @@ def objective(cfg: TrainConfig) -> Objective:
     return Objective(cfg.objective, cfg.beta_value, cfg.label_smoothing, cfg.simpo_gamma, cfg.cpo_alpha)
 
 
-def choose_memory(cfg: TrainConfig, world: distributed.World, base: Base, data: dict, first: int, log) -> bool:
-    """Refuse a run the machine cannot hold; True when its frozen blocks are to be streamed, else
-    the lazily loaded model is read whole now, as an in-memory run always was."""
+def choose_memory(
+    cfg: TrainConfig, world: distributed.World, base: Base, data: dict, first: int, span: tuple[TrainerState, int], log
+) -> Optional[list[Split]]:
+    """Refuse a run the machine cannot hold. Streamed: the splits to stream, each with the rows this
+    process reads (`span`: where the run starts, its last step); else None, and the lazily loaded
+    model is read whole now, as an in-memory run always was."""
     limits = (cfg.batch_size, cfg.max_seq_length, cfg.pack, cfg.grad_checkpoint)
-    why_not = why_not_stream(cfg, world.size, base, first)
-    stream = check_training_memory(base, data, *limits, cfg.stream_prefix, why_not, log)
-    if not stream:
-        mx.eval(base.model.parameters())
-    return stream
+    why_not, rows = why_not_stream(cfg, base, first), None  # alone: every row, whatever step it resumes at
+    if world.size > 1 and why_not is None:  # each rank streams only the rows it reads, on its own memory
+        progress, iters = span
+        ahead = (iters - progress.step) * cfg.grad_accumulation_steps  # the batches still to read
+        todo = range(progress.batches_seen, progress.batches_seen + ahead)
+        rows = rank_rows(data, world, cfg.batch_size, cfg.seed, cfg.val_batches, todo)
+    if check_training_memory(base, data, limits, rows, cfg.stream_prefix, why_not, log):
+        return splits(data, rows)
+    mx.eval(base.model.parameters())
+    return None
 
 
-def why_not_stream(cfg: TrainConfig, processes: int, base: Base, first_trained: int) -> Optional[str]:
+def why_not_stream(cfg: TrainConfig, base: Base, first_trained: int) -> Optional[str]:
     """Why this run cannot stream its frozen blocks (--stream-prefix), or None."""
     if first_trained == 0:
         return "LoRA reaches block 0, so no block is frozen; adapt the last blocks only (--num-layers)"
     if base.path.suffix == GGUF_SUFFIX:
         return "a GGUF base is read whole; convert it to a safetensors directory"
-    if processes > 1:
-        return "not in a group under mlx.launch yet (each rank would stream its own rows, untested); run one process"
     if cfg.preference or cfg.pack or not cfg.prefix_cache:
         what = f"--objective {cfg.objective}" if cfg.preference else "--pack" if cfg.pack else "--no-prefix-cache"
         return f"{what} runs the whole model every step"
@@ -266,12 +272,14 @@ def why_not_stream(cfg: TrainConfig, processes: int, base: Base, first_trained: 
     return None
 
 
-def choose_feed(cfg: TrainConfig, model, first_trained: int, data: dict, log, stream: bool) -> Feed | PreferenceFeed:
+def choose_feed(
+    cfg: TrainConfig, model, first_trained: int, data: dict, log, stream: Optional[list[Split]]
+) -> Feed | PreferenceFeed:
     """SFT: the fastest feed the model allows; streamed, the frozen blocks' output computed now,
-    block by block. Preference: whole-model forwards over pairs, with the reference log-probs
-    computed now, once."""
-    if stream:
-        return streamed_feed(model, first_trained, data, log)
+    block by block, over the rows in `stream`. Preference: whole-model forwards over pairs, with
+    the reference log-probs computed now, once."""
+    if stream is not None:
+        return streamed_feed(model, first_trained, stream, log)
     if not cfg.preference:
         return make_feed(model, first_trained, data["train"], cfg.prefix_cache, cfg.pack, log)
     if cfg.prefix_cache:

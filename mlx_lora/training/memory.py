@@ -25,7 +25,7 @@ from mlx_lora.data.batches import PAD_MULTIPLE, lengths
 from mlx_lora.errors import UserError
 from mlx_lora.model.lora import LINEAR_TYPES, block_paths, linear_dims, lora_layers
 from mlx_lora.training.cut import EMBEDDINGS, cut_at
-from mlx_lora.training.streaming import cache_bytes, largest_group
+from mlx_lora.training.streaming import cache_bytes, largest_group, splits
 
 GB = 2**30
 
@@ -90,7 +90,7 @@ class MemoryPlan:
     in_memory: MemoryEstimate
     streamed: MemoryEstimate  # weights: all but the frozen blocks (and an untied embedding)
     prefix_pass: int  # the streamed pass's peak: the largest frozen block or embedding + one group
-    cache_bytes: int  # the streamed cache of train + valid on disk
+    cache_bytes: int  # the streamed cache of train + valid on disk (a rank's rows of them in a group)
     batch: int
     seq_len: int
 
@@ -109,9 +109,10 @@ def streamed_parts(model: nn.Module, first: int) -> tuple[list[int], int]:
 
 
 def plan_memory(
-    base, data: dict, batch_size: int, max_seq_length: int, pack: bool, grad_checkpoint: bool
+    base, data: dict, batch_size: int, max_seq_length: int, pack: bool, grad_checkpoint: bool, rows: dict | None = None
 ) -> MemoryPlan:
-    """Both estimates, sized by the longest batch the training rows can make."""
+    """Both estimates, sized by the longest batch the training rows can make; the prefix pass and
+    its cache by the rows streamed (`rows`: a rank's of each split, streaming.rank_rows; else all)."""
     batch, seq_len = largest_batch(data["train"], batch_size, max_seq_length, pack)
     model, text = base.model, base.config.get("text_config", base.config)
     est = estimate_training_memory(model, base.config, batch, seq_len, grad_checkpoint)
@@ -123,7 +124,7 @@ def plan_memory(
         frozen, embedding = [], 0
     streamed = MemoryEstimate(est.weights - sum(frozen) - embedding, est.trainable, est.activations, est.logits)
     # one block call on a group: its input and output states plus its widest intermediate, twice
-    sets = [data["train"], data.get("valid") or []]
+    sets = splits(data, rows)
     group = largest_group(sets) * (2 * hidden + 2 * text.get("intermediate_size", 4 * hidden)) * act
     return MemoryPlan(est, streamed, max(frozen + [embedding]) + group, cache_bytes(sets, hidden, act), batch, seq_len)
 
@@ -204,10 +205,9 @@ def largest_batch(examples: list, batch_size: int, max_seq_length: int, pack: bo
     return min(batch_size, len(examples)), -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
 
 
-def check_training_memory(
-    base, data: dict, batch_size: int, max_seq_length: int, pack: bool, grad_checkpoint: bool, stream: str, why_not, log
-) -> bool:
-    """Refuse a run the machine cannot hold; True when the frozen blocks are to be streamed (`why_not`:
-    why they cannot be, or None)."""
-    plan = plan_memory(base, data, batch_size, max_seq_length, pack, grad_checkpoint)
+def check_training_memory(base, data: dict, limits: tuple, rows: dict | None, stream: str, why_not, log) -> bool:
+    """Refuse a run the machine cannot hold; True when the frozen blocks are to be streamed (`limits`:
+    plan_memory's batch size, sequence length, pack, grad_checkpoint; `why_not`: why they cannot
+    be, or None)."""
+    plan = plan_memory(base, data, *limits, rows)
     return choose_streaming(stream, plan, why_not, available_bytes(), log)

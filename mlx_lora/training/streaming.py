@@ -7,26 +7,34 @@ is first evaluated) computes them in k+1 passes over every train and valid row: 
 then block 0, then block 1, ... Each pass reads its input states from one file and writes its
 output to another; after it the pass's weights are freed (`release`), so the process never holds
 more than one block of the frozen part. The last file is the cache training reads.
+
+In a group under mlx.launch each rank streams only the rows it will read (`rank_rows`): its share
+of the training batches still to come (all rows over enough epochs, since an epoch's order is
+shuffled anew) and of the validation batches, whose losses the group sums as it does in memory.
 """
 
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
-from mlx_lora.data.batches import collate, lengths
+from mlx_lora.data.batches import collate, lengths, rows_read
 from mlx_lora.data.examples import Example
+from mlx_lora.distributed.group import World
 from mlx_lora.errors import UserError
 from mlx_lora.training.cut import EMBEDDINGS, Cut, cut_at
 from mlx_lora.training.feed import Feed
 from mlx_lora.training.prefix_cache import BITS, PrefixCache
+from mlx_lora.training.validation import shares
 
 GROUP_TOKENS = 8192  # rows x tokens per block call: bounds one call's activations, not the model's
+SPLITS = ("train", "valid")
+Split = tuple[Sequence[Example], np.ndarray]  # a split's examples and the rows of it streamed
 
 
 class RowFile:
@@ -51,25 +59,52 @@ class RowFile:
         self.file.close()
 
 
-def cache_bytes(sets: list[list[Example]], hidden: int, itemsize: int) -> int:
-    """The cache on disk: every row's positions but its last (the inputs that predict a token) x D."""
-    return sum(int(lengths(examples).sum()) - len(examples) for examples in sets) * hidden * itemsize
+def splits(data: dict, rows: dict[str, np.ndarray] | None = None) -> list[Split]:
+    """Train and valid (when there is one), each with the rows streamed: `rows`' (a rank's), or all."""
+    return [(data[k], np.arange(len(data[k])) if rows is None else rows[k]) for k in SPLITS if data.get(k)]
 
 
-def groups(examples: list[Example]) -> list[list[int]]:
-    """Rows of similar length together (little padding), at most GROUP_TOKENS padded tokens a group."""
+def rank_rows(data: dict, world: World, batch_size: int, seed: int, val_batches: int, batches: range) -> dict:
+    """The rows of each split this rank reads: its shares of the training batches `batches` (the
+    run's still to come) and of the validation batches."""
+    valid = [i for part in shares(data.get("valid") or [], batch_size, val_batches, world) for i in part]
+    train = rows_read(data["train"], batch_size, seed, batches.start, len(batches), world.shard)
+    return {"train": train, "valid": np.unique(np.array(valid, np.int64))}
+
+
+def cache_bytes(sets: list[Split], hidden: int, itemsize: int) -> int:
+    """The cache on disk: every streamed row's positions but its last (the inputs that predict a token) x D."""
+    return sum(int(lengths(examples)[rows].sum()) - len(rows) for examples, rows in sets) * hidden * itemsize
+
+
+def groups(examples: Sequence[Example], rows: np.ndarray) -> list[list[int]]:
+    """`rows` of similar length together (little padding), at most GROUP_TOKENS padded tokens a group."""
     sizes = lengths(examples)
     out: list[list[int]] = []
-    for i in np.argsort(sizes, kind="stable").tolist():  # stable: the order sorted() gives
+    for i in rows[np.argsort(sizes[rows], kind="stable")].tolist():  # stable: the order sorted() gives
         if not out or (len(out[-1]) + 1) * int(sizes[i]) > GROUP_TOKENS:
             out.append([])
         out[-1].append(i)
     return out
 
 
-def largest_group(sets: list[list[Example]]) -> int:
+def largest_group(sets: list[Split]) -> int:
     """Tokens (rows x the longest row) of the largest group a pass runs at once."""
-    return max((len(g) * int(lengths(ex)[g[-1]]) for ex in sets for g in groups(ex)), default=0)
+    return max((len(g) * int(lengths(ex)[g[-1]]) for ex, rows in sets for g in groups(ex, rows)), default=0)
+
+
+class StreamedCache(PrefixCache):
+    """A prefix cache the pass fills for `rows` alone (all of them, or a rank's): the others take no
+    room, and none can be computed later, as the frozen blocks are freed after the pass."""
+
+    def __init__(self, cut: Cut, examples: Sequence[Example], rows: np.ndarray, log: Callable = print):
+        super().__init__(cut, examples, log)
+        sizes = np.zeros(len(examples), np.int64)
+        sizes[rows] = np.diff(self.offsets)[rows]
+        self.offsets, self.rows = np.concatenate([[0], np.cumsum(sizes)]), rows
+
+    def _fill(self, indices: list[int]) -> None:
+        raise RuntimeError(f"rows {indices} were not streamed (--stream-prefix), and the frozen blocks are freed")
 
 
 def release(module: nn.Module) -> None:
@@ -96,10 +131,10 @@ def check_block_alone(cut: Cut, probe: mx.array) -> mx.array:
     return h
 
 
-def _pass(cut: Cut, block: int, cache: PrefixCache, src: RowFile | None, dst: RowFile) -> None:
+def _pass(cut: Cut, block: int, cache: StreamedCache, src: RowFile | None, dst: RowFile) -> None:
     """One pass over a split's rows: the embeddings (block -1), or block `block` on the states in `src`."""
     examples, offsets = cache.examples, cache.offsets
-    for rows in groups(examples):
+    for rows in groups(examples, cache.rows):
         inputs = collate(examples, rows)[0][:, :-1]  # (G, W)
         if block < 0:
             h = cut.prefix(inputs, 0)
@@ -113,14 +148,16 @@ def _pass(cut: Cut, block: int, cache: PrefixCache, src: RowFile | None, dst: Ro
             dst[offsets[i] : offsets[i + 1]] = bits[r, : offsets[i + 1] - offsets[i]]
 
 
-def stream_prefix(cut: Cut, sets: list[list[Example]], log: Callable = print) -> list[PrefixCache]:
+def stream_prefix(cut: Cut, sets: list[Split], log: Callable = print) -> list[StreamedCache]:
     """Prefix caches for `sets` (train, valid), filled block by block; afterwards the frozen blocks'
     weights (and the embedding's, unless it is also the output projection) are freed."""
-    model, caches = cut.model, [PrefixCache(cut, examples, log) for examples in sets]
+    model, caches = cut.model, [StreamedCache(cut, examples, rows, log) for examples, rows in sets]
     training = model.training
     model.eval()
-    shortest = int(np.argmin(lengths(sets[0])))
-    h = check_block_alone(cut, collate(sets[0], [shortest])[0][:, :-1])
+    shortest = int(np.argmin(lengths(sets[0][0])))
+    h = check_block_alone(cut, collate(sets[0][0], [shortest])[0][:, :-1])
+    streamed, total = sum(len(rows) for _, rows in sets), sum(len(ex) for ex, _ in sets)
+    which = "every row" if streamed == total else f"the {streamed} of {total} rows this process reads"
     files = []
     for cache in caches:
         cache.dtype = h.dtype
@@ -138,17 +175,16 @@ def stream_prefix(cut: Cut, sets: list[list[Example]], log: Callable = print) ->
         elif not cut.tied:
             release(embedding(model))
         done = "the embeddings" if block < 0 else f"block {block}/{cut.k - 1}"
-        log(f"memory: streamed {done} over every row ({time.perf_counter() - start:.1f}s)")
+        log(f"memory: streamed {done} over {which} ({time.perf_counter() - start:.1f}s)")
     for cache, (last, _) in zip(caches, files):
-        cache.store, cache.done[:] = last, True
+        cache.store, cache.done[cache.rows] = last, True
     model.train(training)
     return caches
 
 
-def streamed_feed(model: nn.Module, first_trained: int, data: dict[str, list[Example]], log: Callable = print) -> Feed:
-    """The cut feed of a streamed run: its caches of train and valid are filled now."""
+def streamed_feed(model: nn.Module, first_trained: int, sets: list[Split], log: Callable = print) -> Feed:
+    """The cut feed of a streamed run: its caches of train and valid (`splits`) are filled now."""
     feed = Feed(cut_at(model, first_trained), cache_prefix=True, log=log)
-    sets = [examples for examples in (data["train"], data.get("valid")) if examples]
-    for examples, cache in zip(sets, stream_prefix(feed.cut, sets, log)):
+    for (examples, _), cache in zip(sets, stream_prefix(feed.cut, sets, log)):
         feed.caches[id(examples)] = cache
     return feed

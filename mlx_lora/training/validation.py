@@ -12,6 +12,12 @@ from mlx_lora.reporting.progress import track
 from mlx_lora.training.feed import PLAIN, Feed
 
 
+def shares(examples: Sequence[Example], batch_size: int, num_batches: int, world: distributed.World) -> list[list[int]]:
+    """This rank's rows of each batch a validation reads: the same selection every call."""
+    batches = epoch_batches(examples, batch_size, seed=0, epoch=0)
+    return list(map(world.shard, batches if num_batches == -1 else batches[:num_batches]))
+
+
 def mean_loss(
     model: nn.Module,
     examples: Sequence[Example],
@@ -25,12 +31,10 @@ def mean_loss(
     """Token-weighted mean loss over a fixed selection of batches (the same each call); a group
     shares the batches out like training ones and sums the result. A feed with statistics (a
     preference feed: rewards, accuracy) puts their means per pair into `stats` when given."""
-    batches = epoch_batches(examples, batch_size, seed=0, epoch=0)
-    batches = batches if num_batches == -1 else batches[:num_batches]
     was_training = model.training  # leave the mode as found: eval runs this between generations
     model.eval()
     total, count, sums = mx.array(0.0), mx.array(0.0), mx.zeros(len(feed.stats))
-    for indices in track(list(map(world.shard, batches)), "validation", log=log):
+    for indices in track(shares(examples, batch_size, num_batches, world), "validation", log=log):
         if not indices:
             continue
         loss, ntoks, *extra = feed.loss(model, *feed.inputs(examples, indices, feed.collate(examples, indices)))

@@ -2,11 +2,13 @@
 never holds the frozen part of the model in memory."""
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from conftest import assert_tensors_close, fp32_tol, make_hf_model
 from mlx.utils import tree_flatten
@@ -16,7 +18,9 @@ from mlx_lora.config import TrainConfig
 from mlx_lora.errors import UserError
 from mlx_lora.formats.native import ADAPTER_WEIGHTS
 from mlx_lora.training.checkpoint import checkpoint_dir
-from mlx_lora.training.loop import build_run, train
+from mlx_lora.training.grad_checkpoint import _recomputed
+from mlx_lora.training.loop import build_run, fit, train
+from mlx_lora.training.streaming import cache_bytes, streamed_feed
 
 
 def _config(model, data, out, **kw) -> TrainConfig:
@@ -58,6 +62,42 @@ def test_streamed_run_equals_the_in_memory_run(hf_models, tiny_data, tmp_path, a
     assert list(streamed.val_losses.values()) == pytest.approx(list(whole.val_losses.values()), rel=TOL)
     got, want = (mx.load(str(tmp_path / d / ADAPTER_WEIGHTS)) for d in ("on", "off"))
     assert_tensors_close(got, want, TOL, norm=2)
+
+
+def test_streamed_and_checkpointed_run_equals_the_in_memory_run(llama, tiny_data, tmp_path):
+    run = build_run(
+        _config(llama, tiny_data, tmp_path / "on", stream_prefix="on", grad_checkpoint=True), log=lambda _: None
+    )
+    assert all(type(block) is _recomputed(type(block).__base__) for block in run.base.model.layers)
+    try:
+        streamed = fit(run)
+    finally:
+        run.monitor.close()
+    whole = train(_config(llama, tiny_data, tmp_path / "off", stream_prefix="off"), log=lambda _: None)
+    # recomputing a block in the backward pass repeats its forward exactly: the streamed run's TOL
+    assert streamed.losses == pytest.approx(whole.losses, rel=TOL)
+    assert list(streamed.val_losses.values()) == pytest.approx(list(whole.val_losses.values()), rel=TOL)
+    got, want = (mx.load(str(tmp_path / d / ADAPTER_WEIGHTS)) for d in ("on", "off"))
+    assert_tensors_close(got, want, TOL, norm=2)
+
+
+def test_a_rank_streams_the_rows_it_reads_alone(llama, tiny_data, tmp_path):
+    every = build_run(_config(llama, tiny_data, tmp_path / "all", stream_prefix="on"), log=lambda _: None)
+    run = build_run(_config(llama, tiny_data, tmp_path / "some", stream_prefix="off"), log=lambda _: None)
+    examples, rows, said = run.data["train"], np.array([1, 4, 5, 11]), []
+    feed = streamed_feed(run.base.model, 2, [(examples, rows)], log=said.append)  # as a rank of a group does
+    assert "memory: streamed block 1/1 over the 4 of 16 rows this process reads" in "\n".join(said)
+    mine, full = feed.caches[id(examples)], every.feed.caches[id(every.data["train"])]
+    # the other rows take no room, and the memory check's disk figure for a rank is its file's size
+    assert mine.store.shape[0] == sum(len(examples[i].tokens) - 1 for i in rows)
+    assert os.fstat(mine.store.file.fileno()).st_size == cache_bytes([(examples, rows)], hidden=64, itemsize=4)
+    width = max(len(examples[i].tokens) for i in rows) - 1
+    # the same states as the stream of every row, computed in other groups: sums over the 128-wide
+    # MLP and 64-wide attention in each of the 2 frozen blocks
+    got, want = (c.states(rows.tolist(), width) for c in (mine, full))
+    assert_tensors_close({"states": got}, {"states": want}, fp32_tol(2 * 128))
+    with pytest.raises(RuntimeError, match=r"rows \[0\] were not streamed"):  # the frozen blocks are gone
+        mine.states([0], width)
 
 
 def test_streamed_run_frees_the_frozen_blocks_and_feeds_both_splits_from_the_cache(llama, tiny_data, tmp_path):
