@@ -32,7 +32,10 @@ from mlx_lora.training.feed import Feed
 from mlx_lora.training.prefix_cache import BITS, PrefixCache
 from mlx_lora.training.validation import shares
 
-GROUP_TOKENS = 8192  # rows x tokens per block call: bounds one call's activations, not the model's
+# rows x tokens per block call: bounds one call's activations, not the model's. On the CPU the MLP's
+# SwiGLU (model/cpu_kernels.py) holds ~4 (tokens, intermediate) float32 temporaries at once: at 8192
+# tokens and an MLP of 7168 that was ~0.9 GB, a third of a 6 GB model's streamed peak RSS.
+GROUP_TOKENS = 1024
 SPLITS = ("train", "valid")
 Split = tuple[Sequence[Example], np.ndarray]  # a split's examples and the rows of it streamed
 
