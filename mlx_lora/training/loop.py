@@ -268,15 +268,13 @@ def why_not_stream(cfg: TrainConfig, processes: int, base: Base, first_trained: 
 
 def choose_feed(cfg: TrainConfig, model, first_trained: int, data: dict, log, stream: bool) -> Feed | PreferenceFeed:
     """SFT: the fastest feed the model allows; streamed, the frozen blocks' output computed now,
-    block by block. Preference: whole-model forwards over pairs, with the reference log-probs
-    computed now, once."""
+    block by block. Preference: the same cut over pairs, with the reference log-probs computed
+    now, once."""
     if stream:
         return streamed_feed(model, first_trained, data, log)
     if not cfg.preference:
         return make_feed(model, first_trained, data["train"], cfg.prefix_cache, cfg.pack, log)
-    if cfg.prefix_cache:
-        log(f"speed: no prefix cache with --objective {cfg.objective}; each step runs the whole model on both sides")
-    return make_preference_feed(model, data, objective(cfg), cfg.batch_size, log)
+    return make_preference_feed(model, first_trained, data, objective(cfg), cfg.batch_size, cfg.prefix_cache, log)
 
 
 def start_adapter(cfg: TrainConfig, base: Base, optimizer: optim.Optimizer, checkpoint: Optional[Path], log):
