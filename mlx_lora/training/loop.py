@@ -167,7 +167,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     mx.random.seed(cfg.seed)
     base = load_base(cfg.model, lazy=True)  # a streamed run never reads its frozen blocks whole
     source = open_source(cfg.data, cfg.data_config, log)
-    data = load_data(cfg, source, base.tokenizer, log, world)
+    data = read_data(cfg, source, base.tokenizer, log)
     model = base.model
     pack_length = cfg.max_seq_length if cfg.pack else None
     per_epoch = batches_per_epoch(data["train"], cfg.batch_size, pack_length) / cfg.grad_accumulation_steps
@@ -192,7 +192,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         enable_packing(model, base.config.get("model_type", "?"))
     if cfg.grad_checkpoint:
         checkpoint_blocks(model)
-    feed = choose_feed(cfg, model, min(adapter.layers), data, log, stream)
+    feed = choose_feed(cfg, world, model, min(adapter.layers), data, log, stream)
     step, state = make_step(model, optimizer, world, feed)
     return Run(
         cfg,
@@ -214,16 +214,6 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         stopping=early_stopping(cfg, last_saved, progress),
         last_saved=last_saved,
     )
-
-
-def load_data(cfg: TrainConfig, source, tokenizer, log, world: distributed.World = distributed.SOLO) -> dict[str, list]:
-    """Examples for SFT; pairs of them (data/preference.py) for a preference objective."""
-    if cfg.preference and world.size > 1:
-        raise UserError(
-            f"--objective {cfg.objective} runs in one process: its rewards and accuracy are not summed over "
-            "a group yet; run it without mlx.launch"
-        )
-    return read_data(cfg, source, tokenizer, log)
 
 
 def read_data(cfg: TrainConfig, source, tokenizer, log) -> dict[str, list]:
@@ -266,7 +256,9 @@ def why_not_stream(cfg: TrainConfig, processes: int, base: Base, first_trained: 
     return None
 
 
-def choose_feed(cfg: TrainConfig, model, first_trained: int, data: dict, log, stream: bool) -> Feed | PreferenceFeed:
+def choose_feed(
+    cfg: TrainConfig, world: distributed.World, model, first_trained: int, data: dict, log, stream: bool
+) -> Feed | PreferenceFeed:
     """SFT: the fastest feed the model allows; streamed, the frozen blocks' output computed now,
     block by block. Preference: the same cut over pairs, with the reference log-probs computed
     now, once."""
@@ -274,7 +266,9 @@ def choose_feed(cfg: TrainConfig, model, first_trained: int, data: dict, log, st
         return streamed_feed(model, first_trained, data, log)
     if not cfg.preference:
         return make_feed(model, first_trained, data["train"], cfg.prefix_cache, cfg.pack, log)
-    return make_preference_feed(model, first_trained, data, objective(cfg), cfg.batch_size, cfg.prefix_cache, log)
+    return make_preference_feed(
+        model, first_trained, data, objective(cfg), cfg.batch_size, cfg.prefix_cache, log, world
+    )
 
 
 def start_adapter(cfg: TrainConfig, base: Base, optimizer: optim.Optimizer, checkpoint: Optional[Path], log):

@@ -25,6 +25,7 @@ import numpy as np
 from mlx_lora.data.batches import collate
 from mlx_lora.data.examples import Example
 from mlx_lora.data.preference import Pair, collate_pairs
+from mlx_lora.distributed import group as distributed
 from mlx_lora.model.cpu_kernels import cross_entropy
 from mlx_lora.model.lora import adapter_off
 from mlx_lora.training.cut import Cut, find_cut
@@ -52,10 +53,10 @@ def target_logps(cut: Cut, inputs, states, positions, targets, weights) -> tuple
     return owner @ logps, owner @ weights
 
 
-def pair_stats(chosen: mx.array, rejected: mx.array, log_odds: mx.array) -> mx.array:
-    """(5,) sums over the batch's pairs of STATS; divided by the pair count when reported."""
+def pair_stats(chosen: mx.array, rejected: mx.array, log_odds: mx.array, real: mx.array) -> mx.array:
+    """(5,) sums over the batch's real pairs (`real` 1, else 0) of STATS; divided by the pair count when reported."""
     values = [chosen, rejected, (chosen > rejected).astype(mx.float32), nn.log_sigmoid(log_odds), log_odds]
-    return mx.stop_gradient(mx.stack([v.sum() for v in values]))
+    return mx.stop_gradient(mx.stack([(v * real).sum() for v in values]))
 
 
 class PreferenceFeed(Feed):
@@ -65,9 +66,16 @@ class PreferenceFeed(Feed):
 
     collate = staticmethod(collate_pairs)
 
-    def __init__(self, objective: Objective, cut: Cut | None, cache_prefix: bool, log: Callable = print):
+    def __init__(
+        self,
+        objective: Objective,
+        cut: Cut | None,
+        cache_prefix: bool,
+        log: Callable = print,
+        world: distributed.World = distributed.SOLO,
+    ):
         super().__init__(cut, cache_prefix, log)
-        self.objective = objective
+        self.objective, self.world = objective, world
         self.reference: dict[int, np.ndarray] = {}  # id(pairs) -> (N, 2)
         self.sides: dict[int, list[Example]] = {}  # id(pairs) -> the N chosen sides, then the N rejected
         self.stats = STATS if objective.name == "orpo" else STATS[:3]  # the log odds are ORPO's alone
@@ -87,22 +95,32 @@ class PreferenceFeed(Feed):
         return target_logps(self.cut, *inputs)
 
     def loss(self, model: nn.Module, *inputs: mx.array):
+        """(mean loss over the pairs, their count, STATS sums). A group's rank left without pairs
+        gets one with nothing learned (batches.iterate_batches): finite stand-ins, counted 0."""
         logps, counts = self.logps(model, *inputs[:-1])
         refs = inputs[-1]
+        real = (counts[: refs.shape[0]] > 0).astype(mx.float32)  # (B,): 0 for that stand-in pair
+        empty = counts == 0
+        logps, counts = mx.where(empty, -1.0, logps), mx.where(empty, 1.0, counts)  # ORPO's log(1 - p) stays finite
         loss, chosen, rejected, log_odds = preference_loss(self.objective, logps, counts, refs)
-        return loss, mx.array(float(refs.shape[0])), pair_stats(chosen, rejected, log_odds)
+        return loss, real.sum(), pair_stats(chosen, rejected, log_odds, real)
 
     def pair_logps(self, model: nn.Module, pairs: list[Pair], batch_size: int) -> np.ndarray:
         """(N, 2) summed completion log-probs of every pair's (chosen, rejected), in eval mode;
-        fixed batches in file order, so a resumed run gets the same numbers."""
+        fixed batches in file order, so a resumed run gets the same numbers. In a group each
+        rank scores its share of each batch and the ranks' tables are summed (the others' rows are 0)."""
         was_training = model.training
         model.eval()
         out = np.zeros((len(pairs), 2), np.float32)
         for start in range(0, len(pairs), batch_size):
-            rows = list(range(start, min(start + batch_size, len(pairs))))
-            logps, _ = self.logps(model, *self.inputs(pairs, rows, collate_pairs(pairs, rows))[:-1])  # (2b,)
-            out[rows] = np.array(logps).reshape(2, -1).T
+            rows = self.world.shard(list(range(start, min(start + batch_size, len(pairs)))))
+            if rows:
+                logps, _ = self.logps(model, *self.inputs(pairs, rows, collate_pairs(pairs, rows))[:-1])  # (2b,)
+                out[rows] = np.array(logps).reshape(2, -1).T
         model.train(was_training)
+        if self.world.size > 1:
+            with self.world.waiting("to share the reference log-probs"):
+                out = np.array(self.world.sum(mx.array(out)))
         return out
 
     def reference_logps(self, model: nn.Module, pairs: list[Pair], batch_size: int) -> np.ndarray:
@@ -126,10 +144,12 @@ def make_preference_feed(
     batch_size: int,
     cache_prefix: bool = True,
     log: Callable = print,
+    world: distributed.World = distributed.SOLO,
 ) -> PreferenceFeed:
     """The feed, cut before the first trained block where the model allows, with the reference
     log-probs of every split computed now (DPO, IPO) or none needed (ORPO, SimPO)."""
-    feed = PreferenceFeed(objective, pair_cut(model, first_trained, data["train"], log), cache_prefix, log)
+    cut = pair_cut(model, first_trained, data["train"], log)
+    feed = PreferenceFeed(objective, cut, cache_prefix, log, world)
     if feed.cache_prefix:
         log(f"speed: blocks 0-{first_trained - 1} are frozen; their output is computed once per side and kept")
     if objective.uses_reference:

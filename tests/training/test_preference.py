@@ -116,6 +116,26 @@ def test_accumulated_pairs_give_the_update_of_the_big_batch(llama, pref_data):
         assert mx.allclose(a, b, rtol=1e-4, atol=1e-6).item(), name
 
 
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_a_rank_without_pairs_adds_nothing(llama, pref_data, objective):
+    """A group's rank left without pairs of a batch gets one with nothing learned (batches.py): its
+    loss, pair count, statistics and gradients must all be 0 and finite (ORPO's log(1 - p) of an
+    empty completion would be -inf), so the group's sums are those of the other ranks."""
+    base = load_base(str(llama))
+    apply_lora(base.model, LoRAConfig(targets="q_proj,v_proj", num_layers=2, rank=4))
+    pairs = load_pairs(pref_data / "train.jsonl", base.tokenizer, 2048)
+    feed = make_preference_feed(
+        base.model, first_adapted_block(base.model), {"train": pairs}, Objective(objective, 0.1), 2, log=lambda _: None
+    )
+    step, state = make_step(base.model, optim.SGD(learning_rate=1.0), feed=feed)
+    tokens, mask = collate_pairs(pairs, [3])
+    loss, count, grads, stats = step(feed.inputs(pairs, [3], (tokens, mx.zeros_like(mask))), None, False)
+    assert loss.item() == 0 and count.item() == 0 and not mx.any(stats).item()
+    assert all(not mx.any(g).item() for _, g in tree_flatten(grads))
+    loss, count, _, stats = step(feed.inputs(pairs, [3], (tokens, mask)), None, False)  # the same pair, real
+    assert count.item() == 1 and mx.isfinite(loss).item() and loss.item() != 0
+
+
 def _transformers_logps(model_dir, pairs) -> np.ndarray:
     """(N, 2) summed completion log-probs of every pair's sides by transformers' own forward, as
     TRL's concatenated forward takes them: log_softmax of the logits at each masked next token."""
@@ -215,15 +235,6 @@ def test_bad_preference_options_exit_2_with_one_line(flags, message):
     result = CliRunner().invoke(app, ["train", *flags])
     assert result.exit_code == 2 and message in result.output
     assert len([line for line in result.output.splitlines() if line.startswith("error:")]) == 1
-
-
-def test_groups_are_refused_before_loading(pref_data, tmp_path):
-    from mlx_lora.distributed import group as distributed
-    from mlx_lora.training.loop import load_data
-
-    cfg = _config("unused", pref_data, tmp_path / "out")
-    with pytest.raises(UserError, match="--objective dpo runs in one process: .*; run it without mlx.launch"):
-        load_data(cfg, pref_data, None, print, replace(distributed.SOLO, size=2))
 
 
 def test_conversational_rows_train(llama, tmp_path):
