@@ -22,7 +22,7 @@ from mlx_lora.reporting.metrics import read_metrics
 from mlx_lora.training.checkpoint import checkpoint_dir
 from mlx_lora.training.loop import train
 from mlx_lora.training.objectives import Objective
-from mlx_lora.training.preference import make_preference_feed, sequence_logps
+from mlx_lora.training.preference import PreferenceFeed, make_preference_feed, sequence_logps
 from mlx_lora.training.step import make_step
 from tests.conftest import preference_rows, write_jsonl
 
@@ -171,6 +171,8 @@ def test_log_probs_equal_transformers_and_the_whole_forward_with_the_prefix_cach
     # Summed over <= 12 tokens of a 1e-5-accurate fp32 log-softmax (different matmul orders)
     reference = feed.reference[id(pairs)]
     np.testing.assert_allclose(reference, _transformers_logps(llama, pairs), rtol=1e-5, atol=2e-4)
+    uncut = PreferenceFeed(Objective("dpo", 0.1), None, cache_prefix=False)  # a model that cannot be cut
+    np.testing.assert_allclose(uncut.reference_logps(base.model, pairs, 3), reference, rtol=1e-5, atol=2e-4)
     policy = feed.pair_logps(base.model, pairs, 5)  # other batches than the reference pass's
     base.model.eval()
     whole, _ = sequence_logps(base.model, *collate_pairs(pairs, list(range(len(pairs)))))  # (2N,)
