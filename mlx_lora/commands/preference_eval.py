@@ -18,8 +18,9 @@ from mlx_lora.config.train import DEFAULT_BETA
 from mlx_lora.data.preference import load_pairs
 from mlx_lora.formats.native import ADAPTER_CONFIG
 from mlx_lora.model.base import Base
-from mlx_lora.model.lora import lora_layers
-from mlx_lora.training.preference import pair_logps, reference_logps
+from mlx_lora.model.lora import first_adapted_block, lora_layers
+from mlx_lora.training.objectives import Objective
+from mlx_lora.training.preference import PreferenceFeed, pair_cut
 
 
 def adapter_beta(adapter_path: str | None) -> float:
@@ -39,12 +40,16 @@ def figures(margins: np.ndarray) -> dict:
 def run_preference(cfg: EvalConfig, base: Base, adapter_path: str | None, path: Path, log=print) -> dict:
     pairs = load_pairs(path, base.tokenizer, cfg.max_seq_length, max_rows=cfg.max_examples)
     log(f"eval {base.name}{f' + {adapter_path}' if adapter_path else ''} on {path}: {len(pairs)} preference pairs")
-    off = reference_logps(base.model, pairs, cfg.batch_size)  # (N, 2): the base
+    adapted = bool(adapter_path and lora_layers(base.model))
+    beta = adapter_beta(adapter_path)
+    # blocks before the adapter's first are computed once, in the base's pass, for both
+    cut = pair_cut(base.model, first_adapted_block(base.model) if adapted else 0, pairs, log)
+    feed = PreferenceFeed(Objective("dpo", beta), cut, cache_prefix=True, log=log)
+    off = feed.reference_logps(base.model, pairs, cfg.batch_size)  # (N, 2): the base
     result = {"model": base.name, "adapter_path": adapter_path, "data": str(path), "task": "preference"}
     result["rows"] = len(pairs)
-    if adapter_path and lora_layers(base.model):
-        on = pair_logps(base.model, pairs, cfg.batch_size)
-        beta = adapter_beta(adapter_path)
+    if adapted:
+        on = feed.pair_logps(base.model, pairs, cfg.batch_size)
         rewards = beta * (on - off)  # (N, 2)
         result["adapter"] = figures(on[:, 0] - on[:, 1]) | {
             "reward_accuracy": float((rewards[:, 0] > rewards[:, 1]).mean()),

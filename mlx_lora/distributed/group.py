@@ -23,6 +23,7 @@ from mlx.utils import tree_map
 
 from mlx_lora.config import TrainConfig
 from mlx_lora.data.examples import ExampleSet
+from mlx_lora.data.preference import Pair
 from mlx_lora.errors import UserError
 
 # What mlx.launch (ring, JACCL, NCCL) or mpirun sets in each rank, and the backend it means:
@@ -125,19 +126,24 @@ class Silent:
         return quiet
 
 
-def sum_over(world: World, loss: mx.array, ntoks: mx.array, grads: Any) -> tuple[mx.array, mx.array, Any]:
-    """This rank's target-summed loss, target count and gradients -> the whole group's, in one
-    all_sum (MLX's bucketed average_gradients, whose division by the size is undone: exact
-    for 2, 4, 8 ranks, and only ratios of these are used)."""
+def sum_over(world: World, loss: mx.array, ntoks: mx.array, grads: Any, stats: list = ()) -> tuple:
+    """This rank's target-summed loss, target count, gradients (and a preference feed's sums of
+    rewards and accuracy) -> the whole group's, in one all_sum (MLX's bucketed
+    average_gradients, whose division by the size is undone: exact for 2, 4, 8 ranks, and only
+    ratios of these are used)."""
     if world.size == 1:
-        return loss, ntoks, grads
-    mean = nn.average_gradients({"loss": loss, "ntoks": ntoks, "grads": grads}, world.group)
-    total = tree_map(lambda x: x * world.size, mean)
-    return total["loss"], total["ntoks"], total["grads"]
+        return loss, ntoks, grads, list(stats)
+    sums = {"loss": loss, "ntoks": ntoks, "grads": grads} | ({"stats": list(stats)} if stats else {})
+    total = tree_map(lambda x: x * world.size, nn.average_gradients(sums, world.group))
+    return total["loss"], total["ntoks"], total["grads"], total.get("stats", [])
 
 
-def checksum(examples: ExampleSet, chunk: int = 2**22) -> int:
-    """Over the flat arrays, a chunk at a time (a set read from --data-cache is never read whole)."""
+def checksum(examples: ExampleSet | list[Pair], chunk: int = 2**22) -> int:
+    """Over the flat arrays, a chunk at a time (a set read from --data-cache is never read whole);
+    preference pairs over each side's tokens and mask."""
+    if not isinstance(examples, ExampleSet):
+        arrays = [a for pair in examples for side in (pair.chosen, pair.rejected) for a in (side.tokens, side.mask)]
+        return zlib.crc32(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays))
     crc = zlib.crc32(np.ascontiguousarray(examples.offsets))
     for array in (examples.tokens, examples.mask):
         for start in range(0, len(array), chunk):

@@ -126,6 +126,14 @@ def block_paths(model: nn.Module) -> list[str]:
     return [names[id(block)] for block in model.layers]
 
 
+def first_adapted_block(model: nn.Module) -> int:
+    """The first block holding a LoRA layer, so that every block before it computes the base
+    alone; 0 when there is none or one sits outside the blocks (an embedding, a head)."""
+    paths = [p + "." for p in block_paths(model)]
+    blocks = [next((i for i, p in enumerate(paths) if name.startswith(p)), -1) for name in lora_layers(model)]
+    return 0 if not blocks or -1 in blocks else min(blocks)
+
+
 def _is_regex(targets: str) -> bool:
     return any(c in _REGEX_CHARS for c in targets)
 

@@ -43,19 +43,25 @@ def _chunk_ce(cut: Cut, y: mx.array, x: mx.array) -> mx.array:
     return cross_entropy(cut.logits(x).astype(mx.float32), y)  # (C,)
 
 
-def target_loss(cut: Cut, inputs, states, positions, targets, weights) -> tuple[mx.array, mx.array]:
-    """Like loss_fn, but the head runs only on the N target positions (flat indices into (B, T))."""
+def target_ce(cut: Cut, inputs, states, positions, targets) -> mx.array:
+    """Cross-entropy (N,) of the N targets at `positions` (flat indices into (B, T)): the head runs
+    on those positions only."""
     hidden = cut.hidden(inputs, states)  # (B, T, D)
     picked = hidden.reshape(-1, hidden.shape[-1])[positions]  # (N, D)
     if picked.shape[0] <= CE_CHUNK:
-        ce = _chunk_ce(cut, targets, picked)
-    else:  # recomputing each chunk's logits in the backward pass keeps one (C, V) chunk alive, not N
-        ce = mx.concatenate(
-            [
-                mx.checkpoint(partial(_chunk_ce, cut, targets[i : i + CE_CHUNK]))(picked[i : i + CE_CHUNK])
-                for i in range(0, picked.shape[0], CE_CHUNK)
-            ]
-        )
+        return _chunk_ce(cut, targets, picked)
+    # recomputing each chunk's logits in the backward pass keeps one (C, V) chunk alive, not N
+    return mx.concatenate(
+        [
+            mx.checkpoint(partial(_chunk_ce, cut, targets[i : i + CE_CHUNK]))(picked[i : i + CE_CHUNK])
+            for i in range(0, picked.shape[0], CE_CHUNK)
+        ]
+    )
+
+
+def target_loss(cut: Cut, inputs, states, positions, targets, weights) -> tuple[mx.array, mx.array]:
+    """Like loss_fn, but the head runs only on the target positions."""
+    ce = target_ce(cut, inputs, states, positions, targets)  # (N,)
     ntoks = weights.sum()
     return (ce * weights).sum() / mx.maximum(ntoks, 1), ntoks
 

@@ -167,7 +167,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     mx.random.seed(cfg.seed)
     base = load_base(cfg.model, lazy=True)  # a streamed run never reads its frozen blocks whole
     source = open_source(cfg.data, cfg.data_config, log)
-    data = load_data(cfg, source, base.tokenizer, log, world)
+    data = read_data(cfg, source, base.tokenizer, log)
     model = base.model
     pack_length = cfg.max_seq_length if cfg.pack else None
     per_epoch = batches_per_epoch(data["train"], cfg.batch_size, pack_length) / cfg.grad_accumulation_steps
@@ -192,7 +192,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         enable_packing(model, base.config.get("model_type", "?"))
     if cfg.grad_checkpoint:
         checkpoint_blocks(model)
-    feed = choose_feed(cfg, model, min(adapter.layers), data, log, stream)
+    feed = choose_feed(cfg, world, model, min(adapter.layers), data, log, stream)
     step, state = make_step(model, optimizer, world, feed)
     return Run(
         cfg,
@@ -214,16 +214,6 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         stopping=early_stopping(cfg, last_saved, progress),
         last_saved=last_saved,
     )
-
-
-def load_data(cfg: TrainConfig, source, tokenizer, log, world: distributed.World = distributed.SOLO) -> dict[str, list]:
-    """Examples for SFT; pairs of them (data/preference.py) for a preference objective."""
-    if cfg.preference and world.size > 1:
-        raise UserError(
-            f"--objective {cfg.objective} runs in one process: its rewards and accuracy are not summed over "
-            "a group yet; run it without mlx.launch"
-        )
-    return read_data(cfg, source, tokenizer, log)
 
 
 def read_data(cfg: TrainConfig, source, tokenizer, log) -> dict[str, list]:
@@ -262,9 +252,10 @@ def why_not_stream(cfg: TrainConfig, base: Base, first_trained: int) -> Optional
         return "LoRA reaches block 0, so no block is frozen; adapt the last blocks only (--num-layers)"
     if base.path.suffix == GGUF_SUFFIX:
         return "a GGUF base is read whole; convert it to a safetensors directory"
-    if cfg.preference or cfg.pack or not cfg.prefix_cache:
-        what = f"--objective {cfg.objective}" if cfg.preference else "--pack" if cfg.pack else "--no-prefix-cache"
-        return f"{what} runs the whole model every step"
+    if cfg.preference:  # its reference pass fills the prefix cache from the whole model, in memory
+        return f"--objective {cfg.objective} is not streamed yet; train it with --stream-prefix off"
+    if cfg.pack or not cfg.prefix_cache:
+        return f"{'--pack' if cfg.pack else '--no-prefix-cache'} runs the whole model every step"
     try:
         cut_at(base.model, first_trained)
     except ValueError as e:
@@ -273,18 +264,24 @@ def why_not_stream(cfg: TrainConfig, base: Base, first_trained: int) -> Optional
 
 
 def choose_feed(
-    cfg: TrainConfig, model, first_trained: int, data: dict, log, stream: Optional[list[Split]]
+    cfg: TrainConfig,
+    world: distributed.World,
+    model,
+    first_trained: int,
+    data: dict,
+    log,
+    stream: Optional[list[Split]],
 ) -> Feed | PreferenceFeed:
     """SFT: the fastest feed the model allows; streamed, the frozen blocks' output computed now,
-    block by block, over the rows in `stream`. Preference: whole-model forwards over pairs, with
-    the reference log-probs computed now, once."""
+    block by block, over the rows in `stream`. Preference: the same cut over pairs, with the
+    reference log-probs computed now, once."""
     if stream is not None:
         return streamed_feed(model, first_trained, stream, log)
     if not cfg.preference:
         return make_feed(model, first_trained, data["train"], cfg.prefix_cache, cfg.pack, log)
-    if cfg.prefix_cache:
-        log(f"speed: no prefix cache with --objective {cfg.objective}; each step runs the whole model on both sides")
-    return make_preference_feed(model, data, objective(cfg), cfg.batch_size, log)
+    return make_preference_feed(
+        model, first_trained, data, objective(cfg), cfg.batch_size, cfg.prefix_cache, log, world
+    )
 
 
 def start_adapter(cfg: TrainConfig, base: Base, optimizer: optim.Optimizer, checkpoint: Optional[Path], log):

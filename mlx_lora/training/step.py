@@ -37,7 +37,7 @@ def make_step(
             loss, ntoks, grads = loss + acc[0], ntoks + acc[1], tree_map(mx.add, grads, acc[2])
             stats = [s + a for s, a in zip(stats, acc[3:])]
         if update:
-            loss, ntoks, grads = distributed.sum_over(world, loss, ntoks, grads)  # the global batch's sums
+            loss, ntoks, grads, stats = distributed.sum_over(world, loss, ntoks, grads, stats)  # the global batch's
             optimizer.update(model, tree_map(lambda g: g / ntoks, grads))
         return loss, ntoks, grads, *stats
 

@@ -16,12 +16,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import assert_tensors_close, fp32_tol
+from conftest import assert_tensors_close, fp32_tol, preference_rows, write_jsonl
 
 from mlx_lora.config import TrainConfig
 from mlx_lora.data.batches import epoch_batches, iterate_batches, rows_read
 from mlx_lora.data.examples import Example
 from mlx_lora.distributed.group import SOLO, World, init
+from mlx_lora.reporting.metrics import read_metrics
 from mlx_lora.training.loop import train
 
 MLX_LAUNCH = Path(sys.executable).with_name("mlx.launch")
@@ -415,3 +416,35 @@ def test_a_streamed_group_equals_one_process_and_resumes_like_it(llama, odd_data
     assert fewer < streamed
     three = mx.load(str(tmp_path / "three" / "adapters.safetensors"))
     assert_tensors_close(three, mx.load(str(tmp_path / "streamed" / "adapters.safetensors")), tol, norm=2)
+
+
+@pytest.mark.slow
+def test_dpo_in_a_group_equals_one_process(llama, tmp_path):
+    """Each rank scores its share of the reference pass and of every batch; losses, rewards and
+    accuracy summed over the group equal one process's. 9 pairs in batches of 4: one batch has a
+    single pair, so one rank holds none and must add nothing."""
+    data = tmp_path / "pref"
+    write_jsonl(data / "train.jsonl", preference_rows(9))
+    write_jsonl(data / "valid.jsonl", preference_rows(4, 20))
+    cfg = dict(TRAIN, objective="dpo", beta=0.5, learning_rate=3e-2)
+    train(
+        TrainConfig(model=str(llama), data=str(data), adapter_path=str(tmp_path / "one"), **cfg),
+        log=lambda *a: None,
+    )
+    out = mlx_launch_train(dict(model=llama, data=data, adapter_path=tmp_path / "two", **cfg))
+    assert out.count("reference: log-probs of 13 pairs") == 1
+    one, two = (read_metrics(tmp_path / d) for d in ("one", "two"))
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    # Sums of <= 8 rows x 40 positions in other orders and shapes, over 6 AdamW steps, as above.
+    tol = fp32_tol(8 * 40, adam_steps=6)
+    for key in ("loss", "val_loss", "rewards/chosen", "rewards/rejected", "val_rewards/margins"):
+        got, want = [r[key] for r in two if r[key] is not None], [r[key] for r in one if r[key] is not None]
+        assert len(got) == len(want) > 0, key
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=key)
+    # accuracy counts pairs whose margin is > 0: at step 1 every margin is 0 up to rounding (policy
+    # == reference), so either side of 0; after it the mean margins are 4-10, far from a flip
+    accuracies = [[r["rewards/accuracies"] for r in m if r["loss"] is not None][1:] for m in (one, two)]
+    assert accuracies[0] == accuracies[1]
+    assert max(abs(r["rewards/chosen"]) for r in one if r["loss"] is not None) > 1e-2  # it trained
+    adapters = [mx.load(str(tmp_path / d / "adapters.safetensors")) for d in ("one", "two")]
+    assert_tensors_close(adapters[1], adapters[0], tol, norm=2)

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import mlx.core as mx
 import mlx.optimizers as optim
+import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
@@ -16,12 +17,12 @@ from mlx_lora.config import LoRAConfig, TrainConfig
 from mlx_lora.data.preference import collate_pairs, load_pairs
 from mlx_lora.errors import UserError
 from mlx_lora.model.base import load_base
-from mlx_lora.model.lora import apply_lora, lora_layers
+from mlx_lora.model.lora import apply_lora, first_adapted_block, lora_layers
 from mlx_lora.reporting.metrics import read_metrics
 from mlx_lora.training.checkpoint import checkpoint_dir
 from mlx_lora.training.loop import train
 from mlx_lora.training.objectives import Objective
-from mlx_lora.training.preference import make_preference_feed
+from mlx_lora.training.preference import PreferenceFeed, make_preference_feed, sequence_logps
 from mlx_lora.training.step import make_step
 from tests.conftest import preference_rows, write_jsonl
 
@@ -93,7 +94,8 @@ def test_accumulated_pairs_give_the_update_of_the_big_batch(llama, pref_data):
     for layer in lora_layers(base.model).values():
         layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1
     pairs = load_pairs(pref_data / "train.jsonl", base.tokenizer, 2048)
-    feed = make_preference_feed(base.model, {"train": pairs}, Objective("dpo", 0.1), 2, log=lambda _: None)
+    first = first_adapted_block(base.model)
+    feed = make_preference_feed(base.model, first, {"train": pairs}, Objective("dpo", 0.1), 2, log=lambda _: None)
 
     def update(batches):
         w0 = base.model.trainable_parameters()
@@ -112,6 +114,70 @@ def test_accumulated_pairs_give_the_update_of_the_big_batch(llama, pref_data):
     assert small_stats == pytest.approx(big_stats, rel=1e-5, abs=1e-6)
     for (name, a), (_, b) in zip(tree_flatten(small), tree_flatten(big)):
         assert mx.allclose(a, b, rtol=1e-4, atol=1e-6).item(), name
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_a_rank_without_pairs_adds_nothing(llama, pref_data, objective):
+    """A group's rank left without pairs of a batch gets one with nothing learned (batches.py): its
+    loss, pair count, statistics and gradients must all be 0 and finite (ORPO's log(1 - p) of an
+    empty completion would be -inf), so the group's sums are those of the other ranks."""
+    base = load_base(str(llama))
+    apply_lora(base.model, LoRAConfig(targets="q_proj,v_proj", num_layers=2, rank=4))
+    pairs = load_pairs(pref_data / "train.jsonl", base.tokenizer, 2048)
+    feed = make_preference_feed(
+        base.model, first_adapted_block(base.model), {"train": pairs}, Objective(objective, 0.1), 2, log=lambda _: None
+    )
+    step, state = make_step(base.model, optim.SGD(learning_rate=1.0), feed=feed)
+    tokens, mask = collate_pairs(pairs, [3])
+    loss, count, grads, stats = step(feed.inputs(pairs, [3], (tokens, mx.zeros_like(mask))), None, False)
+    assert loss.item() == 0 and count.item() == 0 and not mx.any(stats).item()
+    assert all(not mx.any(g).item() for _, g in tree_flatten(grads))
+    loss, count, _, stats = step(feed.inputs(pairs, [3], (tokens, mask)), None, False)  # the same pair, real
+    assert count.item() == 1 and mx.isfinite(loss).item() and loss.item() != 0
+
+
+def _transformers_logps(model_dir, pairs) -> np.ndarray:
+    """(N, 2) summed completion log-probs of every pair's sides by transformers' own forward, as
+    TRL's concatenated forward takes them: log_softmax of the logits at each masked next token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    out = np.zeros((len(pairs), 2))
+    with torch.no_grad():
+        for i, pair in enumerate(pairs):
+            for j, side in enumerate((pair.chosen, pair.rejected)):
+                tokens = torch.tensor(side.tokens[None].astype(np.int64))
+                logps = torch.log_softmax(model(tokens).logits[0, :-1].float(), -1)  # (L-1, V)
+                picked = logps.gather(-1, tokens[0, 1:, None])[:, 0]
+                out[i, j] = float((picked * torch.tensor(side.mask[1:])).sum())
+    return out
+
+
+def test_log_probs_equal_transformers_and_the_whole_forward_with_the_prefix_cached(llama, pref_data):
+    """The reference pass scores only completion tokens through the cut, and fills the prefix cache
+    the later passes read: its log-probs equal transformers' on the base, and the policy's (adapter
+    on, frozen blocks from the cache) equal our own whole-model forward."""
+    base = load_base(str(llama))
+    mx.random.seed(1)
+    apply_lora(base.model, LoRAConfig(targets="q_proj,v_proj", num_layers=2, rank=4))
+    for layer in lora_layers(base.model).values():
+        layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.5
+    pairs = load_pairs(pref_data / "train.jsonl", base.tokenizer, 2048)
+    first = first_adapted_block(base.model)
+    feed = make_preference_feed(base.model, first, {"train": pairs}, Objective("dpo", 0.1), 3, log=lambda _: None)
+    assert first > 0 and feed.cache_prefix  # the path under test: cut, and the frozen blocks cached
+    assert all(cache.done.all() for cache in feed.caches.values())  # filled by the reference pass
+    # Summed over <= 12 tokens of a 1e-5-accurate fp32 log-softmax (different matmul orders)
+    reference = feed.reference[id(pairs)]
+    np.testing.assert_allclose(reference, _transformers_logps(llama, pairs), rtol=1e-5, atol=2e-4)
+    uncut = PreferenceFeed(Objective("dpo", 0.1), None, cache_prefix=False)  # a model that cannot be cut
+    np.testing.assert_allclose(uncut.reference_logps(base.model, pairs, 3), reference, rtol=1e-5, atol=2e-4)
+    policy = feed.pair_logps(base.model, pairs, 5)  # other batches than the reference pass's
+    base.model.eval()
+    whole, _ = sequence_logps(base.model, *collate_pairs(pairs, list(range(len(pairs)))))  # (2N,)
+    np.testing.assert_allclose(policy, np.array(whole).reshape(2, -1).T, rtol=1e-5, atol=2e-4)
+    assert np.abs(policy - reference).min() > 1e-2  # the adapter changed every score
 
 
 def test_resumed_run_recomputes_the_reference_and_equals_the_uninterrupted_run(llama, pref_data, tmp_path):
@@ -171,15 +237,6 @@ def test_bad_preference_options_exit_2_with_one_line(flags, message):
     result = CliRunner().invoke(app, ["train", *flags])
     assert result.exit_code == 2 and message in result.output
     assert len([line for line in result.output.splitlines() if line.startswith("error:")]) == 1
-
-
-def test_groups_are_refused_before_loading(pref_data, tmp_path):
-    from mlx_lora.distributed import group as distributed
-    from mlx_lora.training.loop import load_data
-
-    cfg = _config("unused", pref_data, tmp_path / "out")
-    with pytest.raises(UserError, match="--objective dpo runs in one process: .*; run it without mlx.launch"):
-        load_data(cfg, pref_data, None, print, replace(distributed.SOLO, size=2))
 
 
 def test_conversational_rows_train(llama, tmp_path):
