@@ -86,16 +86,28 @@ def test_other_objectives_train(llama, pref_data, tmp_path, objective):
     assert (record["log_odds_chosen"] is not None) == (objective == "orpo")
 
 
-def test_accumulated_pairs_give_the_update_of_the_big_batch(llama, pref_data):
-    """DPO's loss is a mean over pairs, so two accumulated batches of 2 pairs step exactly as one of 4."""
+def adapted_feed(llama, pref_data, seed: int, scale: float, batch_size: int):
+    """The base with a random LoRA (B ~ N(0, scale)) on q, v of 2 blocks, the train pairs, the first
+    adapted block and a DPO feed over them (its reference pass run): (base, pairs, first, feed)."""
     base = load_base(str(llama))
-    mx.random.seed(0)
+    mx.random.seed(seed)
     apply_lora(base.model, LoRAConfig(targets="q_proj,v_proj", num_layers=2, rank=4))
     for layer in lora_layers(base.model).values():
-        layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1
+        layer.lora_b = mx.random.normal(layer.lora_b.shape) * scale
     pairs = load_pairs(pref_data / "train.jsonl", base.tokenizer, 2048)
     first = first_adapted_block(base.model)
-    feed = make_preference_feed(base.model, first, {"train": pairs}, Objective("dpo", 0.1), 2, log=lambda _: None)
+    objective = Objective("dpo", 0.1)
+    return (
+        base,
+        pairs,
+        first,
+        make_preference_feed(base.model, first, {"train": pairs}, objective, batch_size, log=lambda _: None),
+    )
+
+
+def test_accumulated_pairs_give_the_update_of_the_big_batch(llama, pref_data):
+    """DPO's loss is a mean over pairs, so two accumulated batches of 2 pairs step exactly as one of 4."""
+    base, pairs, first, feed = adapted_feed(llama, pref_data, seed=0, scale=0.1, batch_size=2)
 
     def update(batches):
         w0 = base.model.trainable_parameters()
@@ -158,14 +170,7 @@ def test_log_probs_equal_transformers_and_the_whole_forward_with_the_prefix_cach
     """The reference pass scores only completion tokens through the cut, and fills the prefix cache
     the later passes read: its log-probs equal transformers' on the base, and the policy's (adapter
     on, frozen blocks from the cache) equal our own whole-model forward."""
-    base = load_base(str(llama))
-    mx.random.seed(1)
-    apply_lora(base.model, LoRAConfig(targets="q_proj,v_proj", num_layers=2, rank=4))
-    for layer in lora_layers(base.model).values():
-        layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.5
-    pairs = load_pairs(pref_data / "train.jsonl", base.tokenizer, 2048)
-    first = first_adapted_block(base.model)
-    feed = make_preference_feed(base.model, first, {"train": pairs}, Objective("dpo", 0.1), 3, log=lambda _: None)
+    base, pairs, first, feed = adapted_feed(llama, pref_data, seed=1, scale=0.5, batch_size=3)
     assert first > 0 and feed.cache_prefix  # the path under test: cut, and the frozen blocks cached
     assert all(cache.done.all() for cache in feed.caches.values())  # filled by the reference pass
     # Summed over <= 12 tokens of a 1e-5-accurate fp32 log-softmax (different matmul orders)
