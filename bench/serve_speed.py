@@ -25,6 +25,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -63,6 +65,17 @@ def make_adapters(model_dir: Path, work: Path) -> dict[str, Path]:
         out[name] = work / name
         convert(ConvertConfig(str(out[name]), str(work / f"{name}-mlxlm"), to="mlx-lm"), log=lambda _: None)
     return out
+
+
+@contextmanager
+def serving(command: list[str], url: str, log: Path, env: dict | None = None) -> Iterator[subprocess.Popen]:
+    """The server process, once it answers at `url`; stopped on leaving."""
+    process = start(command, url, log, env)
+    try:
+        yield process
+    finally:
+        process.terminate()
+        process.wait()
 
 
 def start(command: list[str], url: str, log: Path, env: dict | None = None) -> subprocess.Popen:
@@ -131,9 +144,8 @@ def measure_ours(model: Path, adapters: dict, texts: list[str], args) -> tuple[d
     url = f"http://127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "mlx_lora.cli", "serve", "--model", str(model), "--port", url.rsplit(":", 1)[1]]
     cmd += [f"--adapter={n}={adapters[n]}" for n in ADAPTERS] + [f"--max-batch={args.clients}"]
-    server = start(cmd, url, args.work / "ours.log")
     results = {}
-    try:
+    with serving(cmd, url, args.work / "ours.log") as server:
         one, texts_one = measure(url, [("a1", t) for t in texts], args.clients, args.max_tokens)
         results["mlx-lora serve, one adapter"] = one
         mixed = [(ADAPTERS[i % 4], t) for i, t in enumerate(texts)]
@@ -145,9 +157,6 @@ def measure_ours(model: Path, adapters: dict, texts: list[str], args) -> tuple[d
             tokens, seconds = tokens + t, seconds + s
         results["mlx-lora serve, 4 adapters one at a time"] = tokens / seconds
         results["mlx-lora serve, peak RSS (GB)"] = peak_rss_gb(server)
-    finally:
-        server.terminate()
-        server.wait()
     return results, texts_one
 
 
@@ -159,26 +168,19 @@ def measure_theirs(model: Path, texts: list[str], args) -> tuple[dict, list[str]
     url = f"http://127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "mlx_lm.server", "--model", str(model), "--port", url.rsplit(":", 1)[1]]
     cmd += ["--max-tokens", str(args.max_tokens)]
-    server = start(cmd + ["--adapter-path", str(args.work / "a1-mlxlm")], url, args.work / "theirs.log", env)
     results = {}
-    try:
+    with serving(cmd + ["--adapter-path", str(args.work / "a1-mlxlm")], url, args.work / "theirs.log", env) as server:
         # "default_model" is how mlx_lm.server names the --model it was started with, adapter included
         one, texts_one = measure(url, [("default_model", t) for t in texts], args.clients, args.max_tokens)
         results["mlx_lm.server, one adapter"] = one
         results["mlx_lm.server, peak RSS (GB)"] = peak_rss_gb(server)
-    finally:
-        server.terminate()
-        server.wait()
     if args.skip_mlx_lm_mixed:
         return results, texts_one
-    server = start(cmd, url, args.work / "theirs-mixed.log", env)
-    try:  # a request naming the model's path and an adapter: mlx_lm.server loads that pair
+    # a request naming the model's path and an adapter: mlx_lm.server loads that pair
+    with serving(cmd, url, args.work / "theirs-mixed.log", env):
         paths = [str(args.work / f"{ADAPTERS[i % 4]}-mlxlm") for i in range(len(texts))]
         mixed = [(str(model), t, {"adapters": path}) for t, path in zip(texts, paths)]
         results["mlx_lm.server, 4 adapters mixed"], _ = measure(url, mixed, args.clients, args.max_tokens)
-    finally:
-        server.terminate()
-        server.wait()
     return results, texts_one
 
 

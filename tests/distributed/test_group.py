@@ -289,7 +289,7 @@ def test_two_processes_equal_one_on_the_same_global_batch_and_resume_like_it(lla
     assert len(re.findall(r"^step \d+/6  loss ", out, re.M)) == 6
     assert len(re.findall(r"^step \d+/6  val loss ", out, re.M)) == 3
     assert out.count("group of 2 processes") == 1
-    records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path / "two")
     losses = [r["loss"] for r in records if r["loss"] is not None]
     val_losses = {r["step"]: r["val_loss"] for r in records if r["val_loss"] is not None}
     # Each rank sums its half of the batch, then the two halves are added: other shapes, so sums in
@@ -391,7 +391,7 @@ def test_a_streamed_group_equals_one_process_and_resumes_like_it(llama, odd_data
     # rank 0 streamed its rows alone: 6 batches of 4 over 17 + 7 rows, half of each batch
     streamed, total = map(int, re.search(r"streamed block 1/1 over the (\d+) of (\d+) rows this process", out).groups())
     assert total == 17 + 7 and streamed < total
-    records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path / "two")
     losses = [r["loss"] for r in records if r["loss"] is not None]
     val_losses = {r["step"]: r["val_loss"] for r in records if r["val_loss"] is not None}
     # the tolerance of the in-memory group above (a batch split in two halves, 6 AdamW steps); the
