@@ -15,6 +15,10 @@ Jobs: `epoch1` = 60 steps over 240 fresh rows (all epoch 1); `epochs3` = 3 epoch
 steps); `qlora` = ours on the model quantized by `mlx_lm.convert -q --q-bits 4 --q-group-size 64`
 against ours on the fp32 model, 12 steps over 48 rows.
 
+The MLX runs see no torch (neither mlx-lora nor mlx-lm depends on it, so their installs have
+none), while in this venv transformers would import it for the tokenizer, 0.23 GB of RSS each;
+`--torch-visible` lets it.
+
 Reported per run: wall time of the whole command, time from the command's start to its first
 training batch, tokens/s = all non-padding tokens of the trained rows / seconds from the first
 training batch to the adapter saved, max RSS, and for ours the model FLOP/s of epoch 1 as a
@@ -237,6 +241,7 @@ def _finish(clock: Clock, end: float, out: dict, peak: float | None) -> None:
         end=end - clock.fetches[0],
         peak_mlx=peak,
         max_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        torch=sys.modules.get("torch") is not None,
     )
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -438,6 +443,8 @@ def spawn(who: str, job: dict, env: dict) -> dict:
     res = json.loads(line[len("RESULT ") :])
     if env.get("EXPECT_OPENBLAS") and "openblas" not in res["blas"]:
         sys.exit(f"{who} ran on {res['blas']}, not OpenBLAS: the numbers would be meaningless")
+    if job.get("hide_torch") and who != "peft" and res["torch"]:
+        sys.exit(f"{who} imported torch although it was hidden: its RSS would not be what the bench says")
     return dict(res, wall=wall, to_first=res["first_wall"] - start)
 
 
@@ -460,6 +467,11 @@ def main() -> None:
     p.add_argument("--peers", default="theirs,peft", help="which peers run: theirs (mlx_lm.lora), peft")
     p.add_argument("--ours-extra", default="", help="extra flags for mlx-lora train, e.g. '--no-prefix-cache'")
     p.add_argument("--work", type=Path, default=None, help="keep models and data here (default: a temp dir)")
+    p.add_argument(
+        "--torch-visible",
+        action="store_true",
+        help="let the MLX runs' transformers import torch, as it does wherever torch is installed",
+    )
     a = p.parse_args()
 
     import mlx_lora.blas as blas
@@ -481,6 +493,7 @@ def main() -> None:
         tokens, targets = epoch_tokens(model_dir, data_dir)
         per_epoch = rows // JOB["batch_size"]
         base = dict(data=str(data_dir), iters=per_epoch * epochs, per_epoch=per_epoch, threads=a.threads)
+        base["hide_torch"] = not a.torch_visible
         who = ["ours", "ours-4bit"] if name == "qlora" else ["ours", *filter(None, a.peers.split(","))]
         models = {w: model_dir for w in who}
         if name == "qlora":
@@ -520,7 +533,8 @@ def report(a, tables: list, peak: float, openblas) -> None:
     print(
         f"\n{platform.node()} {platform.machine()} {os.cpu_count()} cpus, {a.threads} threads, "
         f"{time.strftime('%Y-%m-%d %H:%M')}; shape {a.shape}; {a.rounds} round(s), medians; "
-        f"sgemm peak {peak / 1e9:.0f} GFLOP/s; OpenBLAS {openblas}\n"
+        f"sgemm peak {peak / 1e9:.0f} GFLOP/s; OpenBLAS {openblas}; torch "
+        f"{'visible to' if a.torch_visible else 'hidden from'} the MLX runs\n"
     )
     peers = ("ours", "theirs", "peft")
     print("| job | " + " | ".join(NAMES[w] for w in peers) + " | ours vs mlx-lm | ours vs PEFT |")
@@ -542,7 +556,8 @@ def report(a, tables: list, peak: float, openblas) -> None:
     for name, _, _, _, res in tables:
         for w, runs in res.items():
             cells = [f"{_med(runs, 'wall'):.1f} s", f"{_med(runs, 'to_first'):.1f} s", f"{_med(runs, 'tps'):.0f}"]
-            cells += [f"{statistics.median(r['epochs'][0] for r in runs):.0f}", f"{_later(runs):.0f}"]
+            later = f"{_later(runs):.0f}" if len(runs[0]["epochs"]) > 1 else "–"
+            cells += [f"{statistics.median(r['epochs'][0] for r in runs):.0f}", later]
             cells += [f"{100 * _med(runs, 'frac'):.0f}%", _gb(_med(runs, "max_rss"))]
             print(f"| {name} | {NAMES[w]} | " + " | ".join(cells) + " |")
         if name == "qlora":
@@ -553,6 +568,8 @@ def report(a, tables: list, peak: float, openblas) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "_run":
+        if sys.argv[2] != "peft" and json.loads(sys.argv[3]).get("hide_torch"):
+            sys.modules["torch"] = None  # find_spec("torch") is then None: transformers runs without it
         {"ours": run_ours, "theirs": run_theirs, "peft": run_peft}[sys.argv[2]](json.loads(sys.argv[3]))
     else:
         main()

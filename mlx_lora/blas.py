@@ -14,6 +14,8 @@ import importlib.util
 import os
 import platform
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mlx_lora.errors import UserError
@@ -29,6 +31,7 @@ INSTALL_HINT = "sudo apt install libopenblas0-pthread (Debian/Ubuntu) or dnf ins
 
 # What happened, for the one line the CLI prints: (used library or None, reason).
 status: tuple[str | None, str] = (None, "not checked")
+_library: ctypes.CDLL | None = None  # the library loaded, to set its thread count
 
 
 def _bundled_reference_blas() -> bool:
@@ -50,7 +53,7 @@ def _find_openblas() -> str | None:
 
 def enable() -> tuple[str | None, str]:
     """Load an optimized BLAS globally if that helps and is safe; idempotent; never raises."""
-    global status
+    global status, _library
     choice = os.environ.get(ENV, "").strip()
     if sys.platform != "linux":
         status = (None, "not Linux: MLX uses Accelerate or its GPU")
@@ -68,11 +71,30 @@ def enable() -> tuple[str | None, str]:
             status = (None, f"no OpenBLAS found; MLX matmuls run ~40x slower on its bundled BLAS: {INSTALL_HINT}")
         else:
             try:
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                _library = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
                 status = (path, f"MLX matmuls use {Path(path).name} ({ENV}=off to disable)")
             except OSError as e:
                 status = (None, f"{ENV}: cannot load {path} ({e}); using MLX's bundled BLAS")
     return status
+
+
+def sets_threads() -> bool:
+    """True when `one_thread()` takes effect: an OpenBLAS this module loaded."""
+    return _library is not None and hasattr(_library, "openblas_set_num_threads")
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Every matmul on one thread inside the block, for work spread over MLX streams, a core each."""
+    if not sets_threads():
+        yield
+        return
+    threads = _library.openblas_get_num_threads()
+    _library.openblas_set_num_threads(1)
+    try:
+        yield
+    finally:
+        _library.openblas_set_num_threads(threads)
 
 
 def note() -> str | None:

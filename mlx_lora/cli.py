@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from mlx_lora import blas
+from mlx_lora import allocator, blas
 from mlx_lora.config import (
     PANELS,
     ChatConfig,
@@ -130,6 +130,7 @@ def _command(cls, name: str, help: str, with_config: bool = False):
         def run(**values):
             try:
                 blas.check()  # a broken BLAS stops every command; `train` says which one it uses
+                allocator.keep_freed_memory()
                 values = _merge_opposites(values)
                 config = values.pop("config", None)
                 file_values = {**_resumed_options(values.get("resume")), **(load_yaml(config, cls) if config else {})}

@@ -8,11 +8,12 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_lora"
 # Each room and the rooms it may import (besides itself). Lower rooms never import higher ones.
-FOUNDATION = {"errors", "atomic", "blas", "config"}
+FOUNDATION = {"errors", "atomic", "blas", "allocator", "config"}
 MAY_IMPORT = {
     "errors": set(),
     "atomic": {"errors"},
     "blas": {"errors"},
+    "allocator": set(),
     "config": {"errors"},
     "model": FOUNDATION,
     "data": FOUNDATION,
