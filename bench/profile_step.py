@@ -3,8 +3,9 @@
     python bench/profile_step.py MODEL_DIR DATA_DIR     # e.g. the dirs bench/train_speed.py --work made
 
 Ours: each piece of a step timed alone (median of 6, after a warm-up), from the same batch:
-the frozen prefix (blocks before the first trained one), the trained blocks forward, the head
-and loss at the target positions, and the whole compiled step (forward, backward, AdamW).
+the frozen prefix (blocks before the first trained one; on one stream, and split over a stream
+per core as training runs it), the trained blocks forward, the head and loss at the target
+positions, and the whole compiled step (forward, backward, AdamW).
 torch: torch.profiler over 6 steps of PEFT's usual loop, operators by self CPU time.
 Set MLX_LORA_CPU_KERNELS=off to see ours on MLX's own kernels.
 """
@@ -36,6 +37,7 @@ def ours(model: str, data: str) -> None:
     from mlx_lora.data.batches import collate, iterate_batches
     from mlx_lora.training.feed import _chunk_ce
     from mlx_lora.training.loop import build_run
+    from mlx_lora.training.prefix_cache import prefix, split_streams
 
     cfg = TrainConfig(model=model, data=data, targets="q_proj,v_proj", num_layers=4, rank=8, alpha=16.0)
     run = build_run(replace(cfg, adapter_path=tempfile.mkdtemp()), log=lambda s: None)
@@ -45,8 +47,10 @@ def ours(model: str, data: str) -> None:
     inputs = feed.inputs(examples, rows, batch)
     inp, states, positions, targets, _ = inputs
     picked = cut.hidden(inp, states).reshape(-1, states.shape[-1])[positions]
+    streams = split_streams(cut.model)
     parts = {
-        f"frozen prefix: blocks 0-{cut.k - 1} forward": lambda: cut.prefix(tokens),
+        f"frozen prefix: blocks 0-{cut.k - 1} forward, one stream": lambda: cut.prefix(tokens),
+        f"the same, rows split over {len(streams)} streams (what training runs)": lambda: prefix(cut, tokens, streams),
         "trained blocks forward": lambda: cut.hidden(inp, states),
         f"head + loss forward at {positions.shape[0]} target rows": lambda: _chunk_ce(cut, targets, picked),
         "compiled step from the prefix (fwd + bwd + AdamW)": lambda: (run.step(inputs, None, True), run.state)[0],
@@ -94,6 +98,9 @@ def torch_side(model: str, data: str) -> None:
 
 if __name__ == "__main__":
     import mlx_lora  # noqa: F401  (OpenBLAS before mlx.core)
+    from mlx_lora import allocator
+
+    allocator.keep_freed_memory()  # as every mlx-lora command does
 
     ours(sys.argv[1], sys.argv[2])
     torch_side(sys.argv[1], sys.argv[2])

@@ -78,29 +78,32 @@ def _row_chunks(n: int, vocab: int) -> list[tuple[int, int]]:
 
 
 @mx.custom_function
-def _chunked_ce(logits: mx.array, targets: mx.array) -> tuple[mx.array, mx.array]:
-    """(cross-entropy, log-sum-exp), each shaped like targets."""
+def _chunked_ce(logits: mx.array, targets: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """(cross-entropy, each row's largest logit, its sum of exp(logit - largest)), over the rows."""
     flat = logits.reshape(-1, logits.shape[-1])
-    lse = []
+    tops, sums = [], []
     for a, b in _row_chunks(flat.shape[0], flat.shape[1]):
-        rows = mx.depends(flat[a:b], lse[-1:])  # one piece after the other: their temporaries never coexist
-        top = rows.max(axis=-1, keepdims=True)  # any shift gives the same value
-        lse.append(mx.log(fast_exp(rows - top).sum(axis=-1)) + top.squeeze(-1))
-    lse = mx.concatenate(lse).reshape(targets.shape)
-    return lse - mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1), lse
+        rows = mx.depends(flat[a:b], sums[-1:])  # one piece after the other: their temporaries never coexist
+        tops.append(rows.max(axis=-1))  # any shift gives the same value
+        sums.append(fast_exp(rows - tops[-1][:, None]).sum(axis=-1))
+    top, total = mx.concatenate(tops), mx.concatenate(sums)
+    lse = (mx.log(total) + top).reshape(targets.shape)
+    return lse - mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1), top, total
 
 
 @_chunked_ce.vjp
 def _chunked_ce_vjp(primals, cotangents, outputs):
-    """d ce / d logits = softmax - one-hot, a few rows at a time."""
+    """d ce / d logits = softmax - one-hot, a few rows at a time; the softmax as exp(x - top) / sum,
+    the forward's own terms (exp(x - lse) would carry lse's rounding into every value)."""
     logits, targets = primals
-    flat, lse = logits.reshape(-1, logits.shape[-1]), outputs[1].reshape(-1, 1)
+    flat, top, total = logits.reshape(-1, logits.shape[-1]), outputs[1][:, None], outputs[2][:, None]
     hot, grad = targets.reshape(-1, 1), cotangents[0].reshape(-1, 1)
     vocab = mx.arange(flat.shape[1])
     parts = []
     for a, b in _row_chunks(flat.shape[0], flat.shape[1]):
         rows = mx.depends(flat[a:b], parts[-1:])
-        parts.append((fast_exp(rows - lse[a:b]) - (vocab == hot[a:b])) * grad[a:b])
+        g = grad[a:b]
+        parts.append(fast_exp(rows - top[a:b]) * (g / total[a:b]) - (vocab == hot[a:b]) * g)
     return mx.concatenate(parts).reshape(logits.shape), mx.zeros_like(targets)
 
 
