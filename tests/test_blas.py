@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import BY_DESIGN
 
 from mlx_lora import blas
 
@@ -77,10 +78,8 @@ def test_only_a_training_run_says_which_blas_and_never_before_an_error(llama, ti
     assert bad.exit_code == 2 and bad.stderr.splitlines() == ["error: --rank must be at least 1, got 0"]
 
 
-@pytest.mark.skipif(
-    sys.platform != "linux" or blas._find_openblas() is None or os.environ.get(blas.ENV) == "off",
-    reason="needs OpenBLAS on Linux, not switched off",
-)
+@pytest.mark.skipif(sys.platform != "linux" or blas._find_openblas() is None, reason="needs OpenBLAS on Linux")
+@pytest.mark.skipif(os.environ.get(blas.ENV) == "off", reason=BY_DESIGN + f"{blas.ENV}=off runs on MLX's own BLAS")
 def test_the_suite_itself_runs_on_the_fast_blas():
     """conftest imports mlx_lora before mlx: in-process tests compute like the CLI's processes,
     which a test comparing the two (a resume after a signal) relies on."""

@@ -8,13 +8,9 @@ from pathlib import Path
 import gguf
 
 from mlx_lora.errors import UserError
-from mlx_lora.model.gguf import PRE_TOKENIZERS, pre_signature
+from mlx_lora.model.gguf import NO_MERGE, PRE_TOKENIZERS, pre_signature
 
 TOKEN = gguf.TokenType
-# llama.cpp refuses a gpt2 vocabulary without merges. Symbols start as single characters and only
-# merges make longer ones, so a merge of two multi-character strings never fires. (transformers'
-# GGUF reader rejects it, its parts being out of vocabulary; real BPE vocabularies have merges.)
-NO_MERGE = "<no-merge> <no-merge>"
 
 
 def read_json(path: Path) -> dict:

@@ -1,6 +1,6 @@
 """A llama.cpp GGUF file as a base model: weights as model/gguf_tensors.py reads them (quantized
 types stay MLX-quantized, group size 32, where MLX's form holds them exactly), the config from the
-file's metadata, the tokenizer built by transformers from the same file; llama's q/k rows put back
+file's metadata, the tokenizer converted by transformers from the same file's metadata; llama's q/k rows put back
 in Hugging Face's order."""
 
 import json
@@ -20,6 +20,17 @@ from mlx_lora.model.gguf_tensors import GROUP_SIZE, read_shapes, read_tensors
 GGUF_SUFFIX = ".gguf"
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 GENERIC = "PreTrainedTokenizerFast"  # transformers' tokenizer class that changes nothing in tokenizer.json
+# llama.cpp refuses a gpt2 vocabulary without merges, so the GGUF writer gives a merge-less one this
+# merge. Symbols start as single characters and only merges make longer ones, so a merge of two
+# multi-character strings never fires; the reader drops it (transformers would refuse its parts).
+NO_MERGE = "<no-merge> <no-merge>"
+# tokenizer_config.json's special tokens, by their GGUF id key (tokenizer.ggml.<key>)
+SPECIAL_TOKENS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
 # GGUF tensor name (after blk.N.) -> mlx-lm / Hugging Face module name
 LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -168,20 +179,44 @@ def quantization_config(layers: dict[str, dict]) -> dict[str, Any]:
     return {"group_size": GROUP_SIZE, "bits": most, **{k: q for k, q in layers.items() if q["bits"] != most}}
 
 
-def load_gguf_tokenizer(path: Path, pre: str | None, eos_token_ids: Any) -> TokenizerWrapper:
-    from mlx_lm.utils import load_tokenizer
-    from transformers import AutoTokenizer
+def gguf_tokenizer_files(meta: dict[str, Any], out: Path) -> None:
+    """Hugging Face tokenizer files in `out`, converted by transformers' GGUF tokenizer mapping from
+    the file's metadata. AutoTokenizer.from_pretrained(gguf_file=...) does the same but reads the
+    file with a reader that imports torch, which a plain install of mlx-lora does not have."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    grouped = {
+        group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokens, config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if "merges" in tokens:
+        tokens["merges"] = [merge for merge in tokens["merges"] if merge != NO_MERGE]
+    if "tokens" not in tokens:
+        raise UserError("--model: this GGUF file holds no tokenizer (tokenizer.ggml.tokens); use a model that has one")
+    if tokens.get("tokenizer_type") == "llama":  # as transformers does: llama.cpp adds BOS unless told not to
+        config.setdefault("add_bos_token", True)
+    for name, key in SPECIAL_TOKENS.items():
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        if token_id is not None and 0 <= token_id < len(tokens["tokens"]):
+            config[name] = tokens["tokens"][token_id]
+    backend, _ = convert_gguf_tokenizer(meta["general.architecture"], tokens)
+    PreTrainedTokenizerFast(tokenizer_object=backend, **config).save_pretrained(out)
+
+
+def load_gguf_tokenizer(meta: dict[str, Any], eos_token_ids: Any) -> TokenizerWrapper:
+    from mlx_lm.utils import load_tokenizer
+
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        if pre in PRE_TOKENIZERS:
-            files = json.loads((Path(tmp) / "tokenizer.json").read_text())
+        gguf_tokenizer_files(meta, Path(tmp))
+        files = json.loads((Path(tmp) / "tokenizer.json").read_text())
+        if (pre := meta.get("tokenizer.ggml.pre")) in PRE_TOKENIZERS:
             files["pre_tokenizer"] = PRE_TOKENIZERS[pre]
             (Path(tmp) / "tokenizer.json").write_text(json.dumps(files))
-            # the generic class takes tokenizer.json as it is; Qwen2Tokenizer would put Qwen's split back
-            config = json.loads((Path(tmp) / "tokenizer_config.json").read_text())
-            (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(config | {"tokenizer_class": GENERIC}))
+        # the generic class takes tokenizer.json as it is; Qwen2Tokenizer would put Qwen's split back
+        config = json.loads((Path(tmp) / "tokenizer_config.json").read_text())
+        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(config | {"tokenizer_class": GENERIC}))
         return load_tokenizer(Path(tmp), eos_token_ids=eos_token_ids)
 
 
@@ -228,4 +263,4 @@ def load_gguf(path: Path, lazy: bool = False) -> tuple[nn.Module, TokenizerWrapp
     """The model, its tokenizer and config; `lazy`: the weights are stand-ins of the right shapes and
     dtypes (read_gguf), for what needs only those (`mlx-lora info`)."""
     model, config, meta = gguf_model(path, lazy)
-    return model, load_gguf_tokenizer(path, meta.get("tokenizer.ggml.pre"), config.get("eos_token_id")), config
+    return model, load_gguf_tokenizer(meta, config.get("eos_token_id")), config

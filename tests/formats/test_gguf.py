@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import llama_cpp
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -18,7 +19,6 @@ from mlx_lora.formats.gguf import GGUF_FILE, check_gguf, write_gguf
 from mlx_lora.model.base import load_base
 from mlx_lora.model.gguf import PRE_TOKENIZERS
 
-llama_cpp = pytest.importorskip("llama_cpp")
 CFG = LoRAConfig(targets="all-linear", num_layers=2, rank=4, alpha=8)
 # The shipped tokenizer knows ASCII only (no byte fallback); unicode is tested on SmolLM2's below.
 ASCII_PROMPTS = {

@@ -4,6 +4,7 @@ file are llama.cpp's own on the same file, and an adapter trained on it fuses ba
 from dataclasses import replace
 from pathlib import Path
 
+import llama_cpp
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -17,7 +18,6 @@ from mlx_lora.formats.gguf import permute
 from mlx_lora.model.base import load_base
 from mlx_lora.model.gguf import gguf_config, read_gguf, unpermute
 
-llama_cpp = pytest.importorskip("llama_cpp")
 PROMPTS = {
     "plain": "The capital of France is",
     "numbers": "In 2024, 1234567 people paid $3.14 each.",

@@ -4,6 +4,8 @@ same file. Files are written by gguf-py's quantizers and by llama.cpp's own (lla
 
 import ctypes
 
+import gguf
+import llama_cpp
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -15,8 +17,6 @@ from mlx_lora.errors import UserError
 from mlx_lora.model.gguf import gguf_model
 from mlx_lora.model.gguf_tensors import AFFINE, QTYPE, read_shapes, read_tensors, tensor_arrays
 
-gguf = pytest.importorskip("gguf")
-llama_cpp = pytest.importorskip("llama_cpp")
 # llama.cpp's file types -> the tensor types they hold here (K-quants need rows of 256: hidden 256)
 FILE_TYPES = {
     "Q4_K_M": {"Q4_K", "Q6_K"},
