@@ -26,7 +26,7 @@ from mlx_lora.config.lora import (
     parse_pattern,
     pattern_key,
 )
-from mlx_lora.config.serve import BASE_ID, ServeConfig, parse_adapter_spec
+from mlx_lora.config.serve import API_KEY_ENV, BASE_ID, ServeConfig, parse_adapter_spec
 from mlx_lora.config.train import (
     LR_SCHEDULES,
     METHOD_FIELDS,
@@ -38,6 +38,7 @@ from mlx_lora.config.train import (
 )
 
 __all__ = [
+    "API_KEY_ENV",
     "BASE_ID",
     "CONVERT_FORMATS",
     "EVAL_TASKS",

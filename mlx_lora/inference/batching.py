@@ -1,8 +1,10 @@
 """Continuous batching over many adapters: one worker thread drives mlx-lm's BatchGenerator.
 
 Requests arrive from any thread (`submit`, `cancel`, `call`) through one queue; the worker inserts
-them into the running batch between decoding steps, so a request joins as soon as a row is free
-and leaves as soon as it ends. Every row carries its adapter's slot (multi_lora.RoutedModel), so
+them into the running batch between steps, so a request joins as soon as a row is free and leaves
+as soon as it ends. A step decodes one token of every row, or reads one chunk (`prefill_step`
+tokens) of the prompts being read: a long prompt never holds the worker for longer than a chunk, so
+a request cancelled while its prompt is read stops within one chunk, and others join meanwhile. Every row carries its adapter's slot (multi_lora.RoutedModel), so
 one batch may mix any adapters and the base. Each row has its own sampler (temperature, top-p, a
 seeded key of its own: the same seed gives the same text whatever else is in the batch) and its
 own stop strings; text is handed out as it is decoded, holding back what could start a stop string.
@@ -21,6 +23,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.sample_utils import apply_top_p
 
+from mlx_lora.config import ServeConfig
 from mlx_lora.errors import UserError
 from mlx_lora.inference.multi_lora import AdapterSlots, RoutedModel, vocab_size
 from mlx_lora.model.base import Base
@@ -93,14 +96,16 @@ def first_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
 class BatchEngine:
     """The base with its adapters in slots, and the thread that decodes every request in one batch."""
 
-    def __init__(self, base: Base, max_batch: int = 16):
+    def __init__(self, base: Base, max_batch: int = 16, prefill_step: int = ServeConfig.prefill_step):
         self.base = base
         self.adapters = AdapterSlots(base)
         self.vocab = vocab_size(base.model)
         self.model = RoutedModel(base.model, self.adapters.rows, self.vocab)
         self.max_batch = max_batch
+        self.prefill_step = prefill_step
         self.peak_mix = 0  # most distinct adapters (base included) decoded in one step
-        self.steps = 0
+        self.steps = 0  # decoding steps
+        self.prefill_steps = 0  # chunks of prompts read
         self._inbox: queue.Queue = queue.Queue()
         self._jobs: dict[int, Job] = {}  # BatchGenerator uid -> job
         self._generator = self._new_generator()
@@ -153,6 +158,7 @@ class BatchEngine:
             self.model,
             completion_batch_size=self.max_batch,
             prefill_batch_size=min(PREFILL_BATCH, self.max_batch),
+            prefill_step_size=self.prefill_step,
         )
 
     def _run(self) -> None:
@@ -209,12 +215,15 @@ class BatchEngine:
         self._jobs[job.uid] = job
 
     def _step(self) -> None:
+        """One decoding step and one chunk of the prompts being read (`next`, not `next_generated`,
+        which reads every chunk of a prompt before it returns, deaf to cancels in the meantime)."""
         try:
-            responses = self._generator.next_generated()
+            read, responses = self._generator.next()
         except Exception as e:  # one failed step ends the requests in it, never the server
             self._fail_all(f"generation failed: {type(e).__name__}: {e}")
             return
-        self.steps += 1
+        self.prefill_steps += any(not r.end_of_prompt for r in read)  # the rest only moved on to decoding
+        self.steps += bool(responses)
         self.peak_mix = max(self.peak_mix, len({self._jobs[r.uid].slot for r in responses if r.uid in self._jobs}))
         unfinished_but_done = []
         for r in responses:

@@ -21,11 +21,14 @@ def require_chat_template(base: Base) -> None:
         )
 
 
-def chat_tokens(base: Base, messages: list[dict[str, str]]) -> list[int]:
+def chat_text(base: Base, messages: list[dict[str, str]]) -> str:
     """The conversation in the tokenizer's chat template, ending where the assistant speaks next."""
     require_chat_template(base)
-    text = base.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return base.tokenizer.encode(text, add_special_tokens=False)
+    return base.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def chat_tokens(base: Base, messages: list[dict[str, str]]) -> list[int]:
+    return base.tokenizer.encode(chat_text(base, messages), add_special_tokens=False)
 
 
 def prompt_tokens(base: Base, prompt: str, chat: bool) -> list[int]:

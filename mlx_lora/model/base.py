@@ -34,6 +34,10 @@ FINGERPRINT_KEYS = (
 EXTRA_FILES = ("generation_config.json", "*.py", "*.jinja", "tokenizer.model")  # tokenizer.model: SentencePiece scores
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # name or org/name, as the hub spells them
 PATH_STARTS = ("./", "../", "/", "~", ".\\", "..\\")
+# Where a config.json states the most positions the model reads, by family (Llama, GPT-2, MPT, Qwen 1 /
+# ChatGLM, GPT-J-style, others); a multimodal config holds it in its text_config. GGUF: model/gguf.py maps
+# {arch}.context_length onto max_position_embeddings.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx", "max_sequence_length")
 
 
 @dataclass
@@ -43,6 +47,15 @@ class Base:
     config: dict[str, Any]
     path: Path
     name: str  # what the user gave (hub id or path), recorded in adapter_config.json
+
+
+def context_length(config: dict[str, Any]) -> tuple[int, str] | None:
+    """(the model's context length, the config key that gave it), or None if the config states none."""
+    for where, part in (("", config), ("text_config.", config.get("text_config") or {})):
+        for key in CONTEXT_KEYS:
+            if isinstance(part.get(key), int) and part[key] > 0:
+                return part[key], where + key
+    return None
 
 
 def resolve_model(name: str | None) -> Path:

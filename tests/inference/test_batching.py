@@ -165,3 +165,26 @@ def test_a_quantized_base_and_adapters_in_other_formats_mix_too(llama, adapters,
         engine.close()
     expected = [generate_alone(tmp_path / "q4", served[n] if n else None, p, 10) for p, n in cases]
     assert [text for text, _ in got] == expected
+
+
+def test_a_long_prompt_is_read_in_chunks_others_join_between_and_a_cancel_stops_it_within_one(llama):
+    """A prompt of 100 chunks: a short request sent while it is read is answered first (the old
+    engine read every chunk before it looked at its queue again); cancelled, it reads one chunk more at most."""
+    engine = BatchEngine(load_base(str(llama)), max_batch=4, prefill_step=16)
+    try:
+        tokenizer = engine.base.tokenizer
+        long = (tokenizer.encode(" ".join(PROMPTS)) * 40)[:1600]  # 100 chunks of 16
+        short = tokenizer.encode(PROMPTS[0])
+        ends = []
+        job = engine.submit(long, None, Sampling(max_tokens=1), lambda e: ends.append(e.finish_reason))
+        assert engine.call(lambda: engine.active).result(timeout=60) == 1  # the worker has taken it in
+        [(text, _)] = run_all(engine, [(short, None, Sampling(max_tokens=4))])
+        assert ends == [] and engine.prefill_steps < 100  # answered while the long prompt is being read
+        assert text == generate_alone(llama, None, PROMPTS[0], 4)  # and joining mid-read changed nothing
+        engine.cancel(job)
+        at_cancel = engine.prefill_steps  # the worker may be inside one more chunk
+        after = engine.call(lambda: engine.prefill_steps).result(timeout=60)
+        assert after <= at_cancel + 1 and engine.call(lambda: engine.prefill_steps).result(timeout=60) == after
+        assert engine.active == 0 and ends == []
+    finally:
+        engine.close()
