@@ -10,24 +10,27 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import math
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlx_lora.config import BASE_ID, ServeConfig, parse_adapter_spec
+from mlx_lora.config import API_KEY_ENV, BASE_ID, ServeConfig, parse_adapter_spec
 from mlx_lora.errors import UserError
 from mlx_lora.formats.loader import read_adapter
 from mlx_lora.inference.batching import BatchEngine, Event, Job, Sampling
-from mlx_lora.inference.generation import chat_tokens
-from mlx_lora.model.base import load_base
+from mlx_lora.inference.generation import chat_text
+from mlx_lora.model.base import Base, context_length, load_base
 
 SERVE_HINT = 'mlx-lora serve needs FastAPI, uvicorn and sse-starlette: pip install "mlx-lora[serve]"'
 MAX_STOPS = 4  # as OpenAI allows
 ROLES = ("system", "developer", "user", "assistant")
 OPEN_ROUTES = ("/health",)  # answered without the API key
 KIND_NAMES = {int: "integer", float: "number", str: "string", bool: "boolean", dict: "object"}
+FALLBACK_CONTEXT = 4096  # prompt tokens allowed when the model's config states no context length
 
 
 class ApiError(Exception):
@@ -60,6 +63,8 @@ async def read_json(request, limit: int) -> dict[str, Any]:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the body is not valid JSON: {e}", None, "invalid_json") from None
+    except RecursionError:  # json's decoder recurses once per level of [ or {
+        raise ApiError(400, "the body is nested too deeply to read", None, "invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object", None, "invalid_json")
     return data
@@ -77,7 +82,8 @@ def typed(body: dict, name: str, kinds: tuple[type, ...], default: Any = None) -
 
 
 def in_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> float:
-    if value < low or value > high or (low_open and value == low):
+    """`value` if it lies in the bounds; NaN (which Python's json reads, and no comparison refuses) never does."""
+    if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
         bounds = f"{'(' if low_open else '['}{low}, {high}]"
         raise ApiError(400, f"'{name}' must be in {bounds}, got {value}", name, "invalid_value")
     return value
@@ -217,16 +223,46 @@ def adapter_dir_under(root: str, given: str) -> Path:
 # --- the server ----------------------------------------------------------------------------------
 
 
+def base_ids(model: str | None, base: Base) -> set[str]:
+    """The model ids that ask for the base: 'base', --model as given, and the name it loaded as."""
+    return {n for n in (BASE_ID, model, base.name) if n}
+
+
+def prompt_limit(cfg: ServeConfig, base: Base) -> tuple[int, str]:
+    """(the most prompt tokens a request may send, where that number comes from): --max-prompt-tokens
+    up to the model's context length, which is the default."""
+    context = context_length(base.config)
+    if cfg.max_prompt_tokens is None:
+        return (context[0], f"the model's {context[1]}") if context else (FALLBACK_CONTEXT, "no context length stated")
+    if context and cfg.max_prompt_tokens > context[0]:
+        raise UserError(
+            f"--max-prompt-tokens {cfg.max_prompt_tokens} is more than {base.name} reads: {context[0]} tokens"
+            f" ({context[1]} in its config); give at most {context[0]}, or leave the option out"
+        )
+    return cfg.max_prompt_tokens, "--max-prompt-tokens"
+
+
+def longest_piece(base: Base) -> int:
+    """The most characters one token of the vocabulary stands for (its spelling in the vocabulary is
+    at least as long: a byte-level piece spells each byte with one character)."""
+    return max(len(piece) for piece in base.tokenizer.get_vocab())
+
+
 class Server:
     """The routes' behaviour over one engine; create_app wires them into FastAPI."""
 
     def __init__(self, engine: BatchEngine, cfg: ServeConfig):
         self.engine = engine
         self.cfg = cfg
-        base_names = {BASE_ID, cfg.model, engine.base.name}
-        self.base_ids = {n for n in base_names if n}
+        self.base_ids = base_ids(cfg.model, engine.base)
+        self.max_prompt, self.max_prompt_source = prompt_limit(cfg, engine.base)
+        self.piece = longest_piece(engine.base)
         self.started = int(time.time())
         self.open: set[Job] = set()  # submitted, not finished or cancelled; touched on the event loop only
+        self.admitting = 0  # past the busy check, being tokenized: counted against --max-requests too
+        # Tokenizing a long prompt takes a while: off the event loop (so /health and the rest go on),
+        # one prompt at a time (a tokenizer object is not safe to share between threads).
+        self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-lora-tokenize")
 
     def health(self) -> dict[str, Any]:
         """Up, and what the batch is doing: requests in flight, decoding steps, most adapters in one step."""
@@ -236,6 +272,7 @@ class Server:
             "open": len(self.open),
             "in_flight": engine.active,
             "steps": engine.steps,
+            "prefill_steps": engine.prefill_steps,
             "peak_mix": engine.peak_mix,
         }
 
@@ -263,24 +300,31 @@ class Server:
         raise ApiError(404, f"the model '{model}' does not exist; this server has: {known}", "model", "model_not_found")
 
     def prompt_tokens(self, body: dict, chat: bool) -> list[int]:
+        """The prompt's tokens, refused past the limit; a text that must be longer is refused untokenized."""
         base = self.engine.base
         if chat:
             messages = parse_messages(body)
             try:
-                tokens = chat_tokens(base, messages)
+                prompt = chat_text(base, messages)
             except Exception as e:  # no template, or one that refuses these roles (jinja's raise_exception)
                 raise ApiError(
                     400, f"the chat template refuses these messages: {e}", "messages", "unsupported"
                 ) from None
         else:
             prompt = parse_prompt(body, self.engine.vocab)
-            tokens = base.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        limit = self.cfg.max_prompt_tokens
-        if not tokens or len(tokens) > limit:
-            param = "messages" if chat else "prompt"
-            message = f"the prompt is {len(tokens)} tokens; this server takes 1 to {limit} (--max-prompt-tokens)"
-            raise ApiError(400, message, param, "context_length_exceeded")
-        return tokens
+        if isinstance(prompt, str):
+            least = -(-len(prompt) // self.piece)  # no token spells more than `piece` characters
+            if least > self.max_prompt:
+                raise self.too_long(f"at least {least}", chat)
+            prompt = base.tokenizer.encode(prompt, **({"add_special_tokens": False} if chat else {}))
+        if not 1 <= len(prompt) <= self.max_prompt:
+            raise self.too_long(str(len(prompt)), chat)
+        return prompt
+
+    def too_long(self, tokens: str, chat: bool) -> ApiError:
+        limit, source = self.max_prompt, self.max_prompt_source
+        message = f"the prompt is {tokens} tokens; this server takes 1 to {limit} ({source})"
+        return ApiError(400, message, "messages" if chat else "prompt", "context_length_exceeded")
 
     async def complete(self, request, chat: bool):
         from sse_starlette.sse import EventSourceResponse
@@ -290,10 +334,14 @@ class Server:
         sampling = parse_sampling(body, self.cfg, chat)
         stream = typed(body, "stream", (bool,), False)
         include_usage = typed(body, "stream_options", (dict,), {}).get("include_usage") is True
-        tokens = self.prompt_tokens(body, chat)
-        if len(self.open) >= self.cfg.max_requests:
-            message = f"the server has {len(self.open)} requests open (--max-requests); retry later"
+        if len(self.open) + self.admitting >= self.cfg.max_requests:
+            message = f"the server has {len(self.open) + self.admitting} requests open (--max-requests); retry later"
             raise ApiError(429, message, None, "server_busy")
+        self.admitting += 1
+        try:
+            tokens = await asyncio.get_running_loop().run_in_executor(self.tokenizing, self.prompt_tokens, body, chat)
+        finally:
+            self.admitting -= 1
         job, events = self.submit(tokens, adapter, sampling)
         reply = Reply(chat, model)
         if stream:
@@ -381,6 +429,8 @@ class Server:
             raise ApiError(400, str(e).replace("--adapter", "name"), "name", "invalid_value") from None
         if name in self.engine.names:
             raise ApiError(409, f"an adapter named '{name}' is already loaded", "name", "adapter_exists")
+        if name in self.base_ids:  # requests for it would reach the base
+            raise ApiError(409, f"'{name}' is the base model's id; give the adapter another name", "name", "name_taken")
         directory = adapter_dir_under(self.cfg.adapter_root, path)
         try:
             await asyncio.wrap_future(self.engine.add_adapter(name, directory))
@@ -406,20 +456,22 @@ class Server:
 
 
 class RequireKey:
-    """`Authorization: Bearer KEY` on every route but /health. Plain ASGI rather than @app.middleware:
-    Starlette's BaseHTTPMiddleware hides a client's disconnect from the route behind it."""
+    """`Authorization: Bearer KEY` on every route but /health; the scheme in any case (RFC 7235), the
+    key compared in constant time. Plain ASGI rather than @app.middleware: Starlette's
+    BaseHTTPMiddleware hides a client's disconnect from the route behind it."""
 
     def __init__(self, app, key: str | None):
-        self.app, self.expected = app, f"Bearer {key}".encode() if key else None
+        self.app, self.expected = app, key.encode() if key else None
 
     async def __call__(self, scope, receive, send):
         if self.expected and scope["type"] == "http" and scope["path"] not in OPEN_ROUTES:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            if not (hmac.compare_digest(given.strip(), self.expected) and scheme.lower() == b"bearer"):
                 from fastapi.responses import JSONResponse
 
                 error = ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)", None, "invalid_api_key")
-                await JSONResponse(error.body(), status_code=401)(scope, receive, send)
+                headers = {"WWW-Authenticate": "Bearer"}
+                await JSONResponse(error.body(), status_code=401, headers=headers)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -438,7 +490,7 @@ def create_app(engine: BatchEngine, cfg: ServeConfig):
     app.add_exception_handler(HTTPException, lambda _, e: as_json(ApiError(e.status_code, str(e.detail))))
     app.add_exception_handler(Exception, lambda _, e: as_json(ApiError(500, f"internal error: {type(e).__name__}")))
 
-    app.add_middleware(RequireKey, key=cfg.api_key)
+    app.add_middleware(RequireKey, key=cfg.key)
     app.get("/health")(server.health)
     app.get("/v1/models")(server.models)
 
@@ -466,8 +518,11 @@ def start_engine(cfg: ServeConfig) -> BatchEngine:
     specs = [parse_adapter_spec(spec) for spec in cfg.adapter or []]
     model = cfg.model or (read_adapter(Path(specs[0][1]))[0].base_model if specs else None)
     base = load_base(model)
+    clash = sorted(base_ids(cfg.model, base) & {name for name, _ in specs})
+    if clash:
+        raise UserError(f"--adapter {clash[0]}=...: '{clash[0]}' is the base model's id; give the adapter another name")
     base.model.eval()
-    engine = BatchEngine(base, max_batch=cfg.max_batch)
+    engine = BatchEngine(base, max_batch=cfg.max_batch, prefill_step=cfg.prefill_step)
     try:
         for name, path in specs:
             engine.add_adapter(name, Path(path)).result()
@@ -494,13 +549,15 @@ def serve(cfg: ServeConfig, log=print) -> None:
     engine = start_engine(cfg)
     try:
         app = create_app(engine, cfg)
+        server = app.state.server
         names = ", ".join(engine.names) or "none"
         log(f"serving {engine.base.name} as '{BASE_ID}' with adapters: {names}")
+        log(f"prompts up to {server.max_prompt} tokens ({server.max_prompt_source})")
         log(f"OpenAI API at http://{cfg.host}:{cfg.port}/v1 (Ctrl-C to stop)")
         if not is_loopback(cfg.host):
             log(
                 f"warning: --host {cfg.host} is reachable from other machines"
-                + ("" if cfg.api_key else "; set --api-key")
+                + ("" if cfg.key else f"; set {API_KEY_ENV}")
             )
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
     finally:

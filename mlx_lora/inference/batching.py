@@ -2,12 +2,14 @@
 
 Requests arrive from any thread (`submit`, `cancel`, `call`) through one queue; the worker inserts
 them into the running batch between steps, so a request joins as soon as a row is free and leaves
-as soon as it ends. A step decodes one token of every row, or reads one chunk (`prefill_step`
-tokens) of the prompts being read: a long prompt never holds the worker for longer than a chunk, so
-a request cancelled while its prompt is read stops within one chunk, and others join meanwhile. Every row carries its adapter's slot (multi_lora.RoutedModel), so
-one batch may mix any adapters and the base. Each row has its own sampler (temperature, top-p, a
-seeded key of its own: the same seed gives the same text whatever else is in the batch) and its
-own stop strings; text is handed out as it is decoded, holding back what could start a stop string.
+as soon as it ends. A step decodes one token of every row and reads one chunk (`prefill_step`
+tokens a row) of the prompts being read, so a long prompt holds the worker for one chunk at a
+time: a request cancelled while its prompt is read stops within a chunk, and others join meanwhile.
+
+Every row carries its adapter's slot (multi_lora.RoutedModel), so one batch may mix any adapters
+and the base. Each row has its own sampler (temperature, top-p, a seeded key of its own: the same
+seed gives the same text whatever else is in the batch) and its own stop strings; text is handed
+out as it is decoded, holding back what could start a stop string.
 """
 
 import queue

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import httpx
 import openai
 import pytest
 from conftest import CFG_A, CFG_B, generate_alone, save_random_adapter
+from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from mlx_lora.cli import app
@@ -54,10 +56,11 @@ def served(llama, tmp_path_factory):
     port = free_port()
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in LIMITS.items()]
     command = [sys.executable, "-m", "mlx_lora.cli", "serve", "--model", str(llama), "--port", str(port)]
-    command += [f"--adapter={n}={paths[n]}" for n in "abc"] + flags + ["--api-key", KEY]
+    command += [f"--adapter={n}={paths[n]}" for n in "abc"] + flags
     command += ["--allow-adapter-loading", "--adapter-root", str(adapters)]
+    env = {**os.environ, "MLX_LORA_API_KEY": KEY}  # not --api-key: a process list shows the command line
     with open(root / "server.log", "w") as log:  # the child keeps its own handle
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -111,6 +114,13 @@ def test_models_health_and_the_api_key(served):
         client(served, key="wrong").models.list()
     with pytest.raises(openai.AuthenticationError):
         client(served, key="wrong").completions.create(model="a", prompt="hi", max_tokens=2)
+    assert KEY.encode() not in Path(f"/proc/{served['pid']}/cmdline").read_bytes()  # the key came from the environment
+    models = served["url"] + "/v1/models"
+    for scheme in ("bearer", "BEARER", "Bearer "):  # the scheme in any case, RFC 7235 2.1
+        assert httpx.get(models, headers={"Authorization": f"{scheme} {KEY}"}).status_code == 200, scheme
+    for header in (f"Basic {KEY}", f"Bearer {KEY}x", KEY, f"Bearer{KEY}"):
+        refused = httpx.get(models, headers={"Authorization": header})
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer", header
 
 
 def test_completion_and_chat_whole_and_streamed(served, expected):
@@ -184,6 +194,23 @@ def test_bad_requests_get_openai_errors_and_others_are_unaffected(served):
         (post(served, "/v1/completions", {"model": "a", "prompt": "x", "max_tokens": True}), 400, "invalid_type"),
         (post(served, "/v1/completions", {"model": "a", "prompt": "x", "max_tokens": 4001}), 400, "invalid_value"),
         (post(served, "/v1/completions", {"model": "a", "prompt": "x", "top_p": 0}), 400, "invalid_value"),
+        (post(served, "/v1/completions", '{"model": "a", "prompt": "x", "temperature": NaN}'), 400, "invalid_value"),
+        (post(served, "/v1/completions", '{"model": "a", "prompt": "x", "top_p": NaN}'), 400, "invalid_value"),
+        (
+            post(served, "/v1/completions", '{"model": "a", "prompt": "x", "temperature": -Infinity}'),
+            400,
+            "invalid_value",
+        ),
+        (
+            post(served, "/v1/completions", "[" * 5000 + "]" * 5000),
+            400,
+            "invalid_json",
+        ),  # json recursing past its limit
+        (
+            post(served, "/v1/chat/completions", '{"model": "a", "messages": %s}' % ("[" * 5000 + "]" * 5000)),
+            400,
+            "invalid_json",
+        ),
         (post(served, "/v1/completions", {"model": "a", "prompt": "x", "stop": [1]}), 400, "invalid_type"),
         (post(served, "/v1/completions", {"model": "a", "prompt": "x", "n": 2}), 400, "invalid_value"),
         (post(served, "/v1/chat/completions", {"model": "a", "messages": "hi"}), 400, "invalid_type"),
@@ -199,6 +226,9 @@ def test_bad_requests_get_openai_errors_and_others_are_unaffected(served):
         assert response.status_code == status, response.text
         error = response.json()["error"]
         assert error["code"] == code and error["message"] and error["type"] == "invalid_request_error"
+    for name in ("temperature", "top_p"):  # NaN passed every comparison before
+        refused = post(served, "/v1/completions", f'{{"model": "a", "prompt": "x", "{name}": NaN}}').json()
+        assert refused["error"]["param"] == name and "nan" in refused["error"]["message"]
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         api.completions.create(model="zzz", prompt="x", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="tokens"):
@@ -330,3 +360,79 @@ def test_serve_flags_are_checked_before_anything_loads(tmp_path):
     (tmp_path / "serve.yaml").write_text("adapter: [math=runs/math, style=runs/style]\nport: 9000\n")
     cfg = build_config(ServeConfig, load_yaml(tmp_path / "serve.yaml", ServeConfig), {"port": 9001})
     assert cfg.adapter == ["math=runs/math", "style=runs/style"] and cfg.port == 9001 and cfg.host == "127.0.0.1"
+
+
+class HeldTokenizer:
+    """The base's tokenizer with its encode held until released, as a long prompt holds it."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.entered, self.released = tokenizer, threading.Event(), threading.Event()
+        self.waited_out = False
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def encode(self, *args, **kwargs):
+        self.entered.set()
+        self.waited_out = not self.released.wait(30)  # only the old code, encoding on the event loop, waits it out
+        return self.tokenizer.encode(*args, **kwargs)
+
+
+def test_a_512_position_model_its_name_and_a_prompt_held_in_the_tokenizer(tmp_path, monkeypatch):
+    """The shipped model reads 512 positions: the default limit. Its id is no adapter's name. A prompt
+    being tokenized holds neither /health nor the busy check (which comes first)."""
+    from mlx_lora.commands.serve import create_app, start_engine
+    from mlx_lora.inference.batching import BatchEngine
+    from mlx_lora.model.base import DEFAULT_MODEL, DEFAULT_MODEL_DIR, load_base
+
+    save_random_adapter(DEFAULT_MODEL_DIR, tmp_path / "x", CFG_A, 1)
+    engine = BatchEngine(load_base(None), max_batch=2)
+    try:
+        with pytest.raises(UserError, match="more than mlx-lora-default reads: 512 tokens .max_position_embeddings"):
+            create_app(engine, ServeConfig(max_prompt_tokens=513))
+        cfg = ServeConfig(allow_adapter_loading=True, adapter_root=str(tmp_path), max_requests=2)
+        app = create_app(engine, cfg)
+        gate = engine.base.tokenizer = HeldTokenizer(engine.base.tokenizer)
+        gate.released.set()
+        ask = lambda n: {"model": "base", "prompt": "x" * n, "max_tokens": 1}  # a token a character, and BOS
+        with TestClient(app) as http:
+            assert http.post("/v1/completions", json=ask(511)).status_code == 200
+            gate.entered.clear()
+            refused = http.post("/v1/completions", json=ask(4060))  # 4096 tokens were allowed whatever the model
+            assert refused.status_code == 400 and "takes 1 to 512" in refused.json()["error"]["message"]
+            assert not gate.entered.is_set()  # 4060 characters are more than 512 tokens: refused untokenized
+            message = http.post("/v1/completions", json=ask(512)).json()["error"]["message"]
+            assert (
+                message == "the prompt is 513 tokens; this server takes 1 to 512 (the model's max_position_embeddings)"
+            )
+            for name in (DEFAULT_MODEL, "base"):
+                taken = http.post("/v1/adapters", json={"name": name, "path": "x"})
+                assert taken.status_code in (400, 409) and name in taken.json()["error"]["message"], taken.text
+            assert http.post("/v1/adapters", json={"name": "y", "path": "x"}).status_code == 201
+            gate.entered.clear()
+            app.state.server.open.update({"one", "two"})  # as if two requests were open
+            busy = http.post("/v1/completions", json=ask(4060))
+            assert busy.status_code == 429 and not gate.entered.is_set()  # refused before it was tokenized
+            app.state.server.open.clear()
+        gate.released.clear()
+        during, answer = asyncio.run(health_while_tokenizing(app, gate, ask(20)))
+        assert during.json()["status"] == "ok" and not gate.waited_out
+        assert answer.status_code == 200, answer.text
+    finally:
+        engine.close()
+    monkeypatch.setenv("MLX_LORA_API_KEY", "from-env")
+    assert ServeConfig().key == "from-env" and ServeConfig(api_key="flag").key == "flag"
+    with pytest.raises(UserError, match="'mlx-lora-default' is the base model's id"):
+        start_engine(ServeConfig(model=DEFAULT_MODEL, adapter=[f"{DEFAULT_MODEL}={tmp_path / 'x'}"]))
+
+
+async def health_while_tokenizing(app, gate: HeldTokenizer, body: dict):
+    """/health asked while the prompt of `body` is held in the tokenizer; (that answer, the request's)."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://serve", timeout=120) as http:
+        asking = asyncio.create_task(http.post("/v1/completions", json=body))
+        while not gate.entered.is_set():
+            await asyncio.sleep(0.01)
+        during = await http.get("/health")
+        gate.released.set()
+        return during, await asking
