@@ -233,7 +233,9 @@ def prompt_limit(cfg: ServeConfig, base: Base) -> tuple[int, str]:
     up to the model's context length, which is the default."""
     context = context_length(base.config)
     if cfg.max_prompt_tokens is None:
-        return (context[0], f"the model's {context[1]}") if context else (FALLBACK_CONTEXT, "no context length stated")
+        if context:
+            return context[0], f"the model's {context[1]}"
+        return FALLBACK_CONTEXT, "no context length in the model's config; --max-prompt-tokens sets one"
     if context and cfg.max_prompt_tokens > context[0]:
         raise UserError(
             f"--max-prompt-tokens {cfg.max_prompt_tokens} is more than {base.name} reads: {context[0]} tokens"

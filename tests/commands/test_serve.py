@@ -436,3 +436,23 @@ async def health_while_tokenizing(app, gate: HeldTokenizer, body: dict):
         during = await http.get("/health")
         gate.released.set()
         return during, await asking
+
+
+def test_the_prompt_limit_comes_from_the_model_config_else_4096():
+    from mlx_lora.commands.serve import prompt_limit
+    from mlx_lora.model.base import Base
+
+    limit = lambda config, given=None: prompt_limit(
+        ServeConfig(max_prompt_tokens=given), Base(None, None, config, Path(), "m")
+    )
+    assert limit({"max_position_embeddings": 256}) == (256, "the model's max_position_embeddings")
+    assert limit({"n_positions": 1024, "vocab_size": 9}) == (1024, "the model's n_positions")  # GPT-2
+    assert limit({"text_config": {"max_position_embeddings": 8192}}) == (
+        8192,
+        "the model's text_config.max_position_embeddings",
+    )
+    assert limit({"max_position_embeddings": 256}, 100) == (100, "--max-prompt-tokens")
+    assert limit({}) == (4096, "no context length in the model's config; --max-prompt-tokens sets one")
+    assert limit({}, 9000) == (9000, "--max-prompt-tokens")
+    with pytest.raises(UserError, match="more than m reads: 256 tokens"):
+        limit({"max_position_embeddings": 256}, 257)
