@@ -465,7 +465,7 @@ def start_engine(cfg: ServeConfig) -> BatchEngine:
     """The base (--model, else the one the first adapter names) with every --adapter in its slot."""
     specs = [parse_adapter_spec(spec) for spec in cfg.adapter or []]
     model = cfg.model or (read_adapter(Path(specs[0][1]))[0].base_model if specs else None)
-    base = load_base(model)
+    base = load_base(model, compute=cfg.compute_dtype)
     base.model.eval()
     engine = BatchEngine(base, max_batch=cfg.max_batch)
     try:

@@ -161,6 +161,12 @@ def fits(mode: str, plan: MemoryPlan, why_not: str | None, available: int) -> bo
     return (plan.streamed_peak if streams else plan.in_memory.total) <= available
 
 
+def falls_back(requested: str, precision, fit: tuple) -> bool:
+    """--compute-dtype auto gives up its cast when the run would not fit here in the cast dtype
+    (`fit`: fits()'s arguments); an explicit --compute-dtype is refused instead."""
+    return requested == AUTO and bool(precision.cast) and not fits(*fit)
+
+
 def choose_streaming(mode: str, plan: MemoryPlan, why_not: str | None, available: int, log) -> bool:
     """--stream-prefix auto|on|off against the plan: whether to stream, said in one line, or a refusal."""
     if mode == "on" and why_not:
@@ -226,7 +232,7 @@ def check_training_memory(
     --compute-dtype; `why_not`: why the blocks cannot be streamed, or None)."""
     (stream, requested), precision = modes, base.precision
     plan, available = plan_memory(base, data, *limits, rows), available_bytes()
-    if requested == AUTO and precision.cast and not fits(stream, plan, why_not, available):
+    if falls_back(requested, precision, (stream, plan, why_not, available)):
         cast, stored = dtype_name(precision.compute), dtype_name(precision.stored)
         need = plan.in_memory.total if why_not or stream == "off" else plan.streamed_peak
         restore(precision, f"in {cast} it would need about {need / GB:.1f} GB of {available / GB:.1f} GB")
