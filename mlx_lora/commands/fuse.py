@@ -48,8 +48,7 @@ def fuse(cfg: FuseConfig, log=print) -> FuseResult:
 
 
 def merge(cfg: FuseConfig, log=print) -> FuseResult:
-    """Merge in float32 and save in the base's dtype, de-quantized unless --requantize; the check
-    computes in the --compute-dtype policy's dtype (model/precision.py)."""
+    """Merge in float32 and save in the base's dtype, de-quantized unless --requantize; check in --compute-dtype's."""
     adapter, weights = read_adapter(Path(cfg.adapter_path))
     check_writable(Path(cfg.save_path).absolute().parent, "--save-path")
     if by_shard(cfg, adapter.base_model, log):
@@ -77,8 +76,7 @@ def merge(cfg: FuseConfig, log=print) -> FuseResult:
     in_memory = _logits(base.model, tokens).astype(mx.float32)
     with replace_dir(Path(cfg.save_path)) as tmp:
         write_model_files(tmp, base.model, base.tokenizer, config, base.path)
-        fused, _ = load_model(tmp)
-        set_precision(fused, cfg.compute_dtype)
+        set_precision(fused := load_model(tmp)[0], cfg.compute_dtype)
         fused_logits = _logits(fused, tokens).astype(mx.float32)
         diff = mx.abs(fused_logits - adapter_logits).max().item()
         scale = max(1.0, mx.abs(adapter_logits).max().item())

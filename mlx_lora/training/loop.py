@@ -166,9 +166,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         remove_stale(out)
         remove_stale(out / CHECKPOINTS)
     mx.random.seed(cfg.seed)
-    base = load_base(
-        cfg.model, lazy=True, compute=cfg.compute_dtype
-    )  # a streamed run never reads its frozen blocks whole
+    base = load_base(cfg.model, lazy=True, compute=cfg.compute_dtype)  # streamed: frozen blocks never read whole
     source = open_source(cfg.data, cfg.data_config, log)
     data = read_data(cfg, source, base.tokenizer, log)
     model = base.model
