@@ -137,11 +137,12 @@ def report(a, results: dict, runs: dict, tps: dict, predicted: dict) -> None:
         mine = runs[name][0] == "ours"
         peak = statistics.median(r["peak_mlx"] for r in res) / 2**30
         cells = [
+            str(res[0]["steps"]),
             f"{statistics.median(r['wall'] for r in res):.1f} s",
             f"{statistics.median(r['step'] for r in res):.2f} s",
         ]
         cells += [
-            f"{tps[model]:.0f}" if mine else "–",
+            f"{tps[model]:.1f}" if mine else "–",
             f"{peak:.2f} GB",
             f"{predicted[model] / 2**30:.2f} GB" if mine else "–",
         ]
