@@ -271,7 +271,7 @@ def run(cfg: EvalConfig, log=print) -> dict:
         raise UserError(
             f"--compare-base needs an adapter: pass --adapter-path (./{TrainConfig.adapter_path} does not exist)"
         )
-    base = load_for_inference(cfg.model, adapter_path)
+    base = load_for_inference(cfg.model, adapter_path, cfg.compute_dtype)
     source = open_source(cfg.data, cfg.data_config, log)
     preference = preference_split(source, cfg.split)  # the split's .jsonl file when it holds preference rows
     if cfg.task == "preference" or (cfg.task == "auto" and preference):

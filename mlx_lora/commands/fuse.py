@@ -18,6 +18,7 @@ from mlx_lora.formats.loader import apply_adapter, read_adapter
 from mlx_lora.model.base import load_base, write_model_files
 from mlx_lora.model.gguf import GGUF_SUFFIX
 from mlx_lora.model.lora import fuse_lora, lora_layers
+from mlx_lora.model.precision import restore, set_precision
 from mlx_lora.training.memory import available_bytes, compute_dtype
 
 CHECK_PROMPT = "Q: Tom has 3 apples and buys 4 more. How many apples does he have?\nA: 3 + 4 = 7. #### 7"
@@ -47,12 +48,12 @@ def fuse(cfg: FuseConfig, log=print) -> FuseResult:
 
 
 def merge(cfg: FuseConfig, log=print) -> FuseResult:
-    """Merge in float32 and save in the base's dtype, de-quantized unless --requantize."""
+    """Merge in float32 and save in the base's dtype, de-quantized unless --requantize; check in --compute-dtype's."""
     adapter, weights = read_adapter(Path(cfg.adapter_path))
     check_writable(Path(cfg.save_path).absolute().parent, "--save-path")
     if by_shard(cfg, adapter.base_model, log):
         return fuse_by_shard(cfg, adapter, weights, log)
-    base = load_base(cfg.model or adapter.base_model)
+    base = load_base(cfg.model or adapter.base_model, compute=cfg.compute_dtype)
     check_export(cfg, base.config)
     tokens = mx.array(base.tokenizer.encode(CHECK_PROMPT))
     base_logits = _logits(base.model, tokens).astype(mx.float32)
@@ -65,6 +66,7 @@ def merge(cfg: FuseConfig, log=print) -> FuseResult:
         raise UserError(
             "--requantize: the adapted layers of this base are not quantized; there is nothing to re-quantize"
         )
+    restore(base.precision, "saved as stored")  # so the merged layers come out in the base's dtype
     fuse_lora(base.model, requantize=cfg.requantize)
     config = dict(base.config)
     if not cfg.requantize:
@@ -74,11 +76,11 @@ def merge(cfg: FuseConfig, log=print) -> FuseResult:
     in_memory = _logits(base.model, tokens).astype(mx.float32)
     with replace_dir(Path(cfg.save_path)) as tmp:
         write_model_files(tmp, base.model, base.tokenizer, config, base.path)
-        fused, _ = load_model(tmp)
+        set_precision(fused := load_model(tmp)[0], cfg.compute_dtype)
         fused_logits = _logits(fused, tokens).astype(mx.float32)
         diff = mx.abs(fused_logits - adapter_logits).max().item()
         scale = max(1.0, mx.abs(adapter_logits).max().item())
-        tol = TOLERANCE.get(raw.dtype, 6e-2) * scale
+        tol = max(TOLERANCE.get(d, 6e-2) for d in (raw.dtype, base.precision.stored)) * scale  # as saved
         log(f"check: largest logit difference, fused vs adapter model: {diff:.2e}")
         if cfg.requantize:
             saved_diff = mx.abs(fused_logits - in_memory).max().item()

@@ -20,13 +20,14 @@ from mlx_lora.data.sources import open_source
 from mlx_lora.formats.native import ADAPTER_CONFIG, ADAPTER_WEIGHTS, describe, save_adapter
 from mlx_lora.model.base import load_base
 from mlx_lora.model.lora import LINEAR_TYPES, apply_lora, block_paths, linear_dims
+from mlx_lora.model.precision import dtype_name, restore
 from mlx_lora.training.loop import read_data, why_not_stream
 from mlx_lora.training.memory import (
     MemoryEstimate,
     MemoryPlan,
     available_bytes,
-    compute_dtype,
     estimate_training_memory,
+    falls_back,
     first_adapted,
     largest_batch,
     plan_memory,
@@ -87,7 +88,8 @@ def _quiet(*_) -> None:
 
 
 def info(cfg: TrainConfig, log=print) -> ModelInfo:
-    base = load_base(cfg.model, shapes_only=True)  # no weight is read: a model larger than memory is fine
+    # no weight is read: a model larger than memory is fine
+    base = load_base(cfg.model, shapes_only=True, compute=cfg.compute_dtype)
     model = base.model
     prefixes = [p + "." for p in block_paths(model)]
     linears = {n: linear_dims(m) for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
@@ -107,7 +109,7 @@ def info(cfg: TrainConfig, log=print) -> ModelInfo:
 
     log(
         f"model {base.name} ({base.config.get('model_type', '?')}): {len(prefixes)} blocks, "
-        f"{parameters:,} parameters, {str(compute_dtype(model)).split('.')[-1]}"
+        f"{parameters:,} parameters, {base.precision.describe()}"
     )
     log("linear modules (out×in):")
     for line in _by_block(
@@ -152,4 +154,9 @@ def show_modes(cfg: TrainConfig, base, data: dict, log) -> tuple[MemoryPlan, boo
     fits = (plan.streamed_peak if streams else plan.in_memory.total) <= available
     verdict = "" if fits else ", refused: too large"
     log(f"--stream-prefix {cfg.stream_prefix}: train runs {mode} here ({human(available)} available{verdict})")
+    if falls_back(cfg.compute_dtype, base.precision, (cfg.stream_prefix, plan, why_not, available)):
+        cast, stored = dtype_name(base.precision.compute), dtype_name(base.precision.stored)
+        restore(base.precision, f"in {cast} it would not fit here")
+        log(f"in {cast} it would not fit here: train computes in {stored} (slower on the CPU):")
+        return show_modes(cfg, base, data, log)
     return plan, streams

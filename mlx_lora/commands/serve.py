@@ -519,7 +519,7 @@ def start_engine(cfg: ServeConfig) -> BatchEngine:
     """The base (--model, else the one the first adapter names) with every --adapter in its slot."""
     specs = [parse_adapter_spec(spec) for spec in cfg.adapter or []]
     model = cfg.model or (read_adapter(Path(specs[0][1]))[0].base_model if specs else None)
-    base = load_base(model)
+    base = load_base(model, compute=cfg.compute_dtype)
     clash = sorted(base_ids(cfg.model, base) & {name for name, _ in specs})
     if clash:
         raise UserError(f"--adapter {clash[0]}=...: '{clash[0]}' is the base model's id; give the adapter another name")

@@ -26,6 +26,7 @@ from mlx_lora.config.lora import (
     parse_pattern,
     pattern_key,
 )
+from mlx_lora.config.precision import COMPUTE_DTYPES, PrecisionConfig
 from mlx_lora.config.serve import API_KEY_ENV, BASE_ID, ServeConfig, parse_adapter_spec
 from mlx_lora.config.train import (
     LR_SCHEDULES,
@@ -40,6 +41,7 @@ from mlx_lora.config.train import (
 __all__ = [
     "API_KEY_ENV",
     "BASE_ID",
+    "COMPUTE_DTYPES",
     "CONVERT_FORMATS",
     "EVAL_TASKS",
     "INITS",
@@ -58,6 +60,7 @@ __all__ = [
     "GenerateConfig",
     "InferenceConfig",
     "LoRAConfig",
+    "PrecisionConfig",
     "PlotConfig",
     "ServeConfig",
     "TrainConfig",

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from mlx_lora.config.data import DataConfig
 from mlx_lora.config.fields import arg, opt
+from mlx_lora.config.precision import PrecisionConfig
 
 CONVERT_FORMATS = ("peft", "mlx", "mlx-lm", "gguf")
 EVAL_TASKS = ("auto", "exact-match", "loss", "preference")
@@ -29,7 +30,7 @@ class PlotConfig:
 
 
 @dataclass(frozen=True)
-class FuseConfig:
+class FuseConfig(PrecisionConfig):
     model: str | None = opt(None, "Base model (default: the one the adapter names).")
     adapter_path: str = opt("adapters", "Adapter directory to merge.")
     save_path: str = opt("fused_model", "Directory for the merged model (replaced only once it checks out).")
@@ -57,7 +58,7 @@ class FuseConfig:
     )
 
     def problems(self) -> list[str]:
-        p = repo_problems("--upload-repo", self.upload_repo)
+        p = PrecisionConfig.problems(self) + repo_problems("--upload-repo", self.upload_repo)
         if self.gguf_type not in GGUF_TYPES:
             p.append(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got '{self.gguf_type}'")
         if self.by_shard not in BY_SHARD_MODES:
@@ -102,7 +103,7 @@ class ConvertConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig(DataConfig):
+class EvalConfig(DataConfig, PrecisionConfig):
     model: str | None = opt(None, "Base model (default: the one the adapter names, else the shipped model).")
     adapter_path: str | None = opt(
         None, "Adapter directory (default: ./adapters when it exists, else the base model alone)."
@@ -127,7 +128,7 @@ class EvalConfig(DataConfig):
     max_seq_length: int = opt(2048, "Rows longer than this many tokens are truncated for the loss.")
 
     def problems(self) -> list[str]:
-        p = DataConfig.problems(self)
+        p = DataConfig.problems(self) + PrecisionConfig.problems(self)
         if self.task not in EVAL_TASKS:
             p.append(f"--task must be one of {', '.join(EVAL_TASKS)}, got '{self.task}'")
         for name in ("batch_size", "max_tokens", "max_examples", "max_seq_length"):

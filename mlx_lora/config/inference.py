@@ -3,10 +3,11 @@
 from dataclasses import dataclass
 
 from mlx_lora.config.fields import opt
+from mlx_lora.config.precision import PrecisionConfig
 
 
 @dataclass(frozen=True)
-class InferenceConfig:
+class InferenceConfig(PrecisionConfig):
     """What `generate` and `chat` share: the base, its adapters and sampling."""
 
     model: str | None = opt(None, "Base model (default: the one the adapter names, else the shipped model).")
@@ -24,7 +25,7 @@ class InferenceConfig:
     seed: int = opt(0, "Sampling seed.")
 
     def problems(self) -> list[str]:
-        p = []
+        p = PrecisionConfig.problems(self)
         if self.max_tokens < 1:
             p.append(f"--max-tokens must be at least 1, got {self.max_tokens}")
         if self.temp < 0:

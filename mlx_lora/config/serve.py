@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_lora.config.fields import opt
+from mlx_lora.config.precision import PrecisionConfig
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 BASE_ID = "base"  # the model id that asks for the base without an adapter
@@ -25,7 +26,7 @@ def parse_adapter_spec(spec: str) -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
-class ServeConfig:
+class ServeConfig(PrecisionConfig):
     model: str | None = opt(None, "Base model (default: the one the first adapter names, else the shipped model).")
     adapter: list[str] | None = opt(
         None, "An adapter to serve as NAME=DIR; repeat it for several. A request's `model` picks one by NAME."
@@ -56,7 +57,7 @@ class ServeConfig:
     adapter_root: str | None = opt(None, "The directory under which runtime-loaded adapters must lie.")
 
     def problems(self) -> list[str]:
-        p = []
+        p = PrecisionConfig.problems(self)
         for spec in self.adapter or []:
             try:
                 parse_adapter_spec(spec)

@@ -6,6 +6,7 @@ from typing import Any
 from mlx_lora.config.data import DataConfig
 from mlx_lora.config.fields import DATA, DISTRIBUTED, METHODS, MODEL, OPTIMISATION, SAVING, opt, split_list
 from mlx_lora.config.lora import LoRAConfig
+from mlx_lora.config.precision import PrecisionConfig
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 REPORT_TO = ("tensorboard", "wandb")
@@ -25,7 +26,7 @@ APPLIES_TO = {
 
 
 @dataclass(frozen=True)
-class TrainConfig(DataConfig, LoRAConfig):
+class TrainConfig(DataConfig, LoRAConfig, PrecisionConfig):
     """A training run. Inherits LoRAConfig and DataConfig so CLI flags and YAML keys share one flat namespace."""
 
     model: str | None = opt(None, "HF model directory or hub id (default: the shipped model).", panel=MODEL)
@@ -97,7 +98,7 @@ class TrainConfig(DataConfig, LoRAConfig):
         return self.beta if self.beta is not None else DEFAULT_BETA.get(self.objective, 0.1)
 
     def problems(self) -> list[str]:
-        p = LoRAConfig.problems(self) + DataConfig.problems(self)
+        p = LoRAConfig.problems(self) + DataConfig.problems(self) + PrecisionConfig.problems(self)
         p += self._objective_problems()
         for name in ("iters", "batch_size", "max_seq_length"):
             if getattr(self, name) < 1:

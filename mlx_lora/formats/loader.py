@@ -73,10 +73,11 @@ def load_adapter(base: Base, directory: Path) -> AdapterConfig:
     return config
 
 
-def load_for_inference(model: str | None, adapter_path: str | None) -> Base:
-    """The base the adapter names (unless `model` overrides it), with the adapter applied, in eval mode."""
+def load_for_inference(model: str | None, adapter_path: str | None, compute: str | None = None) -> Base:
+    """The base the adapter names (unless `model` overrides it), with the adapter applied, in eval
+    mode; `compute`: --compute-dtype (None: as stored)."""
     adapter = read_adapter(Path(adapter_path)) if adapter_path else None
-    base = load_base(model or (adapter[0].base_model if adapter else None))
+    base = load_base(model or (adapter[0].base_model if adapter else None), compute=compute)
     if adapter:
         apply_adapter(base, *adapter, Path(adapter_path))
     base.model.eval()

@@ -136,7 +136,7 @@ def load_adapters(cfg: InferenceConfig) -> AdapterSet:
     when there are several or any weight was given (1 for those without)."""
     specs = parse_adapters(cfg.adapter_path or [], cfg.adapter_weights)
     read = [(*read_adapter(Path(path)), Path(path)) for path, _ in specs]  # each file read once
-    base = load_base(cfg.model or (read[0][0].base_model if read else None))
+    base = load_base(cfg.model or (read[0][0].base_model if read else None), compute=cfg.compute_dtype)
     base.model.eval()
     loaded = AdapterSet(base)
     names = [loaded.add_adapter(*adapter) for adapter in read]

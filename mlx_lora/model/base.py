@@ -5,7 +5,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_model, load_tokenizer, sav
 from mlx_lora.errors import UserError
 from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.model.gguf import GGUF_SUFFIX, load_gguf
+from mlx_lora.model.precision import Precision, materialize, set_precision
 
 DEFAULT_MODEL = "mlx-lora-default"
 DEFAULT_MODEL_DIR = Path(__file__).parent.parent / "default_model"
@@ -47,6 +48,7 @@ class Base:
     config: dict[str, Any]
     path: Path
     name: str  # what the user gave (hub id or path), recorded in adapter_config.json
+    precision: Precision | None = field(default=None)  # stored and compute dtype (precision.py)
 
 
 def context_length(config: dict[str, Any]) -> tuple[int, str] | None:
@@ -122,13 +124,17 @@ def _load(name: str | None, lazy: bool, shapes_only: bool) -> tuple[nn.Module, T
     return model, load_tokenizer(path, eos_token_ids=config.get("eos_token_id")), config, path
 
 
-def load_base(name: str | None, lazy: bool = False, shapes_only: bool = False) -> Base:
+def load_base(name: str | None, lazy: bool = False, shapes_only: bool = False, compute: str | None = None) -> Base:
     """A Hugging Face / mlx-lm model directory, a hub id, or a llama.cpp .gguf file. `lazy`: the
     safetensors are read only when a weight is first evaluated (a GGUF file is read whole);
     `shapes_only`: for shapes, dtypes and sizes alone, at no cost at any model size (a GGUF's
-    weights are stand-ins made from its header, gguf_tensors.read_shapes; never evaluate them)."""
+    weights are stand-ins made from its header, gguf_tensors.read_shapes; never evaluate them);
+    `compute`: --compute-dtype, the dtype to cast the weights to (None: as stored)."""
     try:
-        model, tokenizer, config, path = _load(name, lazy or shapes_only, shapes_only)
+        model, tokenizer, config, path = _load(name, lazy or shapes_only or compute is not None, shapes_only)
+        precision = set_precision(model, compute)
+        if not (lazy or shapes_only):
+            materialize(model)  # read as the cast asks, one tensor at a time
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:  # mlx: RuntimeError for torn files
         raise UserError(
             f"--model {name or DEFAULT_MODEL}: mlx-lm cannot load it ({e}); re-download it or point --model at a "
@@ -140,7 +146,7 @@ def load_base(name: str | None, lazy: bool = False, shapes_only: bool = False) -
         if name in (None, DEFAULT_MODEL)
         else (str(path.resolve()) if Path(name).expanduser().exists() else name)
     )
-    return Base(model, tokenizer, config, path, shown)
+    return Base(model, tokenizer, config, path, shown, precision)
 
 
 def write_model_files(dst: Path, model: nn.Module, tokenizer: TokenizerWrapper, config: dict, src: Path) -> None:

@@ -32,6 +32,7 @@ from mlx_lora.formats.native import AdapterConfig, adapter_weights, describe, sa
 from mlx_lora.model.base import Base, load_base
 from mlx_lora.model.gguf import GGUF_SUFFIX
 from mlx_lora.model.lora import apply_lora
+from mlx_lora.model.precision import materialize
 from mlx_lora.reporting.monitor import TrainMonitor
 from mlx_lora.training.checkpoint import (
     CHECKPOINTS,
@@ -165,7 +166,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         remove_stale(out)
         remove_stale(out / CHECKPOINTS)
     mx.random.seed(cfg.seed)
-    base = load_base(cfg.model, lazy=True)  # a streamed run never reads its frozen blocks whole
+    base = load_base(cfg.model, lazy=True, compute=cfg.compute_dtype)  # streamed: frozen blocks never read whole
     source = open_source(cfg.data, cfg.data_config, log)
     data = read_data(cfg, source, base.tokenizer, log)
     model = base.model
@@ -240,9 +241,9 @@ def choose_memory(
         ahead = (iters - progress.step) * cfg.grad_accumulation_steps  # the batches still to read
         todo = range(progress.batches_seen, progress.batches_seen + ahead)
         rows = rank_rows(data, world, cfg.batch_size, cfg.seed, cfg.val_batches, todo)
-    if check_training_memory(base, data, limits, rows, cfg.stream_prefix, why_not, log):
+    if check_training_memory(base, data, limits, rows, (cfg.stream_prefix, cfg.compute_dtype), why_not, log):
         return splits(data, rows)
-    mx.eval(base.model.parameters())
+    materialize(base.model)
     return None
 
 

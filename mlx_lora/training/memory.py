@@ -10,6 +10,11 @@ With --stream-prefix (streaming.py) the frozen blocks before the first adapted o
 resident together: the run holds the rest of the model during training, and one frozen block
 (or the embedding) plus one group's activations during the prefix pass; the pass's cache goes to
 disk, two files of rows x tokens x hidden x bytes at once.
+
+Everything is sized in the dtype the base computes in (model/precision.py): a bfloat16 base cast
+to float32 on the CPU holds twice its size on disk. When that does not fit and --compute-dtype is
+auto, the run streams (--stream-prefix auto) or, where it cannot, computes in the stored dtype with
+a warning.
 """
 
 import os
@@ -21,9 +26,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlx_lora.config.precision import AUTO
 from mlx_lora.data.batches import PAD_MULTIPLE, lengths
 from mlx_lora.errors import UserError
 from mlx_lora.model.lora import LINEAR_TYPES, block_paths, linear_dims, lora_layers
+from mlx_lora.model.precision import dtype_name, restore
 from mlx_lora.training.cut import EMBEDDINGS, cut_at
 from mlx_lora.training.streaming import cache_bytes, largest_group, splits
 
@@ -148,6 +155,18 @@ def would_stream(mode: str, plan: MemoryPlan, why_not: str | None, available: in
     )
 
 
+def fits(mode: str, plan: MemoryPlan, why_not: str | None, available: int) -> bool:
+    """Whether the run fits here, held as --stream-prefix `mode` would hold it."""
+    streams = would_stream(mode, plan, why_not, available)
+    return (plan.streamed_peak if streams else plan.in_memory.total) <= available
+
+
+def falls_back(requested: str, precision, fit: tuple) -> bool:
+    """--compute-dtype auto gives up its cast when the run would not fit here in the cast dtype
+    (`fit`: fits()'s arguments); an explicit --compute-dtype is refused instead."""
+    return requested == AUTO and bool(precision.cast) and not fits(*fit)
+
+
 def choose_streaming(mode: str, plan: MemoryPlan, why_not: str | None, available: int, log) -> bool:
     """--stream-prefix auto|on|off against the plan: whether to stream, said in one line, or a refusal."""
     if mode == "on" and why_not:
@@ -205,9 +224,19 @@ def largest_batch(examples: list, batch_size: int, max_seq_length: int, pack: bo
     return min(batch_size, len(examples)), -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
 
 
-def check_training_memory(base, data: dict, limits: tuple, rows: dict | None, stream: str, why_not, log) -> bool:
+def check_training_memory(
+    base, data: dict, limits: tuple, rows: dict | None, modes: tuple[str, str], why_not, log
+) -> bool:
     """Refuse a run the machine cannot hold; True when the frozen blocks are to be streamed (`limits`:
-    plan_memory's batch size, sequence length, pack, grad_checkpoint; `why_not`: why they cannot
-    be, or None)."""
-    plan = plan_memory(base, data, *limits, rows)
-    return choose_streaming(stream, plan, why_not, available_bytes(), log)
+    plan_memory's batch size, sequence length, pack, grad_checkpoint; `modes`: --stream-prefix and
+    --compute-dtype; `why_not`: why the blocks cannot be streamed, or None)."""
+    (stream, requested), precision = modes, base.precision
+    plan, available = plan_memory(base, data, *limits, rows), available_bytes()
+    if falls_back(requested, precision, (stream, plan, why_not, available)):
+        cast, stored = dtype_name(precision.compute), dtype_name(precision.stored)
+        need = plan.in_memory.total if why_not or stream == "off" else plan.streamed_peak
+        restore(precision, f"in {cast} it would need about {need / GB:.1f} GB of {available / GB:.1f} GB")
+        log(f"warning: computing in {stored}, several times slower on the CPU than {cast}, which would not fit here")
+        plan = plan_memory(base, data, *limits, rows)
+    log(f"compute: {precision.describe()}")
+    return choose_streaming(stream, plan, why_not, available, log)
