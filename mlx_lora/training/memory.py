@@ -212,13 +212,13 @@ def check_fits(est: MemoryEstimate, batch_size: int, seq_len: int, available: in
 def logit_rows(examples, batch_size: int, pack: bool) -> int | None:
     """How many positions' logits a step holds at once: unpacked batches score only the learned
     tokens, CE_CHUNK at a time (feed.py), so the most a batch learns, padded as target_positions
-    pads it, up to CE_CHUNK; packed ones score every token (None)."""
-    if pack:
+    pads it, up to CE_CHUNK; packed ones score every token (None), and preference pairs, whose
+    feed is not measured against this, are counted so too."""
+    if pack or (len(examples) and not hasattr(examples[0], "mask")):
         return None
     if isinstance(examples, ExampleSet):
         learned = np.add.reduceat(np.asarray(examples.mask[:], np.int64), examples.offsets[:-1])
-        learned[examples.lengths == 0] = 0
-    else:  # preference pairs and lists: each side's own mask
+    else:  # a list of examples (tests)
         learned = np.array([int(np.asarray(ex.mask).sum()) for ex in examples], np.int64)
     most = int(np.sort(learned)[-batch_size:].sum()) if len(learned) else 0
     return min(CE_CHUNK, max(1, -(-most // TARGET_MULTIPLE)) * TARGET_MULTIPLE)
