@@ -5,7 +5,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import dequantize_model, load_model
 
 from mlx_lora.atomic import check_writable, replace_dir
@@ -13,10 +13,11 @@ from mlx_lora.commands.shard_fuse import adapted, checked_blocks, outputs, weigh
 from mlx_lora.commands.upload import hub_token, upload_fused
 from mlx_lora.config import FuseConfig
 from mlx_lora.errors import UserError
-from mlx_lora.formats.gguf import GGUF_FILE, check_gguf, write_gguf
+from mlx_lora.formats.gguf import GGUF_FILE, architecture, as_stored, check_gguf, write_gguf
 from mlx_lora.formats.loader import apply_adapter, read_adapter
 from mlx_lora.model.base import load_base, write_model_files
-from mlx_lora.model.gguf import GGUF_SUFFIX
+from mlx_lora.model.gguf import ARCHITECTURES as GGUF_READABLE
+from mlx_lora.model.gguf import GGUF_SUFFIX, gguf_model
 from mlx_lora.model.lora import fuse_lora, lora_layers
 from mlx_lora.model.precision import restore, set_precision
 from mlx_lora.training.memory import available_bytes, compute_dtype
@@ -24,6 +25,15 @@ from mlx_lora.training.memory import available_bytes, compute_dtype
 CHECK_PROMPT = "Q: Tom has 3 apples and buys 4 more. How many apples does he have?\nA: 3 + 4 = 7. #### 7"
 # Largest logit difference allowed between adapter and fused model, relative to max(1, |logits|).
 TOLERANCE = {mx.float32: 1e-3, mx.float16: 3e-2, mx.bfloat16: 6e-2}
+# The same for model.gguf read back, by --gguf-type: its weights in the type, run as our reader runs
+# them (f16 and bf16 in that dtype). q8_0 rounds a weight by up to 1/254 of its block's largest, about
+# bf16's 2^-9 of the weight itself (a block's weights are of like size), with float32 activations.
+GGUF_TOLERANCE = {
+    "f32": TOLERANCE[mx.float32],
+    "f16": TOLERANCE[mx.float16],
+    "bf16": TOLERANCE[mx.bfloat16],
+    "q8_0": TOLERANCE[mx.bfloat16],
+}
 
 
 @dataclass
@@ -102,11 +112,53 @@ def merge(cfg: FuseConfig, log=print) -> FuseResult:
         else:
             kept = None
         if cfg.export_gguf:
-            weights = dict(tree_flatten(base.model.parameters()))
-            write_gguf(tmp / GGUF_FILE, weights, config, tmp, cfg.gguf_type, Path(cfg.save_path).name)
-            log(f"wrote {GGUF_FILE} ({cfg.gguf_type}) for llama.cpp")
+            export_gguf(cfg, base.model, config, tmp, Check(tokens, adapter_logits, fused), log)
     log(f"fused model saved to {cfg.save_path}")
     return FuseResult(Path(cfg.save_path), diff, kept)
+
+
+@dataclass
+class Check:
+    tokens: mx.array  # (T,) the check prompt
+    adapter_logits: mx.array  # (T, V) float32
+    fused: nn.Module  # the fused model as saved in safetensors, read back
+
+
+def export_gguf(cfg: FuseConfig, model: nn.Module, config: dict, tmp: Path, check: Check, log) -> None:
+    """Write model.gguf, read it back with our GGUF reader, and compare its logits with those of the
+    fused model whose weights are rounded in MLX to the file's type (the same weights, so float32's
+    tolerance: a tensor misnamed, misplaced or mis-permuted is off by far more), and with the adapter
+    model's (the rounding's cost, within the type's tolerance)."""
+    weights = dict(tree_flatten(model.parameters()))
+    write_gguf(tmp / GGUF_FILE, weights, config, tmp, cfg.gguf_type, Path(cfg.save_path).name)
+    if (arch := architecture(config)) not in GGUF_READABLE:
+        log(f"wrote {GGUF_FILE} ({cfg.gguf_type}) for llama.cpp; not read back (our GGUF reader has no {arch})")
+        return
+    read, _, _ = gguf_model(tmp / GGUF_FILE)
+    as_read = _logits(read, check.tokens).astype(mx.float32)  # as `--model model.gguf` runs it
+    read.set_dtype(mx.float32)
+    check.fused.update(tree_unflatten(list(as_stored(weights, config, cfg.gguf_type).items())))
+    check.fused.set_dtype(mx.float32)
+    same = mx.abs(_logits(read, check.tokens).astype(mx.float32) - _logits(check.fused, check.tokens)).max().item()
+    cost = mx.abs(as_read - check.adapter_logits).max().item()
+    scale = max(1.0, mx.abs(check.adapter_logits).max().item())
+    same_tol, cost_tol = TOLERANCE[mx.float32] * scale, GGUF_TOLERANCE[cfg.gguf_type] * scale
+    log(
+        f"check: {GGUF_FILE} ({cfg.gguf_type}) read back: largest logit difference vs the fused weights rounded "
+        f"to {cfg.gguf_type}: {same:.2e} (allowed {same_tol:.1e}); vs the adapter model: {cost:.2e} "
+        f"(allowed {cost_tol:.1e})"
+    )
+    if same > same_tol:
+        raise UserError(
+            f"{GGUF_FILE} read back differs from the fused weights rounded to {cfg.gguf_type} by {same:.2e} "
+            f"(> {same_tol:.1e}): the file's tensors are not the model's; nothing written"
+        )
+    if cost > cost_tol:
+        raise UserError(
+            f"{GGUF_FILE} ({cfg.gguf_type}) differs from the adapter model by {cost:.2e} (> {cost_tol:.1e}); "
+            "nothing written; try a wider --gguf-type (f32)"
+        )
+    log(f"wrote {GGUF_FILE} ({cfg.gguf_type}) for llama.cpp")
 
 
 def check_export(cfg: FuseConfig, config: dict) -> None:

@@ -30,6 +30,7 @@ from mlx_lora.training.memory import (
     falls_back,
     first_adapted,
     largest_batch,
+    logit_rows,
     plan_memory,
     would_stream,
 )
@@ -105,7 +106,8 @@ def info(cfg: TrainConfig, log=print) -> ModelInfo:
         sizes = {name: (Path(tmp) / name).stat().st_size for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)}
     data = read_data(cfg, open_source(cfg.data, cfg.data_config, _quiet), base.tokenizer, _quiet)  # as train reads it
     batch, seq_len = largest_batch(data["train"], cfg.batch_size, cfg.max_seq_length, cfg.pack)
-    memory = estimate_training_memory(model, base.config, batch, seq_len, cfg.grad_checkpoint)
+    rows = logit_rows(data["train"], cfg.batch_size, cfg.pack)
+    memory = estimate_training_memory(model, base.config, batch, seq_len, cfg.grad_checkpoint, rows)
 
     log(
         f"model {base.name} ({base.config.get('model_type', '?')}): {len(prefixes)} blocks, "

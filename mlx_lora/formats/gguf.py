@@ -62,6 +62,11 @@ def check_gguf(config: dict[str, Any], gguf_type: str, flag: str = "--export-ggu
         raise UserError(f"--gguf-type must be one of {', '.join(WEIGHT_TYPES)}, got '{gguf_type}'")
 
 
+def architecture(config: dict[str, Any]) -> str:
+    """llama.cpp's name for the model's architecture (general.architecture): Mistral is llama."""
+    return gguf.MODEL_ARCH_NAMES[ARCHITECTURES[config["model_type"]][0]]
+
+
 def _gemma2_query_scalar(config: dict) -> int:
     """What llama.cpp's gemma2 divides q by (the root of): hidden / heads for the 27B, else head_dim;
     GGUF has no key for it, and Gemma 2's own configs follow this rule."""
@@ -76,22 +81,55 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def stored_type(name: str, shape: tuple[int, ...], qtype: QTYPE) -> QTYPE:
+    """The type a tensor is written in: norms, biases and other 1-D tensors stay float32 (llama.cpp
+    adds and multiplies them in f32); rows that are not whole Q8_0 blocks fall back to F16, as
+    convert_hf_to_gguf.py does."""
+    if len(shape) <= 1 or name.endswith("_norm.weight"):
+        return QTYPE.F32
+    if qtype == QTYPE.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[QTYPE.Q8_0][0]:
+        return QTYPE.F16
+    return qtype
+
+
 def _tensor(name: str, w: mx.array, qtype: QTYPE, arch: gguf.MODEL_ARCH) -> tuple[np.ndarray, QTYPE]:
-    """Norms, biases and other 1-D tensors stay float32 (llama.cpp adds and multiplies them in f32).
-    Gemma's RMSNorm multiplies by 1 + weight, llama.cpp's by the weight: the 1 is added here, as
+    """Gemma's RMSNorm multiplies by 1 + weight, llama.cpp's by the weight: the 1 is added here, as
     convert_hf_to_gguf.py's Gemma2Model does."""
     data = np.array(w.astype(mx.float32))
+    qtype = stored_type(name, data.shape, qtype)
     if arch == gguf.MODEL_ARCH.GEMMA2 and name.endswith("norm.weight"):
-        return data + 1, QTYPE.F32
-    if data.ndim <= 1 or name.endswith("_norm.weight"):
-        return data, QTYPE.F32
-    if qtype == QTYPE.Q8_0 and data.shape[-1] % gguf.GGML_QUANT_SIZES[QTYPE.Q8_0][0]:
-        qtype = QTYPE.F16  # rows not a whole number of Q8_0 blocks, as convert_hf_to_gguf.py falls back
+        return data + 1, qtype
     if qtype == QTYPE.F32:
         return data, qtype
     if qtype == QTYPE.F16:
         return data.astype(np.float16), qtype
     return gguf.quants.quantize(data, qtype), qtype
+
+
+def _q8_0(w: mx.array) -> mx.array:
+    """Q8_0 computed in MLX, apart from gguf-py's: per block of 32, d = max|w| / 127 kept as f16 and
+    codes round(w / d) (halves away from zero, as ggml's roundf)."""
+    blocks = w.astype(mx.float32).reshape(-1, gguf.GGML_QUANT_SIZES[QTYPE.Q8_0][0])  # (n_blocks, 32)
+    d = mx.abs(blocks).max(axis=-1, keepdims=True) / 127
+    x = blocks * mx.where(d == 0, 0, 1 / d)
+    codes = mx.sign(x) * mx.floor(mx.abs(x) + 0.5)
+    return (codes * d.astype(mx.float16).astype(mx.float32)).reshape(w.shape)
+
+
+def as_stored(weights: dict[str, mx.array], config: dict, gguf_type: str) -> dict[str, mx.array]:
+    """`weights` (mlx-lm's names) rounded in MLX as write_gguf stores them in `gguf_type`, in float32:
+    what a reader of the file must get back, whatever layout the file uses."""
+    qtype = WEIGHT_TYPES[gguf_type][0]
+    names = gguf.get_tensor_name_map(ARCHITECTURES[config["model_type"]][0], config["num_hidden_layers"])
+    out = {}
+    for key, w in weights.items():
+        kind = stored_type(names.get_name(key, try_suffixes=(".weight", ".bias")) or key, w.shape, qtype)
+        if kind == QTYPE.Q8_0:
+            w = _q8_0(w)
+        elif kind in (QTYPE.F16, QTYPE.BF16):
+            w = w.astype(mx.float16 if kind == QTYPE.F16 else mx.bfloat16)
+        out[key] = w.astype(mx.float32)
+    return out
 
 
 def add_tensors(writer: gguf.GGUFWriter, weights: dict[str, mx.array], config: dict, qtype: QTYPE) -> None:

@@ -3,7 +3,8 @@
 It counts what a step must hold at once: the weights; each LoRA weight with its gradient and
 AdamW's two moments (fp32); for every block from the first adapted one up (gradients never flow
 below it) the outputs of its linears and one elementwise input per output, plus the attention
-probabilities; and the logits with their fp32 copies. It is an estimate, not a measurement: the
+probabilities; and the logits with their fp32 copies, at the positions whose logits exist at once
+(the learned tokens, a chunk at a time, unless batches are packed). It is an estimate, not a measurement: the
 compiled step may fuse or free some of these earlier.
 
 With --stream-prefix (streaming.py) the frozen blocks before the first adapted one are never
@@ -24,14 +25,17 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_lora.config.precision import AUTO
 from mlx_lora.data.batches import PAD_MULTIPLE, lengths
+from mlx_lora.data.examples import ExampleSet
 from mlx_lora.errors import UserError
 from mlx_lora.model.lora import LINEAR_TYPES, block_paths, linear_dims, lora_layers
 from mlx_lora.model.precision import dtype_name, restore
 from mlx_lora.training.cut import EMBEDDINGS, cut_at
+from mlx_lora.training.feed import CE_CHUNK, TARGET_MULTIPLE
 from mlx_lora.training.streaming import cache_bytes, largest_group, splits
 
 GB = 2**30
@@ -55,10 +59,16 @@ def compute_dtype(model: nn.Module) -> mx.Dtype:
 
 
 def estimate_training_memory(
-    model: nn.Module, config: dict, batch_size: int, seq_len: int, grad_checkpoint: bool = False
+    model: nn.Module,
+    config: dict,
+    batch_size: int,
+    seq_len: int,
+    grad_checkpoint: bool = False,
+    logit_rows: int | None = None,
 ) -> MemoryEstimate:
     """`model` has LoRA applied (apply_lora); `config` is its config.json. With `grad_checkpoint`
-    each block keeps only its input, and one block's activations exist at a time."""
+    each block keeps only its input, and one block's activations exist at a time. `logit_rows`:
+    the positions whose logits exist at once (logit_rows()); default every token of the batch."""
     text = config.get("text_config", config)
     act = compute_dtype(model).size
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
@@ -77,7 +87,7 @@ def estimate_training_memory(
     activations = tokens * (2 * out_dims * act + attention)
     if grad_checkpoint and kept:
         activations = activations // len(kept) + len(kept) * tokens * text.get("hidden_size", 0) * act
-    logits = tokens * text.get("vocab_size", 0) * (act + 2 * 4)
+    logits = (tokens if logit_rows is None else logit_rows) * text.get("vocab_size", 0) * (act + 2 * 4)
     return MemoryEstimate(weights, trainable, activations, logits)
 
 
@@ -122,7 +132,8 @@ def plan_memory(
     its cache by the rows streamed (`rows`: a rank's of each split, streaming.rank_rows; else all)."""
     batch, seq_len = largest_batch(data["train"], batch_size, max_seq_length, pack)
     model, text = base.model, base.config.get("text_config", base.config)
-    est = estimate_training_memory(model, base.config, batch, seq_len, grad_checkpoint)
+    scored = logit_rows(data["train"], batch_size, pack)
+    est = estimate_training_memory(model, base.config, batch, seq_len, grad_checkpoint, scored)
     first = first_adapted(model)
     act, hidden = compute_dtype(model).size, text.get("hidden_size", 0)
     try:
@@ -215,6 +226,21 @@ def check_fits(est: MemoryEstimate, batch_size: int, seq_len: int, available: in
         "--max-seq-length, use --grad-checkpoint, or train on a quantized base (e.g. a 4-bit mlx-community model)"
         + hint
     )
+
+
+def logit_rows(examples, batch_size: int, pack: bool) -> int | None:
+    """How many positions' logits a step holds at once: unpacked batches score only the learned
+    tokens, CE_CHUNK at a time (feed.py), so the most a batch learns, padded as target_positions
+    pads it, up to CE_CHUNK; packed ones score every token (None), and preference pairs, whose
+    feed is not measured against this, are counted so too."""
+    if pack or (len(examples) and not hasattr(examples[0], "mask")):
+        return None
+    if isinstance(examples, ExampleSet):
+        learned = np.add.reduceat(np.asarray(examples.mask[:], np.int64), examples.offsets[:-1])
+    else:  # a list of examples (tests)
+        learned = np.array([int(np.asarray(ex.mask).sum()) for ex in examples], np.int64)
+    most = int(np.sort(learned)[-batch_size:].sum()) if len(learned) else 0
+    return min(CE_CHUNK, max(1, -(-most // TARGET_MULTIPLE)) * TARGET_MULTIPLE)
 
 
 def largest_batch(examples: list, batch_size: int, max_seq_length: int, pack: bool) -> tuple[int, int]:

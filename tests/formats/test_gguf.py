@@ -2,6 +2,7 @@
 logits and greedy continuation are those of our model and the Hugging Face tokenizer."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -150,6 +151,66 @@ def test_each_gguf_type_stays_within_its_rounding_and_keeps_norms_f32(llama, ggu
     types = _tensor_types(path)
     assert types["blk.0.attn_norm.weight"] == types["output_norm.weight"] == "F32"
     assert types["blk.0.attn_q.weight"] == types["output.weight"] == gguf_type.upper()
+
+
+def _checked(output: str) -> tuple[float, float, float, float]:
+    """fuse's read-back line: (difference, allowed) against the rounded fused model, then the adapter model."""
+    line = next(line for line in output.splitlines() if "read back" in line)
+    return tuple(float(x) for x in re.findall(r"(\d\.\d+e[+-]\d+)", line))
+
+
+@pytest.mark.parametrize(("arch", "gguf_type"), [("llama", "f16"), ("qwen2", "q8_0")])
+def test_export_reads_the_gguf_back_and_checks_its_logits(models, arch, gguf_type, tmp_path):
+    random_adapter(models[arch], tmp_path / "adapter", CFG)
+    result = _run("fuse", "--adapter-path", tmp_path / "adapter", "--save-path", tmp_path / "fused", "--export-gguf",
+                  "--gguf-type", gguf_type)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    same, same_allowed, cost, cost_allowed = _checked(result.output)
+    assert same <= same_allowed and cost <= cost_allowed
+    assert same < cost  # the file holds the rounded weights: the rounding, not the layout, is what differs
+
+
+def _transposed_o_proj(tensor):
+    """The writer's _tensor, storing attn_output (square here) transposed: a layout llama.cpp would not refuse."""
+
+    def wrong(name, w, qtype, arch):
+        data, kind = tensor(name, w, qtype, arch)
+        return (data.T.copy(), kind) if name.startswith("blk.1.attn_output") else (data, kind)
+
+    return wrong
+
+
+@pytest.mark.parametrize("corrupt", ["q/k rows not permuted", "o_proj transposed"])
+def test_export_refuses_a_gguf_whose_tensors_are_not_the_model(llama, corrupt, tmp_path, monkeypatch):
+    import mlx_lora.formats.gguf as writer
+
+    if corrupt == "q/k rows not permuted":
+        monkeypatch.setattr(writer, "permute", lambda w, n_head: w)
+    else:
+        monkeypatch.setattr(writer, "_tensor", _transposed_o_proj(writer._tensor))
+    random_adapter(llama, tmp_path / "adapter", CFG)
+    result = _run("fuse", "--adapter-path", tmp_path / "adapter", "--save-path", tmp_path / "fused", "--export-gguf")
+    assert result.exit_code == 2, result.output
+    assert re.search(r"model.gguf read back differs from the fused weights rounded to f16 by \S+ \(> \S+\): the "
+                     "file's tensors are not the model's; nothing written", result.output)  # fmt: skip
+    assert not (tmp_path / "fused").exists()
+
+
+@pytest.mark.parametrize("gguf_type", ["f16", "bf16", "q8_0"])
+def test_weights_rounded_in_mlx_equal_what_gguf_py_reads_from_the_file(llama, gguf_type, tmp_path):
+    """as_stored (MLX) against gguf-py's own quantize and de-quantize: the reference the check compares with."""
+    import gguf
+    from mlx.utils import tree_flatten
+
+    from mlx_lora.formats.gguf import WEIGHT_TYPES, as_stored
+
+    base = load_base(str(llama))
+    weights = {k: w for k, w in tree_flatten(base.model.parameters()) if k.endswith(("up_proj.weight", "norm.weight"))}
+    qtype = WEIGHT_TYPES[gguf_type][0]
+    for key, got in as_stored(weights, base.config, gguf_type).items():
+        w = np.array(weights[key], np.float32)
+        want = w if w.ndim == 1 else gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype)
+        assert np.array_equal(np.array(got), want), key
 
 
 @pytest.mark.slow
