@@ -30,6 +30,7 @@ from mlx_lora.distributed import group as distributed
 from mlx_lora.errors import Interrupted, UserError
 from mlx_lora.formats.native import AdapterConfig, adapter_weights, describe, save_adapter
 from mlx_lora.model.base import Base, load_base
+from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.model.gguf import GGUF_SUFFIX
 from mlx_lora.model.lora import apply_lora
 from mlx_lora.reporting.monitor import TrainMonitor
@@ -166,6 +167,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         remove_stale(out / CHECKPOINTS)
     mx.random.seed(cfg.seed)
     base = load_base(cfg.model, lazy=True)  # a streamed run never reads its frozen blocks whole
+    use_cpu_kernels(base.model)
     source = open_source(cfg.data, cfg.data_config, log)
     data = read_data(cfg, source, base.tokenizer, log)
     model = base.model
