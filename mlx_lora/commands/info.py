@@ -22,6 +22,7 @@ from mlx_lora.model.base import load_base
 from mlx_lora.model.lora import LINEAR_TYPES, apply_lora, block_paths, linear_dims
 from mlx_lora.training.loop import read_data, why_not_stream
 from mlx_lora.training.memory import (
+    BatchLimits,
     MemoryEstimate,
     MemoryPlan,
     available_bytes,
@@ -134,8 +135,7 @@ def info(cfg: TrainConfig, log=print) -> ModelInfo:
 
 def show_modes(cfg: TrainConfig, base, data: dict, log) -> tuple[MemoryPlan, bool]:
     """Both ways train can hold the model, sized by the data's longest batch, and the one it would take here."""
-    limits = (cfg.batch_size, cfg.max_seq_length, cfg.pack, cfg.grad_checkpoint)
-    plan, first, available = plan_memory(base, data, *limits), first_adapted(base.model), available_bytes()
+    plan, first, available = plan_memory(base, data, BatchLimits.of(cfg)), first_adapted(base.model), available_bytes()
     why_not = why_not_stream(cfg, base, first)
     streams = why_not is None and would_stream(cfg.stream_prefix, plan, why_not, available)
     log(f"peak memory for the data's longest batch ({plan.batch} × {plan.seq_len} tokens):")

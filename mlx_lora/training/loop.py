@@ -20,7 +20,7 @@ from mlx_lm.utils import get_total_parameters
 
 from mlx_lora import blas
 from mlx_lora.atomic import check_writable, remove_stale
-from mlx_lora.config import LoRAConfig, TrainConfig, lora_part, method_options
+from mlx_lora.config import LoRAConfig, TrainConfig, data_part, lora_part, method_options
 from mlx_lora.data.batches import batches_per_epoch, iterate_batches
 from mlx_lora.data.cache import tokenized_sets
 from mlx_lora.data.examples import Example
@@ -33,6 +33,7 @@ from mlx_lora.model.base import Base, load_base
 from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.model.gguf import GGUF_SUFFIX
 from mlx_lora.model.lora import apply_lora
+from mlx_lora.reporting.metrics import MetricsLog
 from mlx_lora.reporting.monitor import TrainMonitor
 from mlx_lora.training.checkpoint import (
     CHECKPOINTS,
@@ -49,7 +50,7 @@ from mlx_lora.training.cut import cut_at
 from mlx_lora.training.early_stopping import EarlyStopping
 from mlx_lora.training.feed import Feed, make_feed
 from mlx_lora.training.grad_checkpoint import checkpoint_blocks
-from mlx_lora.training.memory import check_training_memory
+from mlx_lora.training.memory import BatchLimits, check_training_memory
 from mlx_lora.training.objectives import Objective
 from mlx_lora.training.packing import enable_packing
 from mlx_lora.training.preference import PreferenceFeed, make_preference_feed
@@ -184,10 +185,10 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         f"{adapter.layers}; {trainable:,} trainable parameters "
         f"({100 * trainable / get_total_parameters(model):.3f}%)"
     )
-    stream = choose_memory(cfg, world, base, data, min(adapter.layers), (progress, iters), log)
+    stream = choose_memory(cfg, world, base, data, first=min(adapter.layers), progress=progress, iters=iters, log=log)
     if blas.note():  # once the run is sure to start, so an error stays one line
         log(blas.note())
-    distributed.check_group(world, cfg, data, trainable)
+    distributed.check_group(world, data, trainable, iters=cfg.iters, batch_size=cfg.batch_size, seed=cfg.seed)
     if world.size > 1:
         log(f"group of {world.size} processes: each computes 1/{world.size} of every batch of {cfg.batch_size} rows")
     if cfg.pack:
@@ -197,32 +198,37 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     feed = choose_feed(cfg, world, model, min(adapter.layers), data, log, stream)
     step, state = make_step(model, optimizer, world, feed)
     return Run(
-        cfg,
-        world,
-        log,
-        out,
-        base,
-        data,
-        adapter,
-        optimizer,
-        progress,
-        iters,
-        feed,
-        step,
-        state,
+        cfg=cfg,
+        world=world,
+        log=log,
+        out=out,
+        base=base,
+        data=data,
+        adapter=adapter,
+        optimizer=optimizer,
+        progress=progress,
+        iters=iters,
+        feed=feed,
+        step=step,
+        state=state,
         run_config={**asdict(cfg), "model": base.name, "data": source.origin, "resume": None},
         # bar or plain lines, metrics.jsonl, loss.png: rank 0's alone
-        monitor=TrainMonitor(cfg, out, iters, log) if world.main else distributed.Silent(),
+        monitor=monitor(cfg, out, iters, log) if world.main else distributed.Silent(),
         stopping=early_stopping(cfg, last_saved, progress),
         last_saved=last_saved,
     )
+
+
+def monitor(cfg: TrainConfig, out: Path, iters: int, log) -> TrainMonitor:
+    metrics = MetricsLog(out, cfg.report_to, append=bool(cfg.resume), options=asdict(cfg))
+    return TrainMonitor(out, iters, metrics, log)
 
 
 def read_data(cfg: TrainConfig, source, tokenizer, log) -> dict[str, list]:
     if cfg.preference:
         return load_preference(preference_dir(source, cfg.objective), tokenizer, cfg.max_seq_length)
     cache_dir = Path(cfg.data_cache).expanduser() if cfg.data_cache else None
-    return tokenized_sets(source, cfg, tokenizer, cfg.max_seq_length, cfg.train_on_prompt, cache_dir, log)
+    return tokenized_sets(source, data_part(cfg), tokenizer, cfg.max_seq_length, cfg.train_on_prompt, cache_dir, log)
 
 
 def objective(cfg: TrainConfig) -> Objective:
@@ -230,19 +236,27 @@ def objective(cfg: TrainConfig) -> Objective:
 
 
 def choose_memory(
-    cfg: TrainConfig, world: distributed.World, base: Base, data: dict, first: int, span: tuple[TrainerState, int], log
+    cfg: TrainConfig,
+    world: distributed.World,
+    base: Base,
+    data: dict,
+    *,
+    first: int,
+    progress: TrainerState,
+    iters: int,
+    log,
 ) -> Optional[list[Split]]:
     """Refuse a run the machine cannot hold. Streamed: the splits to stream, each with the rows this
-    process reads (`span`: where the run starts, its last step); else None, and the lazily loaded
-    model is read whole now, as an in-memory run always was."""
-    limits = (cfg.batch_size, cfg.max_seq_length, cfg.pack, cfg.grad_checkpoint)
+    process reads (from where the run starts, `progress`, to its last step, `iters`); else None, and
+    the lazily loaded model is read whole now, as an in-memory run always was."""
     why_not, rows = why_not_stream(cfg, base, first), None  # alone: every row, whatever step it resumes at
     if world.size > 1 and why_not is None:  # each rank streams only the rows it reads, on its own memory
-        progress, iters = span
         ahead = (iters - progress.step) * cfg.grad_accumulation_steps  # the batches still to read
         todo = range(progress.batches_seen, progress.batches_seen + ahead)
         rows = rank_rows(data, world, cfg.batch_size, cfg.seed, cfg.val_batches, todo)
-    if check_training_memory(base, data, limits, rows, cfg.stream_prefix, why_not, log):
+    if check_training_memory(
+        base, data, BatchLimits.of(cfg), rows=rows, stream=cfg.stream_prefix, why_not=why_not, log=log
+    ):
         return splits(data, rows)
     mx.eval(base.model.parameters())
     return None
@@ -292,7 +306,8 @@ def start_adapter(cfg: TrainConfig, base: Base, optimizer: optim.Optimizer, chec
         progress, adapter = load_checkpoint(checkpoint, base, cfg, optimizer)
         log(f"resuming from {checkpoint} after step {progress.step}")
         return progress, adapter
-    adapter = describe(base, LoRAConfig(**lora_part(cfg)), apply_lora(base.model, cfg))
+    lora = LoRAConfig(**lora_part(cfg))
+    adapter = describe(base, lora, apply_lora(base.model, lora))
     optimizer.init(base.model.trainable_parameters())
     return TrainerState(step=0, batches_seen=0, rng_key=rng_key()), adapter
 
