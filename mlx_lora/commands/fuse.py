@@ -76,8 +76,7 @@ def merge(cfg: FuseConfig, log=print) -> FuseResult:
     in_memory = _logits(base.model, tokens).astype(mx.float32)
     with replace_dir(Path(cfg.save_path)) as tmp:
         write_model_files(tmp, base.model, base.tokenizer, config, base.path)
-        fused, _ = load_model(tmp)
-        use_cpu_kernels(fused, quantized=False)  # compared with the merged model's own kernels
+        fused = read_back(tmp)
         fused_logits = _logits(fused, tokens).astype(mx.float32)
         diff = mx.abs(fused_logits - adapter_logits).max().item()
         scale = max(1.0, mx.abs(adapter_logits).max().item())
@@ -108,6 +107,14 @@ def merge(cfg: FuseConfig, log=print) -> FuseResult:
             log(f"wrote {GGUF_FILE} ({cfg.gguf_type}) for llama.cpp")
     log(f"fused model saved to {cfg.save_path}")
     return FuseResult(Path(cfg.save_path), diff, kept)
+
+
+def read_back(path: Path, lazy: bool = False) -> nn.Module:
+    """The fused model as saved, on the CPU kernels the adapter model ran, quantized layers but on
+    MLX's kernel, as the merged model they are compared with (a by-shard base is never quantized)."""
+    model = load_model(path, lazy=lazy)[0]
+    use_cpu_kernels(model, quantized=False)
+    return model
 
 
 def check_export(cfg: FuseConfig, config: dict) -> None:
@@ -153,9 +160,7 @@ def fuse_by_shard(cfg: FuseConfig, adapter, weights, log) -> FuseResult:
     base = adapted(name, adapter, weights, directory)
     with replace_dir(Path(cfg.save_path)) as tmp:
         write_shards(base, tmp, log)
-        fused = load_model(tmp, lazy=True)[0]
-        use_cpu_kernels(fused)  # as the reference ran
-        got = outputs(fused, blocks, tokens, h)
+        got = outputs(read_back(tmp, lazy=True), blocks, tokens, h)
         diff = max(mx.abs(got[i] - expected[i]).max().item() for i in blocks)
         scale = max(1.0, *(mx.abs(expected[i]).max().item() for i in blocks))
         tol = TOLERANCE.get(dtype, 6e-2) * scale
