@@ -15,12 +15,12 @@ from pathlib import Path
 from mlx.utils import tree_flatten
 from mlx_lm.utils import get_total_parameters
 
-from mlx_lora.config import LoRAConfig, TrainConfig, lora_part, method_options
+from mlx_lora.config import LoRAConfig, TrainConfig, data_part, lora_part, method_options
+from mlx_lora.data.dataset import Encoding, load_splits
 from mlx_lora.data.sources import open_source
 from mlx_lora.formats.native import ADAPTER_CONFIG, ADAPTER_WEIGHTS, describe, save_adapter
 from mlx_lora.model.base import load_base
 from mlx_lora.model.lora import LINEAR_TYPES, apply_lora, block_paths, linear_dims
-from mlx_lora.training.loop import read_data, why_not_stream
 from mlx_lora.training.memory import (
     BatchLimits,
     MemoryEstimate,
@@ -33,6 +33,7 @@ from mlx_lora.training.memory import (
     plan_memory,
     would_stream,
 )
+from mlx_lora.training.streaming import why_not_stream
 
 
 def human(size: int) -> str:
@@ -87,6 +88,20 @@ def _quiet(*_) -> None:
     pass
 
 
+def training_sets(cfg: TrainConfig, tokenizer) -> dict[str, list]:
+    """The sets train reads with these options (and its --data-cache), quietly."""
+    sets = load_splits(
+        open_source(cfg.data, cfg.data_config, _quiet),
+        data_part(cfg),
+        tokenizer,
+        Encoding(cfg.max_seq_length, cfg.train_on_prompt),
+        objective=cfg.objective if cfg.preference else None,
+        cache_dir=Path(cfg.data_cache).expanduser() if cfg.data_cache else None,
+        log=_quiet,
+    )
+    return {role: split.examples for role, split in sets.items()}
+
+
 def info(cfg: TrainConfig, log=print) -> ModelInfo:
     base = load_base(cfg.model, shapes_only=True)  # no weight is read: a model larger than memory is fine
     model = base.model
@@ -102,7 +117,7 @@ def info(cfg: TrainConfig, log=print) -> ModelInfo:
         adapter.training = method_options(cfg)
         save_adapter(Path(tmp), model, adapter)
         sizes = {name: (Path(tmp) / name).stat().st_size for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)}
-    data = read_data(cfg, open_source(cfg.data, cfg.data_config, _quiet), base.tokenizer, _quiet)  # as train reads it
+    data = training_sets(cfg, base.tokenizer)
     batch, seq_len = largest_batch(data["train"], cfg.batch_size, cfg.max_seq_length, cfg.pack)
     memory = estimate_training_memory(model, base.config, batch, seq_len, cfg.grad_checkpoint)
 

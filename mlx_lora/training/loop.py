@@ -22,16 +22,14 @@ from mlx_lora import blas
 from mlx_lora.atomic import check_writable, remove_stale
 from mlx_lora.config import LoRAConfig, TrainConfig, data_part, lora_part, method_options
 from mlx_lora.data.batches import batches_per_epoch, iterate_batches
-from mlx_lora.data.cache import tokenized_sets
+from mlx_lora.data.dataset import Encoding, load_splits
 from mlx_lora.data.examples import Example
-from mlx_lora.data.preference import load_preference, preference_dir
 from mlx_lora.data.sources import open_source
 from mlx_lora.distributed import group as distributed
 from mlx_lora.errors import Interrupted, UserError
 from mlx_lora.formats.native import AdapterConfig, adapter_weights, describe, save_adapter
 from mlx_lora.model.base import Base, load_base
 from mlx_lora.model.cpu_kernels import use_cpu_kernels
-from mlx_lora.model.gguf import GGUF_SUFFIX
 from mlx_lora.model.lora import apply_lora
 from mlx_lora.reporting.metrics import MetricsLog
 from mlx_lora.reporting.monitor import TrainMonitor
@@ -46,7 +44,6 @@ from mlx_lora.training.checkpoint import (
     rng_key,
     save_checkpoint,
 )
-from mlx_lora.training.cut import cut_at
 from mlx_lora.training.early_stopping import EarlyStopping
 from mlx_lora.training.feed import Feed, make_feed
 from mlx_lora.training.grad_checkpoint import checkpoint_blocks
@@ -57,7 +54,7 @@ from mlx_lora.training.preference import PreferenceFeed, make_preference_feed
 from mlx_lora.training.schedule import learning_rate
 from mlx_lora.training.signals import deferred_stop
 from mlx_lora.training.step import grads_finite, make_step
-from mlx_lora.training.streaming import Split, rank_rows, splits, streamed_feed
+from mlx_lora.training.streaming import Split, rank_rows, splits, streamed_feed, why_not_stream
 from mlx_lora.training.validation import mean_loss
 
 
@@ -225,10 +222,17 @@ def monitor(cfg: TrainConfig, out: Path, iters: int, log) -> TrainMonitor:
 
 
 def read_data(cfg: TrainConfig, source, tokenizer, log) -> dict[str, list]:
-    if cfg.preference:
-        return load_preference(preference_dir(source, cfg.objective), tokenizer, cfg.max_seq_length)
-    cache_dir = Path(cfg.data_cache).expanduser() if cfg.data_cache else None
-    return tokenized_sets(source, data_part(cfg), tokenizer, cfg.max_seq_length, cfg.train_on_prompt, cache_dir, log)
+    """The training and validation sets (preference pairs for a preference objective)."""
+    sets = load_splits(
+        source,
+        data_part(cfg),
+        tokenizer,
+        Encoding(cfg.max_seq_length, cfg.train_on_prompt),
+        objective=cfg.objective if cfg.preference else None,
+        cache_dir=Path(cfg.data_cache).expanduser() if cfg.data_cache else None,
+        log=log,
+    )
+    return {role: split.examples for role, split in sets.items()}
 
 
 def objective(cfg: TrainConfig) -> Objective:
@@ -259,23 +263,6 @@ def choose_memory(
     ):
         return splits(data, rows)
     mx.eval(base.model.parameters())
-    return None
-
-
-def why_not_stream(cfg: TrainConfig, base: Base, first_trained: int) -> Optional[str]:
-    """Why this run cannot stream its frozen blocks (--stream-prefix), or None."""
-    if first_trained == 0:
-        return "LoRA reaches block 0, so no block is frozen; adapt the last blocks only (--num-layers)"
-    if base.path.suffix == GGUF_SUFFIX:
-        return "a GGUF base is read whole; convert it to a safetensors directory"
-    if cfg.preference:  # its reference pass fills the prefix cache from the whole model, in memory
-        return f"--objective {cfg.objective} is not streamed yet; train it with --stream-prefix off"
-    if cfg.pack or not cfg.prefix_cache:
-        return f"{'--pack' if cfg.pack else '--no-prefix-cache'} runs the whole model every step"
-    try:
-        cut_at(base.model, first_trained)
-    except ValueError as e:
-        return f"cannot cut {type(base.model).__name__} into blocks and a head ({e})"
     return None
 
 
