@@ -24,6 +24,7 @@ from mlx_lora.config import TrainConfig
 from mlx_lora.data.batches import collate, epoch_batches
 from mlx_lora.data.examples import load_dataset
 from mlx_lora.model.base import load_base
+from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.model.lora import apply_lora
 from mlx_lora.training.feed import Feed, make_feed
 
@@ -45,6 +46,7 @@ def compiled_step(model, feed):
 
 def main(model_dir: str, data_dir: str, reps: int = 3) -> None:
     base = load_base(model_dir)
+    use_cpu_kernels(base.model)  # as train runs it
     examples = load_dataset(Path(data_dir), base.tokenizer, 256, False)["train"]
     apply_lora(base.model, TrainConfig(num_layers=LAST))
     model, first = base.model, len(base.model.layers) - LAST

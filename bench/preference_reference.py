@@ -19,6 +19,7 @@ import numpy as np
 from mlx_lora.config import LoRAConfig
 from mlx_lora.data.preference import collate_pairs, load_pairs
 from mlx_lora.model.base import load_base
+from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.model.lora import apply_lora, first_adapted_block
 from mlx_lora.training.objectives import Objective
 from mlx_lora.training.preference import PreferenceFeed, pair_cut
@@ -45,6 +46,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
     base = load_base(args.model)
+    use_cpu_kernels(base.model)  # as train runs it
     apply_lora(base.model, LoRAConfig(targets="q_proj,v_proj", num_layers=args.num_layers, rank=8, alpha=16))
     mx.eval(base.model.parameters())  # loading is not part of either pass
     pairs = load_pairs(Path(args.data), base.tokenizer, 2048, max_rows=args.rows)

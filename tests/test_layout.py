@@ -1,12 +1,16 @@
 """The house rules of ARCHITECTURE.md, checked: rooms import only the rooms beneath them, no
-module imports one that imports it back, and no function runs past 60 lines without a reason."""
+module imports one that imports it back, no function runs past 60 lines without a reason, and the
+map names every module and nothing that is gone."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_lora"
+ARCHITECTURE = PACKAGE.parent / "ARCHITECTURE.md"
+CITED = re.compile(r"`(\w+)/(\w+)\.(\w+)")  # `room/module.name`, as the map cites code
 # Each room and the rooms it may import (besides itself). Lower rooms never import higher ones.
 FOUNDATION = {"errors", "atomic", "blas", "allocator", "config"}
 MAY_IMPORT = {
@@ -99,3 +103,56 @@ def test_ruff_lint_and_format_are_clean():
     for args in (["check", "--no-cache", "."], ["format", "--check", "--no-cache", "."]):
         run = subprocess.run([sys.executable, "-m", "ruff", *args], cwd=repo, capture_output=True, text=True)
         assert run.returncode == 0, run.stdout + run.stderr
+
+
+def defined(path: Path) -> set[str]:
+    """The names a module defines at its top level (functions, classes, constants) and in its classes."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return names
+
+
+def stale_and_missing(text: str) -> tuple[list[str], list[str]]:
+    """(what the map cites that the code lacks, the modules it never names). Each room's row of the
+    table names the room's modules as `module.py`; `room/module.name` anywhere names a definition."""
+    stale, rows = [], {}
+    for line in text.splitlines():
+        if m := re.match(r"\| `(\w+)(?:/|\.py)` \|", line):
+            rows[m[1]] = line
+    for room_name, row in rows.items():
+        folder = PACKAGE / room_name
+        stale += [
+            f"{room_name}/{n}"
+            for n in re.findall(r"`(\w+\.py)`", row)
+            if folder.is_dir() and not (folder / n).is_file()
+        ]
+    for room_name, module, name in CITED.findall(text):
+        inside = (PACKAGE / room_name).is_dir()  # else a repository path such as `tests/conftest.py`
+        path = (PACKAGE if inside else PACKAGE.parent) / room_name / f"{module}.py"
+        if not path.is_file() or (name != "py" and name not in defined(path)):
+            stale.append(f"{room_name}/{module}.{name}")
+    missing = [
+        module
+        for module, path in modules().items()
+        if path.name != "__init__.py"
+        and not (f"`{path.name}`" in rows.get(room(module), "") if path.parent != PACKAGE else path.stem in rows)
+    ]
+    return stale, missing
+
+
+def test_the_map_names_every_module_and_nothing_that_is_gone():
+    stale, missing = stale_and_missing(ARCHITECTURE.read_text())
+    assert not stale, f"ARCHITECTURE.md cites what the code no longer has: {stale}"
+    assert not missing, f"ARCHITECTURE.md's table does not name: {missing}"
+
+
+def test_the_map_check_catches_a_stale_name_and_an_unnamed_module():
+    text = ARCHITECTURE.read_text()
+    planted = text + "\n`data/rows.resolve_data` reads the data.\n"
+    assert stale_and_missing(planted)[0] == ["data/rows.resolve_data"]
+    assert stale_and_missing(text.replace("`mapping.py`", "mapping"))[1] == ["mlx_lora.data.mapping"]

@@ -7,7 +7,6 @@ final answers: GSM8K's convention, the text after `####`, with numbers normalise
 
 import math
 import re
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -18,15 +17,14 @@ from mlx_lm.generate import BatchGenerator
 
 from mlx_lora import atomic
 from mlx_lora.commands.preference_eval import preference_table, run_preference
-from mlx_lora.config import EvalConfig, TrainConfig
-from mlx_lora.data.cache import tokenized_split
-from mlx_lora.data.examples import ExampleSet, encode_rows
-from mlx_lora.data.mapping import map_rows
+from mlx_lora.config import EvalConfig, TrainConfig, data_part
+from mlx_lora.data.dataset import DataSplit, Encoding, load_splits
 from mlx_lora.data.preference import preference_split
 from mlx_lora.data.rows import Row, row_format
-from mlx_lora.data.sources import open_source, split_label, split_rows
+from mlx_lora.data.sources import open_source, split_label
 from mlx_lora.errors import UserError
 from mlx_lora.formats.loader import load_for_inference
+from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.model.lora import lora_layers, remove_lora
 from mlx_lora.reporting.progress import Bar, on_terminal
 from mlx_lora.training.validation import mean_loss
@@ -240,24 +238,12 @@ def default_adapter(cfg: EvalConfig) -> str | None:
     return TrainConfig.adapter_path if Path(TrainConfig.adapter_path).is_dir() else None
 
 
-def split_examples(cfg: EvalConfig, source, tokenizer, log) -> tuple[Callable[[], list[Row]], ExampleSet]:
-    """The split's rows (read when first asked for: a loss-only eval that hits --data-cache reads
-    none) and its examples for the loss, tokenized now or read from the cache."""
-    rows = []
-
-    def read(say=log) -> list[Row]:
-        if not rows:
-            rows.extend(map_rows(split_rows(source, cfg, cfg.split, say)[: cfg.max_examples], cfg))
-        return rows
-
-    def tokenize(say) -> ExampleSet:
-        mapped = read(say)  # first: a split that does not exist is refused by name
-        return encode_rows(split_label(source, cfg, cfg.split), mapped, tokenizer, cfg.max_seq_length, False, log=say)
-
+def split_examples(cfg: EvalConfig, source, tokenizer, log) -> DataSplit:
+    """The split's examples for the loss, tokenized now or read from the cache, and its rows."""
+    encoding = Encoding(cfg.max_seq_length, first=cfg.max_examples)
     cache_dir = Path(cfg.data_cache).expanduser() if cfg.data_cache else None
-    first = {} if cfg.max_examples is None else {"first": cfg.max_examples}  # else the same key as training's
-    encoding = dict(max_seq_length=cfg.max_seq_length, train_on_prompt=False, **first)
-    return read, tokenized_split(source, cfg, cfg.split, tokenizer, cache_dir, tokenize, log, **encoding)
+    splits = (cfg.split,)
+    return load_splits(source, data_part(cfg), tokenizer, encoding, splits, cache_dir=cache_dir, log=log)[cfg.split]
 
 
 def run(cfg: EvalConfig, log=print) -> dict:
@@ -272,6 +258,7 @@ def run(cfg: EvalConfig, log=print) -> dict:
             f"--compare-base needs an adapter: pass --adapter-path (./{TrainConfig.adapter_path} does not exist)"
         )
     base = load_for_inference(cfg.model, adapter_path, cfg.compute_dtype)
+    use_cpu_kernels(base.model)
     source = open_source(cfg.data, cfg.data_config, log)
     preference = preference_split(source, cfg.split)  # the split's .jsonl file when it holds preference rows
     if cfg.task == "preference" or (cfg.task == "auto" and preference):
@@ -280,8 +267,9 @@ def run(cfg: EvalConfig, log=print) -> dict:
         raise UserError(
             f"{preference}:1: preference rows (prompt, chosen, rejected); evaluate them with --task preference"
         )
-    rows, examples = split_examples(cfg, source, base.tokenizer, log)
-    path = split_label(source, cfg, cfg.split)  # after: a split that does not exist is refused by name
+    split = split_examples(cfg, source, base.tokenizer, log)
+    rows, examples = split.rows, split.examples
+    path = split_label(source, data_part(cfg), cfg.split)  # after: a split that does not exist is refused by name
     items = [] if cfg.task == "loss" else generation_items(rows(), base.tokenizer, cfg.task)
     log(
         f"eval {base.name}{f' + {adapter_path}' if adapter_path else ''} on {path}: {len(examples)} rows for loss, "

@@ -16,6 +16,7 @@ from mlx_lora.errors import UserError
 from mlx_lora.formats.gguf import GGUF_FILE, architecture, as_stored, check_gguf, write_gguf
 from mlx_lora.formats.loader import apply_adapter, read_adapter
 from mlx_lora.model.base import load_base, write_model_files
+from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.model.gguf import ARCHITECTURES as GGUF_READABLE
 from mlx_lora.model.gguf import GGUF_SUFFIX, gguf_model
 from mlx_lora.model.lora import fuse_lora, lora_layers
@@ -64,6 +65,7 @@ def merge(cfg: FuseConfig, log=print) -> FuseResult:
     if by_shard(cfg, adapter.base_model, log):
         return fuse_by_shard(cfg, adapter, weights, log)
     base = load_base(cfg.model or adapter.base_model, compute=cfg.compute_dtype)
+    use_cpu_kernels(base.model)
     check_export(cfg, base.config)
     tokens = mx.array(base.tokenizer.encode(CHECK_PROMPT))
     base_logits = _logits(base.model, tokens).astype(mx.float32)
@@ -86,7 +88,7 @@ def merge(cfg: FuseConfig, log=print) -> FuseResult:
     in_memory = _logits(base.model, tokens).astype(mx.float32)
     with replace_dir(Path(cfg.save_path)) as tmp:
         write_model_files(tmp, base.model, base.tokenizer, config, base.path)
-        set_precision(fused := load_model(tmp)[0], cfg.compute_dtype)
+        set_precision(fused := read_back(tmp), cfg.compute_dtype)
         fused_logits = _logits(fused, tokens).astype(mx.float32)
         diff = mx.abs(fused_logits - adapter_logits).max().item()
         scale = max(1.0, mx.abs(adapter_logits).max().item())
@@ -135,6 +137,7 @@ def export_gguf(cfg: FuseConfig, model: nn.Module, config: dict, tmp: Path, chec
         log(f"wrote {GGUF_FILE} ({cfg.gguf_type}) for llama.cpp; not read back (our GGUF reader has no {arch})")
         return
     read, _, _ = gguf_model(tmp / GGUF_FILE)
+    use_cpu_kernels(read)  # as `--model model.gguf` runs it
     as_read = _logits(read, check.tokens).astype(mx.float32)  # as `--model model.gguf` runs it
     read.set_dtype(mx.float32)
     check.fused.update(tree_unflatten(list(as_stored(weights, config, cfg.gguf_type).items())))
@@ -159,6 +162,14 @@ def export_gguf(cfg: FuseConfig, model: nn.Module, config: dict, tmp: Path, chec
             "nothing written; try a wider --gguf-type (f32)"
         )
     log(f"wrote {GGUF_FILE} ({cfg.gguf_type}) for llama.cpp")
+
+
+def read_back(path: Path, lazy: bool = False) -> nn.Module:
+    """The fused model as saved, on the CPU kernels the adapter model ran, quantized layers but on
+    MLX's kernel, as the merged model they are compared with (a by-shard base is never quantized)."""
+    model = load_model(path, lazy=lazy)[0]
+    use_cpu_kernels(model, quantized=False)
+    return model
 
 
 def check_export(cfg: FuseConfig, config: dict) -> None:
@@ -204,7 +215,7 @@ def fuse_by_shard(cfg: FuseConfig, adapter, weights, log) -> FuseResult:
     base = adapted(name, adapter, weights, directory)
     with replace_dir(Path(cfg.save_path)) as tmp:
         write_shards(base, tmp, log)
-        got = outputs(load_model(tmp, lazy=True)[0], blocks, tokens, h)
+        got = outputs(read_back(tmp, lazy=True), blocks, tokens, h)
         diff = max(mx.abs(got[i] - expected[i]).max().item() for i in blocks)
         scale = max(1.0, *(mx.abs(expected[i]).max().item() for i in blocks))
         tol = TOLERANCE.get(dtype, 6e-2) * scale

@@ -15,14 +15,15 @@ from pathlib import Path
 from mlx.utils import tree_flatten
 from mlx_lm.utils import get_total_parameters
 
-from mlx_lora.config import LoRAConfig, TrainConfig, lora_part, method_options
+from mlx_lora.config import LoRAConfig, TrainConfig, data_part, lora_part, method_options
+from mlx_lora.data.dataset import Encoding, load_splits
 from mlx_lora.data.sources import open_source
 from mlx_lora.formats.native import ADAPTER_CONFIG, ADAPTER_WEIGHTS, describe, save_adapter
 from mlx_lora.model.base import load_base
 from mlx_lora.model.lora import LINEAR_TYPES, apply_lora, block_paths, linear_dims
 from mlx_lora.model.precision import dtype_name, restore
-from mlx_lora.training.loop import read_data, why_not_stream
 from mlx_lora.training.memory import (
+    BatchLimits,
     MemoryEstimate,
     MemoryPlan,
     available_bytes,
@@ -34,6 +35,7 @@ from mlx_lora.training.memory import (
     plan_memory,
     would_stream,
 )
+from mlx_lora.training.streaming import why_not_stream
 
 
 def human(size: int) -> str:
@@ -88,6 +90,20 @@ def _quiet(*_) -> None:
     pass
 
 
+def training_sets(cfg: TrainConfig, tokenizer) -> dict[str, list]:
+    """The sets train reads with these options (and its --data-cache), quietly."""
+    sets = load_splits(
+        open_source(cfg.data, cfg.data_config, _quiet),
+        data_part(cfg),
+        tokenizer,
+        Encoding(cfg.max_seq_length, cfg.train_on_prompt),
+        objective=cfg.objective if cfg.preference else None,
+        cache_dir=Path(cfg.data_cache).expanduser() if cfg.data_cache else None,
+        log=_quiet,
+    )
+    return {role: split.examples for role, split in sets.items()}
+
+
 def info(cfg: TrainConfig, log=print) -> ModelInfo:
     # no weight is read: a model larger than memory is fine
     base = load_base(cfg.model, shapes_only=True, compute=cfg.compute_dtype)
@@ -104,7 +120,7 @@ def info(cfg: TrainConfig, log=print) -> ModelInfo:
         adapter.training = method_options(cfg)
         save_adapter(Path(tmp), model, adapter)
         sizes = {name: (Path(tmp) / name).stat().st_size for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)}
-    data = read_data(cfg, open_source(cfg.data, cfg.data_config, _quiet), base.tokenizer, _quiet)  # as train reads it
+    data = training_sets(cfg, base.tokenizer)
     batch, seq_len = largest_batch(data["train"], cfg.batch_size, cfg.max_seq_length, cfg.pack)
     rows = logit_rows(data["train"], cfg.batch_size, cfg.pack)
     memory = estimate_training_memory(model, base.config, batch, seq_len, cfg.grad_checkpoint, rows)
@@ -138,8 +154,7 @@ def info(cfg: TrainConfig, log=print) -> ModelInfo:
 
 def show_modes(cfg: TrainConfig, base, data: dict, log) -> tuple[MemoryPlan, bool]:
     """Both ways train can hold the model, sized by the data's longest batch, and the one it would take here."""
-    limits = (cfg.batch_size, cfg.max_seq_length, cfg.pack, cfg.grad_checkpoint)
-    plan, first, available = plan_memory(base, data, *limits), first_adapted(base.model), available_bytes()
+    plan, first, available = plan_memory(base, data, BatchLimits.of(cfg)), first_adapted(base.model), available_bytes()
     why_not = why_not_stream(cfg, base, first)
     streams = why_not is None and would_stream(cfg.stream_prefix, plan, why_not, available)
     log(f"peak memory for the data's longest batch ({plan.batch} × {plan.seq_len} tokens):")

@@ -18,6 +18,7 @@ import mlx.nn as nn
 from mlx_lora.errors import UserError
 from mlx_lora.formats.loader import apply_adapter
 from mlx_lora.model.base import Base, load_base
+from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.model.lora import block_paths, lora_layers
 from mlx_lora.training.cut import cut_at
 from mlx_lora.training.streaming import release
@@ -49,6 +50,7 @@ def why_not_by_shard(base: Base) -> str | None:
 def adapted(name: str, adapter, weights, directory: Path) -> Base:
     """The base read lazily, with the adapter on it (only the adapter evaluated)."""
     base = load_base(name, lazy=True)
+    use_cpu_kernels(base.model)
     apply_adapter(base, adapter, weights, directory, whole=False)
     base.model.eval()
     return base

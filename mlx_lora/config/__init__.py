@@ -12,7 +12,7 @@ from mlx_lora.config.commands import (
     PlotConfig,
     UploadConfig,
 )
-from mlx_lora.config.data import VALID_NAMES, DataConfig
+from mlx_lora.config.data import VALID_NAMES, DataConfig, data_part
 from mlx_lora.config.fields import PANELS, arg, field_types, opt, split_list
 from mlx_lora.config.files import build_config, load_yaml
 from mlx_lora.config.inference import ChatConfig, GenerateConfig, InferenceConfig
@@ -55,6 +55,7 @@ __all__ = [
     "ChatConfig",
     "ConvertConfig",
     "DataConfig",
+    "data_part",
     "EvalConfig",
     "FuseConfig",
     "GenerateConfig",

@@ -3,7 +3,7 @@
 Shared by `train` and `eval`, so a set trained with some mapping is evaluated with the same flags.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from mlx_lora.config.fields import DATA, opt
 
@@ -74,3 +74,8 @@ class DataConfig:
                 self.completion_template,
             )
         )
+
+
+def data_part(cfg: DataConfig) -> DataConfig:
+    """The data options of a config that extends DataConfig (train's, eval's), as data/ takes them."""
+    return DataConfig(**{f.name: getattr(cfg, f.name) for f in fields(DataConfig)})

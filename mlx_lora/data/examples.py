@@ -13,7 +13,7 @@ import numpy as np
 
 from mlx_lora.config.data import DataConfig
 from mlx_lora.data.mapping import iter_mapped
-from mlx_lora.data.rows import PREFERENCE, Row, file_rows, row_format
+from mlx_lora.data.rows import PREFERENCE, Row, file_rows, row_format, split_files
 from mlx_lora.data.sources import split_label, train_valid_streams
 from mlx_lora.errors import UserError
 
@@ -197,10 +197,5 @@ def load_sets(
 def load_dataset(
     data_dir: Path, tokenizer, max_seq_length: int, train_on_prompt: bool, splits=("train", "valid"), log=print
 ) -> dict[str, ExampleSet]:
-    out = {}
-    for split in splits:
-        path = data_dir / f"{split}.jsonl"
-        if not path.is_file():
-            raise UserError(f"{path}: missing; --data needs {' and '.join(s + '.jsonl' for s in splits)}")
-        out[split] = load_split(path, tokenizer, max_seq_length, train_on_prompt, log)
-    return out
+    """Each <split>.jsonl of a directory (tests and benchmarks: the CLI reads through dataset.py)."""
+    return split_files(data_dir, lambda path: load_split(path, tokenizer, max_seq_length, train_on_prompt, log), splits)

@@ -13,7 +13,7 @@ import numpy as np
 
 from mlx_lora.data.batches import collate
 from mlx_lora.data.examples import Example, encode_row
-from mlx_lora.data.rows import PREFERENCE, read_rows, row_format
+from mlx_lora.data.rows import PREFERENCE, read_rows, row_format, split_files
 from mlx_lora.data.sources import JsonlSource
 from mlx_lora.errors import UserError
 
@@ -90,13 +90,7 @@ def load_pairs(path: Path, tokenizer, max_seq_length: int, max_rows: int | None 
 
 
 def load_preference(data_dir: Path, tokenizer, max_seq_length: int, splits=("train", "valid")) -> dict[str, list]:
-    out = {}
-    for split in splits:
-        path = data_dir / f"{split}.jsonl"
-        if not path.is_file():
-            raise UserError(f"{path}: missing; --data needs {' and '.join(s + '.jsonl' for s in splits)}")
-        out[split] = load_pairs(path, tokenizer, max_seq_length)
-    return out
+    return split_files(data_dir, lambda path: load_pairs(path, tokenizer, max_seq_length), splits)
 
 
 def is_preference_file(path: Path) -> bool:

@@ -6,9 +6,9 @@ assistant messages). Every problem names the file and line.
 """
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from mlx_lora.errors import UserError
 
@@ -20,6 +20,7 @@ FORMAT_KEYS = {"text": ("text",), "completion": ("prompt", "completion"), "chat"
 ROLES = ("system", "user", "assistant")
 PREFERENCE = "preference"
 PREFERENCE_KEYS = ("prompt", "chosen", "rejected")
+T = TypeVar("T")
 
 
 class Row(NamedTuple):
@@ -78,6 +79,17 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
         yield number, row
     if not found:
         raise UserError(f"{path}: no rows; each line must be a JSON object with text, prompt+completion or messages")
+
+
+def split_files(data_dir: Path, read: Callable[[Path], T], splits=("train", "valid")) -> dict[str, T]:
+    """`read` over each <split>.jsonl of `data_dir`, every one of which must be there."""
+    out = {}
+    for split in splits:
+        path = data_dir / f"{split}.jsonl"
+        if not path.is_file():
+            raise UserError(f"{path}: missing; --data needs {' and '.join(s + '.jsonl' for s in splits)}")
+        out[split] = read(path)
+    return out
 
 
 def file_rows(path: Path) -> list[Row]:

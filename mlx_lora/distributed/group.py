@@ -21,7 +21,6 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
-from mlx_lora.config import TrainConfig
 from mlx_lora.data.examples import ExampleSet
 from mlx_lora.data.preference import Pair
 from mlx_lora.errors import UserError
@@ -151,23 +150,25 @@ def checksum(examples: ExampleSet | list[Pair], chunk: int = 2**22) -> int:
     return crc
 
 
-def check_group(world: World, cfg: TrainConfig, data: dict[str, ExampleSet], trainable: int) -> None:
+def check_group(
+    world: World, data: dict[str, ExampleSet], trainable: int, *, iters: int, batch_size: int, seed: int
+) -> None:
     """Every rank must train the same model on the same data with the same options, else the
     summed gradients mean nothing; hosts read their own --data and --model, so compare."""
     if world.size == 1:
         return
-    if cfg.batch_size < world.size:
+    if batch_size < world.size:
         raise UserError(
-            f"--batch-size {cfg.batch_size} is the batch of the whole group: "
+            f"--batch-size {batch_size} is the batch of the whole group: "
             f"give at least one row to each of its {world.size} processes"
         )
     facts = {
         "train data checksum": checksum(data["train"]),
         "valid data checksum": checksum(data["valid"]),
         "trainable parameters": trainable,
-        "iters": cfg.iters,
-        "batch size": cfg.batch_size,
-        "seed": cfg.seed,
+        "iters": iters,
+        "batch size": batch_size,
+        "seed": seed,
     }
     with world.waiting("to compare their data and options"):
         table = mx.distributed.all_gather(mx.array(list(facts.values()), mx.int64), group=world.group)

@@ -18,6 +18,7 @@ from mlx_lora.errors import UserError
 from mlx_lora.formats.loader import Weights, apply_adapter, read_adapter
 from mlx_lora.formats.native import AdapterConfig
 from mlx_lora.model.base import Base, load_base
+from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.model.lora import LoRALinear, lora_layers, remove_lora
 
 COMBINED = "combined"
@@ -132,11 +133,13 @@ def parse_adapters(paths: list[str], weights: str | None) -> list[tuple[str, flo
 
 
 def load_adapters(cfg: InferenceConfig) -> AdapterSet:
-    """The base with every --adapter-path loaded; active: the one adapter, or their weighted sum
-    when there are several or any weight was given (1 for those without)."""
+    """generate's and chat's model: the base on the CPU kernels, with every --adapter-path loaded;
+    active: the one adapter, or their weighted sum when there are several or any weight was given
+    (1 for those without)."""
     specs = parse_adapters(cfg.adapter_path or [], cfg.adapter_weights)
     read = [(*read_adapter(Path(path)), Path(path)) for path, _ in specs]  # each file read once
     base = load_base(cfg.model or (read[0][0].base_model if read else None), compute=cfg.compute_dtype)
+    use_cpu_kernels(base.model)
     base.model.eval()
     loaded = AdapterSet(base)
     names = [loaded.add_adapter(*adapter) for adapter in read]

@@ -14,7 +14,6 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_model, load_tokenizer, save_config, save_model
 
 from mlx_lora.errors import UserError
-from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.model.gguf import GGUF_SUFFIX, load_gguf
 from mlx_lora.model.precision import Precision, materialize, set_precision
 
@@ -129,7 +128,8 @@ def load_base(name: str | None, lazy: bool = False, shapes_only: bool = False, c
     safetensors are read only when a weight is first evaluated (a GGUF file is read whole);
     `shapes_only`: for shapes, dtypes and sizes alone, at no cost at any model size (a GGUF's
     weights are stand-ins made from its header, gguf_tensors.read_shapes; never evaluate them);
-    `compute`: --compute-dtype, the dtype to cast the weights to (None: as stored)."""
+    `compute`: --compute-dtype, the dtype to cast the weights to (None: as stored). The model runs
+    on mlx-lm's own kernels; a command that wants ours asks (cpu_kernels.use_cpu_kernels)."""
     try:
         model, tokenizer, config, path = _load(name, lazy or shapes_only or compute is not None, shapes_only)
         precision = set_precision(model, compute)
@@ -140,7 +140,6 @@ def load_base(name: str | None, lazy: bool = False, shapes_only: bool = False, c
             f"--model {name or DEFAULT_MODEL}: mlx-lm cannot load it ({e}); re-download it or point --model at a "
             "complete model directory"
         ) from None
-    use_cpu_kernels(model)
     shown = (
         DEFAULT_MODEL
         if name in (None, DEFAULT_MODEL)

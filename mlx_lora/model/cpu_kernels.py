@@ -4,8 +4,8 @@ Measured on a 2-core x86 machine (bench/RESULTS.md, "Where an epoch-1 step goes"
 - MLX's CPU `exp` runs at ~80 M values/s, so SiLU and softmax cost more than a block's matmuls.
   `fast_exp` (Cody-Waite range reduction and a degree-7 polynomial, compiled into one loop) is 4x
   faster and closer to float64's exp than MLX's own (1e-7 against 9e-7 relative error);
-  `swiglu` and `attention` are built on it and stand in for mlx-lm's in the model's own module;
-  the training loss takes `cross_entropy`.
+  `swiglu` and `attention` are built on it and stand in for mlx-lm's in the model's own modules
+  (`use_cpu_kernels`, which a command asks for); the training loss takes `cross_entropy`.
 - MLX's CPU quantized matmul is a plain loop, 20-50x slower than OpenBLAS sgemm at training
   shapes, while de-quantizing costs one pass over the weight. So a quantized layer given at least
   MIN_ROWS rows de-quantizes its weight just for that matmul: the weight stays quantized in
@@ -16,8 +16,8 @@ Results equal MLX's kernels up to fp32 rounding (tests/model/test_cpu_kernels.py
 """
 
 import os
-import sys
-from functools import partial
+from functools import cache, partial
+from types import CodeType, FunctionType
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -181,23 +181,58 @@ class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
 
 
 _CPU_CLASSES = {nn.QuantizedLinear: CPUQuantizedLinear, nn.QuantizedEmbedding: CPUQuantizedEmbedding}
+KERNELS = ("swiglu", "scaled_dot_product_attention")  # the globals mlx-lm's model code calls them by
 
 
-def use_cpu_kernels(model: nn.Module) -> bool:
+def _names(code: CodeType) -> set[str]:
+    return set(code.co_names).union(*(_names(c) for c in code.co_consts if isinstance(c, CodeType)))
+
+
+def _on_our_kernels(fn: FunctionType) -> FunctionType:
+    """`fn`'s code over a copy of its module's globals in which swiglu and attention are ours: the
+    module itself, and every other model of the process, keep mlx-lm's."""
+    names = dict(fn.__globals__)
+    if "swiglu" in names:
+        names["swiglu"] = swiglu
+    own = names.get("scaled_dot_product_attention")
+    if own is not None:
+        names["scaled_dot_product_attention"] = partial(attention, fallback=own)
+    ours = FunctionType(fn.__code__, names, fn.__name__, fn.__defaults__, fn.__closure__)
+    ours.__kwdefaults__, ours.__qualname__ = fn.__kwdefaults__, fn.__qualname__
+    return ours
+
+
+@cache
+def _cpu_class(cls: type) -> type | None:
+    """`cls` with every method that calls its module's swiglu or attention calling ours instead;
+    None if it has none. A subclass, so isinstance checks and the class name are unchanged."""
+    if cls in _CPU_CLASSES.values() or getattr(cls, "on_cpu_kernels", False):
+        return None
+    methods = {}
+    for owner in reversed(cls.__mro__[: cls.__mro__.index(nn.Module)]):  # a subclass's own method wins
+        for name, fn in vars(owner).items():
+            if isinstance(fn, FunctionType) and _names(fn.__code__) & set(KERNELS) & set(fn.__globals__):
+                methods[name] = _on_our_kernels(fn)
+    return type(cls.__name__, (cls,), {**methods, "on_cpu_kernels": True}) if methods else None
+
+
+def use_cpu_kernels(model: nn.Module, quantized: bool = True) -> bool:
     """When MLX computes on the CPU, give `model` the kernels above (the GPU's own are fast); True if
-    it did. Quantized layers keep their arrays, so saving, fusing and LoRA wrapping see the same
-    layers as before; swiglu and attention are replaced in the modules that define the model's
-    classes, which is where mlx-lm's model code looks them up."""
+    it did. Swaps the class of the model's own module instances, as packing.py does: nothing in
+    mlx-lm changes, other models keep its kernels, and `use_mlx_kernels` undoes it. Quantized
+    layers keep their arrays, so saving, fusing and LoRA wrapping see the same layers;
+    `quantized=False` leaves them on MLX's quantized kernel."""
     if not wanted():
         return False
     for _, module in model.named_modules():
-        cpu_class = _CPU_CLASSES.get(type(module))
-        if cpu_class is not None:
-            module.__class__ = cpu_class
-        source = sys.modules.get(type(module).__module__)
-        if getattr(source, "swiglu", swiglu) is not swiglu:
-            source.swiglu = swiglu
-        own = getattr(source, "scaled_dot_product_attention", None)
-        if own is not None and getattr(own, "func", None) is not attention:
-            source.scaled_dot_product_attention = partial(attention, fallback=own)
+        ours = (_CPU_CLASSES.get(type(module)) if quantized else None) or _cpu_class(type(module))
+        if ours is not None:
+            module.__class__ = ours
     return True
+
+
+def use_mlx_kernels(model: nn.Module) -> None:
+    """Undo `use_cpu_kernels`: every module of `model` back on its mlx-lm or MLX class."""
+    for _, module in model.named_modules():
+        if type(module) in _CPU_CLASSES.values() or "on_cpu_kernels" in vars(type(module)):
+            module.__class__ = type(module).__bases__[0]

@@ -5,11 +5,10 @@ record does not carry it), so a run reads straight into pandas or `mlx-lora plot
 """
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from mlx_lora.config import TrainConfig, split_list
+from mlx_lora.config import split_list
 from mlx_lora.errors import UserError
 
 METRICS = "metrics.jsonl"
@@ -29,7 +28,7 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 class TensorBoard:
-    def __init__(self, out: Path, cfg: TrainConfig):
+    def __init__(self, out: Path, options: dict[str, Any]):
         try:
             from tensorboardX import SummaryWriter
         except ImportError:
@@ -53,14 +52,14 @@ class TensorBoard:
 
 
 class Wandb:
-    def __init__(self, out: Path, cfg: TrainConfig):
+    def __init__(self, out: Path, options: dict[str, Any]):
         try:
             import wandb
         except ImportError:
             raise UserError(
                 "--report-to wandb: wandb is not installed; pip install wandb, or leave wandb out of --report-to"
             ) from None
-        self.run = wandb.init(project="mlx-lora", name=out.resolve().name, dir=str(out), config=asdict(cfg))
+        self.run = wandb.init(project="mlx-lora", name=out.resolve().name, dir=str(out), config=options)
 
     def log(self, record: dict[str, Any]) -> None:
         self.run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
@@ -73,12 +72,14 @@ SINKS = {"tensorboard": TensorBoard, "wandb": Wandb}
 
 
 class MetricsLog:
-    """Starts `out/metrics.jsonl` afresh (a resumed run continues it) and appends one flushed line per record."""
+    """Starts `out/metrics.jsonl` afresh (`append`: a resumed run continues it) and appends one
+    flushed line per record; also to each of `report_to` (tensorboard, wandb), which wandb shows
+    with the run's `options`."""
 
-    def __init__(self, out: Path, cfg: TrainConfig):
-        self.sinks = [SINKS[name](out, cfg) for name in split_list(cfg.report_to)]  # fails before any file is touched
+    def __init__(self, out: Path, report_to: str | None = None, append: bool = False, options: dict | None = None):
+        self.sinks = [SINKS[name](out, options or {}) for name in split_list(report_to)]  # fails before any file
         out.mkdir(parents=True, exist_ok=True)  # the run's first file: the directory is made only now
-        self.file = open(out / METRICS, "a" if cfg.resume else "w")  # noqa: SIM115  (open for the run; close())
+        self.file = open(out / METRICS, "a" if append else "w")  # noqa: SIM115  (open for the run; close())
 
     def write(self, **values: float | None) -> dict[str, Any]:
         record = {k: values.get(k) for k in KEYS}

@@ -9,7 +9,6 @@ the log.
 import time
 from pathlib import Path
 
-from mlx_lora.config import TrainConfig
 from mlx_lora.reporting.chart import sparkline
 from mlx_lora.reporting.metrics import VAL_PREFERENCE_KEYS, MetricsLog
 from mlx_lora.reporting.plot import LOSS_PNG, plot_runs
@@ -28,9 +27,10 @@ def preference_line(stats: dict[str, float]) -> str:
 
 
 class TrainMonitor:
-    def __init__(self, cfg: TrainConfig, out: Path, total: int, log=print):
+    def __init__(self, out: Path, total: int, metrics: MetricsLog, log=print):
+        """`total` steps; `metrics` opened on `out`, where loss.png goes at the end."""
         self.out, self.total, self.log = Path(out), total, log
-        self.metrics = MetricsLog(self.out, cfg)
+        self.metrics = metrics
         self.bar = Bar("training", total, log)
         self.start = time.perf_counter()
         self.losses: list[float] = []  # every step's, for the sparkline

@@ -20,19 +20,19 @@ from mlx_lm.utils import get_total_parameters
 
 from mlx_lora import blas
 from mlx_lora.atomic import check_writable, remove_stale
-from mlx_lora.config import LoRAConfig, TrainConfig, lora_part, method_options
+from mlx_lora.config import LoRAConfig, TrainConfig, data_part, lora_part, method_options
 from mlx_lora.data.batches import batches_per_epoch, iterate_batches
-from mlx_lora.data.cache import tokenized_sets
+from mlx_lora.data.dataset import Encoding, load_splits
 from mlx_lora.data.examples import Example
-from mlx_lora.data.preference import load_preference, preference_dir
 from mlx_lora.data.sources import open_source
 from mlx_lora.distributed import group as distributed
 from mlx_lora.errors import Interrupted, UserError
 from mlx_lora.formats.native import AdapterConfig, adapter_weights, describe, save_adapter
 from mlx_lora.model.base import Base, load_base
-from mlx_lora.model.gguf import GGUF_SUFFIX
+from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.model.lora import apply_lora
 from mlx_lora.model.precision import materialize
+from mlx_lora.reporting.metrics import MetricsLog
 from mlx_lora.reporting.monitor import TrainMonitor
 from mlx_lora.training.checkpoint import (
     CHECKPOINTS,
@@ -45,18 +45,17 @@ from mlx_lora.training.checkpoint import (
     rng_key,
     save_checkpoint,
 )
-from mlx_lora.training.cut import cut_at
 from mlx_lora.training.early_stopping import EarlyStopping
 from mlx_lora.training.feed import Feed, make_feed
 from mlx_lora.training.grad_checkpoint import checkpoint_blocks
-from mlx_lora.training.memory import check_training_memory
+from mlx_lora.training.memory import BatchLimits, check_training_memory
 from mlx_lora.training.objectives import Objective
 from mlx_lora.training.packing import enable_packing
 from mlx_lora.training.preference import PreferenceFeed, make_preference_feed
 from mlx_lora.training.schedule import learning_rate
 from mlx_lora.training.signals import deferred_stop
 from mlx_lora.training.step import grads_finite, make_step
-from mlx_lora.training.streaming import Split, rank_rows, splits, streamed_feed
+from mlx_lora.training.streaming import Split, rank_rows, splits, streamed_feed, why_not_stream
 from mlx_lora.training.validation import mean_loss
 
 
@@ -167,6 +166,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         remove_stale(out / CHECKPOINTS)
     mx.random.seed(cfg.seed)
     base = load_base(cfg.model, lazy=True, compute=cfg.compute_dtype)  # streamed: frozen blocks never read whole
+    use_cpu_kernels(base.model)
     source = open_source(cfg.data, cfg.data_config, log)
     data = read_data(cfg, source, base.tokenizer, log)
     model = base.model
@@ -183,10 +183,10 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         f"{adapter.layers}; {trainable:,} trainable parameters "
         f"({100 * trainable / get_total_parameters(model):.3f}%)"
     )
-    stream = choose_memory(cfg, world, base, data, min(adapter.layers), (progress, iters), log)
+    stream = choose_memory(cfg, world, base, data, first=min(adapter.layers), progress=progress, iters=iters, log=log)
     if blas.note():  # once the run is sure to start, so an error stays one line
         log(blas.note())
-    distributed.check_group(world, cfg, data, trainable)
+    distributed.check_group(world, data, trainable, iters=cfg.iters, batch_size=cfg.batch_size, seed=cfg.seed)
     if world.size > 1:
         log(f"group of {world.size} processes: each computes 1/{world.size} of every batch of {cfg.batch_size} rows")
     if cfg.pack:
@@ -196,32 +196,44 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     feed = choose_feed(cfg, world, model, min(adapter.layers), data, log, stream)
     step, state = make_step(model, optimizer, world, feed)
     return Run(
-        cfg,
-        world,
-        log,
-        out,
-        base,
-        data,
-        adapter,
-        optimizer,
-        progress,
-        iters,
-        feed,
-        step,
-        state,
+        cfg=cfg,
+        world=world,
+        log=log,
+        out=out,
+        base=base,
+        data=data,
+        adapter=adapter,
+        optimizer=optimizer,
+        progress=progress,
+        iters=iters,
+        feed=feed,
+        step=step,
+        state=state,
         run_config={**asdict(cfg), "model": base.name, "data": source.origin, "resume": None},
         # bar or plain lines, metrics.jsonl, loss.png: rank 0's alone
-        monitor=TrainMonitor(cfg, out, iters, log) if world.main else distributed.Silent(),
+        monitor=monitor(cfg, out, iters, log) if world.main else distributed.Silent(),
         stopping=early_stopping(cfg, last_saved, progress),
         last_saved=last_saved,
     )
 
 
+def monitor(cfg: TrainConfig, out: Path, iters: int, log) -> TrainMonitor:
+    metrics = MetricsLog(out, cfg.report_to, append=bool(cfg.resume), options=asdict(cfg))
+    return TrainMonitor(out, iters, metrics, log)
+
+
 def read_data(cfg: TrainConfig, source, tokenizer, log) -> dict[str, list]:
-    if cfg.preference:
-        return load_preference(preference_dir(source, cfg.objective), tokenizer, cfg.max_seq_length)
-    cache_dir = Path(cfg.data_cache).expanduser() if cfg.data_cache else None
-    return tokenized_sets(source, cfg, tokenizer, cfg.max_seq_length, cfg.train_on_prompt, cache_dir, log)
+    """The training and validation sets (preference pairs for a preference objective)."""
+    sets = load_splits(
+        source,
+        data_part(cfg),
+        tokenizer,
+        Encoding(cfg.max_seq_length, cfg.train_on_prompt),
+        objective=cfg.objective if cfg.preference else None,
+        cache_dir=Path(cfg.data_cache).expanduser() if cfg.data_cache else None,
+        log=log,
+    )
+    return {role: split.examples for role, split in sets.items()}
 
 
 def objective(cfg: TrainConfig) -> Objective:
@@ -229,38 +241,36 @@ def objective(cfg: TrainConfig) -> Objective:
 
 
 def choose_memory(
-    cfg: TrainConfig, world: distributed.World, base: Base, data: dict, first: int, span: tuple[TrainerState, int], log
+    cfg: TrainConfig,
+    world: distributed.World,
+    base: Base,
+    data: dict,
+    *,
+    first: int,
+    progress: TrainerState,
+    iters: int,
+    log,
 ) -> Optional[list[Split]]:
     """Refuse a run the machine cannot hold. Streamed: the splits to stream, each with the rows this
-    process reads (`span`: where the run starts, its last step); else None, and the lazily loaded
-    model is read whole now, as an in-memory run always was."""
-    limits = (cfg.batch_size, cfg.max_seq_length, cfg.pack, cfg.grad_checkpoint)
+    process reads (from where the run starts, `progress`, to its last step, `iters`); else None, and
+    the lazily loaded model is read whole now, as an in-memory run always was."""
     why_not, rows = why_not_stream(cfg, base, first), None  # alone: every row, whatever step it resumes at
     if world.size > 1 and why_not is None:  # each rank streams only the rows it reads, on its own memory
-        progress, iters = span
         ahead = (iters - progress.step) * cfg.grad_accumulation_steps  # the batches still to read
         todo = range(progress.batches_seen, progress.batches_seen + ahead)
         rows = rank_rows(data, world, cfg.batch_size, cfg.seed, cfg.val_batches, todo)
-    if check_training_memory(base, data, limits, rows, (cfg.stream_prefix, cfg.compute_dtype), why_not, log):
+    if check_training_memory(
+        base,
+        data,
+        BatchLimits.of(cfg),
+        rows=rows,
+        stream=cfg.stream_prefix,
+        requested=cfg.compute_dtype,
+        why_not=why_not,
+        log=log,
+    ):
         return splits(data, rows)
     materialize(base.model)
-    return None
-
-
-def why_not_stream(cfg: TrainConfig, base: Base, first_trained: int) -> Optional[str]:
-    """Why this run cannot stream its frozen blocks (--stream-prefix), or None."""
-    if first_trained == 0:
-        return "LoRA reaches block 0, so no block is frozen; adapt the last blocks only (--num-layers)"
-    if base.path.suffix == GGUF_SUFFIX:
-        return "a GGUF base is read whole; convert it to a safetensors directory"
-    if cfg.preference:  # its reference pass fills the prefix cache from the whole model, in memory
-        return f"--objective {cfg.objective} is not streamed yet; train it with --stream-prefix off"
-    if cfg.pack or not cfg.prefix_cache:
-        return f"{'--pack' if cfg.pack else '--no-prefix-cache'} runs the whole model every step"
-    try:
-        cut_at(base.model, first_trained)
-    except ValueError as e:
-        return f"cannot cut {type(base.model).__name__} into blocks and a head ({e})"
     return None
 
 
@@ -291,7 +301,8 @@ def start_adapter(cfg: TrainConfig, base: Base, optimizer: optim.Optimizer, chec
         progress, adapter = load_checkpoint(checkpoint, base, cfg, optimizer)
         log(f"resuming from {checkpoint} after step {progress.step}")
         return progress, adapter
-    adapter = describe(base, LoRAConfig(**lora_part(cfg)), apply_lora(base.model, cfg))
+    lora = LoRAConfig(**lora_part(cfg))
+    adapter = describe(base, lora, apply_lora(base.model, lora))
     optimizer.init(base.model.trainable_parameters())
     return TrainerState(step=0, batches_seen=0, rng_key=rng_key()), adapter
 

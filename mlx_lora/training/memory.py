@@ -41,6 +41,21 @@ from mlx_lora.training.streaming import cache_bytes, largest_group, splits
 GB = 2**30
 
 
+@dataclass(frozen=True)
+class BatchLimits:
+    """The options that size a step's memory."""
+
+    batch_size: int
+    max_seq_length: int
+    pack: bool
+    grad_checkpoint: bool
+
+    @classmethod
+    def of(cls, cfg) -> "BatchLimits":
+        """From a TrainConfig."""
+        return cls(cfg.batch_size, cfg.max_seq_length, cfg.pack, cfg.grad_checkpoint)
+
+
 @dataclass
 class MemoryEstimate:
     weights: int  # bytes of every parameter as loaded
@@ -125,15 +140,13 @@ def streamed_parts(model: nn.Module, first: int) -> tuple[list[int], int]:
     return frozen, 0 if tied else sum(v.nbytes for k, v in named if k.startswith(path + "."))
 
 
-def plan_memory(
-    base, data: dict, batch_size: int, max_seq_length: int, pack: bool, grad_checkpoint: bool, rows: dict | None = None
-) -> MemoryPlan:
+def plan_memory(base, data: dict, limits: BatchLimits, rows: dict | None = None) -> MemoryPlan:
     """Both estimates, sized by the longest batch the training rows can make; the prefix pass and
     its cache by the rows streamed (`rows`: a rank's of each split, streaming.rank_rows; else all)."""
-    batch, seq_len = largest_batch(data["train"], batch_size, max_seq_length, pack)
+    batch, seq_len = largest_batch(data["train"], limits.batch_size, limits.max_seq_length, limits.pack)
     model, text = base.model, base.config.get("text_config", base.config)
-    scored = logit_rows(data["train"], batch_size, pack)
-    est = estimate_training_memory(model, base.config, batch, seq_len, grad_checkpoint, scored)
+    scored = logit_rows(data["train"], limits.batch_size, limits.pack)
+    est = estimate_training_memory(model, base.config, batch, seq_len, limits.grad_checkpoint, scored)
     first = first_adapted(model)
     act, hidden = compute_dtype(model).size, text.get("hidden_size", 0)
     try:
@@ -251,18 +264,25 @@ def largest_batch(examples: list, batch_size: int, max_seq_length: int, pack: bo
 
 
 def check_training_memory(
-    base, data: dict, limits: tuple, rows: dict | None, modes: tuple[str, str], why_not, log
+    base,
+    data: dict,
+    limits: BatchLimits,
+    *,
+    rows: dict | None,
+    stream: str,
+    requested: str,
+    why_not: str | None,
+    log,
 ) -> bool:
-    """Refuse a run the machine cannot hold; True when the frozen blocks are to be streamed (`limits`:
-    plan_memory's batch size, sequence length, pack, grad_checkpoint; `modes`: --stream-prefix and
-    --compute-dtype; `why_not`: why the blocks cannot be streamed, or None)."""
-    (stream, requested), precision = modes, base.precision
-    plan, available = plan_memory(base, data, *limits, rows), available_bytes()
+    """Refuse a run the machine cannot hold; True when the frozen blocks are to be streamed (`stream`:
+    --stream-prefix; `requested`: --compute-dtype; `why_not`: why they cannot be streamed, or None)."""
+    precision = base.precision
+    plan, available = plan_memory(base, data, limits, rows), available_bytes()
     if falls_back(requested, precision, (stream, plan, why_not, available)):
         cast, stored = dtype_name(precision.compute), dtype_name(precision.stored)
         need = plan.in_memory.total if why_not or stream == "off" else plan.streamed_peak
         restore(precision, f"in {cast} it would need about {need / GB:.1f} GB of {available / GB:.1f} GB")
         log(f"warning: computing in {stored}, several times slower on the CPU than {cast}, which would not fit here")
-        plan = plan_memory(base, data, *limits, rows)
+        plan = plan_memory(base, data, limits, rows)
     log(f"compute: {precision.describe()}")
     return choose_streaming(stream, plan, why_not, available, log)

@@ -23,10 +23,13 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
+from mlx_lora.config import TrainConfig
 from mlx_lora.data.batches import collate, lengths, rows_read
 from mlx_lora.data.examples import Example
 from mlx_lora.distributed.group import World
 from mlx_lora.errors import UserError
+from mlx_lora.model.base import Base
+from mlx_lora.model.gguf import GGUF_SUFFIX
 from mlx_lora.training.cut import EMBEDDINGS, Cut, cut_at
 from mlx_lora.training.feed import Feed
 from mlx_lora.training.prefix_cache import BITS, PrefixCache
@@ -191,3 +194,20 @@ def streamed_feed(model: nn.Module, first_trained: int, sets: list[Split], log: 
     for (examples, _), cache in zip(sets, stream_prefix(feed.cut, sets, log)):
         feed.caches[id(examples)] = cache
     return feed
+
+
+def why_not_stream(cfg: TrainConfig, base: Base, first_trained: int) -> str | None:
+    """Why this run cannot stream its frozen blocks (--stream-prefix), or None."""
+    if first_trained == 0:
+        return "LoRA reaches block 0, so no block is frozen; adapt the last blocks only (--num-layers)"
+    if base.path.suffix == GGUF_SUFFIX:
+        return "a GGUF base is read whole; convert it to a safetensors directory"
+    if cfg.preference:  # its reference pass fills the prefix cache from the whole model, in memory
+        return f"--objective {cfg.objective} is not streamed yet; train it with --stream-prefix off"
+    if cfg.pack or not cfg.prefix_cache:
+        return f"{'--pack' if cfg.pack else '--no-prefix-cache'} runs the whole model every step"
+    try:
+        cut_at(base.model, first_trained)
+    except ValueError as e:
+        return f"cannot cut {type(base.model).__name__} into blocks and a head ({e})"
+    return None

@@ -319,7 +319,7 @@ def test_cli_eval_prints_the_table_and_rejects_bad_input(llama, adapter, case, t
 
 
 def test_data_cache_gives_the_same_figures_without_reading_the_rows(llama, adapter, case, tmp_path, monkeypatch):
-    from mlx_lora.commands import evaluate
+    from mlx_lora.data import dataset
 
     data, _ = case
     cfg = EvalConfig(model=str(llama), adapter_path=str(adapter), data=str(data), task="loss", batch_size=3)
@@ -331,7 +331,7 @@ def test_data_cache_gives_the_same_figures_without_reading_the_rows(llama, adapt
     def unread(*args):
         raise AssertionError("rows read although the cache holds their tokens")
 
-    monkeypatch.setattr(evaluate, "split_rows", unread)
+    monkeypatch.setattr(dataset, "split_rows", unread)
     assert run(cached, log=second.append) == want and any("read from the cache" in line for line in second)
 
 

@@ -197,7 +197,7 @@ rows = [Example(np.arange(n, dtype=np.int32), np.ones(n, bool)) for n in (5, 6, 
 mine = {"train": ExampleSet.of(rows[: 2 + world.rank]), "valid": ExampleSet.of(rows)}  # rank 1: one more row
 for cfg in (TrainConfig(batch_size=1), TrainConfig()):
     try:
-        check_group(world, cfg, mine, trainable=100)
+        check_group(world, mine, trainable=100, iters=cfg.iters, batch_size=cfg.batch_size, seed=cfg.seed)
     except UserError as e:
         print(e, flush=True)
 """

@@ -4,9 +4,10 @@ from conftest import CFG_A, CFG_B, save_random_adapter
 from typer.testing import CliRunner
 
 from mlx_lora.cli import app
-from mlx_lora.config import LoRAConfig
+from mlx_lora.config import GenerateConfig, LoRAConfig
 from mlx_lora.errors import UserError
-from mlx_lora.inference.adapter_set import AdapterSet, parse_adapters
+from mlx_lora.inference.adapter_set import AdapterSet, load_adapters, parse_adapters
+from mlx_lora.model import cpu_kernels
 from mlx_lora.model.base import load_base
 from mlx_lora.model.lora import lora_layers
 
@@ -129,3 +130,12 @@ def test_dora_adapters_switch_but_do_not_combine(llama, two_adapters, tmp_path):
     assert mx.array_equal(adapters.base.model(TOKENS), load_for_inference(str(llama), str(dora)).model(TOKENS))
     with pytest.raises(UserError, match="DoRA adapters cannot be combined"):
         adapters.add_weighted_adapter({"a": 0.5, "d": 0.5})
+
+
+@pytest.mark.parametrize("off", [False, True])
+def test_generate_and_chat_run_on_the_cpu_kernels_unless_switched_off(llama, off, monkeypatch):
+    if off:
+        monkeypatch.setenv(cpu_kernels.ENV, "off")
+    model = load_adapters(GenerateConfig(model=str(llama))).base.model
+    assert hasattr(model.layers[0].mlp, "on_cpu_kernels") != off
+    assert hasattr(model.layers[0].self_attn, "on_cpu_kernels") != off

@@ -8,12 +8,20 @@ import numpy as np
 import pytest
 from conftest import EPS, fp32_tol
 from mlx.utils import tree_flatten
+from mlx_lm.models import activations
 from mlx_lm.models.base import scaled_dot_product_attention as mlx_attention
 
 from mlx_lora.config import LoRAConfig
 from mlx_lora.model import cpu_kernels
 from mlx_lora.model.base import load_base
-from mlx_lora.model.cpu_kernels import attention, cross_entropy, fast_exp, swiglu, use_cpu_kernels
+from mlx_lora.model.cpu_kernels import (
+    attention,
+    cross_entropy,
+    fast_exp,
+    swiglu,
+    use_cpu_kernels,
+    use_mlx_kernels,
+)
 from mlx_lora.model.lora import apply_lora
 
 
@@ -91,15 +99,16 @@ def test_quantized_layers_dequantize_only_for_enough_rows(bits, monkeypatch):
 
 
 @pytest.mark.parametrize("quantized", [False, True])
-def test_a_model_on_the_cpu_kernels_equals_it_on_mlx_kernels(llama, quantized, monkeypatch):
+def test_a_model_on_the_cpu_kernels_equals_it_on_mlx_kernels(llama, quantized):
     """Logits and LoRA gradients of a whole model (plain and 4-bit) against the same model with
-    mlx-lm's swiglu and attention and MLX's quantized layers put back."""
+    mlx-lm's swiglu and attention and MLX's quantized layers put back (use_mlx_kernels)."""
     model = load_base(str(llama)).model
     if quantized:
         nn.quantize(model, group_size=32, bits=4)
-        use_cpu_kernels(model)
-    source = sys.modules[type(model.layers[0].mlp).__module__]
-    assert source.swiglu is swiglu and source.scaled_dot_product_attention.func is attention
+    assert use_cpu_kernels(model)
+    mlp, attn = model.layers[0].mlp, model.layers[0].self_attn
+    assert type(mlp).__call__.__globals__["swiglu"] is swiglu
+    assert type(attn).__call__.__globals__["scaled_dot_product_attention"].func is attention
     apply_lora(model, LoRAConfig(targets="q_proj,v_proj", num_layers=2, rank=4, alpha=8))
     tokens = mx.array([[1, 5, 9, 14, 3, 7, 22, 8, 4, 11, 19, 2]])
 
@@ -108,18 +117,37 @@ def test_a_model_on_the_cpu_kernels_equals_it_on_mlx_kernels(llama, quantized, m
         return model(tokens), tree_flatten(nn.value_and_grad(model, loss)(model)[1])
 
     ours = outputs()
-    monkeypatch.setattr(source, "swiglu", sys.modules["mlx_lm.models.activations"].swiglu)
-    monkeypatch.setattr(source, "scaled_dot_product_attention", mlx_attention)
     cpu_classes = (cpu_kernels.CPUQuantizedLinear, cpu_kernels.CPUQuantizedEmbedding)
     swapped = [m for _, m in model.named_modules() if isinstance(m, cpu_classes)]
     assert len(swapped) == (7 * len(model.layers) + 2 if quantized else 0)  # every linear, embedding, head
-    for m in swapped:
-        m.__class__ = m.__class__.__bases__[0]
+    use_mlx_kernels(model)
+    assert not any(isinstance(m, cpu_classes) or hasattr(m, "on_cpu_kernels") for _, m in model.named_modules())
+    assert type(mlp).__module__ == "mlx_lm.models.llama" and "on_cpu_kernels" not in vars(type(mlp))
     theirs = outputs()
     tol = fp32_tol(64 * 8)  # sums of 64 terms (the hidden size) through ~8 matmuls in a row
     assert mx.abs(ours[0] - theirs[0]).max() <= tol * mx.abs(theirs[0]).max()
     for (name, g), (_, h) in zip(ours[1], theirs[1]):
         assert mx.abs(g - h).max() <= tol * mx.abs(h).max(), name
+
+
+def _on_mlx_lm_kernels(model: nn.Module) -> bool:
+    """Every module of `model` is of mlx-lm's or MLX's own class, and mlx-lm's modules hold their own functions."""
+    source = sys.modules[type(model.layers[0].mlp).__module__]
+    return (
+        all(type(m).__module__.startswith(("mlx_lm.", "mlx.nn.")) for _, m in model.named_modules())
+        and source.swiglu is activations.swiglu
+        and source.scaled_dot_product_attention is mlx_attention
+    )
+
+
+def test_loading_a_model_without_asking_leaves_mlx_lm_alone(llama):
+    """load_base gives mlx-lm's model as it is, even after another model of the process took our kernels."""
+    first = load_base(str(llama)).model
+    assert _on_mlx_lm_kernels(first)
+    nn.quantize(first, group_size=32, bits=4)
+    assert use_cpu_kernels(first) and not _on_mlx_lm_kernels(first)
+    second = load_base(str(llama)).model
+    assert _on_mlx_lm_kernels(second)
 
 
 @pytest.mark.parametrize("where", ["gpu", "env"])

@@ -161,7 +161,7 @@ def test_report_to_a_missing_package_is_a_user_error_before_any_file(tmp_path, m
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     for name in ("wandb", "tensorboard"):
         with pytest.raises(UserError, match=f"--report-to {name}: .* pip install"):
-            MetricsLog(tmp_path, TrainConfig(report_to=name))
+            MetricsLog(tmp_path, report_to=name)
     assert not (tmp_path / METRICS).exists()
     result = CliRunner().invoke(app, ["train", "--report-to", "tensorboard,mlflow"])
     assert result.exit_code == 2 and "--report-to: unknown mlflow; choose from tensorboard, wandb" in result.output
@@ -180,7 +180,7 @@ def test_wandb_receives_every_record(tmp_path, monkeypatch):
     fake = type(sys)("wandb")
     fake.init = lambda **kw: calls.append(kw["project"]) or FakeRun()
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    metrics = MetricsLog(tmp_path, TrainConfig(report_to="wandb"))
+    metrics = MetricsLog(tmp_path, report_to="wandb")
     metrics.write(step=0, val_loss=2.5, time=0.1)
     metrics.write(step=3, loss=2.0, lr=1e-3, tokens_per_second=10.0, peak_memory_gb=0.5, time=0.2)
     metrics.close()
