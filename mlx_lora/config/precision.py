@@ -8,9 +8,10 @@ AUTO = "auto"
 COMPUTE_DTYPES = (AUTO, "float32", "bfloat16", "float16")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PrecisionConfig:
-    """What train, info, generate, chat, eval, serve and fuse share: the dtype the base computes in."""
+    """What train, info, generate, chat, eval, serve and fuse share: the dtype the base computes in.
+    Keyword-only, so the commands' own fields keep their positions (FuseConfig(model, adapter, ...))."""
 
     # auto: MLX's CPU multiplies bfloat16/float16 matrices without BLAS (~9x slower than float32),
     # so a half-precision base computes in float32 there; on Metal and CUDA nothing changes.
