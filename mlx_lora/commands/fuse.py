@@ -8,7 +8,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import dequantize_model, load_model
 
-from mlx_lora.atomic import check_writable, replace_dir
+from mlx_lora.atomic import check_writable, claim_dir, replace_dir
 from mlx_lora.commands.shard_fuse import adapted, checked_blocks, outputs, weights_bytes, why_not_by_shard, write_shards
 from mlx_lora.commands.upload import hub_token, upload_fused
 from mlx_lora.config import FuseConfig
@@ -22,6 +22,7 @@ from mlx_lora.training.memory import available_bytes, compute_dtype
 
 CHECK_PROMPT = "Q: Tom has 3 apples and buys 4 more. How many apples does he have?\nA: 3 + 4 = 7. #### 7"
 # Largest logit difference allowed between adapter and fused model, relative to max(1, |logits|).
+COMMAND = "mlx-lora fuse"
 TOLERANCE = {mx.float32: 1e-3, mx.float16: 3e-2, mx.bfloat16: 6e-2}
 
 
@@ -50,6 +51,7 @@ def merge(cfg: FuseConfig, log=print) -> FuseResult:
     """Merge in float32 and save in the base's dtype, de-quantized unless --requantize."""
     adapter, weights = read_adapter(Path(cfg.adapter_path))
     check_writable(Path(cfg.save_path).absolute().parent, "--save-path")
+    claim_dir(Path(cfg.save_path), COMMAND, "--save-path", inputs(cfg, adapter.base_model))
     if by_shard(cfg, adapter.base_model, log):
         return fuse_by_shard(cfg, adapter, weights, log)
     base = load_base(cfg.model or adapter.base_model)
@@ -72,7 +74,7 @@ def merge(cfg: FuseConfig, log=print) -> FuseResult:
         config.pop("quantization", None)
         config.pop("quantization_config", None)
     in_memory = _logits(base.model, tokens).astype(mx.float32)
-    with replace_dir(Path(cfg.save_path)) as tmp:
+    with replace_dir(Path(cfg.save_path), COMMAND, "--save-path", inputs(cfg, adapter.base_model)) as tmp:
         write_model_files(tmp, base.model, base.tokenizer, config, base.path)
         fused, _ = load_model(tmp)
         fused_logits = _logits(fused, tokens).astype(mx.float32)
@@ -105,6 +107,11 @@ def merge(cfg: FuseConfig, log=print) -> FuseResult:
             log(f"wrote {GGUF_FILE} ({cfg.gguf_type}) for llama.cpp")
     log(f"fused model saved to {cfg.save_path}")
     return FuseResult(Path(cfg.save_path), diff, kept)
+
+
+def inputs(cfg: FuseConfig, base_model: str) -> dict[str, Path]:
+    """What --save-path must not replace: the adapter, and the base where it is a local path."""
+    return {"--adapter-path": Path(cfg.adapter_path), "--model": Path(cfg.model or base_model)}
 
 
 def check_export(cfg: FuseConfig, config: dict) -> None:
@@ -148,7 +155,7 @@ def fuse_by_shard(cfg: FuseConfig, adapter, weights, log) -> FuseResult:
     expected = outputs(model, blocks, tokens, h)
     del reference, model
     base = adapted(name, adapter, weights, directory)
-    with replace_dir(Path(cfg.save_path)) as tmp:
+    with replace_dir(Path(cfg.save_path), COMMAND, "--save-path", inputs(cfg, name)) as tmp:
         write_shards(base, tmp, log)
         got = outputs(load_model(tmp, lazy=True)[0], blocks, tokens, h)
         diff = max(mx.abs(got[i] - expected[i]).max().item() for i in blocks)

@@ -4,6 +4,7 @@ build_run() loads the base, the data and the adapter (new or resumed) and prepar
 step; fit() runs the steps, with `if step % n == 0` blocks for reports, validation and checkpoints.
 """
 
+import contextlib
 import math
 import os
 import signal
@@ -19,7 +20,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import get_total_parameters
 
 from mlx_lora import blas
-from mlx_lora.atomic import check_writable, remove_stale
+from mlx_lora.atomic import check_writable, claim_dir, mark_dir, remove_stale
 from mlx_lora.config import LoRAConfig, TrainConfig, lora_part, method_options
 from mlx_lora.data.batches import batches_per_epoch, iterate_batches
 from mlx_lora.data.cache import tokenized_sets
@@ -35,6 +36,7 @@ from mlx_lora.model.lora import apply_lora
 from mlx_lora.reporting.monitor import TrainMonitor
 from mlx_lora.training.checkpoint import (
     CHECKPOINTS,
+    TRAIN,
     TrainerState,
     checkpoint_dir,
     find_checkpoint,
@@ -144,8 +146,11 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     run = build_run(cfg, log)
     try:
         result = fit(run)
-    finally:
-        run.monitor.close()  # bar, metrics.jsonl and loss.png, however the run ended
+    except BaseException:
+        with contextlib.suppress(UserError):  # a full disk fails loss.png too; the first error is the one to show
+            run.monitor.close()
+        raise
+    run.monitor.close()  # bar, metrics.jsonl and loss.png
     first = result.val_losses[run.progress.step]
     last = run.stopping.best_loss if run.stopping else result.val_losses[result.steps]
     run.log(
@@ -161,9 +166,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     log = log if world.main else distributed.quiet
     out = Path(cfg.adapter_path)
     if world.main:
-        check_writable(out, "--adapter-path")
-        remove_stale(out)
-        remove_stale(out / CHECKPOINTS)
+        claim_output(out)
     mx.random.seed(cfg.seed)
     base = load_base(cfg.model, lazy=True)  # a streamed run never reads its frozen blocks whole
     source = open_source(cfg.data, cfg.data_config, log)
@@ -210,10 +213,27 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         state,
         run_config={**asdict(cfg), "model": base.name, "data": source.origin, "resume": None},
         # bar or plain lines, metrics.jsonl, loss.png: rank 0's alone
-        monitor=TrainMonitor(cfg, out, iters, log) if world.main else distributed.Silent(),
+        monitor=start_monitor(cfg, world, out, iters, log),
         stopping=early_stopping(cfg, last_saved, progress),
         last_saved=last_saved,
     )
+
+
+def claim_output(out: Path) -> None:
+    """Before any work: --adapter-path is new, empty or a previous run's (whose other files are
+    left alone); what a killed save left there is cleared."""
+    check_writable(out, "--adapter-path")
+    claim_dir(out, TRAIN, "--adapter-path", whole=False)
+    remove_stale(out)
+    remove_stale(out / CHECKPOINTS)
+
+
+def start_monitor(cfg: TrainConfig, world, out: Path, iters: int, log):
+    """Bar or plain lines, metrics.jsonl, loss.png: rank 0's alone, in the directory it marks as train's."""
+    if not world.main:
+        return distributed.Silent()
+    mark_dir(out, TRAIN)
+    return TrainMonitor(cfg, out, iters, log)
 
 
 def read_data(cfg: TrainConfig, source, tokenizer, log) -> dict[str, list]:
