@@ -388,3 +388,54 @@ def test_a_rename_is_followed_by_an_fsync_of_its_directory(tmp_path, monkeypatch
     with atomic.replace_dir(tmp_path / "d", "mlx-lora test", "--out") as tmp:
         (tmp / "f").write_text("")
     assert events[-2:] == [("replace", str(tmp_path / "d")), ("fsync", str(tmp_path))]
+
+
+def _config(text: bytes):
+    return lambda d: (d / ADAPTER_CONFIG).write_bytes(text)
+
+
+def _embedded(value: str):
+    def write(d: Path):
+        weights, metadata = mx.load(str(d / ADAPTER_WEIGHTS), return_metadata=True)
+        mx.save_safetensors(str(d / ADAPTER_WEIGHTS), weights, metadata={**metadata, "mlx_lora_config": value})
+
+    return write
+
+
+def _typed(**changes):
+    def write(d: Path):
+        config = json.loads((d / ADAPTER_CONFIG).read_text())
+        (d / ADAPTER_CONFIG).write_text(json.dumps({**config, **changes}))
+        _embedded(json.dumps({**config, **changes}))(d)  # the copy agrees, so the types are what is read
+
+    return write
+
+
+MLXLM = {"lora_parameters": {"rank": 8, "scale": 2.0}, "num_layers": 2}
+MALFORMED_CONFIGS = {
+    "{}": (_config(b"{}"), "differ from what adapters.safetensors was saved with"),
+    "a list": (_config(b"[1, 2]"), "adapter_config.json: expected a JSON object"),
+    "non-UTF-8 bytes": (_config(b'{"a": "\xff\xfe"}'), "adapter_config.json: not UTF-8 text (byte 7)"),
+    "string format_version": (_typed(format_version="1"), "format_version must be a whole number, got '1'"),
+    "modules not a list": (_typed(modules=5), "modules must be a list of strings, got 5"),
+    "rank a string": (_typed(rank="8"), "rank must be a whole number, got '8'"),
+    "mlx-lm rank a string": (
+        _config(json.dumps({**MLXLM, "lora_parameters": {"rank": "x", "scale": 2.0}}).encode()),
+        "adapter_config.json: rank must be a number, got 'x'",
+    ),
+    "embedded config not JSON": (
+        _embedded("{"),
+        "adapters.safetensors: its metadata mlx_lora_config is not valid JSON",
+    ),
+    "embedded config a list": (_embedded("[1]"), "adapters.safetensors: its metadata mlx_lora_config is not a JSON"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_CONFIGS)
+def test_a_malformed_adapter_config_is_one_line(ws, tmp_path, case):
+    damage, expected = MALFORMED_CONFIGS[case]
+    adapter = tmp_path / "adapter"
+    shutil.copytree(ws["root"] / "adapter", adapter)
+    damage(adapter)
+    result = _run(["generate", "--adapter-path", str(adapter), "--model", str(ws["llama"]), "--max-tokens", "1"])
+    _one_line_error(result, expected)
