@@ -2,9 +2,10 @@
 never touch what another command or the user put there.
 
 A directory a command writes as a whole (fuse's model, convert's adapter, a checkpoint, a data
-cache entry) or fills (train's --adapter-path) holds OWNER, naming the command and the files it
-wrote. A command writes only into a new or empty directory, or into one OWNER says it wrote, and
-replaces it only while every file in it is one OWNER lists.
+cache entry) or writes files into (train's --adapter-path) holds OWNER, naming the command and
+the files it wrote. A command replaces a directory only while every file in it is one OWNER
+lists; one that writes named files into a directory does so where none of those names is taken,
+or where OWNER says it wrote them.
 """
 
 import errno
@@ -12,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Collection
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,14 +50,15 @@ def owner_of(directory: Path) -> dict | None:
     return data if isinstance(data, dict) and isinstance(data.get("written_by"), str) else None
 
 
-def _foreign(directory: Path, command: str, whole: bool) -> list[str]:
-    """The entries of `directory` that `command` did not write (all of them without its OWNER).
-    Where the command only adds files (`whole` False) its OWNER is enough."""
+def _foreign(directory: Path, command: str, writes: Collection[str] | None) -> list[str]:
+    """The entries of `directory` that `command` would replace though it did not write them.
+    Writing the whole directory (`writes` None) replaces every entry; writing the names in
+    `writes` into it replaces only those, and only where its OWNER names another writer or none."""
     entries = sorted(p.name for p in directory.iterdir() if p.name != OWNER)
     owner = owner_of(directory)
     if owner is None or owner["written_by"] != command:
-        return entries
-    listed = owner.get("files") if whole else None
+        return [e for e in entries if writes is None or e in writes]
+    listed = owner.get("files") if writes is None else None
     if not isinstance(listed, list):
         return []
     written = {Path(f).parts[0] for f in listed if isinstance(f, str) and f}
@@ -63,10 +66,15 @@ def _foreign(directory: Path, command: str, whole: bool) -> list[str]:
     return sorted({Path(f).parts[0] for f in on_disk - set(listed)} | (set(entries) - written))
 
 
-def claim_dir(directory: Path, command: str, flag: str, inputs: dict[str, Path] | None = None, whole=True) -> None:
-    """Refuse to write `command`'s output to `directory` unless it is new, empty or `command`'s own
-    (every file in it one it wrote, when it replaces the directory `whole`), or where it would
-    write over one of `inputs` ({flag: path})."""
+def claim_dir(
+    directory: Path,
+    command: str,
+    flag: str,
+    inputs: dict[str, Path] | None = None,
+    writes: Collection[str] | None = None,
+) -> None:
+    """Refuse to write `command`'s output to `directory` where it would replace a file `command`
+    did not write (claim_dir's _foreign), or one of `inputs` ({flag: path})."""
     directory = Path(directory)
     for name, path in (inputs or {}).items():
         if path is not None and Path(path).exists() and directory.resolve() in (p := Path(path).resolve(), *p.parents):
@@ -76,7 +84,7 @@ def claim_dir(directory: Path, command: str, flag: str, inputs: dict[str, Path] 
         return
     if not directory.is_dir():
         raise UserError(f"{flag} {directory}: is a file, not a directory; choose a new or empty directory")
-    foreign = _foreign(directory, command, whole)
+    foreign = _foreign(directory, command, writes)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise UserError(

@@ -270,7 +270,6 @@ def test_no_command_replaces_a_directory_holding_files_it_did_not_write(ws, tmp_
     for args in (
         ["fuse", "--adapter-path", adapter, "--save-path", str(mine)],
         ["convert", adapter, str(mine)],
-        _train(ws)[:-6] + ["--adapter-path", str(mine), "--iters", "1"],
     ):
         result = _run(args)
         _one_line_error(result, f"{mine}: holds other files than mlx-lora {args[0]} wrote (sub, thesis.txt)")
@@ -302,13 +301,19 @@ def test_fuse_replaces_its_own_output_but_not_a_file_added_to_it(ws, tmp_path):
     assert _snapshot(fused) == before
 
 
-def test_train_writes_into_its_own_directory_and_leaves_the_users_files(ws, tmp_path):
+def test_train_writes_its_own_files_only_and_leaves_the_users(ws, tmp_path):
     out = tmp_path / "adapter"
     shutil.copytree(ws["root"] / "adapter", out)
     (out / "thesis.txt").write_text("four years")
-    result = _run(_train(ws)[:-6] + ["--adapter-path", str(out), "--iters", "1"])
-    assert result.exit_code == 0, result.output
-    assert (out / "thesis.txt").read_text() == "four years"
+    mine = _users_dir(tmp_path / "mine")  # train adds its files beside the user's, and replaces none of them
+    for directory in (out, mine):
+        before = _snapshot(directory)
+        result = _run(_train(ws)[:-6] + ["--adapter-path", str(directory), "--iters", "1"])
+        assert result.exit_code == 0, result.output
+        assert {k: v for k, v in _snapshot(directory).items() if k in ("thesis.txt", "sub/notes.md")} == {
+            k: v for k, v in before.items() if k in ("thesis.txt", "sub/notes.md")
+        }
+        assert (directory / ADAPTER_WEIGHTS).is_file()
     older = tmp_path / "older"  # an adapter without the record of who wrote it: not train's to overwrite
     older.mkdir()
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):

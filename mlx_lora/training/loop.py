@@ -29,11 +29,20 @@ from mlx_lora.data.preference import load_preference, preference_dir
 from mlx_lora.data.sources import open_source
 from mlx_lora.distributed import group as distributed
 from mlx_lora.errors import Interrupted, UserError
-from mlx_lora.formats.native import AdapterConfig, adapter_weights, describe, save_adapter
+from mlx_lora.formats.native import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterConfig,
+    adapter_weights,
+    describe,
+    save_adapter,
+)
 from mlx_lora.model.base import Base, load_base
 from mlx_lora.model.gguf import GGUF_SUFFIX
 from mlx_lora.model.lora import apply_lora
+from mlx_lora.reporting.metrics import METRICS, TENSORBOARD_DIR
 from mlx_lora.reporting.monitor import TrainMonitor
+from mlx_lora.reporting.plot import LOSS_PNG
 from mlx_lora.training.checkpoint import (
     CHECKPOINTS,
     TRAIN,
@@ -59,6 +68,9 @@ from mlx_lora.training.signals import deferred_stop
 from mlx_lora.training.step import grads_finite, make_step
 from mlx_lora.training.streaming import Split, rank_rows, splits, streamed_feed
 from mlx_lora.training.validation import mean_loss
+
+# The names a run writes in --adapter-path (wandb makes its own directory there).
+TRAIN_WRITES = {ADAPTER_WEIGHTS, ADAPTER_CONFIG, METRICS, LOSS_PNG, TENSORBOARD_DIR, "wandb", CHECKPOINTS}
 
 
 @dataclass
@@ -220,10 +232,10 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
 
 
 def claim_output(out: Path) -> None:
-    """Before any work: --adapter-path is new, empty or a previous run's (whose other files are
-    left alone); what a killed save left there is cleared."""
+    """Before any work: none of the names a run writes is taken in --adapter-path, unless by a
+    previous run (other files are left alone); what a killed save left there is cleared."""
     check_writable(out, "--adapter-path")
-    claim_dir(out, TRAIN, "--adapter-path", whole=False)
+    claim_dir(out, TRAIN, "--adapter-path", writes=TRAIN_WRITES)
     remove_stale(out)
     remove_stale(out / CHECKPOINTS)
 
