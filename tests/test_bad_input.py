@@ -1,8 +1,11 @@
 """Every bad input through the real `mlx-lora` command: exit 2, one `error:` line naming the
 file:line or key, no traceback, and a previously written adapter left byte for byte as it was."""
 
+import errno
 import hashlib
+import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -245,3 +248,199 @@ def test_the_writability_probe_leaves_nothing(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="cannot write there"):
         check_writable(tmp_path / "file" / "out", "--adapter-path")
+
+
+def _one_line_error(result, expected: str) -> None:
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+
+
+def _users_dir(root: Path) -> Path:
+    (root / "sub").mkdir(parents=True)
+    (root / "thesis.txt").write_text("four years")
+    (root / "sub" / "notes.md").write_text("# notes")
+    return root
+
+
+def test_no_command_replaces_a_directory_holding_files_it_did_not_write(ws, tmp_path):
+    mine = _users_dir(tmp_path / "mine")
+    before = _snapshot(mine)
+    adapter = str(ws["root"] / "adapter")
+    for args in (
+        ["fuse", "--adapter-path", adapter, "--save-path", str(mine)],
+        ["convert", adapter, str(mine)],
+    ):
+        result = _run(args)
+        _one_line_error(result, f"{mine}: holds other files than mlx-lora {args[0]} wrote (sub, thesis.txt)")
+        assert _snapshot(mine) == before
+
+
+def test_fuse_and_convert_refuse_to_write_over_their_input(ws, tmp_path):
+    adapter = tmp_path / "run" / "adapter"
+    shutil.copytree(ws["root"] / "adapter", adapter)
+    before = _snapshot(tmp_path)
+    result = _run(["fuse", "--adapter-path", str(adapter), "--save-path", str(adapter)])
+    _one_line_error(result, f"--save-path {adapter} is the input --adapter-path {adapter}; choose another directory")
+    result = _run(["fuse", "--adapter-path", str(adapter), "--save-path", str(adapter.parent)])
+    _one_line_error(result, f"--save-path {adapter.parent} holds the input --adapter-path {adapter}")
+    result = _run(["convert", str(adapter), str(adapter.parent)])
+    _one_line_error(result, f"OUT_DIR {adapter.parent} holds the input ADAPTER_DIR {adapter}")
+    assert _snapshot(tmp_path) == before
+
+
+def test_fuse_replaces_its_own_output_but_not_a_file_added_to_it(ws, tmp_path):
+    fused, adapter = tmp_path / "fused", str(ws["root"] / "adapter")
+    for _ in range(2):  # the second run replaces the first's output
+        result = _run(["fuse", "--adapter-path", adapter, "--save-path", str(fused)])
+        assert result.exit_code == 0, result.output
+    (fused / "thesis.txt").write_text("four years")
+    before = _snapshot(fused)
+    result = _run(["fuse", "--adapter-path", adapter, "--save-path", str(fused)])
+    _one_line_error(result, f"--save-path {fused}: holds other files than mlx-lora fuse wrote (thesis.txt)")
+    assert _snapshot(fused) == before
+
+
+def test_train_writes_its_own_files_only_and_leaves_the_users(ws, tmp_path):
+    out = tmp_path / "adapter"
+    shutil.copytree(ws["root"] / "adapter", out)
+    (out / "thesis.txt").write_text("four years")
+    mine = _users_dir(tmp_path / "mine")  # train adds its files beside the user's, and replaces none of them
+    for directory in (out, mine):
+        before = _snapshot(directory)
+        result = _run(_train(ws)[:-6] + ["--adapter-path", str(directory), "--iters", "1"])
+        assert result.exit_code == 0, result.output
+        assert {k: v for k, v in _snapshot(directory).items() if k in ("thesis.txt", "sub/notes.md")} == {
+            k: v for k, v in before.items() if k in ("thesis.txt", "sub/notes.md")
+        }
+        assert (directory / ADAPTER_WEIGHTS).is_file()
+    older = tmp_path / "older"  # an adapter without the record of who wrote it: not train's to overwrite
+    older.mkdir()
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        shutil.copy(out / name, older / name)
+    before = _snapshot(older)
+    result = _run(_train(ws)[:-6] + ["--adapter-path", str(older), "--iters", "1"])
+    _one_line_error(result, f"{older}: holds other files than mlx-lora train wrote (adapter_config.json, adapters")
+    assert _snapshot(older) == before
+
+
+def test_a_checkpoint_directory_holding_a_users_file_is_not_replaced(tmp_path):
+    from mlx_lora.atomic import replace_dir
+    from mlx_lora.errors import UserError
+
+    step = tmp_path / "step-0000001"
+    with replace_dir(step, "mlx-lora train", "--adapter-path") as tmp:
+        (tmp / "a").write_text("1")
+    with replace_dir(step, "mlx-lora train", "--adapter-path") as tmp:  # its own: replaced
+        (tmp / "a").write_text("2")
+    assert (step / "a").read_text() == "2"
+    (step / "sub").mkdir()
+    (step / "sub" / "mine").write_text("mine")
+    refused = pytest.raises(UserError, match="holds other files than mlx-lora train wrote \\(sub\\)")
+    with refused, replace_dir(step, "mlx-lora train", "--adapter-path") as tmp:
+        (tmp / "a").write_text("3")
+    assert (step / "a").read_text() == "2" and (step / "sub" / "mine").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000001"]
+
+
+class _FullDisk(io.FileIO):
+    """A file on a disk with no room left: every write fails as the kernel's would."""
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _full_disk(monkeypatch) -> None:
+    from mlx_lora import atomic
+
+    def full_open(path, mode="r", *args, **kwargs):
+        return _FullDisk(path, mode.replace("b", "")) if "w" in mode else open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(atomic, "open", full_open, raising=False)
+
+
+def test_a_full_disk_keeps_the_old_adapter_says_so_and_leaves_nothing(ws, tmp_path, monkeypatch):
+    from mlx_lora.errors import UserError
+    from mlx_lora.formats.loader import read_adapter
+    from mlx_lora.formats.native import write_adapter
+
+    out = tmp_path / "adapter"
+    shutil.copytree(ws["root"] / "adapter", out)
+    config, weights = read_adapter(out)
+    before = _snapshot(out)
+    _full_disk(monkeypatch)
+    with pytest.raises(UserError, match=f"^{out / ADAPTER_WEIGHTS}: cannot write it \\(no space left on device\\)"):
+        write_adapter(out, config, weights)
+    assert _snapshot(out) == before  # the old files, and no temporary beside them
+    result = _run(_train(ws)[:-6] + ["--adapter-path", str(out), "--iters", "1"])
+    _one_line_error(result, "adapters.safetensors: cannot write it (no space left on device); it was left as it was")
+    assert {k: v for k, v in _snapshot(out).items() if k != "metrics.jsonl"} == {
+        k: v for k, v in before.items() if k != "metrics.jsonl"
+    }
+
+
+def test_a_rename_is_followed_by_an_fsync_of_its_directory(tmp_path, monkeypatch):
+    from mlx_lora import atomic
+
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd)
+    )
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or replace(a, b))
+    atomic.write_json(tmp_path / "a.json", {})
+    assert events[-2:] == [("replace", str(tmp_path / "a.json")), ("fsync", str(tmp_path))]
+    events.clear()
+    with atomic.replace_dir(tmp_path / "d", "mlx-lora test", "--out") as tmp:
+        (tmp / "f").write_text("")
+    assert events[-2:] == [("replace", str(tmp_path / "d")), ("fsync", str(tmp_path))]
+
+
+def _config(text: bytes):
+    return lambda d: (d / ADAPTER_CONFIG).write_bytes(text)
+
+
+def _embedded(value: str):
+    def write(d: Path):
+        weights, metadata = mx.load(str(d / ADAPTER_WEIGHTS), return_metadata=True)
+        mx.save_safetensors(str(d / ADAPTER_WEIGHTS), weights, metadata={**metadata, "mlx_lora_config": value})
+
+    return write
+
+
+def _typed(**changes):
+    def write(d: Path):
+        config = json.loads((d / ADAPTER_CONFIG).read_text())
+        (d / ADAPTER_CONFIG).write_text(json.dumps({**config, **changes}))
+        _embedded(json.dumps({**config, **changes}))(d)  # the copy agrees, so the types are what is read
+
+    return write
+
+
+MLXLM = {"lora_parameters": {"rank": 8, "scale": 2.0}, "num_layers": 2}
+MALFORMED_CONFIGS = {
+    "{}": (_config(b"{}"), "differ from what adapters.safetensors was saved with"),
+    "a list": (_config(b"[1, 2]"), "adapter_config.json: expected a JSON object"),
+    "non-UTF-8 bytes": (_config(b'{"a": "\xff\xfe"}'), "adapter_config.json: not UTF-8 text (byte 7)"),
+    "string format_version": (_typed(format_version="1"), "format_version must be a whole number, got '1'"),
+    "modules not a list": (_typed(modules=5), "modules must be a list of strings, got 5"),
+    "rank a string": (_typed(rank="8"), "rank must be a whole number, got '8'"),
+    "mlx-lm rank a string": (
+        _config(json.dumps({**MLXLM, "lora_parameters": {"rank": "x", "scale": 2.0}}).encode()),
+        "adapter_config.json: rank must be a number, got 'x'",
+    ),
+    "embedded config not JSON": (
+        _embedded("{"),
+        "adapters.safetensors: its metadata mlx_lora_config is not valid JSON",
+    ),
+    "embedded config a list": (_embedded("[1]"), "adapters.safetensors: its metadata mlx_lora_config is not a JSON"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_CONFIGS)
+def test_a_malformed_adapter_config_is_one_line(ws, tmp_path, case):
+    damage, expected = MALFORMED_CONFIGS[case]
+    adapter = tmp_path / "adapter"
+    shutil.copytree(ws["root"] / "adapter", adapter)
+    damage(adapter)
+    result = _run(["generate", "--adapter-path", str(adapter), "--model", str(ws["llama"]), "--max-tokens", "1"])
+    _one_line_error(result, expected)

@@ -5,19 +5,18 @@ from pathlib import Path
 
 from mlx_lm.utils import load_model
 
-from mlx_lora.atomic import replace_dir
+from mlx_lora.atomic import claim_dir, replace_dir
 from mlx_lora.config import ConvertConfig
 from mlx_lora.errors import UserError
 from mlx_lora.formats.gguf import GGUF_ADAPTER_FILE, write_gguf_adapter
 from mlx_lora.formats.loader import check_base, read_adapter
 from mlx_lora.formats.mlxlm import block_count, write_mlxlm
-from mlx_lora.formats.native import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_json, write_adapter
-from mlx_lora.formats.peft import PEFT_CONFIG, PEFT_WEIGHTS, checkpoint_names, hub_id, write_peft
+from mlx_lora.formats.native import read_json, write_adapter
+from mlx_lora.formats.peft import checkpoint_names, hub_id, write_peft
 from mlx_lora.model.base import fingerprint, resolve_model
 from mlx_lora.model.gguf import GGUF_SUFFIX, read_gguf_config
 
-# What a previous conversion leaves; OUT_DIR holding anything else is not ours to replace.
-ADAPTER_FILES = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, GGUF_ADAPTER_FILE}
+COMMAND = "mlx-lora convert"
 
 
 def _base(name: str, to: str) -> tuple[Path, dict]:
@@ -36,10 +35,7 @@ def convert(cfg: ConvertConfig, log=print) -> Path:
     """Rewrite the adapter; the base is read only where the output needs it (PEFT: its checkpoint's
     weight names; GGUF: its architecture; mlx-lm: its block count, unless the adapter says it) or --model names one."""
     src, out = Path(cfg.adapter_dir), Path(cfg.out_dir)
-    if out.exists() and out.resolve() == src.resolve():
-        raise UserError(f"OUT_DIR {out} is the adapter directory itself; choose another")
-    if out.exists() and (not out.is_dir() or {p.name for p in out.iterdir()} - ADAPTER_FILES):
-        raise UserError(f"OUT_DIR {out} exists and holds other files; choose a new or empty directory")
+    claim_dir(out, COMMAND, "OUT_DIR", {"ADAPTER_DIR": src})
     config, weights = read_adapter(src)
     blocks = block_count(config) if cfg.to == "mlx-lm" else None
     base_dir = base_config = None
@@ -49,7 +45,7 @@ def convert(cfg: ConvertConfig, log=print) -> Path:
         base_dir, base_config = _base(cfg.model or config.base_model, cfg.to)
         check_base(config, base_config, str(base_dir), src)
         config = replace(config, base_fingerprint=fingerprint(base_config))  # foreign formats record none
-    with replace_dir(out) as tmp:
+    with replace_dir(out, COMMAND, "OUT_DIR", {"ADAPTER_DIR": src}) as tmp:
         if cfg.to == "peft":
             write_peft(
                 tmp,

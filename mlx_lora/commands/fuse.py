@@ -8,7 +8,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import dequantize_model, load_model
 
-from mlx_lora.atomic import check_writable, replace_dir
+from mlx_lora.atomic import check_writable, claim_dir, replace_dir
 from mlx_lora.commands.shard_fuse import adapted, checked_blocks, outputs, weights_bytes, why_not_by_shard, write_shards
 from mlx_lora.commands.upload import hub_token, upload_fused
 from mlx_lora.config import FuseConfig
@@ -25,6 +25,7 @@ from mlx_lora.training.memory import available_bytes, compute_dtype
 
 CHECK_PROMPT = "Q: Tom has 3 apples and buys 4 more. How many apples does he have?\nA: 3 + 4 = 7. #### 7"
 # Largest logit difference allowed between adapter and fused model, relative to max(1, |logits|).
+COMMAND = "mlx-lora fuse"
 TOLERANCE = {mx.float32: 1e-3, mx.float16: 3e-2, mx.bfloat16: 6e-2}
 # The same for model.gguf read back, by --gguf-type: its weights in the type, run as our reader runs
 # them (f16 and bf16 in that dtype). q8_0 rounds a weight by up to 1/254 of its block's largest, about
@@ -62,6 +63,7 @@ def merge(cfg: FuseConfig, log=print) -> FuseResult:
     """Merge in float32 and save in the base's dtype, de-quantized unless --requantize; check in --compute-dtype's."""
     adapter, weights = read_adapter(Path(cfg.adapter_path))
     check_writable(Path(cfg.save_path).absolute().parent, "--save-path")
+    claim_dir(Path(cfg.save_path), COMMAND, "--save-path", inputs(cfg, adapter.base_model))
     if by_shard(cfg, adapter.base_model, log):
         return fuse_by_shard(cfg, adapter, weights, log)
     base = load_base(cfg.model or adapter.base_model, compute=cfg.compute_dtype)
@@ -86,7 +88,7 @@ def merge(cfg: FuseConfig, log=print) -> FuseResult:
         config.pop("quantization", None)
         config.pop("quantization_config", None)
     in_memory = _logits(base.model, tokens).astype(mx.float32)
-    with replace_dir(Path(cfg.save_path)) as tmp:
+    with replace_dir(Path(cfg.save_path), COMMAND, "--save-path", inputs(cfg, adapter.base_model)) as tmp:
         write_model_files(tmp, base.model, base.tokenizer, config, base.path)
         set_precision(fused := read_back(tmp), cfg.compute_dtype)
         fused_logits = _logits(fused, tokens).astype(mx.float32)
@@ -172,6 +174,11 @@ def read_back(path: Path, lazy: bool = False) -> nn.Module:
     return model
 
 
+def inputs(cfg: FuseConfig, base_model: str) -> dict[str, Path]:
+    """What --save-path must not replace: the adapter, and the base where it is a local path."""
+    return {"--adapter-path": Path(cfg.adapter_path), "--model": Path(cfg.model or base_model)}
+
+
 def check_export(cfg: FuseConfig, config: dict) -> None:
     if cfg.export_gguf:
         check_gguf(config, cfg.gguf_type)
@@ -213,7 +220,7 @@ def fuse_by_shard(cfg: FuseConfig, adapter, weights, log) -> FuseResult:
     expected = outputs(model, blocks, tokens, h)
     del reference, model
     base = adapted(name, adapter, weights, directory)
-    with replace_dir(Path(cfg.save_path)) as tmp:
+    with replace_dir(Path(cfg.save_path), COMMAND, "--save-path", inputs(cfg, name)) as tmp:
         write_shards(base, tmp, log)
         got = outputs(read_back(tmp, lazy=True), blocks, tokens, h)
         diff = max(mx.abs(got[i] - expected[i]).max().item() for i in blocks)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from mlx_lora.atomic import write_bytes
+from mlx_lora.atomic import OWNER, write_bytes
 from mlx_lora.commands.convert import convert
 from mlx_lora.commands.evaluate import table
 from mlx_lora.commands.info import spans
@@ -233,8 +233,9 @@ def hub_token() -> str:
 
 
 def repo_files(directory: Path) -> dict[str, Path]:
-    """{path in the repo: file} for every file under `directory`."""
-    return {p.relative_to(directory).as_posix(): p for p in sorted(directory.rglob("*")) if p.is_file()}
+    """{path in the repo: file} for every file under `directory` but our record of who wrote it."""
+    files = (p for p in sorted(directory.rglob("*")) if p.is_file() and p.name != OWNER)  # OWNER: ours, not the repo's
+    return {p.relative_to(directory).as_posix(): p for p in files}
 
 
 def push(files: dict[str, Path | bytes], repo: str, private: bool, message: str) -> str:

@@ -114,7 +114,7 @@ def entry_path(source, cfg: DataConfig, wanted: str, tokenizer_id: str, cache_di
 
 def save(path: Path, examples: ExampleSet, warnings: list[str]) -> None:
     """Written whole or not at all: a run killed mid-write leaves no entry a later run would trust."""
-    with atomic.replace_dir(path) as tmp:
+    with atomic.replace_dir(path, "mlx-lora data cache", "--data-cache") as tmp:
         for name in ARRAYS:
             np.save(tmp / f"{name}.npy", getattr(examples, name))
         (tmp / WARNINGS).write_text(json.dumps(warnings))

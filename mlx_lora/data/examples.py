@@ -24,6 +24,9 @@ class Example:
     mask: np.ndarray  # (T,) bool: token t is a training target (predicted from tokens < t)
 
 
+# Characters read per token kept when a long text is cut (encode_prefix): a first guess, doubled
+# while too few tokens come of it.
+CHARS_PER_TOKEN = 8
 CHUNK = 4096  # examples tokenized before they are laid end to end: a few MB, never one object per row
 
 
@@ -88,20 +91,43 @@ def _chat_segments(where: str, tokenizer, messages: list[dict]) -> list[tuple[st
     return segments + [(full[done:], False)]
 
 
-def encode_row(where: str, tokenizer, fmt: str, row: dict, train_on_prompt: bool) -> Example:
+def encode_prefix(tokenizer, text: str, limit: int | None, **kwargs) -> list[int]:
+    """The tokens of `text`, or where it is long, a prefix of them longer than `limit` (all a row
+    keeps of it), read from a prefix of the text: memory follows `limit`, not the text.
+
+    A cut can change the tokens at its end (a word split in two merges differently), so the text
+    is encoded up to two cuts, one twice as far as the other, and only the tokens on which both
+    agree are kept; the cuts move further until more than `limit` agree.
+    """
+    cut = CHARS_PER_TOKEN * (limit + 1) if limit else len(text)
+    if len(text) <= 2 * cut:
+        return tokenizer.encode(text, **kwargs)
+    near = tokenizer.encode(text[:cut], **kwargs)
+    while 2 * cut < len(text):
+        far = tokenizer.encode(text[: 2 * cut], **kwargs)
+        agreed = next((i for i, (a, b) in enumerate(zip(near, far)) if a != b), min(len(near), len(far)))
+        if agreed > limit:
+            return far[:agreed]
+        near, cut = far, 2 * cut
+    return tokenizer.encode(text, **kwargs)
+
+
+def encode_row(where: str, tokenizer, fmt: str, row: dict, train_on_prompt: bool, limit: int | None = None) -> Example:
+    """A row's tokens and mask; with `limit`, those past it may be left out (the row is cut there)."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    encode = lambda text, **kwargs: encode_prefix(tokenizer, text, limit, **kwargs)
     if fmt == "text":
-        parts = [(tokenizer.encode(row["text"]) + eos, True)]
+        parts = [(encode(row["text"]) + eos, True)]
     elif fmt == "completion":
         parts = [
-            (tokenizer.encode(row["prompt"]), train_on_prompt),
-            (tokenizer.encode(row["completion"], add_special_tokens=False) + eos, True),
+            (encode(row["prompt"]), train_on_prompt),
+            (encode(row["completion"], add_special_tokens=False) + eos, True),
         ]
     else:
         if getattr(tokenizer, "chat_template", None) is None:
             raise UserError(f"{where}: 'messages' rows need a tokenizer with a chat template; this one has none")
         parts = [
-            (tokenizer.encode(text, add_special_tokens=False), is_reply or train_on_prompt)
+            (encode(text, add_special_tokens=False), is_reply or train_on_prompt)
             for text, is_reply in _chat_segments(where, tokenizer, row["messages"])
         ]
     tokens = np.concatenate([np.asarray(ids, np.int32) for ids, _ in parts])
@@ -141,7 +167,7 @@ def encode_rows(
         fmt = row_format(row.where, row.fields)
         first = first or (fmt, row)
         check_same_format(row, fmt, *first)
-        ex = encode_row(row.where, tokenizer, fmt, row.fields, train_on_prompt)
+        ex = encode_row(row.where, tokenizer, fmt, row.fields, train_on_prompt, max_seq_length)
         if shortest is None or len(ex.tokens) < shortest[1]:
             shortest = (row.where, len(ex.tokens))
         if len(ex.tokens) > max_seq_length:

@@ -45,10 +45,15 @@ def read_mlxlm(directory: Path, data: dict[str, Any]) -> tuple[AdapterConfig, di
             f"{path}: fine_tune_type {kind}; mlx-lora reads LoRA and DoRA adapters only"
             + (" (a full fine-tune is a whole model: pass it as --model)" if kind == "full" else "")
         )
-    params = data[MLXLM_PARAMETERS]
+    params = data[MLXLM_PARAMETERS] if isinstance(data[MLXLM_PARAMETERS], dict) else {}
     missing = [k for k in ("rank", "scale") if k not in params] + ([] if "num_layers" in data else ["num_layers"])
     if missing:
         raise UserError(f"{path}: mlx-lm adapter config lacks {', '.join(missing)}")
+    numbers = {"rank": params["rank"], "scale": params["scale"], "num_layers": data["num_layers"]}
+    numbers["dropout"] = params.get("dropout", 0.0)
+    wrong = [f"{k} must be a number, got {v!r:.40}" for k, v in numbers.items() if not _number(v)]
+    if wrong:
+        raise UserError(f"{path}: {'; '.join(wrong)}")
     weights, metadata = read_weights(directory / ADAPTER_WEIGHTS)
     leaves = (*LORA_KEYS, MLXLM_MAGNITUDE) if kind == "dora" else LORA_KEYS
     foreign = [k for k in weights if k.rsplit(".", 1)[-1] not in leaves]
@@ -68,6 +73,10 @@ def read_mlxlm(directory: Path, data: dict[str, Any]) -> tuple[AdapterConfig, di
         methods={"dora": kind == "dora"},
     )
     return config, weights
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 def _rename(key: str, leaf: str, to: str) -> str:

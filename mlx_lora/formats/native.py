@@ -12,6 +12,8 @@ peft.py and mlxlm.py build on it, and loader.py picks the reader for a directory
 import json
 import math
 import re
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,42 @@ EMBEDDED_CONFIG = "mlx_lora_config"
 # The config keys that give the weights their meaning; base_model may be edited by hand (a moved base).
 WEIGHT_MEANING = {f.name for f in fields(LoRAConfig)} | {"scale", "modules", "layer_indices"}
 BLOCK_MODULE = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.+)$")  # model.layers.3.self_attn.q_proj
+
+
+def key_types() -> dict[str, Any]:
+    """The JSON type of each key the reader takes (a hand edit or another tool may write any)."""
+    hints = typing.get_type_hints(LoRAConfig)
+    return {f.name: hints[f.name] for f in fields(LoRAConfig)} | {
+        "format_version": int,
+        "base_model": str,
+        "base_fingerprint": str | None,
+        "modules": list[str],
+        "layer_indices": list[int],
+        "trained_init": str | None,
+        "training": dict | None,
+    }
+
+
+def _is(value: Any, tp: Any) -> bool:
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType):
+        return any(_is(value, a) for a in args)
+    if typing.get_origin(tp) is list:
+        return isinstance(value, list) and all(_is(v, args[0]) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return value is None if tp is type(None) else isinstance(value, tp)
+
+
+def _name(tp: Any) -> str:
+    names = {str: "a string", int: "a whole number", float: "a number", bool: "true or false", dict: "an object"}
+    if isinstance(tp, types.UnionType):
+        return " or ".join("null" if a is type(None) else _name(a) for a in typing.get_args(tp))
+    return (
+        f"a list of {_name(typing.get_args(tp)[0]).split(' ', 1)[1]}s" if typing.get_origin(tp) is list else names[tp]
+    )
 
 
 @dataclass
@@ -67,6 +105,11 @@ class AdapterConfig:
         missing = [k for k in required if k not in data]
         if data.get("format") != FORMAT or missing:
             raise UserError(f"{path}: not an mlx-lora adapter config (missing {', '.join(missing) or 'format'})")
+        wrong = [
+            f"{k} must be {_name(tp)}, got {data[k]!r:.40}" for k, tp in key_types().items() if not _is(data.get(k), tp)
+        ]
+        if wrong:
+            raise UserError(f"{path}: {'; '.join(wrong)}; restore the file the adapter was saved with, or retrain")
         if data["format_version"] > FORMAT_VERSION:
             raise UserError(f"{path}: format_version {data['format_version']} is newer than this mlx-lora; upgrade it")
         lora = LoRAConfig(**{f.name: data[f.name] for f in fields(LoRAConfig)})
@@ -165,7 +208,7 @@ def read_native(directory: Path, data: dict[str, Any]) -> tuple[AdapterConfig, d
     """Our own files, refusing weights saved with another config (a save cut between the two files)."""
     path = directory / ADAPTER_CONFIG
     weights, metadata = read_weights(directory / ADAPTER_WEIGHTS)
-    saved = json.loads(metadata.get(EMBEDDED_CONFIG, "{}"))
+    saved = embedded_config(directory / ADAPTER_WEIGHTS, metadata)
     differ = [k for k in saved if k in WEIGHT_MEANING and saved[k] != data.get(k)]
     if differ:
         raise UserError(
@@ -175,11 +218,26 @@ def read_native(directory: Path, data: dict[str, Any]) -> tuple[AdapterConfig, d
     return AdapterConfig.from_json(path, data), weights
 
 
+def embedded_config(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
+    """The copy of the config saved in the weights' metadata ({} where there is none)."""
+    try:
+        saved = json.loads(metadata.get(EMBEDDED_CONFIG, "{}"))
+    except json.JSONDecodeError as e:
+        raise UserError(
+            f"{path}: its metadata {EMBEDDED_CONFIG} is not valid JSON ({e.msg}); retrain or restore it"
+        ) from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}: its metadata {EMBEDDED_CONFIG} is not a JSON object; retrain or restore it")
+    return saved
+
+
 def read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); restore the file or write it again") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object")
     return data

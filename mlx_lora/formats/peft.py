@@ -99,7 +99,15 @@ def from_peft_config(path: Path, data: dict[str, Any]) -> tuple[int, float, floa
         problems.append(f"bias {data['bias']} (only none)")
     if problems:
         raise UserError(f"{path}: this PEFT adapter uses what mlx-lora does not support: {', '.join(problems)}")
-    return int(data.get("r", 8)), float(data.get("lora_alpha", 8)), float(data.get("lora_dropout", 0.0))
+    values = data.get("r", 8), data.get("lora_alpha", 8), data.get("lora_dropout", 0.0)
+    wrong = [
+        f"{k} must be a number, got {v!r:.40}"
+        for k, v in zip(("r", "lora_alpha", "lora_dropout"), values)
+        if not isinstance(v, (int, float)) or isinstance(v, bool)
+    ]
+    if wrong:
+        raise UserError(f"{path}: {'; '.join(wrong)}")
+    return int(values[0]), float(values[1]), float(values[2])
 
 
 def peft_targets(modules: list[str]) -> tuple[list[str] | str, list[int] | None]:

@@ -85,6 +85,30 @@ def pre_signature(pre: dict | None) -> tuple:
     )
 
 
+# The sizes the reader divides or allocates by (a crafted header may hold anything); the second
+# set may be absent, and the reader then derives them.
+SIZES = ("embedding_length", "block_count", "feed_forward_length", "attention.head_count")
+OPTIONAL_SIZES = ("attention.head_count_kv", "attention.key_length", "rope.dimension_count", "context_length")
+
+
+def check_dimensions(key, path: Path) -> None:
+    """Each size a positive whole number; the heads a multiple of the key/value heads and, without a
+    key_length, a divisor of the embedding width."""
+    damaged = f"--model {path}: metadata"
+    for name in SIZES + OPTIONAL_SIZES:
+        value = key(name, 1 if name in OPTIONAL_SIZES else None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{damaged} {name} is {value!r:.40}, not a positive whole number; the file is damaged")
+    heads, width = key("attention.head_count"), key("embedding_length")
+    if heads % key("attention.head_count_kv", heads):
+        raise UserError(f"{damaged} attention.head_count_kv does not divide head_count {heads}; the file is damaged")
+    if key("attention.key_length") is None and width % heads:
+        raise UserError(f"{damaged} attention.head_count {heads} does not divide embedding_length {width}")
+    eps = key("attention.layer_norm_rms_epsilon")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise UserError(f"{damaged} attention.layer_norm_rms_epsilon is {eps!r:.40}; the file is damaged")
+
+
 def gguf_config(meta: dict[str, Any], weights: Collection[str], path: Path) -> dict[str, Any]:
     """The Hugging Face config.json keys mlx-lm's llama and qwen2 read, from llama.cpp's keys."""
     arch = meta.get("general.architecture")
@@ -96,6 +120,7 @@ def gguf_config(meta: dict[str, Any], weights: Collection[str], path: Path) -> d
     def key(name: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{name}", default)
 
+    check_dimensions(key, path)
     heads = key("attention.head_count")
     head_dim = key("attention.key_length", key("embedding_length") // heads)
     if key("rope.dimension_count", head_dim) != head_dim:

@@ -16,6 +16,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
+from mlx_lora import atomic
 from mlx_lora.atomic import replace_dir
 from mlx_lora.config import LoRAConfig, TrainConfig, lora_part
 from mlx_lora.errors import UserError
@@ -23,6 +24,7 @@ from mlx_lora.formats.loader import load_adapter
 from mlx_lora.formats.native import ADAPTER_CONFIG, AdapterConfig, read_weights, save_adapter
 from mlx_lora.model.base import Base
 
+TRAIN = "mlx-lora train"  # the writer an adapter directory's atomic.OWNER names
 CHECKPOINTS = "checkpoints"
 OPTIMIZER_STATE = "optimizer.safetensors"
 TRAINER_STATE = "trainer_state.json"
@@ -81,12 +83,12 @@ def save_checkpoint(
     state: TrainerState,
     best_weights: dict[str, mx.array] | None = None,
 ) -> None:
-    with replace_dir(directory) as tmp:
+    with replace_dir(directory, TRAIN, "--adapter-path") as tmp:
         save_adapter(tmp, model, adapter)
-        mx.save_safetensors(str(tmp / OPTIMIZER_STATE), dict(tree_flatten(optimizer.state)))
+        atomic.save_safetensors(tmp / OPTIMIZER_STATE, dict(tree_flatten(optimizer.state)))
         if best_weights:
-            mx.save_safetensors(str(tmp / BEST_WEIGHTS), best_weights)
-        (tmp / TRAINER_STATE).write_text(json.dumps(state.to_json(), indent=2) + "\n")
+            atomic.save_safetensors(tmp / BEST_WEIGHTS, best_weights)
+        atomic.write_json(tmp / TRAINER_STATE, state.to_json())
 
 
 def find_checkpoint(path: str | Path) -> Path:

@@ -4,6 +4,7 @@ build_run() loads the base, the data and the adapter (new or resumed) and prepar
 step; fit() runs the steps, with `if step % n == 0` blocks for reports, validation and checkpoints.
 """
 
+import contextlib
 import math
 import os
 import signal
@@ -19,7 +20,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import get_total_parameters
 
 from mlx_lora import blas
-from mlx_lora.atomic import check_writable, remove_stale
+from mlx_lora.atomic import check_writable, claim_dir, mark_dir, remove_stale
 from mlx_lora.config import LoRAConfig, TrainConfig, data_part, lora_part, method_options
 from mlx_lora.data.batches import batches_per_epoch, iterate_batches
 from mlx_lora.data.dataset import Encoding, load_splits
@@ -27,15 +28,24 @@ from mlx_lora.data.examples import Example
 from mlx_lora.data.sources import open_source
 from mlx_lora.distributed import group as distributed
 from mlx_lora.errors import Interrupted, UserError
-from mlx_lora.formats.native import AdapterConfig, adapter_weights, describe, save_adapter
+from mlx_lora.formats.native import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterConfig,
+    adapter_weights,
+    describe,
+    save_adapter,
+)
 from mlx_lora.model.base import Base, load_base
 from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.model.lora import apply_lora
 from mlx_lora.model.precision import materialize
-from mlx_lora.reporting.metrics import MetricsLog
+from mlx_lora.reporting.metrics import METRICS, TENSORBOARD_DIR, MetricsLog
 from mlx_lora.reporting.monitor import TrainMonitor
+from mlx_lora.reporting.plot import LOSS_PNG
 from mlx_lora.training.checkpoint import (
     CHECKPOINTS,
+    TRAIN,
     TrainerState,
     checkpoint_dir,
     find_checkpoint,
@@ -57,6 +67,9 @@ from mlx_lora.training.signals import deferred_stop
 from mlx_lora.training.step import grads_finite, make_step
 from mlx_lora.training.streaming import Split, rank_rows, splits, streamed_feed, why_not_stream
 from mlx_lora.training.validation import mean_loss
+
+# The names a run writes in --adapter-path (wandb makes its own directory there).
+TRAIN_WRITES = {ADAPTER_WEIGHTS, ADAPTER_CONFIG, METRICS, LOSS_PNG, TENSORBOARD_DIR, "wandb", CHECKPOINTS}
 
 
 @dataclass
@@ -144,8 +157,11 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     run = build_run(cfg, log)
     try:
         result = fit(run)
-    finally:
-        run.monitor.close()  # bar, metrics.jsonl and loss.png, however the run ended
+    except BaseException:
+        with contextlib.suppress(UserError):  # a full disk fails loss.png too; the first error is the one to show
+            run.monitor.close()
+        raise
+    run.monitor.close()  # bar, metrics.jsonl and loss.png
     first = result.val_losses[run.progress.step]
     last = run.stopping.best_loss if run.stopping else result.val_losses[result.steps]
     run.log(
@@ -161,9 +177,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     log = log if world.main else distributed.quiet
     out = Path(cfg.adapter_path)
     if world.main:
-        check_writable(out, "--adapter-path")
-        remove_stale(out)
-        remove_stale(out / CHECKPOINTS)
+        claim_output(out)
     mx.random.seed(cfg.seed)
     base = load_base(cfg.model, lazy=True, compute=cfg.compute_dtype)  # streamed: frozen blocks never read whole
     use_cpu_kernels(base.model)
@@ -211,13 +225,26 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         state=state,
         run_config={**asdict(cfg), "model": base.name, "data": source.origin, "resume": None},
         # bar or plain lines, metrics.jsonl, loss.png: rank 0's alone
-        monitor=monitor(cfg, out, iters, log) if world.main else distributed.Silent(),
+        monitor=start_monitor(cfg, world, out, iters, log),
         stopping=early_stopping(cfg, last_saved, progress),
         last_saved=last_saved,
     )
 
 
-def monitor(cfg: TrainConfig, out: Path, iters: int, log) -> TrainMonitor:
+def claim_output(out: Path) -> None:
+    """Before any work: none of the names a run writes is taken in --adapter-path, unless by a
+    previous run (other files are left alone); what a killed save left there is cleared."""
+    check_writable(out, "--adapter-path")
+    claim_dir(out, TRAIN, "--adapter-path", writes=TRAIN_WRITES)
+    remove_stale(out)
+    remove_stale(out / CHECKPOINTS)
+
+
+def start_monitor(cfg: TrainConfig, world, out: Path, iters: int, log):
+    """Bar or plain lines, metrics.jsonl, loss.png: rank 0's alone, in the directory it marks as train's."""
+    if not world.main:
+        return distributed.Silent()
+    mark_dir(out, TRAIN)
     metrics = MetricsLog(out, cfg.report_to, append=bool(cfg.resume), options=asdict(cfg))
     return TrainMonitor(out, iters, metrics, log)
 

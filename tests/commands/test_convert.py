@@ -9,6 +9,7 @@ from conftest import TOKENS, hf_logits, mlx_logits, random_adapter
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
+from mlx_lora.atomic import OWNER
 from mlx_lora.cli import app
 from mlx_lora.config import LoRAConfig
 from mlx_lora.formats.native import ADAPTER_CONFIG
@@ -25,7 +26,7 @@ def test_convert_command_writes_each_format(llama, tmp_path):
     random_adapter(llama, tmp_path / "ours", CFG)
     result = _run("convert", "--to", "peft", tmp_path / "ours", tmp_path / "peft", "--base-model-id", "org/tiny-llama")
     assert result.exit_code == 0, result.output
-    assert {p.name for p in (tmp_path / "peft").iterdir()} == {PEFT_WEIGHTS, PEFT_CONFIG}
+    assert {p.name for p in (tmp_path / "peft").iterdir()} - {OWNER} == {PEFT_WEIGHTS, PEFT_CONFIG}
     assert json.loads((tmp_path / "peft" / PEFT_CONFIG).read_text())["base_model_name_or_path"] == "org/tiny-llama"
     result = _run("convert", "--to", "peft", tmp_path / "peft", tmp_path / "peft2")
     assert result.exit_code == 2 and "--model org/tiny-llama: not a local directory" in result.output  # not on the hub

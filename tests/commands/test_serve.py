@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import mlx.core as mx
 import openai
 import pytest
 from conftest import CFG_A, CFG_B, generate_alone, save_random_adapter
@@ -456,3 +457,28 @@ def test_the_prompt_limit_comes_from_the_model_config_else_4096():
     assert limit({}, 9000) == (9000, "--max-prompt-tokens")
     with pytest.raises(UserError, match="more than m reads: 256 tokens"):
         limit({"max_position_embeddings": 256}, 257)
+
+
+def _string_format_version(d: Path) -> None:
+    """format_version "1" in the config and in the copy the weights carry, so the two agree."""
+    config = json.loads((d / "adapter_config.json").read_text()) | {"format_version": "1"}
+    weights = mx.load(str(d / "adapters.safetensors"))
+    metadata = {"format": "mlx-lora", "mlx_lora_config": json.dumps(config)}
+    mx.save_safetensors(str(d / "adapters.safetensors"), weights, metadata=metadata)
+    (d / "adapter_config.json").write_text(json.dumps(config))
+
+
+BROKEN = {
+    "non-UTF-8": lambda d: (d / "adapter_config.json").write_bytes(b'{"a": "\xff"}'),
+    "a list": lambda d: (d / "adapter_config.json").write_bytes(b"[1]"),
+    "string format_version": _string_format_version,
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_a_malformed_adapter_config_is_a_400_not_a_500(served, case):
+    name = "broken-" + case.replace(" ", "-")
+    shutil.copytree(served["paths"]["d"], served["root"] / name)
+    BROKEN[case](served["root"] / name)
+    response = post(served, "/v1/adapters", {"name": name, "path": name})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_adapter", response.text

@@ -180,3 +180,60 @@ def test_tokenizing_a_set_holds_one_row_at_a_time(base, valid_split):
 
     sets = load_sets(Source(), DataConfig(), base.tokenizer, 2048, False, lambda _: None)
     assert len(sets["train"]) == (200 if valid_split else 190) and max(most) <= 4
+
+
+class _Recording:
+    """The tokenizer, with the length of every text it is asked to encode recorded."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.seen = tokenizer, []
+
+    def encode(self, text, **kwargs):
+        self.seen.append(len(text))
+        return self.tokenizer.encode(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+LONG_TEXTS = {
+    "prose": "The quick brown fox jumps over the lazy dog. " * 4000,
+    "one long word": "a" * 100_000,
+    "spaces": "x" + " " * 100_000 + "y",
+    "digits": "3141592653589793" * 6000,
+    "unicode": "héllo wörld 漢字テスト 🙂 " * 5000,
+    "code": "def f(x):\n        return x  # ok\n" * 3000,
+}
+
+
+@pytest.mark.parametrize("limit", [1, 16, 200])
+@pytest.mark.parametrize("kind", LONG_TEXTS)
+def test_a_long_row_keeps_the_tokens_of_its_full_tokenization(base, kind, limit):
+    from mlx_lora.data.examples import encode_row
+
+    text, tok = LONG_TEXTS[kind], base.tokenizer
+    rows = [
+        ("text", {"text": text}),
+        ("completion", {"prompt": text, "completion": " done"}),
+        ("completion", {"prompt": "Q:", "completion": text}),
+        ("chat", {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": text}]}),
+    ]
+    for fmt, row in rows:
+        full = encode_row("t", tok, fmt, row, False)
+        recording = _Recording(tok)
+        cut = encode_row("t", recording, fmt, row, False, limit)
+        assert len(cut.tokens) > limit and max(recording.seen) < len(text) / 2, (fmt, recording.seen)
+        assert list(cut.tokens[:limit]) == list(full.tokens[:limit]), fmt
+        assert list(cut.mask[:limit]) == list(full.mask[:limit]), fmt
+
+
+def test_reading_a_10_mb_line_encodes_no_more_text_than_a_1_mb_one(base, tmp_path):
+    seen = {}
+    for size in (10**6, 10**7):
+        recording = _Recording(base.tokenizer)
+        path = write_jsonl(tmp_path / f"{size}.jsonl", [{"text": "word " * (size // 5)}, {"text": "short"}])
+        examples = load_split(path, recording, 64, False, log=lambda _: None)
+        assert [len(ex.tokens) for ex in examples] == [64, len(base.tokenizer.encode("short")) + 1]
+        assert list(examples[0].tokens) == base.tokenizer.encode("word " * 200)[:64]
+        seen[size] = max(recording.seen)
+    assert seen[10**6] == seen[10**7] <= 4 * 8 * 65, seen

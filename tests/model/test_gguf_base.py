@@ -1,6 +1,7 @@
 """A llama.cpp GGUF file as the base: our tokens, logits and greedy text on the real SmolLM2 Q4_1
 file are llama.cpp's own on the same file, and an adapter trained on it fuses back into a GGUF."""
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -188,3 +189,44 @@ def test_missing_or_foreign_gguf_is_a_user_error(tmp_path):
     writer.close()
     with pytest.raises(UserError, match="a GGUF of gpt2; reading GGUF supports llama, qwen2, qwen3 only"):
         load_base(str(tmp_path / "gpt2.gguf"))
+
+
+def _crafted_llama(path, **overrides):
+    """A llama GGUF header with small sizes and `overrides` (key -> value) in place of them."""
+    import gguf
+
+    sizes = {"embedding_length": 64, "block_count": 1, "feed_forward_length": 128, "attention.head_count": 4}
+    sizes |= {"attention.head_count_kv": 2, "context_length": 128, "attention.layer_norm_rms_epsilon": 1e-5}
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for name, value in (sizes | overrides).items():
+        kind = gguf.GGUFValueType.FLOAT32 if isinstance(value, float) else gguf.GGUFValueType.STRING
+        kind = gguf.GGUFValueType.INT32 if isinstance(value, int) else kind
+        writer.add_key_value(f"llama.{name}", value, kind)
+    writer.add_token_list(["a", "b"])
+    writer.add_tensor("token_embd.weight", np.zeros((2, 64), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        ({"attention.head_count": 0}, "metadata attention.head_count is 0, not a positive whole number"),
+        ({"attention.head_count_kv": 0}, "metadata attention.head_count_kv is 0, not a positive whole number"),
+        ({"attention.key_length": -8}, "metadata attention.key_length is -8, not a positive whole number"),
+        ({"embedding_length": "64"}, "metadata embedding_length is '64', not a positive whole number"),
+        ({"attention.head_count_kv": 3}, "metadata attention.head_count_kv does not divide head_count 4"),
+        (
+            {"attention.head_count": 5, "attention.head_count_kv": 5},
+            "metadata attention.head_count 5 does not divide embedding_length 64",
+        ),
+        ({"attention.layer_norm_rms_epsilon": 0.0}, "metadata attention.layer_norm_rms_epsilon is 0.0"),
+    ],
+)
+def test_a_crafted_gguf_size_the_reader_divides_by_is_a_user_error(tmp_path, overrides, expected):
+    path = _crafted_llama(tmp_path / "crafted.gguf", **overrides)
+    with pytest.raises(UserError, match=re.escape(expected)):
+        load_base(str(path))
