@@ -244,8 +244,8 @@ def start_monitor(cfg: TrainConfig, world, out: Path, iters: int, log):
     """Bar or plain lines, metrics.jsonl, loss.png: rank 0's alone, in the directory it marks as train's."""
     if not world.main:
         return distributed.Silent()
+    metrics = MetricsLog(out, cfg.report_to, append=bool(cfg.resume), options=asdict(cfg))  # may refuse: first
     mark_dir(out, TRAIN)
-    metrics = MetricsLog(out, cfg.report_to, append=bool(cfg.resume), options=asdict(cfg))
     return TrainMonitor(out, iters, metrics, log)
 
 
