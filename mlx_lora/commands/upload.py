@@ -11,28 +11,30 @@ huggingface-hub, so a failure before the commit leaves the Hub as it was.
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from mlx_lora.atomic import OWNER, write_bytes
-from mlx_lora.commands.convert import convert
+from mlx_lora.atomic import OWNER, replace_dir, write_bytes
 from mlx_lora.commands.evaluate import table
 from mlx_lora.commands.info import spans
-from mlx_lora.config import ConvertConfig, UploadConfig
+from mlx_lora.config import UploadConfig
 from mlx_lora.config.commands import HUB_REPO
 from mlx_lora.errors import UserError
 from mlx_lora.formats.gguf import GGUF_ADAPTER_FILE, GGUF_FILE
 from mlx_lora.formats.loader import read_adapter
 from mlx_lora.formats.native import AdapterConfig, read_json
 from mlx_lora.formats.peft import PEFT_CONFIG
+from mlx_lora.formats.registry import FORMATS, Format, Weights, export, format_named
 from mlx_lora.reporting.metrics import METRICS, read_metrics
 from mlx_lora.reporting.plot import LOSS_PNG
 
 CARD = "README.md"
-# Where each format goes; PEFT at the root, the one place PeftModel.from_pretrained looks.
-FORMAT_DIRS = {"peft": "", "mlx": "mlx-lora", "mlx-lm": "mlx-lm", "gguf": "gguf"}
+COMMAND = "mlx-lora upload"
+# Required, and at the root: the one place PeftModel.from_pretrained looks. The others go where
+# their Format.hub_dir says, when they can hold the adapter.
+ROOT_FORMAT = "peft"
 RUN_FILES = (LOSS_PNG, METRICS)
 PROMPT = "Hello, who are you?"
 NO_TOKEN = (
@@ -48,7 +50,7 @@ class Staged:
     directory: Path
     repo: str
     base: str  # the base's Hub id, or the name the adapter records when it has none
-    formats: list[str] = field(default_factory=list)  # keys of FORMAT_DIRS written
+    formats: list[str] = field(default_factory=list)  # names of the formats written
     skipped: dict[str, str] = field(default_factory=dict)  # format -> why it could not be written
     evals: dict[str, dict] = field(default_factory=dict)  # file name -> `eval --output` result
 
@@ -81,23 +83,34 @@ def stage_adapter(
     """Every format the adapter can be written in, the run's files and the card, into `out` (new);
     `model` is the base's directory or id where the adapter's own record will not do (a GGUF base)."""
     adapter_dir = Path(adapter_dir)
-    adapter, _ = read_adapter(adapter_dir)
-    peft = ConvertConfig(str(adapter_dir), str(out), to="peft", model=model, base_model_id=base_model_id)
-    convert(peft, log=_quiet)
-    staged = Staged(out, repo, read_json(out / PEFT_CONFIG)["base_model_name_or_path"], ["peft"])
-    for to, sub in list(FORMAT_DIRS.items())[1:]:
+    adapter, weights = read_adapter(adapter_dir)
+    root = format_named(ROOT_FORMAT)
+    _stage(root, adapter, weights, adapter_dir, out, model, base_model_id)
+    staged = Staged(out, repo, read_json(out / PEFT_CONFIG)["base_model_name_or_path"], [root.name])
+    for fmt in (f for f in FORMATS if f is not root):
         try:
-            convert(replace(peft, out_dir=str(out / sub), to=to, base_model_id=staged.base), log=_quiet)
-            staged.formats.append(to)
+            _stage(fmt, adapter, weights, adapter_dir, out, model, staged.base)
+            staged.formats.append(fmt.name)
         except UserError as e:  # mlx-lm and llama.cpp cannot hold every adapter; the card says why
-            staged.skipped[to] = str(e)
+            staged.skipped[fmt.name] = str(e)
     staged.evals = copy_run_files(adapter_dir, out)
     write_bytes(out / CARD, adapter_card(staged, adapter, _metrics(adapter_dir)).encode())
     return staged
 
 
-def _quiet(*_) -> None:
-    pass
+def _stage(
+    fmt: Format,
+    adapter: AdapterConfig,
+    weights: Weights,
+    src: Path,
+    out: Path,
+    model: str | None,
+    base_model_id: str | None,
+) -> None:
+    """`fmt`'s files in its folder of the repo, all of them or none (as `convert` writes them)."""
+    ready = export(fmt, adapter, weights, src, model, base_model_id)
+    with replace_dir(out / fmt.hub_dir, COMMAND, "--repo", {"ADAPTER_DIR": src}) as tmp:
+        fmt.write(tmp, ready)
 
 
 def _metrics(run: Path) -> list[dict]:
