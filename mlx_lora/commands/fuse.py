@@ -10,18 +10,19 @@ from mlx_lm.utils import dequantize_model, load_model
 
 from mlx_lora.atomic import check_writable, claim_dir, replace_dir
 from mlx_lora.commands.shard_fuse import adapted, checked_blocks, outputs, weights_bytes, why_not_by_shard, write_shards
-from mlx_lora.commands.upload import hub_token, upload_fused
 from mlx_lora.config import FuseConfig
 from mlx_lora.errors import UserError
 from mlx_lora.formats.gguf import GGUF_FILE, architecture, as_stored, check_gguf, write_gguf
 from mlx_lora.formats.loader import apply_adapter, read_adapter
+from mlx_lora.hub.repo import hub_token, upload_fused
+from mlx_lora.machine import available_bytes
 from mlx_lora.model.base import load_base, write_model_files
 from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.model.gguf import ARCHITECTURES as GGUF_READABLE
 from mlx_lora.model.gguf import GGUF_SUFFIX, gguf_model
 from mlx_lora.model.lora import fuse_lora, lora_layers
 from mlx_lora.model.precision import restore, set_precision
-from mlx_lora.training.memory import available_bytes, compute_dtype
+from mlx_lora.training.memory import compute_dtype
 
 CHECK_PROMPT = "Q: Tom has 3 apples and buys 4 more. How many apples does he have?\nA: 3 + 4 = 7. #### 7"
 # Largest logit difference allowed between adapter and fused model, relative to max(1, |logits|).
