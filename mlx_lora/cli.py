@@ -237,8 +237,9 @@ def upload(cfg: UploadConfig) -> None:
 
 @_command(EvalConfig, "eval", "Loss, perplexity and exact match on a data split; base vs adapter with --compare-base.")
 def evaluate(cfg: EvalConfig) -> None:
-    from mlx_lora.commands.evaluate import run, table
+    from mlx_lora.commands.evaluate import run
     from mlx_lora.reporting.progress import eprint
+    from mlx_lora.reporting.results import table
 
     print(table(run(cfg, log=eprint)))  # stdout holds the results alone; progress goes to stderr
 

@@ -12,9 +12,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mlx_lora"
 ARCHITECTURE = PACKAGE.parent / "ARCHITECTURE.md"
 CITED = re.compile(r"`(\w+)/(\w+)\.(\w+)")  # `room/module.name`, as the map cites code
 # Each room and the rooms it may import (besides itself). Lower rooms never import higher ones.
-FOUNDATION = {"errors", "atomic", "blas", "allocator", "config"}
+FOUNDATION = {"errors", "atomic", "blas", "allocator", "machine", "config"}
 MAY_IMPORT = {
     "errors": set(),
+    "machine": set(),
     "atomic": {"errors"},
     "blas": {"errors"},
     "allocator": set(),
@@ -26,9 +27,15 @@ MAY_IMPORT = {
     "formats": FOUNDATION | {"model"},
     "inference": FOUNDATION | {"model", "formats", "reporting"},
     "training": FOUNDATION | {"model", "data", "formats", "reporting", "distributed"},
-    "commands": FOUNDATION | {"model", "data", "formats", "reporting", "inference", "training"},
+    "hub": FOUNDATION | {"formats", "reporting"},
+    "commands": FOUNDATION | {"model", "data", "formats", "reporting", "inference", "training", "hub"},
     "cli": FOUNDATION | {"commands", "distributed", "inference", "reporting", "training"},
     "__init__": {"blas"},
+}
+# Commands do not import each other; a command may import the helper modules that are its own parts.
+COMMAND_PARTS = {
+    "mlx_lora.commands.fuse": {"mlx_lora.commands.shard_fuse"},  # --by-shard
+    "mlx_lora.commands.evaluate": {"mlx_lora.commands.preference_eval"},  # --task preference
 }
 LONG_FUNCTION = 60  # lines; a longer one says why in a `# long:` comment on its first line
 
@@ -40,10 +47,10 @@ def modules() -> dict[str, Path]:
     }
 
 
-def imports(path: Path) -> set[str]:
-    """Every mlx_lora module this file imports, at the top or inside a function."""
+def imports(path: Path, source: str | None = None) -> set[str]:
+    """Every mlx_lora module this file (or `source` in its place) imports, at the top or inside a function."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text() if source is None else source)):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mlx_lora"):
             assert node.level == 0, f"{path}: relative import; the house uses absolute mlx_lora.* imports"
             found |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
@@ -66,6 +73,34 @@ def test_rooms_import_only_the_rooms_beneath_them():
         if room(target) != room(module) and room(target) not in MAY_IMPORT[room(module)]
     ]
     assert not wrong, wrong
+
+
+def sideways(module: str, targets: set[str]) -> list[str]:
+    """A command's imports of other commands that are not its own parts."""
+    return [
+        f"{module} imports {t}"
+        for t in sorted(targets)
+        if room(module) == room(t) == "commands" and t != module and t not in COMMAND_PARTS.get(module, set())
+    ]
+
+
+def test_commands_do_not_import_each_other():
+    wrong = [line for module, path in modules().items() for line in sideways(module, imports(path))]
+    assert not wrong, wrong
+
+
+def test_the_commands_check_refuses_a_planted_sideways_import():
+    fuse = modules()["mlx_lora.commands.fuse"]
+    planted = fuse.read_text() + "\nfrom mlx_lora.commands.upload import upload\n"
+    assert sideways("mlx_lora.commands.fuse", imports(fuse, planted)) == [
+        "mlx_lora.commands.fuse imports mlx_lora.commands.upload"
+    ]
+    # a part is its own command's only: evaluate may not import fuse's
+    part = "from mlx_lora.commands.shard_fuse import adapted\n"
+    assert sideways("mlx_lora.commands.evaluate", imports(fuse, part)) == [
+        "mlx_lora.commands.evaluate imports mlx_lora.commands.shard_fuse"
+    ]
+    assert sideways("mlx_lora.commands.fuse", imports(fuse, part)) == []
 
 
 def test_no_module_imports_one_that_imports_it_back():

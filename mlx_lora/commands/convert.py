@@ -1,66 +1,22 @@
-"""`mlx-lora convert`: an adapter in any format we read, rewritten as mlx-lora, PEFT, mlx-lm or GGUF files."""
+"""`mlx-lora convert`: an adapter in any format we read, rewritten in any format of formats/registry.FORMATS."""
 
-from dataclasses import replace
 from pathlib import Path
-
-from mlx_lm.utils import load_model
 
 from mlx_lora.atomic import claim_dir, replace_dir
 from mlx_lora.config import ConvertConfig
-from mlx_lora.errors import UserError
-from mlx_lora.formats.gguf import GGUF_ADAPTER_FILE, write_gguf_adapter
-from mlx_lora.formats.loader import check_base, read_adapter
-from mlx_lora.formats.mlxlm import block_count, write_mlxlm
-from mlx_lora.formats.native import read_json, write_adapter
-from mlx_lora.formats.peft import checkpoint_names, hub_id, write_peft
-from mlx_lora.model.base import fingerprint, resolve_model
-from mlx_lora.model.gguf import GGUF_SUFFIX, read_gguf_config
+from mlx_lora.formats.loader import read_adapter
+from mlx_lora.formats.registry import export, format_named
 
 COMMAND = "mlx-lora convert"
 
 
-def _base(name: str, to: str) -> tuple[Path, dict]:
-    """The base's directory and config; a GGUF base gives its config from its metadata."""
-    if name.endswith(GGUF_SUFFIX):
-        if to in ("peft", "mlx-lm"):
-            raise UserError(
-                f"--to {to} needs the Hugging Face base the adapter fits, not the GGUF {name}; pass --model"
-            )
-        return Path(name), read_gguf_config(Path(name))
-    base_dir = resolve_model(name)
-    return base_dir, read_json(base_dir / "config.json")
-
-
 def convert(cfg: ConvertConfig, log=print) -> Path:
-    """Rewrite the adapter; the base is read only where the output needs it (PEFT: its checkpoint's
-    weight names; GGUF: its architecture; mlx-lm: its block count, unless the adapter says it) or --model names one."""
+    """Rewrite the adapter; the base is read only where the output needs it (registry.export)."""
     src, out = Path(cfg.adapter_dir), Path(cfg.out_dir)
     claim_dir(out, COMMAND, "OUT_DIR", {"ADAPTER_DIR": src})
-    config, weights = read_adapter(src)
-    blocks = block_count(config) if cfg.to == "mlx-lm" else None
-    base_dir = base_config = None
-    if cfg.model or cfg.to in ("peft", "gguf") or (cfg.to == "mlx-lm" and blocks is None):
-        if not (cfg.model or config.base_model):
-            raise UserError(f"{src}: the adapter names no base model; pass --model")
-        base_dir, base_config = _base(cfg.model or config.base_model, cfg.to)
-        check_base(config, base_config, str(base_dir), src)
-        config = replace(config, base_fingerprint=fingerprint(base_config))  # foreign formats record none
+    fmt = format_named(cfg.to)
+    adapter = export(fmt, *read_adapter(src), src, cfg.model, cfg.base_model_id)
     with replace_dir(out, COMMAND, "OUT_DIR", {"ADAPTER_DIR": src}) as tmp:
-        if cfg.to == "peft":
-            write_peft(
-                tmp,
-                config,
-                weights,
-                cfg.base_model_id or hub_id(base_dir, config.base_model),
-                checkpoint_names(base_dir),
-            )
-        elif cfg.to == "gguf":
-            scales = {m: config.lora.scale_of(m) for m in config.modules}
-            write_gguf_adapter(tmp / GGUF_ADAPTER_FILE, config.modules, weights, scales, base_config)
-        elif cfg.to == "mlx-lm":
-            num_blocks = len(load_model(base_dir, lazy=True)[0].layers) if base_dir else blocks
-            write_mlxlm(tmp, config, weights, num_blocks, cfg.base_model_id or config.base_model)
-        else:
-            write_adapter(tmp, replace(config, base_model=cfg.base_model_id or config.base_model), weights)
+        fmt.write(tmp, adapter)
     log(f"{cfg.to} adapter written to {out}")
     return out

@@ -16,7 +16,7 @@ import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
 
 from mlx_lora import atomic
-from mlx_lora.commands.preference_eval import preference_table, run_preference
+from mlx_lora.commands.preference_eval import run_preference
 from mlx_lora.config import EvalConfig, TrainConfig, data_part
 from mlx_lora.data.dataset import DataSplit, Encoding, load_splits
 from mlx_lora.data.preference import preference_split
@@ -330,26 +330,3 @@ def report(model: str, adapter_path, path: str, task: str, examples, items: list
         a, b = result["base"], result["adapter"]
         result["difference"] = {k: None if a[k] is None else b[k] - a[k] for k in ("loss", "perplexity", "exact_match")}
     return result
-
-
-def table(result: dict) -> str:
-    """Base and/or adapter side by side, with the change the adapter makes."""
-    if result["task"] == "preference":
-        return preference_table(result)
-    names = [n for n in ("base", "adapter") if n in result]
-    header = [""] + names + (["change"] if "difference" in result else [])
-    rows = [header]
-    for key, label in (("loss", "loss"), ("perplexity", "perplexity"), ("exact_match", "exact match")):
-        if result[names[0]][key] is None:
-            continue
-        row = [label] + [f"{result[n][key]:.3f}" for n in names]
-        if key == "exact_match":
-            row[1:] = [f"{cell} ({result[n]['correct']}/{result[n]['answered']})" for cell, n in zip(row[1:], names)]
-        if "difference" in result:
-            row.append(f"{result['difference'][key]:+.3f}")
-        rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))).rstrip()
-        for r in rows
-    )

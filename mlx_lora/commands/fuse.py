@@ -10,18 +10,20 @@ from mlx_lm.utils import dequantize_model, load_model
 
 from mlx_lora.atomic import check_writable, claim_dir, replace_dir
 from mlx_lora.commands.shard_fuse import adapted, checked_blocks, outputs, weights_bytes, why_not_by_shard, write_shards
-from mlx_lora.commands.upload import hub_token, upload_fused
 from mlx_lora.config import FuseConfig
 from mlx_lora.errors import UserError
 from mlx_lora.formats.gguf import GGUF_FILE, architecture, as_stored, check_gguf, write_gguf
 from mlx_lora.formats.loader import apply_adapter, read_adapter
-from mlx_lora.model.base import load_base, write_model_files
+from mlx_lora.formats.native import AdapterConfig
+from mlx_lora.hub.repo import hub_token, upload_fused
+from mlx_lora.machine import available_bytes
+from mlx_lora.model.base import Base, load_base, write_model_files
 from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.model.gguf import ARCHITECTURES as GGUF_READABLE
 from mlx_lora.model.gguf import GGUF_SUFFIX, gguf_model
 from mlx_lora.model.lora import fuse_lora, lora_layers
 from mlx_lora.model.precision import restore, set_precision
-from mlx_lora.training.memory import available_bytes, compute_dtype
+from mlx_lora.training.memory import compute_dtype
 
 CHECK_PROMPT = "Q: Tom has 3 apples and buys 4 more. How many apples does he have?\nA: 3 + 4 = 7. #### 7"
 # Largest logit difference allowed between adapter and fused model, relative to max(1, |logits|).
@@ -66,6 +68,36 @@ def merge(cfg: FuseConfig, log=print) -> FuseResult:
     claim_dir(Path(cfg.save_path), COMMAND, "--save-path", inputs(cfg, adapter.base_model))
     if by_shard(cfg, adapter.base_model, log):
         return fuse_by_shard(cfg, adapter, weights, log)
+    merged = merge_in_memory(cfg, adapter, weights)
+    with replace_dir(Path(cfg.save_path), COMMAND, "--save-path", inputs(cfg, adapter.base_model)) as tmp:
+        write_model_files(tmp, merged.base.model, merged.base.tokenizer, merged.config, merged.base.path)
+        set_precision(fused := read_back(tmp), cfg.compute_dtype)
+        fused_logits = _logits(fused, merged.tokens).astype(mx.float32)
+        diff, kept = check_saved(cfg, merged, fused_logits, log)
+        if cfg.export_gguf:
+            export_gguf(
+                cfg, merged.base.model, merged.config, tmp, Check(merged.tokens, merged.adapter_logits, fused), log
+            )
+    log(f"fused model saved to {cfg.save_path}")
+    return FuseResult(Path(cfg.save_path), diff, kept)
+
+
+@dataclass
+class Merged:
+    """The merged model in memory, and the logits the saved one is checked against."""
+
+    base: Base  # its model merged, de-quantized unless --requantize
+    config: dict  # the config.json to save
+    tokens: mx.array  # (T,) the check prompt
+    base_logits: mx.array  # (T, V) float32, without the adapter
+    adapter_logits: mx.array  # (T, V) float32, with it
+    adapter_dtype: mx.Dtype  # what the adapter model computed in
+    in_memory: mx.array  # (T, V) float32, the merged model before it is saved
+    bits: int | None  # --requantize: the bits of the re-quantized layers
+
+
+def merge_in_memory(cfg: FuseConfig, adapter: AdapterConfig, weights: dict[str, mx.array]) -> Merged:
+    """The base with and without the adapter on the check prompt, then the adapter merged into it."""
     base = load_base(cfg.model or adapter.base_model, compute=cfg.compute_dtype)
     use_cpu_kernels(base.model)
     check_export(cfg, base.config)
@@ -88,37 +120,49 @@ def merge(cfg: FuseConfig, log=print) -> FuseResult:
         config.pop("quantization", None)
         config.pop("quantization_config", None)
     in_memory = _logits(base.model, tokens).astype(mx.float32)
-    with replace_dir(Path(cfg.save_path), COMMAND, "--save-path", inputs(cfg, adapter.base_model)) as tmp:
-        write_model_files(tmp, base.model, base.tokenizer, config, base.path)
-        set_precision(fused := read_back(tmp), cfg.compute_dtype)
-        fused_logits = _logits(fused, tokens).astype(mx.float32)
-        diff = mx.abs(fused_logits - adapter_logits).max().item()
-        scale = max(1.0, mx.abs(adapter_logits).max().item())
-        tol = max(TOLERANCE.get(d, 6e-2) for d in (raw.dtype, base.precision.stored)) * scale  # as saved
-        log(f"check: largest logit difference, fused vs adapter model: {diff:.2e}")
-        if cfg.requantize:
-            saved_diff = mx.abs(fused_logits - in_memory).max().item()
-            if saved_diff > tol:
-                raise UserError(
-                    f"fused model on disk differs from the merged model by {saved_diff:.2e} (> {tol:.1e}); "
-                    "nothing written"
-                )
-            effect = mx.sqrt(mx.square(adapter_logits - base_logits).sum()).item()
-            lost = mx.sqrt(mx.square(fused_logits - adapter_logits).sum()).item()
-            kept = 1 - lost / effect if effect > 0 else 1.0
-            log(
-                f"re-quantizing to {quantized[0].bits}-bit changed the logits by up to {diff:.2e} and kept "
-                f"{100 * kept:.0f}% of the adapter's effect on the check prompt"
-                + ("" if kept > 0.8 else "; fuse without --requantize to keep all of it")
-            )
-        elif diff > tol:
-            raise UserError(f"fused model differs from the adapter model by {diff:.2e} (> {tol:.1e}); nothing written")
-        else:
-            kept = None
-        if cfg.export_gguf:
-            export_gguf(cfg, base.model, config, tmp, Check(tokens, adapter_logits, fused), log)
-    log(f"fused model saved to {cfg.save_path}")
-    return FuseResult(Path(cfg.save_path), diff, kept)
+    return Merged(
+        base=base,
+        config=config,
+        tokens=tokens,
+        base_logits=base_logits,
+        adapter_logits=adapter_logits,
+        adapter_dtype=raw.dtype,
+        in_memory=in_memory,
+        bits=quantized[0].bits if cfg.requantize else None,
+    )
+
+
+def check_saved(cfg: FuseConfig, merged: Merged, fused_logits: mx.array, log) -> tuple[float, float | None]:
+    """(the largest logit difference, fused as saved vs the adapter model; with --requantize the share
+    of the adapter's effect kept). Refuses a difference beyond the tolerance of the dtypes involved."""
+    diff = mx.abs(fused_logits - merged.adapter_logits).max().item()
+    scale = max(1.0, mx.abs(merged.adapter_logits).max().item())
+    tol = max(TOLERANCE.get(d, 6e-2) for d in (merged.adapter_dtype, merged.base.precision.stored)) * scale  # as saved
+    log(f"check: largest logit difference, fused vs adapter model: {diff:.2e}")
+    if cfg.requantize:
+        return diff, requantized_effect(merged, fused_logits, diff, tol, log)
+    if diff > tol:
+        raise UserError(f"fused model differs from the adapter model by {diff:.2e} (> {tol:.1e}); nothing written")
+    return diff, None
+
+
+def requantized_effect(merged: Merged, fused_logits: mx.array, diff: float, tol: float, log) -> float:
+    """Re-quantizing rounds the merged weights: the saved model must equal the merged one, and the
+    report says how much of the adapter's effect on the check prompt the rounding kept."""
+    saved_diff = mx.abs(fused_logits - merged.in_memory).max().item()
+    if saved_diff > tol:
+        raise UserError(
+            f"fused model on disk differs from the merged model by {saved_diff:.2e} (> {tol:.1e}); nothing written"
+        )
+    effect = mx.sqrt(mx.square(merged.adapter_logits - merged.base_logits).sum()).item()
+    lost = mx.sqrt(mx.square(fused_logits - merged.adapter_logits).sum()).item()
+    kept = 1 - lost / effect if effect > 0 else 1.0
+    log(
+        f"re-quantizing to {merged.bits}-bit changed the logits by up to {diff:.2e} and kept "
+        f"{100 * kept:.0f}% of the adapter's effect on the check prompt"
+        + ("" if kept > 0.8 else "; fuse without --requantize to keep all of it")
+    )
+    return kept
 
 
 @dataclass

@@ -19,14 +19,15 @@ from mlx_lora.config import LoRAConfig, TrainConfig, data_part, lora_part, metho
 from mlx_lora.data.dataset import Encoding, load_splits
 from mlx_lora.data.sources import open_source
 from mlx_lora.formats.native import ADAPTER_CONFIG, ADAPTER_WEIGHTS, describe, save_adapter
+from mlx_lora.machine import available_bytes
 from mlx_lora.model.base import load_base
 from mlx_lora.model.lora import LINEAR_TYPES, apply_lora, block_paths, linear_dims
 from mlx_lora.model.precision import dtype_name, restore
+from mlx_lora.reporting.results import spans
 from mlx_lora.training.memory import (
     BatchLimits,
     MemoryEstimate,
     MemoryPlan,
-    available_bytes,
     estimate_training_memory,
     falls_back,
     first_adapted,
@@ -56,17 +57,6 @@ class ModelInfo:
     memory: MemoryEstimate
     plan: MemoryPlan  # in memory and streamed, sized by the data's longest batch
     streams: bool  # whether train would stream the frozen blocks on this machine
-
-
-def spans(indices: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2, 5'."""
-    runs, start = [], None
-    for i, n in enumerate(indices):
-        start = n if start is None else start
-        if i + 1 == len(indices) or indices[i + 1] != n + 1:
-            runs.append(f"{start}-{n}" if n > start else f"{n}")
-            start = None
-    return ", ".join(runs)
 
 
 def _by_block(items: dict[str, str], prefixes: list[str]) -> list[str]:

@@ -69,27 +69,3 @@ def run_preference(cfg: EvalConfig, base: Base, adapter_path: str | None, path: 
         for i in range(len(pairs))
     ]
     return result
-
-
-def preference_table(result: dict) -> str:
-    names = [n for n in ("base", "adapter") if n in result]
-    rows = [[""] + names + (["change"] if "difference" in result else [])]
-    for key, label in (("accuracy", "preference accuracy"), ("margin", "log-prob margin")):
-        row = [label] + [f"{result[n][key]:.3f}" for n in names]
-        if "difference" in result:
-            row.append(f"{result['difference'][key]:+.3f}")
-        rows.append(row)
-    if "adapter" in result:
-        a = result["adapter"]
-        for key, label in (("reward_accuracy", "reward accuracy"), ("reward_margin", "reward margin")):
-            rows.append(
-                [label]
-                + ["" for n in names if n == "base"]
-                + [f"{a[key]:.3f}"]
-                + ([""] if "difference" in result else [])
-            )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))).rstrip()
-        for r in rows
-    )

@@ -1,6 +1,7 @@
 """A fused model as one GGUF file that llama.cpp runs: tensors named and laid out the way llama.cpp's
 convert_hf_to_gguf.py writes them, and the tokenizer in the form llama.cpp re-implements it."""
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,20 +133,39 @@ def as_stored(weights: dict[str, mx.array], config: dict, gguf_type: str) -> dic
     return out
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where and how llama.cpp wants a model's tensors: gguf-py's name map (convert_hf_to_gguf.py's),
+    and llama's q and k rows permuted to its rotation order. One for a model and for an adapter of it."""
+
+    arch: gguf.MODEL_ARCH
+    names: gguf.TensorNameMap
+    heads: int
+    kv_heads: int
+
+    @classmethod
+    def of(cls, config: dict) -> "Layout":
+        arch, heads = ARCHITECTURES[config["model_type"]][0], config["num_attention_heads"]
+        names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+        return cls(arch, names, heads, config.get("num_key_value_heads") or heads)
+
+    def rows(self, module: str, data: np.ndarray) -> np.ndarray:
+        """`data`'s rows (out first) as llama.cpp lays them out for the module they belong to."""
+        if self.arch == gguf.MODEL_ARCH.LLAMA and module.endswith("q_proj"):
+            return permute(data, self.heads)
+        if self.arch == gguf.MODEL_ARCH.LLAMA and module.endswith("k_proj"):
+            return permute(data, self.kv_heads)
+        return data
+
+
 def add_tensors(writer: gguf.GGUFWriter, weights: dict[str, mx.array], config: dict, qtype: QTYPE) -> None:
-    arch = ARCHITECTURES[config["model_type"]][0]
-    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
-    heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
+    layout = Layout.of(config)
     for key, w in weights.items():
-        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        name = layout.names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise UserError(f"--export-gguf: no GGUF name for tensor {key}; this model's layout is not supported")
-        data, dtype = _tensor(name, w, qtype, arch)
-        if arch == gguf.MODEL_ARCH.LLAMA and key.endswith(("q_proj.weight", "q_proj.bias")):
-            data = permute(data, heads)
-        elif arch == gguf.MODEL_ARCH.LLAMA and key.endswith(("k_proj.weight", "k_proj.bias")):
-            data = permute(data, kv_heads)
+        data, dtype = _tensor(name, w, qtype, layout.arch)
+        data = layout.rows(key.rsplit(".", 1)[0], data)  # q_proj.weight and q_proj.bias alike
         writer.add_tensor(name, data, raw_dtype=None if dtype in (QTYPE.F32, QTYPE.F16) else dtype)
 
 
@@ -213,24 +233,19 @@ def write_gguf_adapter(
     check_gguf(base_config, "f32", "--to gguf")
     if any(k.endswith(f".{MAGNITUDE}") for k in weights):
         raise UserError("--to gguf: llama.cpp's LoRA adapters have no DoRA magnitude; fuse and --export-gguf instead")
-    arch = ARCHITECTURES[base_config["model_type"]][0]
-    names = gguf.get_tensor_name_map(arch, base_config["num_hidden_layers"])
-    heads = base_config["num_attention_heads"]
-    kv_heads = base_config.get("num_key_value_heads") or heads
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    layout = Layout.of(base_config)
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[layout.arch])
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)
     for module in modules:
-        name = names.get_name(f"{module}.weight", try_suffixes=(".weight",))
+        name = layout.names.get_name(f"{module}.weight", try_suffixes=(".weight",))
         if name is None:
             raise UserError(f"--to gguf: llama.cpp has no tensor for {module}; only linear layers of the blocks")
         a = np.array(weights[f"{module}.lora_a"].astype(mx.float32)).T  # (r, in)
-        b = np.array((weights[f"{module}.lora_b"] * scales[module]).astype(mx.float32)).T  # (out, r)
-        if arch == gguf.MODEL_ARCH.LLAMA and module.endswith("q_proj"):
-            b = permute(b, heads)
-        elif arch == gguf.MODEL_ARCH.LLAMA and module.endswith("k_proj"):
-            b = permute(b, kv_heads)
+        b = layout.rows(
+            module, np.array((weights[f"{module}.lora_b"] * scales[module]).astype(mx.float32)).T
+        )  # (out, r)
         writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a))
         writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b))
     writer.write_header_to_file()

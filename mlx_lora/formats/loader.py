@@ -1,50 +1,35 @@
 """Any adapter directory -> config and weights, read once; then applied to a base.
 
-The one loader behind generate, chat, eval, fuse, convert and resume: `read_adapter` tells the
-format apart (PEFT by its weight file, mlx_lm.lora by its config keys, else ours) and returns our
-names and shapes; `apply_adapter` wraps the base as the config says and loads the weights.
+The one loader behind generate, chat, eval, fuse, convert and resume: `read_adapter` asks the
+formats of registry.FORMATS in turn which one the directory is (PEFT by its weight file,
+mlx_lm.lora by its config keys, else ours) and returns our names and shapes; `apply_adapter`
+wraps the base as the config says and loads the weights.
 """
 
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlx_lora.errors import UserError
-from mlx_lora.formats import mlxlm, peft
-from mlx_lora.formats.native import ADAPTER_CONFIG, AdapterConfig, read_json, read_native
-from mlx_lora.model.base import Base, fingerprint, load_base
+from mlx_lora.formats.native import ADAPTER_CONFIG, AdapterConfig, check_base
+from mlx_lora.formats.peft import PEFT_WEIGHTS
+from mlx_lora.formats.registry import Weights, detect
+from mlx_lora.model.base import Base, load_base
 from mlx_lora.model.lora import apply_lora
-
-Weights = dict[str, mx.array]
 
 
 def read_adapter(directory: Path) -> tuple[AdapterConfig, Weights]:
-    """Config and weights (our names and shapes) of an mlx-lora, PEFT or mlx_lm.lora adapter directory."""
+    """Config and weights (our names and shapes) of an adapter directory in any format FORMATS reads."""
     directory = Path(directory)
-    if peft.is_peft(directory):
-        return peft.read_peft(directory)
-    path = directory / ADAPTER_CONFIG
-    if not path.is_file():
+    found = detect(directory)
+    if found is None:
         raise UserError(
             f"{directory}: no {ADAPTER_CONFIG} here; point --adapter-path at a directory written by "
-            f"`mlx-lora train`, PEFT ({peft.PEFT_WEIGHTS}) or mlx_lm.lora"
+            f"`mlx-lora train`, PEFT ({PEFT_WEIGHTS}) or mlx_lm.lora"
         )
-    data = read_json(path)
-    if mlxlm.is_mlxlm(data):
-        return mlxlm.read_mlxlm(directory, data)
-    return read_native(directory, data)
-
-
-def check_base(config: AdapterConfig, base_config: dict[str, Any], base_name: str, where: Path) -> None:
-    """Refuse a base whose shapes differ from the one the adapter was trained on (when recorded)."""
-    if config.base_fingerprint not in (None, fingerprint(base_config)):
-        raise UserError(
-            f"{where}: adapter was trained on '{config.base_model}', whose shapes differ "
-            f"from '{base_name}' (base_fingerprint {config.base_fingerprint} != {fingerprint(base_config)}); "
-            "pass the matching --model"
-        )
+    fmt, probe = found
+    return fmt.read(probe)
 
 
 def apply_adapter(base: Base, config: AdapterConfig, weights: Weights, directory: Path, whole: bool = True) -> None:

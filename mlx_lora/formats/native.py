@@ -218,6 +218,16 @@ def read_native(directory: Path, data: dict[str, Any]) -> tuple[AdapterConfig, d
     return AdapterConfig.from_json(path, data), weights
 
 
+def check_base(config: AdapterConfig, base_config: dict[str, Any], base_name: str, where: Path) -> None:
+    """Refuse a base whose shapes differ from the one the adapter was trained on (when recorded)."""
+    if config.base_fingerprint not in (None, fingerprint(base_config)):
+        raise UserError(
+            f"{where}: adapter was trained on '{config.base_model}', whose shapes differ "
+            f"from '{base_name}' (base_fingerprint {config.base_fingerprint} != {fingerprint(base_config)}); "
+            "pass the matching --model"
+        )
+
+
 def embedded_config(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
     """The copy of the config saved in the weights' metadata ({} where there is none)."""
     try:

@@ -18,7 +18,6 @@ auto, the run streams (--stream-prefix auto) or, where it cannot, computes in th
 a warning.
 """
 
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from mlx_lora.config.precision import AUTO
 from mlx_lora.data.batches import PAD_MULTIPLE, lengths
 from mlx_lora.data.examples import ExampleSet
 from mlx_lora.errors import UserError
+from mlx_lora.machine import available_bytes
 from mlx_lora.model.lora import LINEAR_TYPES, block_paths, linear_dims, lora_layers
 from mlx_lora.model.precision import dtype_name, restore
 from mlx_lora.training.cut import EMBEDDINGS, cut_at
@@ -104,15 +104,6 @@ def estimate_training_memory(
         activations = activations // len(kept) + len(kept) * tokens * text.get("hidden_size", 0) * act
     logits = (tokens if logit_rows is None else logit_rows) * text.get("vocab_size", 0) * (act + 2 * 4)
     return MemoryEstimate(weights, trainable, activations, logits)
-
-
-def available_bytes() -> int:
-    """What the accelerator may use: Metal's recommended working set or the device memory, else RAM."""
-    info = mx.device_info()
-    for key in ("max_recommended_working_set_size", "memory_size"):
-        if info.get(key):
-            return int(info[key])
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 @dataclass

@@ -89,7 +89,7 @@ def test_gguf_for_an_unsupported_architecture_is_refused_before_anything_is_writ
 
 
 def test_converting_between_formats_reads_the_base_only_where_needed(llama, tmp_path, monkeypatch):
-    import mlx_lora.commands.convert as convert
+    from mlx_lora.formats import registry
 
     random_adapter(llama, tmp_path / "ours", CFG)
     assert _run("convert", "--to", "mlx-lm", tmp_path / "ours", tmp_path / "with_base").exit_code == 0
@@ -100,7 +100,7 @@ def test_converting_between_formats_reads_the_base_only_where_needed(llama, tmp_
     )
     result = _run("convert", "--to", "peft", tmp_path / "ours", tmp_path / "peft", "--base-model-id", missing)
     assert result.exit_code == 0, result.output
-    monkeypatch.setattr(convert, "resolve_model", lambda name: pytest.fail(f"read the base {name}"))
+    monkeypatch.setattr(registry, "resolve_model", lambda name: pytest.fail(f"read the base {name}"))
     for to, src in (("mlx-lm", "ours2"), ("mlx", "peft"), ("mlx-lm", "with_base"), ("mlx", "with_base")):
         result = _run("convert", "--to", to, tmp_path / src, tmp_path / f"{src}-{to}")
         assert result.exit_code == 0, result.output

@@ -8,7 +8,7 @@ from conftest import write_jsonl
 from typer.testing import CliRunner
 
 from mlx_lora.cli import app
-from mlx_lora.commands.evaluate import Item, final_answer, generation_items, is_correct, normalize, run, table
+from mlx_lora.commands.evaluate import Item, final_answer, generation_items, is_correct, normalize, run
 from mlx_lora.config import EvalConfig, LoRAConfig
 from mlx_lora.data.examples import encode_row
 from mlx_lora.data.rows import file_rows, row_format
@@ -16,6 +16,7 @@ from mlx_lora.formats.loader import load_for_inference
 from mlx_lora.formats.native import describe, save_adapter
 from mlx_lora.model.base import load_base
 from mlx_lora.model.lora import apply_lora, lora_layers
+from mlx_lora.reporting.results import table
 
 # Prompts of different lengths, so batches are left-padded.
 PROMPTS = [

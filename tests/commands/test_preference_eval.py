@@ -6,9 +6,10 @@ import json
 import mlx.core as mx
 import pytest
 
-from mlx_lora.commands.evaluate import run, table
+from mlx_lora.commands.evaluate import run
 from mlx_lora.config import EvalConfig
 from mlx_lora.errors import UserError
+from mlx_lora.reporting.results import table
 from tests.conftest import preference_rows, trained_adapter, write_jsonl
 
 

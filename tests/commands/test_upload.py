@@ -18,12 +18,14 @@ from typer.testing import CliRunner
 from mlx_lora.cli import app
 from mlx_lora.commands import upload as upload_module
 from mlx_lora.commands.evaluate import run as run_eval
-from mlx_lora.commands.evaluate import table
 from mlx_lora.commands.fuse import fuse
-from mlx_lora.commands.upload import CARD, repo_files, stage_adapter, upload
+from mlx_lora.commands.upload import stage_adapter, upload
 from mlx_lora.config import EvalConfig, FuseConfig, TrainConfig, UploadConfig
 from mlx_lora.errors import UserError
 from mlx_lora.formats.loader import load_for_inference
+from mlx_lora.hub.card import CARD
+from mlx_lora.hub.repo import repo_files
+from mlx_lora.reporting.results import table
 from mlx_lora.training.loop import train
 
 ATOL = 1e-4  # as tests/formats/test_peft.py: fp32 through two frameworks' matmuls on a tiny model
