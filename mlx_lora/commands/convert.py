@@ -3,8 +3,6 @@
 from dataclasses import replace
 from pathlib import Path
 
-from mlx_lm.utils import load_model
-
 from mlx_lora.atomic import replace_dir
 from mlx_lora.config import ConvertConfig
 from mlx_lora.errors import UserError
@@ -13,7 +11,7 @@ from mlx_lora.formats.loader import check_base, read_adapter
 from mlx_lora.formats.mlxlm import block_count, write_mlxlm
 from mlx_lora.formats.native import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_json, write_adapter
 from mlx_lora.formats.peft import PEFT_CONFIG, PEFT_WEIGHTS, checkpoint_names, hub_id, write_peft
-from mlx_lora.model.base import fingerprint, resolve_model
+from mlx_lora.model.base import fingerprint, load_mlx_model, mlx_config, resolve_model
 from mlx_lora.model.gguf import GGUF_SUFFIX, read_gguf_config
 
 # What a previous conversion leaves; OUT_DIR holding anything else is not ours to replace.
@@ -29,7 +27,8 @@ def _base(name: str, to: str) -> tuple[Path, dict]:
             )
         return Path(name), read_gguf_config(Path(name))
     base_dir = resolve_model(name)
-    return base_dir, read_json(base_dir / "config.json")
+    config = read_json(base_dir / "config.json")
+    return base_dir, config | mlx_config(config, base_dir / "config.json")  # both spellings, as the base loads
 
 
 def convert(cfg: ConvertConfig, log=print) -> Path:
@@ -62,7 +61,7 @@ def convert(cfg: ConvertConfig, log=print) -> Path:
             scales = {m: config.lora.scale_of(m) for m in config.modules}
             write_gguf_adapter(tmp / GGUF_ADAPTER_FILE, config.modules, weights, scales, base_config)
         elif cfg.to == "mlx-lm":
-            num_blocks = len(load_model(base_dir, lazy=True)[0].layers) if base_dir else blocks
+            num_blocks = len(load_mlx_model(base_dir, lazy=True)[0].layers) if base_dir else blocks
             write_mlxlm(tmp, config, weights, num_blocks, cfg.base_model_id or config.base_model)
         else:
             write_adapter(tmp, replace(config, base_model=cfg.base_model_id or config.base_model), weights)
