@@ -28,8 +28,22 @@ SMALL = dict(
 )
 
 
+GEMMA3_LAYERS = ["sliding_attention"] * 3 + ["full_attention"]  # Gemma 3's pattern, global every 4th
+
+
 def _configs(vocab_size: int):
-    from transformers import Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        GemmaConfig,
+        LlamaConfig,
+        MistralConfig,
+        MixtralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     common = dict(SMALL, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return {
@@ -42,6 +56,15 @@ def _configs(vocab_size: int):
         "qwen3": Qwen3Config(**common, head_dim=32, tie_word_embeddings=True),  # head_dim != hidden / heads
         # query_pre_attn_scalar = head_dim, as Gemma 2 2B/9B (and llama.cpp) have it
         "gemma2": Gemma2Config(**common, head_dim=16, query_pre_attn_scalar=16),
+        # transformers 5 spellings: layer_types, rope_parameters per layer type, num_local_experts.
+        # Sliding window 4 < the tests' 9 tokens, so the sliding blocks' mask matters; block 4 global.
+        "gemma3": Gemma3TextConfig(
+            **common, head_dim=16, query_pre_attn_scalar=16, sliding_window=4, layer_types=GEMMA3_LAYERS
+        ),
+        "qwen3_moe": Qwen3MoeConfig(
+            **common, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32
+        ),
+        "mixtral": MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
     }
 
 

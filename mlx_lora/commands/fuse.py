@@ -6,7 +6,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.utils import dequantize_model, load_model
+from mlx_lm.utils import dequantize_model
 
 from mlx_lora.atomic import check_writable, claim_dir, replace_dir
 from mlx_lora.commands.shard_fuse import adapted, checked_blocks, outputs, weights_bytes, why_not_by_shard, write_shards
@@ -17,7 +17,7 @@ from mlx_lora.formats.loader import apply_adapter, read_adapter
 from mlx_lora.formats.native import AdapterConfig
 from mlx_lora.hub.repo import hub_token, upload_fused
 from mlx_lora.machine import available_bytes
-from mlx_lora.model.base import Base, load_base, write_model_files
+from mlx_lora.model.base import Base, load_base, load_mlx_model, write_model_files
 from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.model.gguf import ARCHITECTURES as GGUF_READABLE
 from mlx_lora.model.gguf import GGUF_SUFFIX, gguf_model
@@ -213,7 +213,7 @@ def export_gguf(cfg: FuseConfig, model: nn.Module, config: dict, tmp: Path, chec
 def read_back(path: Path, lazy: bool = False) -> nn.Module:
     """The fused model as saved, on the CPU kernels the adapter model ran, quantized layers but on
     MLX's kernel, as the merged model they are compared with (a by-shard base is never quantized)."""
-    model = load_model(path, lazy=lazy)[0]
+    model = load_mlx_model(path, lazy)[0]
     use_cpu_kernels(model, quantized=False)
     return model
 

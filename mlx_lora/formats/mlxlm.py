@@ -59,7 +59,7 @@ def read_mlxlm(directory: Path, data: dict[str, Any]) -> tuple[AdapterConfig, di
     foreign = [k for k in weights if k.rsplit(".", 1)[-1] not in leaves]
     if foreign or not weights:
         raise UserError(f"{directory / ADAPTER_WEIGHTS}: {', '.join(foreign[:3]) or 'no tensors'}: not {kind} weights")
-    weights = {_rename(k, MLXLM_MAGNITUDE, MAGNITUDE): w for k, w in weights.items()}
+    weights = {_rename(k, MLXLM_MAGNITUDE, MAGNITUDE): _experts(w) for k, w in weights.items()}
     rank, scale = int(params["rank"]), float(params["scale"])
     modules = sorted({k.rsplit(".", 1)[0] for k in weights})
     config = from_modules(
@@ -77,6 +77,12 @@ def read_mlxlm(directory: Path, data: dict[str, Any]) -> tuple[AdapterConfig, di
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _experts(w: mx.array) -> mx.array:
+    """Stacked experts' pairs both ways: ours A (E, in, r), B (E, r, out); mlx-lm's LoRASwitchLinear
+    A (E, r, in), B (E, out, r). Other tensors as they are."""
+    return mx.contiguous(w.swapaxes(-1, -2)) if w.ndim == 3 else w
 
 
 def _rename(key: str, leaf: str, to: str) -> str:
@@ -131,6 +137,6 @@ def write_mlxlm(
         },
     }
     metadata = {"format": "mlx", EMBEDDED_CONFIG: json.dumps(config.to_json())}
-    weights = {_rename(k, MAGNITUDE, MLXLM_MAGNITUDE): w for k, w in weights.items()}
+    weights = {_rename(k, MAGNITUDE, MLXLM_MAGNITUDE): _experts(w) for k, w in weights.items()}
     atomic.save_safetensors(directory / ADAPTER_WEIGHTS, weights, metadata)
     atomic.write_json(directory / ADAPTER_CONFIG, data)

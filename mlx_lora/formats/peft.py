@@ -152,6 +152,12 @@ def write_peft(
     directory: Path, config: AdapterConfig, weights: dict[str, mx.array], base_model_id: str, hf_names: set[str]
 ) -> None:
     """PEFT's two files; `hf_names` are the base checkpoint's tensor names, to check module paths."""
+    experts = [k.rsplit(".", 1)[0] for k, w in weights.items() if w.ndim == 3]
+    if experts:
+        raise UserError(
+            f"{experts[0]}: LoRA on stacked experts has no PEFT form transformers loads (PEFT adapts its "
+            "fused expert tensors with another layout); use --to mlx-lm, or fuse the adapter instead"
+        )
     unplaced = [m for m in config.modules if f"{m}.weight" not in hf_names]
     if unplaced:
         raise UserError(

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.utils import load_model
 
 from mlx_lora.errors import UserError
 from mlx_lora.formats import mlxlm, peft
@@ -24,7 +23,7 @@ from mlx_lora.formats.native import (
     read_native,
     write_adapter,
 )
-from mlx_lora.model.base import fingerprint, resolve_model
+from mlx_lora.model.base import fingerprint, load_mlx_model, mlx_config, resolve_model
 from mlx_lora.model.gguf import GGUF_SUFFIX, read_gguf_config
 
 Weights = dict[str, mx.array]
@@ -84,7 +83,7 @@ def _write_native(out: Path, e: Export) -> None:
 
 
 def _write_mlxlm(out: Path, e: Export) -> None:
-    blocks = len(load_model(e.base_dir, lazy=True)[0].layers) if e.base_dir else mlxlm.block_count(e.config)
+    blocks = len(load_mlx_model(e.base_dir, lazy=True)[0].layers) if e.base_dir else mlxlm.block_count(e.config)
     mlxlm.write_mlxlm(out, e.config, e.weights, blocks, e.base_model_id or e.config.base_model)
 
 
@@ -169,7 +168,8 @@ def _base(name: str, fmt: Format) -> tuple[Path, dict]:
             )
         return Path(name), read_gguf_config(Path(name))
     base_dir = resolve_model(name)
-    return base_dir, read_json(base_dir / "config.json")
+    config = read_json(base_dir / "config.json")
+    return base_dir, config | mlx_config(config, base_dir / "config.json")  # both spellings, as the base loads
 
 
 def export(

@@ -97,19 +97,52 @@ def fingerprint(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def rope_overrides(path: Path) -> dict[str, Any]:
-    """transformers >= 5 writes rope_theta / rope_scaling inside `rope_parameters`; mlx-lm reads the
-    top-level keys and would silently fall back to its own default theta (1e6 for Qwen2)."""
-    try:
-        rope = json.loads((path / "config.json").read_text()).get("rope_parameters")
-    except (OSError, json.JSONDecodeError):
+# transformers' spelling -> mlx-lm's, for keys whose name changed (transformers 5 writes the left one).
+RENAMED_KEYS = (("num_local_experts", "num_experts"), ("num_experts", "num_local_experts"))
+FULL, SLIDING = "full_attention", "sliding_attention"  # layer_types' names, also rope_parameters' keys
+
+
+def mlx_config(config: dict[str, Any], where: Path | str = "config.json") -> dict[str, Any]:
+    """The keys mlx-lm reads that `config` spells the other way (transformers 5: `rope_parameters`,
+    `num_local_experts`, `layer_types`), added to a copy as mlx-lm loads it, never to the file."""
+    out = {new: config[old] for old, new in RENAMED_KEYS if old in config and new not in config}
+    out |= _rope(config.get("rope_parameters"))
+    if isinstance(config.get("layer_types"), list) and "sliding_window_pattern" not in config:
+        out["sliding_window_pattern"] = _pattern(config["layer_types"], where)
+    return {k: v for k, v in out.items() if k not in config or k in ("rope_theta", "rope_scaling")}
+
+
+def _rope(rope: Any) -> dict[str, Any]:
+    """`rope_parameters` as mlx-lm's rope_theta / rope_scaling; Gemma 3 keeps one per layer type,
+    which mlx-lm reads as rope_theta (global layers) and rope_local_base_freq (sliding ones)."""
+    if not isinstance(rope, dict):
         return {}
-    if not isinstance(rope, dict) or "rope_theta" not in rope:
-        return {}
-    out = {"rope_theta": rope["rope_theta"]}
+    local = rope.get(SLIDING) if isinstance(rope.get(SLIDING), dict) else None
+    rope = rope.get(FULL, rope) if isinstance(rope.get(FULL), dict) else rope
+    out = {"rope_local_base_freq": local["rope_theta"]} if local and "rope_theta" in local else {}
+    if "rope_theta" in rope:
+        out["rope_theta"] = rope["rope_theta"]
     if rope.get("rope_type", "default") != "default":
         out["rope_scaling"] = rope
     return out
+
+
+def _pattern(layer_types: list, where: Path | str) -> int:
+    """mlx-lm's sliding_window_pattern p (block i global iff (i + 1) % p == 0) that gives `layer_types`."""
+    fulls = [i + 1 for i, kind in enumerate(layer_types) if kind == FULL]
+    p = fulls[0] if fulls else 0
+    if not p or [i + 1 for i in range(len(layer_types)) if (i + 1) % p == 0] != fulls:
+        raise UserError(
+            f"{where}: layer_types {layer_types} is not every p-th block full attention, the only pattern "
+            "mlx-lm runs (sliding_window_pattern); use a model whose global layers repeat evenly"
+        )
+    return p
+
+
+def load_mlx_model(path: Path, lazy: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """mlx-lm's load_model on a directory, reading both spellings of its config (mlx_config)."""
+    file = path / "config.json"
+    return load_model(path, lazy=lazy, model_config=mlx_config(json.loads(file.read_text()), file))
 
 
 def _load(name: str | None, lazy: bool, shapes_only: bool) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any], Path]:
@@ -119,7 +152,7 @@ def _load(name: str | None, lazy: bool, shapes_only: bool) -> tuple[nn.Module, T
             raise UserError(f"--model {name}: no such GGUF file; give the path of a llama.cpp .gguf model")
         return *load_gguf(path, shapes_only), path
     path = resolve_model(name)
-    model, config = load_model(path, lazy=lazy, model_config=rope_overrides(path))
+    model, config = load_mlx_model(path, lazy)
     return model, load_tokenizer(path, eos_token_ids=config.get("eos_token_id")), config, path
 
 
@@ -135,7 +168,8 @@ def load_base(name: str | None, lazy: bool = False, shapes_only: bool = False, c
         precision = set_precision(model, compute)
         if not (lazy or shapes_only):
             materialize(model)  # read as the cast asks, one tensor at a time
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:  # mlx: RuntimeError for torn files
+    except (ValueError, TypeError, FileNotFoundError, KeyError, RuntimeError) as e:  # mlx: RuntimeError for torn files;
+        # TypeError: mlx-lm's ModelArgs missing a key it requires
         raise UserError(
             f"--model {name or DEFAULT_MODEL}: mlx-lm cannot load it ({e}); re-download it or point --model at a "
             "complete model directory"

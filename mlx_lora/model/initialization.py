@@ -18,7 +18,7 @@ BASE_CHANGING = ("olora", "pissa")
 
 def initialize(layer: nn.Module, method: str) -> None:
     """Set a fresh LoRALinear's A and B (and W for OLoRA/PiSSA); `default` is the constructor's."""
-    rank = layer.lora_a.shape[1]
+    rank = layer.lora_a.shape[-1]
     if method == "gaussian":  # PEFT: A ~ N(0, 1/r), B = 0
         layer.lora_a = mx.random.normal(layer.lora_a.shape) / rank
     elif method in BASE_CHANGING:

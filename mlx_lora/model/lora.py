@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
+from mlx_lm.models.switch_layers import SwitchLinear
 
 from mlx_lora.config import LoRAConfig, parse_layers, parse_pattern, pattern_key
 from mlx_lora.errors import UserError
@@ -18,12 +19,17 @@ ALL_LINEAR = "all-linear"
 LORA_KEYS = ("lora_a", "lora_b")
 MAGNITUDE = "magnitude"  # DoRA's m; PEFT calls it lora_magnitude_vector
 LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
+EXPERTS = "experts"  # Hugging Face's name for a mixture-of-experts block's experts, read by --targets
+# mlx-lm's names of the stacked expert projections -> Hugging Face's per-expert names (Mixtral's w1/w2/w3)
+EXPERT_NAMES = {"block_sparse_moe": {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}}
 _REGEX_CHARS = set("\\^$*+?{}[]()|")
+ADAPTABLE = (*LINEAR_TYPES, SwitchLinear)  # mlx-lm's stacked experts: LoRASwitchLinear
 
 
 def linear_dims(layer: nn.Module) -> tuple[int, int]:
-    """(out, in) of a plain or quantized linear; quantized weights pack 32/bits values per uint32."""
-    out_dims, packed = layer.weight.shape
+    """(out, in) of a plain or quantized linear (of each expert, for mlx-lm's stacked experts);
+    quantized weights pack 32/bits values per uint32."""
+    out_dims, packed = layer.weight.shape[-2:]
     if isinstance(layer, nn.QuantizedLinear):
         return out_dims, packed * 32 // layer.bits
     return out_dims, packed
@@ -55,8 +61,8 @@ class LoRALinear(nn.Module):
             self.magnitude = self.weight_norm()  # (out,)
 
     def delta(self) -> mx.array:
-        """The weight update the adapter adds to W, shaped like W: (out, in)."""
-        return (self.scale * (self.lora_a @ self.lora_b)).T
+        """The weight update the adapter adds to W, shaped like W: (out, in), or (E, out, in) for experts."""
+        return (self.scale * (self.lora_a @ self.lora_b)).swapaxes(-1, -2)
 
     def weight_norm(self) -> mx.array:
         """||W + ΔW|| per output row, (out,), in float32."""
@@ -108,6 +114,44 @@ class LoRALinear(nn.Module):
         return {"lora_a": a, "lora_b": b, **({MAGNITUDE: self.magnitude} if self.dora else {})}
 
 
+class LoRASwitchLinear(LoRALinear):
+    """LoRA on mlx-lm's stacked experts (SwitchLinear, W (E, out, in)): one pair per expert, A (E, in, r)
+    and B (E, r, out), as mlx-lm's LoRASwitchLinear; each token goes through its chosen experts' pairs.
+    y_e = W_e x + scale · (dropout(x) A_e) B_e. No DoRA (lora._check_choices refuses it)."""
+
+    def __init__(self, base: nn.Module, rank: int, scale: float, dropout: float = 0.0, dora: bool = False):
+        nn.Module.__init__(self)
+        experts = base.weight.shape[0]
+        out_dims, in_dims = linear_dims(base)
+        self.linear = base
+        self.dropout = nn.Dropout(p=dropout)
+        self.scale = scale
+        self.dora = False
+        self.off = False
+        self.initial = None
+        bound = 1 / math.sqrt(in_dims)
+        self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(experts, in_dims, rank))
+        self.lora_b = mx.zeros((experts, rank, out_dims))
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        y = self.linear(x, indices, sorted_indices=sorted_indices)  # (..., k, 1, out)
+        if self.off:
+            return y
+        z = mx.gather_mm(self.dropout(x), self.lora_a, rhs_indices=indices, sorted_indices=sorted_indices)
+        z = mx.gather_mm(z, self.lora_b, rhs_indices=indices, sorted_indices=sorted_indices)  # through rank r
+        return y + (self.scale * z).astype(y.dtype)
+
+    def fuse(self, requantize: bool = False) -> nn.Module:
+        """A plain SwitchLinear holding W + delta() in the base's dtype (mlx_lora fuses full-precision experts)."""
+        base = self.linear
+        out_dims, in_dims = linear_dims(base)
+        fused = SwitchLinear(in_dims, out_dims, base.weight.shape[0], bias="bias" in base)
+        fused.weight = self.merged_weight().astype(base.weight.dtype)
+        if "bias" in base:
+            fused.bias = base.bias
+        return fused
+
+
 def block_indices(model: nn.Module, cfg: LoRAConfig) -> list[int]:
     """The transformer blocks to adapt: --layers exactly, else the last --num-layers."""
     n = len(model.layers)
@@ -138,31 +182,57 @@ def _is_regex(targets: str) -> bool:
     return any(c in _REGEX_CHARS for c in targets)
 
 
-def select_targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
-    """Full paths of the linear modules that get LoRA; a target matching nothing is an error."""
-    prefixes = [p + "." for p in block_paths(model)]
-    chosen = [prefixes[i] for i in block_indices(model, cfg)]
-    linears = [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, LINEAR_TYPES) and any(name.startswith(p) for p in chosen)
-    ]
-    targets = str(cfg.targets).strip()
+def expert_name(path: str) -> str:
+    """Hugging Face's name for mlx-lm's stacked experts, all experts at once: '...mlp.switch_mlp.up_proj'
+    -> '...mlp.experts.up_proj' (Mixtral: '...block_sparse_moe.experts.w3'); other paths as they are."""
+    parent, _, rest = path.rpartition(".switch_mlp.")
+    if not parent:
+        return path
+    return f"{parent}.{EXPERTS}.{EXPERT_NAMES.get(parent.rsplit('.', 1)[-1], {}).get(rest, rest)}"
+
+
+def routers(model: nn.Module) -> set[str]:
+    """The router linears of mixture-of-experts blocks (mlp.gate, block_sparse_moe.gate, a shared
+    expert's gate): the linear children of a module whose experts are stacked. all-linear leaves
+    them alone, as PEFT recommends (a (E, hidden) router takes no rank above E)."""
+    modules = dict(model.named_modules())
+    blocks = {n.rpartition(".switch_mlp.")[0] for n, m in modules.items() if isinstance(m, SwitchLinear)} - {""}
+    return {n for n, m in modules.items() if isinstance(m, LINEAR_TYPES) and n.rpartition(".")[0] in blocks}
+
+
+def _match(targets: str, linears: list[str], everything: list[str]) -> tuple[list[str], list[str]]:
+    """(the paths --targets names, the targets that name none); a path matches by its mlx-lm name
+    or its Hugging Face one (expert_name)."""
     if targets == ALL_LINEAR:
-        matched, missing = linears, [] if linears else [targets]
-    elif _is_regex(targets):
+        return linears, [] if linears else [targets]
+    names = {n: {n, expert_name(n)} for n in everything}
+    if _is_regex(targets):
         try:
             pattern = re.compile(targets)
         except re.error as e:
             raise UserError(f"--targets '{targets}' is not a valid regular expression: {e}") from None
-        matched = [n for n in linears if pattern.fullmatch(n)]
-        missing = [] if matched else [targets]
-    else:
-        names = [t.strip() for t in targets.split(",") if t.strip()]
-        matched = [n for n in linears if any(n == t or n.endswith("." + t) for t in names)]
-        missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in linears)]
+        matched = [n for n in everything if any(pattern.fullmatch(a) for a in names[n])]
+        return matched, [] if matched else [targets]
+    wanted = [t.strip() for t in targets.split(",") if t.strip()]
+    hit = lambda n, t: any(a == t or a.endswith("." + t) for a in names[n])  # noqa: E731
+    return [n for n in everything if any(hit(n, t) for t in wanted)], [
+        t for t in wanted if not any(hit(n, t) for n in everything)
+    ]
+
+
+def select_targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
+    """Full paths of the linear modules (and stacked experts) that get LoRA; a target matching nothing is an error."""
+    prefixes = [p + "." for p in block_paths(model)]
+    chosen = [prefixes[i] for i in block_indices(model, cfg)]
+    everything = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, ADAPTABLE) and any(name.startswith(p) for p in chosen)
+    ]
+    skip = routers(model)
+    matched, missing = _match(str(cfg.targets).strip(), [n for n in everything if n not in skip], everything)
     if missing:
-        in_block = sorted({n[len(p) :] for n in linears for p in chosen if n.startswith(p)})
+        in_block = sorted({expert_name(n)[len(p) :] for n in everything for p in chosen if n.startswith(p)})
         raise UserError(
             f"--targets: {', '.join(repr(m) for m in missing)} matches no linear module in the "
             f"selected blocks; they have: {', '.join(in_block) or 'none'} (or use all-linear)"
@@ -180,6 +250,10 @@ def _check_choices(modules: dict[str, nn.Module], paths: list[str], cfg: LoRACon
         if rank > min(out_dims, in_dims):
             problems.append(
                 f"rank {rank} is larger than {path} allows ({out_dims}x{in_dims}): use {min(out_dims, in_dims)} or less"
+            )
+        if isinstance(modules[path], SwitchLinear) and (cfg.dora or cfg.init in BASE_CHANGING):
+            problems.append(
+                f"{path} holds stacked experts, which take a plain LoRA only: drop --dora and --init {cfg.init}"
             )
         if cfg.init in BASE_CHANGING and isinstance(modules[path], nn.QuantizedLinear):
             problems.append(
@@ -205,7 +279,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, paths: list[str] | None = None
     missing = [p for p in paths if p not in modules]
     if missing:
         raise UserError(f"the model has no module {missing[0]}: is this the base the adapter was made for?")
-    not_linear = [p for p in paths if not isinstance(modules[p], LINEAR_TYPES)]
+    not_linear = [p for p in paths if not isinstance(modules[p], ADAPTABLE)]
     if not_linear:
         raise UserError(
             f"{not_linear[0]} is a {type(modules[not_linear[0]]).__name__}; mlx-lora adapts linear layers only"
@@ -213,13 +287,20 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, paths: list[str] | None = None
     if new:
         _check_choices(modules, paths, cfg)
     model.freeze()
-    wrapped = [(p, LoRALinear(modules[p], cfg.rank_alpha(p)[0], cfg.scale_of(p), cfg.dropout, cfg.dora)) for p in paths]
+    wrapped = [
+        (p, _wrapper(modules[p])(modules[p], cfg.rank_alpha(p)[0], cfg.scale_of(p), cfg.dropout, cfg.dora))
+        for p in paths
+    ]
     model.update_modules(tree_unflatten(wrapped))
     for _, layer in wrapped:
         if new:
             initialize(layer, cfg.init)
         layer.unfreeze(keys=list(LORA_KEYS) + ([MAGNITUDE] if cfg.dora else []), recurse=False)
     return paths
+
+
+def _wrapper(module: nn.Module) -> type[LoRALinear]:
+    return LoRASwitchLinear if isinstance(module, SwitchLinear) else LoRALinear
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
