@@ -33,6 +33,11 @@ class TrainConfig(DataConfig, LoRAConfig, PrecisionConfig):
     max_seq_length: int = opt(2048, "Rows longer than this many tokens are truncated.", panel=DATA)
     # Default: the loss covers completions and assistant turns only.
     train_on_prompt: bool = opt(False, "Also train on prompt and user tokens.", panel=DATA)
+    train_on_reasoning: bool = opt(
+        True,
+        "Train on assistant turns' reasoning (reasoning_content or thinking) as the template renders it.",
+        panel=DATA,
+    )
     iters: int = opt(300, "Optimizer steps to train for.", panel=OPTIMISATION)
     epochs: float | None = opt(None, "Passes over the training set (instead of --iters).", panel=OPTIMISATION)
     batch_size: int = opt(4, "Rows per batch.", panel=OPTIMISATION)
@@ -174,6 +179,7 @@ class TrainConfig(DataConfig, LoRAConfig, PrecisionConfig):
 RECIPE_FIELDS = ("data", "iters", "epochs", "batch_size", "learning_rate", "max_seq_length")
 METHOD_FIELDS = (
     "train_on_prompt",
+    "train_on_reasoning",
     "weight_decay",
     "pack",
     "grad_accumulation_steps",

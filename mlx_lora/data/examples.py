@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from mlx_lora.config.data import DataConfig
+from mlx_lora.data.chat import encode_chat
 from mlx_lora.data.mapping import iter_mapped
 from mlx_lora.data.rows import PREFERENCE, Row, file_rows, row_format, split_files
 from mlx_lora.data.sources import split_label, train_valid_streams
@@ -70,39 +71,22 @@ class ExampleSet(Sequence):
         return Example(self.tokens[start:end], self.mask[start:end])
 
 
-def _chat_segments(where: str, tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
-    """The rendered conversation cut into (text, is_assistant) pieces, via prefix renderings."""
-    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-    full = render(messages, False)
-    segments, done = [], 0
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before, upto = render(messages[:i], True), render(messages[: i + 1], False)
-        if not (upto.startswith(before) and full.startswith(upto) and len(before) >= done):
-            raise UserError(
-                f"{where}: this tokenizer's chat template does not render turns as prefixes; use prompt/completion rows"
-            )
-        segments += [(before[done:], False), (upto[len(before) :], True)]
-        done = len(upto)
-    return segments + [(full[done:], False)]
-
-
-def encode_row(where: str, tokenizer, fmt: str, row: dict, train_on_prompt: bool) -> Example:
+def encode_row(
+    where: str, tokenizer, fmt: str, row: dict, train_on_prompt: bool, train_on_reasoning: bool = True
+) -> Example:
+    if fmt == "chat":
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise UserError(f"{where}: 'messages' rows need a tokenizer with a chat template; this one has none")
+        tokens, mask = encode_chat(where, tokenizer, row, train_on_prompt, train_on_reasoning)
+        mask[:1] = False  # nothing predicts the first token
+        return Example(tokens, mask)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if fmt == "text":
         parts = [(tokenizer.encode(row["text"]) + eos, True)]
-    elif fmt == "completion":
+    else:
         parts = [
             (tokenizer.encode(row["prompt"]), train_on_prompt),
             (tokenizer.encode(row["completion"], add_special_tokens=False) + eos, True),
-        ]
-    else:
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise UserError(f"{where}: 'messages' rows need a tokenizer with a chat template; this one has none")
-        parts = [
-            (tokenizer.encode(text, add_special_tokens=False), is_reply or train_on_prompt)
-            for text, is_reply in _chat_segments(where, tokenizer, row["messages"])
         ]
     tokens = np.concatenate([np.asarray(ids, np.int32) for ids, _ in parts])
     mask = np.concatenate([np.full(len(ids), on, bool) for ids, on in parts])
@@ -130,7 +114,13 @@ def check_same_format(row: Row, fmt: str, first_fmt: str, first: Row) -> None:
 
 
 def encode_rows(
-    label: str, rows: Iterable[Row], tokenizer, max_seq_length: int, train_on_prompt: bool, log=print
+    label: str,
+    rows: Iterable[Row],
+    tokenizer,
+    max_seq_length: int,
+    train_on_prompt: bool,
+    log=print,
+    train_on_reasoning: bool = True,
 ) -> ExampleSet:
     """Rows already in a row format -> examples; `label` names the set in warnings. Rows are read
     as they come, so a stream of them is never held whole."""
@@ -141,7 +131,7 @@ def encode_rows(
         fmt = row_format(row.where, row.fields)
         first = first or (fmt, row)
         check_same_format(row, fmt, *first)
-        ex = encode_row(row.where, tokenizer, fmt, row.fields, train_on_prompt)
+        ex = encode_row(row.where, tokenizer, fmt, row.fields, train_on_prompt, train_on_reasoning)
         if shortest is None or len(ex.tokens) < shortest[1]:
             shortest = (row.where, len(ex.tokens))
         if len(ex.tokens) > max_seq_length:
@@ -182,15 +172,17 @@ def load_split(
 
 
 def load_sets(
-    source, cfg: DataConfig, tokenizer, max_seq_length: int, train_on_prompt: bool, log=print
+    source, cfg: DataConfig, tokenizer, max_seq_length: int, train_on_prompt: bool, log=print, train_on_reasoning=True
 ) -> dict[str, ExampleSet]:
     """The training and validation examples of a source (sources.py), mapped as `cfg` says; rows
     are read, mapped and tokenized one at a time, and only the tokens are kept."""
     train, valid = train_valid_streams(source, cfg, log)
-    label, valid_label = split_label(source, cfg, "train"), split_label(source, cfg, "valid")
+    masking = dict(train_on_prompt=train_on_prompt, train_on_reasoning=train_on_reasoning)
     return {
-        "train": encode_rows(label, iter_mapped(train, cfg), tokenizer, max_seq_length, train_on_prompt, log),
-        "valid": encode_rows(valid_label, iter_mapped(valid, cfg), tokenizer, max_seq_length, train_on_prompt, log),
+        role: encode_rows(
+            split_label(source, cfg, role), iter_mapped(rows, cfg), tokenizer, max_seq_length, log=log, **masking
+        )
+        for role, rows in (("train", train), ("valid", valid))
     }
 
 

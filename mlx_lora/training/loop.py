@@ -228,7 +228,7 @@ def read_data(cfg: TrainConfig, source, tokenizer, log) -> dict[str, list]:
         source,
         data_part(cfg),
         tokenizer,
-        Encoding(cfg.max_seq_length, cfg.train_on_prompt),
+        Encoding(cfg.max_seq_length, cfg.train_on_prompt, cfg.train_on_reasoning),
         objective=cfg.objective if cfg.preference else None,
         cache_dir=Path(cfg.data_cache).expanduser() if cfg.data_cache else None,
         log=log,
