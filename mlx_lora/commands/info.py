@@ -86,7 +86,7 @@ def training_sets(cfg: TrainConfig, tokenizer) -> dict[str, list]:
         open_source(cfg.data, cfg.data_config, _quiet),
         data_part(cfg),
         tokenizer,
-        Encoding(cfg.max_seq_length, cfg.train_on_prompt),
+        Encoding(cfg.max_seq_length, cfg.train_on_prompt, cfg.train_on_reasoning),
         objective=cfg.objective if cfg.preference else None,
         cache_dir=Path(cfg.data_cache).expanduser() if cfg.data_cache else None,
         log=_quiet,

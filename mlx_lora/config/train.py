@@ -33,6 +33,14 @@ class TrainConfig(DataConfig, LoRAConfig, PrecisionConfig):
     max_seq_length: int = opt(2048, "Rows longer than this many tokens are truncated.", panel=DATA)
     # Default: the loss covers completions and assistant turns only.
     train_on_prompt: bool = opt(False, "Also train on prompt and user tokens.", panel=DATA)
+    train_on_reasoning: bool = opt(
+        True,
+        "Train on assistant turns' reasoning (reasoning_content or thinking) as the template renders it.",
+        panel=DATA,
+    )
+    show_mask: int | None = opt(
+        None, "Print the first N training rows with the trained tokens marked, and the counts, then exit.", panel=DATA
+    )
     iters: int = opt(300, "Optimizer steps to train for.", panel=OPTIMISATION)
     epochs: float | None = opt(None, "Passes over the training set (instead of --iters).", panel=OPTIMISATION)
     batch_size: int = opt(4, "Rows per batch.", panel=OPTIMISATION)
@@ -103,6 +111,8 @@ class TrainConfig(DataConfig, LoRAConfig, PrecisionConfig):
         for name in ("iters", "batch_size", "max_seq_length"):
             if getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.show_mask is not None and self.show_mask < 1:
+            p.append(f"--show-mask must be at least 1, got {self.show_mask}")
         if self.epochs is not None and self.epochs <= 0:
             p.append(f"--epochs must be positive, got {self.epochs}")
         if self.learning_rate <= 0:
@@ -174,6 +184,7 @@ class TrainConfig(DataConfig, LoRAConfig, PrecisionConfig):
 RECIPE_FIELDS = ("data", "iters", "epochs", "batch_size", "learning_rate", "max_seq_length")
 METHOD_FIELDS = (
     "train_on_prompt",
+    "train_on_reasoning",
     "weight_decay",
     "pack",
     "grad_accumulation_steps",

@@ -24,7 +24,7 @@ from mlx_lora.config.data import DataConfig
 from mlx_lora.data.examples import ExampleSet, load_sets
 from mlx_lora.data.sources import HOLDOUT_SEED, valid_split_name
 
-VERSION = 2  # bump when the encoding of rows or the layout of an entry changes, so old entries are not read
+VERSION = 3  # bump when the encoding of rows or the layout of an entry changes, so old entries are not read
 ARRAYS = ("tokens", "mask", "offsets")  # <name>.npy in an entry, ExampleSet's fields
 WARNINGS = "warnings.json"
 NOT_KEYS = ("data_cache",)  # where the cache is does not change what is in it
@@ -137,16 +137,25 @@ def load(path: Path) -> tuple[ExampleSet, list[str]] | None:
 
 
 def tokenized_sets(
-    source, cfg: DataConfig, tokenizer, max_seq_length: int, train_on_prompt: bool, cache_dir: Path | None, log=print
+    source,
+    cfg: DataConfig,
+    tokenizer,
+    max_seq_length: int,
+    train_on_prompt: bool,
+    cache_dir: Path | None,
+    log=print,
+    train_on_reasoning: bool = True,
 ) -> dict[str, ExampleSet]:
     """examples.load_sets, read from `cache_dir` when an earlier run wrote the same entries there."""
+    masking = dict(train_on_prompt=train_on_prompt, train_on_reasoning=train_on_reasoning)
     encoding = dict(max_seq_length=max_seq_length, train_on_prompt=train_on_prompt)
+    encoding |= {} if train_on_reasoning else {"train_on_reasoning": False}  # keyed as dataset._one_split keys
     if cache_dir is None:
-        return load_sets(source, cfg, tokenizer, max_seq_length, train_on_prompt, log)
+        return load_sets(source, cfg, tokenizer, max_seq_length, log=log, **masking)
     tokenizer_id = tokenizer_fingerprint(tokenizer)
     paths = {role: entry_path(source, cfg, role, tokenizer_id, cache_dir, **encoding) for role in ("train", "valid")}
     if None in paths.values():
-        return load_sets(source, cfg, tokenizer, max_seq_length, train_on_prompt, log)
+        return load_sets(source, cfg, tokenizer, max_seq_length, log=log, **masking)
     entries = {role: load(path) for role, path in paths.items()}
     if all(entries.values()):
         for line in entries["train"][1]:
@@ -154,9 +163,7 @@ def tokenized_sets(
         log(f"tokenized rows read from the cache ({cache_dir}): {paths['train'].name}, {paths['valid'].name}")
         return {role: examples for role, (examples, _) in entries.items()}
     said = []
-    sets = load_sets(
-        source, cfg, tokenizer, max_seq_length, train_on_prompt, lambda line: (said.append(line), log(line))
-    )
+    sets = load_sets(source, cfg, tokenizer, max_seq_length, log=lambda line: (said.append(line), log(line)), **masking)
     for role, path in paths.items():
         save(path, sets[role], said if role == "train" else [])
     log(f"tokenized rows saved to the cache ({cache_dir}) for later runs")

@@ -23,6 +23,7 @@ class Encoding:
 
     max_seq_length: int
     train_on_prompt: bool = False
+    train_on_reasoning: bool = True
     first: int | None = None  # only the split's first rows (eval's --max-examples)
 
 
@@ -52,7 +53,8 @@ def load_splits(
         sets = load_preference(preference_dir(source, objective), tokenizer, encoding.max_seq_length)
     else:
         limit, on_prompt = encoding.max_seq_length, encoding.train_on_prompt
-        sets = tokenized_sets(source, data, tokenizer, limit, on_prompt, cache_dir, log)
+        reasoning = encoding.train_on_reasoning
+        sets = tokenized_sets(source, data, tokenizer, limit, on_prompt, cache_dir, log, train_on_reasoning=reasoning)
     return {role: DataSplit(sets[role], _rows(source, data, role, None, log)) for role in TRAINING}
 
 
@@ -73,8 +75,10 @@ def _one_split(source, data: DataConfig, wanted: str, tokenizer, encoding: Encod
     def tokenize(say) -> ExampleSet:
         mapped = rows(say)  # first: a split that does not exist is refused by name
         label = split_label(source, data, wanted)
-        return encode_rows(label, mapped, tokenizer, encoding.max_seq_length, encoding.train_on_prompt, log=say)
+        masking = dict(train_on_prompt=encoding.train_on_prompt, train_on_reasoning=encoding.train_on_reasoning)
+        return encode_rows(label, mapped, tokenizer, encoding.max_seq_length, log=say, **masking)
 
     first = {} if encoding.first is None else {"first": encoding.first}  # else the same key as training's
     key = dict(max_seq_length=encoding.max_seq_length, train_on_prompt=encoding.train_on_prompt, **first)
+    key |= {} if encoding.train_on_reasoning else {"train_on_reasoning": False}  # as cache.tokenized_sets keys
     return DataSplit(tokenized_split(source, data, wanted, tokenizer, cache_dir, tokenize, log, **key), rows)

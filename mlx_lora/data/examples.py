@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from mlx_lora.config.data import DataConfig
+from mlx_lora.data.chat import encode_chat
 from mlx_lora.data.mapping import iter_mapped
 from mlx_lora.data.rows import PREFERENCE, Row, file_rows, row_format, split_files
 from mlx_lora.data.sources import split_label, train_valid_streams
@@ -73,24 +74,6 @@ class ExampleSet(Sequence):
         return Example(self.tokens[start:end], self.mask[start:end])
 
 
-def _chat_segments(where: str, tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
-    """The rendered conversation cut into (text, is_assistant) pieces, via prefix renderings."""
-    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-    full = render(messages, False)
-    segments, done = [], 0
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before, upto = render(messages[:i], True), render(messages[: i + 1], False)
-        if not (upto.startswith(before) and full.startswith(upto) and len(before) >= done):
-            raise UserError(
-                f"{where}: this tokenizer's chat template does not render turns as prefixes; use prompt/completion rows"
-            )
-        segments += [(before[done:], False), (upto[len(before) :], True)]
-        done = len(upto)
-    return segments + [(full[done:], False)]
-
-
 def encode_prefix(tokenizer, text: str, limit: int | None, **kwargs) -> list[int]:
     """The tokens of `text`, or where it is long, a prefix of them longer than `limit` (all a row
     keeps of it), read from a prefix of the text: memory follows `limit`, not the text.
@@ -112,23 +95,61 @@ def encode_prefix(tokenizer, text: str, limit: int | None, **kwargs) -> list[int
     return tokenizer.encode(text, **kwargs)
 
 
-def encode_row(where: str, tokenizer, fmt: str, row: dict, train_on_prompt: bool, limit: int | None = None) -> Example:
+CUT_FIELDS = ("content", "reasoning_content", "thinking")  # a message's free text, as long as a user makes it
+
+
+def _cut_messages(row: dict, cut: int) -> dict:
+    """The row with each message's free text cut to `cut` characters."""
+    cut_message = lambda m: {k: v[:cut] if k in CUT_FIELDS and isinstance(v, str) else v for k, v in m.items()}
+    return {**row, "messages": [cut_message(m) for m in row["messages"]]}
+
+
+def encode_chat_prefix(where: str, tokenizer, row: dict, limit: int | None, **options) -> tuple[np.ndarray, np.ndarray]:
+    """encode_chat's (tokens, mask), or where a message is long, a prefix of them longer than
+    `limit`, read from the conversation with each message cut (encode_prefix's two cuts, tokens
+    and mask both agreeing): memory follows `limit`, not the longest message."""
+    longest = max(
+        (len(v) for m in row["messages"] for k, v in m.items() if k in CUT_FIELDS and isinstance(v, str)), default=0
+    )
+    cut = CHARS_PER_TOKEN * (limit + 1) if limit else longest
+    if longest <= 2 * cut:
+        return encode_chat(where, tokenizer, row, **options)
+    near = encode_chat(where, tokenizer, _cut_messages(row, cut), **options)
+    while 2 * cut < longest:
+        far = encode_chat(where, tokenizer, _cut_messages(row, 2 * cut), **options)
+        same = [(a, m) == (b, n) for a, m, b, n in zip(*near, *far)]
+        agreed = next((i for i, ok in enumerate(same) if not ok), len(same))
+        if agreed > limit:
+            return far[0][:agreed], far[1][:agreed]
+        near, cut = far, 2 * cut
+    return encode_chat(where, tokenizer, row, **options)
+
+
+def encode_row(
+    where: str,
+    tokenizer,
+    fmt: str,
+    row: dict,
+    train_on_prompt: bool,
+    train_on_reasoning: bool = True,
+    limit: int | None = None,
+) -> Example:
     """A row's tokens and mask; with `limit`, those past it may be left out (the row is cut there)."""
+    if fmt == "chat":
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise UserError(f"{where}: 'messages' rows need a tokenizer with a chat template; this one has none")
+        options = dict(train_on_prompt=train_on_prompt, train_on_reasoning=train_on_reasoning)
+        tokens, mask = encode_chat_prefix(where, tokenizer, row, limit, **options)
+        mask[:1] = False  # nothing predicts the first token
+        return Example(tokens, mask)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     encode = lambda text, **kwargs: encode_prefix(tokenizer, text, limit, **kwargs)
     if fmt == "text":
         parts = [(encode(row["text"]) + eos, True)]
-    elif fmt == "completion":
+    else:
         parts = [
             (encode(row["prompt"]), train_on_prompt),
             (encode(row["completion"], add_special_tokens=False) + eos, True),
-        ]
-    else:
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise UserError(f"{where}: 'messages' rows need a tokenizer with a chat template; this one has none")
-        parts = [
-            (encode(text, add_special_tokens=False), is_reply or train_on_prompt)
-            for text, is_reply in _chat_segments(where, tokenizer, row["messages"])
         ]
     tokens = np.concatenate([np.asarray(ids, np.int32) for ids, _ in parts])
     mask = np.concatenate([np.full(len(ids), on, bool) for ids, on in parts])
@@ -156,7 +177,13 @@ def check_same_format(row: Row, fmt: str, first_fmt: str, first: Row) -> None:
 
 
 def encode_rows(
-    label: str, rows: Iterable[Row], tokenizer, max_seq_length: int, train_on_prompt: bool, log=print
+    label: str,
+    rows: Iterable[Row],
+    tokenizer,
+    max_seq_length: int,
+    train_on_prompt: bool,
+    log=print,
+    train_on_reasoning: bool = True,
 ) -> ExampleSet:
     """Rows already in a row format -> examples; `label` names the set in warnings. Rows are read
     as they come, so a stream of them is never held whole."""
@@ -167,7 +194,7 @@ def encode_rows(
         fmt = row_format(row.where, row.fields)
         first = first or (fmt, row)
         check_same_format(row, fmt, *first)
-        ex = encode_row(row.where, tokenizer, fmt, row.fields, train_on_prompt, max_seq_length)
+        ex = encode_row(row.where, tokenizer, fmt, row.fields, train_on_prompt, train_on_reasoning, max_seq_length)
         if shortest is None or len(ex.tokens) < shortest[1]:
             shortest = (row.where, len(ex.tokens))
         if len(ex.tokens) > max_seq_length:
@@ -208,15 +235,17 @@ def load_split(
 
 
 def load_sets(
-    source, cfg: DataConfig, tokenizer, max_seq_length: int, train_on_prompt: bool, log=print
+    source, cfg: DataConfig, tokenizer, max_seq_length: int, train_on_prompt: bool, log=print, train_on_reasoning=True
 ) -> dict[str, ExampleSet]:
     """The training and validation examples of a source (sources.py), mapped as `cfg` says; rows
     are read, mapped and tokenized one at a time, and only the tokens are kept."""
     train, valid = train_valid_streams(source, cfg, log)
-    label, valid_label = split_label(source, cfg, "train"), split_label(source, cfg, "valid")
+    masking = dict(train_on_prompt=train_on_prompt, train_on_reasoning=train_on_reasoning)
     return {
-        "train": encode_rows(label, iter_mapped(train, cfg), tokenizer, max_seq_length, train_on_prompt, log),
-        "valid": encode_rows(valid_label, iter_mapped(valid, cfg), tokenizer, max_seq_length, train_on_prompt, log),
+        role: encode_rows(
+            split_label(source, cfg, role), iter_mapped(rows, cfg), tokenizer, max_seq_length, log=log, **masking
+        )
+        for role, rows in (("train", train), ("valid", valid))
     }
 
 

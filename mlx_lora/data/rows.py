@@ -17,7 +17,10 @@ DEFAULT_DATA_DIRS = (
     Path(__file__).parent.parent.parent / "data",  # source checkout
 )
 FORMAT_KEYS = {"text": ("text",), "completion": ("prompt", "completion"), "chat": ("messages",)}
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+NEXT_ROLES = {None: ("user",), "system": ("user",), "user": ("assistant",), "assistant": ("user",)}
+NEXT_ROLES |= {"call": ("tool",), "tool": ("tool", "assistant")}  # "call": an assistant turn with tool_calls
+REASONING_KEYS = ("reasoning_content", "thinking")
 PREFERENCE = "preference"
 PREFERENCE_KEYS = ("prompt", "chosen", "rejected")
 T = TypeVar("T")
@@ -120,27 +123,53 @@ def row_format(where: str, row: dict) -> str:
         if fmt != "chat" and not isinstance(row[key], str):
             raise UserError(f"{where}: key '{key}' must be a string, got {type(row[key]).__name__}")
     if fmt == "chat":
-        check_messages(where, row["messages"])
+        check_messages(where, row["messages"], row.get("tools"))
     return fmt
 
 
-def check_messages(where: str, messages) -> None:
+def check_messages(where: str, messages, tools=None) -> None:
+    """System first if any, then user and assistant turns alternating; an assistant turn with
+    tool_calls is answered by one or more tool turns before the next assistant turn."""
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: key 'messages' must be a non-empty list of {{role, content}} objects")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise UserError(f"{where}: key 'tools' must be a list of function schemas (JSON objects)")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-            raise UserError(f'{where}: messages[{i}] must be {{"role": one of {", ".join(ROLES)}, "content": string}}')
-    roles = [m["role"] for m in messages]
-    turns = roles[1:] if roles[0] == "system" else roles
-    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
-    if turns != expected:
-        bad = next(i for i, (r, e) in enumerate(zip(turns, expected)) if r != e) + len(roles) - len(turns)
-        raise UserError(
-            f"{where}: messages[{bad}] has role '{roles[bad]}' where '{expected[bad - len(roles) + len(turns)]}' "
-            "belongs; use an optional system turn, then user and assistant turns alternating"
-        )
-    if "assistant" not in turns:
+        check_message(f"{where}: messages[{i}]", m)
+    previous = None
+    for i, m in enumerate(messages):
+        role = m["role"]
+        if i == 0 and role == "system":
+            previous = role
+            continue
+        allowed = NEXT_ROLES["call" if previous == "assistant" and messages[i - 1].get("tool_calls") else previous]
+        if role not in allowed:
+            raise UserError(
+                f"{where}: messages[{i}] has role '{role}' where {' or '.join(map(repr, allowed))} belongs; use an "
+                "optional system turn, then user and assistant turns alternating (tool turns answer tool_calls)"
+            )
+        previous = role
+    if not any(m["role"] == "assistant" for m in messages):
         raise UserError(f"{where}: 'messages' has no assistant turn, so there is nothing to learn")
+
+
+def check_message(where: str, m) -> None:
+    """One message: a role, string content (an assistant's may be absent beside tool_calls), and
+    an assistant's optional reasoning (reasoning_content or thinking) and tool_calls."""
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        raise UserError(f'{where} must be {{"role": one of {", ".join(ROLES)}, "content": string}}')
+    calls = m.get("tool_calls")
+    if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
+        raise UserError(f'{where} must be {{"role": one of {", ".join(ROLES)}, "content": string}}')
+    if calls is not None and (m["role"] != "assistant" or not isinstance(calls, list) or not calls):
+        raise UserError(f"{where}: 'tool_calls' must be a non-empty list, on an assistant turn")
+    for call in calls or []:
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise UserError(f'{where}: each tool call must be {{"function": {{"name": string, "arguments": ...}}}}')
+    for key in REASONING_KEYS:
+        if m.get(key) is not None and (m["role"] != "assistant" or not isinstance(m[key], str)):
+            raise UserError(f"{where}: '{key}' must be a string, on an assistant turn")
 
 
 def check_preference(where: str, row: dict) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from mlx_lora.config import LoRAConfig, TrainConfig, data_part, lora_part, metho
 from mlx_lora.data.batches import batches_per_epoch, iterate_batches
 from mlx_lora.data.dataset import Encoding, load_splits
 from mlx_lora.data.examples import Example
+from mlx_lora.data.marking import mask_report
 from mlx_lora.data.sources import open_source
 from mlx_lora.distributed import group as distributed
 from mlx_lora.errors import Interrupted, UserError
@@ -153,7 +155,9 @@ class Run:
         self.last_saved = path
 
 
-def train(cfg: TrainConfig, log=print) -> TrainResult:
+def train(cfg: TrainConfig, log=print) -> TrainResult | None:
+    if cfg.show_mask:
+        return show_mask(cfg, log)
     run = build_run(cfg, log)
     try:
         result = fit(run)
@@ -169,6 +173,16 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
         f"({100 * (last - first) / first:+.1f}%); adapter saved to {run.out}{os.sep}"
     )
     return result
+
+
+def show_mask(cfg: TrainConfig, log=print) -> None:
+    """--show-mask N: the first N training rows as the loss sees them; nothing is trained or written."""
+    if cfg.preference:
+        raise UserError("--show-mask shows sft rows; preference pairs train on each whole completion")
+    base = load_base(cfg.model, lazy=True, compute=cfg.compute_dtype)
+    sets = read_data(cfg, open_source(cfg.data, cfg.data_config, log), base.tokenizer, log)
+    for line in mask_report(base.tokenizer, sets["train"], cfg.show_mask, colour=sys.stdout.isatty()):
+        log(line)
 
 
 def build_run(cfg: TrainConfig, log=print) -> Run:
@@ -255,7 +269,7 @@ def read_data(cfg: TrainConfig, source, tokenizer, log) -> dict[str, list]:
         source,
         data_part(cfg),
         tokenizer,
-        Encoding(cfg.max_seq_length, cfg.train_on_prompt),
+        Encoding(cfg.max_seq_length, cfg.train_on_prompt, cfg.train_on_reasoning),
         objective=cfg.objective if cfg.preference else None,
         cache_dir=Path(cfg.data_cache).expanduser() if cfg.data_cache else None,
         log=log,

@@ -192,6 +192,10 @@ class _Recording:
         self.seen.append(len(text))
         return self.tokenizer.encode(text, **kwargs)
 
+    def __call__(self, text, **kwargs):  # chat rows: the whole rendering at once, with offsets
+        self.seen.append(len(text))
+        return self.tokenizer._tokenizer(text, **kwargs)
+
     def __getattr__(self, name):
         return getattr(self.tokenizer, name)
 
@@ -221,7 +225,7 @@ def test_a_long_row_keeps_the_tokens_of_its_full_tokenization(base, kind, limit)
     for fmt, row in rows:
         full = encode_row("t", tok, fmt, row, False)
         recording = _Recording(tok)
-        cut = encode_row("t", recording, fmt, row, False, limit)
+        cut = encode_row("t", recording, fmt, row, False, limit=limit)
         assert len(cut.tokens) > limit and max(recording.seen) < len(text) / 2, (fmt, recording.seen)
         assert list(cut.tokens[:limit]) == list(full.tokens[:limit]), fmt
         assert list(cut.mask[:limit]) == list(full.mask[:limit]), fmt
