@@ -74,7 +74,7 @@ def _configs(vocab_size: int):
         "qwen3_moe": Qwen3MoeConfig(
             **common, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32
         ),
-        "llama3": LlamaConfig(**common, tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE),  # as Llama 3.2 1B/3B
+        "llama3": LlamaConfig(**common, tie_word_embeddings=True, rope_scaling=dict(LLAMA3_ROPE)),  # Llama 3.2 1B/3B
         "mixtral": MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
     }
 
