@@ -262,7 +262,8 @@ def read_gguf(path: Path, lazy: bool = False) -> tuple[dict[str, mx.array], dict
 
 
 def read_gguf_config(path: Path) -> dict[str, Any]:
-    return gguf_config(*read_gguf(path, lazy=True), path)
+    tensors, meta = read_gguf(path, lazy=True)
+    return gguf_config(meta, tensors, path)
 
 
 def gguf_model(path: Path, lazy: bool = False) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:

@@ -18,7 +18,7 @@ from mlx_lora.config import LoRAConfig
 from mlx_lora.errors import UserError
 from mlx_lora.formats.gguf import GGUF_FILE, check_gguf, write_gguf
 from mlx_lora.model.base import load_base
-from mlx_lora.model.gguf import PRE_TOKENIZERS, gguf_config, read_gguf
+from mlx_lora.model.gguf import PRE_TOKENIZERS, gguf_config, read_gguf, read_gguf_config
 from mlx_lora.model.rope import FACTOR_RTOL, ROPE_FREQS, ROPE_SCALING_KEY
 
 CFG = LoRAConfig(targets="all-linear", num_layers=2, rank=4, alpha=8)
@@ -473,6 +473,7 @@ def test_rope_freqs_that_are_not_llama3_or_not_its_key_are_refused(models, tmp_p
     write_gguf(path, dict(tree_flatten(ours.model.parameters())), ours.config, ours.path, "f32")
     tensors, meta = read_gguf(path, lazy=True)
     assert gguf_config(meta, tensors, path)["rope_scaling"] == LLAMA3_ROPE  # lazy: rope_freqs read all the same
+    assert read_gguf_config(path)["rope_scaling"] == LLAMA3_ROPE  # as `convert --model model.gguf` reads it
     altered = meta | {ROPE_SCALING_KEY: json.dumps(LLAMA3_ROPE | {"factor": 8.0})}
     with pytest.raises(UserError, match=f"rope_freqs.weight disagrees with {ROPE_SCALING_KEY}; the file was altered"):
         gguf_config(altered, tensors, path)
