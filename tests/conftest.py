@@ -29,6 +29,16 @@ SMALL = dict(
 
 
 GEMMA3_LAYERS = ["sliding_attention"] * 3 + ["full_attention"]  # Gemma 3's pattern, global every 4th
+# Llama 3.2's rope scaling, its old context cut from 8192 to 64 so that it acts at these sizes: of head
+# dim 16's 8 wavelengths (2π·10000^(i/8): 6.3, 19.9, 62.8, 199, ...) one is under 64/4 (kept), two lie
+# between 64/4 and 64/1 (smoothed, which is what lets a reader recover the scaling) and five over (/32).
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 
 def _configs(vocab_size: int):
@@ -64,6 +74,7 @@ def _configs(vocab_size: int):
         "qwen3_moe": Qwen3MoeConfig(
             **common, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32
         ),
+        "llama3": LlamaConfig(**common, tie_word_embeddings=True, rope_scaling=dict(LLAMA3_ROPE)),  # Llama 3.2 1B/3B
         "mixtral": MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
     }
 

@@ -1,6 +1,7 @@
 """A fused model as one GGUF file that llama.cpp runs: tensors named and laid out the way llama.cpp's
 convert_hf_to_gguf.py writes them, and the tokenizer in the form llama.cpp re-implements it."""
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 from mlx_lora.errors import UserError
 from mlx_lora.formats.gguf_vocab import add_vocab
 from mlx_lora.model.lora import MAGNITUDE
+from mlx_lora.model.rope import LLAMA3, LLAMA3_DEFAULTS, ROPE_FREQS, ROPE_SCALING_KEY, llama3_factors, rope_type
 
 GGUF_FILE = "model.gguf"
 GGUF_ADAPTER_FILE = "adapter.gguf"
@@ -49,11 +51,9 @@ def check_gguf(config: dict[str, Any], gguf_type: str, flag: str = "--export-ggu
         raise UserError(f"{flag}: GGUF export supports {', '.join(ARCHITECTURES)} models, not {model_type}; {instead}")
     if config.get("sliding_window") and config.get("use_sliding_window", True) and model_type == "mistral":
         raise UserError(f"{flag}: llama.cpp's llama has no sliding-window attention (Mistral v0.1); {instead}")
-    rope = config.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise UserError(
-            f"{flag}: rope scaling '{rope.get('rope_type', rope.get('type'))}' is not written yet; {instead}"
-        )
+    kind = rope_type(config.get("rope_scaling"))
+    if kind not in ("default", LLAMA3) or (kind == LLAMA3 and ARCHITECTURES[model_type][0] != gguf.MODEL_ARCH.LLAMA):
+        raise UserError(f"{flag}: rope scaling '{kind}' of a {model_type} model is not written yet; {instead}")
     if model_type == "gemma2" and config.get("query_pre_attn_scalar") != _gemma2_query_scalar(config):
         raise UserError(
             f"{flag}: llama.cpp scales Gemma 2's queries by 1/sqrt({_gemma2_query_scalar(config)}), this model by "
@@ -169,12 +169,29 @@ def add_tensors(writer: gguf.GGUFWriter, weights: dict[str, mx.array], config: d
         writer.add_tensor(name, data, raw_dtype=None if dtype in (QTYPE.F32, QTYPE.F16) else dtype)
 
 
+def _rope_theta(config: dict) -> float:
+    rope = config.get("rope_parameters") or {}
+    return config.get("rope_theta", rope.get("rope_theta", ARCHITECTURES[config["model_type"]][1]))
+
+
+def add_llama3_rope(writer: gguf.GGUFWriter, config: dict) -> None:
+    """Llama 3's rope scaling as llama.cpp runs it: rope_freqs.weight, one divisor per frequency
+    (convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors; llama.cpp has no key for it), and the
+    rope_scaling itself under our key, so that our reader gives back the config's exact values."""
+    rope = config.get("rope_scaling") or {}
+    if rope_type(rope) != LLAMA3:
+        return
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    writer.add_tensor(ROPE_FREQS, llama3_factors(rope, _rope_theta(config), head_dim))
+    kept = {k: rope[k] for k in ("factor", *LLAMA3_DEFAULTS) if k in rope}
+    writer.add_string(ROPE_SCALING_KEY, json.dumps({"rope_type": LLAMA3} | kept))
+
+
 def add_hparams(writer: gguf.GGUFWriter, config: dict, n_vocab: int, file_type: int) -> None:
     """The llama.cpp keys of convert_hf_to_gguf.py's TextModel.set_gguf_parameters, and those its
     Gemma2Model and Phi3MiniModel add."""
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    rope = config.get("rope_parameters") or {}
     writer.add_context_length(config.get("max_position_embeddings", 4096))
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
@@ -182,7 +199,7 @@ def add_hparams(writer: gguf.GGUFWriter, config: dict, n_vocab: int, file_type: 
     writer.add_head_count(heads)
     writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
     writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
-    writer.add_rope_freq_base(config.get("rope_theta", rope.get("rope_theta", ARCHITECTURES[config["model_type"]][1])))
+    writer.add_rope_freq_base(_rope_theta(config))
     writer.add_rope_dimension_count(int(head_dim * config.get("partial_rotary_factor", 1.0)))
     if head_dim != config["hidden_size"] // heads:
         writer.add_key_length(head_dim)
@@ -215,6 +232,7 @@ def write_gguf(
     writer.add_name(name or Path(path).stem)
     n_vocab = add_vocab(writer, Path(tokenizer_dir), config.get("vocab_size", 0))
     add_hparams(writer, config, n_vocab, file_type)
+    add_llama3_rope(writer, config)
     add_tensors(writer, weights, config, qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

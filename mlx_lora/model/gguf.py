@@ -5,17 +5,18 @@ in Hugging Face's order."""
 
 import json
 import tempfile
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import gguf
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_lora.errors import UserError
-from mlx_lora.model.gguf_tensors import GROUP_SIZE, read_shapes, read_tensors
+from mlx_lora.model.gguf_tensors import GROUP_SIZE, read_shapes, read_tensors, tensor_arrays
+from mlx_lora.model.rope import ROPE_FREQS, ROPE_SCALING_KEY, llama3_scaling, matches
 
 GGUF_SUFFIX = ".gguf"
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -109,12 +110,29 @@ def check_dimensions(key, path: Path) -> None:
         raise UserError(f"{damaged} attention.layer_norm_rms_epsilon is {eps!r:.40}; the file is damaged")
 
 
-def gguf_config(meta: dict[str, Any], weights: Collection[str], path: Path) -> dict[str, Any]:
+def rope_scaling(meta: dict[str, Any], factors: np.ndarray, config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Llama 3's rope_scaling, from our key where the file has it, else recovered from rope_freqs; either
+    way it must give the file's factors, which are what llama.cpp runs."""
+    base, dim = config["rope_theta"], config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if ROPE_SCALING_KEY in meta:
+        rope = json.loads(meta[ROPE_SCALING_KEY])
+        if not matches(rope, factors, base, dim):
+            raise UserError(f"--model {path}: {ROPE_FREQS} disagrees with {ROPE_SCALING_KEY}; the file was altered")
+        return rope
+    if (rope := llama3_scaling(factors, base, dim)) is None:
+        raise UserError(
+            f"--model {path}: {ROPE_FREQS} is not Llama 3's rope scaling with two or more frequencies between its "
+            "thresholds, the only kind read; use the Hugging Face model"
+        )
+    return rope
+
+
+def gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], path: Path) -> dict[str, Any]:
     """The Hugging Face config.json keys mlx-lm's llama and qwen2 read, from llama.cpp's keys."""
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise UserError(f"--model {path}: a GGUF of {arch}; reading GGUF supports {', '.join(ARCHITECTURES)} only")
-    if any(k.startswith(f"{arch}.rope.scaling") for k in meta) or "rope_freqs.weight" in weights:
+    if any(k.startswith(f"{arch}.rope.scaling") for k in meta) or (ROPE_FREQS in weights and arch != "llama"):
         raise UserError(f"--model {path}: rope scaling in a GGUF is not read yet; use the Hugging Face model")
 
     def key(name: str, default: Any = None) -> Any:
@@ -141,6 +159,8 @@ def gguf_config(meta: dict[str, Any], weights: Collection[str], path: Path) -> d
     }
     if head_dim != config["hidden_size"] // heads:  # only then, so the fingerprint equals the HF config's
         config["head_dim"] = head_dim
+    if ROPE_FREQS in weights:
+        config["rope_scaling"] = rope_scaling(meta, np.array(weights[ROPE_FREQS]), config, path)
     for name in ("bos", "eos", "padding"):
         if f"tokenizer.ggml.{name}_token_id" in meta:
             config[f"{name.replace('padding', 'pad')}_token_id"] = meta[f"tokenizer.ggml.{name}_token_id"]
@@ -174,6 +194,8 @@ def hf_weights(weights: dict[str, mx.array], config: dict) -> dict[str, mx.array
     dtype = compute_dtype(weights)
     out = {}
     for name, w in weights.items():
+        if name == ROPE_FREQS:  # in the config, as rope_scaling
+            continue
         w = w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w  # packed uint32 stays
         key = hf_name(name)
         if config["model_type"] == "llama" and ".q_proj." in key:
@@ -255,14 +277,18 @@ def open_gguf(path: Path) -> tuple[gguf.GGUFReader, dict[str, Any]]:
 
 
 def read_gguf(path: Path, lazy: bool = False) -> tuple[dict[str, mx.array], dict[str, Any]]:
-    """The tensors (`lazy`: stand-ins of their shapes and dtypes, nothing read) and the metadata."""
+    """The tensors (`lazy`: stand-ins of their shapes and dtypes, nothing read, but for rope_freqs,
+    whose values the config needs) and the metadata."""
     reader, meta = open_gguf(path)
-    return (read_shapes if lazy else read_tensors)(reader, path), meta
+    tensors = (read_shapes if lazy else read_tensors)(reader, path)
+    if lazy and ROPE_FREQS in tensors:
+        tensors[ROPE_FREQS] = tensor_arrays(next(t for t in reader.tensors if t.name == ROPE_FREQS))[ROPE_FREQS]
+    return tensors, meta
 
 
 def read_gguf_config(path: Path) -> dict[str, Any]:
-    reader, meta = open_gguf(path)
-    return gguf_config(meta, {t.name for t in reader.tensors}, path)
+    tensors, meta = read_gguf(path, lazy=True)
+    return gguf_config(meta, tensors, path)
 
 
 def gguf_model(path: Path, lazy: bool = False) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:

@@ -10,7 +10,7 @@ import llama_cpp
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import make_hf_model, mlx_logits, random_adapter
+from conftest import LLAMA3_ROPE, hf_logits, make_hf_model, mlx_logits, random_adapter
 from typer.testing import CliRunner
 
 from mlx_lora.cli import app
@@ -18,7 +18,8 @@ from mlx_lora.config import LoRAConfig
 from mlx_lora.errors import UserError
 from mlx_lora.formats.gguf import GGUF_FILE, check_gguf, write_gguf
 from mlx_lora.model.base import load_base
-from mlx_lora.model.gguf import PRE_TOKENIZERS
+from mlx_lora.model.gguf import PRE_TOKENIZERS, gguf_config, read_gguf, read_gguf_config
+from mlx_lora.model.rope import FACTOR_RTOL, ROPE_FREQS, ROPE_SCALING_KEY
 
 CFG = LoRAConfig(targets="all-linear", num_layers=2, rank=4, alpha=8)
 # The shipped tokenizer knows ASCII only (no byte fallback); unicode is tested on SmolLM2's below.
@@ -102,9 +103,10 @@ def _tensor_types(path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def models(hf_models, tmp_path_factory) -> dict:
-    """The session's test models plus mistral, qwen3 (head_dim 32 != hidden / heads) and gemma2."""
+    """The session's test models plus mistral, qwen3 (head_dim 32 != hidden / heads), gemma2 and llama3
+    (Llama 3.2's rope scaling and tied embeddings)."""
     root = tmp_path_factory.mktemp("more-models")
-    return hf_models | {arch: make_hf_model(root / arch, arch) for arch in ("mistral", "qwen3", "gemma2")}
+    return hf_models | {arch: make_hf_model(root / arch, arch) for arch in ("mistral", "qwen3", "gemma2", "llama3")}
 
 
 @pytest.mark.slow
@@ -372,7 +374,7 @@ def test_unsupported_architecture_or_type_is_refused_before_anything_is_written(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "phi3", "llama3"])
 def test_adapter_gguf_on_the_base_gguf_gives_our_adapter_logits_in_llama_cpp(models, arch, tmp_path):
     from mlx.utils import tree_flatten
 
@@ -408,3 +410,88 @@ def test_dora_adapter_has_no_gguf_form(llama, tmp_path):
     result = _run("convert", "--to", "gguf", tmp_path / "adapter", tmp_path / "out")
     assert result.exit_code == 2 and "llama.cpp's LoRA adapters have no DoRA magnitude" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def _hf(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+def test_llama3_rope_scaling_runs_in_llama_cpp_as_in_transformers(models, tmp_path):
+    """Llama 3.2's rope scaling, tied embeddings: the file's rope_freqs are what transformers divides
+    each frequency by, and llama.cpp's logits are transformers' and ours; without the scaling they
+    would be far off, so wrong factors could not pass."""
+    from gguf import GGUFReader
+    from mlx_lm.utils import load_model
+
+    path = _export(models["llama3"], tmp_path, "--gguf-type", "f32")  # fuse reads it back: its own check
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    assert "output.weight" not in tensors  # tied: llama.cpp reads token_embd for the output too
+    hf = _hf(tmp_path / "fused")
+    default = 1 / hf.config.rope_parameters["rope_theta"] ** (np.arange(0, 16, 2) / 16)
+    np.testing.assert_allclose(
+        tensors[ROPE_FREQS].data, default / hf.model.rotary_emb.inv_freq.numpy(), rtol=FACTOR_RTOL
+    )
+    fused = load_base(str(tmp_path / "fused"))
+    tokens = fused.tokenizer.encode(ASCII_PROMPTS["code"])
+    expected = hf_logits(hf, tokens)
+    llm = _llama(path)
+    theirs = cpp_logits(llm, tokens)
+    llm.close()
+    tol = TOLERANCE["f32"] * max(1.0, np.abs(expected).max())
+    assert np.abs(theirs - expected).max() <= tol and np.abs(mlx_logits(fused.model, tokens) - expected).max() <= tol
+    unscaled, _ = load_model(tmp_path / "fused", model_config={"rope_scaling": None})
+    assert np.abs(mlx_logits(unscaled, tokens) - expected).max() > 100 * tol
+
+
+@pytest.mark.parametrize("written_by", ["us", "another converter"])
+def test_llama3_gguf_is_a_base_with_its_rope_scaling(models, written_by, tmp_path, monkeypatch):
+    """`--model model.gguf` on a Llama 3.2-shaped file: the rope_scaling from our key, or from
+    rope_freqs alone (a file of convert_hf_to_gguf.py has no key of ours), and transformers' logits."""
+    from mlx.utils import tree_flatten
+
+    import mlx_lora.formats.gguf as writer
+
+    if written_by == "another converter":
+        monkeypatch.setattr(writer, "ROPE_SCALING_KEY", "general.not_read")
+    ours = load_base(str(models["llama3"]))
+    path = tmp_path / GGUF_FILE
+    write_gguf(path, dict(tree_flatten(ours.model.parameters())), ours.config, ours.path, "f32")
+    back = load_base(str(path))
+    assert back.config["rope_scaling"] == LLAMA3_ROPE
+    tokens = ours.tokenizer.encode(ASCII_PROMPTS["code"])
+    expected = hf_logits(_hf(models["llama3"]), tokens)
+    assert np.abs(mlx_logits(back.model, tokens) - expected).max() <= TOLERANCE["f32"] * max(1, np.abs(expected).max())
+
+
+def test_rope_freqs_that_are_not_llama3_or_not_its_key_are_refused(models, tmp_path):
+    from mlx.utils import tree_flatten
+
+    ours = load_base(str(models["llama3"]))
+    path = tmp_path / GGUF_FILE
+    write_gguf(path, dict(tree_flatten(ours.model.parameters())), ours.config, ours.path, "f32")
+    tensors, meta = read_gguf(path, lazy=True)
+    assert gguf_config(meta, tensors, path)["rope_scaling"] == LLAMA3_ROPE  # lazy: rope_freqs read all the same
+    assert read_gguf_config(path)["rope_scaling"] == LLAMA3_ROPE  # as `convert --model model.gguf` reads it
+    altered = meta | {ROPE_SCALING_KEY: json.dumps(LLAMA3_ROPE | {"factor": 8.0})}
+    with pytest.raises(UserError, match=f"rope_freqs.weight disagrees with {ROPE_SCALING_KEY}; the file was altered"):
+        gguf_config(altered, tensors, path)
+    foreign = {k: v for k, v in meta.items() if k != ROPE_SCALING_KEY}
+    steps = tensors | {ROPE_FREQS: mx.array([1, 1, 1, 1, 32, 32, 32, 32], mx.float32)}
+    with pytest.raises(UserError, match="rope_freqs.weight is not Llama 3's rope scaling with two or more"):
+        gguf_config(foreign, steps, path)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "rope", "refusal"),
+    [
+        ("llama", {"rope_type": "yarn", "factor": 4.0}, "rope scaling 'yarn' of a llama model is not written yet"),
+        ("qwen2", LLAMA3_ROPE, "rope scaling 'llama3' of a qwen2 model is not written yet"),
+    ],
+)
+def test_rope_scaling_llama_cpp_is_not_given_is_refused(model_type, rope, refusal):
+    config = {"model_type": model_type, "num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4}
+    check_gguf(config | {"rope_scaling": LLAMA3_ROPE, "model_type": "llama"}, "f16")
+    with pytest.raises(UserError, match=refusal):
+        check_gguf(config | {"rope_scaling": rope}, "f16")
