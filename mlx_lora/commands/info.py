@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import get_total_parameters
 
 from mlx_lora.config import LoRAConfig, TrainConfig, data_part, lora_part, method_options
+from mlx_lora.data.cache import cache_location
 from mlx_lora.data.dataset import Encoding, load_splits
 from mlx_lora.data.sources import open_source
 from mlx_lora.formats.native import ADAPTER_CONFIG, ADAPTER_WEIGHTS, describe, save_adapter
@@ -88,7 +89,7 @@ def training_sets(cfg: TrainConfig, tokenizer) -> dict[str, list]:
         tokenizer,
         Encoding(cfg.max_seq_length, cfg.train_on_prompt, cfg.train_on_reasoning),
         objective=cfg.objective if cfg.preference else None,
-        cache_dir=Path(cfg.data_cache).expanduser() if cfg.data_cache else None,
+        cache_dir=cache_location(cfg, _quiet),
         log=_quiet,
     )
     return {role: split.examples for role, split in sets.items()}

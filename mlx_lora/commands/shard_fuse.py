@@ -17,7 +17,7 @@ import mlx.nn as nn
 
 from mlx_lora.errors import UserError
 from mlx_lora.formats.loader import apply_adapter
-from mlx_lora.model.base import Base, load_base
+from mlx_lora.model.base import Base, load_base, write_generation_config
 from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.model.lora import block_paths, lora_layers
 from mlx_lora.training.cut import cut_at
@@ -103,3 +103,4 @@ def write_shards(base: Base, tmp: Path, log) -> None:
     for f in base.path.iterdir():
         if f.is_file() and not f.name.endswith(".safetensors"):
             shutil.copy(f, tmp / f.name)
+    write_generation_config(tmp, base.tokenizer)  # every stop token, as an in-memory fuse writes it

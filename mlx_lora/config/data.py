@@ -33,8 +33,19 @@ class DataConfig:
     prompt_template: str | None = opt(None, "Prompt from a row's columns, e.g. 'Q: {question}\\nA:'.", panel=DATA)
     completion_template: str | None = opt(None, "Completion from columns, e.g. ' {answer}'.", panel=DATA)
     # Tokenized rows are reused, read from disk as batches need them, by a later run (train or
-    # eval) with the same data, tokenizer, mapping, --max-seq-length and --train-on-prompt.
-    data_cache: str | None = opt(None, "Directory to keep tokenized rows in for later runs.", panel=DATA)
+    # eval) with the same data, tokenizer, mapping, --max-seq-length and --train-on-prompt. By
+    # default in $MLX_LORA_CACHE/tokenized, else the platform's cache directory (~/.cache/mlx-lora,
+    # $XDG_CACHE_HOME/mlx-lora, ~/Library/Caches/mlx-lora on macOS); at most 10 GB, least recently
+    # used entries removed first.
+    data_cache: str | None = opt(
+        None, "Directory to keep tokenized rows in (default: mlx-lora's cache directory).", panel=DATA
+    )
+    cache_data: bool = opt(
+        True,
+        "Keep tokenized rows for later runs (--no-data-cache: tokenize each run).",
+        off="--no-data-cache",
+        panel=DATA,
+    )
 
     def problems(self) -> list[str]:
         p = []

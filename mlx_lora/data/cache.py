@@ -1,6 +1,9 @@
-"""Tokenized sets on disk (--data-cache DIR), reused by later runs that would tokenize the same rows
-the same way: same data (file size and modification time, or the datasets fingerprint), tokenizer,
-mapping, split choice, --max-seq-length and --train-on-prompt. A run that misses writes its entry.
+"""Tokenized sets on disk, reused by later runs that would tokenize the same rows the same way: same
+data (file size and modification time, or the datasets fingerprint), tokenizer, mapping, split
+choice, --max-seq-length and --train-on-prompt. A run that misses writes its entry. On by default,
+as `datasets` caches: in --data-cache DIR, else $MLX_LORA_CACHE/tokenized, else the platform's cache
+directory; --no-data-cache turns it off. The directory is kept under MAX_BYTES by removing the least
+recently used entries, only ever ones this cache wrote (their .mlx-lora-output.json says so).
 
 One entry is a directory of .npy arrays, an ExampleSet's three (every example's tokens and mask
 laid end to end, and where each starts), and warnings.json (what tokenizing printed, said again
@@ -9,10 +12,13 @@ rows (os.pread), so memory does not grow with the rows. Not a memory map: the pa
 file in folios of up to 2 MB, and every row touched would keep one in the process's RSS.
 """
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable
+import shutil
+import sys
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import BinaryIO
@@ -23,11 +29,73 @@ from mlx_lora import atomic
 from mlx_lora.config.data import DataConfig
 from mlx_lora.data.examples import ExampleSet, load_sets
 from mlx_lora.data.sources import HOLDOUT_SEED, valid_split_name
+from mlx_lora.errors import UserError
 
 VERSION = 3  # bump when the encoding of rows or the layout of an entry changes, so old entries are not read
 ARRAYS = ("tokens", "mask", "offsets")  # <name>.npy in an entry, ExampleSet's fields
 WARNINGS = "warnings.json"
-NOT_KEYS = ("data_cache",)  # where the cache is does not change what is in it
+NOT_KEYS = ("data_cache", "cache_data")  # where the cache is, or whether it is used, does not change what is in it
+WRITER = "mlx-lora data cache"  # the writer atomic.replace_dir records in each entry
+CACHE_ENV = "MLX_LORA_CACHE"  # moves mlx-lora's cache directory
+TOKENIZED = "tokenized"  # the data cache's folder in it
+MAX_BYTES = 10 * 2**30  # the data cache's size cap
+
+
+def platform_cache() -> Path:
+    """mlx-lora's cache directory: $MLX_LORA_CACHE, else ~/Library/Caches/mlx-lora on macOS, else
+    $XDG_CACHE_HOME/mlx-lora (~/.cache/mlx-lora)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "mlx-lora"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if Path(xdg).is_absolute() else Path.home() / ".cache") / "mlx-lora"
+
+
+def cache_location(cfg: DataConfig, log=print) -> Path | None:
+    """Where tokenized rows are kept, made if missing; None with --no-data-cache, or when the default
+    place cannot be made (said once; the run goes on uncached). A place the user named that cannot
+    be made is refused."""
+    if not cfg.cache_data:
+        return None
+    named = f"--data-cache {cfg.data_cache}" if cfg.data_cache else None
+    named = named or (f"{CACHE_ENV}={os.environ[CACHE_ENV]}" if os.environ.get(CACHE_ENV) else None)
+    path = Path(cfg.data_cache).expanduser() if cfg.data_cache else platform_cache() / TOKENIZED
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if named:
+            raise UserError(f"{named}: cannot make {path} ({e.strerror}); name a writable directory") from None
+        log(f"tokenized rows not cached: cannot make {path} ({e.strerror}); set {CACHE_ENV} or --data-cache DIR")
+        return None
+    return path
+
+
+def _entry_bytes(entry: Path) -> int:
+    return sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+
+
+def trim(cache_dir: Path, keep: Collection[Path], cap: int = MAX_BYTES) -> tuple[int, int]:
+    """Remove this cache's least recently used entries (by their directory's mtime, which a hit
+    renews) until the rest fit in `cap`, never one in `keep`; (bytes, entries) left."""
+    entries = [p for p in cache_dir.iterdir() if p.is_dir() and (atomic.owner_of(p) or {}).get("written_by") == WRITER]
+    sizes = {p: _entry_bytes(p) for p in entries}
+    total = sum(sizes.values())
+    for entry in sorted(entries, key=lambda p: p.stat().st_mtime):
+        if total <= cap:
+            break
+        if entry not in keep:
+            shutil.rmtree(entry, ignore_errors=True)
+            total -= sizes.pop(entry)
+    return total, len(sizes)
+
+
+def _saved_line(cache_dir: Path, keep: Collection[Path]) -> str:
+    size, n = trim(cache_dir, keep)
+    return (
+        f"tokenized rows saved to the cache {cache_dir} for later runs ({size / 2**20:.1f} MB in {n} entries; "
+        f"at most {MAX_BYTES / 2**30:.0f} GB, least recently used removed first; --no-data-cache to skip)"
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,7 +182,7 @@ def entry_path(source, cfg: DataConfig, wanted: str, tokenizer_id: str, cache_di
 
 def save(path: Path, examples: ExampleSet, warnings: list[str]) -> None:
     """Written whole or not at all: a run killed mid-write leaves no entry a later run would trust."""
-    with atomic.replace_dir(path, "mlx-lora data cache", "--data-cache") as tmp:
+    with atomic.replace_dir(path, WRITER, "--data-cache") as tmp:
         for name in ARRAYS:
             np.save(tmp / f"{name}.npy", getattr(examples, name))
         (tmp / WARNINGS).write_text(json.dumps(warnings))
@@ -133,6 +201,8 @@ def load(path: Path) -> tuple[ExampleSet, list[str]] | None:
     consistent = consistent and offsets[0] == 0 and offsets[-1] == len(tokens)
     if not (consistent and len(mask) == len(tokens) and tokens.dtype == np.int32 and mask.dtype == bool):
         return None
+    with contextlib.suppress(OSError):  # a read-only cache is still read
+        os.utime(path)  # used now: the last entry trim() removes
     return ExampleSet(tokens, mask, offsets), warnings
 
 
@@ -166,7 +236,7 @@ def tokenized_sets(
     sets = load_sets(source, cfg, tokenizer, max_seq_length, log=lambda line: (said.append(line), log(line)), **masking)
     for role, path in paths.items():
         save(path, sets[role], said if role == "train" else [])
-    log(f"tokenized rows saved to the cache ({cache_dir}) for later runs")
+    log(_saved_line(cache_dir, paths.values()))
     return {role: (load(path) or (sets[role],))[0] for role, path in paths.items()}  # on disk: memory let go
 
 
@@ -197,5 +267,5 @@ def tokenized_split(
     said = []
     examples = tokenize(lambda line: (said.append(line), log(line)))
     save(path, examples, said)
-    log(f"tokenized rows saved to the cache ({cache_dir}) for later runs")
+    log(_saved_line(cache_dir, [path]))
     return (load(path) or (examples,))[0]

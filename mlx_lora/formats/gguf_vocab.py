@@ -1,6 +1,7 @@
 """A Hugging Face tokenizer as llama.cpp's GGUF vocabulary: byte-level BPE ("gpt2": tokens, merges
 and the pre-tokenizer regex by its llama.cpp name) or SentencePiece ("llama": pieces with scores),
-token types as INT32, special token ids and the chat template (gguf-py's SpecialVocab)."""
+token types as INT32, special token ids and the chat template (gguf-py's SpecialVocab), and the stop
+tokens beyond EOS that llama.cpp ends a generation on."""
 
 import json
 from pathlib import Path
@@ -9,6 +10,7 @@ import gguf
 
 from mlx_lora.errors import UserError
 from mlx_lora.model.gguf import NO_MERGE, PRE_TOKENIZERS, pre_signature
+from mlx_lora.model.stops import GENERATION_CONFIG, eos_ids
 
 TOKEN = gguf.TokenType
 
@@ -159,4 +161,19 @@ def add_vocab(writer: gguf.GGUFWriter, directory: Path, n_config: int) -> int:
     if not spm and not special.merges:
         special.merges = [NO_MERGE]
     special.add_to_gguf(writer, quiet=True)
+    add_stops(writer, directory, special.special_token_ids.get("eos"))
     return len(tokens)
+
+
+def add_stops(writer: gguf.GGUFWriter, directory: Path, eos: int | None) -> None:
+    """generation_config.json's stop tokens other than EOS (the fused model lists the template's
+    end-of-turn first, stops.stop_ids) as the end-of-turn and end-of-message ids, which llama.cpp
+    adds to its end-of-generation set; it has no key for a third, which only its own by-text
+    detection of end tokens (`<|eot_id|>`, `<|im_end|>`, `<end_of_turn>`, ...) would add."""
+    file = directory / GENERATION_CONFIG
+    found = eos_ids(read_json(file).get("eos_token_id")) if file.is_file() else []
+    extra = [t for t in found if t != eos]
+    if extra:
+        writer.add_eot_token_id(extra[0])
+    if len(extra) > 1:
+        writer.add_eom_token_id(extra[1])

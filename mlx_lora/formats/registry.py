@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+from mlx_lm.utils import load_tokenizer
 
 from mlx_lora.errors import UserError
 from mlx_lora.formats import mlxlm, peft
 from mlx_lora.formats.gguf import GGUF_ADAPTER_FILE, write_gguf_adapter
+from mlx_lora.formats.modelfile import MODELFILE, write_modelfile
 from mlx_lora.formats.native import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -25,6 +27,7 @@ from mlx_lora.formats.native import (
 )
 from mlx_lora.model.base import fingerprint, load_mlx_model, mlx_config, resolve_model
 from mlx_lora.model.gguf import GGUF_SUFFIX, read_gguf_config
+from mlx_lora.model.stops import add_template_stop
 
 Weights = dict[str, mx.array]
 # What of the base a writer reads (Format.needs):
@@ -90,6 +93,17 @@ def _write_mlxlm(out: Path, e: Export) -> None:
 def _write_gguf(out: Path, e: Export) -> None:
     scales = {m: e.config.lora.scale_of(m) for m in e.config.modules}
     write_gguf_adapter(out / GGUF_ADAPTER_FILE, e.config.modules, e.weights, scales, e.base_config)
+    # FROM the base as the adapter names it (a hub id or the path it was trained from)
+    write_modelfile(out, _base_tokenizer(e), e.base_model_id or e.config.base_model, f"./{GGUF_ADAPTER_FILE}")
+
+
+def _base_tokenizer(e: Export):
+    """A directory base's tokenizer with its stops, for the Modelfile; a GGUF base holds its own."""
+    if e.base_dir is None or Path(e.base_dir).is_file():
+        return None
+    tokenizer = load_tokenizer(Path(e.base_dir), eos_token_ids=(e.base_config or {}).get("eos_token_id"))
+    add_template_stop(tokenizer)
+    return tokenizer
 
 
 def _is_native(probe: Probe) -> bool:
@@ -141,7 +155,7 @@ FORMATS = (
         read=None,
         write=_write_gguf,
         needs=CONFIG,
-        files=(GGUF_ADAPTER_FILE,),
+        files=(GGUF_ADAPTER_FILE, MODELFILE),
         hub_dir="gguf",
         what="llama.cpp's LoRA adapter",
         used_by="`llama-cli --lora`, Ollama's `ADAPTER`",

@@ -16,6 +16,7 @@ from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_model, load_tokenizer, sav
 from mlx_lora.errors import UserError
 from mlx_lora.model.gguf import GGUF_SUFFIX, load_gguf
 from mlx_lora.model.precision import Precision, materialize, set_precision
+from mlx_lora.model.stops import GENERATION_CONFIG, add_template_stop, stop_ids
 
 DEFAULT_MODEL = "mlx-lora-default"
 DEFAULT_MODEL_DIR = Path(__file__).parent.parent / "default_model"
@@ -150,10 +151,13 @@ def _load(name: str | None, lazy: bool, shapes_only: bool) -> tuple[nn.Module, T
         path = Path(name).expanduser()
         if not path.is_file():
             raise UserError(f"--model {name}: no such GGUF file; give the path of a llama.cpp .gguf model")
-        return *load_gguf(path, shapes_only), path
-    path = resolve_model(name)
-    model, config = load_mlx_model(path, lazy)
-    return model, load_tokenizer(path, eos_token_ids=config.get("eos_token_id")), config, path
+        model, tokenizer, config = load_gguf(path, shapes_only)
+    else:
+        path = resolve_model(name)
+        model, config = load_mlx_model(path, lazy)
+        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    add_template_stop(tokenizer)
+    return model, tokenizer, config, path
 
 
 def load_base(name: str | None, lazy: bool = False, shapes_only: bool = False, compute: str | None = None) -> Base:
@@ -183,7 +187,8 @@ def load_base(name: str | None, lazy: bool = False, shapes_only: bool = False, c
 
 
 def write_model_files(dst: Path, model: nn.Module, tokenizer: TokenizerWrapper, config: dict, src: Path) -> None:
-    """Weights, config and tokenizer in a directory that mlx-lm and transformers load as-is."""
+    """Weights, config and tokenizer in a directory that mlx-lm and transformers load as-is; its
+    generation_config.json lists every stop token (stops.py), so transformers and mlx-lm stop there too."""
     save_model(dst, model)
     save_config(dict(config), dst / "config.json")
     tokenizer.save_pretrained(str(dst))
@@ -191,3 +196,16 @@ def write_model_files(dst: Path, model: nn.Module, tokenizer: TokenizerWrapper, 
         for f in src.glob(pattern):
             if not (dst / f.name).exists():
                 shutil.copy(f, dst / f.name)
+    write_generation_config(dst, tokenizer)
+
+
+def write_generation_config(dst: Path, tokenizer: TokenizerWrapper) -> None:
+    """The base's generation_config.json (copied into `dst`, or none) with `eos_token_id` listing
+    every stop token."""
+    file = dst / GENERATION_CONFIG
+    try:
+        generation = json.loads(file.read_text()) if file.is_file() else {}
+    except ValueError:
+        generation = {}
+    generation = generation if isinstance(generation, dict) else {}
+    file.write_text(json.dumps(generation | {"eos_token_id": stop_ids(tokenizer)}, indent=2) + "\n")

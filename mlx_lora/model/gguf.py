@@ -25,6 +25,8 @@ GENERIC = "PreTrainedTokenizerFast"  # transformers' tokenizer class that change
 # merge. Symbols start as single characters and only merges make longer ones, so a merge of two
 # multi-character strings never fires; the reader drops it (transformers would refuse its parts).
 NO_MERGE = "<no-merge> <no-merge>"
+# The ids llama.cpp ends a generation on (its end-of-generation set), as mlx-lm's stop tokens
+STOP_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 # tokenizer_config.json's special tokens, by their GGUF id key (tokenizer.ggml.<key>)
 SPECIAL_TOKENS = {
     "bos_token": "bos_token_id",
@@ -314,4 +316,4 @@ def load_gguf(path: Path, lazy: bool = False) -> tuple[nn.Module, TokenizerWrapp
     """The model, its tokenizer and config; `lazy`: the weights are stand-ins of the right shapes and
     dtypes (read_gguf), for what needs only those (`mlx-lora info`)."""
     model, config, meta = gguf_model(path, lazy)
-    return model, load_gguf_tokenizer(meta, config.get("eos_token_id")), config
+    return model, load_gguf_tokenizer(meta, [meta[k] for k in STOP_KEYS if k in meta]), config

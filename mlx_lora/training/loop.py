@@ -24,6 +24,7 @@ from mlx_lora import blas
 from mlx_lora.atomic import check_writable, claim_dir, mark_dir, remove_stale
 from mlx_lora.config import LoRAConfig, TrainConfig, data_part, lora_part, method_options
 from mlx_lora.data.batches import batches_per_epoch, iterate_batches
+from mlx_lora.data.cache import cache_location
 from mlx_lora.data.dataset import Encoding, load_splits
 from mlx_lora.data.examples import Example
 from mlx_lora.data.marking import mask_report
@@ -271,7 +272,7 @@ def read_data(cfg: TrainConfig, source, tokenizer, log) -> dict[str, list]:
         tokenizer,
         Encoding(cfg.max_seq_length, cfg.train_on_prompt, cfg.train_on_reasoning),
         objective=cfg.objective if cfg.preference else None,
-        cache_dir=Path(cfg.data_cache).expanduser() if cfg.data_cache else None,
+        cache_dir=cache_location(cfg, log),
         log=log,
     )
     return {role: split.examples for role, split in sets.items()}

@@ -36,6 +36,7 @@ ADAPTER_FILES = {
     "adapter_model.safetensors",
     "eval.json",
     "gguf/adapter.gguf",
+    "gguf/Modelfile",
     "loss.png",
     "metrics.jsonl",
     "mlx-lm/adapter_config.json",

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,6 +181,7 @@ MEASURE = """
 import gc, sys
 from itertools import islice
 from pathlib import Path
+from pathlib import Path
 from mlx_lora.config import DataConfig
 from mlx_lora.data.batches import iterate_batches
 from mlx_lora.data.cache import tokenized_sets
@@ -231,3 +233,78 @@ def test_a_cached_start_does_not_hold_the_rows(tmp_path):
     row, the rest for the allocator and transients (measured here: about 37)."""
     small, big = cached_start_growth(tmp_path, ROWS_SMALL), cached_start_growth(tmp_path, ROWS_BIG)
     assert big - small < 64 * (ROWS_BIG - ROWS_SMALL), (small, big)  # holding the rows would add 640 a row
+
+
+def _train(data, out, *flags):
+    from typer.testing import CliRunner
+
+    from mlx_lora.cli import app
+
+    args = ["train", "--data", data, "--iters", "1", "--save-every", "0", "--val-batches", "1", "--adapter-path", out]
+    return CliRunner().invoke(app, [str(a) for a in [*args, *flags]])
+
+
+def test_a_second_run_reads_the_cache_without_a_flag(tiny_data, tmp_path, monkeypatch):
+    """On by default, in $MLX_LORA_CACHE/tokenized (conftest gives each test its own); the line that
+    says it was written names the place and the size; --no-data-cache writes and reads nothing."""
+    cache = tmp_path / "home-cache"
+    monkeypatch.setenv("MLX_LORA_CACHE", str(cache))
+    off = _train(tiny_data, tmp_path / "a0", "--no-data-cache")
+    assert off.exit_code == 0, off.output
+    assert not (cache / "tokenized").exists() and "cache" not in off.output
+    first = _train(tiny_data, tmp_path / "a1")
+    assert first.exit_code == 0, first.output
+    size = sum(f.stat().st_size for f in (cache / "tokenized").rglob("*") if f.is_file())
+    assert len(entries(cache / "tokenized")) == 2
+    assert f"saved to the cache {cache / 'tokenized'}" in first.output and f"{size / 2**20:.1f} MB in 2 entries" in (
+        first.output
+    )
+    second = _train(tiny_data, tmp_path / "a2")
+    assert second.exit_code == 0 and "read from the cache" in second.output, second.output
+
+
+def test_platform_cache_directory(monkeypatch, tmp_path):
+    from mlx_lora.data.cache import platform_cache
+
+    monkeypatch.delenv("MLX_LORA_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert platform_cache() == tmp_path / "xdg" / "mlx-lora"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert platform_cache() == Path.home() / ".cache" / "mlx-lora"
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert platform_cache() == Path.home() / "Library" / "Caches" / "mlx-lora"
+
+
+def test_the_cap_removes_least_recently_used_entries_it_wrote_and_nothing_else(tokenizer, tmp_path):
+    from mlx_lora.data.cache import load, trim
+
+    cache = tmp_path / "c"
+    examples = ExampleSet(np.arange(1000, dtype=np.int32), np.ones(1000, bool), np.array([0, 1000]))
+    for i, name in enumerate(["old", "mid", "new"]):
+        save(cache / name, examples, [])
+        os.utime(cache / name, (1000 + i, 1000 + i))
+    (cache / "mine").mkdir()  # not written by the cache: never removed, never counted
+    (cache / "mine" / "big.bin").write_bytes(b"x" * 100_000)
+    assert load(cache / "old") is not None  # a hit: "old" is now the most recently used
+    one = sum(f.stat().st_size for f in (cache / "mid").rglob("*") if f.is_file())
+    assert trim(cache, keep=[cache / "new"], cap=2 * one) == (2 * one, 2)
+    assert sorted(p.name for p in cache.iterdir()) == ["mine", "new", "old"]
+    assert trim(cache, keep=[cache / "new"], cap=0) == (one, 1)  # the entry being written stays
+    assert sorted(p.name for p in cache.iterdir()) == ["mine", "new"] and (cache / "mine" / "big.bin").is_file()
+
+
+def test_a_cache_place_that_cannot_be_made(tiny_data, tmp_path, monkeypatch):
+    """Named by the user (--data-cache, MLX_LORA_CACHE): refused in one line. The default place:
+    said, and the run goes on uncached."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("MLX_LORA_CACHE", str(blocker))
+    env = _train(tiny_data, tmp_path / "a1")
+    assert env.exit_code == 2 and f"MLX_LORA_CACHE={blocker}: cannot make {blocker}/tokenized" in env.output
+    flag = _train(tiny_data, tmp_path / "a2", "--data-cache", blocker / "x")
+    assert flag.exit_code == 2 and f"--data-cache {blocker / 'x'}: cannot make" in flag.output
+    monkeypatch.delenv("MLX_LORA_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    default = _train(tiny_data, tmp_path / "a3")
+    assert default.exit_code == 0 and "tokenized rows not cached: cannot make" in default.output, default.output

@@ -197,3 +197,20 @@ def test_a_template_with_no_end_of_turn_token_is_refused(tokenizers):
         UserError, match=r"^t.jsonl:1: this tokenizer's chat template closes an assistant reply with '\\n',"
     ):
         ours(tok, {"messages": TALK})
+
+
+END_OF_TURN = {"smollm2": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>", "phi3": "<|end|>"}
+
+
+@pytest.mark.parametrize("family", sorted(END_OF_TURN))
+def test_each_assistant_turns_end_of_turn_is_trained_and_is_a_stop_token(tokenizers, family):
+    """The model learns to stop (every reply's end-of-turn token is a target, the user's are not),
+    and generation stops on that same token (model/stops.end_of_turn finds it in the template)."""
+    from mlx_lora.model.stops import end_of_turn
+
+    tok = tokenizers(family)
+    eot = tok.convert_tokens_to_ids(END_OF_TURN[family])
+    tokens, mask = ours(tok, {"messages": TALK})
+    trained = [t for t, m in zip(tokens, mask) if m]
+    assert trained.count(eot) == 2 < tokens.count(eot)  # two replies; the user's turns end with it too
+    assert end_of_turn(tok) == eot
