@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "gspo")
 STD_EPS = 1e-4  # TRL's: advantages / (std + 1e-4)
 
 

@@ -19,7 +19,6 @@ from mlx_lora.data.answers import agrees
 from mlx_lora.data.rows import Row, row_format
 from mlx_lora.errors import UserError
 
-BUILT_IN = ("exact-match", "format")
 PYTHON = "python:"
 
 

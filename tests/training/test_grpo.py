@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from mlx_lora.config.train import GRPO_LOSS_TYPES
 from mlx_lora.training import grpo
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -77,10 +78,10 @@ def trl_loss(loss_type: str, beta: float, eps: float, eps_high: float, logps, ol
     return loss, policy.grad, {k: v[0] for k, v in stub._metrics["train"].items()}
 
 
-@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", GRPO_LOSS_TYPES)
 @pytest.mark.parametrize(("beta", "eps", "eps_high"), [(0.0, 0.2, 0.2), (0.04, 0.2, 0.28)])
 def test_policy_loss_equals_trl(loss_type, beta, eps, eps_high):
-    logps, old, ref, mask, advantages = inputs(grpo.LOSS_TYPES.index(loss_type))
+    logps, old, ref, mask, advantages = inputs(GRPO_LOSS_TYPES.index(loss_type))
     if loss_type == "gspo":
         old = (logps + np.random.default_rng(9).normal(0, 0.3, (B, 1))).astype(np.float32)  # sequence ratios off 1
     loss, grad, metrics = trl_loss(loss_type, beta, eps, eps_high, logps, old, ref, mask, advantages)
