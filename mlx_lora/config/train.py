@@ -190,7 +190,6 @@ class TrainConfig(DataConfig, LoRAConfig, PrecisionConfig):
                 p.append(f"{flag} applies to --objective {' or '.join(objectives)}, not {self.objective}")
         if self.objective == "grpo":
             p += self._grpo_problems()
-            p.append("--objective grpo: its training loop is not wired yet; its losses and rewards are (docs/grpo.md)")
         if self.objective == "sft":
             return p
         if self.pack:
@@ -219,6 +218,10 @@ class TrainConfig(DataConfig, LoRAConfig, PrecisionConfig):
             p.append(f"--epsilon must be in (0, 1), got {self.epsilon}")
         if self.epsilon_high is not None and self.epsilon_high <= 0:
             p.append(f"--epsilon-high must be positive, got {self.epsilon_high}")
+        if self.stream_prefix == "on":
+            p.append("--stream-prefix on does not apply to --objective grpo: sampling runs the whole model")
+        if self.early_stopping_patience is not None:
+            p.append("--early-stopping-patience watches the val loss; --objective grpo validates a mean reward")
         if self.loss_type not in GRPO_LOSS_TYPES:
             p.append(f"--loss-type must be one of {', '.join(GRPO_LOSS_TYPES)}, got '{self.loss_type}'")
         return p + self._reward_problems()
