@@ -6,10 +6,8 @@ final answers: GSM8K's convention, the text after `####`, with numbers normalise
 """
 
 import math
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
 
 import mlx.nn as nn
@@ -18,6 +16,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lora import atomic
 from mlx_lora.commands.preference_eval import run_preference
 from mlx_lora.config import EvalConfig, TrainConfig, data_part
+from mlx_lora.data.answers import ANSWER_MARK, answer, final_answer, is_correct
 from mlx_lora.data.cache import cache_location
 from mlx_lora.data.dataset import DataSplit, Encoding, load_splits
 from mlx_lora.data.preference import preference_split
@@ -29,47 +28,6 @@ from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.model.lora import lora_layers, remove_lora
 from mlx_lora.reporting.progress import Bar, on_terminal
 from mlx_lora.training.validation import mean_loss
-
-ANSWER_MARK = "####"
-# A number as people write answers: optional sign and currency, thousands commas, decimals, percent.
-NUMBER = re.compile(r"([-+]?)[$€£]?([-+]?)((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)(?!\d)%?")
-
-
-# --- answers ---------------------------------------------------------------------------------
-
-
-def final_answer(text: str) -> str | None:
-    """What follows the first `####` on its line (GSM8K's convention); None without a `####`."""
-    _, mark, tail = text.partition(ANSWER_MARK)
-    return tail.split("\n", 1)[0].strip() if mark else None
-
-
-def as_number(text: str) -> str | None:
-    """`$1,072.50` -> `1072.5`, `72.0` -> `72`, `-$3` -> `-3`; None unless the whole text is a number."""
-    m = NUMBER.fullmatch(text)
-    if m is None:
-        return None
-    value = Decimal(m[3].replace(",", "")) * (-1 if (m[1] + m[2]).count("-") % 2 else 1)
-    return "0" if value == 0 else format(value.normalize(), "f")
-
-
-def normalize(answer: str) -> str:
-    """Numbers in one canonical form; text with whitespace collapsed, case folded, no final period."""
-    text = " ".join(answer.split()).rstrip(".").strip()
-    number = as_number(text)
-    return number if number is not None else text.casefold()
-
-
-def is_correct(predicted: str | None, reference: str) -> bool:
-    """A numeric reference is matched by the number the prediction starts with (`72 apples.`)."""
-    if predicted is None:
-        return False
-    expected = normalize(reference)
-    if as_number(expected) is not None:
-        m = NUMBER.match(predicted.strip())
-        return m is not None and as_number(m[0].rstrip(".")) == expected
-    return normalize(predicted) == expected
-
 
 # --- what to generate ------------------------------------------------------------------------
 
@@ -85,7 +43,7 @@ class Item:
     marked: bool  # the reference holds `####`: compare final answers, else the whole texts
 
     def answer(self, text: str) -> str | None:
-        return final_answer(text) if self.marked else text.strip()
+        return answer(text, self.marked)
 
     def cut(self, text: str) -> tuple[str, bool]:
         """(text up to the end of the answer's line, whether the answer is complete).

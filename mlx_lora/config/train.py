@@ -1,5 +1,7 @@
 """A training run: the LoRA options plus data, optimisation, methods, saving and reporting."""
 
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,18 +13,33 @@ from mlx_lora.config.precision import PrecisionConfig
 LR_SCHEDULES = ("constant", "linear", "cosine")
 REPORT_TO = ("tensorboard", "wandb")
 STREAM_MODES = ("auto", "on", "off")
-OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo")
-PREFERENCE_OBJECTIVES = OBJECTIVES[1:]
+OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "grpo")
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "orpo", "simpo")
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "gspo")
+BUILT_IN_REWARDS = ("exact-match", "format")
 # TRL's defaults: DPOConfig/ORPOConfig beta 0.1 (IPO's tau, ORPO's lambda); SimPO's paper and TRL's
-# CPO docs use beta 2.0 (CPOConfig's own default, 0.1, is for the sigmoid CPO loss).
-DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0}
+# CPO docs use beta 2.0 (CPOConfig's own default, 0.1, is for the sigmoid CPO loss); GRPOConfig 0.0.
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0, "grpo": 0.0}
+GRPO_FIELDS = (
+    "group_size",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "epsilon",
+    "epsilon_high",
+    "grpo_iterations",
+    "loss_type",
+    "rewards",
+    "reward_weights",
+    "format_regex",
+)
 # The objectives each hyperparameter applies to: set for another, it would be silently ignored.
 APPLIES_TO = {
-    "beta": PREFERENCE_OBJECTIVES,
+    "beta": (*PREFERENCE_OBJECTIVES, "grpo"),
     "label_smoothing": ("dpo", "simpo"),
     "simpo_gamma": ("simpo",),
     "cpo_alpha": ("simpo",),
-}
+} | {name: ("grpo",) for name in GRPO_FIELDS}
 
 
 @dataclass(frozen=True)
@@ -85,20 +102,47 @@ class TrainConfig(DataConfig, LoRAConfig, PrecisionConfig):
     objective: str = opt(
         "sft",
         "sft: cross-entropy on completions; dpo, ipo, orpo, simpo: preference tuning on "
-        "{prompt, chosen, rejected} rows (docs/preference.md).",
+        "{prompt, chosen, rejected} rows (docs/preference.md); grpo: reinforcement learning with "
+        "verifiable rewards on prompt rows (docs/grpo.md).",
     )
     beta: float | None = opt(
         None,
         "dpo: the KL strength beta; ipo: tau; orpo: lambda, the odds-ratio weight; simpo: the reward scale "
-        "(default: 0.1, and 2.0 for simpo).",
+        "grpo: the KL strength, 0 for no reference pass (default: 0.1, 2.0 for simpo, 0 for grpo).",
     )
     label_smoothing: float = opt(0.0, "dpo, simpo: the probability that a pair's labels are flipped (cDPO).")
     simpo_gamma: float = opt(0.5, "simpo: the target reward margin gamma.")
     cpo_alpha: float = opt(0.0, "simpo: weight of the NLL loss on the chosen completions (CPO's BC term).")
 
+    # GRPO (issue 31), named as TRL's GRPOConfig names them; --batch-size counts prompts.
+    group_size: int = opt(8, "grpo: completions sampled per prompt, whose rewards are compared.")
+    max_completion_tokens: int = opt(256, "grpo: the longest completion sampled (dr_grpo's normaliser).")
+    temperature: float = opt(1.0, "grpo: sampling temperature of the completions.")
+    top_p: float = opt(1.0, "grpo: nucleus sampling of the completions (1: off).")
+    epsilon: float = opt(0.2, "grpo: the ratio is clipped below at 1 - epsilon.")
+    epsilon_high: float | None = opt(None, "grpo: clipped above at 1 + epsilon-high (default: epsilon; DAPO: 0.28).")
+    grpo_iterations: int = opt(1, "grpo: updates per batch of completions, against the log-probs that sampled them.")
+    # grpo: sequence means; dr_grpo: / (completions x --max-completion-tokens); dapo: / completion
+    # tokens; gspo: one ratio per sequence (docs/grpo.md).
+    loss_type: str = opt("dapo", f"grpo: the loss, {', '.join(GRPO_LOSS_TYPES)}.")
+    rewards: str = opt("exact-match", "grpo: exact-match, format, python:FILE.py:FUNCTION, comma-separated; summed.")
+    reward_weights: str | None = opt(None, "grpo: a weight per reward, comma-separated (default: 1 each).")
+    format_regex: str = opt(r"#### *-?\d", "grpo: the regex the format reward searches the completion for.")
+
     @property
     def preference(self) -> bool:
-        return self.objective != "sft"
+        return self.objective in PREFERENCE_OBJECTIVES
+
+    @property
+    def epsilon_high_value(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def reward_weight_values(self) -> list[float]:
+        """--reward-weights as numbers (problems() checked them), or 1 per reward."""
+        if self.reward_weights is None:
+            return [1.0] * len(split_list(self.rewards))
+        return [float(w) for w in split_list(self.reward_weights)]
 
     @property
     def beta_value(self) -> float:
@@ -134,8 +178,8 @@ class TrainConfig(DataConfig, LoRAConfig, PrecisionConfig):
         p = []
         if self.objective not in OBJECTIVES:
             return [f"--objective must be one of {', '.join(OBJECTIVES)}, got '{self.objective}'"]
-        if self.beta is not None and self.beta <= 0:
-            p.append(f"--beta must be positive, got {self.beta}")
+        if self.beta is not None and (self.beta < 0 if self.objective == "grpo" else self.beta <= 0):
+            p.append(f"--beta must be {'0 or more' if self.objective == 'grpo' else 'positive'}, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             p.append(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.cpo_alpha < 0:
@@ -144,17 +188,65 @@ class TrainConfig(DataConfig, LoRAConfig, PrecisionConfig):
             if getattr(self, name) != getattr(TrainConfig, name) and self.objective not in objectives:
                 flag = "--" + name.replace("_", "-")
                 p.append(f"{flag} applies to --objective {' or '.join(objectives)}, not {self.objective}")
-        if not self.preference:
+        if self.objective == "grpo":
+            p += self._grpo_problems()
+        if self.objective == "sft":
             return p
         if self.pack:
-            p.append(f"--pack does not apply to --objective {self.objective}: chosen and rejected are scored whole")
+            whole = "each completion is" if self.objective == "grpo" else "chosen and rejected are"
+            p.append(f"--pack does not apply to --objective {self.objective}: {whole} scored whole")
         if self.train_on_prompt:
             p.append(f"--train-on-prompt does not apply to --objective {self.objective}: it compares completions")
-        if self.init in ("olora", "pissa"):
+        if self.init in ("olora", "pissa") and self.beta_value > 0:
             p.append(
                 f"--init {self.init} moves part of the base into the adapter, so the base with the adapter off is "
                 f"no reference for --objective {self.objective}; use --init default or gaussian"
             )
+        return p
+
+    def _grpo_problems(self) -> list[str]:
+        p = [
+            f"--{name.replace('_', '-')} must be at least {least}, got {getattr(self, name)}"
+            for name, least in (("group_size", 2), ("max_completion_tokens", 1), ("grpo_iterations", 1))
+            if getattr(self, name) < least
+        ]
+        if self.temperature <= 0:
+            p.append(f"--temperature must be positive (a group needs different completions), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            p.append(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.epsilon < 1:
+            p.append(f"--epsilon must be in (0, 1), got {self.epsilon}")
+        if self.epsilon_high is not None and self.epsilon_high <= 0:
+            p.append(f"--epsilon-high must be positive, got {self.epsilon_high}")
+        if self.stream_prefix == "on":
+            p.append("--stream-prefix on does not apply to --objective grpo: sampling runs the whole model")
+        if self.early_stopping_patience is not None:
+            p.append("--early-stopping-patience watches the val loss; --objective grpo validates a mean reward")
+        if self.loss_type not in GRPO_LOSS_TYPES:
+            p.append(f"--loss-type must be one of {', '.join(GRPO_LOSS_TYPES)}, got '{self.loss_type}'")
+        return p + self._reward_problems()
+
+    def _reward_problems(self) -> list[str]:
+        p, specs = [], split_list(self.rewards)
+        if not specs:
+            p.append("--rewards is empty; name at least one: exact-match, format or python:FILE.py:FUNCTION")
+        for spec in specs:
+            if spec not in BUILT_IN_REWARDS and not spec.startswith("python:"):
+                p.append(f"--rewards: unknown reward '{spec}'; use exact-match, format or python:FILE.py:FUNCTION")
+        try:
+            re.compile(self.format_regex)
+        except re.error as e:
+            p.append(f"--format-regex {self.format_regex!r} is not a regular expression: {e}")
+        if self.reward_weights is not None:
+            weights = split_list(self.reward_weights)
+            if len(weights) != len(specs):
+                p.append(f"--reward-weights gives {len(weights)} weights for {len(specs)} rewards; give one per reward")
+            for w in weights:
+                try:
+                    if not math.isfinite(float(w)):
+                        raise ValueError
+                except ValueError:
+                    p.append(f"--reward-weights: '{w}' is not a number")
         return p
 
     def _method_problems(self) -> list[str]:
@@ -197,6 +289,7 @@ METHOD_FIELDS = (
     "label_smoothing",
     "simpo_gamma",
     "cpo_alpha",
+    *GRPO_FIELDS,
 )
 
 

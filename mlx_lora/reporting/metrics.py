@@ -23,7 +23,20 @@ PREFERENCE_KEYS = (
     "log_odds_chosen",
 )
 VAL_PREFERENCE_KEYS = ("val_rewards/chosen", "val_rewards/rejected", "val_rewards/margins", "val_rewards/accuracies")
-KEYS = KEYS + PREFERENCE_KEYS + VAL_PREFERENCE_KEYS
+# GRPO adds its step's means (TRL's names where TRL has one; clip_ratio: TRL's clip_ratio/region_mean,
+# skipped_groups: frac_reward_zero_std), and each reward's mean as rewards/<name>/mean (MetricsLog's `extra`).
+GRPO_KEYS = (
+    "reward",
+    "reward_std",
+    "kl",
+    "clip_ratio",
+    "completion_length",
+    "skipped_groups",
+    "rollout_seconds",
+    "update_seconds",
+    "val_reward",
+)
+KEYS = KEYS + PREFERENCE_KEYS + VAL_PREFERENCE_KEYS + GRPO_KEYS
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -74,15 +87,23 @@ SINKS = {"tensorboard": TensorBoard, "wandb": Wandb}
 class MetricsLog:
     """Starts `out/metrics.jsonl` afresh (`append`: a resumed run continues it) and appends one
     flushed line per record; also to each of `report_to` (tensorboard, wandb), which wandb shows
-    with the run's `options`."""
+    with the run's `options`. `extra`: this run's keys beyond KEYS (GRPO's per-reward means)."""
 
-    def __init__(self, out: Path, report_to: str | None = None, append: bool = False, options: dict | None = None):
+    def __init__(
+        self,
+        out: Path,
+        report_to: str | None = None,
+        append: bool = False,
+        options: dict | None = None,
+        extra: tuple[str, ...] = (),
+    ):
+        self.keys = KEYS + extra
         self.sinks = [SINKS[name](out, options or {}) for name in split_list(report_to)]  # fails before any file
         out.mkdir(parents=True, exist_ok=True)  # the run's first file: the directory is made only now
         self.file = open(out / METRICS, "a" if append else "w")  # noqa: SIM115  (open for the run; close())
 
     def write(self, **values: float | None) -> dict[str, Any]:
-        record = {k: values.get(k) for k in KEYS}
+        record = {k: values.get(k) for k in self.keys}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         for sink in self.sinks:

@@ -68,6 +68,23 @@ class TrainMonitor:
         self._record(step=step, val_loss=val_loss, **val)
         self.bar.advance(0, val_loss=val_loss)
 
+    def rollout_report(self, step: int, loss: float, peak_memory_gb: float, lr: float, **stats: float) -> None:
+        """A GRPO report: mean loss, rewards, kl, clip ratio, completion length, skipped groups and
+        where the time went, over the steps since the last (metrics.GRPO_KEYS and rewards/<name>/mean)."""
+        self.log(
+            f"step {step}/{self.total}  loss {loss:.3f}  reward {stats['reward']:.3f} (std {stats['reward_std']:.3f})  "
+            f"kl {stats['kl']:.4f}  clip {stats['clip_ratio']:.3f}  length {stats['completion_length']:.1f}  "
+            f"skipped {100 * stats['skipped_groups']:.0f}%  rollout {stats['rollout_seconds']:.1f}s  "
+            f"update {stats['update_seconds']:.1f}s  peak mem {peak_memory_gb:.2f} GB"
+        )
+        self._record(step=step, loss=loss, lr=lr, peak_memory_gb=peak_memory_gb, **stats)
+        self.bar.advance(0, loss=loss, peak_memory_gb=peak_memory_gb)
+
+    def reward_validation(self, step: int, reward: float, **means: float) -> None:
+        """A GRPO validation: the mean reward of rollouts on the valid prompts, and each reward's mean."""
+        self.log(f"step {step}/{self.total}  val reward {reward:.3f}")
+        self._record(step=step, val_reward=reward, **{f"val_{k}": v for k, v in means.items()})
+
     def close(self) -> None:
         self.bar.close()
         self.metrics.close()

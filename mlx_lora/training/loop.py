@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,13 +23,14 @@ from mlx_lm.utils import get_total_parameters
 
 from mlx_lora import blas
 from mlx_lora.atomic import check_writable, claim_dir, mark_dir, remove_stale
-from mlx_lora.config import LoRAConfig, TrainConfig, data_part, lora_part, method_options
-from mlx_lora.data.batches import batches_per_epoch, iterate_batches
+from mlx_lora.config import LoRAConfig, TrainConfig, data_part, lora_part, method_options, split_list
+from mlx_lora.data.batches import batch_plan, batches_per_epoch, iterate_batches
 from mlx_lora.data.cache import cache_location
 from mlx_lora.data.dataset import Encoding, load_splits
 from mlx_lora.data.examples import Example
+from mlx_lora.data.mapping import map_rows
 from mlx_lora.data.marking import mask_report
-from mlx_lora.data.sources import open_source
+from mlx_lora.data.sources import open_source, train_valid_rows
 from mlx_lora.distributed import group as distributed
 from mlx_lora.errors import Interrupted, UserError
 from mlx_lora.formats.native import (
@@ -61,10 +63,13 @@ from mlx_lora.training.checkpoint import (
 from mlx_lora.training.early_stopping import EarlyStopping
 from mlx_lora.training.feed import Feed, make_feed
 from mlx_lora.training.grad_checkpoint import checkpoint_blocks
+from mlx_lora.training.grpo import PolicyLoss
+from mlx_lora.training.grpo_step import VALID_ROLLOUTS, GrpoStep, Sampling, read_prompts
 from mlx_lora.training.memory import BatchLimits, check_training_memory
 from mlx_lora.training.objectives import Objective
 from mlx_lora.training.packing import enable_packing
 from mlx_lora.training.preference import PreferenceFeed, make_preference_feed
+from mlx_lora.training.rewards import make_rewards
 from mlx_lora.training.schedule import learning_rate
 from mlx_lora.training.signals import deferred_stop
 from mlx_lora.training.step import grads_finite, make_step
@@ -72,7 +77,16 @@ from mlx_lora.training.streaming import Split, rank_rows, splits, streamed_feed,
 from mlx_lora.training.validation import mean_loss
 
 # The names a run writes in --adapter-path (wandb makes its own directory there).
-TRAIN_WRITES = {ADAPTER_WEIGHTS, ADAPTER_CONFIG, METRICS, LOSS_PNG, TENSORBOARD_DIR, "wandb", CHECKPOINTS}
+TRAIN_WRITES = {
+    ADAPTER_WEIGHTS,
+    ADAPTER_CONFIG,
+    METRICS,
+    LOSS_PNG,
+    TENSORBOARD_DIR,
+    "wandb",
+    CHECKPOINTS,
+    VALID_ROLLOUTS,
+}
 
 
 @dataclass
@@ -81,6 +95,7 @@ class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)  # training loss of every step
     val_losses: dict[int, float] = field(default_factory=dict)  # step -> validation loss
+    val_rewards: dict[int, float] = field(default_factory=dict)  # grpo: step -> mean reward on the valid prompts
     best_step: Optional[int] = None  # with early stopping: the step whose adapter was kept
     seconds: float = 0.0
     tokens_per_second: float = 0.0
@@ -102,8 +117,8 @@ class Run:
     optimizer: optim.Optimizer
     progress: TrainerState  # where this run starts: step 0, or the checkpoint's
     iters: int
-    feed: Feed
-    step: Callable
+    feed: Feed | None  # None for grpo, whose step samples what it reads
+    step: Callable | GrpoStep
     state: list  # what the compiled step reads and writes
     run_config: dict[str, Any]  # saved in checkpoints, so --resume alone restores the options
     monitor: Any  # TrainMonitor on rank 0, distributed.Silent elsewhere
@@ -139,6 +154,8 @@ class Run:
 
     def validate(self, result: TrainResult, at: int, observe: bool = True) -> None:
         cfg = self.cfg
+        if cfg.objective == "grpo":
+            return self.validate_rewards(result, at)
         stats = {}
         model, valid = self.base.model, self.data["valid"]
         loss = mean_loss(model, valid, cfg.batch_size, cfg.val_batches, self.world, self.feed, stats=stats)
@@ -146,6 +163,37 @@ class Run:
         self.monitor.validation(at, loss, **stats)
         if self.stopping and observe:
             self.stopping.observe(at, loss, adapter_weights(self.base.model))
+
+    def validate_rewards(self, result: TrainResult, at: int) -> None:
+        """GRPO: the mean reward of rollouts on the valid prompts (--val-batches batches of
+        --batch-size, in file order), sampled from --seed; the rollouts go to VALID_ROLLOUTS."""
+        cfg, valid = self.cfg, self.data["valid"]
+        count = len(valid) if cfg.val_batches == -1 else cfg.val_batches * cfg.batch_size
+        batches = [valid[i : i + cfg.batch_size] for i in range(0, min(count, len(valid)), cfg.batch_size)]
+        append = bool(cfg.resume) or bool(result.val_rewards)  # a fresh run starts the file afresh
+        stats = self.step.validate(batches, cfg.seed, self.out, at, append)
+        result.val_rewards[at] = stats.pop("reward")
+        stats.pop("reward_std")
+        self.monitor.reward_validation(at, result.val_rewards[at], **stats)
+
+    def save_or_stop(self, it: int, signum: Optional[int]) -> None:
+        """A checkpoint every --save-every steps, and on a signal, which then ends the run (a group
+        stops at one step)."""
+        interrupted = self.world.any(signum is not None) and it != self.iters
+        if interrupted or (self.cfg.save_every and it % self.cfg.save_every == 0 and it != self.iters):
+            self.save_checkpoint(it)
+        if interrupted:
+            raise interruption(signum, it, self.iters, self.last_saved)
+
+    def finish(self, result: TrainResult, it: int, start: float) -> TrainResult:
+        """After the last step `it`: its validation unless done, the adapter saved, the totals."""
+        result.steps = it
+        if it not in result.val_losses and it not in result.val_rewards:
+            self.validate(result, it)
+        save_result(self, result)
+        result.seconds = time.perf_counter() - start
+        result.peak_memory_gb = mx.get_peak_memory() / 2**30
+        return result
 
     def save_checkpoint(self, at: int) -> None:
         path = checkpoint_dir(self.out, at)
@@ -161,12 +209,18 @@ def train(cfg: TrainConfig, log=print) -> TrainResult | None:
         return show_mask(cfg, log)
     run = build_run(cfg, log)
     try:
-        result = fit(run)
+        result = fit_grpo(run) if cfg.objective == "grpo" else fit(run)
     except BaseException:
         with contextlib.suppress(UserError):  # a full disk fails loss.png too; the first error is the one to show
             run.monitor.close()
         raise
     run.monitor.close()  # bar, metrics.jsonl and loss.png
+    if cfg.objective == "grpo":
+        first, last = result.val_rewards[run.progress.step], result.val_rewards[result.steps]
+        run.log(
+            f"done in {result.seconds:.1f}s: val reward {first:.3f} -> {last:.3f}; adapter saved to {run.out}{os.sep}"
+        )
+        return result
     first = result.val_losses[run.progress.step]
     last = run.stopping.best_loss if run.stopping else result.val_losses[result.steps]
     run.log(
@@ -178,8 +232,8 @@ def train(cfg: TrainConfig, log=print) -> TrainResult | None:
 
 def show_mask(cfg: TrainConfig, log=print) -> None:
     """--show-mask N: the first N training rows as the loss sees them; nothing is trained or written."""
-    if cfg.preference:
-        raise UserError("--show-mask shows sft rows; preference pairs train on each whole completion")
+    if cfg.objective != "sft":
+        raise UserError(f"--show-mask shows sft rows; --objective {cfg.objective} trains on each whole completion")
     base = load_base(cfg.model, lazy=True, compute=cfg.compute_dtype)
     sets = read_data(cfg, open_source(cfg.data, cfg.data_config, log), base.tokenizer, log)
     for line in mask_report(base.tokenizer, sets["train"], cfg.show_mask, colour=sys.stdout.isatty()):
@@ -189,6 +243,8 @@ def show_mask(cfg: TrainConfig, log=print) -> None:
 def build_run(cfg: TrainConfig, log=print) -> Run:
     """Everything before the first step; refuses (UserError) what cannot run."""
     world = distributed.init(cfg.peer_timeout)
+    if cfg.objective == "grpo" and world.size > 1:
+        raise UserError("--objective grpo runs in one process; start it without mlx.launch")
     log = log if world.main else distributed.quiet
     out = Path(cfg.adapter_path)
     if world.main:
@@ -223,7 +279,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     if cfg.grad_checkpoint:
         checkpoint_blocks(model)
     feed = choose_feed(cfg, world, model, min(adapter.layers), data, log, stream)
-    step, state = make_step(model, optimizer, world, feed)
+    step, state = choose_step(cfg, base, optimizer, world, feed)
     return Run(
         cfg=cfg,
         world=world,
@@ -259,13 +315,20 @@ def start_monitor(cfg: TrainConfig, world, out: Path, iters: int, log):
     """Bar or plain lines, metrics.jsonl, loss.png: rank 0's alone, in the directory it marks as train's."""
     if not world.main:
         return distributed.Silent()
-    metrics = MetricsLog(out, cfg.report_to, append=bool(cfg.resume), options=asdict(cfg))  # may refuse: first
+    extra = ()
+    if cfg.objective == "grpo":
+        means = [f"rewards/{name}/mean" for name in split_list(cfg.rewards)]
+        extra = (*means, *(f"val_{m}" for m in means))
+    metrics = MetricsLog(out, cfg.report_to, append=bool(cfg.resume), options=asdict(cfg), extra=extra)  # may refuse
     mark_dir(out, TRAIN)
     return TrainMonitor(out, iters, metrics, log)
 
 
 def read_data(cfg: TrainConfig, source, tokenizer, log) -> dict[str, list]:
-    """The training and validation sets (preference pairs for a preference objective)."""
+    """The training and validation sets (preference pairs for a preference objective, prompts for grpo)."""
+    if cfg.objective == "grpo":
+        rows = train_valid_rows(source, data_part(cfg), log)
+        return {role: read_prompts(map_rows(r, data_part(cfg)), tokenizer) for role, r in zip(("train", "valid"), rows)}
     sets = load_splits(
         source,
         data_part(cfg),
@@ -296,6 +359,9 @@ def choose_memory(
     """Refuse a run the machine cannot hold. Streamed: the splits to stream, each with the rows this
     process reads (from where the run starts, `progress`, to its last step, `iters`); else None, and
     the lazily loaded model is read whole now, as an in-memory run always was."""
+    if cfg.objective == "grpo":  # no frozen prefix to stream: sampling runs the whole model
+        materialize(base.model)
+        return None
     why_not, rows = why_not_stream(cfg, base, first), None  # alone: every row, whatever step it resumes at
     if world.size > 1 and why_not is None:  # each rank streams only the rows it reads, on its own memory
         ahead = (iters - progress.step) * cfg.grad_accumulation_steps  # the batches still to read
@@ -327,7 +393,9 @@ def choose_feed(
 ) -> Feed | PreferenceFeed:
     """SFT: the fastest feed the model allows; streamed, the frozen blocks' output computed now,
     block by block, over the rows in `stream`. Preference: the same cut over pairs, with the
-    reference log-probs computed now, once."""
+    reference log-probs computed now, once. GRPO: none, its step samples what it reads."""
+    if cfg.objective == "grpo":
+        return None
     if stream is not None:
         return streamed_feed(model, first_trained, stream, log)
     if not cfg.preference:
@@ -335,6 +403,17 @@ def choose_feed(
     return make_preference_feed(
         model, first_trained, data, objective(cfg), cfg.batch_size, cfg.prefix_cache, log, world
     )
+
+
+def choose_step(cfg: TrainConfig, base: Base, optimizer: optim.Optimizer, world: distributed.World, feed):
+    """The compiled step and its state; for grpo the GrpoStep, which samples, scores and updates."""
+    if cfg.objective != "grpo":
+        return make_step(base.model, optimizer, world, feed)
+    sampling = Sampling(cfg.group_size, cfg.max_completion_tokens, cfg.temperature, cfg.top_p)
+    loss = PolicyLoss(cfg.loss_type, cfg.beta_value, cfg.epsilon, cfg.epsilon_high_value, cfg.max_completion_tokens)
+    rewards = make_rewards(split_list(cfg.rewards), cfg.format_regex)
+    weights = cfg.reward_weight_values
+    return GrpoStep(base.model, base.tokenizer, optimizer, sampling, loss, rewards, weights, cfg.grpo_iterations), []
 
 
 def start_adapter(cfg: TrainConfig, base: Base, optimizer: optim.Optimizer, checkpoint: Optional[Path], log):
@@ -392,24 +471,44 @@ def fit(run: Run) -> TrainResult:
                 window_tokens, window_start, window_stats = 0, now, []
             if cfg.val_every and it % cfg.val_every == 0 and it != run.iters:
                 run.validate(result, it)
-            interrupted = (
-                run.world.any(stop.signum is not None) and it != run.iters
-            )  # the whole group stops at one step
-            if interrupted or (cfg.save_every and it % cfg.save_every == 0 and it != run.iters):
-                run.save_checkpoint(it)
-            if interrupted:
-                raise interruption(stop.signum, it, run.iters, run.last_saved)
+            run.save_or_stop(it, stop.signum)
             if stopping and stopping.exhausted:
                 run.log(f"early stopping at step {it}: no better val loss in the last {stopping.patience} validations")
                 break
-    result.steps = it
-    if it not in result.val_losses:
-        run.validate(result, it)
-    save_result(run, result)
-    result.seconds = time.perf_counter() - start
+    run.finish(result, it, start)
     result.tokens_per_second = total_tokens / result.seconds
-    result.peak_memory_gb = mx.get_peak_memory() / 2**30
     return result
+
+
+def fit_grpo(run: Run) -> TrainResult:
+    """fit() for --objective grpo: each step samples, scores and updates (training/grpo_step.py) on
+    --grad-accumulation-steps batches of prompts, in data/batches.batch_plan's order from where
+    the run starts, so a resumed run reads what an uninterrupted one would."""
+    cfg, prompts = run.cfg, run.data["train"]
+    result = TrainResult(run.out, run.iters)
+    run.validate(result, run.progress.step)
+    mx.reset_peak_memory()
+    start, window = time.perf_counter(), []
+    plan = islice(batch_plan(prompts, cfg.batch_size, cfg.seed), run.progress.batches_seen, None)
+    it = run.progress.step  # the last step done, also when the loop has none left to do
+    with deferred_stop() as stop:
+        for it in range(run.progress.step + 1, run.iters + 1):
+            stats = run.step.step([[prompts[i] for i in next(plan)] for _ in range(cfg.grad_accumulation_steps)])
+            loss, finite = stats.pop("loss"), stats.pop("finite")
+            if not (math.isfinite(loss) and finite):
+                raise UserError(numerical_fault(it, loss, run.out, run.last_saved))
+            result.losses.append(loss)
+            run.monitor.step(loss)
+            window.append({"loss": loss, **stats})
+            if it % cfg.report_every == 0 or it == run.iters:
+                means = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                lr = run.optimizer.learning_rate.item()
+                run.monitor.rollout_report(it, means.pop("loss"), mx.get_peak_memory() / 2**30, lr, **means)
+                window = []
+            if cfg.val_every and it % cfg.val_every == 0 and it != run.iters:
+                run.validate(result, it)
+            run.save_or_stop(it, stop.signum)
+    return run.finish(result, it, start)
 
 
 def save_result(run: Run, result: TrainResult) -> None:

@@ -8,8 +8,9 @@ from conftest import write_jsonl
 from typer.testing import CliRunner
 
 from mlx_lora.cli import app
-from mlx_lora.commands.evaluate import Item, final_answer, generation_items, is_correct, normalize, run
+from mlx_lora.commands.evaluate import Item, generation_items, run
 from mlx_lora.config import EvalConfig, LoRAConfig
+from mlx_lora.data.answers import final_answer, is_correct, normalize
 from mlx_lora.data.examples import encode_row
 from mlx_lora.data.rows import file_rows, row_format
 from mlx_lora.formats.loader import load_for_inference

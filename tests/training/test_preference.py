@@ -228,13 +228,13 @@ def test_sft_on_preference_rows_is_refused(llama, pref_data, tmp_path):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--objective", "kto"], "--objective must be one of sft, dpo, ipo, orpo, simpo, got 'kto'"),
+        (["--objective", "kto"], "--objective must be one of sft, dpo, ipo, orpo, simpo, grpo, got 'kto'"),
         (["--objective", "dpo", "--pack"], "--pack does not apply to --objective dpo"),
         (["--objective", "orpo", "--train-on-prompt"], "--train-on-prompt does not apply to --objective orpo"),
         (["--objective", "dpo", "--init", "pissa"], "--init pissa moves part of the base into the adapter"),
         (["--objective", "dpo", "--beta", "0"], "--beta must be positive, got 0.0"),
         (["--objective", "simpo", "--label-smoothing", "0.5"], "--label-smoothing must be in [0, 0.5), got 0.5"),
-        (["--beta", "0.2"], "--beta applies to --objective dpo or ipo or orpo or simpo, not sft"),
+        (["--beta", "0.2"], "--beta applies to --objective dpo or ipo or orpo or simpo or grpo, not sft"),
         (["--objective", "dpo", "--simpo-gamma", "1"], "--simpo-gamma applies to --objective simpo, not dpo"),
     ],
 )

@@ -1,0 +1,203 @@
+"""One GRPO step: rollouts sampled and scored, then the adapter updated on them.
+
+A step reads --grad-accumulation-steps batches of --batch-size prompts. Each batch's prompts get G
+completions each from the current adapter (rollouts.sample, in eval mode), scored by the rewards
+(their weighted sum); a group whose rewards are all equal has advantage 0 everywhere, teaches
+nothing, and is left out of the update (and counted). The kept completions' log-probs under the
+policy that sampled them (`old`) and, with beta > 0, under the base with the adapter off (the
+reference: no second model) are computed once; then --grpo-iterations optimizer updates each sum
+the gradients of all the step's batches and divide by their total count, so accumulated batches
+give the gradient of the one batch they make together, as training/step.py does for SFT.
+
+Validation samples the valid prompts the same way, from a fixed seed (so validations compare
+like with like and the training draws are left as they were), and appends every completion with
+its rewards to valid_rollouts.jsonl beside the adapter.
+"""
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_map
+
+from mlx_lora.data.rows import Row
+from mlx_lora.model.lora import adapter_off
+from mlx_lora.training import rollouts
+from mlx_lora.training.checkpoint import restore_rng, rng_key
+from mlx_lora.training.grpo import PolicyLoss, group_advantages, policy_loss
+from mlx_lora.training.rewards import Reward, Task, score_all, task
+from mlx_lora.training.step import grads_finite
+
+VALID_ROLLOUTS = "valid_rollouts.jsonl"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt row: its task (prompt text, reference, fields) and the prompt's tokens, which
+    data/batches.batch_plan reads as an example's."""
+
+    task: Task
+    tokens: list[int]
+
+
+def read_prompts(rows: list[Row], tokenizer) -> list[Prompt]:
+    return [Prompt(*task(row, tokenizer)) for row in rows]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    group_size: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A batch's rollouts: completions (N = prompts x G) as tokens and text, and each reward's score (N, R)."""
+
+    completions: list[list[int]]
+    texts: list[str]
+    scores: np.ndarray
+
+
+@dataclass(frozen=True)
+class Update:
+    """What the updates read of the kept groups: tokens (n, L), completion mask (n, L-1),
+    advantages (n,), old and reference per-token log-probs (n, L-1)."""
+
+    tokens: mx.array
+    mask: mx.array
+    advantages: mx.array
+    old: mx.array
+    reference: mx.array | None
+
+
+class GrpoStep:
+    """The step and the validation of a GRPO run on `model` (its adapter applied)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        optimizer: optim.Optimizer,
+        sampling: Sampling,
+        loss: PolicyLoss,
+        rewards: list[Reward],
+        weights: list[float],
+        iterations: int = 1,
+    ):
+        self.model, self.tokenizer, self.optimizer = model, tokenizer, optimizer
+        self.sampling, self.loss, self.rewards, self.iterations = sampling, loss, rewards, iterations
+        self.weights = np.array(weights, np.float32)  # (R,)
+        self.loss_and_grad = nn.value_and_grad(model, self.summed_loss)
+
+    def roll_out(self, prompts: list[Prompt]) -> Scored:
+        """G completions of each prompt from the current adapter, decoded (EOS dropped) and scored."""
+        s, tok = self.sampling, self.tokenizer
+        self.model.eval()
+        completions, _ = rollouts.sample(
+            self.model, tok, [p.tokens for p in prompts], s.group_size, s.max_tokens, s.temperature, s.top_p
+        )
+        eos = set(tok.eos_token_ids)
+        texts = [tok.decode(c[:-1] if c[-1] in eos else c) for c in completions]
+        scores = [score_all(self.rewards, prompts[i // s.group_size].task, t) for i, t in enumerate(texts)]
+        return Scored(completions, texts, np.array(scores, np.float32).reshape(len(texts), len(self.rewards)))
+
+    def prepare(self, prompts: list[Prompt], completions: list[list[int]], advantages: np.ndarray, keep: np.ndarray):
+        """The Update of the kept groups (`keep` (prompts,)), or None when none is kept."""
+        g = self.sampling.group_size
+        rows = [i for i in range(len(completions)) if keep[i // g]]
+        if not rows:
+            return None
+        kept = [p.tokens for p, k in zip(prompts, keep) if k]
+        tokens, mask = rollouts.sequences(kept, [completions[i] for i in rows], g)
+        self.model.eval()
+        old = rollouts.per_token_logps(self.model, tokens)  # (n, L-1): the policy that sampled
+        reference = None
+        if self.loss.beta:
+            with adapter_off(self.model):
+                reference = rollouts.per_token_logps(self.model, tokens)
+        mx.eval(old, reference)
+        return Update(tokens, mask, mx.array(advantages[rows]), old, reference)
+
+    def summed_loss(self, model: nn.Module, u: Update):
+        """policy_loss times its count: completion tokens for dapo, completions for the others, so
+        the sum over batches divided by the total count is the loss of their union."""
+        logps = rollouts.per_token_logps(model, u.tokens)
+        loss, kl, clip = policy_loss(logps, u.old, u.reference, u.advantages, u.mask, self.loss)
+        count = u.mask.sum() if self.loss.loss_type == "dapo" else mx.array(u.mask.shape[0], mx.float32)
+        return loss * count, count, kl, clip
+
+    def update(self, updates: list[Update]) -> tuple[float, float, float, bool]:
+        """One optimizer update over all the step's batches: (loss, kl, clip_ratio, gradients finite)."""
+        self.model.train()
+        grads, totals = None, mx.zeros((4,))
+        for u in updates:
+            (loss, count, kl, clip), g = self.loss_and_grad(self.model, u)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            totals = totals + mx.stack([loss, count, kl, clip])
+            mx.eval(grads, totals)
+        grads = tree_map(lambda x: x / totals[1], grads)
+        finite = grads_finite(grads)
+        self.optimizer.update(self.model, grads)
+        mx.eval(self.model.parameters(), self.optimizer.state, finite)
+        loss, count, kl, clip = totals.tolist()
+        return loss / count, kl / len(updates), clip / len(updates), finite.item()
+
+    def step(self, batches: list[list[Prompt]]) -> dict[str, float]:
+        """Rollouts of every batch, then --grpo-iterations updates on the kept groups: the step's metrics."""
+        start, g = time.perf_counter(), self.sampling.group_size
+        updates, scored, skipped = [], [], 0
+        for prompts in batches:
+            s = self.roll_out(prompts)
+            advantages, equal = group_advantages(s.scores @ self.weights, g)
+            skipped += int(equal.sum())
+            u = self.prepare(prompts, s.completions, advantages, ~equal)
+            updates += [u] if u is not None else []
+            scored.append(s)
+        rolled = time.perf_counter()
+        results = [self.update(updates) for _ in range(self.iterations)] if updates else []
+        loss, kl, clip, finite = np.mean(results, axis=0).tolist() if results else (0.0, 0.0, 0.0, 1.0)
+        scores = np.concatenate([s.scores for s in scored])  # (N, R)
+        return {
+            "loss": loss,
+            "finite": float(finite == 1.0),
+            "kl": kl,
+            "clip_ratio": clip,
+            **self.reward_stats(scores),
+            "completion_length": float(np.mean([len(c) for s in scored for c in s.completions])),
+            "skipped_groups": skipped / (len(scores) // g),
+            "rollout_seconds": rolled - start,
+            "update_seconds": time.perf_counter() - rolled,
+        }
+
+    def reward_stats(self, scores: np.ndarray) -> dict[str, float]:
+        """reward (the weighted sum's mean), reward_std (its std within groups, TRL's) and each reward's mean."""
+        total = scores @ self.weights  # (N,)
+        std = total.reshape(-1, self.sampling.group_size).std(axis=1, ddof=1).mean()
+        means = {f"rewards/{r.name}/mean": float(m) for r, m in zip(self.rewards, scores.mean(axis=0))}
+        return {"reward": float(total.mean()), "reward_std": float(std), **means}
+
+    def validate(self, batches: list[list[Prompt]], seed: int, out: Path, step: int, append: bool) -> dict[str, float]:
+        """reward_stats of rollouts of the valid batches, sampled from `seed`; the completions are
+        appended to out/VALID_ROLLOUTS (started afresh unless `append`). mx.random's key is put
+        back afterwards, so the training draws are those of a run without validation."""
+        key = rng_key()
+        mx.random.seed(seed)
+        scored = [self.roll_out(prompts) for prompts in batches]
+        restore_rng(key)
+        with open(out / VALID_ROLLOUTS, "a" if append else "w") as f:
+            for prompts, s in zip(batches, scored):
+                for i, (text, row) in enumerate(zip(s.texts, s.scores)):
+                    t = prompts[i // self.sampling.group_size].task
+                    rewards = dict(zip((r.name for r in self.rewards), row.tolist()))
+                    record = {"step": step, "where": t.where, "prompt": t.prompt, "completion": text}
+                    record |= {"reward": float(row @ self.weights), "rewards": rewards}
+                    f.write(json.dumps(record) + "\n")
+        return self.reward_stats(np.concatenate([s.scores for s in scored]))

@@ -1,0 +1,44 @@
+"""Rollouts on the shipped model: G completions per prompt, seeded, and the log-probs the loss
+reads (teacher-forced, right-padded, one forward) equal those the tokens were sampled with
+(incremental, left-padded KV caches). fp32 through different shapes and cache layouts: a few ulps
+of the O(10) logits, ~1e-5 absolute in a log-softmax, so atol 1e-4."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_lora.model.base import load_base
+from mlx_lora.training import rollouts
+
+G, MAX_TOKENS = 3, 12
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_base(None)
+
+
+def test_rollouts_and_their_log_probs(base):
+    tok = base.tokenizer
+    prompts = [
+        tok.encode("Q: Ruby had 10 apples. She lost 9 of them. How many apples are left?\nA:"),
+        tok.encode("Q: 2 + 3?\nA:"),
+    ]
+    mx.random.seed(0)
+    completions, sampled = rollouts.sample(base.model, tok, prompts, G, MAX_TOKENS, 1.0, 1.0)
+    assert len(completions) == 2 * G and all(1 <= len(c) <= MAX_TOKENS for c in completions)
+    eos = set(tok.eos_token_ids)
+    assert all(c[-1] in eos or len(c) == MAX_TOKENS for c in completions)  # EOS kept where it ended one
+    assert len({tuple(c) for c in completions}) > 1  # sampled, not greedy
+    mx.random.seed(0)
+    assert rollouts.sample(base.model, tok, prompts, G, MAX_TOKENS, 1.0, 1.0)[0] == completions
+
+    tokens, mask = rollouts.sequences(prompts, completions, G)
+    logps = rollouts.per_token_logps(base.model, tokens)
+    assert mask.sum(axis=1).tolist() == [len(c) for c in completions]
+    masked = np.array((logps * mask).sum(axis=1))  # what the loss reads: the mask on the completion's tokens
+    np.testing.assert_allclose(masked, [sum(s) for s in sampled], atol=MAX_TOKENS * 1e-4)
+    for i, c in enumerate(completions):
+        start = len(prompts[i // G]) - 1
+        np.testing.assert_array_equal(np.array(tokens[i, start + 1 : start + 1 + len(c)]), c)
+        np.testing.assert_allclose(np.array(logps[i, start : start + len(c)]), sampled[i], atol=1e-4)
