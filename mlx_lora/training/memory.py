@@ -45,10 +45,12 @@ from mlx_lora.training.streaming import cache_bytes, largest_group, splits
 GB = 2**30
 # fp32 (B, H, L, L) arrays one block's attention pass holds at once besides the 2 counted as kept:
 # the masked and shifted scores, fast_exp's 4 temporaries and, going back, the gradients of the
-# probabilities, the exponentials and the scores (12 measured around cpu_kernels.attention alone)
+# probabilities, the exponentials and the scores (12.0-13.6 measured around cpu_kernels.attention's
+# forward and backward alone, L 256 and 128)
 ATTENTION_WORK = 10
-# fp32 values per logit of the loss chunks in flight at once (2 measured): fast_exp's 5 forward
-# and again backward, the shifted rows and the piece of gradient
+# fp32 values per logit of the loss chunks in flight at once: fast_exp's 5 forward and again backward,
+# the shifted rows and the piece of gradient; the compiled cross-entropy's gradient measured 2 logits
+# plus 12 per logit of 2 chunks (32-512 rows of 8k-32k vocabularies)
 LOSS_WORK, LOSS_CHUNKS = 12, 2
 
 
