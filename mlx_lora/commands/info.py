@@ -137,7 +137,8 @@ def info(cfg: TrainConfig, log=print) -> ModelInfo:
     log(
         f"training memory for batch {batch} × {seq_len} tokens (the largest batch of the data), estimated: "
         f"{human(memory.total)} = weights {human(memory.weights)} + LoRA, gradients and AdamW "
-        f"{human(memory.trainable)} + activations {human(memory.activations)} + logits {human(memory.logits)}"
+        f"{human(memory.trainable)} + activations {human(memory.activations)} + logits {human(memory.logits)} "
+        f"+ working set {human(memory.workspace)}"
     )
     plan, streams = show_modes(cfg, base, data, log)
     return ModelInfo(len(prefixes), linears, modules, parameters, trainable, sizes, memory, plan, streams)

@@ -3,9 +3,12 @@
 It counts what a step must hold at once: the weights; each LoRA weight with its gradient and
 AdamW's two moments (fp32); for every block from the first adapted one up (gradients never flow
 below it) the outputs of its linears and one elementwise input per output, plus the attention
-probabilities; and the logits with their fp32 copies, at the positions whose logits exist at once
-(the learned tokens, a chunk at a time, unless batches are packed). It is an estimate, not a measurement: the
-compiled step may fuse or free some of these earlier.
+probabilities and the inputs of its two norms; and the logits with their fp32 copies, at the positions
+whose logits exist at once (the learned tokens, a chunk at a time, unless batches are packed). On top
+of all that the peak holds a working set: with the CPU kernels (model/cpu_kernels.py), whose fast_exp
+keeps 5 fp32 values per value it exponentiates, one block's attention scores and the loss's chunks
+pass through it. It is an estimate, not a measurement: the compiled step may fuse or free some of
+these earlier.
 
 With --stream-prefix (streaming.py) the frozen blocks before the first adapted one are never
 resident together: the run holds the rest of the model during training, and one frozen block
@@ -20,7 +23,7 @@ a warning.
 
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -32,6 +35,7 @@ from mlx_lora.data.batches import PAD_MULTIPLE, lengths
 from mlx_lora.data.examples import ExampleSet
 from mlx_lora.errors import UserError
 from mlx_lora.machine import available_bytes
+from mlx_lora.model import cpu_kernels
 from mlx_lora.model.lora import LINEAR_TYPES, block_paths, linear_dims, lora_layers
 from mlx_lora.model.precision import dtype_name, restore
 from mlx_lora.training.cut import EMBEDDINGS, cut_at
@@ -39,6 +43,15 @@ from mlx_lora.training.feed import CE_CHUNK, TARGET_MULTIPLE
 from mlx_lora.training.streaming import cache_bytes, largest_group, splits
 
 GB = 2**30
+# fp32 (B, H, L, L) arrays one block's attention pass holds at once besides the 2 counted as kept:
+# the masked and shifted scores, fast_exp's 4 temporaries and, going back, the gradients of the
+# probabilities, the exponentials and the scores (12.0-13.6 measured around cpu_kernels.attention's
+# forward and backward alone, L 256 and 128)
+ATTENTION_WORK = 10
+# fp32 values per logit of the loss chunks in flight at once: fast_exp's 5 forward and again backward,
+# the shifted rows and the piece of gradient; the compiled cross-entropy's gradient measured 2 logits
+# plus 12 per logit of 2 chunks (32-512 rows of 8k-32k vocabularies)
+LOSS_WORK, LOSS_CHUNKS = 12, 2
 
 
 @dataclass(frozen=True)
@@ -62,10 +75,11 @@ class MemoryEstimate:
     trainable: int  # LoRA weights + gradients + AdamW moments
     activations: int  # kept for the backward pass through the adapted blocks
     logits: int  # (B, L, V) in the model's dtype and in fp32, and the gradient
+    workspace: int = 0  # the CPU kernels' temporaries: one block's attention and the loss chunks
 
     @property
     def total(self) -> int:
-        return self.weights + self.trainable + self.activations + self.logits
+        return self.weights + self.trainable + self.activations + self.logits + self.workspace
 
 
 def compute_dtype(model: nn.Module) -> mx.Dtype:
@@ -98,12 +112,18 @@ def estimate_training_memory(
         if isinstance(m, LINEAR_TYPES) and any(name.startswith(p) for p in kept)
     )
     tokens = batch_size * seq_len
-    attention = len(kept) * 2 * text.get("num_attention_heads", 0) * seq_len * 4  # per token: scores, probs
-    activations = tokens * (2 * out_dims * act + attention)
+    heads, hidden = text.get("num_attention_heads", 0), text.get("hidden_size", 0)
+    attention = len(kept) * 2 * heads * seq_len * 4  # per token: scores, probs
+    norms = len(kept) * 2 * hidden * act  # per token: each block's two norm inputs
+    activations = tokens * (2 * out_dims * act + attention + norms)
     if grad_checkpoint and kept:
-        activations = activations // len(kept) + len(kept) * tokens * text.get("hidden_size", 0) * act
-    logits = (tokens if logit_rows is None else logit_rows) * text.get("vocab_size", 0) * (act + 2 * 4)
-    return MemoryEstimate(weights, trainable, activations, logits)
+        activations = activations // len(kept) + len(kept) * tokens * hidden * act
+    scored = (tokens if logit_rows is None else logit_rows) * text.get("vocab_size", 0)
+    workspace = 0
+    if cpu_kernels.wanted():
+        chunks = min(scored, LOSS_CHUNKS * cpu_kernels.CE_CHUNK_VALUES)
+        workspace = (ATTENTION_WORK * tokens * heads * seq_len * bool(kept) + LOSS_WORK * chunks) * 4
+    return MemoryEstimate(weights, trainable, activations, scored * (act + 2 * 4), workspace)
 
 
 @dataclass
@@ -144,7 +164,7 @@ def plan_memory(base, data: dict, limits: BatchLimits, rows: dict | None = None)
         frozen, embedding = streamed_parts(model, first)
     except (ValueError, StopIteration):  # no blocks or head to cut at: streaming is refused later
         frozen, embedding = [], 0
-    streamed = MemoryEstimate(est.weights - sum(frozen) - embedding, est.trainable, est.activations, est.logits)
+    streamed = replace(est, weights=est.weights - sum(frozen) - embedding)
     # one block call on a group: its input and output states plus its widest intermediate, twice
     sets = splits(data, rows)
     group = largest_group(sets) * (2 * hidden + 2 * text.get("intermediate_size", 4 * hidden)) * act
@@ -223,9 +243,10 @@ def check_fits(est: MemoryEstimate, batch_size: int, seq_len: int, available: in
     an hour or being killed by the OS."""
     if est.total <= available:
         return
+    step = est.activations + est.logits + est.workspace
     raise UserError(
         f"this run needs about {est.total / GB:.1f} GB (weights {est.weights / GB:.1f}, LoRA + optimizer "
-        f"{est.trainable / GB:.2f}, activations and logits {(est.activations + est.logits) / GB:.1f} for batch "
+        f"{est.trainable / GB:.2f}, activations, logits and working set {step / GB:.1f} for batch "
         f"{batch_size} x {seq_len} tokens) but this machine has {available / GB:.1f} GB; lower --batch-size or "
         "--max-seq-length, use --grad-checkpoint, or train on a quantized base (e.g. a 4-bit mlx-community model)"
         + hint

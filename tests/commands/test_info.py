@@ -182,10 +182,11 @@ PEAK_SHAPES = [
     (dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, vocab_size=16384), 2, 120),
     (dict(hidden_size=128, intermediate_size=384, vocab_size=32768), 8, 30),
 ]
-# estimate / MLX's measured peak over the three shapes: 0.76, 0.83, 0.77 (2026-12-05). Before the
-# logits were counted at the learned tokens only it was 1.29, 1.18 and 3.14 (a large vocabulary's
-# logits counted at every token); without its activations it would be 0.25-0.45.
-PEAK_RATIO = (0.7, 1.1)
+# estimate / MLX's measured peak over the three shapes: 1.07, 1.05, 1.13 (2026-12-05). It was 0.76,
+# 0.83 and 0.77 before it counted the working set at the peak (the CPU kernels' attention and loss
+# temporaries) and the norms' inputs; 1.29, 1.18 and 3.14 while it counted the logits at every token.
+# An estimate that refuses runs must not fall below the peak; 1.25 is the margin docs/training.md states.
+PEAK_RATIO = (1.0, 1.25)
 
 
 @pytest.mark.slow
