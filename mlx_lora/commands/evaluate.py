@@ -200,7 +200,7 @@ def default_adapter(cfg: EvalConfig) -> str | None:
 def split_examples(cfg: EvalConfig, source, tokenizer, log) -> DataSplit:
     """The split's examples for the loss, tokenized now or read from the cache, and its rows."""
     encoding = Encoding(cfg.max_seq_length, first=cfg.max_examples)
-    cache_dir = cache_location(cfg, log)
+    cache_dir = cache_location(cfg.data_cache, cfg.cache_data, log)
     splits = (cfg.split,)
     return load_splits(source, data_part(cfg), tokenizer, encoding, splits, cache_dir=cache_dir, log=log)[cfg.split]
 

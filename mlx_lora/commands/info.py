@@ -89,7 +89,7 @@ def training_sets(cfg: TrainConfig, tokenizer) -> dict[str, list]:
         tokenizer,
         Encoding(cfg.max_seq_length, cfg.train_on_prompt, cfg.train_on_reasoning),
         objective=cfg.objective if cfg.preference else None,
-        cache_dir=cache_location(cfg, _quiet),
+        cache_dir=cache_location(cfg.data_cache, cfg.cache_data, _quiet),
         log=_quiet,
     )
     return {role: split.examples for role, split in sets.items()}

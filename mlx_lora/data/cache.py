@@ -52,15 +52,15 @@ def platform_cache() -> Path:
     return (Path(xdg) if Path(xdg).is_absolute() else Path.home() / ".cache") / "mlx-lora"
 
 
-def cache_location(cfg: DataConfig, log=print) -> Path | None:
-    """Where tokenized rows are kept, made if missing; None with --no-data-cache, or when the default
-    place cannot be made (said once; the run goes on uncached). A place the user named that cannot
-    be made is refused."""
-    if not cfg.cache_data:
+def cache_location(data_cache: str | None, cache_data: bool, log=print) -> Path | None:
+    """Where tokenized rows are kept (`data_cache`: --data-cache), made if missing; None with
+    --no-data-cache (`cache_data` False), or when the default place cannot be made (said once; the
+    run goes on uncached). A place the user named that cannot be made is refused."""
+    if not cache_data:
         return None
-    named = f"--data-cache {cfg.data_cache}" if cfg.data_cache else None
+    named = f"--data-cache {data_cache}" if data_cache else None
     named = named or (f"{CACHE_ENV}={os.environ[CACHE_ENV]}" if os.environ.get(CACHE_ENV) else None)
-    path = Path(cfg.data_cache).expanduser() if cfg.data_cache else platform_cache() / TOKENIZED
+    path = Path(data_cache).expanduser() if data_cache else platform_cache() / TOKENIZED
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:

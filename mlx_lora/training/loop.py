@@ -335,7 +335,7 @@ def read_data(cfg: TrainConfig, source, tokenizer, log) -> dict[str, list]:
         tokenizer,
         Encoding(cfg.max_seq_length, cfg.train_on_prompt, cfg.train_on_reasoning),
         objective=cfg.objective if cfg.preference else None,
-        cache_dir=cache_location(cfg, log),
+        cache_dir=cache_location(cfg.data_cache, cfg.cache_data, log),
         log=log,
     )
     return {role: split.examples for role, split in sets.items()}
