@@ -188,8 +188,10 @@ def export_gguf(cfg: FuseConfig, model: nn.Module, config: dict, tmp: Path, chec
     read, _, _ = gguf_model(tmp / GGUF_FILE)
     use_cpu_kernels(read)  # as `--model model.gguf` runs it
     as_read = _logits(read, check.tokens).astype(mx.float32)  # as `--model model.gguf` runs it
+    held = read.model.norm.weight.dtype  # the reader holds an f16/bf16 file's float32 norms in that type too
     read.set_dtype(mx.float32)
-    check.fused.update(tree_unflatten(list(as_stored(weights, config, cfg.gguf_type).items())))
+    rounded = {k: w.astype(held).astype(mx.float32) for k, w in as_stored(weights, config, cfg.gguf_type).items()}
+    check.fused.update(tree_unflatten(list(rounded.items())))
     check.fused.set_dtype(mx.float32)
     same = mx.abs(_logits(read, check.tokens).astype(mx.float32) - _logits(check.fused, check.tokens)).max().item()
     cost = mx.abs(as_read - check.adapter_logits).max().item()

@@ -10,14 +10,14 @@ import llama_cpp
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import LLAMA3_ROPE, hf_logits, make_hf_model, mlx_logits, random_adapter
+from conftest import LLAMA3_ROPE, fp32_tol, hf_logits, make_hf_model, mlx_logits, random_adapter
 from typer.testing import CliRunner
 
 from mlx_lora.cli import app
 from mlx_lora.config import LoRAConfig
 from mlx_lora.errors import UserError
 from mlx_lora.formats.gguf import GGUF_FILE, check_gguf, write_gguf
-from mlx_lora.model.base import load_base
+from mlx_lora.model.base import DEFAULT_MODEL_DIR, load_base
 from mlx_lora.model.gguf import PRE_TOKENIZERS, gguf_config, read_gguf, read_gguf_config
 from mlx_lora.model.rope import FACTOR_RTOL, ROPE_FREQS, ROPE_SCALING_KEY
 
@@ -170,6 +170,19 @@ def test_export_reads_the_gguf_back_and_checks_its_logits(models, arch, gguf_typ
     same, same_allowed, cost, cost_allowed = _checked(result.output)
     assert same <= same_allowed and cost <= cost_allowed
     assert same < cost  # the file holds the rounded weights: the rounding, not the layout, is what differs
+
+
+def test_the_read_back_check_compares_the_same_weights_on_norms_that_f16_rounds(tmp_path):
+    """The shipped model's norms were trained (random models' are all 1, which f16 holds exactly):
+    the reader holds an f16 file's norms in f16, so the same-weights comparison must round them so
+    too, leaving only float32 rounding between the two (before: 2.5e-2 against an allowed 1.8e-2, a
+    correct file refused)."""
+    random_adapter(DEFAULT_MODEL_DIR, tmp_path / "adapter", CFG)
+    result = _run("fuse", "--adapter-path", tmp_path / "adapter", "--save-path", tmp_path / "fused", "--export-gguf")
+    assert result.exit_code == 0, result.output
+    same, same_allowed, _, _ = _checked(result.output)
+    scale = same_allowed / 1e-3  # max(1, |logits|), as fuse allows 1e-3 of it
+    assert same <= fp32_tol(384) * scale, same  # the longest sum: down_proj's 384 (intermediate_size) terms
 
 
 def _transposed_o_proj(tensor):
