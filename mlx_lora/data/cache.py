@@ -78,10 +78,13 @@ def _entry_bytes(entry: Path) -> int:
 def trim(cache_dir: Path, keep: Collection[Path], cap: int = MAX_BYTES) -> tuple[int, int]:
     """Remove this cache's least recently used entries (by their directory's mtime, which a hit
     renews) until the rest fit in `cap`, never one in `keep`; (bytes, entries) left."""
-    entries = [p for p in cache_dir.iterdir() if p.is_dir() and (atomic.owner_of(p) or {}).get("written_by") == WRITER]
-    sizes = {p: _entry_bytes(p) for p in entries}
+    sizes, used = {}, {}
+    for p in cache_dir.iterdir():  # not another writer's .KEY.*.tmp/.old (hidden); any may vanish as we look
+        with contextlib.suppress(FileNotFoundError):
+            if not p.name.startswith(".") and (atomic.owner_of(p) or {}).get("written_by") == WRITER:
+                sizes[p], used[p] = _entry_bytes(p), p.stat().st_mtime
     total = sum(sizes.values())
-    for entry in sorted(entries, key=lambda p: p.stat().st_mtime):
+    for entry in sorted(used, key=used.get):
         if total <= cap:
             break
         if entry not in keep:
@@ -181,11 +184,17 @@ def entry_path(source, cfg: DataConfig, wanted: str, tokenizer_id: str, cache_di
 
 
 def save(path: Path, examples: ExampleSet, warnings: list[str]) -> None:
-    """Written whole or not at all: a run killed mid-write leaves no entry a later run would trust."""
-    with atomic.replace_dir(path, WRITER, "--data-cache") as tmp:
-        for name in ARRAYS:
-            np.save(tmp / f"{name}.npy", getattr(examples, name))
-        (tmp / WARNINGS).write_text(json.dumps(warnings))
+    """Written whole or not at all: a run killed mid-write leaves no entry a later run would trust.
+    Another process writing the same entry at once (each rank of a group) may publish it first: its
+    entry, whole and of the same rows, is as good as ours."""
+    try:
+        with atomic.replace_dir(path, WRITER, "--data-cache") as tmp:
+            for name in ARRAYS:
+                np.save(tmp / f"{name}.npy", getattr(examples, name))
+            (tmp / WARNINGS).write_text(json.dumps(warnings))
+    except OSError:
+        if load(path) is None:
+            raise
 
 
 def load(path: Path) -> tuple[ExampleSet, list[str]] | None:

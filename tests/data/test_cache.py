@@ -294,6 +294,33 @@ def test_the_cap_removes_least_recently_used_entries_it_wrote_and_nothing_else(t
     assert sorted(p.name for p in cache.iterdir()) == ["mine", "new"] and (cache / "mine" / "big.bin").is_file()
 
 
+def test_two_writers_of_one_entry_at_once_each_leave_it_whole(tmp_path, monkeypatch):
+    """Each rank of a group tokenizes and saves the same entries at the same moment (seen in CI: a
+    traceback). One writer's trim must not touch the other's temporary directory, and a writer
+    whose swap loses to the other's published entry keeps that one."""
+    from mlx_lora import atomic
+    from mlx_lora.data.cache import WRITER, load, trim
+
+    cache = tmp_path / "c"
+    examples = ExampleSet(np.arange(1000, dtype=np.int32), np.ones(1000, bool), np.array([0, 1000]))
+    save(cache / "done", examples, [])
+    theirs = cache / ".k.abc123.tmp"  # the other writer's entry, written and marked, before its rename
+    shutil.copytree(cache / "done", theirs)
+    atomic.write_json(theirs / atomic.OWNER, {"written_by": WRITER, "files": []})
+    assert trim(cache, keep=[], cap=0) == (0, 0) and theirs.is_dir()  # neither counted nor removed
+
+    swap = atomic._swap
+
+    def beaten(tmp, path):  # the other writer renames its entry in first; ours then finds it there
+        swap(theirs, path)
+        raise OSError(39, "Directory not empty", str(path))
+
+    monkeypatch.setattr(atomic, "_swap", beaten)
+    save(cache / "k", examples, [])
+    assert np.array_equal(load(cache / "k")[0].tokens[:], examples.tokens[:])
+    assert sorted(p.name for p in cache.iterdir()) == ["k"]  # our temporary directory is gone
+
+
 def test_a_cache_place_that_cannot_be_made(tiny_data, tmp_path, monkeypatch):
     """Named by the user (--data-cache, MLX_LORA_CACHE): refused in one line. The default place:
     said, and the run goes on uncached."""

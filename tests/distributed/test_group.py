@@ -26,7 +26,11 @@ from mlx_lora.reporting.metrics import read_metrics
 from mlx_lora.training.loop import train
 
 MLX_LAUNCH = Path(sys.executable).with_name("mlx.launch")
-ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+def rank_env() -> dict[str, str]:
+    """The test's environment as it is now (conftest gives each test its own MLX_LORA_CACHE)."""
+    return {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
 
 
 def free_ports(n: int) -> int:
@@ -51,7 +55,7 @@ def _free(port: int) -> bool:
 
 def start_rank(rank: int, hostfile: Path, args: list[str]) -> subprocess.Popen:
     """One rank of a ring group, with the variables mlx.launch would set."""
-    env = {**ENV, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)}
+    env = {**rank_env(), "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)}
     return subprocess.Popen(
         [sys.executable, *args],
         env=env,
@@ -265,7 +269,13 @@ def mlx_launch_train(options: dict) -> str:
     # stdin a pipe held open: mlx.launch forwards its stdin and spins at end of file (/dev/null)
     stdin, keep_open = os.pipe()
     group = subprocess.Popen(
-        cmd, env=ENV, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd,
+        env=rank_env(),
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     os.close(stdin)
     try:
