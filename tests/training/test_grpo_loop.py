@@ -61,7 +61,7 @@ def test_one_update_moves_each_completion_with_its_advantage(prompts):
     term i = j, (lr/n) (A_j / T_j) |grad l_j|^2, has A_j's sign, and the completions here are
     different token strings whose gradients are not aligned, so with a small lr each l_j moves with
     A_j's sign. That first-order change is also checked, grad l_j from nn.value_and_grad."""
-    lr = 1e-5
+    lr = 1e-4
     step = grpo_step(optim.SGD(learning_rate=lr), adapter_scale=0.05)  # B != 0: A's gradient is not 0 either
     completions = [prompts[0].tokens[:4], prompts[1].tokens[-3:], prompts[1].tokens[:5], prompts[0].tokens[-6:]]
     advantages = np.array([0.7, -0.7, -0.7, 0.7], np.float32)  # group 1: +, -; group 2: -, +
@@ -80,10 +80,10 @@ def test_one_update_moves_each_completion_with_its_advantage(prompts):
     after = completion_logps(model, u)
     change = after - before
     assert np.all(np.sign(change) == np.sign(advantages)), (change, advantages)
-    # rtol: the O(lr^2) remainder, 43% of the largest change at lr 1e-3 and linear in lr, so 0.43%
-    # here; atol: each of the <= 6 tokens' log-softmax rounds by about an ulp of its logsumexp (< 32,
-    # ulp 2^-19), in `before` and in `after`.
-    np.testing.assert_allclose(change, predicted, rtol=1e-2, atol=2 * 6 * 2.0**-19)
+    # rtol: the O(lr^2) remainder, 2.7% of the largest change here (linear in lr: at lr 1e-5 it was
+    # 0.3%, but then float rounding of the log-probs through MLX's bundled BLAS, ~4.5e-5, was 3% of
+    # the smallest change); a wrong factor in the loss (1/T, 1/n, the sign) is off by 50% or more.
+    np.testing.assert_allclose(change, predicted, rtol=1e-1)
 
 
 def test_the_reference_is_the_base_with_the_adapter_off(prompts):
