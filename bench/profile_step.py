@@ -7,16 +7,14 @@ the frozen prefix (blocks before the first trained one; on one stream, and split
 per core as training runs it), the trained blocks forward, the head and loss at the target
 positions, and the whole compiled step (forward, backward, AdamW).
 torch: torch.profiler over 6 steps of PEFT's usual loop, operators by self CPU time.
-Set MLX_LORA_CPU_KERNELS=off to see ours on MLX's own kernels.
+Set MLX_LORA_CPU_KERNELS=off (or =on) to see ours on MLX's own kernels (or all of ours, unmeasured).
 """
 
-import json
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import replace
-from pathlib import Path
 
 
 def median_ms(fn, n: int = 6) -> float:
@@ -31,10 +29,12 @@ def median_ms(fn, n: int = 6) -> float:
     return 1000 * statistics.median(times)
 
 
-def ours(model: str, data: str) -> None:
+def ours(model: str, data: str) -> tuple:
+    """Times the pieces of our step; returns the batch it used (tokens, per-row lengths) for torch's."""
 
     from mlx_lora.config import TrainConfig
     from mlx_lora.data.batches import collate, iterate_batches
+    from mlx_lora.model.cpu_kernels import choose_kernels
     from mlx_lora.training.feed import _chunk_ce
     from mlx_lora.training.loop import build_run
     from mlx_lora.training.prefix_cache import prefix, split_streams
@@ -55,28 +55,28 @@ def ours(model: str, data: str) -> None:
         f"head + loss forward at {positions.shape[0]} target rows": lambda: _chunk_ce(cut, targets, picked),
         "compiled step from the prefix (fwd + bwd + AdamW)": lambda: (run.step(inputs, None, True), run.state)[0],
     }
-    print(f"ours: batch {tuple(tokens.shape)}, {count} real tokens")
+    print(f"ours: batch {tuple(tokens.shape)}, {count} real tokens; {choose_kernels(cut.model, training=True).line()}")
     for name, fn in parts.items():
         print(f"  {name:55s} {median_ms(fn):7.1f} ms", flush=True)
+    full = collate(examples, rows)[0]
+    return full.tolist(), [len(examples[i].tokens) for i in rows]
 
 
-def torch_side(model: str, data: str) -> None:
+def torch_side(model: str, batch: tuple) -> None:
+    """PEFT's loop on the very rows ours timed (any data format: the tokens come from ours)."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(model)
     net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     n = net.config.num_hidden_layers
     lora = LoraConfig(
         r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], layers_to_transform=list(range(n - 4, n))
     )
     net = get_peft_model(net, lora)
-    msgs = [json.loads(l)["messages"] for l in Path(data, "train.jsonl").read_text().splitlines()[:4]]
-    ids = [tok.apply_chat_template(m, tokenize=True, return_dict=False) for m in msgs]
-    width = max(map(len, ids))
-    x = torch.tensor([i + [0] * (width - len(i)) for i in ids])
-    att = (torch.arange(width)[None] < torch.tensor([len(i) for i in ids])[:, None]).long()
+    ids, lengths = batch
+    x = torch.tensor(ids)
+    att = (torch.arange(x.shape[1])[None] < torch.tensor(lengths)[:, None]).long()
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
 
     def step():
@@ -102,5 +102,4 @@ if __name__ == "__main__":
 
     allocator.keep_freed_memory()  # as every mlx-lora command does
 
-    ours(sys.argv[1], sys.argv[2])
-    torch_side(sys.argv[1], sys.argv[2])
+    torch_side(sys.argv[1], ours(sys.argv[1], sys.argv[2]))

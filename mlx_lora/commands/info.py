@@ -22,6 +22,7 @@ from mlx_lora.data.sources import open_source
 from mlx_lora.formats.native import ADAPTER_CONFIG, ADAPTER_WEIGHTS, describe, save_adapter
 from mlx_lora.machine import available_bytes
 from mlx_lora.model.base import load_base
+from mlx_lora.model.cpu_kernels import choose_kernels, wanted
 from mlx_lora.model.lora import LINEAR_TYPES, apply_lora, block_paths, linear_dims
 from mlx_lora.model.precision import dtype_name, restore
 from mlx_lora.reporting.results import spans
@@ -140,6 +141,8 @@ def info(cfg: TrainConfig, log=print) -> ModelInfo:
         f"{human(memory.trainable)} + activations {human(memory.activations)} + logits {human(memory.logits)} "
         f"+ working set {human(memory.workspace)}"
     )
+    if wanted():
+        log(choose_kernels(model, training=True).line())
     plan, streams = show_modes(cfg, base, data, log)
     return ModelInfo(len(prefixes), linears, modules, parameters, trainable, sizes, memory, plan, streams)
 

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -30,26 +29,15 @@ from mlx_lora.config.data import DataConfig
 from mlx_lora.data.examples import ExampleSet, load_sets
 from mlx_lora.data.sources import HOLDOUT_SEED, valid_split_name
 from mlx_lora.errors import UserError
+from mlx_lora.machine import CACHE_ENV, platform_cache
 
 VERSION = 3  # bump when the encoding of rows or the layout of an entry changes, so old entries are not read
 ARRAYS = ("tokens", "mask", "offsets")  # <name>.npy in an entry, ExampleSet's fields
 WARNINGS = "warnings.json"
 NOT_KEYS = ("data_cache", "cache_data")  # where the cache is, or whether it is used, does not change what is in it
 WRITER = "mlx-lora data cache"  # the writer atomic.replace_dir records in each entry
-CACHE_ENV = "MLX_LORA_CACHE"  # moves mlx-lora's cache directory
 TOKENIZED = "tokenized"  # the data cache's folder in it
 MAX_BYTES = 10 * 2**30  # the data cache's size cap
-
-
-def platform_cache() -> Path:
-    """mlx-lora's cache directory: $MLX_LORA_CACHE, else ~/Library/Caches/mlx-lora on macOS, else
-    $XDG_CACHE_HOME/mlx-lora (~/.cache/mlx-lora)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / "mlx-lora"
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    return (Path(xdg) if Path(xdg).is_absolute() else Path.home() / ".cache") / "mlx-lora"
 
 
 def cache_location(data_cache: str | None, cache_data: bool, log=print) -> Path | None:

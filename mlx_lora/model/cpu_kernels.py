@@ -12,33 +12,43 @@ Measured on a 2-core x86 machine (bench/RESULTS.md, "Where an epoch-1 step goes"
   memory and the float copy lives only as long as the matmul (or its backward pass) needs it.
   Fewer rows, as in decoding a token at a time, keep the quantized kernel, which reads 4-8x
   fewer bytes and wins there.
-Results equal MLX's kernels up to fp32 rounding (tests/model/test_cpu_kernels.py).
+Results equal MLX's kernels up to fp32 rounding (tests/model/test_cpu_kernels.py). Which of the
+three exp kernels a model gets is measured on the machine at its shapes (model/kernel_choice.py).
 """
 
-import os
 from functools import cache, partial
 from types import CodeType, FunctionType
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models import activations
+from mlx_lm.models.base import scaled_dot_product_attention as mlx_attention
 
-ENV, OFF = "MLX_LORA_CPU_KERNELS", ("off", "0", "false", "no")  # MLX's own kernels, to compare
+from mlx_lora.model import kernel_choice
+from mlx_lora.model.kernel_choice import Candidate, Choice
+
 MIN_ROWS = 8  # below this the quantized kernel wins
 CE_CHUNK_VALUES = 2**18  # logits the loss exponentiates at once: their temporaries stay in the CPU caches
 _LOG2E = 1.4426950408889634
 _LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4  # ln 2 split so that n * _LN2_HI is exact
+# Below this exp is under float32's smallest normal number (1.18e-38): 0, never a subnormal. Intel
+# cores take a microcode assist on every subnormal operand, so the ~1e-38 a masked attention score
+# gave (and the subnormal probabilities it divided into) made our attention 9x slower than MLX's
+# on a Xeon (14.2 against 1.6 ms for 4 x 9 heads x 71 tokens causal); AMD cores barely notice.
+EXP_LOW = -87.0
 _EXP_TAYLOR = (1.0, 1.0, 1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720, 1 / 5040)  # |r| <= ln2/2: error < 1e-7
 
 
 @mx.compile  # not shapeless: the final view needs its shape
 def _exp(x: mx.array) -> mx.array:
-    x = mx.clip(x, -87.0, 88.0)  # float32's range; below it the result is ~1e-38 rather than 0
+    low = x < EXP_LOW
+    x = mx.clip(x, EXP_LOW, 88.0)  # float32's range of normal numbers
     n = mx.floor(x * _LOG2E + 0.5)
     r = x - n * _LN2_HI - n * _LN2_LO
     p = _EXP_TAYLOR[-1]
     for c in reversed(_EXP_TAYLOR[:-1]):
         p = p * r + c
-    return p * mx.left_shift(n.astype(mx.int32) + 127, 23).view(mx.float32)  # p * 2**n
+    return mx.where(low, 0.0, p * mx.left_shift(n.astype(mx.int32) + 127, 23).view(mx.float32))  # p * 2**n
 
 
 @mx.custom_function
@@ -54,7 +64,10 @@ def _fast_exp_vjp(primals, cotangent, output):
 
 def wanted() -> bool:
     """True when MLX computes on the CPU and MLX_LORA_CPU_KERNELS does not turn these kernels off."""
-    return mx.default_device() == mx.cpu and os.environ.get(ENV, "").strip().lower() not in OFF
+    return mx.default_device() == mx.cpu and kernel_choice.mode() != "off"
+
+
+_loss = [False]  # whether the last model put on these kernels was given the loss: `cross_entropy` has no model to ask
 
 
 def swiglu(gate: mx.array, x: mx.array) -> mx.array:
@@ -67,7 +80,7 @@ def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     time, with a backward pass of its own: MLX fuses at most 11 steps into one loop, so fast_exp
     leaves temporaries the size of its input, and on a whole (rows, vocabulary) array those set a
     step's peak (64 rows of a 49k vocabulary: 797 against 710 MB in a training step)."""
-    if not wanted():
+    if not (wanted() and _loss[0]):
         return nn.losses.cross_entropy(logits, targets)
     return _chunked_ce(logits, targets)[0]
 
@@ -181,51 +194,120 @@ class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
 
 
 _CPU_CLASSES = {nn.QuantizedLinear: CPUQuantizedLinear, nn.QuantizedEmbedding: CPUQuantizedEmbedding}
-KERNELS = ("swiglu", "scaled_dot_product_attention")  # the globals mlx-lm's model code calls them by
+KERNELS = {"swiglu": "swiglu", "attention": "scaled_dot_product_attention"}  # ours -> the global mlx-lm calls
+TOKENS = (4, 64)  # rows x tokens the kernels are timed at: a training batch of short rows
 
 
 def _names(code: CodeType) -> set[str]:
     return set(code.co_names).union(*(_names(c) for c in code.co_consts if isinstance(c, CodeType)))
 
 
-def _on_our_kernels(fn: FunctionType) -> FunctionType:
-    """`fn`'s code over a copy of its module's globals in which swiglu and attention are ours: the
+def _on_our_kernels(fn: FunctionType, kernels: frozenset[str]) -> FunctionType:
+    """`fn`'s code over a copy of its module's globals in which the chosen `kernels` are ours: the
     module itself, and every other model of the process, keep mlx-lm's."""
     names = dict(fn.__globals__)
-    if "swiglu" in names:
+    if "swiglu" in kernels and "swiglu" in names:
         names["swiglu"] = swiglu
     own = names.get("scaled_dot_product_attention")
-    if own is not None:
+    if "attention" in kernels and own is not None:
         names["scaled_dot_product_attention"] = partial(attention, fallback=own)
     ours = FunctionType(fn.__code__, names, fn.__name__, fn.__defaults__, fn.__closure__)
     ours.__kwdefaults__, ours.__qualname__ = fn.__kwdefaults__, fn.__qualname__
     return ours
 
 
-@cache
-def _cpu_class(cls: type) -> type | None:
-    """`cls` with every method that calls its module's swiglu or attention calling ours instead;
-    None if it has none. A subclass, so isinstance checks and the class name are unchanged."""
-    if cls in _CPU_CLASSES.values() or getattr(cls, "on_cpu_kernels", False):
-        return None
+def _calls(cls: type) -> dict[str, FunctionType]:
+    """The methods of `cls` (and its bases up to nn.Module) that call swiglu or attention by name."""
     methods = {}
     for owner in reversed(cls.__mro__[: cls.__mro__.index(nn.Module)]):  # a subclass's own method wins
         for name, fn in vars(owner).items():
-            if isinstance(fn, FunctionType) and _names(fn.__code__) & set(KERNELS) & set(fn.__globals__):
-                methods[name] = _on_our_kernels(fn)
+            if isinstance(fn, FunctionType) and _names(fn.__code__) & set(KERNELS.values()) & set(fn.__globals__):
+                methods[name] = fn
+    return methods
+
+
+@cache
+def _cpu_class(cls: type, kernels: frozenset[str]) -> type | None:
+    """`cls` with every method that calls its module's swiglu or attention calling ours instead (those
+    of `kernels`); None if it has none. A subclass, so isinstance checks and the class name hold."""
+    if cls in _CPU_CLASSES.values() or getattr(cls, "on_cpu_kernels", False):
+        return None
+    wanted_names = {KERNELS[k] for k in kernels if k in KERNELS}
+    methods = {n: _on_our_kernels(fn, kernels) for n, fn in _calls(cls).items() if _names(fn.__code__) & wanted_names}
     return type(cls.__name__, (cls,), {**methods, "on_cpu_kernels": True}) if methods else None
 
 
-def use_cpu_kernels(model: nn.Module, quantized: bool = True) -> bool:
-    """When MLX computes on the CPU, give `model` the kernels above (the GPU's own are fast); True if
-    it did. Swaps the class of the model's own module instances, as packing.py does: nothing in
-    mlx-lm changes, other models keep its kernels, and `use_mlx_kernels` undoes it. Quantized
-    layers keep their arrays, so saving, fusing and LoRA wrapping see the same layers;
-    `quantized=False` leaves them on MLX's quantized kernel."""
+def used_kernels(model: nn.Module) -> set[str]:
+    """Which of our exp kernels `model` would call: the loss always, swiglu and attention where its code calls them."""
+    names = set().union(*(_names(fn.__code__) for _, m in model.named_modules() for fn in _calls(type(m)).values()))
+    return {"loss"} | {ours for ours, global_name in KERNELS.items() if global_name in names}
+
+
+def model_shapes(model: nn.Module) -> dict:
+    """The sizes the kernels run at in `model`, from its mlx-lm arguments (generic ones where it has none)."""
+    args = getattr(model, "args", None) or getattr(getattr(model, "language_model", None), "args", None)
+    args = vars(args) if hasattr(args, "__dict__") else dict(args or {})
+    text = args.get("text_config") or {}
+
+    def get(*names, default):
+        return next((v for n in names for v in (args.get(n), text.get(n)) if isinstance(v, int) and v > 0), default)
+
+    hidden = get("hidden_size", "dim", default=512)
+    heads = get("num_attention_heads", "n_heads", default=8)
+    return {
+        "hidden": hidden,
+        "intermediate": get("moe_intermediate_size", "intermediate_size", "hidden_dim", default=4 * hidden),
+        "heads": heads,
+        "kv_heads": get("num_key_value_heads", "n_kv_heads", default=heads),
+        "head_dim": get("head_dim", default=hidden // heads),
+        "vocab": get("vocab_size", default=32000),
+    }
+
+
+def candidates(shapes: dict, kernels: set[str]) -> dict[str, Candidate]:
+    """Ours against MLX's own for each of `kernels`, on random inputs at `shapes` and TOKENS."""
+    b, t = TOKENS
+    f, h, kv, d, v = (shapes[k] for k in ("intermediate", "heads", "kv_heads", "head_dim", "vocab"))
+    rows = min(64, max(8, 2**21 // v))  # target rows of a batch, fewer for a large vocabulary
+    scale = d**-0.5
+    every = {
+        "swiglu": Candidate(swiglu, activations.swiglu, lambda: (mx.random.normal((b * t, f)),) * 2),
+        "attention": Candidate(
+            lambda q, k, v: attention(q, k, v, None, scale, "causal", fallback=mlx_attention),
+            lambda q, k, v: mlx_attention(q, k, v, None, scale=scale, mask="causal"),
+            lambda: tuple(mx.random.normal((b, n, t, d)) for n in (h, kv, kv)),
+        ),
+        "loss": Candidate(
+            lambda x, y: _chunked_ce(x, y)[0],
+            nn.losses.cross_entropy,
+            lambda: (4 * mx.random.normal((rows, v)), mx.random.randint(0, v, (rows,))),
+        ),
+    }
+    return {name: c for name, c in every.items() if name in kernels}
+
+
+def choose_kernels(model: nn.Module, training: bool = False) -> Choice:
+    """The exp kernels `model` gets on this machine: those measured faster than MLX's (kernel_choice)."""
+    used = used_kernels(model)
+    shapes = model_shapes(model)
+    return kernel_choice.choose(candidates(shapes, used), {**shapes, "kernels": sorted(used)}, training)
+
+
+def use_cpu_kernels(model: nn.Module, quantized: bool = True, training: bool = False, log=None) -> bool:
+    """When MLX computes on the CPU, give `model` the kernels above that this machine runs faster (the
+    GPU's own are fast); True if it did. Swaps the class of the model's own module instances, as
+    packing.py does: nothing in mlx-lm changes, other models keep its kernels, and `use_mlx_kernels`
+    undoes it. Quantized layers keep their arrays, so saving, fusing and LoRA wrapping see the same
+    layers; `quantized=False` leaves them on MLX's quantized kernel. `training`: the kernels are
+    chosen by forward and backward time; `log` is told the choice."""
     if not wanted():
         return False
+    choice = choose_kernels(model, training)
+    if log is not None:
+        log(choice.line())
+    _loss[0] = "loss" in choice.kernels
     for _, module in model.named_modules():
-        ours = (_CPU_CLASSES.get(type(module)) if quantized else None) or _cpu_class(type(module))
+        ours = (_CPU_CLASSES.get(type(module)) if quantized else None) or _cpu_class(type(module), choice.kernels)
         if ours is not None:
             module.__class__ = ours
     return True

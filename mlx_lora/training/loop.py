@@ -251,7 +251,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         claim_output(out)
     mx.random.seed(cfg.seed)
     base = load_base(cfg.model, lazy=True, compute=cfg.compute_dtype)  # streamed: frozen blocks never read whole
-    use_cpu_kernels(base.model)
+    use_cpu_kernels(base.model, training=True, log=log)
     source = open_source(cfg.data, cfg.data_config, log)
     data = read_data(cfg, source, base.tokenizer, log)
     model = base.model

@@ -264,7 +264,7 @@ def test_a_second_run_reads_the_cache_without_a_flag(tiny_data, tmp_path, monkey
 
 
 def test_platform_cache_directory(monkeypatch, tmp_path):
-    from mlx_lora.data.cache import platform_cache
+    from mlx_lora.machine import platform_cache
 
     monkeypatch.delenv("MLX_LORA_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

@@ -7,7 +7,7 @@ from mlx_lora.cli import app
 from mlx_lora.config import GenerateConfig, LoRAConfig
 from mlx_lora.errors import UserError
 from mlx_lora.inference.adapter_set import AdapterSet, load_adapters, parse_adapters
-from mlx_lora.model import cpu_kernels
+from mlx_lora.model import kernel_choice
 from mlx_lora.model.base import load_base
 from mlx_lora.model.lora import lora_layers
 
@@ -135,7 +135,7 @@ def test_dora_adapters_switch_but_do_not_combine(llama, two_adapters, tmp_path):
 @pytest.mark.parametrize("off", [False, True])
 def test_generate_and_chat_run_on_the_cpu_kernels_unless_switched_off(llama, off, monkeypatch):
     if off:
-        monkeypatch.setenv(cpu_kernels.ENV, "off")
+        monkeypatch.setenv(kernel_choice.ENV, "off")
     model = load_adapters(GenerateConfig(model=str(llama))).base.model
     assert hasattr(model.layers[0].mlp, "on_cpu_kernels") != off
     assert hasattr(model.layers[0].self_attn, "on_cpu_kernels") != off

@@ -12,7 +12,7 @@ from mlx_lm.models import activations
 from mlx_lm.models.base import scaled_dot_product_attention as mlx_attention
 
 from mlx_lora.config import LoRAConfig
-from mlx_lora.model import cpu_kernels
+from mlx_lora.model import cpu_kernels, kernel_choice
 from mlx_lora.model.base import load_base
 from mlx_lora.model.cpu_kernels import (
     attention,
@@ -155,7 +155,7 @@ def test_other_devices_and_the_off_switch_keep_mlx_kernels(where, monkeypatch):
     if where == "gpu":
         monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
     else:
-        monkeypatch.setenv(cpu_kernels.ENV, "off")
+        monkeypatch.setenv(kernel_choice.ENV, "off")
     layer = nn.QuantizedLinear.from_linear(nn.Linear(64, 32), group_size=32, bits=4)
     assert not use_cpu_kernels(nn.Sequential(layer)) and type(layer) is nn.QuantizedLinear
     if where == "env":  # the loss too is MLX's own, bit for bit
