@@ -299,7 +299,12 @@ def run_ours(job: dict) -> None:
         app(args, standalone_mode=False)
     finally:
         end = time.perf_counter()
-    _finish(clock, end, {"blas": _blas_in_maps()}, mx.get_peak_memory())
+    peak = mx.get_peak_memory()
+    from mlx_lora.model.base import load_base
+    from mlx_lora.model.cpu_kernels import choose_kernels, wanted
+
+    kernels = choose_kernels(load_base(job["model"], lazy=True).model, True) if wanted() else None  # as train chose
+    _finish(clock, end, {"blas": _blas_in_maps(), "kernels": kernels.line() if kernels else "MLX's own"}, peak)
 
 
 def run_theirs(job: dict) -> None:
@@ -455,7 +460,14 @@ def epochs_of(res: dict, per_epoch: int, tokens: int) -> list[float]:
 
 
 JOBS = {"epoch1": (240, 1), "epochs3": (64, 3), "qlora": (48, 1)}  # rows, epochs
-NAMES = {"ours": "mlx-lora", "theirs": "mlx_lm.lora", "peft": "PEFT+torch", "ours-4bit": "mlx-lora 4-bit"}
+NAMES = {
+    "ours": "mlx-lora",
+    "theirs": "mlx_lm.lora",
+    "peft": "PEFT+torch",
+    "ours-4bit": "mlx-lora 4-bit",
+    "ours-on": "mlx-lora, kernels on",
+    "ours-off": "mlx-lora, kernels off",
+}
 
 
 def main() -> None:
@@ -465,6 +477,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="alternating repetitions; medians reported")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--peers", default="theirs,peft", help="which peers run: theirs (mlx_lm.lora), peft")
+    p.add_argument(
+        "--kernels",
+        default="",
+        help="also run ours with MLX_LORA_CPU_KERNELS=on and/or off (comma-separated), beside the automatic choice",
+    )
     p.add_argument("--ours-extra", default="", help="extra flags for mlx-lora train, e.g. '--no-prefix-cache'")
     p.add_argument("--work", type=Path, default=None, help="keep models and data here (default: a temp dir)")
     p.add_argument(
@@ -484,8 +501,10 @@ def main() -> None:
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
     mlx_env = dict(env, EXPECT_OPENBLAS="1") if openblas else env
     envs = {"ours": mlx_env, "ours-4bit": mlx_env, "theirs": dict(mlx_env, LD_PRELOAD=openblas or ""), "peft": env}
+    envs.update({f"ours-{k}": dict(mlx_env, MLX_LORA_CPU_KERNELS=k) for k in ("on", "off")})
+    variants = [f"ours-{k}" for k in filter(None, a.kernels.split(","))]
     peak = sgemm_peak(a.threads)
-    print(f"sgemm peak (2048^3 fp32, {a.threads} threads): {peak / 1e9:.0f} GFLOP/s", flush=True)
+    print(machine_line(peak, a.threads), flush=True)
     tables = []
     for name in a.jobs.split(","):
         rows, epochs = JOBS[name]
@@ -494,7 +513,7 @@ def main() -> None:
         per_epoch = rows // JOB["batch_size"]
         base = dict(data=str(data_dir), iters=per_epoch * epochs, per_epoch=per_epoch, threads=a.threads)
         base["hide_torch"] = not a.torch_visible
-        who = ["ours", "ours-4bit"] if name == "qlora" else ["ours", *filter(None, a.peers.split(","))]
+        who = ["ours", "ours-4bit"] if name == "qlora" else ["ours", *variants, *filter(None, a.peers.split(","))]
         models = {w: model_dir for w in who}
         if name == "qlora":
             models["ours-4bit"] = quantize_model(model_dir, work / f"model-{a.shape}-4bit")
@@ -503,7 +522,7 @@ def main() -> None:
             for w in who:
                 job = dict(base, model=str(models[w]), adapters=str(work / f"adapters-{name}-{w}-{r}"))
                 job["extra"] = a.ours_extra.split() if w.startswith("ours") else []
-                res = spawn(w.removesuffix("-4bit"), job, envs[w])
+                res = spawn(w.split("-")[0], job, envs[w])
                 res["epochs"] = epochs_of(res, per_epoch, tokens)
                 res["tps"] = tokens * epochs / res["end"]
                 res["frac"] = model_flops(model_dir, tokens, targets) / (tokens / res["epochs"][0]) / peak
@@ -515,6 +534,17 @@ def main() -> None:
                 )
         tables.append((name, rows, epochs, tokens, results))
     report(a, tables, peak, openblas)
+
+
+def machine_line(peak: float, threads: int) -> str:
+    """What every result of this run is tied to: numbers from another CPU belong in another table."""
+    from mlx_lora.machine import cpu
+
+    c = cpu()
+    return (
+        f"CPU: {c['model']} ({', '.join(c['features']) or 'no listed vector features'}), {c['cores']} cores; "
+        f"sgemm peak (2048^3 fp32, {threads} threads): {peak / 1e9:.0f} GFLOP/s"
+    )
 
 
 def _med(runs: list[dict], key: str) -> float:
@@ -533,8 +563,8 @@ def report(a, tables: list, peak: float, openblas) -> None:
     print(
         f"\n{platform.node()} {platform.machine()} {os.cpu_count()} cpus, {a.threads} threads, "
         f"{time.strftime('%Y-%m-%d %H:%M')}; shape {a.shape}; {a.rounds} round(s), medians; "
-        f"sgemm peak {peak / 1e9:.0f} GFLOP/s; OpenBLAS {openblas}; torch "
-        f"{'visible to' if a.torch_visible else 'hidden from'} the MLX runs\n"
+        f"OpenBLAS {openblas}; torch {'visible to' if a.torch_visible else 'hidden from'} the MLX runs\n"
+        f"{machine_line(peak, a.threads)}\n"
     )
     peers = ("ours", "theirs", "peft")
     print("| job | " + " | ".join(NAMES[w] for w in peers) + " | ours vs mlx-lm | ours vs PEFT |")
@@ -560,6 +590,14 @@ def report(a, tables: list, peak: float, openblas) -> None:
             cells += [f"{statistics.median(r['epochs'][0] for r in runs):.0f}", later]
             cells += [f"{100 * _med(runs, 'frac'):.0f}%", _gb(_med(runs, "max_rss"))]
             print(f"| {name} | {NAMES[w]} | " + " | ".join(cells) + " |")
+        for w in [w for w in res if w.startswith("ours")]:
+            print(f"\n{name}, {NAMES[w]}: {res[w][-1].get('kernels', '')}")
+        for w in ("ours-on", "ours-off"):
+            if w in res:
+                ratio = _med(res[w], "wall") / _med(res["ours"], "wall")
+                epoch1 = statistics.median(r["epochs"][0] for r in res["ours"])
+                epoch1 /= statistics.median(r["epochs"][0] for r in res[w])
+                print(f"{name}: automatic choice vs {NAMES[w]}: whole run {ratio:.2f}x, epoch 1 tok/s {epoch1:.2f}x")
         if name == "qlora":
             speed = _med(res["ours-4bit"], "tps") / _med(res["ours"], "tps")
             rss = _med(res["ours-4bit"], "max_rss") / _med(res["ours"], "max_rss")

@@ -19,7 +19,7 @@ from mlx_lora.data.examples import Example
 from mlx_lora.model.cpu_kernels import cross_entropy
 from mlx_lora.training.cut import Cut, find_cut
 from mlx_lora.training.packing import packed_cache
-from mlx_lora.training.prefix_cache import PrefixCache
+from mlx_lora.training.prefix_cache import PrefixCache, SplitTrial, split_streams
 
 TARGET_MULTIPLE = 32  # target counts are padded up to this, so the compiled step sees few shapes
 CE_CHUNK = 1024  # target rows whose logits (rows x vocab) exist at once in the loss
@@ -87,6 +87,7 @@ class Feed:
     def __init__(self, cut: Cut | None, cache_prefix: bool, log: Callable = print):
         self.cut, self.cache_prefix, self.log = cut, cache_prefix and cut is not None and cut.k > 0, log
         self.caches: dict[int, PrefixCache] = {}
+        self.trial = SplitTrial(split_streams(cut.model), log) if self.cache_prefix else None  # one for every set
 
     def inputs(self, examples: Sequence[Example], rows: list[int], batch: tuple[mx.array, ...]) -> tuple[mx.array, ...]:
         """Step inputs for `batch` (collated from `examples[rows]`: tokens, mask[, segments])."""
@@ -99,7 +100,7 @@ class Feed:
         flat = (mx.array(positions), mx.array(targets), mx.array(weights))
         if not self.cache_prefix:
             return inputs, *flat
-        cache = self.caches.setdefault(id(examples), PrefixCache(self.cut, examples, self.log))
+        cache = self.caches.setdefault(id(examples), PrefixCache(self.cut, examples, self.log, self.trial))
         return inputs, cache.states(rows, inputs.shape[1]), *flat
 
     def loss(self, model: nn.Module, *inputs) -> tuple[mx.array, mx.array]:

@@ -11,6 +11,7 @@ temporary file (deleted when closed, also on a crash).
 import functools
 import os
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 
 import mlx.core as mx
@@ -61,15 +62,52 @@ def prefix(cut: Cut, tokens: mx.array, streams: list) -> mx.array:
     return h
 
 
+class SplitTrial:
+    """Whether splitting a batch's rows over the streams (`prefix`) is faster on this machine than
+    one stream: measured on the run's own first batches, not assumed (a split that wins on one CPU
+    can lose on another). The first batch that can split warms up, the next TRIALS alternate one
+    stream and the split, and the split is kept only if it took MARGIN less time per token."""
+
+    TRIALS = 4
+    MARGIN = 0.95
+
+    def __init__(self, streams: list, log: Callable = print):
+        self.streams, self.log = streams, log
+        self.seconds = {False: 0.0, True: 0.0}  # per token, summed over the trials, by split
+        self.tried = -1  # batches run so far that could split; the first is a warm-up
+        self.split = True  # until measured (the warm-up splits)
+
+    def streams_for(self, rows: int) -> list:
+        if not self.streams or rows < len(self.streams):
+            return []
+        if 0 <= self.tried < self.TRIALS:
+            return self.streams if self.tried % 2 else []
+        return self.streams if self.split else []
+
+    def record(self, rows: int, streams: list, seconds: float, tokens: int) -> None:
+        if not self.streams or rows < len(self.streams) or self.tried >= self.TRIALS:
+            return
+        if self.tried >= 0:
+            self.seconds[bool(streams)] += seconds / tokens
+        self.tried += 1
+        if self.tried == self.TRIALS:
+            one, split = self.seconds[False], self.seconds[True]
+            self.split = split < self.MARGIN * one
+            self.log(
+                f"speed: frozen prefix {'split over' if self.split else 'on one of'} {len(self.streams)} streams "
+                f"({1e6 * split / 2:.0f} against {1e6 * one / 2:.0f} µs a token on one, measured on this run's batches)"
+            )
+
+
 class PrefixCache:
-    def __init__(self, cut: Cut, examples: Sequence[Example], log: Callable = print):
+    def __init__(self, cut: Cut, examples: Sequence[Example], log: Callable = print, trial: SplitTrial | None = None):
         self.cut, self.examples, self.log = cut, examples, log
         # Row i keeps the states of its first len-1 positions: the inputs that predict a token.
         sizes = lengths(examples) - 1
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
         self.done = np.zeros(len(examples), bool)
         self.store = None  # (total positions, D) raw bits, allocated with the first batch
-        self.streams = split_streams(cut.model)
+        self.trial = trial or SplitTrial(split_streams(cut.model), log)
 
     def _allocate(self, h: mx.array) -> None:
         self.dtype = h.dtype
@@ -85,7 +123,10 @@ class PrefixCache:
 
     def _fill(self, indices: list[int]) -> None:
         tokens, _ = collate(self.examples, indices)
-        h = prefix(self.cut, tokens[:, :-1], self.streams)  # (B, L-1, D)
+        streams, start = self.trial.streams_for(len(indices)), time.perf_counter()
+        h = prefix(self.cut, tokens[:, :-1], streams)  # (B, L-1, D)
+        mx.eval(h)
+        self.trial.record(len(indices), streams, time.perf_counter() - start, tokens[:, :-1].size)
         if self.store is None:
             self._allocate(h)
         bits = np.array(h.view(BITS[h.dtype.size][0]))

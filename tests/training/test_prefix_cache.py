@@ -167,3 +167,30 @@ def test_training_with_the_prefix_cache_gives_the_same_losses_and_adapter(llama,
     a = mx.load(str(tmp_path / "cached" / "adapters.safetensors"))
     b = mx.load(str(tmp_path / "plain" / "adapters.safetensors"))
     assert_tensors_close(a, b, tol, norm=2)
+
+
+@pytest.mark.parametrize("split_faster", [True, False])
+def test_the_prefix_splits_only_where_this_run_measured_it_faster(split_faster):
+    """The first batch that can split warms up, the next four alternate one stream and the split,
+    then the faster per token stays; batches too small to split neither count nor split."""
+    lines = []
+    trial = prefix_cache.SplitTrial(["s0", "s1"], lines.append)
+    used = []
+    for rows in (4, 1, 4, 4, 1, 4, 4, 4, 4):
+        streams = trial.streams_for(rows)
+        used.append(bool(streams))
+        per_token = (1.0 if streams else 2.0) if split_faster else (2.0 if streams else 1.0)
+        trial.record(rows, streams, per_token * 100 * rows, 100 * rows)
+    # warm-up split, (1 row: one), one, split, (1 row), one, split, then the choice twice
+    assert used == [True, False, False, True, False, False, True, split_faster, split_faster]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"speed: frozen prefix {'split over' if split_faster else 'on one of'} 2 streams"
+    )
+    assert trial.streams_for(1) == []
+
+
+def test_no_streams_no_trial():
+    trial = prefix_cache.SplitTrial([], print)
+    assert trial.streams_for(8) == []
+    trial.record(8, [], 1.0, 100)
+    assert trial.tried == -1
