@@ -34,7 +34,7 @@ def ours(model: str, data: str) -> tuple:
 
     from mlx_lora.config import TrainConfig
     from mlx_lora.data.batches import collate, iterate_batches
-    from mlx_lora.model.cpu_kernels import choose_kernels
+    from mlx_lora.model.cpu_kernels import choose_kernels, wanted
     from mlx_lora.training.feed import _chunk_ce
     from mlx_lora.training.loop import build_run
     from mlx_lora.training.prefix_cache import prefix, split_streams
@@ -55,7 +55,8 @@ def ours(model: str, data: str) -> tuple:
         f"head + loss forward at {positions.shape[0]} target rows": lambda: _chunk_ce(cut, targets, picked),
         "compiled step from the prefix (fwd + bwd + AdamW)": lambda: (run.step(inputs, None, True), run.state)[0],
     }
-    print(f"ours: batch {tuple(tokens.shape)}, {count} real tokens; {choose_kernels(cut.model, training=True).line()}")
+    kernels = choose_kernels(cut.model, True).line() if wanted() else "MLX's own kernels"
+    print(f"ours: batch {tuple(tokens.shape)}, {count} real tokens; {kernels}")
     for name, fn in parts.items():
         print(f"  {name:55s} {median_ms(fn):7.1f} ms", flush=True)
     full = collate(examples, rows)[0]
