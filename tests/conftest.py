@@ -49,10 +49,12 @@ def _configs(vocab_size: int):
         LlamaConfig,
         MistralConfig,
         MixtralConfig,
+        Olmo2Config,
         Phi3Config,
         Qwen2Config,
         Qwen3Config,
         Qwen3MoeConfig,
+        SmolLM3Config,
     )
 
     common = dict(SMALL, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -76,6 +78,9 @@ def _configs(vocab_size: int):
         ),
         "llama3": LlamaConfig(**common, tie_word_embeddings=True, rope_scaling=dict(LLAMA3_ROPE)),  # Llama 3.2 1B/3B
         "mixtral": MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
+        "olmo2": Olmo2Config(**common, tie_word_embeddings=False),  # norms after attention and MLP, q/k norms
+        # no rope in every 4th block (no_rope_layers [1, 1, 1, 0]), tied as SmolLM3-3B
+        "smollm3": SmolLM3Config(**common, tie_word_embeddings=True),
     }
 
 

@@ -42,9 +42,12 @@ GEMMA2_27B_LAYERS = 46  # llama.cpp tells Gemma 2 27B by its block count, for it
 def check_gguf(config: dict[str, Any], gguf_type: str, flag: str = "--export-gguf") -> None:
     """Before any work: can we write this model as GGUF? One line naming what is supported."""
     model_type = config.get("model_type")
+    experts = config.get("num_experts") or config.get("num_local_experts")
     instead = (
         "fuse without --export-gguf and run llama.cpp's convert_hf_to_gguf.py on the fused directory"
         if flag == "--export-gguf"
+        else "fuse, and run llama.cpp's convert_hf_to_gguf.py on the fused directory"
+        if experts  # PEFT has no form for LoRA on stacked experts
         else "convert --to peft and run llama.cpp's convert_lora_to_gguf.py on it"
     )
     if model_type not in ARCHITECTURES:

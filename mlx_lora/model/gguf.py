@@ -133,7 +133,13 @@ def gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], path: Path) 
     """The Hugging Face config.json keys mlx-lm's llama and qwen2 read, from llama.cpp's keys."""
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
-        raise UserError(f"--model {path}: a GGUF of {arch}; reading GGUF supports {', '.join(ARCHITECTURES)} only")
+        raise UserError(
+            f"--model {path}: a GGUF of {arch}; reading GGUF supports {', '.join(ARCHITECTURES)} only; "
+            "use the Hugging Face model"
+        )
+    if f"{arch}.expert_count" in meta:  # Mixtral is a llama with experts to llama.cpp
+        raise UserError(f"--model {path}: expert tensors (a mixture-of-experts GGUF) are not read yet; use the "
+                        "Hugging Face model")  # fmt: skip
     if any(k.startswith(f"{arch}.rope.scaling") for k in meta) or (ROPE_FREQS in weights and arch != "llama"):
         raise UserError(f"--model {path}: rope scaling in a GGUF is not read yet; use the Hugging Face model")
 
