@@ -73,8 +73,9 @@ def _configs(vocab_size: int):
         "gemma3": Gemma3TextConfig(
             **common, head_dim=16, query_pre_attn_scalar=16, sliding_window=4, layer_types=GEMMA3_LAYERS
         ),
+        # norm_topk_prob: the chosen experts' weights renormalized, as Qwen3-30B-A3B (and llama.cpp)
         "qwen3_moe": Qwen3MoeConfig(
-            **common, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32
+            **common, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True
         ),
         "llama3": LlamaConfig(**common, tie_word_embeddings=True, rope_scaling=dict(LLAMA3_ROPE)),  # Llama 3.2 1B/3B
         "mixtral": MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),

@@ -187,7 +187,10 @@ def test_missing_or_foreign_gguf_is_a_user_error(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(UserError, match="a GGUF of gpt2; reading GGUF supports llama, qwen2, qwen3 only"):
+    supported = "llama, qwen2, qwen3, qwen3moe"
+    with pytest.raises(
+        UserError, match=f"a GGUF of gpt2; reading GGUF supports {supported} only; use the Hugging Face"
+    ):
         load_base(str(tmp_path / "gpt2.gguf"))
 
 
