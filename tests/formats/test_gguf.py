@@ -419,6 +419,38 @@ def test_gemma2_query_scale_llama_cpp_cannot_express_is_refused():
         check_gguf(config | {"head_dim": 16, "query_pre_attn_scalar": 32}, "f16")
 
 
+@pytest.mark.parametrize(
+    ("model_type", "change", "refusal"),
+    [
+        (
+            "smollm3",
+            {"no_rope_layers": [1, 1, 0, 1]},
+            "smollm3 leaves rope out of every 4th block, this model elsewhere",
+        ),
+        (
+            "qwen3_moe",
+            {"norm_topk_prob": False},
+            "qwen3moe renormalizes the chosen experts' weights, this model does not",
+        ),
+        (
+            "qwen3_moe",
+            {"mlp_only_layers": [0]},
+            r"qwen3moe has experts in every block, this model not \(mlp_only_layers",
+        ),
+        ("qwen3_moe", {"decoder_sparse_step": 2}, "qwen3moe has experts in every block, this model not"),
+    ],
+)
+def test_what_llama_cpp_fixes_otherwise_is_refused(model_type, change, refusal):
+    """llama.cpp's smollm3 and qwen3moe graphs fix what these configs can set: a model that sets it
+    otherwise would compute something else in llama.cpp."""
+    config = {"model_type": model_type, "num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4}
+    as_llama_cpp = {"smollm3": {"no_rope_layers": [1, 1, 1, 0]}, "qwen3_moe": {"norm_topk_prob": True}}[model_type]
+    check_gguf(config | as_llama_cpp, "f16")
+    for flag in ("--export-gguf", "--to gguf"):
+        with pytest.raises(UserError, match=f"^{flag}: llama.cpp's {refusal}.*; llama.cpp cannot run it as trained$"):
+            check_gguf(config | as_llama_cpp | change, "f16", flag)
+
+
 def test_dora_adapter_has_no_gguf_form(llama, tmp_path):
     random_adapter(llama, tmp_path / "adapter", LoRAConfig(targets="q_proj", num_layers=1, rank=2, dora=True))
     result = _run("convert", "--to", "gguf", tmp_path / "adapter", tmp_path / "out")

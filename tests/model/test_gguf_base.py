@@ -227,6 +227,11 @@ def _crafted_llama(path, **overrides):
             "metadata attention.head_count 5 does not divide embedding_length 64",
         ),
         ({"attention.layer_norm_rms_epsilon": 0.0}, "metadata attention.layer_norm_rms_epsilon is 0.0"),
+        (
+            {"expert_count": 4, "expert_used_count": 5},
+            "metadata expert_count 4, expert_used_count 5; the file is damaged",
+        ),
+        ({"expert_count": 4}, "metadata expert_count 4, expert_used_count None; the file is damaged"),
     ],
 )
 def test_a_crafted_gguf_size_the_reader_divides_by_is_a_user_error(tmp_path, overrides, expected):
