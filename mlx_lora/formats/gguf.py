@@ -37,6 +37,7 @@ ARCHITECTURES = {
     "qwen3": (gguf.MODEL_ARCH.QWEN3, 1000000.0),
     "qwen3_moe": (gguf.MODEL_ARCH.QWEN3MOE, 1000000.0),
     "gemma2": (gguf.MODEL_ARCH.GEMMA2, 10000.0),
+    "gemma3_text": (gguf.MODEL_ARCH.GEMMA3, 1000000.0),
     "phi3": (gguf.MODEL_ARCH.PHI3, 10000.0),
     "olmo2": (gguf.MODEL_ARCH.OLMO2, 10000.0),
     "smollm3": (gguf.MODEL_ARCH.SMOLLM3, 10000.0),
@@ -44,7 +45,12 @@ ARCHITECTURES = {
 # llama.cpp rotates adjacent pairs (its rope type NORM) in these; the others rotate halves, as HF does
 PAIRWISE_ROPE = (gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.SMOLLM3)
 SMOLLM3_NO_ROPE_STEP = 4  # llama.cpp's smollm3 leaves rope out of every 4th block, fixed (no key for it)
-GEMMA2_27B_LAYERS = 46  # llama.cpp tells Gemma 2 27B by its block count, for its attention scale
+# llama.cpp tells Gemma 2 and 3 27B by their block counts, for their attention scale
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
+GEMMA_NAMES = {"gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}
+GEMMA_NORMS_PLUS_1 = (gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3)
+# llama.cpp's gemma3 fixes what Gemma 3's config can set: a global block every 6th, the others' rope base
+GEMMA3_PATTERN, GEMMA3_LOCAL_ROPE = 6, 10000.0
 
 
 def check_gguf(config: dict[str, Any], gguf_type: str, flag: str = "--export-gguf") -> None:
@@ -65,9 +71,10 @@ def check_gguf(config: dict[str, Any], gguf_type: str, flag: str = "--export-ggu
     kind = rope_type(config.get("rope_scaling"))
     if kind not in ("default", LLAMA3) or (kind == LLAMA3 and ARCHITECTURES[model_type][0] != gguf.MODEL_ARCH.LLAMA):
         raise UserError(f"{flag}: rope scaling '{kind}' of a {model_type} model is not written yet; {instead}")
-    if model_type == "gemma2" and config.get("query_pre_attn_scalar") != _gemma2_query_scalar(config):
+    if model_type in GEMMA_27B_LAYERS and config.get("query_pre_attn_scalar") != _gemma_query_scalar(config):
+        name, scalar = GEMMA_NAMES[model_type], _gemma_query_scalar(config)
         raise UserError(
-            f"{flag}: llama.cpp scales Gemma 2's queries by 1/sqrt({_gemma2_query_scalar(config)}), this model by "
+            f"{flag}: llama.cpp scales {name}'s queries by 1/sqrt({scalar}), this model by "
             f"1/sqrt({config.get('query_pre_attn_scalar')}); llama.cpp cannot run it as trained"
         )
     if problem := _what_llama_cpp_computes_otherwise(config):
@@ -82,6 +89,10 @@ def _what_llama_cpp_computes_otherwise(config: dict[str, Any]) -> str | None:
     step = [int((i + 1) % SMOLLM3_NO_ROPE_STEP != 0) for i in range(blocks)]
     if model_type == "smollm3" and config.get("no_rope_layers", step) != step:
         return f"llama.cpp's smollm3 leaves rope out of every {SMOLLM3_NO_ROPE_STEP}th block, this model elsewhere"
+    if model_type == "gemma3_text" and config.get("sliding_window_pattern", GEMMA3_PATTERN) != GEMMA3_PATTERN:
+        return f"llama.cpp's gemma3 has a global block every {GEMMA3_PATTERN}th, this model not"
+    if model_type == "gemma3_text" and config.get("rope_local_base_freq", GEMMA3_LOCAL_ROPE) != GEMMA3_LOCAL_ROPE:
+        return f"llama.cpp's gemma3 rotates its sliding blocks at base {GEMMA3_LOCAL_ROPE:g}, this model otherwise"
     if model_type == "qwen3_moe" and not config.get("norm_topk_prob"):
         return "llama.cpp's qwen3moe renormalizes the chosen experts' weights, this model does not (norm_topk_prob)"
     if model_type == "qwen3_moe" and (config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1):
@@ -94,10 +105,10 @@ def architecture(config: dict[str, Any]) -> str:
     return gguf.MODEL_ARCH_NAMES[ARCHITECTURES[config["model_type"]][0]]
 
 
-def _gemma2_query_scalar(config: dict) -> int:
-    """What llama.cpp's gemma2 divides q by (the root of): hidden / heads for the 27B, else head_dim;
-    GGUF has no key for it, and Gemma 2's own configs follow this rule."""
-    if config["num_hidden_layers"] == GEMMA2_27B_LAYERS:
+def _gemma_query_scalar(config: dict) -> int:
+    """What llama.cpp's gemma2 and gemma3 divide q by (the root of): hidden / heads for the 27B, else
+    head_dim; GGUF has no key for it, and Gemma 2's and 3's own configs follow this rule."""
+    if config["num_hidden_layers"] == GEMMA_27B_LAYERS[config["model_type"]]:
         return config["hidden_size"] // config["num_attention_heads"]
     return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
@@ -124,7 +135,7 @@ def _tensor(name: str, w: mx.array, qtype: QTYPE, arch: gguf.MODEL_ARCH) -> tupl
     convert_hf_to_gguf.py's Gemma2Model does."""
     data = np.array(w.astype(mx.float32))
     qtype = stored_type(name, data.shape, qtype)
-    if arch == gguf.MODEL_ARCH.GEMMA2 and name.endswith("norm.weight"):
+    if arch in GEMMA_NORMS_PLUS_1 and name.endswith("norm.weight"):
         return data + 1, qtype
     if qtype == QTYPE.F32:
         return data, qtype
@@ -221,7 +232,7 @@ def add_llama3_rope(writer: gguf.GGUFWriter, config: dict) -> None:
 
 def add_hparams(writer: gguf.GGUFWriter, config: dict, n_vocab: int, file_type: int) -> None:
     """The llama.cpp keys of convert_hf_to_gguf.py's TextModel.set_gguf_parameters, and those its
-    Gemma2Model and Phi3MiniModel add."""
+    Gemma2Model, Gemma3Model, Phi3MiniModel and the mixture-of-experts models add."""
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     writer.add_context_length(config.get("max_position_embeddings", 4096))
@@ -239,7 +250,7 @@ def add_hparams(writer: gguf.GGUFWriter, config: dict, n_vocab: int, file_type: 
     if config["model_type"] == "gemma2":
         writer.add_attn_logit_softcapping(config.get("attn_logit_softcapping", 50.0))  # mlx-lm's defaults
         writer.add_final_logit_softcapping(config.get("final_logit_softcapping", 30.0))
-    if config["model_type"] in ("gemma2", "phi3") and config.get("sliding_window"):
+    if config["model_type"] in ("gemma2", "gemma3_text", "phi3") and config.get("sliding_window"):
         writer.add_sliding_window(config["sliding_window"])
     if experts := config.get("num_experts") or config.get("num_local_experts"):
         writer.add_expert_count(experts)

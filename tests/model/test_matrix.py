@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-import gguf
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -46,38 +45,20 @@ ROWS = {
     "olmo2": "olmo2",
     "smollm3": "smollm3",
 }
-# What a GGUF of each architecture our writer refuses says it is, as llama.cpp's convert_hf_to_gguf.py
-# writes it: (general.architecture, expert_count). Its header is all the reader looks at to refuse it.
-FOREIGN_GGUF = {"gemma3": ("gemma3", None)}
 MOE = ("qwen3_moe", "mixtral")
-GGUF_WRITER_LACKS = ("gemma3",)
 GGUF_READER_LACKS = ("gemma2", "gemma3", "phi3", "olmo2", "smollm3")
-# The longest fp32 sums of a forward: the MLP's 128 inner terms (the experts' too) through 4 blocks.
-FP32 = fp32_tol(4 * 128)
+# Gemma 3 at its real pattern, 5 sliding blocks to 1 global (conftest's has 4 blocks, global the 4th)
+SIZES = {"gemma3": dict(num_hidden_layers=6, layer_types=["sliding_attention"] * 5 + ["full_attention"])}
+BLOCKS = 4  # conftest.SMALL's, unless SIZES says otherwise
 ITERS = 8
 PROMPT = "Q: What is 3 + 4?\nA:"
 REFUSE_READ = r"^--model base\.gguf: a GGUF of \w+; reading GGUF supports .* only; use the Hugging Face model$"
-REFUSE_EXPORT = (
-    r"^--export-gguf: GGUF export supports .*, not {model_type}; fuse without --export-gguf and run llama.cpp's "
-    r"convert_hf_to_gguf.py on the fused directory$"
-)
-REFUSE_LORA = r"^--to gguf: GGUF export supports .*, not {model_type}; "
 REFUSE_PEFT = r"^\S+switch_mlp\.\w+: LoRA on stacked experts .*--to mlx-lm"
-MODEL_TYPE = {"gemma3": "gemma3_text"}
 
 
 def _expected_refusals() -> dict[tuple[str, str], str]:
-    refused = {}
-    for arch in ROWS:
-        row, model_type = arch, MODEL_TYPE.get(arch, arch)
-        if arch in GGUF_READER_LACKS:
-            refused[row, "train from GGUF"] = REFUSE_READ
-        if arch in GGUF_WRITER_LACKS:
-            refused[row, "fused GGUF in llama.cpp"] = REFUSE_EXPORT.format(model_type=model_type)
-            refused[row, "LoRA GGUF in llama.cpp"] = REFUSE_LORA.format(model_type=model_type)
-        if arch in MOE:
-            refused[row, "PEFT in transformers"] = REFUSE_PEFT
-    return refused
+    refused = {(arch, "train from GGUF"): REFUSE_READ for arch in GGUF_READER_LACKS}
+    return refused | {(arch, "PEFT in transformers"): REFUSE_PEFT for arch in MOE}
 
 
 COLUMNS = {
@@ -89,7 +70,7 @@ COLUMNS = {
     "eval": "`eval`'s loss with the adapter equals transformers' cross-entropy of the fused model (fp32)",
     "fuse": "transformers runs the fused directory and gives the adapter model's logits (fp32)",
     "fused GGUF in llama.cpp": "`fuse --export-gguf --gguf-type f32`: llama.cpp gives the adapter model's logits "
-    "(1e-4 of the largest; Gemma 2: 2e-3 against our model run with ggml's f16 GELU table)",
+    "(1e-4 of the largest; Gemma against our model run with ggml's f16 GELU table, Gemma 2 within 2e-3)",
     "LoRA GGUF in llama.cpp": "`convert --to gguf` on an f32 GGUF of the base: llama.cpp gives the adapter "
     "model's logits (as above)",
     "PEFT in transformers": "`convert --to peft`: PEFT on transformers gives the adapter model's logits (fp32)",
@@ -109,7 +90,13 @@ class Subject:
 
     @cached_property
     def model_dir(self) -> Path:
-        return make_hf_model(self.root / "hf", self.arch)
+        return make_hf_model(self.root / "hf", self.arch, **SIZES.get(self.arch, {}))
+
+    @property
+    def fp32(self) -> float:
+        """Relative fp32 tolerance of a forward: its longest sums, the MLP's 128 inner terms (the
+        experts' too), through each block."""
+        return fp32_tol(SIZES.get(self.arch, {}).get("num_hidden_layers", BLOCKS) * 128)
 
     @cached_property
     def transformers(self):
@@ -135,12 +122,13 @@ class Subject:
     @cached_property
     def as_ggml(self) -> np.ndarray:
         """The adapter model's logits with ggml's arithmetic where it differs beyond float32 rounding:
-        Gemma 2's GELU read from ggml's f16 table (tests/formats/test_gguf.py)."""
+        Gemma's GELU read from ggml's f16 table (tests/formats/test_gguf.py). Measured: Gemma 3's gap to
+        llama.cpp falls from 4.3e-4 to 1.1e-5 of the largest logit, Gemma 2's from 3.8e-3 to 8e-4."""
         import mlx.nn
 
         from mlx_lora.formats.loader import load_for_inference
 
-        if self.arch != "gemma2":
+        if self.arch not in ("gemma2", "gemma3"):
             return self.adapted
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(mlx.nn, "gelu_approx", ggml_gelu(mlx.nn.gelu_approx))
@@ -154,7 +142,7 @@ class Subject:
         return self.root / "fused"
 
     def tol(self, scale: float = 1.0) -> float:
-        return FP32 * np.abs(self.adapted).max() * scale
+        return self.fp32 * np.abs(self.adapted).max() * scale
 
     def refusal(self, error: UserError) -> str:
         return str(error).replace(f"{self.root}/", "")
@@ -179,21 +167,6 @@ def _train(model: Path | str, data: Path, out: Path) -> list[float]:
     return result.losses
 
 
-def _foreign_gguf(path: Path, arch: str) -> Path:
-    """The header of a GGUF that llama.cpp's converter writes for `arch`."""
-    name, experts = FOREIGN_GGUF[arch]
-    writer = gguf.GGUFWriter(str(path), name)
-    if experts:
-        writer.add_expert_count(experts)
-    writer.add_token_list(["a", "b"])
-    writer.add_tensor("token_embd.weight", np.zeros((2, 64), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 def _base_gguf(subject: Subject, name: str, gguf_type: str) -> Path:
     from mlx_lora.formats.gguf import write_gguf
 
@@ -205,8 +178,9 @@ def _base_gguf(subject: Subject, name: str, gguf_type: str) -> Path:
 
 
 def _assert_llama_cpp_agrees(subject: Subject, theirs: np.ndarray) -> None:
-    """Gemma 2 with ggml's GELU table on both sides: what remains is GELU inputs rounded to different
-    f16 neighbours, bounded by GELU_TABLE_TOLERANCE (measured 8e-4 here, 3.8e-3 without the table)."""
+    """Within float32 rounding of our model as ggml computes it (as_ggml). Gemma 2 within
+    GELU_TABLE_TOLERANCE even so: the rest of its gap (8e-4) we have not traced; Gemma 3, with the same
+    GELU and no soft-capping, has none of it."""
     ours = subject.as_ggml
     tol = GELU_TABLE_TOLERANCE if subject.arch == "gemma2" else TOLERANCE["f32"]
     assert np.abs(theirs - ours).max() <= tol * max(1.0, np.abs(ours).max())
@@ -218,16 +192,13 @@ def _assert_llama_cpp_agrees(subject: Subject, theirs: np.ndarray) -> None:
 def train_from_hf(s: Subject) -> None:
     base = load_base(str(s.model_dir))
     want = hf_logits(s.transformers, TOKENS)
-    assert np.abs(mlx_logits(base.model, TOKENS) - want).max() <= FP32 * np.abs(want).max()
+    assert np.abs(mlx_logits(base.model, TOKENS) - want).max() <= s.fp32 * np.abs(want).max()
     assert len(s.losses) == ITERS
     assert np.abs(s.adapted - mlx_logits(base.model, TOKENS)).max() > 100 * s.tol()  # the adapter moved it
 
 
 def train_from_gguf(s: Subject) -> None:
-    try:
-        path = _base_gguf(s, "base.gguf", "q8_0")
-    except UserError:  # our writer has no such GGUF: llama.cpp's converter's, as the reader meets it
-        path = _foreign_gguf(s.root / "base.gguf", s.arch)
+    path = _base_gguf(s, "base.gguf", "q8_0")
     base = load_base(str(path))
     assert base.config["quantization"]["bits"] == 8  # Q8_0 held as it is: MLX's 8 bits in groups of 32
     llm = _llama(path)
