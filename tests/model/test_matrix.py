@@ -13,7 +13,7 @@ built on first use), so the module stays cheap."""
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -86,7 +86,6 @@ class Subject:
     arch: str
     root: Path
     data: Path
-    made: dict = field(default_factory=dict)
 
     @cached_property
     def model_dir(self) -> Path:
@@ -361,9 +360,10 @@ def matrix_markdown(outcomes: dict[tuple[str, str], str]) -> str:
             f"     {WRITE}=1 pytest tests/model/test_matrix.py -->",
             "",
             "Every path of mlx-lora on each architecture, as the test suite found it: each ✓ is a test on a",
-            "random-weight model that transformers made at that architecture's real layout (4 blocks, tiny",
-            "widths), trained here for 8 steps with LoRA on every linear layer of its last 2 blocks (the",
-            "experts' too). A refused cell is what the command answers, in one line that names what to do.",
+            "random-weight model that transformers made at that architecture's real layout (4 blocks, Gemma 3",
+            "6 at its 5:1 pattern; tiny widths), trained here for 8 steps with LoRA on every linear layer of",
+            "its last 2 blocks (the experts' too). A refused cell is what the command answers, in one line",
+            "that names what to do instead.",
             "",
             *lines,
             "",
