@@ -209,11 +209,8 @@ def unstack_experts(dst: Path) -> None:
     them again on load): '...mlp.switch_mlp.up_proj.weight' -> '...mlp.experts.{e}.up_proj.weight'."""
     index_file = dst / "model.safetensors.index.json"
     index = json.loads(index_file.read_text())
-    for shard in sorted(set(index["weight_map"].values())):
-        weights = mx.load(str(dst / shard))
-        if not any(".switch_mlp." in k for k in weights):
-            continue
-        out = {}
+    for shard in sorted({shard for key, shard in index["weight_map"].items() if ".switch_mlp." in key}):
+        weights, out = mx.load(str(dst / shard)), {}
         for key, w in weights.items():
             if ".switch_mlp." not in key:
                 out[key] = w
