@@ -49,10 +49,12 @@ def _configs(vocab_size: int):
         LlamaConfig,
         MistralConfig,
         MixtralConfig,
+        Olmo2Config,
         Phi3Config,
         Qwen2Config,
         Qwen3Config,
         Qwen3MoeConfig,
+        SmolLM3Config,
     )
 
     common = dict(SMALL, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -71,11 +73,15 @@ def _configs(vocab_size: int):
         "gemma3": Gemma3TextConfig(
             **common, head_dim=16, query_pre_attn_scalar=16, sliding_window=4, layer_types=GEMMA3_LAYERS
         ),
+        # norm_topk_prob: the chosen experts' weights renormalized, as Qwen3-30B-A3B (and llama.cpp)
         "qwen3_moe": Qwen3MoeConfig(
-            **common, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32
+            **common, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True
         ),
         "llama3": LlamaConfig(**common, tie_word_embeddings=True, rope_scaling=dict(LLAMA3_ROPE)),  # Llama 3.2 1B/3B
         "mixtral": MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
+        "olmo2": Olmo2Config(**common, tie_word_embeddings=False),  # norms after attention and MLP, q/k norms
+        # no rope in every 4th block (no_rope_layers [1, 1, 1, 0]), tied as SmolLM3-3B
+        "smollm3": SmolLM3Config(**common, tie_word_embeddings=True),
     }
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from mlx_lora.errors import UserError
 from mlx_lora.formats.gguf_vocab import add_vocab
-from mlx_lora.model.lora import MAGNITUDE
+from mlx_lora.model.lora import MAGNITUDE, expert_name
 from mlx_lora.model.rope import LLAMA3, LLAMA3_DEFAULTS, ROPE_FREQS, ROPE_SCALING_KEY, llama3_factors, rope_type
 
 GGUF_FILE = "model.gguf"
@@ -26,25 +26,42 @@ WEIGHT_TYPES = {
     "q8_0": (QTYPE.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
 # HF model_type -> llama.cpp architecture, and the rope_theta mlx-lm assumes when config.json has none.
-# Mistral is llama to llama.cpp (convert_hf_to_gguf.py's MistralModel), q/k permuted alike. Phi-3's
-# fused qkv_proj and gate_up_proj are llama.cpp's attn_qkv and ffn_up as they are (gate rows first).
+# Mistral and Mixtral are llama to llama.cpp (convert_hf_to_gguf.py's MistralModel, MixtralModel), q/k
+# permuted alike. Phi-3's fused qkv_proj and gate_up_proj are llama.cpp's attn_qkv and ffn_up as they
+# are (gate rows first). Stacked experts (E, out, in) are llama.cpp's ffn_*_exps as they are.
 ARCHITECTURES = {
     "llama": (gguf.MODEL_ARCH.LLAMA, 10000.0),
     "mistral": (gguf.MODEL_ARCH.LLAMA, 10000.0),
+    "mixtral": (gguf.MODEL_ARCH.LLAMA, 1000000.0),
     "qwen2": (gguf.MODEL_ARCH.QWEN2, 1000000.0),
     "qwen3": (gguf.MODEL_ARCH.QWEN3, 1000000.0),
+    "qwen3_moe": (gguf.MODEL_ARCH.QWEN3MOE, 1000000.0),
     "gemma2": (gguf.MODEL_ARCH.GEMMA2, 10000.0),
+    "gemma3_text": (gguf.MODEL_ARCH.GEMMA3, 1000000.0),
     "phi3": (gguf.MODEL_ARCH.PHI3, 10000.0),
+    "olmo2": (gguf.MODEL_ARCH.OLMO2, 10000.0),
+    "smollm3": (gguf.MODEL_ARCH.SMOLLM3, 10000.0),
 }
-GEMMA2_27B_LAYERS = 46  # llama.cpp tells Gemma 2 27B by its block count, for its attention scale
+# llama.cpp rotates adjacent pairs (its rope type NORM) in these; the others rotate halves, as HF does
+PAIRWISE_ROPE = (gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.SMOLLM3)
+SMOLLM3_NO_ROPE_STEP = 4  # llama.cpp's smollm3 leaves rope out of every 4th block, fixed (no key for it)
+# llama.cpp tells Gemma 2 and 3 27B by their block counts, for their attention scale
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
+GEMMA_NAMES = {"gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}
+GEMMA_NORMS_PLUS_1 = (gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3)
+# llama.cpp's gemma3 fixes what Gemma 3's config can set: a global block every 6th, the others' rope base
+GEMMA3_PATTERN, GEMMA3_LOCAL_ROPE = 6, 10000.0
 
 
 def check_gguf(config: dict[str, Any], gguf_type: str, flag: str = "--export-gguf") -> None:
     """Before any work: can we write this model as GGUF? One line naming what is supported."""
     model_type = config.get("model_type")
+    experts = config.get("num_experts") or config.get("num_local_experts")
     instead = (
         "fuse without --export-gguf and run llama.cpp's convert_hf_to_gguf.py on the fused directory"
         if flag == "--export-gguf"
+        else "fuse, and run llama.cpp's convert_hf_to_gguf.py on the fused directory"
+        if experts  # PEFT has no form for LoRA on stacked experts
         else "convert --to peft and run llama.cpp's convert_lora_to_gguf.py on it"
     )
     if model_type not in ARCHITECTURES:
@@ -54,13 +71,33 @@ def check_gguf(config: dict[str, Any], gguf_type: str, flag: str = "--export-ggu
     kind = rope_type(config.get("rope_scaling"))
     if kind not in ("default", LLAMA3) or (kind == LLAMA3 and ARCHITECTURES[model_type][0] != gguf.MODEL_ARCH.LLAMA):
         raise UserError(f"{flag}: rope scaling '{kind}' of a {model_type} model is not written yet; {instead}")
-    if model_type == "gemma2" and config.get("query_pre_attn_scalar") != _gemma2_query_scalar(config):
+    if model_type in GEMMA_27B_LAYERS and config.get("query_pre_attn_scalar") != _gemma_query_scalar(config):
+        name, scalar = GEMMA_NAMES[model_type], _gemma_query_scalar(config)
         raise UserError(
-            f"{flag}: llama.cpp scales Gemma 2's queries by 1/sqrt({_gemma2_query_scalar(config)}), this model by "
+            f"{flag}: llama.cpp scales {name}'s queries by 1/sqrt({scalar}), this model by "
             f"1/sqrt({config.get('query_pre_attn_scalar')}); llama.cpp cannot run it as trained"
         )
+    if problem := _what_llama_cpp_computes_otherwise(config):
+        raise UserError(f"{flag}: {problem}; llama.cpp cannot run it as trained")
     if gguf_type not in WEIGHT_TYPES:
         raise UserError(f"--gguf-type must be one of {', '.join(WEIGHT_TYPES)}, got '{gguf_type}'")
+
+
+def _what_llama_cpp_computes_otherwise(config: dict[str, Any]) -> str | None:
+    """What llama.cpp's graph for the architecture fixes that this model's config sets otherwise."""
+    model_type, blocks = config["model_type"], config["num_hidden_layers"]
+    step = [int((i + 1) % SMOLLM3_NO_ROPE_STEP != 0) for i in range(blocks)]
+    if model_type == "smollm3" and config.get("no_rope_layers", step) != step:
+        return f"llama.cpp's smollm3 leaves rope out of every {SMOLLM3_NO_ROPE_STEP}th block, this model elsewhere"
+    if model_type == "gemma3_text" and config.get("sliding_window_pattern", GEMMA3_PATTERN) != GEMMA3_PATTERN:
+        return f"llama.cpp's gemma3 has a global block every {GEMMA3_PATTERN}th, this model not"
+    if model_type == "gemma3_text" and config.get("rope_local_base_freq", GEMMA3_LOCAL_ROPE) != GEMMA3_LOCAL_ROPE:
+        return f"llama.cpp's gemma3 rotates its sliding blocks at base {GEMMA3_LOCAL_ROPE:g}, this model otherwise"
+    if model_type == "qwen3_moe" and not config.get("norm_topk_prob"):
+        return "llama.cpp's qwen3moe renormalizes the chosen experts' weights, this model does not (norm_topk_prob)"
+    if model_type == "qwen3_moe" and (config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1):
+        return "llama.cpp's qwen3moe has experts in every block, this model not (mlp_only_layers)"
+    return None
 
 
 def architecture(config: dict[str, Any]) -> str:
@@ -68,10 +105,10 @@ def architecture(config: dict[str, Any]) -> str:
     return gguf.MODEL_ARCH_NAMES[ARCHITECTURES[config["model_type"]][0]]
 
 
-def _gemma2_query_scalar(config: dict) -> int:
-    """What llama.cpp's gemma2 divides q by (the root of): hidden / heads for the 27B, else head_dim;
-    GGUF has no key for it, and Gemma 2's own configs follow this rule."""
-    if config["num_hidden_layers"] == GEMMA2_27B_LAYERS:
+def _gemma_query_scalar(config: dict) -> int:
+    """What llama.cpp's gemma2 and gemma3 divide q by (the root of): hidden / heads for the 27B, else
+    head_dim; GGUF has no key for it, and Gemma 2's and 3's own configs follow this rule."""
+    if config["num_hidden_layers"] == GEMMA_27B_LAYERS[config["model_type"]]:
         return config["hidden_size"] // config["num_attention_heads"]
     return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
@@ -86,7 +123,7 @@ def stored_type(name: str, shape: tuple[int, ...], qtype: QTYPE) -> QTYPE:
     """The type a tensor is written in: norms, biases and other 1-D tensors stay float32 (llama.cpp
     adds and multiplies them in f32); rows that are not whole Q8_0 blocks fall back to F16, as
     convert_hf_to_gguf.py does."""
-    if len(shape) <= 1 or name.endswith("_norm.weight"):
+    if len(shape) <= 1 or name.endswith(("_norm.weight", "ffn_gate_inp.weight")):  # a router too
         return QTYPE.F32
     if qtype == QTYPE.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[QTYPE.Q8_0][0]:
         return QTYPE.F16
@@ -98,7 +135,7 @@ def _tensor(name: str, w: mx.array, qtype: QTYPE, arch: gguf.MODEL_ARCH) -> tupl
     convert_hf_to_gguf.py's Gemma2Model does."""
     data = np.array(w.astype(mx.float32))
     qtype = stored_type(name, data.shape, qtype)
-    if arch == gguf.MODEL_ARCH.GEMMA2 and name.endswith("norm.weight"):
+    if arch in GEMMA_NORMS_PLUS_1 and name.endswith("norm.weight"):
         return data + 1, qtype
     if qtype == QTYPE.F32:
         return data, qtype
@@ -121,16 +158,22 @@ def as_stored(weights: dict[str, mx.array], config: dict, gguf_type: str) -> dic
     """`weights` (mlx-lm's names) rounded in MLX as write_gguf stores them in `gguf_type`, in float32:
     what a reader of the file must get back, whatever layout the file uses."""
     qtype = WEIGHT_TYPES[gguf_type][0]
-    names = gguf.get_tensor_name_map(ARCHITECTURES[config["model_type"]][0], config["num_hidden_layers"])
+    names = Layout.of(config).names
     out = {}
     for key, w in weights.items():
-        kind = stored_type(names.get_name(key, try_suffixes=(".weight", ".bias")) or key, w.shape, qtype)
+        kind = stored_type(gguf_name(names, key) or key, w.shape, qtype)
         if kind == QTYPE.Q8_0:
             w = _q8_0(w)
         elif kind in (QTYPE.F16, QTYPE.BF16):
             w = w.astype(mx.float16 if kind == QTYPE.F16 else mx.bfloat16)
         out[key] = w.astype(mx.float32)
     return out
+
+
+def gguf_name(names: gguf.TensorNameMap, key: str) -> str | None:
+    """llama.cpp's name for a tensor of mlx-lm's (stacked experts by Hugging Face's name for all of them)."""
+    module, _, leaf = key.rpartition(".")
+    return names.get_name(f"{expert_name(module)}.{leaf}", try_suffixes=(".weight", ".bias"))
 
 
 @dataclass(frozen=True)
@@ -151,9 +194,9 @@ class Layout:
 
     def rows(self, module: str, data: np.ndarray) -> np.ndarray:
         """`data`'s rows (out first) as llama.cpp lays them out for the module they belong to."""
-        if self.arch == gguf.MODEL_ARCH.LLAMA and module.endswith("q_proj"):
+        if self.arch in PAIRWISE_ROPE and module.endswith("q_proj"):
             return permute(data, self.heads)
-        if self.arch == gguf.MODEL_ARCH.LLAMA and module.endswith("k_proj"):
+        if self.arch in PAIRWISE_ROPE and module.endswith("k_proj"):
             return permute(data, self.kv_heads)
         return data
 
@@ -161,7 +204,7 @@ class Layout:
 def add_tensors(writer: gguf.GGUFWriter, weights: dict[str, mx.array], config: dict, qtype: QTYPE) -> None:
     layout = Layout.of(config)
     for key, w in weights.items():
-        name = layout.names.get_name(key, try_suffixes=(".weight", ".bias"))
+        name = gguf_name(layout.names, key)
         if name is None:
             raise UserError(f"--export-gguf: no GGUF name for tensor {key}; this model's layout is not supported")
         data, dtype = _tensor(name, w, qtype, layout.arch)
@@ -189,7 +232,7 @@ def add_llama3_rope(writer: gguf.GGUFWriter, config: dict) -> None:
 
 def add_hparams(writer: gguf.GGUFWriter, config: dict, n_vocab: int, file_type: int) -> None:
     """The llama.cpp keys of convert_hf_to_gguf.py's TextModel.set_gguf_parameters, and those its
-    Gemma2Model and Phi3MiniModel add."""
+    Gemma2Model, Gemma3Model, Phi3MiniModel and the mixture-of-experts models add."""
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     writer.add_context_length(config.get("max_position_embeddings", 4096))
@@ -207,8 +250,13 @@ def add_hparams(writer: gguf.GGUFWriter, config: dict, n_vocab: int, file_type: 
     if config["model_type"] == "gemma2":
         writer.add_attn_logit_softcapping(config.get("attn_logit_softcapping", 50.0))  # mlx-lm's defaults
         writer.add_final_logit_softcapping(config.get("final_logit_softcapping", 30.0))
-    if config["model_type"] in ("gemma2", "phi3") and config.get("sliding_window"):
+    if config["model_type"] in ("gemma2", "gemma3_text", "phi3") and config.get("sliding_window"):
         writer.add_sliding_window(config["sliding_window"])
+    if experts := config.get("num_experts") or config.get("num_local_experts"):
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+    if "moe_intermediate_size" in config:
+        writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
     writer.add_vocab_size(n_vocab)
     writer.add_file_type(file_type)
 
@@ -244,7 +292,8 @@ def write_gguf_adapter(
     path: Path, modules: list[str], weights: dict[str, mx.array], scales: dict[str, float], base_config: dict
 ) -> None:
     """A LoRA adapter in llama.cpp's GGUF form (convert_lora_to_gguf.py's): `<base tensor>.lora_a`
-    (r, in) and `.lora_b` (out, r) in float32, q/k's B rows permuted like the base weights.
+    (r, in) and `.lora_b` (out, r) in float32 (each expert's, (E, r, in) and (E, out, r), for stacked
+    experts), q/k's B rows permuted like the base weights.
     llama.cpp scales B·A by alpha / r with one alpha per file; ours can differ per module (rsLoRA,
     rank and alpha patterns, OLoRA/PiSSA's 2r), so each module's scale goes into its B and the file
     says alpha 0, which llama.cpp reads as "apply B·A as it is"."""
@@ -257,13 +306,12 @@ def write_gguf_adapter(
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)
     for module in modules:
-        name = layout.names.get_name(f"{module}.weight", try_suffixes=(".weight",))
+        name = gguf_name(layout.names, f"{module}.weight")
         if name is None:
             raise UserError(f"--to gguf: llama.cpp has no tensor for {module}; only linear layers of the blocks")
-        a = np.array(weights[f"{module}.lora_a"].astype(mx.float32)).T  # (r, in)
-        b = layout.rows(
-            module, np.array((weights[f"{module}.lora_b"] * scales[module]).astype(mx.float32)).T
-        )  # (out, r)
+        a = np.array(weights[f"{module}.lora_a"].astype(mx.float32)).swapaxes(-1, -2)  # ([E,] r, in)
+        b = np.array((weights[f"{module}.lora_b"] * scales[module]).astype(mx.float32)).swapaxes(-1, -2)
+        b = layout.rows(module, b)  # ([E,] out, r)
         writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a))
         writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b))
     writer.write_header_to_file()

@@ -9,12 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_model, load_tokenizer, save_config, save_model
 
 from mlx_lora.errors import UserError
 from mlx_lora.model.gguf import GGUF_SUFFIX, load_gguf
+from mlx_lora.model.lora import expert_name
 from mlx_lora.model.precision import Precision, materialize, set_precision
 from mlx_lora.model.stops import GENERATION_CONFIG, add_template_stop, stop_ids
 
@@ -190,6 +192,8 @@ def write_model_files(dst: Path, model: nn.Module, tokenizer: TokenizerWrapper, 
     """Weights, config and tokenizer in a directory that mlx-lm and transformers load as-is; its
     generation_config.json lists every stop token (stops.py), so transformers and mlx-lm stop there too."""
     save_model(dst, model)
+    if "quantization" not in config:  # transformers reads no MLX-quantized weights, stacked or not
+        unstack_experts(dst)
     save_config(dict(config), dst / "config.json")
     tokenizer.save_pretrained(str(dst))
     for pattern in EXTRA_FILES if src.is_dir() else ():  # a GGUF base is one file
@@ -197,6 +201,28 @@ def write_model_files(dst: Path, model: nn.Module, tokenizer: TokenizerWrapper, 
             if not (dst / f.name).exists():
                 shutil.copy(f, dst / f.name)
     write_generation_config(dst, tokenizer)
+
+
+def unstack_experts(dst: Path) -> None:
+    """mlx-lm's stacked experts (E, out, in) in the safetensors files save_model wrote, rewritten one
+    tensor per expert under Hugging Face's names, the form transformers reads (mlx-lm's sanitize stacks
+    them again on load): '...mlp.switch_mlp.up_proj.weight' -> '...mlp.experts.{e}.up_proj.weight'."""
+    index_file = dst / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    for shard in sorted({shard for key, shard in index["weight_map"].items() if ".switch_mlp." in key}):
+        weights, out = mx.load(str(dst / shard)), {}
+        for key, w in weights.items():
+            if ".switch_mlp." not in key:
+                out[key] = w
+                continue
+            module, _, leaf = key.rpartition(".")
+            experts, _, name = expert_name(module).rpartition(".")
+            out |= {f"{experts}.{e}.{name}.{leaf}": w[e] for e in range(w.shape[0])}
+        mx.eval(out)  # read whole before the file is replaced
+        mx.save_safetensors(str(dst / shard), out, metadata={"format": "mlx"})
+        index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shard} | dict.fromkeys(out, shard)
+    index["weight_map"] = dict(sorted(index["weight_map"].items()))
+    index_file.write_text(json.dumps(index, indent=4))
 
 
 def write_generation_config(dst: Path, tokenizer: TokenizerWrapper) -> None:

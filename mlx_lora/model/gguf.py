@@ -19,7 +19,16 @@ from mlx_lora.model.gguf_tensors import GROUP_SIZE, read_shapes, read_tensors, t
 from mlx_lora.model.rope import ROPE_FREQS, ROPE_SCALING_KEY, llama3_scaling, matches
 
 GGUF_SUFFIX = ".gguf"
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# llama.cpp architecture -> Hugging Face model_type; a llama with experts is a Mixtral (convert_hf_to_gguf.py's)
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
+CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
+PAIRWISE_ROPE = ("llama", "mixtral")  # llama.cpp's q/k rows interleaved: unpermute
 GENERIC = "PreTrainedTokenizerFast"  # transformers' tokenizer class that changes nothing in tokenizer.json
 # llama.cpp refuses a gpt2 vocabulary without merges, so the GGUF writer gives a merge-less one this
 # merge. Symbols start as single characters and only merges make longer ones, so a merge of two
@@ -48,6 +57,14 @@ LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# A mixture-of-experts block's router and stacked experts, under the block's name (Mixtral's or Qwen's)
+EXPERT_NAMES = {
+    "ffn_gate_inp": "gate",
+    "ffn_gate_exps": "switch_mlp.gate_proj",
+    "ffn_up_exps": "switch_mlp.up_proj",
+    "ffn_down_exps": "switch_mlp.down_proj",
+}
+MOE_BLOCK = {"mixtral": "block_sparse_moe", "qwen3_moe": "mlp"}
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 # llama.cpp's byte-level BPE pre-tokenizers by their GGUF name (tokenizer.ggml.pre), as the
 # tokenizer.json pre_tokenizer that splits text the same way. The GGUF writer names a tokenizer by
@@ -133,7 +150,13 @@ def gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], path: Path) 
     """The Hugging Face config.json keys mlx-lm's llama and qwen2 read, from llama.cpp's keys."""
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
-        raise UserError(f"--model {path}: a GGUF of {arch}; reading GGUF supports {', '.join(ARCHITECTURES)} only")
+        raise UserError(
+            f"--model {path}: a GGUF of {arch}; reading GGUF supports {', '.join(ARCHITECTURES)} only; "
+            "use the Hugging Face model"
+        )
+    model_type = "mixtral" if arch == "llama" and f"{arch}.expert_count" in meta else ARCHITECTURES[arch]
+    if f"{arch}.expert_count" in meta and model_type not in MOE_BLOCK:
+        raise UserError(f"--model {path}: experts in a GGUF of {arch} are not read; use the Hugging Face model")
     if any(k.startswith(f"{arch}.rope.scaling") for k in meta) or (ROPE_FREQS in weights and arch != "llama"):
         raise UserError(f"--model {path}: rope scaling in a GGUF is not read yet; use the Hugging Face model")
 
@@ -146,8 +169,8 @@ def gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], path: Path) 
     if key("rope.dimension_count", head_dim) != head_dim:
         raise UserError(f"--model {path}: partial rotary embeddings are not read yet; use the Hugging Face model")
     config = {
-        "model_type": arch,
-        "architectures": [ARCHITECTURES[arch]],
+        "model_type": model_type,
+        "architectures": [CLASSES[model_type]],
         "hidden_size": key("embedding_length"),
         "num_hidden_layers": key("block_count"),
         "intermediate_size": key("feed_forward_length"),
@@ -159,8 +182,11 @@ def gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], path: Path) 
         "vocab_size": len(meta["tokenizer.ggml.tokens"]),
         "tie_word_embeddings": "output.weight" not in weights,
     }
-    if head_dim != config["hidden_size"] // heads:  # only then, so the fingerprint equals the HF config's
+    # only then (and for Qwen 3, whose configs always state it), so the fingerprint equals the HF config's
+    if head_dim != config["hidden_size"] // heads or model_type in ("qwen3", "qwen3_moe"):
         config["head_dim"] = head_dim
+    if model_type in MOE_BLOCK:
+        config |= moe_config(key, model_type, path)
     if ROPE_FREQS in weights:
         config["rope_scaling"] = rope_scaling(meta, np.array(weights[ROPE_FREQS]), config, path)
     for name in ("bos", "eos", "padding"):
@@ -169,9 +195,27 @@ def gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], path: Path) 
     return config
 
 
-def hf_name(name: str) -> str:
-    """blk.3.attn_q.scales -> model.layers.3.self_attn.q_proj.scales"""
+def moe_config(key, model_type: str, path: Path) -> dict[str, Any]:
+    """The experts' keys mlx-lm's mixtral and qwen3_moe read. llama.cpp renormalizes the chosen experts'
+    weights in both (Mixtral's softmax over the chosen is the same), and puts experts in every block."""
+    experts, used = key("expert_count"), key("expert_used_count")
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in (experts, used)) or used > experts:
+        raise UserError(f"--model {path}: metadata expert_count {experts!r:.20}, expert_used_count {used!r:.20}; "
+                        "the file is damaged")  # fmt: skip
+    if model_type == "mixtral":
+        return {"num_local_experts": experts, "num_experts_per_tok": used}
+    width = key("expert_feed_forward_length")
+    moe = {"moe_intermediate_size": width, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []}
+    return {"num_experts": experts, "num_experts_per_tok": used} | moe
+
+
+def hf_name(name: str, model_type: str = "llama") -> str:
+    """blk.3.attn_q.scales -> model.layers.3.self_attn.q_proj.scales; blk.3.ffn_up_exps.weight ->
+    model.layers.3.mlp.switch_mlp.up_proj.weight (Mixtral: block_sparse_moe)"""
     parts = name.split(".")
+    if parts[0] == "blk" and parts[2] in EXPERT_NAMES:
+        module = f"{MOE_BLOCK.get(model_type, 'mlp')}.{EXPERT_NAMES[parts[2]]}"
+        return f"model.layers.{parts[1]}.{module}.{'.'.join(parts[3:])}"
     if parts[0] == "blk":
         return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{'.'.join(parts[3:])}"
     return f"{TOP_NAMES[parts[0]]}.{'.'.join(parts[1:])}"
@@ -199,10 +243,10 @@ def hf_weights(weights: dict[str, mx.array], config: dict) -> dict[str, mx.array
         if name == ROPE_FREQS:  # in the config, as rope_scaling
             continue
         w = w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w  # packed uint32 stays
-        key = hf_name(name)
-        if config["model_type"] == "llama" and ".q_proj." in key:
+        key = hf_name(name, config["model_type"])
+        if config["model_type"] in PAIRWISE_ROPE and ".q_proj." in key:
             w = unpermute(w, config["num_attention_heads"])
-        elif config["model_type"] == "llama" and ".k_proj." in key:
+        elif config["model_type"] in PAIRWISE_ROPE and ".k_proj." in key:
             w = unpermute(w, config["num_key_value_heads"])
         out[key] = w
     return out

@@ -84,7 +84,8 @@ def test_gguf_for_an_unsupported_architecture_is_refused_before_anything_is_writ
     random_adapter(hf_models["gemma"], tmp_path / "ours", CFG)
     result = _run("fuse", "--adapter-path", tmp_path / "ours", "--save-path", tmp_path / "fused", "--export-gguf")
     assert result.exit_code == 2
-    assert "GGUF export supports llama, mistral, qwen2, qwen3, gemma2, phi3 models, not gemma" in result.output
+    supported = "llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, gemma2, gemma3_text, phi3, olmo2, smollm3"
+    assert f"GGUF export supports {supported} models, not gemma" in result.output
     assert not (tmp_path / "fused").exists()
 
 

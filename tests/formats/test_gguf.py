@@ -380,7 +380,8 @@ def test_unsupported_architecture_or_type_is_refused_before_anything_is_written(
     random_adapter(hf_models["gemma"], tmp_path / "ours", CFG)
     result = _run("fuse", "--adapter-path", tmp_path / "ours", "--save-path", tmp_path / "fused", "--export-gguf")
     assert result.exit_code == 2
-    assert "GGUF export supports llama, mistral, qwen2, qwen3, gemma2, phi3 models, not gemma" in result.output
+    supported = "llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, gemma2, gemma3_text, phi3, olmo2, smollm3"
+    assert f"GGUF export supports {supported} models, not gemma" in result.output
     result = _run("fuse", "--adapter-path", tmp_path / "ours", "--save-path", tmp_path / "fused", "--gguf-type", "q4")
     assert result.exit_code == 2 and "--gguf-type must be one of f32, f16, bf16, q8_0, got 'q4'" in result.output
     assert not (tmp_path / "fused").exists()
@@ -416,6 +417,44 @@ def test_gemma2_query_scale_llama_cpp_cannot_express_is_refused():
         UserError, match=r"llama.cpp scales Gemma 2's queries by 1/sqrt\(16\), this model by 1/sqrt\(32\)"
     ):
         check_gguf(config | {"head_dim": 16, "query_pre_attn_scalar": 32}, "f16")
+
+
+@pytest.mark.parametrize(
+    ("model_type", "change", "refusal"),
+    [
+        (
+            "smollm3",
+            {"no_rope_layers": [1, 1, 0, 1]},
+            "smollm3 leaves rope out of every 4th block, this model elsewhere",
+        ),
+        (
+            "qwen3_moe",
+            {"norm_topk_prob": False},
+            "qwen3moe renormalizes the chosen experts' weights, this model does not",
+        ),
+        (
+            "qwen3_moe",
+            {"mlp_only_layers": [0]},
+            r"qwen3moe has experts in every block, this model not \(mlp_only_layers",
+        ),
+        ("qwen3_moe", {"decoder_sparse_step": 2}, "qwen3moe has experts in every block, this model not"),
+        ("gemma3_text", {"sliding_window_pattern": 4}, "gemma3 has a global block every 6th, this model not"),
+        ("gemma3_text", {"rope_local_base_freq": 2e4}, "gemma3 rotates its sliding blocks at base 10000, this model"),
+    ],
+)
+def test_what_llama_cpp_fixes_otherwise_is_refused(model_type, change, refusal):
+    """llama.cpp's smollm3, qwen3moe and gemma3 graphs fix what these configs can set: a model that sets it
+    otherwise would compute something else in llama.cpp."""
+    config = {"model_type": model_type, "num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4}
+    as_llama_cpp = {
+        "smollm3": {"no_rope_layers": [1, 1, 1, 0]},
+        "qwen3_moe": {"norm_topk_prob": True},
+        "gemma3_text": {"sliding_window_pattern": 6, "rope_local_base_freq": 1e4, "query_pre_attn_scalar": 16},
+    }[model_type]
+    check_gguf(config | as_llama_cpp, "f16")
+    for flag in ("--export-gguf", "--to gguf"):
+        with pytest.raises(UserError, match=f"^{flag}: llama.cpp's {refusal}.*; llama.cpp cannot run it as trained$"):
+            check_gguf(config | as_llama_cpp | change, "f16", flag)
 
 
 def test_dora_adapter_has_no_gguf_form(llama, tmp_path):

@@ -187,7 +187,10 @@ def test_missing_or_foreign_gguf_is_a_user_error(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(UserError, match="a GGUF of gpt2; reading GGUF supports llama, qwen2, qwen3 only"):
+    supported = "llama, qwen2, qwen3, qwen3moe"
+    with pytest.raises(
+        UserError, match=f"a GGUF of gpt2; reading GGUF supports {supported} only; use the Hugging Face"
+    ):
         load_base(str(tmp_path / "gpt2.gguf"))
 
 
@@ -224,6 +227,11 @@ def _crafted_llama(path, **overrides):
             "metadata attention.head_count 5 does not divide embedding_length 64",
         ),
         ({"attention.layer_norm_rms_epsilon": 0.0}, "metadata attention.layer_norm_rms_epsilon is 0.0"),
+        (
+            {"expert_count": 4, "expert_used_count": 5},
+            "metadata expert_count 4, expert_used_count 5; the file is damaged",
+        ),
+        ({"expert_count": 4}, "metadata expert_count 4, expert_used_count None; the file is damaged"),
     ],
 )
 def test_a_crafted_gguf_size_the_reader_divides_by_is_a_user_error(tmp_path, overrides, expected):
