@@ -140,11 +140,20 @@ def encode_vision_row(
 
 
 def encode_vision_rows(
-    label: str, rows: Iterable[Row], tokenizer, processor, image_token: str, max_seq_length: int, log=print, **masking
+    label: str,
+    rows: Iterable[Row],
+    tokenizer,
+    processor,
+    image_token: str,
+    max_seq_length: int,
+    log=print,
+    train_on_prompt: bool = False,
+    train_on_reasoning: bool = True,
 ) -> VisionSet:
     """Rows -> examples. A row longer than --max-seq-length is cut there when the cut leaves its
     images whole, else refused (an image's tokens are all the model reads of it)."""
     examples, first, truncated, count = [], None, 0, 0
+    masking = dict(train_on_prompt=train_on_prompt, train_on_reasoning=train_on_reasoning)
     for row in rows:
         count += 1
         ex, fmt = encode_vision_row(row.where, row.fields, tokenizer, processor, image_token, **masking)

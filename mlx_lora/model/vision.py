@@ -34,7 +34,11 @@ class Layout:
             raise UserError(f"{path}: LoRA outside the language model's blocks has no PEFT form here yet")
         return self.transformers + path[len(self.ours) :]
 
+    def from_transformers(self, path: str) -> str:
+        return self.ours + path[len(self.transformers) :] if path.startswith(self.transformers) else path
+
     def checkpoint_as_transformers(self, name: str) -> str:
+        """A Hub checkpoint's tensor name as transformers 5 names the module (its vision tower's left as is)."""
         return self.transformers + name[len(self.checkpoint) :] if name.startswith(self.checkpoint) else name
 
 
@@ -76,7 +80,7 @@ def load_vision(path: Path, config: dict[str, Any], lazy: bool) -> tuple[nn.Modu
         )
     try:
         model = utils.load_model(path, lazy=lazy)
-        processor = utils.load_processor(path, add_detokenizer=False)
+        processor = utils.load_processor(path, eos_token_ids=config.get("eos_token_id"))
     except (ValueError, TypeError, KeyError, FileNotFoundError, ImportError, RuntimeError) as e:
         raise UserError(f"--model {path}: mlx-vlm cannot load it ({e}); point --model at a complete model") from None
     return model, processor
