@@ -62,6 +62,15 @@ def layout(config: dict[str, Any], what: str) -> Layout:
     return LAYOUTS[kind]
 
 
+def require_text(base, what: str) -> None:
+    """`what` is not built for a vision-language base yet: one line, before any work."""
+    if getattr(base, "processor", None) is not None:
+        raise UserError(
+            f"{what} on a vision-language model ({base.name}) is not built yet; train and generate --image "
+            "are (docs/vision.md)"
+        )
+
+
 def _mlx_vlm():
     try:
         from mlx_vlm import utils

@@ -164,3 +164,21 @@ def test_a_missing_image_is_one_line_naming_the_row(qwen2_vl, shapes, tmp_path):
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output
     assert "train.jsonl:3: image " in errors[0] and "imgs/9999.png: no such file" in errors[0]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["info", "--data", "DATA"],
+        ["eval", "--adapter-path", "ADAPTER", "--data", "DATA", "--split", "valid"],
+        ["fuse", "--adapter-path", "ADAPTER", "--save-path", "OUT"],
+        ["chat"],
+    ],
+)
+def test_a_command_not_built_for_vision_models_says_so_in_one_line(qwen2_vl, shapes, adapter, tmp_path, command):
+    where = {"DATA": str(shapes), "ADAPTER": str(adapter), "OUT": str(tmp_path / "fused")}
+    result = CliRunner().invoke(app, [*(where.get(a, a) for a in command), "--model", str(qwen2_vl)], input="hi\n")
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert f"error: {command[0]} on a vision-language model" in errors[0] and "is not built yet" in errors[0]
+    assert not (tmp_path / "fused").exists()
