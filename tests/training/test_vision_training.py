@@ -23,6 +23,7 @@ from mlx_lora.data.vision import encode_vision_rows
 from mlx_lora.formats.loader import load_for_inference
 from mlx_lora.inference.generation import generate
 from mlx_lora.model.base import load_base
+from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.training.loop import train
 from mlx_lora.training.vision import VisionFeed
 
@@ -90,6 +91,7 @@ def test_the_loss_of_a_mixed_batch_is_transformers_loss_on_the_assistant_tokens(
     rows = [json.loads(line) for line in (shapes / "train.jsonl").read_text().splitlines()[:2]]
     data = write_jsonl(shapes / "mixed.jsonl", [*rows, text])
     base = load_base(str(qwen2_vl))
+    use_cpu_kernels(base.model)  # as training runs it
     examples = encode_vision_rows(str(data), file_rows(data), base.tokenizer, base.processor, IMAGE_TOKEN, 512)
     feed = VisionFeed(base.model, base.processor)
     loss, ntoks = feed.loss(base.model, *feed.inputs(examples, [0, 1, 2], collate(examples, [0, 1, 2])))
