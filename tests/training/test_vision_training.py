@@ -184,3 +184,17 @@ def test_a_command_not_built_for_vision_models_says_so_in_one_line(qwen2_vl, sha
     assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
     assert f"error: {command[0]} on a vision-language model" in errors[0] and "is not built yet" in errors[0]
     assert not (tmp_path / "fused").exists()
+
+
+def test_a_resumed_vision_run_equals_an_uninterrupted_one(qwen2_vl, shapes, tmp_path):
+    """Same batches, same images, same steps: the same adapter, bit for bit (one machine, one BLAS)."""
+    from mlx_lora.training.checkpoint import checkpoint_dir
+
+    common = dict(model=str(qwen2_vl), data=str(shapes), batch_size=4, num_layers=1, val_batches=1, iters=4)
+    train(TrainConfig(**common, adapter_path=str(tmp_path / "whole")), log=lambda _: None)
+    train(TrainConfig(**common, adapter_path=str(tmp_path / "first"), save_every=2), log=lambda _: None)
+    at = str(checkpoint_dir(tmp_path / "first", 2))
+    resumed = TrainConfig(**common, resume=at, adapter_path=str(tmp_path / "resumed"))
+    train(resumed, log=lambda _: None)
+    whole, again = (mx.load(str(tmp_path / d / "adapters.safetensors")) for d in ("whole", "resumed"))
+    assert whole.keys() == again.keys() and all(mx.array_equal(whole[k], again[k]).item() for k in whole)
