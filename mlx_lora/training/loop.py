@@ -362,9 +362,11 @@ def choose_memory(
     iters: int,
     log,
 ) -> Optional[list[Split]]:
-    """Refuse a run the machine cannot hold. Streamed: the splits to stream, each with the rows this
-    process reads (from where the run starts, `progress`, to its last step, `iters`); else None, and
-    the lazily loaded model is read whole now, as an in-memory run always was."""
+    """Refuse a run the machine cannot hold, or a vision-language run what it does not do yet
+    (vision.vision_refusals; such a run is not sized here, and runs in memory). Streamed: the splits
+    to stream, each with the rows this process reads (from where the run starts, `progress`, to its
+    last step, `iters`); else None, and the lazily loaded model is read whole now, as an in-memory
+    run always was."""
     refusals = vision_refusals(cfg.objective, cfg.pack, cfg.stream_prefix, world.size) if base.processor else []
     if refusals:
         raise UserError("\n".join(refusals))
