@@ -118,6 +118,66 @@ def make_hf_model(
     return directory
 
 
+# Qwen2-VL-2B-Instruct's chat template (add_vision_id left out) and the special tokens it writes
+QWEN2_VL_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content "
+    "or 'image_url' in content %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' "
+    "or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN2_VL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def make_qwen2_vl(directory: Path, seed: int = 0) -> Path:
+    """A random Qwen2-VL made by transformers (2 blocks of width 64, a 1-block vision tower; 56x56 to
+    112x112 pixel images) saved with its image processor and the shipped tokenizer plus Qwen2-VL's
+    special tokens and chat template. config.json is rewritten in the Hub's layout
+    (Qwen/Qwen2-VL-2B-Instruct: the text model's keys at the root, M-RoPE in rope_scaling), which
+    transformers 5 and mlx-vlm both read; the weights are already saved under the Hub's names."""
+    import torch
+    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(DEFAULT_MODEL_DIR)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN2_VL_TOKENS)})
+    tokenizer.eos_token, tokenizer.chat_template = "<|im_end|>", QWEN2_VL_TEMPLATE
+    ids = dict(zip(QWEN2_VL_TOKENS, tokenizer.convert_tokens_to_ids(list(QWEN2_VL_TOKENS))))
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}  # head_dim 16 = 2 * 8
+    text = dict(SMALL, num_hidden_layers=2, vocab_size=len(tokenizer), rope_parameters=rope, initializer_range=0.1)
+    text |= dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=ids["<|im_end|>"], pad_token_id=0)
+    vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(directory)
+    saved = json.loads((directory / "config.json").read_text())
+    text = saved.pop("text_config")
+    rope = text.pop("rope_parameters")
+    for key in ("model_type", "layer_types", "dtype"):
+        text.pop(key, None)
+    for key in ("model_type", "rope_parameters"):
+        saved["vision_config"].pop(key)
+    saved |= text | {
+        "rope_theta": rope["rope_theta"],
+        "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]},
+    }
+    (directory / "config.json").write_text(json.dumps(saved, indent=2))
+    return directory
+
+
 BY_DESIGN = "by design: "  # the start of a skip reason that holds on CI's machine too
 
 
@@ -190,6 +250,21 @@ def smollm2_tokenizer(smollm2_gguf, tmp_path_factory) -> Path:
 def hf_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     return {arch: make_hf_model(root / arch, arch) for arch in ARCHS}
+
+
+def write_shapes(out: Path, splits: dict[str, int]) -> Path:
+    """data/make_shapes.py's coloured squares and chat rows under `out` (the docs' example data)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_shapes", Path(__file__).parents[1] / "data" / "make_shapes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.write_shapes(out, splits)
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl(tmp_path_factory) -> Path:
+    return make_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl"))
 
 
 @pytest.fixture(scope="session")

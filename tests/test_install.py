@@ -71,6 +71,7 @@ for name, args in [
     ("serve", ["serve"]),
     ("datasets", ["info", "--data", "someone/a-dataset"]),
     ("tensorboard", ["train", "--iters", "1", "--report-to", "tensorboard", "--adapter-path", sys.argv[3]]),
+    ("vision", ["generate", "--model", sys.argv[5], "--prompt", "Hi"]),
 ]:
     result = CliRunner().invoke(app, args)
     print(json.dumps([name, result.exit_code, result.output]))
@@ -80,23 +81,36 @@ for name, args in [
 def test_plain_install_imports_every_module_and_answers_every_help(tmp_path, smollm2_gguf):
     hidden = extra_only_modules()
     # the extras' own packages are hidden (a sanity check of the computation, not of mlx-lora)
-    assert {"fastapi", "uvicorn", "datasets", "torch", "peft", "llama_cpp"} <= set(hidden), hidden
+    assert {"fastapi", "uvicorn", "datasets", "torch", "peft", "llama_cpp", "mlx_vlm", "PIL"} <= set(hidden), hidden
+    vlm = tmp_path / "vlm"  # a vision-language model's directory: its config.json is all that is read
+    vlm.mkdir()
+    (vlm / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "vision_config": {"depth": 1}}))
     assert "gguf" not in hidden and "mlx_lm" not in hidden
     commands = [c.name for c in app.registered_commands]
     assert {"train", "generate", "chat", "eval", "fuse", "convert", "info", "plot", "serve", "upload"} <= set(commands)
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, ",".join(hidden), ",".join(commands), str(tmp_path / "run"), str(smollm2_gguf)],
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            ",".join(hidden),
+            ",".join(commands),
+            str(tmp_path / "run"),
+            str(smollm2_gguf),
+            str(vlm),
+        ],
         capture_output=True,
         text=True,
         cwd=Path(mlx_lora.__file__).parents[1],
     )
     assert done.returncode == 0, done.stderr[-3000:]
     # each optional feature without its extra: exit 2 and one line that says what to install
-    answers = {name: (code, output) for name, code, output in map(json.loads, done.stdout.splitlines()[-3:])}
+    answers = {name: (code, output) for name, code, output in map(json.loads, done.stdout.splitlines()[-4:])}
     for feature, install in [
         ("serve", 'pip install "mlx-lora[serve]"'),
         ("datasets", 'pip install "mlx-lora[datasets]"'),
         ("tensorboard", "pip install tensorboardX"),
+        ("vision", 'pip install "mlx-lora[vision]"'),
     ]:
         code, output = answers[feature]
         errors = [line for line in output.splitlines() if line.startswith("error:")]

@@ -10,6 +10,7 @@ from mlx_lora.config import ChatConfig
 from mlx_lora.errors import UserError
 from mlx_lora.inference.adapter_set import AdapterSet, load_adapters
 from mlx_lora.inference.generation import chat_tokens, require_chat_template, stream
+from mlx_lora.model.vision import require_text
 
 HELP = (
     "commands: /adapter NAME (answer with that adapter), /adapter (list them), /base (no adapter), "
@@ -20,6 +21,7 @@ HELP = (
 def chat(cfg: ChatConfig, read=input, write=print) -> None:
     """Read turns with `read(prompt)` until /quit or end of input; stream replies through `write`."""
     loaded = load_adapters(cfg)
+    require_text(loaded.base, "chat")
     require_chat_template(loaded.base)
     start = [{"role": "system", "content": cfg.system}] if cfg.system else []
     messages = list(start)

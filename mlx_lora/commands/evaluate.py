@@ -26,6 +26,7 @@ from mlx_lora.errors import UserError
 from mlx_lora.formats.loader import load_for_inference
 from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.model.lora import lora_layers, remove_lora
+from mlx_lora.model.vision import require_text
 from mlx_lora.reporting.progress import Bar, on_terminal
 from mlx_lora.training.validation import mean_loss
 
@@ -217,6 +218,7 @@ def run(cfg: EvalConfig, log=print) -> dict:
             f"--compare-base needs an adapter: pass --adapter-path (./{TrainConfig.adapter_path} does not exist)"
         )
     base = load_for_inference(cfg.model, adapter_path, cfg.compute_dtype)
+    require_text(base, "eval")
     use_cpu_kernels(base.model)
     source = open_source(cfg.data, cfg.data_config, log)
     preference = preference_split(source, cfg.split)  # the split's .jsonl file when it holds preference rows

@@ -25,6 +25,7 @@ from mlx_lora.model.base import load_base
 from mlx_lora.model.cpu_kernels import choose_kernels, wanted
 from mlx_lora.model.lora import LINEAR_TYPES, apply_lora, block_paths, linear_dims
 from mlx_lora.model.precision import dtype_name, restore
+from mlx_lora.model.vision import require_text
 from mlx_lora.reporting.results import spans
 from mlx_lora.training.memory import (
     BatchLimits,
@@ -99,6 +100,7 @@ def training_sets(cfg: TrainConfig, tokenizer) -> dict[str, list]:
 def info(cfg: TrainConfig, log=print) -> ModelInfo:
     # no weight is read: a model larger than memory is fine
     base = load_base(cfg.model, shapes_only=True, compute=cfg.compute_dtype)
+    require_text(base, "info")
     model = base.model
     prefixes = [p + "." for p in block_paths(model)]
     linears = {n: linear_dims(m) for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}

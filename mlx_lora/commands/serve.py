@@ -25,6 +25,7 @@ from mlx_lora.inference.batching import BatchEngine, Event, Job, Sampling
 from mlx_lora.inference.generation import chat_text
 from mlx_lora.model.base import Base, context_length, load_base
 from mlx_lora.model.cpu_kernels import use_cpu_kernels
+from mlx_lora.model.vision import require_text
 
 SERVE_HINT = 'mlx-lora serve needs FastAPI, uvicorn and sse-starlette: pip install "mlx-lora[serve]"'
 MAX_STOPS = 4  # as OpenAI allows
@@ -521,6 +522,7 @@ def start_engine(cfg: ServeConfig) -> BatchEngine:
     specs = [parse_adapter_spec(spec) for spec in cfg.adapter or []]
     model = cfg.model or (read_adapter(Path(specs[0][1]))[0].base_model if specs else None)
     base = load_base(model, compute=cfg.compute_dtype)
+    require_text(base, "serve")
     use_cpu_kernels(base.model)
     clash = sorted(base_ids(cfg.model, base) & {name for name, _ in specs})
     if clash:

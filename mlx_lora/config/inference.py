@@ -39,6 +39,11 @@ class InferenceConfig(PrecisionConfig):
 class GenerateConfig(InferenceConfig):
     prompt: str = opt("Q: Tom has 3 apples and buys 4 more. How many apples does he have?\nA:", "Prompt text.")
     chat: bool = opt(False, "Wrap the prompt as a user turn in the tokenizer's chat template.")
+    image: list[str] | None = opt(
+        None,
+        "Image file for a vision-language --model; repeat it for several. The images and the prompt "
+        "make one user turn in the chat template.",
+    )
 
 
 @dataclass(frozen=True)

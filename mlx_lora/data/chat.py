@@ -115,13 +115,21 @@ def _reply_parts(message: dict) -> list[str]:
     return [(message.get("content") or "").strip(), *calls]
 
 
+def text_parts(content) -> list[str]:
+    """A message's text: its content, or the text parts of a content list (a vision row's user turn)."""
+    if isinstance(content, list):
+        return [p["text"].strip() for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return [(content or "").strip()]
+
+
 def derived_spans(where: str, text: str, messages: list[dict], shape: TurnShape) -> list[tuple[int, int]]:
     """Each assistant turn's trained characters in `text`, walking the messages in order."""
     spans, cursor = [], 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
-            found = text.find((m.get("content") or "").strip(), cursor)
-            cursor = found + len((m.get("content") or "").strip()) if found >= 0 else cursor
+            for part in text_parts(m.get("content")):
+                found = text.find(part, cursor)
+                cursor = found + len(part) if found >= 0 else cursor
             continue
         head = text.find(shape.header, cursor)
         if head < 0:

@@ -13,10 +13,11 @@ from mlx.utils import tree_flatten
 
 from mlx_lora.errors import UserError
 from mlx_lora.formats.native import ADAPTER_CONFIG, AdapterConfig, check_base
-from mlx_lora.formats.peft import PEFT_WEIGHTS
+from mlx_lora.formats.peft import PEFT_WEIGHTS, ours_from_transformers
 from mlx_lora.formats.registry import Weights, detect
 from mlx_lora.model.base import Base, load_base
 from mlx_lora.model.lora import apply_lora
+from mlx_lora.model.vision import layout
 
 
 def read_adapter(directory: Path) -> tuple[AdapterConfig, Weights]:
@@ -36,6 +37,8 @@ def apply_adapter(base: Base, config: AdapterConfig, weights: Weights, directory
     """Wrap `base.model` as `config` says and load `weights`, checking that they fit. `whole=False`
     evaluates the adapter alone, leaving a lazily loaded base unread (fuse by shard)."""
     check_base(config, base.config, base.name, Path(directory) / ADAPTER_CONFIG)
+    if base.processor is not None:  # a PEFT export names the language model as transformers does
+        config, weights = ours_from_transformers(config, weights, layout(base.config, "an adapter"))
     apply_lora(base.model, config.lora, config.modules)
     expected = dict(tree_flatten(base.model.trainable_parameters()))
     problems = [f"unexpected tensor {k}" for k in weights if k not in expected]

@@ -11,6 +11,7 @@ base checkpoint's weight names, since a model mlx-lm renames could not be placed
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from mlx_lora.config import LoRAConfig, format_pattern, parse_pattern
 from mlx_lora.errors import UserError
 from mlx_lora.formats.native import BLOCK_MODULE, EMBEDDED_CONFIG, AdapterConfig, from_modules, read_json, read_weights
 from mlx_lora.model.lora import MAGNITUDE
+from mlx_lora.model.vision import Layout
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PICKLE = "adapter_model.bin"
@@ -48,9 +50,10 @@ def is_peft(directory: Path) -> bool:
     return (directory / PEFT_WEIGHTS).is_file() or (directory / PEFT_PICKLE).is_file()
 
 
-def to_peft_config(config: AdapterConfig, base_model_id: str) -> dict[str, Any]:
-    """Our config as the LoraConfig fields every PEFT version reads (rsLoRA/DoRA: see UNSUPPORTED)."""
-    targets, layers = peft_targets(config.modules)
+def to_peft_config(config: AdapterConfig, base_model_id: str, exact: bool = False) -> dict[str, Any]:
+    """Our config as the LoraConfig fields every PEFT version reads (rsLoRA/DoRA: see UNSUPPORTED);
+    `exact`: target_modules as the full paths (a vision-language model's tower has blocks too)."""
+    targets, layers = ("|".join(re.escape(m) for m in config.modules), None) if exact else peft_targets(config.modules)
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -148,10 +151,37 @@ def hub_id(model_dir: Path, name: str) -> str:
     return (base[0] if isinstance(base, list) and base else base) or name
 
 
+def vision_names(
+    config: AdapterConfig, weights: dict[str, mx.array], hf_names: set[str], layout: Layout
+) -> tuple[AdapterConfig, dict[str, mx.array], set[str]]:
+    """A vision-language adapter under transformers' module paths (mlx-vlm and the Hub checkpoint
+    name the language model otherwise), and the checkpoint's names as transformers' paths."""
+    rename = lambda key: layout.to_transformers(key.rsplit(".", 1)[0]) + "." + key.rsplit(".", 1)[1]  # noqa: E731
+    modules = [layout.to_transformers(m) for m in config.modules]
+    named = {rename(k): w for k, w in weights.items()}
+    return replace(config, modules=modules), named, {layout.checkpoint_as_transformers(n) for n in hf_names}
+
+
+def ours_from_transformers(
+    config: AdapterConfig, weights: dict[str, mx.array], layout: Layout
+) -> tuple[AdapterConfig, dict[str, mx.array]]:
+    """vision_names undone: an adapter on a vision-language model under mlx-vlm's module paths."""
+    rename = lambda key: layout.from_transformers(key.rsplit(".", 1)[0]) + "." + key.rsplit(".", 1)[1]  # noqa: E731
+    return replace(config, modules=[layout.from_transformers(m) for m in config.modules]), {
+        rename(k): w for k, w in weights.items()
+    }
+
+
 def write_peft(
-    directory: Path, config: AdapterConfig, weights: dict[str, mx.array], base_model_id: str, hf_names: set[str]
+    directory: Path,
+    config: AdapterConfig,
+    weights: dict[str, mx.array],
+    base_model_id: str,
+    hf_names: set[str],
+    exact: bool = False,
 ) -> None:
-    """PEFT's two files; `hf_names` are the base checkpoint's tensor names, to check module paths."""
+    """PEFT's two files; `hf_names` are the base checkpoint's tensor names, to check module paths;
+    `exact`: target the full module paths (to_peft_config)."""
     experts = [k.rsplit(".", 1)[0] for k, w in weights.items() if w.ndim == 3]
     if experts:
         raise UserError(
@@ -173,7 +203,7 @@ def write_peft(
     }
     metadata = {"format": "pt", EMBEDDED_CONFIG: json.dumps(config.to_json())}
     atomic.save_safetensors(directory / PEFT_WEIGHTS, tensors, metadata)
-    atomic.write_json(directory / PEFT_CONFIG, to_peft_config(config, base_model_id))
+    atomic.write_json(directory / PEFT_CONFIG, to_peft_config(config, base_model_id, exact))
 
 
 def read_peft(directory: Path) -> tuple[AdapterConfig, dict[str, mx.array]]:

@@ -28,6 +28,7 @@ from mlx_lora.formats.native import (
 from mlx_lora.model.base import fingerprint, load_mlx_model, mlx_config, resolve_model
 from mlx_lora.model.gguf import GGUF_SUFFIX, read_gguf_config
 from mlx_lora.model.stops import add_template_stop
+from mlx_lora.model.vision import is_vision, layout
 
 Weights = dict[str, mx.array]
 # What of the base a writer reads (Format.needs):
@@ -78,7 +79,11 @@ class Format:
 
 def _write_peft(out: Path, e: Export) -> None:
     base_id = e.base_model_id or peft.hub_id(e.base_dir, e.config.base_model)
-    peft.write_peft(out, e.config, e.weights, base_id, peft.checkpoint_names(e.base_dir))
+    config, weights, names = e.config, e.weights, peft.checkpoint_names(e.base_dir)
+    vision = is_vision(e.base_config or {})
+    if vision:  # transformers' module paths, which PeftModel on its vision-language class wraps
+        config, weights, names = peft.vision_names(config, weights, names, layout(e.base_config, "convert --to peft"))
+    peft.write_peft(out, config, weights, base_id, names, exact=vision)
 
 
 def _write_native(out: Path, e: Export) -> None:

@@ -1,6 +1,7 @@
 """Run a base model, with or without an adapter, through mlx-lm's own streaming generation."""
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.generate import GenerationResponse, stream_generate
@@ -59,9 +60,43 @@ def stream(base: Base, tokens: list[int], cfg: InferenceConfig) -> Iterator[Gene
 
 
 def generate(base: Base, cfg: GenerateConfig) -> Iterator[GenerationResponse]:
-    """mlx-lm's responses for `cfg.prompt`, seeded; `.text` is the next piece of text."""
+    """mlx-lm's responses for `cfg.prompt`, seeded; `.text` is the next piece of text. A
+    vision-language base generates through mlx-vlm (vision_stream)."""
     mx.random.seed(cfg.seed)
+    if base.processor is not None:
+        yield from vision_stream(base, cfg.prompt, cfg.image or [], cfg)
+        return
+    if cfg.image:
+        raise UserError(f"--image: {base.name} is a text model; give a vision-language --model (docs/vision.md)")
     yield from stream(base, prompt_tokens(base, cfg.prompt, cfg.chat), cfg)
+
+
+def check_image(path: Path) -> None:
+    """A missing or unreadable --image is one line, before any work (mlx-vlm would raise deep inside)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise UserError(f"--image {path}: no such file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise UserError(f"--image {path}: cannot read it ({e}); give a PNG, JPEG or other image Pillow reads") from None
+
+
+def vision_stream(base: Base, prompt: str, images: list[str], cfg: InferenceConfig) -> Iterator:
+    """mlx-vlm's responses (`.text` as mlx-lm's) for one user turn holding `images` then `prompt`,
+    in the chat template, each image read by the model's own processor."""
+    from mlx_vlm.generate import stream_generate  # present: the base was loaded through it
+
+    for image in images:
+        check_image(Path(image))
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+    text = chat_text(base, [{"role": "user", "content": content}])
+    sampler = make_sampler(temp=cfg.temp, top_p=cfg.top_p)
+    yield from stream_generate(
+        base.model, base.processor, text, image=images or None, max_tokens=cfg.max_tokens, sampler=sampler
+    )
 
 
 def speed_line(response: GenerationResponse) -> str:

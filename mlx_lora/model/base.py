@@ -19,6 +19,7 @@ from mlx_lora.model.gguf import GGUF_SUFFIX, load_gguf
 from mlx_lora.model.lora import expert_name
 from mlx_lora.model.precision import Precision, materialize, set_precision
 from mlx_lora.model.stops import GENERATION_CONFIG, add_template_stop, stop_ids
+from mlx_lora.model.vision import is_vision, load_vision, read_config
 
 DEFAULT_MODEL = "mlx-lora-default"
 DEFAULT_MODEL_DIR = Path(__file__).parent.parent / "default_model"
@@ -51,6 +52,7 @@ class Base:
     path: Path
     name: str  # what the user gave (hub id or path), recorded in adapter_config.json
     precision: Precision | None = field(default=None)  # stored and compute dtype (precision.py)
+    processor: Any = field(default=None)  # a vision-language model's own processor (vision.py); None for text
 
 
 def context_length(config: dict[str, Any]) -> tuple[int, str] | None:
@@ -148,7 +150,8 @@ def load_mlx_model(path: Path, lazy: bool = False) -> tuple[nn.Module, dict[str,
     return load_model(path, lazy=lazy, model_config=mlx_config(json.loads(file.read_text()), file))
 
 
-def _load(name: str | None, lazy: bool, shapes_only: bool) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any], Path]:
+def _load(name: str | None, lazy: bool, shapes_only: bool) -> tuple[nn.Module, TokenizerWrapper, dict, Path, Any]:
+    processor = None
     if name is not None and name.endswith(GGUF_SUFFIX):
         path = Path(name).expanduser()
         if not path.is_file():
@@ -156,10 +159,14 @@ def _load(name: str | None, lazy: bool, shapes_only: bool) -> tuple[nn.Module, T
         model, tokenizer, config = load_gguf(path, shapes_only)
     else:
         path = resolve_model(name)
-        model, config = load_mlx_model(path, lazy)
+        config = read_config(path)
+        if is_vision(config):
+            model, processor = load_vision(path, config, lazy)
+        else:
+            model, config = load_mlx_model(path, lazy)
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     add_template_stop(tokenizer)
-    return model, tokenizer, config, path
+    return model, tokenizer, config, path, processor
 
 
 def load_base(name: str | None, lazy: bool = False, shapes_only: bool = False, compute: str | None = None) -> Base:
@@ -170,7 +177,7 @@ def load_base(name: str | None, lazy: bool = False, shapes_only: bool = False, c
     `compute`: --compute-dtype, the dtype to cast the weights to (None: as stored). The model runs
     on mlx-lm's own kernels; a command that wants ours asks (cpu_kernels.use_cpu_kernels)."""
     try:
-        model, tokenizer, config, path = _load(name, lazy or shapes_only or compute is not None, shapes_only)
+        model, tokenizer, config, path, processor = _load(name, lazy or shapes_only or compute is not None, shapes_only)
         precision = set_precision(model, compute)
         if not (lazy or shapes_only):
             materialize(model)  # read as the cast asks, one tensor at a time
@@ -185,7 +192,7 @@ def load_base(name: str | None, lazy: bool = False, shapes_only: bool = False, c
         if name in (None, DEFAULT_MODEL)
         else (str(path.resolve()) if Path(name).expanduser().exists() else name)
     )
-    return Base(model, tokenizer, config, path, shown, precision)
+    return Base(model, tokenizer, config, path, shown, precision, processor)
 
 
 def write_model_files(dst: Path, model: nn.Module, tokenizer: TokenizerWrapper, config: dict, src: Path) -> None:

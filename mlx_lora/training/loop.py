@@ -75,6 +75,7 @@ from mlx_lora.training.signals import deferred_stop
 from mlx_lora.training.step import grads_finite, make_step
 from mlx_lora.training.streaming import Split, rank_rows, splits, streamed_feed, why_not_stream
 from mlx_lora.training.validation import mean_loss
+from mlx_lora.training.vision import VisionFeed, vision_refusals, vision_sets
 
 # The names a run writes in --adapter-path (wandb makes its own directory there).
 TRAIN_WRITES = {
@@ -235,7 +236,7 @@ def show_mask(cfg: TrainConfig, log=print) -> None:
     if cfg.objective != "sft":
         raise UserError(f"--show-mask shows sft rows; --objective {cfg.objective} trains on each whole completion")
     base = load_base(cfg.model, lazy=True, compute=cfg.compute_dtype)
-    sets = read_data(cfg, open_source(cfg.data, cfg.data_config, log), base.tokenizer, log)
+    sets = read_data(cfg, open_source(cfg.data, cfg.data_config, log), base, log)
     for line in mask_report(base.tokenizer, sets["train"], cfg.show_mask, colour=sys.stdout.isatty()):
         log(line)
 
@@ -253,7 +254,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     base = load_base(cfg.model, lazy=True, compute=cfg.compute_dtype)  # streamed: frozen blocks never read whole
     use_cpu_kernels(base.model, training=True, log=log)
     source = open_source(cfg.data, cfg.data_config, log)
-    data = read_data(cfg, source, base.tokenizer, log)
+    data = read_data(cfg, source, base, log)
     model = base.model
     pack_length = cfg.max_seq_length if cfg.pack else None
     per_epoch = batches_per_epoch(data["train"], cfg.batch_size, pack_length) / cfg.grad_accumulation_steps
@@ -278,7 +279,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         enable_packing(model, base.config.get("model_type", "?"))
     if cfg.grad_checkpoint:
         checkpoint_blocks(model)
-    feed = choose_feed(cfg, world, model, min(adapter.layers), data, log, stream)
+    feed = choose_feed(cfg, world, model, min(adapter.layers), data, log, stream, processor=base.processor)
     step, state = choose_step(cfg, base, optimizer, world, feed)
     return Run(
         cfg=cfg,
@@ -324,8 +325,13 @@ def start_monitor(cfg: TrainConfig, world, out: Path, iters: int, log):
     return TrainMonitor(out, iters, metrics, log)
 
 
-def read_data(cfg: TrainConfig, source, tokenizer, log) -> dict[str, list]:
-    """The training and validation sets (preference pairs for a preference objective, prompts for grpo)."""
+def read_data(cfg: TrainConfig, source, base: Base, log) -> dict[str, list]:
+    """The training and validation sets (preference pairs for a preference objective, prompts for grpo;
+    a vision-language base's image and text rows, training/vision.py)."""
+    tokenizer = base.tokenizer
+    if base.processor is not None:
+        masking = dict(train_on_prompt=cfg.train_on_prompt, train_on_reasoning=cfg.train_on_reasoning)
+        return vision_sets(source, data_part(cfg), base, cfg.max_seq_length, log, **masking)
     if cfg.objective == "grpo":
         rows = train_valid_rows(source, data_part(cfg), log)
         return {role: read_prompts(map_rows(r, data_part(cfg)), tokenizer) for role, r in zip(("train", "valid"), rows)}
@@ -356,10 +362,15 @@ def choose_memory(
     iters: int,
     log,
 ) -> Optional[list[Split]]:
-    """Refuse a run the machine cannot hold. Streamed: the splits to stream, each with the rows this
-    process reads (from where the run starts, `progress`, to its last step, `iters`); else None, and
-    the lazily loaded model is read whole now, as an in-memory run always was."""
-    if cfg.objective == "grpo":  # no frozen prefix to stream: sampling runs the whole model
+    """Refuse a run the machine cannot hold, or a vision-language run what it does not do yet
+    (vision.vision_refusals; such a run is not sized here, and runs in memory). Streamed: the splits
+    to stream, each with the rows this process reads (from where the run starts, `progress`, to its
+    last step, `iters`); else None, and the lazily loaded model is read whole now, as an in-memory
+    run always was."""
+    refusals = vision_refusals(cfg.objective, cfg.pack, cfg.stream_prefix, world.size) if base.processor else []
+    if refusals:
+        raise UserError("\n".join(refusals))
+    if cfg.objective == "grpo" or base.processor is not None:  # no frozen prefix to stream: the whole model runs
         materialize(base.model)
         return None
     why_not, rows = why_not_stream(cfg, base, first), None  # alone: every row, whatever step it resumes at
@@ -390,12 +401,16 @@ def choose_feed(
     data: dict,
     log,
     stream: Optional[list[Split]],
+    processor=None,
 ) -> Feed | PreferenceFeed:
     """SFT: the fastest feed the model allows; streamed, the frozen blocks' output computed now,
     block by block, over the rows in `stream`. Preference: the same cut over pairs, with the
-    reference log-probs computed now, once. GRPO: none, its step samples what it reads."""
+    reference log-probs computed now, once. GRPO: none, its step samples what it reads. A
+    vision-language base (its `processor`): the language model on embeddings with images merged in."""
     if cfg.objective == "grpo":
         return None
+    if processor is not None:
+        return VisionFeed(model, processor, log)
     if stream is not None:
         return streamed_feed(model, first_trained, stream, log)
     if not cfg.preference:

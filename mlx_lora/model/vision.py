@@ -1,0 +1,103 @@
+"""A vision-language base through mlx-vlm (the optional extra `mlx-lora[vision]`).
+
+A directory whose config.json holds a `vision_config` is a vision-language model: mlx-vlm builds
+it (vision tower, projector, language model) and its own processor reads the images. LoRA goes on
+the language model's blocks, which mlx-vlm's models expose as `model.layers` as mlx-lm's do, so
+model/lora.py chooses and wraps them unchanged. Each architecture listed in LAYOUTS has been
+checked against transformers (tests/model/test_vision.py); others load but are refused for training.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.nn as nn
+
+from mlx_lora.errors import UserError
+
+VISION_HINT = 'pip install "mlx-lora[vision]"'
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one architecture's language-model weights live, under three spellings: mlx-vlm's
+    module paths, the Hub checkpoint's tensor names, transformers 5's module paths (PEFT's keys)."""
+
+    ours: str
+    checkpoint: str
+    transformers: str
+    image_token: str  # the placeholder its chat template writes for one image, which its processor expands
+
+    def to_transformers(self, path: str) -> str:
+        if not path.startswith(self.ours):
+            raise UserError(f"{path}: LoRA outside the language model's blocks has no PEFT form here yet")
+        return self.transformers + path[len(self.ours) :]
+
+    def from_transformers(self, path: str) -> str:
+        return self.ours + path[len(self.transformers) :] if path.startswith(self.transformers) else path
+
+    def checkpoint_as_transformers(self, name: str) -> str:
+        """A Hub checkpoint's tensor name as transformers 5 names the module (its vision tower's left as is)."""
+        return self.transformers + name[len(self.checkpoint) :] if name.startswith(self.checkpoint) else name
+
+
+LAYOUTS = {
+    "qwen2_vl": Layout("language_model.model.", "model.", "model.language_model.", "<|image_pad|>"),
+}
+
+
+def is_vision(config: dict[str, Any]) -> bool:
+    return isinstance(config.get("vision_config"), dict)
+
+
+def layout(config: dict[str, Any], what: str) -> Layout:
+    """The checked layout of a vision-language base, or one line saying which architectures `what` supports."""
+    kind = config.get("model_type")
+    if kind not in LAYOUTS:
+        raise UserError(
+            f"{what} on a vision-language model supports {', '.join(sorted(LAYOUTS))} so far, not {kind!r}; "
+            "see docs/vision.md"
+        )
+    return LAYOUTS[kind]
+
+
+def require_text(base, what: str) -> None:
+    """`what` is not built for a vision-language base yet: one line, before any work."""
+    if getattr(base, "processor", None) is not None:
+        raise UserError(
+            f"{what} on a vision-language model ({base.name}) is not built yet; train and generate --image "
+            "are (docs/vision.md)"
+        )
+
+
+def _mlx_vlm():
+    try:
+        from mlx_vlm import utils
+    except ImportError:
+        return None
+    return utils
+
+
+def load_vision(path: Path, config: dict[str, Any], lazy: bool) -> tuple[nn.Module, Any]:
+    """(mlx-vlm's model, the model's own processor) of a vision-language directory."""
+    utils = _mlx_vlm()
+    if utils is None:
+        raise UserError(
+            f"--model {path}: a vision-language model ({config.get('model_type')}), which loads through "
+            f"mlx-vlm: {VISION_HINT}"
+        )
+    try:
+        model = utils.load_model(path, lazy=lazy)
+        processor = utils.load_processor(path, eos_token_ids=config.get("eos_token_id"))
+    except (ValueError, TypeError, KeyError, FileNotFoundError, ImportError, RuntimeError) as e:
+        raise UserError(f"--model {path}: mlx-vlm cannot load it ({e}); point --model at a complete model") from None
+    return model, processor
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}  # the text loader reports a broken config.json as it always has
+    return config if isinstance(config, dict) else {}

@@ -1,0 +1,200 @@
+"""LoRA on a vision-language model: the loss transformers computes, an adapter PEFT loads on the
+transformers model with our logits, and generation with an image."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from conftest import fp32_tol, write_jsonl, write_shapes
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from PIL import Image
+from transformers import Qwen2VLForConditionalGeneration
+from typer.testing import CliRunner
+
+from mlx_lora.cli import app
+from mlx_lora.commands.convert import convert
+from mlx_lora.config import ConvertConfig, GenerateConfig, TrainConfig
+from mlx_lora.data.batches import collate
+from mlx_lora.data.rows import file_rows
+from mlx_lora.data.vision import encode_vision_rows
+from mlx_lora.formats.loader import load_for_inference
+from mlx_lora.inference.generation import generate
+from mlx_lora.model.base import load_base
+from mlx_lora.model.cpu_kernels import use_cpu_kernels
+from mlx_lora.training.loop import train
+from mlx_lora.training.vision import VisionFeed
+
+IMAGE_TOKEN = "<|image_pad|>"
+QUESTION = "What colour is the square?"
+TOL = fp32_tol(2 * 128)  # fp32 through other kernels: the longest sums are the 2 blocks' 128-wide MLPs
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return write_shapes(tmp_path_factory.mktemp("shapes"), {"train": 16, "valid": 4, "test": 2})
+
+
+@pytest.fixture(scope="module")
+def adapter(qwen2_vl, shapes, tmp_path_factory):
+    """Four steps at a large learning rate, so the adapter moves the logits well past rounding."""
+    out = tmp_path_factory.mktemp("run") / "adapter"
+    cfg = TrainConfig(
+        model=str(qwen2_vl),
+        data=str(shapes),
+        adapter_path=str(out),
+        iters=4,
+        batch_size=4,
+        num_layers=1,
+        targets="q_proj,v_proj",
+        rank=4,
+        alpha=8,
+        learning_rate=5e-2,
+    )
+    result = train(cfg, log=lambda _: None)
+    assert result.val_losses[4] < result.val_losses[0]
+    return out
+
+
+def hf_model(model_dir):
+    return Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def hf_inputs(base, x: dict) -> dict:
+    image_token = base.processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    ids = np.asarray(x["input_ids"])
+    out = {"input_ids": torch.tensor(ids), "mm_token_type_ids": torch.tensor((ids == image_token).astype(np.int64))}
+    return out | {k: torch.tensor(np.asarray(x[k])) for k in ("pixel_values", "image_grid_thw") if k in x}
+
+
+def prompt_inputs(base, image_path) -> dict:
+    """A question about one image as a user turn, ready for the assistant's reply."""
+    content = [{"type": "image"}, {"type": "text", "text": QUESTION}]
+    text = base.processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+    image = Image.open(image_path).convert("RGB")
+    return dict(base.processor(text=[text], images=[image], add_special_tokens=False))
+
+
+def our_logits(base, x: dict) -> np.ndarray:
+    pixels = {k: mx.array(np.asarray(x[k])) for k in ("pixel_values", "image_grid_thw")}
+    return np.array(base.model(mx.array(np.asarray(x["input_ids"])), pixels.pop("pixel_values"), **pixels).logits)
+
+
+def test_the_loss_of_a_mixed_batch_is_transformers_loss_on_the_assistant_tokens(qwen2_vl, shapes, tmp_path):
+    """Two image rows and a text row, padded into one batch: the token-weighted mean of transformers'
+    loss per row with labels on the trained tokens only (image merge, 3-D positions, masks)."""
+    text = {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi there"}]}
+    rows = [json.loads(line) for line in (shapes / "train.jsonl").read_text().splitlines()[:2]]
+    data = write_jsonl(shapes / "mixed.jsonl", [*rows, text])
+    base = load_base(str(qwen2_vl))
+    use_cpu_kernels(base.model)  # as training runs it
+    examples = encode_vision_rows(str(data), file_rows(data), base.tokenizer, base.processor, IMAGE_TOKEN, 512)
+    feed = VisionFeed(base.model, base.processor)
+    loss, ntoks = feed.loss(base.model, *feed.inputs(examples, [0, 1, 2], collate(examples, [0, 1, 2])))
+    hf, total, count, largest = hf_model(qwen2_vl), 0.0, 0, 0.0
+    for i in range(3):
+        ex = examples[i]
+        image = [Image.open(ex.images[0]).convert("RGB")] if ex.images else None
+        x = {"input_ids": ex.tokens[None]}
+        if image:
+            x |= base.processor.image_processor(images=image)
+        labels = torch.tensor(np.where(ex.mask, ex.tokens, -100)[None].astype(np.int64))
+        with torch.no_grad():
+            out = hf(**hf_inputs(base, x), labels=labels)
+        total, count = total + out.loss.item() * ex.mask[1:].sum(), count + int(ex.mask[1:].sum())
+        largest = max(largest, out.logits.abs().max().item())
+    assert ntoks.item() == count
+    # each logit within TOL·max|logit| of transformers', so each cross-entropy within twice that
+    assert abs(loss.item() - total / count) <= 2 * TOL * largest
+
+
+def test_a_trained_adapter_in_peft_gives_our_logits_on_the_transformers_model(qwen2_vl, shapes, adapter, tmp_path):
+    convert(ConvertConfig(str(adapter), str(tmp_path / "peft"), to="peft"), log=lambda _: None)
+    peft_model = PeftModel.from_pretrained(hf_model(qwen2_vl), tmp_path / "peft").eval()
+    wrapped = {n for n, m in peft_model.base_model.model.named_modules() if isinstance(m, LoraLayer)}
+    assert wrapped == {f"model.language_model.layers.1.self_attn.{p}" for p in ("q_proj", "v_proj")}
+    ours = load_for_inference(str(qwen2_vl), str(adapter))
+    x = prompt_inputs(ours, shapes / "imgs" / "0016.png")  # a validation image
+    with torch.no_grad():
+        theirs = peft_model(**hf_inputs(ours, x)).logits.numpy()
+    got, bound = our_logits(ours, x), TOL * np.abs(theirs).max()
+    assert np.abs(got - theirs).max() <= bound
+    # and the adapter matters: it moves the logits by far more than the bound
+    assert np.abs(our_logits(load_base(str(qwen2_vl)), x) - got).max() > 100 * bound
+
+
+def test_generate_with_an_image_is_transformers_greedy_reply(qwen2_vl, shapes, adapter, tmp_path):
+    """`generate --image` through the PEFT export read back: the tokens transformers + PEFT pick greedily."""
+    convert(ConvertConfig(str(adapter), str(tmp_path / "peft"), to="peft"), log=lambda _: None)
+    image = shapes / "imgs" / "0017.png"
+    cfg = GenerateConfig(model=str(qwen2_vl), prompt=QUESTION, image=[str(image)], max_tokens=6)
+    ours = load_for_inference(str(qwen2_vl), str(tmp_path / "peft"))
+    tokens = list(generate(ours, cfg))[-1].token_ids  # mlx-vlm's last response lists them all
+    peft_model = PeftModel.from_pretrained(hf_model(qwen2_vl), tmp_path / "peft").eval()
+    x = hf_inputs(ours, prompt_inputs(ours, image))
+    with torch.no_grad():
+        out = peft_model.generate(**x, max_new_tokens=6, do_sample=False)
+    assert tokens == out[0, x["input_ids"].shape[1] :].tolist()[: len(tokens)] and len(tokens) >= 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--pack"], "--pack: rows holding images are not packed; drop --pack"),
+        (["--objective", "dpo"], "--objective dpo: a vision-language model trains with sft only so far"),
+    ],
+)
+def test_what_a_vision_run_does_not_do_is_one_line(qwen2_vl, shapes, tmp_path, extra, message):
+    args = ["train", "--model", str(qwen2_vl), "--data", str(shapes), "--adapter-path", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, [*args, "--iters", "1", *extra])
+    assert result.exit_code == 2 and f"error: {message}" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run" / "adapters.safetensors").exists()
+
+
+def test_a_missing_image_is_one_line_naming_the_row(qwen2_vl, shapes, tmp_path):
+    rows = (shapes / "train.jsonl").read_text().splitlines()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "imgs").symlink_to(shapes / "imgs")
+    broken = rows[2].replace("imgs/0002.png", "imgs/9999.png")
+    (tmp_path / "data" / "train.jsonl").write_text("\n".join([rows[0], rows[1], broken]) + "\n")
+    args = ["train", "--model", str(qwen2_vl), "--data", str(tmp_path / "data"), "--iters", "1"]
+    result = CliRunner().invoke(app, [*args, "--adapter-path", str(tmp_path / "run")])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output
+    assert "train.jsonl:3: image " in errors[0] and "imgs/9999.png: no such file" in errors[0]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["info", "--data", "DATA"],
+        ["eval", "--adapter-path", "ADAPTER", "--data", "DATA", "--split", "valid"],
+        ["fuse", "--adapter-path", "ADAPTER", "--save-path", "OUT"],
+        ["chat"],
+    ],
+)
+def test_a_command_not_built_for_vision_models_says_so_in_one_line(qwen2_vl, shapes, adapter, tmp_path, command):
+    where = {"DATA": str(shapes), "ADAPTER": str(adapter), "OUT": str(tmp_path / "fused")}
+    result = CliRunner().invoke(app, [*(where.get(a, a) for a in command), "--model", str(qwen2_vl)], input="hi\n")
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert f"error: {command[0]} on a vision-language model" in errors[0] and "is not built yet" in errors[0]
+    assert not (tmp_path / "fused").exists()
+
+
+def test_a_resumed_vision_run_equals_an_uninterrupted_one(qwen2_vl, shapes, tmp_path):
+    """Same batches, same images, same steps: the same adapter, bit for bit (one machine, one BLAS)."""
+    from mlx_lora.training.checkpoint import checkpoint_dir
+
+    common = dict(model=str(qwen2_vl), data=str(shapes), batch_size=4, num_layers=1, val_batches=1, iters=4)
+    train(TrainConfig(**common, adapter_path=str(tmp_path / "whole")), log=lambda _: None)
+    train(TrainConfig(**common, adapter_path=str(tmp_path / "first"), save_every=2), log=lambda _: None)
+    at = str(checkpoint_dir(tmp_path / "first", 2))
+    resumed = TrainConfig(**common, resume=at, adapter_path=str(tmp_path / "resumed"))
+    train(resumed, log=lambda _: None)
+    whole, again = (mx.load(str(tmp_path / d / "adapters.safetensors")) for d in ("whole", "resumed"))
+    assert whole.keys() == again.keys() and all(mx.array_equal(whole[k], again[k]).item() for k in whole)
