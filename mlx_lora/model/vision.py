@@ -7,12 +7,14 @@ model/lora.py chooses and wraps them unchanged. Each architecture listed in LAYO
 checked against transformers (tests/model/test_vision.py); others load but are refused for training.
 """
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.nn as nn
+from mlx_lm.utils import MODEL_REMAPPING
 
 from mlx_lora.errors import UserError
 
@@ -48,7 +50,14 @@ LAYOUTS = {
 
 
 def is_vision(config: dict[str, Any]) -> bool:
-    return isinstance(config.get("vision_config"), dict)
+    """A model mlx-vlm builds: a `vision_config`, and an architecture checked here (LAYOUTS) or one
+    mlx-lm has no text model for. A multimodal checkpoint mlx-lm reads as its language model alone
+    (Gemma 3, Mistral 3, Pixtral) keeps loading that way: text fine-tuning of it is unchanged."""
+    if not isinstance(config.get("vision_config"), dict):
+        return False
+    kind = str(config.get("model_type", ""))
+    text_model = f"mlx_lm.models.{MODEL_REMAPPING.get(kind, kind)}"
+    return kind in LAYOUTS or not kind.isidentifier() or importlib.util.find_spec(text_model) is None
 
 
 def layout(config: dict[str, Any], what: str) -> Layout:

@@ -13,7 +13,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from mlx_lora.errors import UserError
 from mlx_lora.model.base import load_base
-from mlx_lora.model.vision import LAYOUTS, layout
+from mlx_lora.model.vision import LAYOUTS, is_vision, layout
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +69,19 @@ def test_only_checked_architectures_train(qwen2_vl):
     assert layout({"model_type": "qwen2_vl"}, "training") is LAYOUTS["qwen2_vl"]
     with pytest.raises(UserError, match="supports qwen2_vl so far, not 'llava'"):
         layout({"model_type": "llava", "vision_config": {}}, "training")
+
+
+@pytest.mark.parametrize(
+    "config, vision",
+    [
+        ({"model_type": "qwen2_vl", "vision_config": {}}, True),  # checked here: mlx-vlm
+        ({"model_type": "idefics3", "vision_config": {}}, True),  # no text model in mlx-lm: mlx-vlm (refused to train)
+        ({"model_type": "phi3_v", "vision_config": {}}, True),
+        ({"model_type": "llava", "vision_config": {}}, False),  # mlx-lm reads it as mistral3
+        ({"model_type": "gemma3", "vision_config": {}}, False),  # mlx-lm reads its language model, as before
+        ({"model_type": "mistral3", "vision_config": {}}, False),
+        ({"model_type": "qwen2"}, False),
+    ],
+)
+def test_a_multimodal_checkpoint_mlx_lm_reads_stays_a_text_base(config, vision):
+    assert is_vision(config) is vision
