@@ -25,6 +25,7 @@ from mlx_lora.model.base import load_base
 from mlx_lora.model.lora import LINEAR_TYPES, apply_lora, block_paths, linear_dims
 from mlx_lora.model.precision import dtype_name, restore
 from mlx_lora.reporting.results import spans
+from mlx_lora.training.init_adapter import from_adapter
 from mlx_lora.training.memory import (
     BatchLimits,
     MemoryEstimate,
@@ -96,6 +97,7 @@ def training_sets(cfg: TrainConfig, tokenizer) -> dict[str, list]:
 
 
 def info(cfg: TrainConfig, log=print) -> ModelInfo:
+    cfg, initial = from_adapter(cfg)  # --init-adapter: the adapter's shape, on the base it names
     # no weight is read: a model larger than memory is fine
     base = load_base(cfg.model, shapes_only=True, compute=cfg.compute_dtype)
     model = base.model
@@ -104,7 +106,7 @@ def info(cfg: TrainConfig, log=print) -> ModelInfo:
     bits = {n: m.bits for n, m in model.named_modules() if hasattr(m, "bits")}
     parameters = get_total_parameters(model)
     lora = LoRAConfig(**lora_part(cfg))
-    modules = apply_lora(model, lora)
+    modules = apply_lora(model, lora, initial[0].modules if initial else None)
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     with tempfile.TemporaryDirectory() as tmp:
         adapter = describe(base, lora, modules)

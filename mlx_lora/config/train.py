@@ -3,6 +3,7 @@
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mlx_lora.config.data import DataConfig
@@ -73,6 +74,11 @@ class TrainConfig(DataConfig, LoRAConfig, PrecisionConfig):
     # Restores weights, optimizer, step, data order and random state; the run's saved options apply
     # unless given again. An adapter directory means its latest checkpoint.
     resume: str | None = opt(None, "Continue from a checkpoint or adapter directory.", panel=SAVING)
+    # A new run (fresh optimizer, step 0, its own --adapter-path) whose adapter starts as this one:
+    # its modules, rank, alpha and methods come with it (--dropout may change). SFT -> DPO or GRPO.
+    init_adapter: str | None = opt(
+        None, "Start a new run from this adapter's weights (mlx-lora, PEFT or mlx-lm files).", panel=MODEL
+    )
     # Training methods (issue 8): how the steps are computed, not what the adapter is.
     # The frozen blocks before the first LoRA block: their output is kept in RAM, or a temporary
     # file when large; --no-prefix-cache recomputes them every step.
@@ -169,6 +175,7 @@ class TrainConfig(DataConfig, LoRAConfig, PrecisionConfig):
         unknown = set(split_list(self.report_to)) - set(REPORT_TO)
         if unknown:
             p.append(f"--report-to: unknown {', '.join(sorted(unknown))}; choose from {', '.join(REPORT_TO)}")
+        p += self._init_adapter_problems()
         if self.val_batches == 0 or self.val_batches < -1:
             p.append(f"--val-batches must be -1 (all) or a positive count, got {self.val_batches}")
         p += self._method_problems()
@@ -203,6 +210,21 @@ class TrainConfig(DataConfig, LoRAConfig, PrecisionConfig):
                 f"no reference for --objective {self.objective}; use --init default or gaussian"
             )
         return p
+
+    def _init_adapter_problems(self) -> list[str]:
+        if not self.init_adapter:
+            return []
+        if self.resume:
+            return [
+                "--init-adapter starts a new run from an adapter, --resume continues a run from its "
+                "checkpoint; give one of them"
+            ]
+        if Path(self.init_adapter).resolve() == Path(self.adapter_path).resolve():
+            return [
+                f"--adapter-path {self.adapter_path} is the adapter --init-adapter starts from; "
+                "give the new run its own --adapter-path"
+            ]
+        return []
 
     def _grpo_problems(self) -> list[str]:
         p = [
@@ -285,6 +307,7 @@ METHOD_FIELDS = (
     "final_lr_ratio",
     "early_stopping_patience",
     "objective",
+    "init_adapter",
     "beta",
     "label_smoothing",
     "simpo_gamma",
