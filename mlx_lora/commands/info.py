@@ -131,6 +131,7 @@ def info(cfg: TrainConfig, log=print) -> ModelInfo:
     for line in _by_block(dict.fromkeys(modules, ""), prefixes):
         log(line)
     log(f"trainable parameters: {trainable:,} ({100 * trainable / parameters:.3f}% of {parameters:,})")
+    log(f"learning rate: {cfg.learning_rate_text}")
     log(
         f"adapter on disk: {sum(sizes.values()):,} bytes ("
         + " + ".join(f"{name} {size:,}" for name, size in sizes.items())

@@ -259,7 +259,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     per_epoch = batches_per_epoch(data["train"], cfg.batch_size, cfg.max_seq_length if cfg.pack else None)
     per_epoch /= cfg.grad_accumulation_steps
     iters = cfg.iters if cfg.epochs is None else max(1, round(cfg.epochs * per_epoch))
-    lr = learning_rate(cfg.learning_rate, cfg.lr_schedule, cfg.warmup_steps, cfg.final_lr_ratio, iters)
+    lr = learning_rate(cfg.learning_rate_value, cfg.lr_schedule, cfg.warmup_steps, cfg.final_lr_ratio, iters)
     optimizer = optim.AdamW(learning_rate=lr, weight_decay=cfg.weight_decay)
     last_saved = find_checkpoint(cfg.resume) if cfg.resume else None
     progress, adapter = start_adapter(cfg, base, optimizer, last_saved, initial, log)
@@ -267,7 +267,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     log(
         f"model {base.name}: {cfg.summary()} on {len(adapter.modules)} modules in blocks "
         f"{adapter.layers}; {trainable:,} trainable parameters "
-        f"({100 * trainable / get_total_parameters(base.model):.3f}%)"
+        f"({100 * trainable / get_total_parameters(base.model):.3f}%); learning rate {cfg.learning_rate_text}"
     )
     stream = choose_memory(cfg, world, base, data, first=min(adapter.layers), progress=progress, iters=iters, log=log)
     if blas.note():  # once the run is sure to start, so an error stays one line
