@@ -113,9 +113,10 @@ def _merge_opposites(values: dict) -> dict:
     return merged
 
 
-def _resumed_options(resume: str | None) -> dict:
-    """`train --resume` reuses the checkpointed run's options; YAML and flags still override them."""
-    if not resume:
+def _resumed_options(resume: str | None, init_adapter: str | None) -> dict:
+    """`train --resume` reuses the checkpointed run's options; YAML and flags still override them.
+    With --init-adapter too, the checkpoint is not read: TrainConfig refuses the pair."""
+    if not resume or init_adapter:
         return {}
     from mlx_lora.training.checkpoint import saved_options
 
@@ -133,7 +134,10 @@ def _command(cls, name: str, help: str, with_config: bool = False):
                 allocator.keep_freed_memory()
                 values = _merge_opposites(values)
                 config = values.pop("config", None)
-                file_values = {**_resumed_options(values.get("resume")), **(load_yaml(config, cls) if config else {})}
+                file_values = {
+                    **_resumed_options(values.get("resume"), values.get("init_adapter")),
+                    **(load_yaml(config, cls) if config else {}),
+                }
                 fn(build_config(cls, file_values, values))
             except UserError as e:
                 typer.echo(f"error: {e}", err=True)

@@ -27,6 +27,7 @@ from mlx_lora.model.lora import LINEAR_TYPES, apply_lora, block_paths, linear_di
 from mlx_lora.model.precision import dtype_name, restore
 from mlx_lora.model.vision import require_text
 from mlx_lora.reporting.results import spans
+from mlx_lora.training.init_adapter import from_adapter
 from mlx_lora.training.memory import (
     BatchLimits,
     MemoryEstimate,
@@ -98,6 +99,7 @@ def training_sets(cfg: TrainConfig, tokenizer) -> dict[str, list]:
 
 
 def info(cfg: TrainConfig, log=print) -> ModelInfo:
+    cfg, initial = from_adapter(cfg)  # --init-adapter: the adapter's shape, on the base it names
     # no weight is read: a model larger than memory is fine
     base = load_base(cfg.model, shapes_only=True, compute=cfg.compute_dtype)
     require_text(base, "info")
@@ -107,7 +109,7 @@ def info(cfg: TrainConfig, log=print) -> ModelInfo:
     bits = {n: m.bits for n, m in model.named_modules() if hasattr(m, "bits")}
     parameters = get_total_parameters(model)
     lora = LoRAConfig(**lora_part(cfg))
-    modules = apply_lora(model, lora)
+    modules = apply_lora(model, lora, initial[0].modules if initial else None)
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     with tempfile.TemporaryDirectory() as tmp:
         adapter = describe(base, lora, modules)
@@ -132,6 +134,7 @@ def info(cfg: TrainConfig, log=print) -> ModelInfo:
     for line in _by_block(dict.fromkeys(modules, ""), prefixes):
         log(line)
     log(f"trainable parameters: {trainable:,} ({100 * trainable / parameters:.3f}% of {parameters:,})")
+    log(f"learning rate: {cfg.learning_rate_text}")
     log(
         f"adapter on disk: {sum(sizes.values()):,} bytes ("
         + " + ".join(f"{name} {size:,}" for name, size in sizes.items())

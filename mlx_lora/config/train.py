@@ -3,6 +3,7 @@
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mlx_lora.config.data import DataConfig
@@ -20,6 +21,10 @@ BUILT_IN_REWARDS = ("exact-match", "format")
 # TRL's defaults: DPOConfig/ORPOConfig beta 0.1 (IPO's tau, ORPO's lambda); SimPO's paper and TRL's
 # CPO docs use beta 2.0 (CPOConfig's own default, 0.1, is for the sigmoid CPO loss); GRPOConfig 0.0.
 DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0, "grpo": 0.0}
+# AdamW's learning rate when --learning-rate is not given. 1e-3 suits LoRA on the shipped small
+# model; GRPO's policy-gradient steps want far smaller ones (TRL's GRPOConfig: 1e-6 for full
+# fine-tuning; LoRA recipes use 1e-5 to 5e-5).
+DEFAULT_LEARNING_RATE = {"sft": 1e-3, "dpo": 1e-3, "ipo": 1e-3, "orpo": 1e-3, "simpo": 1e-3, "grpo": 1e-5}
 GRPO_FIELDS = (
     "group_size",
     "max_completion_tokens",
@@ -61,7 +66,13 @@ class TrainConfig(DataConfig, LoRAConfig, PrecisionConfig):
     iters: int = opt(300, "Optimizer steps to train for.", panel=OPTIMISATION)
     epochs: float | None = opt(None, "Passes over the training set (instead of --iters).", panel=OPTIMISATION)
     batch_size: int = opt(4, "Rows per batch.", panel=OPTIMISATION)
-    learning_rate: float = opt(1e-3, "AdamW learning rate.", panel=OPTIMISATION)
+    learning_rate: float | None = opt(
+        None,
+        "AdamW learning rate (default by --objective: "
+        + ", ".join(f"{o} {lr:g}" for o, lr in DEFAULT_LEARNING_RATE.items())
+        + ").",
+        panel=OPTIMISATION,
+    )
     weight_decay: float = opt(0.0, "AdamW weight decay.", panel=OPTIMISATION)
     seed: int = opt(0, "Seed for LoRA init, dropout and data order.", panel=OPTIMISATION)
     adapter_path: str = opt("adapters", "Directory for the adapter, its config and checkpoints.", panel=SAVING)
@@ -73,6 +84,11 @@ class TrainConfig(DataConfig, LoRAConfig, PrecisionConfig):
     # Restores weights, optimizer, step, data order and random state; the run's saved options apply
     # unless given again. An adapter directory means its latest checkpoint.
     resume: str | None = opt(None, "Continue from a checkpoint or adapter directory.", panel=SAVING)
+    # A new run (fresh optimizer, step 0, its own --adapter-path) whose adapter starts as this one:
+    # its modules, rank, alpha and methods come with it (--dropout may change). SFT -> DPO or GRPO.
+    init_adapter: str | None = opt(
+        None, "Start a new run from this adapter's weights (mlx-lora, PEFT or mlx-lm files).", panel=MODEL
+    )
     # Training methods (issue 8): how the steps are computed, not what the adapter is.
     # The frozen blocks before the first LoRA block: their output is kept in RAM, or a temporary
     # file when large; --no-prefix-cache recomputes them every step.
@@ -145,6 +161,21 @@ class TrainConfig(DataConfig, LoRAConfig, PrecisionConfig):
         return [float(w) for w in split_list(self.reward_weights)]
 
     @property
+    def learning_rate_value(self) -> float:
+        """--learning-rate, or the objective's default."""
+        return (
+            self.learning_rate
+            if self.learning_rate is not None
+            else DEFAULT_LEARNING_RATE.get(self.objective, DEFAULT_LEARNING_RATE["sft"])
+        )
+
+    @property
+    def learning_rate_text(self) -> str:
+        """e.g. '1e-05 (grpo's default)', for the run's first lines and `info`."""
+        given = self.learning_rate is not None
+        return f"{self.learning_rate_value:g}" + ("" if given else f" ({self.objective}'s default)")
+
+    @property
     def beta_value(self) -> float:
         """--beta, or the objective's default."""
         return self.beta if self.beta is not None else DEFAULT_BETA.get(self.objective, 0.1)
@@ -159,7 +190,7 @@ class TrainConfig(DataConfig, LoRAConfig, PrecisionConfig):
             p.append(f"--show-mask must be at least 1, got {self.show_mask}")
         if self.epochs is not None and self.epochs <= 0:
             p.append(f"--epochs must be positive, got {self.epochs}")
-        if self.learning_rate <= 0:
+        if self.learning_rate is not None and self.learning_rate <= 0:
             p.append(f"--learning-rate must be positive, got {self.learning_rate}")
         if self.peer_timeout <= 0:
             p.append(f"--peer-timeout must be positive, got {self.peer_timeout}")
@@ -169,6 +200,7 @@ class TrainConfig(DataConfig, LoRAConfig, PrecisionConfig):
         unknown = set(split_list(self.report_to)) - set(REPORT_TO)
         if unknown:
             p.append(f"--report-to: unknown {', '.join(sorted(unknown))}; choose from {', '.join(REPORT_TO)}")
+        p += self._init_adapter_problems()
         if self.val_batches == 0 or self.val_batches < -1:
             p.append(f"--val-batches must be -1 (all) or a positive count, got {self.val_batches}")
         p += self._method_problems()
@@ -203,6 +235,21 @@ class TrainConfig(DataConfig, LoRAConfig, PrecisionConfig):
                 f"no reference for --objective {self.objective}; use --init default or gaussian"
             )
         return p
+
+    def _init_adapter_problems(self) -> list[str]:
+        if not self.init_adapter:
+            return []
+        if self.resume:
+            return [
+                "--init-adapter starts a new run from an adapter, --resume continues a run from its "
+                "checkpoint; give one of them"
+            ]
+        if Path(self.init_adapter).resolve() == Path(self.adapter_path).resolve():
+            return [
+                f"--adapter-path {self.adapter_path} is the adapter --init-adapter starts from; "
+                "give the new run its own --adapter-path"
+            ]
+        return []
 
     def _grpo_problems(self) -> list[str]:
         p = [
@@ -285,6 +332,7 @@ METHOD_FIELDS = (
     "final_lr_ratio",
     "early_stopping_patience",
     "objective",
+    "init_adapter",
     "beta",
     "label_smoothing",
     "simpo_gamma",
@@ -297,4 +345,4 @@ def method_options(cfg: "TrainConfig") -> dict[str, Any]:
     """How the run trained, as adapter_config.json's `training` block records it: the recipe
     (data, length, batch, learning rate) always, the methods only where changed from their defaults."""
     changed = {n: getattr(cfg, n) for n in METHOD_FIELDS if getattr(cfg, n) != getattr(TrainConfig, n)}
-    return {n: getattr(cfg, n) for n in RECIPE_FIELDS} | changed
+    return {n: getattr(cfg, n) for n in RECIPE_FIELDS} | {"learning_rate": cfg.learning_rate_value} | changed

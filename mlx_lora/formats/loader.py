@@ -20,13 +20,14 @@ from mlx_lora.model.lora import apply_lora
 from mlx_lora.model.vision import layout
 
 
-def read_adapter(directory: Path) -> tuple[AdapterConfig, Weights]:
-    """Config and weights (our names and shapes) of an adapter directory in any format FORMATS reads."""
+def read_adapter(directory: Path, flag: str = "--adapter-path") -> tuple[AdapterConfig, Weights]:
+    """Config and weights (our names and shapes) of an adapter directory in any format FORMATS reads;
+    `flag`: the option that named it, for the error."""
     directory = Path(directory)
     found = detect(directory)
     if found is None:
         raise UserError(
-            f"{directory}: no {ADAPTER_CONFIG} here; point --adapter-path at a directory written by "
+            f"{directory}: no {ADAPTER_CONFIG} here; point {flag} at a directory written by "
             f"`mlx-lora train`, PEFT ({PEFT_WEIGHTS}) or mlx_lm.lora"
         )
     fmt, probe = found

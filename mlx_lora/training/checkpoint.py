@@ -124,9 +124,10 @@ def read_state(checkpoint: Path) -> TrainerState:
 def saved_options(resume: str) -> dict[str, Any]:
     """The options the checkpointed run used, as a layer under YAML and flags (CLI precedence).
 
-    Its adapter path is the directory holding checkpoints/, wherever that has moved since."""
+    Its adapter path is the directory holding checkpoints/, wherever that has moved since. A run
+    started with --init-adapter continues from the checkpoint's weights, not that adapter's."""
     checkpoint = find_checkpoint(resume)
-    known = {f.name for f in fields(TrainConfig)}
+    known = {f.name for f in fields(TrainConfig)} - {"init_adapter"}
     options = {k: v for k, v in read_state(checkpoint).config.items() if k in known}
     return {**options, "adapter_path": str(checkpoint.parent.parent), "resume": str(checkpoint)}
 

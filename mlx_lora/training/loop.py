@@ -65,6 +65,7 @@ from mlx_lora.training.feed import Feed, make_feed
 from mlx_lora.training.grad_checkpoint import checkpoint_blocks
 from mlx_lora.training.grpo import PolicyLoss
 from mlx_lora.training.grpo_step import VALID_ROLLOUTS, GrpoStep, Sampling, read_prompts
+from mlx_lora.training.init_adapter import apply_initial, from_adapter
 from mlx_lora.training.memory import BatchLimits, check_training_memory
 from mlx_lora.training.objectives import Objective
 from mlx_lora.training.packing import enable_packing
@@ -244,6 +245,7 @@ def show_mask(cfg: TrainConfig, log=print) -> None:
 def build_run(cfg: TrainConfig, log=print) -> Run:
     """Everything before the first step; refuses (UserError) what cannot run."""
     world = distributed.init(cfg.peer_timeout)
+    cfg, initial = from_adapter(cfg)  # --init-adapter's LoRA options (and base) become the run's
     if cfg.objective == "grpo" and world.size > 1:
         raise UserError("--objective grpo runs in one process; start it without mlx.launch")
     log = log if world.main else distributed.quiet
@@ -255,19 +257,18 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     use_cpu_kernels(base.model, training=True, log=log)
     source = open_source(cfg.data, cfg.data_config, log)
     data = read_data(cfg, source, base, log)
-    model = base.model
-    pack_length = cfg.max_seq_length if cfg.pack else None
-    per_epoch = batches_per_epoch(data["train"], cfg.batch_size, pack_length) / cfg.grad_accumulation_steps
+    per_epoch = batches_per_epoch(data["train"], cfg.batch_size, cfg.max_seq_length if cfg.pack else None)
+    per_epoch /= cfg.grad_accumulation_steps
     iters = cfg.iters if cfg.epochs is None else max(1, round(cfg.epochs * per_epoch))
-    lr = learning_rate(cfg.learning_rate, cfg.lr_schedule, cfg.warmup_steps, cfg.final_lr_ratio, iters)
+    lr = learning_rate(cfg.learning_rate_value, cfg.lr_schedule, cfg.warmup_steps, cfg.final_lr_ratio, iters)
     optimizer = optim.AdamW(learning_rate=lr, weight_decay=cfg.weight_decay)
     last_saved = find_checkpoint(cfg.resume) if cfg.resume else None
-    progress, adapter = start_adapter(cfg, base, optimizer, last_saved, log)
-    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    progress, adapter = start_adapter(cfg, base, optimizer, last_saved, initial, log)
+    trainable = sum(v.size for _, v in tree_flatten(base.model.trainable_parameters()))
     log(
         f"model {base.name}: {cfg.summary()} on {len(adapter.modules)} modules in blocks "
         f"{adapter.layers}; {trainable:,} trainable parameters "
-        f"({100 * trainable / get_total_parameters(model):.3f}%)"
+        f"({100 * trainable / get_total_parameters(base.model):.3f}%); learning rate {cfg.learning_rate_text}"
     )
     stream = choose_memory(cfg, world, base, data, first=min(adapter.layers), progress=progress, iters=iters, log=log)
     if blas.note():  # once the run is sure to start, so an error stays one line
@@ -276,10 +277,10 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     if world.size > 1:
         log(f"group of {world.size} processes: each computes 1/{world.size} of every batch of {cfg.batch_size} rows")
     if cfg.pack:
-        enable_packing(model, base.config.get("model_type", "?"))
+        enable_packing(base.model, base.config.get("model_type", "?"))
     if cfg.grad_checkpoint:
-        checkpoint_blocks(model)
-    feed = choose_feed(cfg, world, model, min(adapter.layers), data, log, stream, processor=base.processor)
+        checkpoint_blocks(base.model)
+    feed = choose_feed(cfg, world, base.model, min(adapter.layers), data, log, stream, processor=base.processor)
     step, state = choose_step(cfg, base, optimizer, world, feed)
     return Run(
         cfg=cfg,
@@ -431,14 +432,19 @@ def choose_step(cfg: TrainConfig, base: Base, optimizer: optim.Optimizer, world:
     return GrpoStep(base.model, base.tokenizer, optimizer, sampling, loss, rewards, weights, cfg.grpo_iterations), []
 
 
-def start_adapter(cfg: TrainConfig, base: Base, optimizer: optim.Optimizer, checkpoint: Optional[Path], log):
-    """A new adapter on `base`, or the checkpoint's with its optimizer state: (where to start, its config)."""
+def start_adapter(cfg: TrainConfig, base: Base, optimizer: optim.Optimizer, checkpoint: Optional[Path], initial, log):
+    """A new adapter on `base` (fresh, or `initial`'s (config, weights) from --init-adapter), or the
+    checkpoint's with its optimizer state: (where to start, its config)."""
     if checkpoint:
         progress, adapter = load_checkpoint(checkpoint, base, cfg, optimizer)
         log(f"resuming from {checkpoint} after step {progress.step}")
         return progress, adapter
-    lora = LoRAConfig(**lora_part(cfg))
-    adapter = describe(base, lora, apply_lora(base.model, lora))
+    if initial:
+        adapter = apply_initial(base, *initial, Path(cfg.init_adapter))
+        log(f"starting from the adapter in {cfg.init_adapter}: its weights, a fresh optimizer, step 0")
+    else:
+        lora = LoRAConfig(**lora_part(cfg))
+        adapter = describe(base, lora, apply_lora(base.model, lora))
     optimizer.init(base.model.trainable_parameters())
     return TrainerState(step=0, batches_seen=0, rng_key=rng_key()), adapter
 

@@ -206,3 +206,17 @@ def test_info_memory_estimate_is_near_the_measured_peak_of_training(sizes, batch
     # ru_maxrss is the process's, ~0.5 GB of interpreter and libraries here: shown, not compared
     low, high = PEAK_RATIO
     assert low * peak <= estimate <= high * peak, f"estimate {estimate:,} B, MLX peak {peak:,} B, max RSS {rss:,} B"
+
+
+def test_info_with_init_adapter_shows_the_adapters_shape(llama, tiny_data, tmp_path):
+    """The adapter decides the modules and rank, and its base is the one loaded (no --model)."""
+    trained = tmp_path / "sft"
+    cfg = TrainConfig(model=str(llama), data=str(tiny_data), targets="o_proj", layers="1,2", rank=2, iters=1)
+    train(replace(cfg, adapter_path=str(trained)), log=lambda _: None)
+    lines, new = [], TrainConfig(data=str(tiny_data), init_adapter=str(trained), adapter_path=str(tmp_path / "new"))
+    shown = info(new, log=lines.append)
+    assert shown.modules == [f"model.layers.{i}.self_attn.o_proj" for i in (1, 2)] and shown.blocks == 4
+    train(new, log=lambda _: None)
+    written = {name: (tmp_path / "new" / name).stat().st_size for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)}
+    assert shown.adapter_bytes == written
+    assert any(line.startswith("LoRA r=2 alpha=16.0") for line in lines)

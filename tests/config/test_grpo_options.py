@@ -1,5 +1,7 @@
 """GRPO's options: declared once in TrainConfig, each bad value one line naming the flag."""
 
+from dataclasses import fields
+
 import pytest
 from typer.testing import CliRunner
 
@@ -66,3 +68,23 @@ def test_grpo_defaults_are_trls():
     assert (cfg.temperature, cfg.top_p, cfg.grpo_iterations) == (1.0, 1.0, 1)
     assert TrainConfig(rewards="exact-match, format", reward_weights="1, 0.5").reward_weight_values == [1.0, 0.5]
     assert TrainConfig(rewards="exact-match,format").reward_weight_values == [1.0, 1.0]
+
+
+def test_the_learning_rate_defaults_by_objective_and_help_says_so():
+    """Left out, --learning-rate is the objective's (sft's 1e-3 as before, grpo's 1e-5); given, it wins."""
+    assert {o: TrainConfig(objective=o).learning_rate_value for o in ("sft", "dpo", "orpo", "grpo")} == {
+        "sft": 1e-3,
+        "dpo": 1e-3,
+        "orpo": 1e-3,
+        "grpo": 1e-5,
+    }
+    assert TrainConfig(objective="grpo").learning_rate_text == "1e-05 (grpo's default)"
+    given = TrainConfig(objective="grpo", learning_rate=3e-5)
+    assert (given.learning_rate_value, given.learning_rate_text) == (3e-5, "3e-05")
+    (field,) = [f for f in fields(TrainConfig) if f.name == "learning_rate"]  # what --help prints
+    assert (
+        "(default by --objective: sft 0.001, dpo 0.001, ipo 0.001, orpo 0.001, simpo 0.001, grpo 1e-05)"
+        in (field.metadata["help"])
+    )
+    refused = CliRunner().invoke(app, ["train", "--objective", "grpo", "--learning-rate", "0"])
+    assert refused.exit_code == 2 and "--learning-rate must be positive, got 0.0" in refused.output

@@ -143,11 +143,13 @@ def test_train_grpo_writes_an_adapter_that_generate_loads(tmp_path):
     assert step["step"] == 2
     for key in (*GRPO_KEYS[:-1], "rewards/format/mean", "loss", "lr"):
         assert step[key] is not None, key
+    # no --learning-rate: grpo's default, not sft's 1e-3 (the optimizer holds it in float32)
+    assert step["lr"] == pytest.approx(1e-5, rel=2**-24) and "learning rate 1e-05 (grpo's default)" in result.output
     assert [r["step"] for r in records if r["val_reward"] is not None] == [0, 2]
     rollouts_written = [json.loads(line) for line in (out / VALID_ROLLOUTS).read_text().splitlines()]
     assert len(rollouts_written) == 2 * 2 * G and {r["step"] for r in rollouts_written} == {0, 2}
     training = json.loads((out / ADAPTER_CONFIG).read_text())["training"]
-    assert training["objective"] == "grpo" and training["rewards"] == "format"
+    assert training["objective"] == "grpo" and training["rewards"] == "format" and training["learning_rate"] == 1e-5
 
     generated = CliRunner().invoke(app, ["generate", "--adapter-path", str(out), "--prompt", "Q: 2 + 3?\nA:"])
     assert generated.exit_code == 0 and generated.stdout.strip(), generated.output
