@@ -9,8 +9,8 @@ GEMMA3_VOCAB = 262144
 
 @pytest.mark.slow
 def test_a_262k_vocabulary_trains_within_the_memory_estimate(tmp_path):
-    # hidden 64: the tied embedding/head is 262144 x 64 fp32 = 64 MB. Each row learns ~2 tokens of
-    # ~60, so the estimate counts 32 rows of logits: 0.25 GB against a measured peak of 0.23 GB
+    # hidden 64: the tied embedding/head is 262144 x 64 fp32 = 64 MB. Each row learns 2-3 of its ~195
+    # tokens, so the estimate counts 32 rows of logits: 0.25 GB against a measured peak of 0.23 GB
     # (2026-12-05). Training on the whole (B, T, 262144) logits (feed.loss_fn) peaked at 2.6 GB.
     model = make_hf_model(tmp_path / "model", "gemma3", vocab_size=GEMMA3_VOCAB)
     rows = [{"prompt": " ".join(["Q: What is 3 + 4? A: 7."] * 8), "completion": f" {i}"} for i in range(8)]
