@@ -99,14 +99,12 @@ TARGETS = ["q_proj", "v_proj"]
 # --arch: the random-weight layouts of tests/conftest.py (`_configs`) at a --shape's sizes (SIZE_KEYS),
 # with what the real models set beyond that: Gemma 3 1B's sliding window (conftest's 4 is cut for 9
 # tokens), Gemma 3's 262,144-token vocabulary. Phi-3's q, k and v are one linear, which all three train.
-ARCHS = {
-    name: (name, {})
-    for name in ("llama", "llama3", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma", "gemma2", "olmo2")
-} | {
-    "smollm3": ("smollm3", {}),
-    "phi3": ("phi3", {}),
+PLAIN = ("llama", "llama3", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "phi3", "gemma", "gemma2")
+ARCHS = {name: (name, {}) for name in PLAIN} | {
     "gemma3": ("gemma3", {"sliding_window": 512}),
     "gemma3-262k": ("gemma3", {"sliding_window": 512, "vocab_size": 262144}),
+    "olmo2": ("olmo2", {}),
+    "smollm3": ("smollm3", {}),
 }
 ARCH_TARGETS = {"phi3": ["qkv_proj"]}
 SIZE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
@@ -569,6 +567,8 @@ def parse_args() -> argparse.Namespace:
         help="let the MLX runs' transformers import torch, as it does wherever torch is installed",
     )
     a = p.parse_args()
+    if a.steps < 0:
+        p.error(f"--steps {a.steps}: give a number of steps, or 0 for the whole job")
     a.archs = list(ARCHS) if a.arch == "all" else [x for x in a.arch.split(",") if x]
     if unknown := [x for x in a.archs if x not in ARCHS]:
         p.error(f"--arch {','.join(unknown)}: not one of {', '.join(ARCHS)}, all")
