@@ -11,8 +11,10 @@ chat template after the same system turn (SYSTEM), so both sample from the same 
 (checked before the runs). Both: LoRA r=8, alpha 16 (scale 2), no dropout, on q_proj,v_proj of the
 last 4 blocks; AdamW without weight decay at --learning-rate; --batch-size prompts per step, G
 completions each, at most --max-completion-tokens, --temperature, top-p 1 and no top-k or min-p;
-loss type `grpo` (sequence mean), epsilon 0.2, --beta; one validation batch at the start and the end;
-seed 0.
+loss type `grpo` (sequence mean), epsilon 0.2, --beta; one validation batch of the valid prompts
+twice (ours before the first step and after the last, theirs before the first and before the last),
+seed 0. mlx-lora's CPU kernels are chosen (measured once per machine, then cached) before any timed
+run, so none pays for the measurement.
 
 Rewards: ours `exact-match` (the number after `####`, normalised, against the reference's); theirs
 `r1_accuracy_reward_func`, its GSM8K accuracy reward and the closest it has: 2.0 when the text
@@ -33,6 +35,9 @@ What cannot be matched, and the closest chosen:
   train_grpo with top_p 1, top_k 0, min_p 0, as ours samples. Their end_answer_token ("</answer>",
   an extra stop sequence) is turned off: ours stops at EOS or the length limit alone.
 - Advantages: theirs divide by the population std, ours by the Bessel-corrected one (TRL's).
+- Batching of the rollouts, each tool's own: theirs prefills each prompt once and forks its cache
+  for the G completions, then decodes --batch-size sequences at a time; ours prefills and decodes
+  all --batch-size x G at once.
 - Prompt order: ours shuffles its batches by --seed; theirs sorts by length and permutes batches.
   Each step reads --batch-size fresh prompts of the same --steps x --batch-size.
 
@@ -42,8 +47,10 @@ both. The rollout is the sampling (ours' GrpoStep.roll_out, with its reward scor
 generate_grpo); the update is the rest of the step: ours' old-policy and reference log-probs and
 the optimizer update, theirs' rewards, reference pass and update. Seconds per step are the
 median of the steps after the first. The whole command is the process's wall time as the driver
-sees it (loading, data, validations, steps, saving). Peak memory is mx.get_peak_memory() from
-process start and the process's max RSS.
+sees it (loading, data, validations, steps, saving): ours is `mlx-lora train`'s own entry point;
+theirs is this script doing what `mlx_lm_lora.train --train-mode grpo` does (load the model and
+the reference copy, wrap LoRA, build GRPODataset, train_grpo, which saves), less its final fuse.
+Peak memory is mx.get_peak_memory() from process start and the process's max RSS.
 """
 
 import argparse
@@ -279,6 +286,19 @@ def run_theirs(job: dict) -> None:
 # ---- the driver ---------------------------------------------------------------------------------
 
 NAMES = {"ours": "mlx-lora", "theirs": "mlx-lm-lora"}
+KERNELS = (
+    "import sys, mlx_lora\n"
+    "from mlx_lora.model.base import load_base\n"
+    "from mlx_lora.model.cpu_kernels import choose_kernels, wanted\n"
+    'print(choose_kernels(load_base(sys.argv[1], lazy=True).model, True).line() if wanted() else "MLX\'s own")'
+)
+
+
+def kernels(model_dir: Path, env: dict) -> str:
+    """Ours' CPU kernels as train chooses them: measured now if this machine has not yet (then kept
+    in the cache), so that no timed run pays for the measurement."""
+    cmd = [sys.executable, "-c", KERNELS, str(model_dir)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
 
 
 def spawn(who: str, job: dict, env: dict) -> dict:
@@ -342,6 +362,7 @@ def main() -> None:
     envs = {"ours": env, "theirs": dict(env, LD_PRELOAD=openblas or "")}
     peak = sgemm_peak(a.threads)
     print(machine_line(peak, a.threads), flush=True)
+    choice = kernels(model_dir, envs["ours"])
     job = dict(
         model=str(model_dir),
         steps=a.steps,
@@ -365,7 +386,7 @@ def main() -> None:
                 f"RSS {_gb(s['max_rss'])}",
                 flush=True,
             )
-    report(a, results, prompt_tokens, peak, openblas)
+    report(a, results, prompt_tokens, peak, openblas, choice)
 
 
 def _gb(x: float) -> str:
@@ -385,11 +406,11 @@ ROWS = [  # label, key, format, ratio: theirs/ours for times ("x faster"), ours/
 ]
 
 
-def report(a, results: dict[str, list[dict]], prompt_tokens: int, peak: float, openblas) -> None:
+def report(a, results: dict[str, list[dict]], prompt_tokens: int, peak: float, openblas, choice: str) -> None:
     print(
         f"\n{platform.node()} {platform.machine()} {os.cpu_count()} cpus, {a.threads} threads, "
         f"{time.strftime('%Y-%m-%d %H:%M')}; {a.rounds} round(s), medians; OpenBLAS {openblas}\n"
-        f"{machine_line(peak, a.threads)}\n"
+        f"{machine_line(peak, a.threads)}\nmlx-lora's CPU kernels: {choice}\n"
         f"GRPO on SmolLM2-135M-Instruct (fp32): {a.steps} steps of {a.batch_size} prompts x G={a.group_size}, "
         f"<= {a.max_completion_tokens} completion tokens, temperature {a.temperature}, beta {a.beta}, "
         f"lr {a.learning_rate}, loss {LOSS_TYPE}; LoRA r={LORA['rank']} alpha {LORA['alpha']:g} on "
@@ -400,7 +421,8 @@ def report(a, results: dict[str, list[dict]], prompt_tokens: int, peak: float, o
         med = {w: statistics.median(r[key] for r in runs) if key in runs[0] else None for w, runs in results.items()}
         cells = ["-" if v is None else (_gb(v) if fmt is None else fmt.format(v)) for v in med.values()]
         if ratio == "speed" and med["ours"] and med["ours"] > 1e-3:
-            cells.append(f"{med['theirs'] / med['ours']:.2f}x faster")
+            speed = med["theirs"] / med["ours"]
+            cells.append(f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower")
         elif ratio == "memory" and med["theirs"]:
             cells.append(f"{med['ours'] / med['theirs']:.2f}x the memory")
         else:
@@ -409,7 +431,7 @@ def report(a, results: dict[str, list[dict]], prompt_tokens: int, peak: float, o
     skipped = statistics.median(r["skipped"] for r in results["ours"])
     if skipped:
         print(
-            f"\nours skipped {skipped:.0%} of its groups (all rewards equal): their updates were not made, while "
+            f"\nours skipped {skipped:.0%} of its groups (all rewards equal) and made no update for them, while "
             "theirs updates on every group; --dense-reward times the updates like with like"
         )
 
