@@ -329,6 +329,15 @@ def summary(res: dict) -> dict:
     return dict(out, wall=res["wall"], peak_mlx=res["peak_mlx"], max_rss=res["max_rss"])
 
 
+def checked(p: argparse.ArgumentParser, a: argparse.Namespace) -> argparse.Namespace:
+    for name, least in (("steps", 2), ("group_size", 2), ("max_completion_tokens", 1), ("batch_size", 1)):
+        if getattr(a, name) < least:  # 2 steps: the first is left out of s/step; 2 completions: a group
+            p.error(f"--{name.replace('_', '-')} must be at least {least}")
+    if a.rounds < 1 or a.temperature <= 0 or a.beta < 0:
+        p.error("--rounds must be at least 1, --temperature positive, --beta 0 or more")
+    return a
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=10)
@@ -346,7 +355,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="alternating repetitions; medians reported")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--work", type=Path, default=None, help="keep the model and data here (default: a temp dir)")
-    a = p.parse_args()
+    a = checked(p, p.parse_args())
 
     import mlx_lora.blas as blas
 
