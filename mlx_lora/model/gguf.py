@@ -20,15 +20,22 @@ from mlx_lora.model.rope import ROPE_FREQS, ROPE_SCALING_KEY, llama3_scaling, ma
 
 GGUF_SUFFIX = ".gguf"
 # llama.cpp architecture -> Hugging Face model_type; a llama with experts is a Mixtral (convert_hf_to_gguf.py's)
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text"}
 CLASSES = {
     "llama": "LlamaForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 PAIRWISE_ROPE = ("llama", "mixtral")  # llama.cpp's q/k rows interleaved: unpermute
+# Gemma's RMSNorm multiplies by 1 + weight, llama.cpp's by the weight: the file's norms hold the 1
+NORMS_PLUS_1 = ("gemma3_text",)
+# llama.cpp tells Gemma 2 and 3 27B by their block counts, for their attention scale
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
+# llama.cpp's gemma3 fixes what Gemma 3's config can set: a global block every 6th, the others' rope base
+GEMMA3_PATTERN, GEMMA3_LOCAL_ROPE = 6, 10000.0
 GENERIC = "PreTrainedTokenizerFast"  # transformers' tokenizer class that changes nothing in tokenizer.json
 # llama.cpp refuses a gpt2 vocabulary without merges, so the GGUF writer gives a merge-less one this
 # merge. Symbols start as single characters and only merges make longer ones, so a merge of two
@@ -57,6 +64,13 @@ LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma's four norms a block: before and after attention, before and after the MLP
+GEMMA_LAYER_NAMES = LAYER_NAMES | {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+LAYER_NAMES_OF = {"gemma3_text": GEMMA_LAYER_NAMES}
 # A mixture-of-experts block's router and stacked experts, under the block's name (Mixtral's or Qwen's)
 EXPERT_NAMES = {
     "ffn_gate_inp": "gate",
@@ -187,12 +201,38 @@ def gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], path: Path) 
         config["head_dim"] = head_dim
     if model_type in MOE_BLOCK:
         config |= moe_config(key, model_type, path)
+    if model_type == "gemma3_text":
+        config |= gemma3_config(key, config, path)
     if ROPE_FREQS in weights:
         config["rope_scaling"] = rope_scaling(meta, np.array(weights[ROPE_FREQS]), config, path)
     for name in ("bos", "eos", "padding"):
         if f"tokenizer.ggml.{name}_token_id" in meta:
             config[f"{name.replace('padding', 'pad')}_token_id"] = meta[f"tokenizer.ggml.{name}_token_id"]
     return config
+
+
+def gemma_query_scalar(config: dict) -> int:
+    """What llama.cpp's gemma2 and gemma3 divide q by (the root of): hidden / heads for the 27B, else
+    head_dim; GGUF has no key for it, and Gemma 2's and 3's own configs follow this rule."""
+    if config["num_hidden_layers"] == GEMMA_27B_LAYERS[config["model_type"]]:
+        return config["hidden_size"] // config["num_attention_heads"]
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def gemma3_config(key, config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """What llama.cpp's gemma3 fixes or derives and mlx-lm's gemma3_text reads from the config
+    (its defaults are Gemma 3 1B's, so each is stated: head_dim 256 would be wrong here)."""
+    window = key("attention.sliding_window")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise UserError(f"--model {path}: metadata attention.sliding_window is {window!r:.40}; the file is damaged")
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return {
+        "head_dim": head_dim,
+        "query_pre_attn_scalar": gemma_query_scalar(config | {"head_dim": head_dim}),
+        "sliding_window": window,
+        "sliding_window_pattern": GEMMA3_PATTERN,
+        "rope_local_base_freq": GEMMA3_LOCAL_ROPE,
+    }
 
 
 def moe_config(key, model_type: str, path: Path) -> dict[str, Any]:
@@ -217,7 +257,8 @@ def hf_name(name: str, model_type: str = "llama") -> str:
         module = f"{MOE_BLOCK.get(model_type, 'mlp')}.{EXPERT_NAMES[parts[2]]}"
         return f"model.layers.{parts[1]}.{module}.{'.'.join(parts[3:])}"
     if parts[0] == "blk":
-        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{'.'.join(parts[3:])}"
+        module = LAYER_NAMES_OF.get(model_type, LAYER_NAMES)[parts[2]]
+        return f"model.layers.{parts[1]}.{module}.{'.'.join(parts[3:])}"
     return f"{TOP_NAMES[parts[0]]}.{'.'.join(parts[1:])}"
 
 
@@ -248,6 +289,8 @@ def hf_weights(weights: dict[str, mx.array], config: dict) -> dict[str, mx.array
             w = unpermute(w, config["num_attention_heads"])
         elif config["model_type"] in PAIRWISE_ROPE and ".k_proj." in key:
             w = unpermute(w, config["num_key_value_heads"])
+        elif config["model_type"] in NORMS_PLUS_1 and key.endswith("norm.weight"):
+            w = w - 1  # exact wherever the stored 1 + w lies in [0.5, 2] (Sterbenz)
         out[key] = w
     return out
 
@@ -346,6 +389,7 @@ def gguf_model(path: Path, lazy: bool = False) -> tuple[nn.Module, dict[str, Any
     weights = hf_weights(raw, config)
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
+    weights = model.sanitize(weights) if hasattr(model, "sanitize") else weights  # gemma3_text: drops a tied head
     if layers := quantized_layers(weights):
         config["quantization"] = quantization_config(layers)
         nn.quantize(model, GROUP_SIZE, 4, class_predicate=lambda p, _: layers.get(p, False))

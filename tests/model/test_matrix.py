@@ -46,7 +46,7 @@ ROWS = {
     "smollm3": "smollm3",
 }
 MOE = ("qwen3_moe", "mixtral")
-GGUF_READER_LACKS = ("gemma2", "gemma3", "phi3", "olmo2", "smollm3")
+GGUF_READER_LACKS = ("gemma2", "phi3", "olmo2", "smollm3")
 # Gemma 3 at its real pattern, 5 sliding blocks to 1 global (conftest's has 4 blocks, global the 4th)
 SIZES = {"gemma3": dict(num_hidden_layers=6, layer_types=["sliding_attention"] * 5 + ["full_attention"])}
 BLOCKS = 4  # conftest.SMALL's, unless SIZES says otherwise
