@@ -347,7 +347,7 @@ def test_sentencepiece_gives_the_same_ids_in_llama_cpp(sentencepiece_shaped, sco
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "phi3", "olmo2", "smollm3"])
 def test_our_gguf_reads_back_as_the_same_model(smollm2_tokenizer, arch, tmp_path):
     from mlx.utils import tree_flatten
 
