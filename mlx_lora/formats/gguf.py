@@ -12,6 +12,7 @@ import numpy as np
 
 from mlx_lora.errors import UserError
 from mlx_lora.formats.gguf_vocab import add_vocab
+from mlx_lora.model.gguf import GEMMA3_LOCAL_ROPE, GEMMA3_PATTERN, GEMMA_27B_LAYERS, gemma_query_scalar
 from mlx_lora.model.lora import MAGNITUDE, expert_name
 from mlx_lora.model.rope import LLAMA3, LLAMA3_DEFAULTS, ROPE_FREQS, ROPE_SCALING_KEY, llama3_factors, rope_type
 
@@ -45,12 +46,8 @@ ARCHITECTURES = {
 # llama.cpp rotates adjacent pairs (its rope type NORM) in these; the others rotate halves, as HF does
 PAIRWISE_ROPE = (gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.SMOLLM3)
 SMOLLM3_NO_ROPE_STEP = 4  # llama.cpp's smollm3 leaves rope out of every 4th block, fixed (no key for it)
-# llama.cpp tells Gemma 2 and 3 27B by their block counts, for their attention scale
-GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
 GEMMA_NAMES = {"gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}
 GEMMA_NORMS_PLUS_1 = (gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3)
-# llama.cpp's gemma3 fixes what Gemma 3's config can set: a global block every 6th, the others' rope base
-GEMMA3_PATTERN, GEMMA3_LOCAL_ROPE = 6, 10000.0
 
 
 def check_gguf(config: dict[str, Any], gguf_type: str, flag: str = "--export-gguf") -> None:
@@ -71,8 +68,8 @@ def check_gguf(config: dict[str, Any], gguf_type: str, flag: str = "--export-ggu
     kind = rope_type(config.get("rope_scaling"))
     if kind not in ("default", LLAMA3) or (kind == LLAMA3 and ARCHITECTURES[model_type][0] != gguf.MODEL_ARCH.LLAMA):
         raise UserError(f"{flag}: rope scaling '{kind}' of a {model_type} model is not written yet; {instead}")
-    if model_type in GEMMA_27B_LAYERS and config.get("query_pre_attn_scalar") != _gemma_query_scalar(config):
-        name, scalar = GEMMA_NAMES[model_type], _gemma_query_scalar(config)
+    if model_type in GEMMA_27B_LAYERS and config.get("query_pre_attn_scalar") != gemma_query_scalar(config):
+        name, scalar = GEMMA_NAMES[model_type], gemma_query_scalar(config)
         raise UserError(
             f"{flag}: llama.cpp scales {name}'s queries by 1/sqrt({scalar}), this model by "
             f"1/sqrt({config.get('query_pre_attn_scalar')}); llama.cpp cannot run it as trained"
@@ -103,14 +100,6 @@ def _what_llama_cpp_computes_otherwise(config: dict[str, Any]) -> str | None:
 def architecture(config: dict[str, Any]) -> str:
     """llama.cpp's name for the model's architecture (general.architecture): Mistral is llama."""
     return gguf.MODEL_ARCH_NAMES[ARCHITECTURES[config["model_type"]][0]]
-
-
-def _gemma_query_scalar(config: dict) -> int:
-    """What llama.cpp's gemma2 and gemma3 divide q by (the root of): hidden / heads for the 27B, else
-    head_dim; GGUF has no key for it, and Gemma 2's and 3's own configs follow this rule."""
-    if config["num_hidden_layers"] == GEMMA_27B_LAYERS[config["model_type"]]:
-        return config["hidden_size"] // config["num_attention_heads"]
-    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
 
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:

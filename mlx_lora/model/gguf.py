@@ -20,15 +20,39 @@ from mlx_lora.model.rope import ROPE_FREQS, ROPE_SCALING_KEY, llama3_scaling, ma
 
 GGUF_SUFFIX = ".gguf"
 # llama.cpp architecture -> Hugging Face model_type; a llama with experts is a Mixtral (convert_hf_to_gguf.py's)
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
+ARCHITECTURES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen3moe": "qwen3_moe",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+    "phi3": "phi3",
+    "olmo2": "olmo2",
+    "smollm3": "smollm3",
+}
+# the rope base a file without rope.freq_base runs at (llama.cpp's default, 10000, unless the
+# converter always writes it; these are mlx-lm's defaults too)
+ROPE_BASES = {"qwen2": 1000000.0, "qwen3": 1000000.0, "qwen3moe": 1000000.0, "gemma3": 1000000.0}
 CLASSES = {
     "llama": "LlamaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
 }
-PAIRWISE_ROPE = ("llama", "mixtral")  # llama.cpp's q/k rows interleaved: unpermute
+PAIRWISE_ROPE = ("llama", "mixtral", "smollm3")  # llama.cpp's q/k rows interleaved: unpermute
+# Gemma's RMSNorm multiplies by 1 + weight, llama.cpp's by the weight: the file's norms hold the 1
+NORMS_PLUS_1 = ("gemma2", "gemma3_text")
+# llama.cpp tells Gemma 2 and 3 27B by their block counts, for their attention scale
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
+# llama.cpp's gemma3 fixes what Gemma 3's config can set: a global block every 6th, the others' rope base
+GEMMA3_PATTERN, GEMMA3_LOCAL_ROPE = 6, 10000.0
 GENERIC = "PreTrainedTokenizerFast"  # transformers' tokenizer class that changes nothing in tokenizer.json
 # llama.cpp refuses a gpt2 vocabulary without merges, so the GGUF writer gives a merge-less one this
 # merge. Symbols start as single characters and only merges make longer ones, so a merge of two
@@ -56,6 +80,16 @@ LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# OLMo 2's norms after attention and after the MLP; Gemma's before them too; Phi-3's fused q/k/v
+# and gate/up projections (gate rows first, as llama.cpp's attn_qkv and ffn_up hold them)
+NORMS_AFTER = {"post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+GEMMA_LAYER_NAMES = LAYER_NAMES | NORMS_AFTER | {"ffn_norm": "pre_feedforward_layernorm"}
+LAYER_NAMES_OF = {
+    "gemma2": GEMMA_LAYER_NAMES,
+    "gemma3_text": GEMMA_LAYER_NAMES,
+    "olmo2": LAYER_NAMES | NORMS_AFTER,
+    "phi3": LAYER_NAMES | {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
 }
 # A mixture-of-experts block's router and stacked experts, under the block's name (Mixtral's or Qwen's)
 EXPERT_NAMES = {
@@ -146,8 +180,8 @@ def rope_scaling(meta: dict[str, Any], factors: np.ndarray, config: dict[str, An
     return rope
 
 
-def gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], path: Path) -> dict[str, Any]:
-    """The Hugging Face config.json keys mlx-lm's llama and qwen2 read, from llama.cpp's keys."""
+def readable(meta: dict[str, Any], weights: dict[str, mx.array], path: Path) -> tuple[str, str]:
+    """The file's llama.cpp architecture and the model_type it is read as; what is not read is refused."""
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise UserError(
@@ -157,8 +191,19 @@ def gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], path: Path) 
     model_type = "mixtral" if arch == "llama" and f"{arch}.expert_count" in meta else ARCHITECTURES[arch]
     if f"{arch}.expert_count" in meta and model_type not in MOE_BLOCK:
         raise UserError(f"--model {path}: experts in a GGUF of {arch} are not read; use the Hugging Face model")
-    if any(k.startswith(f"{arch}.rope.scaling") for k in meta) or (ROPE_FREQS in weights and arch != "llama"):
+    scaled = ROPE_FREQS in weights and arch != "llama" or any(n.startswith("rope_factors") for n in weights)  # Phi-3's
+    if any(k.startswith(f"{arch}.rope.scaling") for k in meta) or scaled:
         raise UserError(f"--model {path}: rope scaling in a GGUF is not read yet; use the Hugging Face model")
+    if unknown := [n for n in weights if n != ROPE_FREQS and hf_name(n, model_type) is None]:
+        raise UserError(
+            f"--model {path}: tensor {unknown[0]} of a GGUF of {arch} is not read; use the Hugging Face model"
+        )
+    return arch, model_type
+
+
+def gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], path: Path) -> dict[str, Any]:
+    """The Hugging Face config.json keys mlx-lm's models read, from llama.cpp's keys."""
+    arch, model_type = readable(meta, weights, path)
 
     def key(name: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{name}", default)
@@ -177,7 +222,7 @@ def gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], path: Path) 
         "num_attention_heads": heads,
         "num_key_value_heads": key("attention.head_count_kv", heads),
         "rms_norm_eps": float(f"{key('attention.layer_norm_rms_epsilon'):.6g}"),  # stored as float32
-        "rope_theta": float(key("rope.freq_base", 10000.0 if arch == "llama" else 1000000.0)),
+        "rope_theta": float(key("rope.freq_base", ROPE_BASES.get(arch, 10000.0))),
         "max_position_embeddings": key("context_length"),
         "vocab_size": len(meta["tokenizer.ggml.tokens"]),
         "tie_word_embeddings": "output.weight" not in weights,
@@ -187,12 +232,41 @@ def gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], path: Path) 
         config["head_dim"] = head_dim
     if model_type in MOE_BLOCK:
         config |= moe_config(key, model_type, path)
+    if model_type in GEMMA_27B_LAYERS:
+        config |= gemma_config(key, config, "output.weight" in weights, path)
     if ROPE_FREQS in weights:
         config["rope_scaling"] = rope_scaling(meta, np.array(weights[ROPE_FREQS]), config, path)
     for name in ("bos", "eos", "padding"):
         if f"tokenizer.ggml.{name}_token_id" in meta:
             config[f"{name.replace('padding', 'pad')}_token_id"] = meta[f"tokenizer.ggml.{name}_token_id"]
     return config
+
+
+def gemma_query_scalar(config: dict) -> int:
+    """What llama.cpp's gemma2 and gemma3 divide q by (the root of): hidden / heads for the 27B, else
+    head_dim; GGUF has no key for it, and Gemma 2's and 3's own configs follow this rule."""
+    if config["num_hidden_layers"] == GEMMA_27B_LAYERS[config["model_type"]]:
+        return config["hidden_size"] // config["num_attention_heads"]
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def gemma_config(key, config: dict[str, Any], untied: bool, path: Path) -> dict[str, Any]:
+    """What llama.cpp's gemma2 and gemma3 fix or derive and mlx-lm reads from the config (its
+    defaults are one Gemma's, so each is stated: head_dim 256 would be wrong here)."""
+    window = key("attention.sliding_window", None if config["model_type"] == "gemma3_text" else 4096)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise UserError(f"--model {path}: metadata attention.sliding_window is {window!r:.40}; the file is damaged")
+    if untied and config["model_type"] == "gemma2":
+        raise UserError(
+            f"--model {path}: a Gemma 2 with its own output head, which Gemma 2 has not; the file was altered"
+        )
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    scalar = gemma_query_scalar(config | {"head_dim": head_dim})
+    out = {"head_dim": head_dim, "query_pre_attn_scalar": scalar, "sliding_window": window}
+    if config["model_type"] == "gemma2":  # llama.cpp's defaults where the file has no key, as mlx-lm's
+        caps = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
+        return out | {name: key(name, cap) for name, cap in caps.items()}
+    return out | {"sliding_window_pattern": GEMMA3_PATTERN, "rope_local_base_freq": GEMMA3_LOCAL_ROPE}
 
 
 def moe_config(key, model_type: str, path: Path) -> dict[str, Any]:
@@ -209,16 +283,21 @@ def moe_config(key, model_type: str, path: Path) -> dict[str, Any]:
     return {"num_experts": experts, "num_experts_per_tok": used} | moe
 
 
-def hf_name(name: str, model_type: str = "llama") -> str:
+def hf_name(name: str, model_type: str = "llama") -> str | None:
     """blk.3.attn_q.scales -> model.layers.3.self_attn.q_proj.scales; blk.3.ffn_up_exps.weight ->
     model.layers.3.mlp.switch_mlp.up_proj.weight (Mixtral: block_sparse_moe)"""
     parts = name.split(".")
+    if parts[0] == "blk" and len(parts) < 3:
+        return None
     if parts[0] == "blk" and parts[2] in EXPERT_NAMES:
         module = f"{MOE_BLOCK.get(model_type, 'mlp')}.{EXPERT_NAMES[parts[2]]}"
         return f"model.layers.{parts[1]}.{module}.{'.'.join(parts[3:])}"
-    if parts[0] == "blk":
-        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{'.'.join(parts[3:])}"
-    return f"{TOP_NAMES[parts[0]]}.{'.'.join(parts[1:])}"
+    names = LAYER_NAMES_OF.get(model_type, LAYER_NAMES)
+    if parts[0] == "blk" and parts[2] in names:
+        return f"model.layers.{parts[1]}.{names[parts[2]]}.{'.'.join(parts[3:])}"
+    if parts[0] in TOP_NAMES:
+        return f"{TOP_NAMES[parts[0]]}.{'.'.join(parts[1:])}"
+    return None
 
 
 def unpermute(w: mx.array, n_head: int) -> mx.array:
@@ -248,6 +327,8 @@ def hf_weights(weights: dict[str, mx.array], config: dict) -> dict[str, mx.array
             w = unpermute(w, config["num_attention_heads"])
         elif config["model_type"] in PAIRWISE_ROPE and ".k_proj." in key:
             w = unpermute(w, config["num_key_value_heads"])
+        elif config["model_type"] in NORMS_PLUS_1 and key.endswith("norm.weight"):
+            w = w - 1  # exact wherever the stored 1 + w lies in [0.5, 2] (Sterbenz)
         out[key] = w
     return out
 
@@ -346,6 +427,7 @@ def gguf_model(path: Path, lazy: bool = False) -> tuple[nn.Module, dict[str, Any
     weights = hf_weights(raw, config)
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
+    weights = model.sanitize(weights) if hasattr(model, "sanitize") else weights  # gemma3_text: drops a tied head
     if layers := quantized_layers(weights):
         config["quantization"] = quantization_config(layers)
         nn.quantize(model, GROUP_SIZE, 4, class_predicate=lambda p, _: layers.get(p, False))

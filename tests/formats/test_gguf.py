@@ -347,7 +347,7 @@ def test_sentencepiece_gives_the_same_ids_in_llama_cpp(sentencepiece_shaped, sco
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "phi3", "olmo2", "smollm3"])
 def test_our_gguf_reads_back_as_the_same_model(smollm2_tokenizer, arch, tmp_path):
     from mlx.utils import tree_flatten
 
@@ -363,6 +363,59 @@ def test_our_gguf_reads_back_as_the_same_model(smollm2_tokenizer, arch, tmp_path
         expected = mlx_logits(ours.model, tokens)
         assert np.abs(mlx_logits(back.model, tokens) - expected).max() <= 1e-5 * np.abs(expected).max(), name
     llm.close()
+
+
+@pytest.fixture(scope="module")
+def gemma_tokenizer(tmp_path_factory) -> Path:
+    """A SentencePiece BPE shaped as Gemma's (its special pieces and ids, no dummy prefix, byte
+    fallback, digits split), trained here on README.md, as transformers' GemmaTokenizer saves it."""
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("gemma-spm")
+    (root / "corpus.txt").write_text((Path(__file__).parents[2] / "README.md").read_text() + PROMPTS["unicode"])
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(root / "corpus.txt"), model_prefix=str(root / "sp"), vocab_size=1000, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
+        eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", user_defined_symbols=["<start_of_turn>"],
+        add_dummy_prefix=False, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        split_digits=True, minloglevel=2,
+    )  # fmt: skip
+    (root / "src").mkdir()
+    shutil.copy(root / "sp.model", root / "src" / "tokenizer.model")
+    special = {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    config = special | {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True}
+    (root / "src" / "tokenizer_config.json").write_text(json.dumps(config))
+    AutoTokenizer.from_pretrained(root / "src").save_pretrained(root / "tok")
+    shutil.copy(root / "sp.model", root / "tok" / "tokenizer.model")
+    return root / "tok"
+
+
+@pytest.mark.slow
+def test_gemma3_gguf_reads_back_with_gemmas_tokenizer_and_logits(gemma_tokenizer, tmp_path):
+    """The writer's Gemma 3 (norms + 1, q/k norms, sliding window, tied head, a SentencePiece
+    vocabulary) read back: the ids of the Hugging Face tokenizer (and llama.cpp's), the same logits."""
+    import sentencepiece
+    from mlx.utils import tree_flatten
+
+    pattern = dict(num_hidden_layers=6, layer_types=["sliding_attention"] * 5 + ["full_attention"])  # llama.cpp's
+    ours = load_base(str(make_hf_model(tmp_path / "gemma3", "gemma3", tokenizer=gemma_tokenizer, **pattern)))
+    path = tmp_path / GGUF_FILE
+    write_gguf(path, dict(tree_flatten(ours.model.parameters())), ours.config, gemma_tokenizer, "f32")
+    back = load_base(str(path))
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(gemma_tokenizer / "tokenizer.model"))
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    for name, text in PROMPTS.items():
+        tokens = ours.tokenizer.encode(text)
+        assert tokens == [2] + sp.encode(text), name
+        assert back.tokenizer.encode(text) == tokens == llm.tokenize(text.encode(), add_bos=True, special=False), name
+        assert back.tokenizer.decode(tokens[1:]) == text, name
+        expected = mlx_logits(ours.model, tokens)
+        assert np.abs(mlx_logits(back.model, tokens) - expected).max() <= 1e-5 * np.abs(expected).max(), name
+    llm.close()
+    assert {k: back.config[k] for k in ("sliding_window", "sliding_window_pattern", "query_pre_attn_scalar")} == {
+        k: ours.config[k] for k in ("sliding_window", "sliding_window_pattern", "query_pre_attn_scalar")
+    }
 
 
 def test_unknown_pre_tokenizer_is_refused_in_one_line(smollm2_shaped, tmp_path):

@@ -187,26 +187,28 @@ def test_missing_or_foreign_gguf_is_a_user_error(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    supported = "llama, qwen2, qwen3, qwen3moe"
+    supported = "llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, olmo2, smollm3"
     with pytest.raises(
         UserError, match=f"a GGUF of gpt2; reading GGUF supports {supported} only; use the Hugging Face"
     ):
         load_base(str(tmp_path / "gpt2.gguf"))
 
 
-def _crafted_llama(path, **overrides):
-    """A llama GGUF header with small sizes and `overrides` (key -> value) in place of them."""
+def _crafted_llama(path, arch="llama", tensors=(), **overrides):
+    """A GGUF header of `arch` (llama) with small sizes and `overrides` (key -> value) in place of
+    them, the embedding and `tensors` (names) beside it."""
     import gguf
 
     sizes = {"embedding_length": 64, "block_count": 1, "feed_forward_length": 128, "attention.head_count": 4}
     sizes |= {"attention.head_count_kv": 2, "context_length": 128, "attention.layer_norm_rms_epsilon": 1e-5}
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     for name, value in (sizes | overrides).items():
         kind = gguf.GGUFValueType.FLOAT32 if isinstance(value, float) else gguf.GGUFValueType.STRING
         kind = gguf.GGUFValueType.INT32 if isinstance(value, int) else kind
-        writer.add_key_value(f"llama.{name}", value, kind)
+        writer.add_key_value(f"{arch}.{name}", value, kind)
     writer.add_token_list(["a", "b"])
-    writer.add_tensor("token_embd.weight", np.zeros((2, 64), np.float32))
+    for name in ("token_embd.weight", *tensors):
+        writer.add_tensor(name, np.zeros((2, 64), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -236,5 +238,22 @@ def _crafted_llama(path, **overrides):
 )
 def test_a_crafted_gguf_size_the_reader_divides_by_is_a_user_error(tmp_path, overrides, expected):
     path = _crafted_llama(tmp_path / "crafted.gguf", **overrides)
+    with pytest.raises(UserError, match=re.escape(expected)):
+        load_base(str(path))
+
+
+@pytest.mark.parametrize(
+    "arch,tensors,overrides,expected",
+    [
+        ("llama", ["blk.0.attn_gate.weight"], {}, "tensor blk.0.attn_gate.weight of a GGUF of llama is not read"),
+        ("llama", ["blk"], {}, "tensor blk of a GGUF of llama is not read"),
+        ("phi3", ["rope_factors_long.weight"], {}, "rope scaling in a GGUF is not read yet"),
+        ("gemma3", [], {}, "metadata attention.sliding_window is None; the file is damaged"),
+        ("gemma3", [], {"attention.sliding_window": 0}, "metadata attention.sliding_window is 0; the file is damaged"),
+        ("gemma2", ["output.weight"], {}, "a Gemma 2 with its own output head, which Gemma 2 has not"),
+    ],
+)
+def test_a_gguf_with_what_the_reader_cannot_hold_is_a_user_error(tmp_path, arch, tensors, overrides, expected):
+    path = _crafted_llama(tmp_path / "crafted.gguf", arch, tensors, **overrides)
     with pytest.raises(UserError, match=re.escape(expected)):
         load_base(str(path))
