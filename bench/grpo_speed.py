@@ -66,6 +66,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_speed  # noqa: E402
 from train_speed import REAL, _blas_in_maps, build_model, machine_line, sgemm_peak  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -302,21 +303,10 @@ def kernels(model_dir: Path, env: dict) -> str:
 
 
 def spawn(who: str, job: dict, env: dict) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_run", who, json.dumps(job)]
-    start = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.time() - start
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if proc.returncode or line is None:
-        sys.exit(f"{who} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    res = json.loads(line[len("RESULT ") :])
-    if env.get("EXPECT_OPENBLAS") and "openblas" not in res["blas"]:
-        sys.exit(f"{who} ran on {res['blas']}, not OpenBLAS: the numbers would be meaningless")
-    if res["torch"]:
-        sys.exit(f"{who} imported torch although it was hidden: its RSS would not be what the bench says")
+    res = train_speed.spawn(who, dict(job, hide_torch=True), env, script=__file__)
     if len(res["steps"]) != job["steps"]:
         sys.exit(f"{who} timed {len(res['steps'])} steps of {job['steps']}")
-    return dict(res, wall=wall)
+    return res
 
 
 def summary(res: dict) -> dict:

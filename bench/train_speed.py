@@ -503,8 +503,9 @@ def _blas_in_maps() -> str:
 # ---- the driver -------------------------------------------------------------------------------
 
 
-def spawn(who: str, job: dict, env: dict) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_run", who, json.dumps(job)]
+def spawn(who: str, job: dict, env: dict, script: str = __file__) -> dict:
+    """Run `script _run who job` in a process of its own (grpo_speed.py's too); its RESULT line, checked."""
+    cmd = [sys.executable, str(Path(script).resolve()), "_run", who, json.dumps(job)]
     start = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.time() - start
@@ -516,7 +517,7 @@ def spawn(who: str, job: dict, env: dict) -> dict:
         sys.exit(f"{who} ran on {res['blas']}, not OpenBLAS: the numbers would be meaningless")
     if job.get("hide_torch") and who != "peft" and res["torch"]:
         sys.exit(f"{who} imported torch although it was hidden: its RSS would not be what the bench says")
-    return dict(res, wall=wall, to_first=res["first_wall"] - start)
+    return dict(res, wall=wall, **({"to_first": res["first_wall"] - start} if "first_wall" in res else {}))
 
 
 def epochs_of(res: dict, per_epoch: int, tokens: int) -> list[float]:
