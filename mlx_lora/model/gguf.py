@@ -377,6 +377,33 @@ def gguf_tokenizer_files(meta: dict[str, Any], out: Path) -> None:
             config[name] = tokens["tokens"][token_id]
     backend, _ = convert_gguf_tokenizer(meta["general.architecture"], tokens)
     PreTrainedTokenizerFast(tokenizer_object=backend, **config).save_pretrained(out)
+    _drop_tokens_beyond(out, len(tokens["tokens"]))
+
+
+def _drop_tokens_beyond(out: Path, n: int) -> None:
+    """Tokens the converter added past the file's own n (GPT-2's default `<|endoftext|>` where the
+    file names no such token): the model has no embedding row for them, and a GGUF written from this
+    tokenizer would list more tokens than its embedding has rows. They go, and so does any special
+    token setting that names one."""
+    tok = json.loads((out / "tokenizer.json").read_text())
+    gone = {a["content"] for a in tok.get("added_tokens", []) if a["id"] >= n}
+    if not gone:
+        return
+    tok["added_tokens"] = [a for a in tok["added_tokens"] if a["id"] < n]
+    (out / "tokenizer.json").write_text(json.dumps(tok))
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if not (out / name).is_file():
+            continue
+        settings = json.loads((out / name).read_text())
+        for key, value in list(settings.items()):
+            content = value.get("content") if isinstance(value, dict) else value
+            if isinstance(content, str) and content in gone:
+                del settings[key]
+            elif isinstance(value, list):
+                settings[key] = [v for v in value if (v.get("content") if isinstance(v, dict) else v) not in gone]
+        if isinstance(settings.get("added_tokens_decoder"), dict):
+            settings["added_tokens_decoder"] = {i: v for i, v in settings["added_tokens_decoder"].items() if int(i) < n}
+        (out / name).write_text(json.dumps(settings, indent=2))
 
 
 def load_gguf_tokenizer(meta: dict[str, Any], eos_token_ids: Any) -> TokenizerWrapper:

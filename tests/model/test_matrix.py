@@ -61,7 +61,8 @@ def _expected_refusals() -> dict[tuple[str, str], str]:
 COLUMNS = {
     "train from HF dir": "the loaded base gives transformers' logits (fp32); 8 steps lower the validation loss",
     "train from GGUF": "a Q8_0 GGUF of the base loads still 8-bit quantized and gives llama.cpp's logits (within "
-    "Q8_0's activation rounding, 1e-1 of the largest); 8 steps on it lower the validation loss",
+    "Q8_0's activation rounding, 1e-1 of the largest); 8 steps on it lower the validation loss; that adapter "
+    "fused with `--export-gguf --gguf-type f32` gives, in llama.cpp, our logits of it on the Q8_0 base (1e-4)",
     "generate": "`generate` with the adapter: each greedy token is transformers' greedy choice on the fused model "
     "(up to a near tie within fp32)",
     "eval": "`eval`'s loss with the adapter equals transformers' cross-entropy of the fused model (fp32)",
@@ -203,6 +204,24 @@ def train_from_gguf(s: Subject) -> None:
     ours = mlx_logits(base.model, TOKENS)
     assert np.abs(theirs - ours).max() <= TOLERANCE["q8_0"] * max(1.0, np.abs(ours).max())
     assert len(_train(path, s.data, s.root / "gguf-adapter")) == ITERS
+    _gguf_trained_fuses_into_llama_cpp(s, path)
+
+
+def _gguf_trained_fuses_into_llama_cpp(s: Subject, path: Path) -> None:
+    """GGUF in, trained, fused, GGUF out: llama.cpp runs the fused f32 file as we run the adapter on the
+    Q8_0 base (its weights de-quantized exactly, so float32 rounding apart, as fused_gguf; Gemma within
+    GELU_TABLE_TOLERANCE, its GELU being ggml's f16 table there)."""
+    from mlx_lora.commands.fuse import fuse
+    from mlx_lora.formats.loader import load_for_inference
+
+    out, adapter = s.root / "gguf-fused", str(s.root / "gguf-adapter")
+    fuse(FuseConfig(adapter_path=adapter, save_path=str(out), export_gguf=True, gguf_type="f32"), log=lambda _: None)
+    ours = mlx_logits(load_for_inference(str(path), adapter).model, TOKENS)
+    llm = _llama(out / "model.gguf")
+    theirs = cpp_logits(llm, TOKENS)
+    llm.close()
+    tol = GELU_TABLE_TOLERANCE if s.arch in ("gemma2", "gemma3") else TOLERANCE["f32"]
+    assert np.abs(theirs - ours).max() <= tol * max(1.0, np.abs(ours).max())
 
 
 def generate(s: Subject) -> None:
