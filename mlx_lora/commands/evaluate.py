@@ -2,7 +2,9 @@
 
 Loss counts exactly the tokens training counts (feed.loss_fn over data.py's masks). Exact match
 generates greedily, batched by mlx-lm's BatchGenerator (left-padded KV caches), and compares the
-final answers: GSM8K's convention, the text after `####`, with numbers normalised.
+final answers: GSM8K's convention, the text after `####`, with numbers normalised. A
+vision-language base reads its rows and computes its loss as its training does (training/vision.py)
+and generates one row at a time through mlx-vlm, as `generate --image` does.
 """
 
 import math
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import make_sampler
 
 from mlx_lora import atomic
 from mlx_lora.commands.preference_eval import run_preference
@@ -22,13 +25,16 @@ from mlx_lora.data.dataset import DataSplit, Encoding, load_splits
 from mlx_lora.data.preference import preference_split
 from mlx_lora.data.rows import Row, row_format
 from mlx_lora.data.sources import open_source, split_label
+from mlx_lora.data.vision import split_images
 from mlx_lora.errors import UserError
 from mlx_lora.formats.loader import load_for_inference
+from mlx_lora.inference.generation import vision_responses
 from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.model.lora import lora_layers, remove_lora
-from mlx_lora.model.vision import require_text
 from mlx_lora.reporting.progress import Bar, on_terminal
+from mlx_lora.training.feed import PLAIN
 from mlx_lora.training.validation import mean_loss
+from mlx_lora.training.vision import VisionFeed, vision_split
 
 # --- what to generate ------------------------------------------------------------------------
 
@@ -42,6 +48,7 @@ class Item:
     tokens: list[int]
     reference: str
     marked: bool  # the reference holds `####`: compare final answers, else the whole texts
+    images: tuple[Path, ...] = ()  # a vision-language base's images, one per placeholder in `prompt`
 
     def answer(self, text: str) -> str | None:
         return answer(text, self.marked)
@@ -61,15 +68,17 @@ class Item:
         return (text, False) if end == -1 else (text[:end], True)
 
 
-def generation_items(rows: list[Row], tokenizer, task: str) -> list[Item]:
+def generation_items(rows: list[Row], tokenizer, task: str, vision: bool = False) -> list[Item]:
     """The rows exact match applies to: with `####` in the reference, or every row for exact-match.
 
     Text rows have no boundary between question and answer; cutting them at `####` would hand the
-    model its worked solution, so they get loss and perplexity only.
+    model its worked solution, so they get loss and perplexity only. For a vision-language base
+    (`vision`), a row's images are placeholders in the prompt, as its chat template writes them.
     """
     items = []
-    for where, number, row in rows:
-        fmt = row_format(where, row)
+    for where, number, fields in rows:
+        row, checked, images = split_images(where, fields) if vision else (fields, fields, [])
+        fmt = row_format(where, checked)
         if fmt == "text":
             if task == "exact-match":
                 raise UserError(
@@ -77,7 +86,7 @@ def generation_items(rows: list[Row], tokenizer, task: str) -> list[Item]:
                     "use prompt/completion or messages rows for --task exact-match"
                 )
             continue
-        if fmt == "completion":
+        if "messages" not in row:
             prompt, reference = row["prompt"], row["completion"]
             tokens = tokenizer.encode(prompt)
         else:
@@ -89,7 +98,7 @@ def generation_items(rows: list[Row], tokenizer, task: str) -> list[Item]:
             raise UserError(f"{where}: the prompt is empty, so there is nothing to answer; give the row a prompt")
         marked = final_answer(reference) is not None
         if task == "exact-match" or (task == "auto" and marked):
-            items.append(Item(number, prompt, tokens, reference, marked))
+            items.append(Item(number, prompt, tokens, reference, marked, tuple(images)))
     return items
 
 
@@ -151,6 +160,24 @@ def generate_answers(
     return texts
 
 
+def vision_answers(base, items: list[Item], max_tokens: int, advance=lambda: None) -> list[str]:
+    """generate_answers' greedy continuations for a vision-language base, one item at a time through
+    mlx-vlm (generate --image's path), each item's images read by the model's own processor."""
+    stops, greedy, texts = set(base.tokenizer.eos_token_ids), make_sampler(temp=0.0), []
+    for item in items:
+        tokens, text = [], ""
+        for r in vision_responses(base, item.prompt, list(item.images), max_tokens, greedy):
+            if r.finish_reason is not None or r.token in stops:  # mlx-vlm's last response repeats the last token
+                break
+            tokens.append(r.token)
+            text, complete = item.cut(base.tokenizer.decode(tokens))
+            if complete:
+                break
+        texts.append(text)
+        advance()
+    return texts
+
+
 # --- one model, then the comparison ----------------------------------------------------------
 
 
@@ -176,13 +203,18 @@ class Scores:
         }
 
 
-def score(model: nn.Module, tokenizer, examples, items: list[Item], cfg: EvalConfig, name: str, log) -> Scores:
-    loss = mean_loss(model, examples, cfg.batch_size, log=log)
+def score(base, examples, items: list[Item], cfg: EvalConfig, name: str, log) -> Scores:
+    vision = base.processor is not None
+    feed = VisionFeed(base.model, base.processor, log) if vision else PLAIN
+    loss = mean_loss(base.model, examples, cfg.batch_size, feed=feed, log=log)
     scores = Scores(loss, math.exp(loss))
     if not items:
         return scores
     with progress(len(items), f"generating ({name})", log) as advance:
-        texts = generate_answers(model, tokenizer, items, cfg.batch_size, cfg.max_tokens, advance)
+        if vision:
+            texts = vision_answers(base, items, cfg.max_tokens, advance)
+        else:
+            texts = generate_answers(base.model, base.tokenizer, items, cfg.batch_size, cfg.max_tokens, advance)
     for item, text in zip(items, texts):
         predicted, expected = item.answer(text), item.answer(item.reference)
         correct = is_correct(predicted, expected)
@@ -198,8 +230,12 @@ def default_adapter(cfg: EvalConfig) -> str | None:
     return TrainConfig.adapter_path if Path(TrainConfig.adapter_path).is_dir() else None
 
 
-def split_examples(cfg: EvalConfig, source, tokenizer, log) -> DataSplit:
-    """The split's examples for the loss, tokenized now or read from the cache, and its rows."""
+def split_examples(cfg: EvalConfig, source, base, log) -> DataSplit:
+    """The split's examples for the loss, tokenized now or read from the cache, and its rows; a
+    vision-language base's as its training encodes them (training/vision.py)."""
+    if base.processor is not None:
+        return vision_split(source, data_part(cfg), base, cfg.split, cfg.max_seq_length, cfg.max_examples, log)
+    tokenizer = base.tokenizer
     encoding = Encoding(cfg.max_seq_length, first=cfg.max_examples)
     cache_dir = cache_location(cfg.data_cache, cfg.cache_data, log)
     splits = (cfg.split,)
@@ -218,20 +254,23 @@ def run(cfg: EvalConfig, log=print) -> dict:
             f"--compare-base needs an adapter: pass --adapter-path (./{TrainConfig.adapter_path} does not exist)"
         )
     base = load_for_inference(cfg.model, adapter_path, cfg.compute_dtype)
-    require_text(base, "eval")
     use_cpu_kernels(base.model)
     source = open_source(cfg.data, cfg.data_config, log)
     preference = preference_split(source, cfg.split)  # the split's .jsonl file when it holds preference rows
+    if base.processor is not None and (cfg.task == "preference" or preference):
+        raise UserError(
+            f"--task preference on a vision-language model ({base.name}) is not built yet; see docs/vision.md"
+        )
     if cfg.task == "preference" or (cfg.task == "auto" and preference):
         return preference_result(cfg, base, adapter_path, source, preference, log)
     if preference:
         raise UserError(
             f"{preference}:1: preference rows (prompt, chosen, rejected); evaluate them with --task preference"
         )
-    split = split_examples(cfg, source, base.tokenizer, log)
+    split = split_examples(cfg, source, base, log)
     rows, examples = split.rows, split.examples
     path = split_label(source, data_part(cfg), cfg.split)  # after: a split that does not exist is refused by name
-    items = [] if cfg.task == "loss" else generation_items(rows(), base.tokenizer, cfg.task)
+    items = [] if cfg.task == "loss" else generation_items(rows(), base.tokenizer, cfg.task, base.processor is not None)
     log(
         f"eval {base.name}{f' + {adapter_path}' if adapter_path else ''} on {path}: {len(examples)} rows for loss, "
         f"{len(items)} for exact match"
@@ -243,10 +282,10 @@ def run(cfg: EvalConfig, log=print) -> dict:
                 f"--adapter-path {adapter_path}: the adapter left no LoRA layers to remove, "
                 "so the base cannot be compared"
             )
-        scores["adapter"] = score(base.model, base.tokenizer, examples, items, cfg, "adapter", log)
+        scores["adapter"] = score(base, examples, items, cfg, "adapter", log)
         remove_lora(base.model)  # the untouched base layers are back: exactly the base
     if cfg.compare_base or not adapter_path:
-        scores["base"] = score(base.model, base.tokenizer, examples, items, cfg, "base", log)
+        scores["base"] = score(base, examples, items, cfg, "base", log)
     result = report(base.name, adapter_path, path, cfg.task, examples, items, scores)
     if cfg.output:
         atomic.write_json(Path(cfg.output), result)

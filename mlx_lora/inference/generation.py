@@ -87,16 +87,20 @@ def check_image(path: Path) -> None:
 def vision_stream(base: Base, prompt: str, images: list[str], cfg: InferenceConfig) -> Iterator:
     """mlx-vlm's responses (`.text` as mlx-lm's) for one user turn holding `images` then `prompt`,
     in the chat template, each image read by the model's own processor."""
-    from mlx_vlm.generate import stream_generate  # present: the base was loaded through it
-
     for image in images:
         check_image(Path(image))
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
     text = chat_text(base, [{"role": "user", "content": content}])
-    sampler = make_sampler(temp=cfg.temp, top_p=cfg.top_p)
-    yield from stream_generate(
-        base.model, base.processor, text, image=images or None, max_tokens=cfg.max_tokens, sampler=sampler
-    )
+    yield from vision_responses(base, text, images, cfg.max_tokens, make_sampler(temp=cfg.temp, top_p=cfg.top_p))
+
+
+def vision_responses(base: Base, text: str, images: list, max_tokens: int, sampler) -> Iterator:
+    """mlx-vlm's responses to `text`, a prompt already in the chat template with a placeholder per
+    image, `images` (paths, in order) read by the model's own processor: generate, chat and eval."""
+    from mlx_vlm.generate import stream_generate  # present: the base was loaded through it
+
+    paths = [str(p) for p in images] or None
+    yield from stream_generate(base.model, base.processor, text, image=paths, max_tokens=max_tokens, sampler=sampler)
 
 
 def speed_line(response: GenerationResponse) -> str:

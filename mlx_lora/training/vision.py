@@ -14,8 +14,9 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_lora.config.data import DataConfig
-from mlx_lora.data.mapping import iter_mapped
-from mlx_lora.data.sources import split_label, train_valid_streams
+from mlx_lora.data.dataset import DataSplit
+from mlx_lora.data.mapping import iter_mapped, map_rows
+from mlx_lora.data.sources import split_label, split_rows, train_valid_streams
 from mlx_lora.data.vision import VisionExample, encode_vision_rows, pixel_inputs
 from mlx_lora.model.cpu_kernels import cross_entropy
 from mlx_lora.model.vision import layout
@@ -68,6 +69,18 @@ def vision_sets(source, data: DataConfig, base, max_seq_length: int, log=print, 
         )
         for role, rows in (("train", train), ("valid", valid))
     }
+
+
+def vision_split(
+    source, data: DataConfig, base, wanted: str, max_seq_length: int, first: int | None, log=print
+) -> DataSplit:
+    """One split of a vision-language base's rows, as training encodes them (eval's), its first
+    `first` rows only. Not kept in --data-cache: a cached set would not see an image changed on disk."""
+    token = layout(base.config, "eval").image_token
+    rows = map_rows(split_rows(source, data, wanted, log)[:first], data)
+    label = split_label(source, data, wanted)
+    examples = encode_vision_rows(label, rows, base.tokenizer, base.processor, token, max_seq_length, log)
+    return DataSplit(examples, lambda say=log: rows)
 
 
 def vision_refusals(objective: str, pack: bool, stream_prefix: str, group: int) -> list[str]:

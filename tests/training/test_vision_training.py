@@ -172,7 +172,6 @@ def test_a_missing_image_is_one_line_naming_the_row(qwen2_vl, shapes, tmp_path):
     "command",
     [
         ["info", "--data", "DATA"],
-        ["eval", "--adapter-path", "ADAPTER", "--data", "DATA", "--split", "valid"],
         ["fuse", "--adapter-path", "ADAPTER", "--save-path", "OUT"],
         ["chat"],
     ],

@@ -1,0 +1,81 @@
+"""eval and chat on a vision-language base: image rows and turns read as training and `generate --image` read them."""
+
+import json
+
+import pytest
+from conftest import write_jsonl, write_shapes
+from typer.testing import CliRunner
+
+from mlx_lora.cli import app
+from mlx_lora.commands.evaluate import Item, run
+from mlx_lora.config import EvalConfig, GenerateConfig
+from mlx_lora.data.batches import collate
+from mlx_lora.data.rows import file_rows
+from mlx_lora.data.vision import encode_vision_rows
+from mlx_lora.inference.generation import generate
+from mlx_lora.model.base import load_base
+from mlx_lora.model.cpu_kernels import use_cpu_kernels
+from mlx_lora.training.vision import VisionFeed
+
+IMAGE_TOKEN = "<|image_pad|>"
+QUESTION = "What colour is the square?"
+TEXT_ROW = {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi there"}]}
+EPS = 2.0**-23
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """Two image rows and a text-only row in test.jsonl."""
+    out = write_shapes(tmp_path_factory.mktemp("shapes"), {"train": 2, "test": 2})
+    rows = [json.loads(line) for line in (out / "test.jsonl").read_text().splitlines()]
+    write_jsonl(out / "test.jsonl", [*rows, TEXT_ROW])
+    return out
+
+
+def generated(model_dir, prompt: str, images: list[str]) -> str:
+    """What `generate` (with `--image` for each image) writes for `prompt`, six tokens, greedily."""
+    cfg = GenerateConfig(model=str(model_dir), prompt=prompt, image=images, max_tokens=6)
+    base = load_base(str(model_dir))
+    return base.tokenizer.decode(list(generate(base, cfg))[-1].token_ids)  # mlx-vlm's last response lists them all
+
+
+def test_eval_answers_an_image_row_and_a_text_row_as_generate_does(qwen2_vl, shapes, monkeypatch):
+    monkeypatch.chdir(shapes)  # no ./adapters here: eval scores the base
+    cfg = EvalConfig(model=str(qwen2_vl), data=str(shapes), split="test", task="exact-match", max_tokens=6)
+    result = run(cfg, log=lambda *_: None)
+    assert result["rows"] == 3 and result["base"]["answered"] == 3
+    first, _, text = result["predictions"]
+    want = generated(qwen2_vl, QUESTION, [str(shapes / "imgs" / "0002.png")])
+    item = Item(1, "", [], "a one-line reference", marked=False)  # eval ends such an answer at its line's end
+    assert want and first["base"]["prediction"] == item.cut(want)[0]
+    assert text["base"]["prediction"] == item.cut(generated(qwen2_vl, "Say hi", []))[0]
+
+
+def test_eval_loss_on_an_image_row_is_the_training_loss_of_that_row(qwen2_vl, shapes, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    row = (shapes / "test.jsonl").read_text().splitlines()[0].replace("imgs/", f"{shapes}/imgs/")
+    data = write_jsonl(tmp_path / "data" / "test.jsonl", [json.loads(row)])
+    cfg = EvalConfig(model=str(qwen2_vl), data=str(data.parent), split="test", task="loss")
+    got = run(cfg, log=lambda *_: None)["base"]["loss"]
+    base = load_base(str(qwen2_vl))
+    use_cpu_kernels(base.model)  # as eval and training run it
+    examples = encode_vision_rows(str(data), file_rows(data), base.tokenizer, base.processor, IMAGE_TOKEN, 2048)
+    assert examples[0].images == (shapes / "imgs" / "0002.png",)
+    feed = VisionFeed(base.model, base.processor)
+    want, _ = feed.loss(base.model, *feed.inputs(examples, [0], collate(examples, [0])))
+    # the same computation; eval's token-weighted mean multiplies by the count and divides again
+    assert abs(got - want.item()) <= 2 * EPS * want.item()
+
+
+def test_eval_with_a_missing_image_is_one_line_naming_the_file_and_row(qwen2_vl, shapes, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rows = (shapes / "test.jsonl").read_text().splitlines()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "imgs").symlink_to(shapes / "imgs")
+    rows[1] = rows[1].replace("imgs/0003.png", "imgs/9999.png")
+    (tmp_path / "data" / "test.jsonl").write_text("\n".join(rows) + "\n")
+    args = ["eval", "--model", str(qwen2_vl), "--data", str(tmp_path / "data"), "--split", "test"]
+    result = CliRunner().invoke(app, args)
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert "test.jsonl:2: image " in errors[0] and "imgs/9999.png: no such file" in errors[0]
