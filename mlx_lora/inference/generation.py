@@ -71,17 +71,18 @@ def generate(base: Base, cfg: GenerateConfig) -> Iterator[GenerationResponse]:
     yield from stream(base, prompt_tokens(base, cfg.prompt, cfg.chat), cfg)
 
 
-def check_image(path: Path) -> None:
-    """A missing or unreadable --image is one line, before any work (mlx-vlm would raise deep inside)."""
+def check_image(path: Path, what: str = "--image") -> None:
+    """A missing or unreadable image (`what` names where it was given) is one line, before any work
+    (mlx-vlm would raise deep inside)."""
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
-        raise UserError(f"--image {path}: no such file")
+        raise UserError(f"{what} {path}: no such file")
     try:
         with Image.open(path) as image:
             image.load()
     except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise UserError(f"--image {path}: cannot read it ({e}); give a PNG, JPEG or other image Pillow reads") from None
+        raise UserError(f"{what} {path}: cannot read it ({e}); give a PNG, JPEG or other image Pillow reads") from None
 
 
 def vision_stream(base: Base, prompt: str, images: list[str], cfg: InferenceConfig) -> Iterator:

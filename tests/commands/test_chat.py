@@ -74,3 +74,15 @@ def test_chat_needs_a_chat_template(hf_models, tmp_path):
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     result = CliRunner().invoke(app, ["chat", "--model", str(model)], input="hi\n")
     assert result.exit_code == 2 and "has no chat template" in result.output
+
+
+def test_image_on_a_text_model_is_one_line_and_the_chat_goes_on(llama, tmp_path):
+    result = CliRunner().invoke(
+        app, ["chat", "--model", str(llama), "--max-tokens", "3"], input=f"/image {tmp_path}/a.png\nhi\n/quit\n"
+    )
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        "error: /image: " + str(llama) + " is a text model; give a vision-language --model (docs/vision.md)"
+    )
+    assert result.output.count("you> ") == 3  # the turn after it was answered

@@ -6,6 +6,7 @@ import pytest
 from conftest import write_jsonl, write_shapes
 from typer.testing import CliRunner
 
+import mlx_lora.commands.chat
 from mlx_lora.cli import app
 from mlx_lora.commands.evaluate import Item, run
 from mlx_lora.config import EvalConfig, GenerateConfig
@@ -79,3 +80,31 @@ def test_eval_with_a_missing_image_is_one_line_naming_the_file_and_row(qwen2_vl,
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
     assert "test.jsonl:2: image " in errors[0] and "imgs/9999.png: no such file" in errors[0]
+
+
+def test_chat_attaches_an_image_to_the_next_turn_and_answers_as_generate_does(qwen2_vl, shapes, monkeypatch):
+    calls = []
+    vision_responses = mlx_lora.commands.chat.vision_responses
+
+    def recording(base, text, images, max_tokens, sampler):
+        calls.append((text, list(images)))
+        return vision_responses(base, text, images, max_tokens, sampler)
+
+    monkeypatch.setattr(mlx_lora.commands.chat, "vision_responses", recording)
+    image, missing = str(shapes / "imgs" / "0002.png"), str(shapes / "imgs" / "9999.png")
+    script = [f"/image {image}", QUESTION, f"/image {missing}", "/image", "and now?", "/reset", "Say hi", "/quit"]
+    args = ["chat", "--model", str(qwen2_vl), "--max-tokens", "6"]
+    result = CliRunner().invoke(app, args, input="\n".join(script) + "\n")
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    out = result.stdout
+    assert f"] you> {image} attached to your next turn\n" in out
+    assert f"error: /image {missing}: no such file\n" in out and "error: /image needs a path: /image PATH\n" in out
+    first_reply = out.split(f"{image} attached to your next turn\n[base] you> ", 1)[1].split("\n", 1)[0]
+    want = "".join(
+        r.text for r in generate(load_base(str(qwen2_vl)), GenerateConfig(prompt=QUESTION, image=[image], max_tokens=6))
+    )
+    assert first_reply == want and want
+    # the image stays in the conversation for the next turn; /reset starts without it
+    (first, images1), (second, images2), (third, images3) = calls
+    assert images1 == images2 == [image] and second.startswith(first) and second.count(IMAGE_TOKEN) == 1
+    assert images3 == [] and IMAGE_TOKEN not in third

@@ -173,7 +173,6 @@ def test_a_missing_image_is_one_line_naming_the_row(qwen2_vl, shapes, tmp_path):
     [
         ["info", "--data", "DATA"],
         ["fuse", "--adapter-path", "ADAPTER", "--save-path", "OUT"],
-        ["chat"],
     ],
 )
 def test_a_command_not_built_for_vision_models_says_so_in_one_line(qwen2_vl, shapes, adapter, tmp_path, command):
