@@ -1,15 +1,22 @@
 """Rows for a vision-language base: chat rows whose user turns hold images, and text-only rows.
 
-A user turn's content may be a list of parts, {"type": "text", "text": ...} and {"type": "image",
-"image": "imgs/0001.png"} (a path relative to the data file). The conversation is rendered whole by
-the chat template with each image as the template's placeholder, masked as any chat row
-(chat.encode_chat: assistant turns only), and each placeholder then replaced by the run of image
-tokens the model's own processor makes of that image, never a target. The images are read again
-when a batch needs their pixels (pixel_inputs), so a set holds paths and tokens, not pixels.
+A user turn's content may be a list of parts, {"type": "text", "text": ...}, {"type": "image",
+"image": "imgs/0001.png"} (a path relative to the data file) and OpenAI's {"type": "image_url",
+"image_url": {"url": "data:image/png;base64,..."}} (a data URL; nothing is fetched from the
+network). A prompt/completion row with an `images` list is the conversation `generate --image`
+makes of it: a user turn holding the images, then the prompt; an assistant turn, the completion.
+The conversation is rendered whole by the chat template with each image as the template's
+placeholder, masked as any chat row (chat.encode_chat: assistant turns only), and each placeholder
+then replaced by the run of image tokens the model's own processor makes of that image, never a
+target. The images are read again when a batch needs their pixels (pixel_inputs), so a set holds
+paths (or a row's data URLs) and tokens, not pixels.
 """
 
+import base64
+import binascii
 from collections.abc import Iterable
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -19,21 +26,26 @@ from mlx_lora.data.examples import ExampleSet, check_same_format, encode_row
 from mlx_lora.data.rows import Row, row_format
 from mlx_lora.errors import UserError
 
-IMAGE, TEXT = "image", "text"
+IMAGE, IMAGE_URL, TEXT = "image", "image_url", "text"
+DATA_URL = "data:"
+PARTS = (
+    '{"type": "text", "text": string} or an image, {"type": "image", "image": "path"} or '
+    '{"type": "image_url", "image_url": {"url": "data:..."}}'
+)
 
 
 @dataclass
 class VisionExample:
     tokens: np.ndarray  # (T,) int32, each image as its processor's run of image tokens
     mask: np.ndarray  # (T,) bool: token t is a training target
-    images: tuple[Path, ...]  # in the order their runs appear in `tokens`
+    images: tuple[Path | str, ...]  # in the order their runs appear in `tokens`; a str is a data URL
 
 
 @dataclass(frozen=True, eq=False)
 class VisionSet(ExampleSet):
     """An ExampleSet whose rows also name their images, so batches, masks and lengths read it as any set."""
 
-    images: tuple[tuple[Path, ...], ...] = ()  # (N,): example i's images
+    images: tuple[tuple[Path | str, ...], ...] = ()  # (N,): example i's images
 
     @classmethod
     def of_examples(cls, examples: list[VisionExample]) -> "VisionSet":
@@ -51,28 +63,68 @@ def data_file(where: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def _image_part(where: str, part, root: Path | None) -> Path | None:
-    """The image a content part names (None for a text part); a part of another shape is an error."""
-    if isinstance(part, dict) and part.get("type") == TEXT and isinstance(part.get("text"), str):
-        return None
-    if not (isinstance(part, dict) and part.get("type") == IMAGE and isinstance(part.get(IMAGE), str)):
-        raise UserError(
-            f'{where} must be {{"type": "text", "text": string}} or {{"type": "image", "image": "path"}}, '
-            f"got {part!r:.60}"
-        )
+def _image_path(where: str, path: str, root: Path | None) -> Path:
     if root is None:
         raise UserError(f"{where}: image paths are read relative to a JSONL data file; give --data a file or folder")
-    return root / part[IMAGE]
+    return root / path
+
+
+def _data_url(where: str, url) -> str:
+    """An image_url's URL, which must be a data URL: mlx-lora reads no image from the network."""
+    if not isinstance(url, str):
+        raise UserError(f'{where} must be {{"type": "image_url", "image_url": {{"url": "data:..."}}}}, got {url!r:.60}')
+    if not url.startswith(DATA_URL):
+        raise UserError(
+            f"{where}: image_url {url:.60}: only data URLs (data:image/png;base64,...) are read; images are "
+            "not fetched from the network: download it and give its path as an image part"
+        )
+    return url
+
+
+def _image_part(where: str, part, root: Path | None) -> Path | str | None:
+    """The image a content part names (None for a text part); a part of another shape is an error."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == TEXT and isinstance(part.get("text"), str):
+        return None
+    if kind == IMAGE and isinstance(part.get(IMAGE), str):
+        return _image_path(where, part[IMAGE], root)
+    if kind == IMAGE_URL and isinstance(part.get(IMAGE_URL), dict):
+        return _data_url(where, part[IMAGE_URL].get("url"))
+    raise UserError(f"{where} must be {PARTS}, got {part!r:.60}")
+
+
+def _root(where: str) -> Path | None:
+    file = data_file(where)
+    return None if file is None else file.parent
+
+
+def _completion_images(where: str, fields: dict) -> tuple[dict, dict, list[Path]]:
+    """split_images of a prompt/completion row with an `images` list: the conversation `generate
+    --image` makes of it, the images first in the user turn, the completion the assistant's."""
+    if "messages" in fields or "text" in fields:
+        raise UserError(
+            f"{where}: an 'images' list goes with prompt and completion; in a messages row put each image "
+            'in its user turn as {"type": "image", "image": "path"}'
+        )
+    row_format(where, fields)  # a prompt and a completion, strings
+    images = fields["images"]
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise UserError(f"{where}: key 'images' must be a list of image paths (relative to the data file)")
+    found = [_image_path(f"{where}: images[{i}]", p, _root(where)) for i, p in enumerate(images)]
+    content = [{"type": IMAGE} for _ in found] + [{"type": TEXT, "text": fields["prompt"]}]
+    messages = [{"role": "user", "content": content}, {"role": "assistant", "content": fields["completion"]}]
+    return {"messages": messages}, fields, found
 
 
 def split_images(where: str, fields: dict) -> tuple[dict, dict, list[Path]]:
     """(the row for the template: image parts as {"type": "image"}; the row as the text checks read
     it, each content list as its text; the images in order)."""
+    if "images" in fields:
+        return _completion_images(where, fields)
     messages = fields.get("messages")
     if not isinstance(messages, list):
         return fields, fields, []
-    file = data_file(where)
-    root = None if file is None else file.parent
+    root = _root(where)
     template, checked, images = [], [], []
     for i, m in enumerate(messages):
         content = m.get("content") if isinstance(m, dict) else None
@@ -89,21 +141,31 @@ def split_images(where: str, fields: dict) -> tuple[dict, dict, list[Path]]:
     return {**fields, "messages": template}, {**fields, "messages": checked}, images
 
 
-def open_image(where: str, path: Path):
-    """The image as RGB, decoded now so a broken file is refused here, naming its row."""
-    from PIL import Image
+def _data_url_bytes(url: str) -> BytesIO:
+    """A base64 data URL's bytes (data:[<type>][;base64],<data>)."""
+    head, comma, data = url.partition(",")
+    if not comma or not head.endswith(";base64"):
+        raise ValueError("not a base64 data URL (data:image/png;base64,...)")
+    return BytesIO(base64.b64decode(data, validate=True))
 
+
+def open_image(where: str, source: Path | str):
+    """The image (a path, or a data URL) as RGB, decoded now so a broken one is refused here, naming its row."""
+    from PIL import Image  # the vision extra's
+
+    url = isinstance(source, str)
+    name = f"image_url {source:.40}..." if url else f"image {source}"
     try:
-        with Image.open(path) as image:
+        with Image.open(_data_url_bytes(source) if url else source) as image:
             return image.convert("RGB")
     except FileNotFoundError:
-        raise UserError(f"{where}: image {path}: no such file (image paths are relative to the data file)") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{where}: {name}: no such file (image paths are relative to the data file)") from None
+    except (OSError, ValueError, binascii.Error, Image.DecompressionBombError) as e:
         why = f"cannot read it ({e}); give a PNG, JPEG or other image Pillow reads"
-        raise UserError(f"{where}: image {path}: {why}") from None
+        raise UserError(f"{where}: {name}: {why}") from None
 
 
-def expand_images(where: str, tokens, mask, images: list[Path], processor, image_token: str) -> tuple:
+def expand_images(where: str, tokens, mask, images: list[Path | str], processor, image_token: str) -> tuple:
     """Each of the template's image placeholders replaced by its image's run of tokens (masked out)."""
     token_id = processor.tokenizer.convert_tokens_to_ids(image_token)
     at = np.flatnonzero(tokens == token_id)
@@ -130,7 +192,7 @@ def encode_vision_row(
     """A row's tokens, mask and images, and its row format; a row without images is encoded as for a text model."""
     template, checked, images = split_images(where, fields)
     fmt = row_format(where, checked)
-    if not images:
+    if not images and template is checked:  # no image, and no conversation made of a prompt/completion row
         ex = encode_row(where, tokenizer, fmt, fields, **masking)
         return VisionExample(ex.tokens, ex.mask, ()), fmt
     tokens, mask = encode_chat(where, tokenizer, template, **masking)
@@ -179,8 +241,8 @@ def encode_vision_rows(
     return VisionSet.of_examples(examples)
 
 
-def pixel_inputs(processor, images: list[Path]) -> dict[str, np.ndarray]:
-    """What the model's vision tower reads for `images`, in order, from the model's own image processor
-    (Qwen2-VL: pixel_values (patches, C·t·p·p) and image_grid_thw (images, 3))."""
-    out = processor.image_processor(images=[open_image(str(p), p) for p in images])
+def pixel_inputs(processor, images: list[Path | str]) -> dict[str, np.ndarray]:
+    """What the model's vision tower reads for `images` (paths or data URLs), in order, from the model's
+    own image processor (Qwen2-VL: pixel_values (patches, C·t·p·p) and image_grid_thw (images, 3))."""
+    out = processor.image_processor(images=[open_image("a row's image", p) for p in images])
     return {k: np.asarray(v) for k, v in out.items()}

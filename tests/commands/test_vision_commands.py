@@ -1,5 +1,6 @@
 """eval and chat on a vision-language base: image rows and turns read as training and `generate --image` read them."""
 
+import base64
 import json
 
 import pytest
@@ -50,6 +51,28 @@ def test_eval_answers_an_image_row_and_a_text_row_as_generate_does(qwen2_vl, sha
     item = Item(1, "", [], "a one-line reference", marked=False)  # eval ends such an answer at its line's end
     assert want and first["base"]["prediction"] == item.cut(want)[0]
     assert text["base"]["prediction"] == item.cut(generated(qwen2_vl, "Say hi", []))[0]
+
+
+def image_rows(image) -> dict:
+    """The same question about `image` as a prompt/completion row with `images`, and as a chat row
+    whose image is a data URL."""
+    url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    parts = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]
+    return {
+        "completion": {"prompt": QUESTION, "completion": "red", "images": [str(image)]},
+        "data URL": {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": "red"}]},
+    }
+
+
+@pytest.mark.parametrize("kind", ["completion", "data URL"])
+def test_eval_answers_other_image_rows_as_generate_with_the_file_does(qwen2_vl, shapes, tmp_path, monkeypatch, kind):
+    monkeypatch.chdir(tmp_path)
+    image = shapes / "imgs" / "0002.png"
+    data = write_jsonl(tmp_path / "data" / "test.jsonl", [image_rows(image)[kind]])
+    cfg = EvalConfig(model=str(qwen2_vl), data=str(data.parent), split="test", task="exact-match", max_tokens=6)
+    (row,) = run(cfg, log=lambda *_: None)["predictions"]
+    want = generated(qwen2_vl, QUESTION, [str(image)])
+    assert want and row["base"]["prediction"] == Item(1, "", [], "red", marked=False).cut(want)[0]
 
 
 def test_eval_loss_on_an_image_row_is_the_training_loss_of_that_row(qwen2_vl, shapes, tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """Rows for a vision-language base: image parts expanded by the model's processor, masks on replies only."""
 
+import base64
 import json
 
 import numpy as np
@@ -8,7 +9,7 @@ from conftest import write_jsonl, write_shapes
 from PIL import Image
 
 from mlx_lora.data.rows import file_rows
-from mlx_lora.data.vision import encode_vision_rows
+from mlx_lora.data.vision import encode_vision_rows, pixel_inputs
 from mlx_lora.errors import UserError
 from mlx_lora.model.base import load_base
 
@@ -94,3 +95,93 @@ def test_a_bad_image_row_is_one_line_naming_it(base, shapes, tmp_path, row, mess
 def test_a_cut_through_an_image_is_refused(base, shapes):
     with pytest.raises(UserError, match=r"train.jsonl:1: its images end at token \d+, past --max-seq-length 30"):
         encode(base, shapes / "train.jsonl", limit=30)
+
+
+def data_url(path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def image_url_row(url: str) -> dict:
+    row = image_row("unused")
+    row["messages"][0]["content"][0] = {"type": "image_url", "image_url": {"url": url}}
+    return row
+
+
+def test_an_image_url_data_url_reads_the_pixels_of_the_same_image_as_a_file(base, shapes, tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "0000.png").write_bytes((shapes / "imgs" / "0000.png").read_bytes())
+    url = data_url(tmp_path / "imgs" / "0000.png")
+    as_file, as_url = encode(
+        base, write_jsonl(tmp_path / "train.jsonl", [image_row("imgs/0000.png"), image_url_row(url)])
+    )
+    assert as_url.images == (url,) and as_file.images == (tmp_path / "imgs" / "0000.png",)
+    assert as_url.tokens.tolist() == as_file.tokens.tolist() and as_url.mask.tolist() == as_file.mask.tolist()
+    file_pixels, url_pixels = (pixel_inputs(base.processor, list(ex.images)) for ex in (as_file, as_url))
+    assert file_pixels.keys() == url_pixels.keys() == {"pixel_values", "image_grid_thw"}
+    assert all(np.array_equal(file_pixels[k], url_pixels[k]) for k in file_pixels)
+
+
+def test_a_prompt_completion_row_with_images_is_generate_images_conversation(base, shapes, tmp_path):
+    """Its tokens are the chat row of a user turn holding the images then the prompt, and the
+    completion as the reply: trained alone, the images' pixels those of the files."""
+    (tmp_path / "imgs").mkdir()
+    for name in ("0000.png", "0001.png"):
+        (tmp_path / "imgs" / name).write_bytes((shapes / "imgs" / name).read_bytes())
+    images = ["imgs/0000.png", "imgs/0001.png"]
+    rows = [
+        {"prompt": "Which is red?", "completion": "the first", "images": images},
+        {"prompt": "Say hi", "completion": "hi", "images": []},
+    ]
+    two, none = encode(base, write_jsonl(tmp_path / "train.jsonl", rows))
+    content = [{"type": "image", "image": p} for p in images] + [{"type": "text", "text": "Which is red?"}]
+    chat = {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "the first"}]}
+    want = encode(base, write_jsonl(tmp_path / "chat.jsonl", [chat]))[0]
+    assert two.images == tuple(tmp_path / p for p in images) == want.images
+    assert two.tokens.tolist() == want.tokens.tolist() and two.mask.tolist() == want.mask.tolist()
+    assert base.processor.tokenizer.decode(two.tokens[two.mask]) == "the first<|im_end|>\n"
+    pixels = pixel_inputs(base.processor, list(two.images))
+    files = base.processor.image_processor(images=[Image.open(tmp_path / p).convert("RGB") for p in images])
+    assert all(np.array_equal(pixels[k], np.asarray(files[k])) for k in files)
+    # an empty list is the same conversation without images, not the raw prompt and completion
+    text = {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]}
+    assert none.tokens.tolist() == encode(base, write_jsonl(tmp_path / "text.jsonl", [text]))[0].tokens.tolist()
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (
+            image_url_row("https://example.com/a.png"),
+            r"train.jsonl:2: messages\[0\].content\[0\]: image_url https://example.com/a.png: only data URLs "
+            r"\(data:image/png;base64,...\) are read; images are not fetched from the network",
+        ),
+        (
+            image_url_row("data:image/png;base64,bm90IGEgcG5n"),
+            r"train.jsonl:2: image_url data:image/png.*: cannot read it",
+        ),
+        (
+            image_url_row("data:image/png,abc"),
+            r"train.jsonl:2: image_url data:image/png,abc...: cannot read it \(not a base64",
+        ),
+        ({"prompt": "p", "completion": "c", "images": "imgs/0000.png"}, r"train.jsonl:2: key 'images' must be a list"),
+        (
+            {"prompt": "p", "completion": "c", "images": ["imgs/missing.png"]},
+            r"train.jsonl:2: image .*imgs/missing.png: no such file",
+        ),
+        (
+            {**image_row("imgs/0000.png"), "images": ["imgs/0000.png"]},
+            r"train.jsonl:2: an 'images' list goes with prompt",
+        ),
+    ],
+)
+def test_a_bad_image_url_or_images_list_is_one_line_naming_the_row(base, shapes, tmp_path, row, message):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "0000.png").write_bytes((shapes / "imgs" / "0000.png").read_bytes())
+    first = (
+        {"prompt": "p", "completion": "c", "images": ["imgs/0000.png"]}
+        if "prompt" in row
+        else image_row("imgs/0000.png")
+    )
+    with pytest.raises(UserError, match=message) as error:
+        encode(base, write_jsonl(tmp_path / "train.jsonl", [first, row]))
+    assert "\n" not in str(error.value)
