@@ -88,6 +88,8 @@ def responses(base, talk: Conversation, cfg: ChatConfig):
     vision-language one."""
     if base.processor is None:
         return stream(base, chat_tokens(base, talk.messages), cfg)
+    for image in talk.images:  # each reply reads them again: one gone since /image is one line
+        check_image(Path(image), "/image")
     sampler = make_sampler(temp=cfg.temp, top_p=cfg.top_p)
     return vision_responses(base, chat_text(base, talk.messages), talk.images, cfg.max_tokens, sampler)
 

@@ -131,3 +131,22 @@ def test_chat_attaches_an_image_to_the_next_turn_and_answers_as_generate_does(qw
     (first, images1), (second, images2), (third, images3) = calls
     assert images1 == images2 == [image] and second.startswith(first) and second.count(IMAGE_TOKEN) == 1
     assert images3 == [] and IMAGE_TOKEN not in third
+
+
+def test_chat_with_an_image_gone_since_it_was_attached_stops_in_one_line(qwen2_vl, shapes, tmp_path):
+    from mlx_lora.commands.chat import chat
+    from mlx_lora.config import ChatConfig
+    from mlx_lora.errors import UserError
+
+    image = tmp_path / "a.png"
+    image.write_bytes((shapes / "imgs" / "0002.png").read_bytes())
+    lines = iter([f"/image {image}", QUESTION, "and now?"])
+
+    def read(_prompt):
+        line = next(lines)
+        if line == "and now?":
+            image.unlink()
+        return line
+
+    with pytest.raises(UserError, match=rf"^/image {image}: no such file$"):
+        chat(ChatConfig(model=str(qwen2_vl), max_tokens=2), read=read, write=lambda *a, **k: None)
