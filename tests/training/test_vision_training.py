@@ -196,3 +196,18 @@ def test_a_resumed_vision_run_equals_an_uninterrupted_one(qwen2_vl, shapes, tmp_
     train(resumed, log=lambda _: None)
     whole, again = (mx.load(str(tmp_path / d / "adapters.safetensors")) for d in ("whole", "resumed"))
     assert whole.keys() == again.keys() and all(mx.array_equal(whole[k], again[k]).item() for k in whole)
+
+
+def test_eval_compares_a_vision_adapter_with_its_base(qwen2_vl, shapes, adapter, tmp_path, monkeypatch):
+    """The docs' `eval --adapter-path --compare-base`: the base's figures after the adapter's are the
+    base's alone (the LoRA layers removed), and the adapter's loss is its own."""
+    from mlx_lora.commands.evaluate import run
+    from mlx_lora.config import EvalConfig
+
+    monkeypatch.chdir(tmp_path)  # no ./adapters: the second run scores the base
+    common = dict(model=str(qwen2_vl), data=str(shapes), split="test", task="exact-match", max_tokens=4)
+    both = run(EvalConfig(**common, adapter_path=str(adapter), compare_base=True), log=lambda *_: None)
+    alone = run(EvalConfig(**common), log=lambda *_: None)
+    assert both["base"] == alone["base"] and both["base"]["answered"] == 2
+    assert both["adapter"]["loss"] < both["base"]["loss"]
+    assert [p["base"] for p in both["predictions"]] == [p["base"] for p in alone["predictions"]]
