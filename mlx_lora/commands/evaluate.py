@@ -48,7 +48,7 @@ class Item:
     tokens: list[int]
     reference: str
     marked: bool  # the reference holds `####`: compare final answers, else the whole texts
-    images: tuple[Path, ...] = ()  # a vision-language base's images, one per placeholder in `prompt`
+    images: tuple[Path | str, ...] = ()  # a vision-language base's images (paths, data URLs), one per placeholder
 
     def answer(self, text: str) -> str | None:
         return answer(text, self.marked)
