@@ -219,7 +219,7 @@ def run(cfg: EvalConfig, log=print) -> dict:
         )
     base = load_for_inference(cfg.model, adapter_path, cfg.compute_dtype)
     require_text(base, "eval")
-    use_cpu_kernels(base.model)
+    use_cpu_kernels(base.model, decoding=True)
     source = open_source(cfg.data, cfg.data_config, log)
     preference = preference_split(source, cfg.split)  # the split's .jsonl file when it holds preference rows
     if cfg.task == "preference" or (cfg.task == "auto" and preference):
