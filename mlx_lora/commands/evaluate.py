@@ -182,7 +182,7 @@ def score(model: nn.Module, tokenizer, examples, items: list[Item], cfg: EvalCon
     if not items:
         return scores
     with progress(len(items), f"generating ({name})", log) as advance:
-        texts = generate_answers(model, tokenizer, items, cfg.batch_size, cfg.max_tokens, advance)
+        texts = generate_answers(model, tokenizer, items, cfg.generation_batch_size, cfg.max_tokens, advance)
     for item, text in zip(items, texts):
         predicted, expected = item.answer(text), item.answer(item.reference)
         correct = is_correct(predicted, expected)
