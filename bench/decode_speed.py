@@ -202,7 +202,11 @@ def bases(work: Path, wanted: list[str]) -> dict[str, dict[str, str]]:
         build_model("smollm2", fp32)
     every = {"q4_1": {"ours": str(gguf), "llama.cpp": str(gguf)}}
     if "f32" in wanted:
-        every["f32"] = {"ours": str(fp32), "mlx_lm": str(fp32), "llama.cpp": str(gguf_of(fp32, "f32", work / "f32.gguf"))}
+        every["f32"] = {
+            "ours": str(fp32),
+            "mlx_lm": str(fp32),
+            "llama.cpp": str(gguf_of(fp32, "f32", work / "f32.gguf")),
+        }
     if "f16" in wanted:
         f16 = f16_dir(fp32, work / "model-smollm2-f16")
         every["f16"] = {"ours": str(f16), "mlx_lm": str(f16), "llama.cpp": str(gguf_of(fp32, "f16", work / "f16.gguf"))}
@@ -255,13 +259,17 @@ def report(base: str, results: dict) -> None:
         cells += [f"{lm['tps']:.1f}", f"{ours['tps'] / lm['tps']:.2f}x"] if lm else ["-", "-"]
         print(f"| {name} | " + " | ".join(cells) + " |")
     single = results[("decode", "ours")]["tps"]
-    for (name, who), r in results.items():
+    for (name, _), r in results.items():
         if name.startswith("batched"):
             print(f"| {name} rows | {r['tps']:.1f} | - | - | - | {r['tps'] / single:.2f}x ours single-stream |")
-    print("\nmax RSS (GB), decode process: " + ", ".join(
-        f"{who} {results[('decode', who)]['rss'] / 1e9:.2f}" for who in ("ours", "llama.cpp", "mlx_lm")
-        if ("decode", who) in results
-    ))
+    print(
+        "\nmax RSS (GB), decode process: "
+        + ", ".join(
+            f"{who} {results[('decode', who)]['rss'] / 1e9:.2f}"
+            for who in ("ours", "llama.cpp", "mlx_lm")
+            if ("decode", who) in results
+        )
+    )
     print(f"ours: {results[('decode', 'ours')]['kernels']}")
 
 

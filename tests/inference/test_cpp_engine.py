@@ -42,7 +42,9 @@ def test_llama_cpp_decodes_a_float32_gguf_and_its_adapter_to_mlxs_text(f32_gguf)
     for with_adapter in (False, True):
         extra = ["--adapter-path", adapter] if with_adapter else []
         for engine in ("mlx", "llama.cpp"):
-            code, out, err = _generate("--model", gguf, *extra, "--prompt", PROMPT, "--max-tokens", 12, "--engine", engine)
+            code, out, err = _generate(
+                "--model", gguf, *extra, "--prompt", PROMPT, "--max-tokens", 12, "--engine", engine
+            )
             assert code == 0, err
             assert (USING in err) == (engine == "llama.cpp")
             assert ("with the adapter as a LoRA GGUF" in err) == (engine == "llama.cpp" and with_adapter)
@@ -98,7 +100,12 @@ def test_llama_cpp_where_it_cannot_decode_is_one_line(case, refusal, llama, f32_
     code, out, err = _generate(*args)
     assert code == 0 and USING not in err and out.strip(), err
     code, out, err = _generate(*args, "--engine", "llama.cpp")
-    assert code == 2 and f"--engine llama.cpp: {refusal}" in err and "leave --engine out for MLX" in err and len(err.strip().splitlines()) == 1, err
+    assert (
+        code == 2
+        and f"--engine llama.cpp: {refusal}" in err
+        and "leave --engine out for MLX" in err
+        and len(err.strip().splitlines()) == 1
+    ), err
 
 
 def test_an_unknown_engine_is_one_line():
