@@ -21,7 +21,9 @@ Measured, greedy, ignoring end-of-sequence so that every system decodes the same
 - prefill: tokens/s reading a 500-token prompt (ours and mlx_lm: until the first token's logits);
 - batched (ours): tokens/s of --rows rows decoding --tokens tokens each after a batched prefill,
   and that over ours single-stream;
-- max RSS of each process (ru_maxrss), which holds the model, its caches and the runtime.
+- max RSS of each process (VmHWM), which holds the model, its caches and the runtime; torch is
+  hidden from every process (transformers, which the tokenizer imports, would load it: 0.23 GB),
+  as neither mlx-lora nor mlx-lm depends on it.
 """
 
 import argparse
@@ -110,14 +112,34 @@ def _llama_cpp(path: str, tokens_of, job: dict) -> dict:
         llm.eval(tokens)
         out["tps"] = len(tokens) / (time.perf_counter() - start)
         return out
-    llm.eval(tokens)
-    start, count = time.perf_counter(), 0
-    for _ in llm.generate(tokens, temp=0.0, reset=False):
+    count = 0
+    for _ in llm.generate(tokens, temp=0.0):  # timed from the first token, as ours
+        if count == 0:
+            start = time.perf_counter()
         count += 1
-        if count == job["tokens"]:
+        if count == job["tokens"] + 1:
             break
+    count -= 1
     out["tps"] = count / (time.perf_counter() - start)
     return out
+
+
+def _ours_engine(path: str, tokens_of, job: dict) -> dict:
+    """`generate --engine llama.cpp`'s decoder (CppEngine.stream, with our tokenizer and stops)."""
+    import mlx_lora  # noqa: F401
+    from mlx_lora.config import GenerateConfig
+    from mlx_lora.inference.cpp_engine import open_engine
+    from mlx_lora.model.base import load_base
+
+    cfg = GenerateConfig(model=path, engine="llama.cpp", max_tokens=job["tokens"])
+    engine = open_engine(cfg)
+    tokenizer = load_base(path, lazy=True).tokenizer
+    tokens = tokens_of(lambda s: tokenizer.encode(s, add_special_tokens=False))
+    *_, last = engine.stream(tokenizer, tokens, cfg)
+    if job["what"] == "decode" and last.generation_tokens != job["tokens"]:
+        sys.exit(f"stopped after {last.generation_tokens} of {job['tokens']} tokens: the speed would not compare")
+    tps = last.prompt_tps if job["what"] == "prefill" else last.generation_tps
+    return {"kernels": engine.describe(), "tps": tps}
 
 
 def run(who: str, job: dict) -> None:
@@ -128,6 +150,8 @@ def run(who: str, job: dict) -> None:
 
     if who == "llama.cpp":
         out = _llama_cpp(job["path"], tokens_of, job)
+    elif who == "ours-engine":
+        out = _ours_engine(job["path"], tokens_of, job)
     else:
         model, tokenizer, kernels = (_ours if who == "ours" else _mlx_lm)(job["path"])
         tokens = tokens_of(lambda s: tokenizer.encode(s, add_special_tokens=False))
@@ -155,7 +179,7 @@ def spawn(who: str, job: dict, env: dict) -> dict:
     if proc.returncode or line is None:
         sys.exit(f"{who} {job} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     res = json.loads(line[len("RESULT ") :])
-    if env.get("EXPECT_OPENBLAS") and who != "llama.cpp" and "openblas" not in res["blas"]:
+    if env.get("EXPECT_OPENBLAS") and "openblas" not in res["blas"]:
         sys.exit(f"{who} ran on {res['blas']}, not OpenBLAS: the numbers would be meaningless")
     return res
 
@@ -200,7 +224,7 @@ def bases(work: Path, wanted: list[str]) -> dict[str, dict[str, str]]:
     fp32 = work / "model-smollm2"
     if not (fp32 / "config.json").exists():
         build_model("smollm2", fp32)
-    every = {"q4_1": {"ours": str(gguf), "llama.cpp": str(gguf)}}
+    every = {"q4_1": {"ours": str(gguf), "ours-engine": str(gguf), "llama.cpp": str(gguf)}}
     if "f32" in wanted:
         every["f32"] = {
             "ours": str(fp32),
@@ -248,29 +272,32 @@ def measure(a, paths: dict[str, str], envs: dict) -> dict:
     return {k: _median(v) for k, v in runs.items()}
 
 
+SYSTEMS = {
+    "ours": "ours (MLX, the default)",
+    "ours-engine": "ours, --engine llama.cpp",
+    "llama.cpp": "llama.cpp",
+    "mlx_lm": "mlx_lm",
+}
+
+
 def report(base: str, results: dict) -> None:
     print(f"\n### {base}\n")
-    print("| measurement | ours tok/s | llama.cpp tok/s | ours / llama.cpp | mlx_lm tok/s | ours / mlx_lm |")
+    print("| measurement | system | tok/s | / llama.cpp | / mlx_lm | max RSS GB |")
     print("|---|---|---|---|---|---|")
-    for name in ("decode", "prefill"):
-        ours, cpp, lm = (results.get((name, w)) for w in ("ours", "llama.cpp", "mlx_lm"))
-        cells = [f"{ours['tps']:.1f}"]
-        cells += [f"{cpp['tps']:.1f}", f"{ours['tps'] / cpp['tps']:.2f}x"] if cpp else ["-", "-"]
-        cells += [f"{lm['tps']:.1f}", f"{ours['tps'] / lm['tps']:.2f}x"] if lm else ["-", "-"]
-        print(f"| {name} | " + " | ".join(cells) + " |")
     single = results[("decode", "ours")]["tps"]
-    for (name, _), r in results.items():
-        if name.startswith("batched"):
-            print(f"| {name} rows | {r['tps']:.1f} | - | - | - | {r['tps'] / single:.2f}x ours single-stream |")
-    print(
-        "\nmax RSS (GB), decode process: "
-        + ", ".join(
-            f"{who} {results[('decode', who)]['rss'] / 1e9:.2f}"
-            for who in ("ours", "llama.cpp", "mlx_lm")
-            if ("decode", who) in results
-        )
-    )
-    print(f"ours: {results[('decode', 'ours')]['kernels']}")
+    for name in dict.fromkeys(n for n, _ in results):
+        for who, label in SYSTEMS.items():
+            r = results.get((name, who))
+            if r is None:
+                continue
+            ratios = [
+                f"{r['tps'] / results[(name, o)]['tps']:.2f}x" if (name, o) in results else "-"
+                for o in ("llama.cpp", "mlx_lm")
+            ]
+            if name.startswith("batched"):
+                ratios = [f"{r['tps'] / single:.2f}x ours single-stream", "-"]
+            print(f"| {name} | {label} | {r['tps']:.1f} | {' | '.join(ratios)} | {r['rss'] / 1e9:.2f} |")
+    print(f"\nours: {results[('decode', 'ours')]['kernels']}")
 
 
 def main() -> None:
@@ -282,7 +309,7 @@ def main() -> None:
     threads = os.cpu_count()
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     mlx_env = dict(env, EXPECT_OPENBLAS="1") if openblas else env
-    envs = {"ours": mlx_env, "mlx_lm": dict(mlx_env, LD_PRELOAD=openblas or ""), "llama.cpp": env}
+    envs = {"ours": mlx_env, "ours-engine": env, "mlx_lm": dict(mlx_env, LD_PRELOAD=openblas or ""), "llama.cpp": env}
     print(machine_line(sgemm_peak(threads), threads), flush=True)
     print(f"decode: {a.tokens} tokens after a 40-token prompt; prefill: {a.prefill} tokens; medians of {a.repeats}")
     for base, paths in bases(work, a.bases.split(",")).items():
@@ -292,6 +319,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_run":
+        sys.modules["torch"] = (
+            None  # as a user's install (neither MLX side depends on torch): transformers runs without it
+        )
         run(sys.argv[2], json.loads(sys.argv[3]))
     else:
         main()
