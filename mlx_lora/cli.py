@@ -176,14 +176,22 @@ def train(cfg: TrainConfig) -> None:
 @_command(GenerateConfig, "generate", "Generate text with a base model, with or without one or several adapters.")
 def generate(cfg: GenerateConfig) -> None:
     from mlx_lora.inference.adapter_set import load_adapters
+    from mlx_lora.inference.cpp_engine import open_engine
     from mlx_lora.inference.generation import generate as run_generate
-    from mlx_lora.inference.generation import speed_line
+    from mlx_lora.inference.generation import prompt_tokens, speed_line
+    from mlx_lora.model.base import load_base
 
-    base = load_adapters(cfg).base
+    engine = open_engine(cfg)
+    if engine is None:
+        responses = run_generate(load_adapters(cfg).base, cfg)
+    else:  # MLX reads only the tokenizer: the weights are llama.cpp's
+        base = load_base(engine.model_path, lazy=True)
+        typer.echo(engine.describe(), err=True)
+        responses = engine.stream(base.tokenizer, prompt_tokens(base, cfg.prompt, cfg.chat), cfg)
     # The prompt on stderr, so a terminal shows what the answer continues; stdout is the new text alone.
     typer.echo(cfg.prompt, err=True, nl=not sys.stdout.isatty())
     response = None
-    for response in run_generate(base, cfg):
+    for response in responses:
         print(response.text, end="", flush=True)
     print()
     if response is not None:

@@ -214,7 +214,9 @@ def score(base, examples, items: list[Item], cfg: EvalConfig, name: str, log) ->
         if vision:
             texts = vision_answers(base, items, cfg.max_tokens, advance)
         else:
-            texts = generate_answers(base.model, base.tokenizer, items, cfg.batch_size, cfg.max_tokens, advance)
+            texts = generate_answers(
+                base.model, base.tokenizer, items, cfg.generation_batch_size, cfg.max_tokens, advance
+            )
     for item, text in zip(items, texts):
         predicted, expected = item.answer(text), item.answer(item.reference)
         correct = is_correct(predicted, expected)
@@ -254,7 +256,7 @@ def run(cfg: EvalConfig, log=print) -> dict:
             f"--compare-base needs an adapter: pass --adapter-path (./{TrainConfig.adapter_path} does not exist)"
         )
     base = load_for_inference(cfg.model, adapter_path, cfg.compute_dtype)
-    use_cpu_kernels(base.model)
+    use_cpu_kernels(base.model, decoding=True)
     source = open_source(cfg.data, cfg.data_config, log)
     preference = preference_split(source, cfg.split)  # the split's .jsonl file when it holds preference rows
     if base.processor is not None and (cfg.task == "preference" or preference):

@@ -523,7 +523,7 @@ def start_engine(cfg: ServeConfig) -> BatchEngine:
     model = cfg.model or (read_adapter(Path(specs[0][1]))[0].base_model if specs else None)
     base = load_base(model, compute=cfg.compute_dtype)
     require_text(base, "serve")
-    use_cpu_kernels(base.model)
+    use_cpu_kernels(base.model, decoding=True)
     clash = sorted(base_ids(cfg.model, base) & {name for name, _ in specs})
     if clash:
         raise UserError(f"--adapter {clash[0]}=...: '{clash[0]}' is the base model's id; give the adapter another name")

@@ -123,7 +123,12 @@ class EvalConfig(DataConfig, PrecisionConfig):
     )
     compare_base: bool = opt(False, "Also evaluate the base without the adapter and print both side by side.")
     output: str | None = opt(None, "Write every figure and each example's prediction to this JSON file.")
-    batch_size: int = opt(16, "Rows per batch for the loss and for generation.")
+    batch_size: int = opt(16, "Rows per batch for the loss.")
+    generation_batch_size: int = opt(
+        64,
+        "Rows decoded together for exact match: a step reads the weights once for all of them, so more "
+        "rows cost less each (on a 2-core CPU 64 rows decode 2x the tokens/s of 16), at a KV cache each.",
+    )
     max_tokens: int = opt(256, "Most tokens generated per answer.")
     max_seq_length: int = opt(2048, "Rows longer than this many tokens are truncated for the loss.")
 
@@ -131,7 +136,7 @@ class EvalConfig(DataConfig, PrecisionConfig):
         p = DataConfig.problems(self) + PrecisionConfig.problems(self)
         if self.task not in EVAL_TASKS:
             p.append(f"--task must be one of {', '.join(EVAL_TASKS)}, got '{self.task}'")
-        for name in ("batch_size", "max_tokens", "max_examples", "max_seq_length"):
+        for name in ("batch_size", "generation_batch_size", "max_tokens", "max_examples", "max_seq_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 p.append(f"--{name.replace('_', '-')} must be at least 1, got {value}")

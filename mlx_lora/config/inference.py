@@ -35,6 +35,9 @@ class InferenceConfig(PrecisionConfig):
         return p
 
 
+ENGINES = ("mlx", "llama.cpp")
+
+
 @dataclass(frozen=True)
 class GenerateConfig(InferenceConfig):
     prompt: str = opt("Q: Tom has 3 apples and buys 4 more. How many apples does he have?\nA:", "Prompt text.")
@@ -44,6 +47,17 @@ class GenerateConfig(InferenceConfig):
         "Image file for a vision-language --model; repeat it for several. The images and the prompt "
         "make one user turn in the chat template.",
     )
+    engine: str = opt(
+        "mlx",
+        "What decodes: mlx, or llama.cpp (a .gguf base on the CPU with at most one adapter, unweighted; "
+        "needs llama-cpp-python): ~8x faster there, its greedy text can differ from MLX's (docs/gguf.md).",
+    )
+
+    def problems(self) -> list[str]:
+        p = InferenceConfig.problems(self)
+        if self.engine not in ENGINES:
+            p.append(f"--engine must be one of {', '.join(ENGINES)}, got '{self.engine}'")
+        return p
 
 
 @dataclass(frozen=True)

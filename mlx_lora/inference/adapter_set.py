@@ -139,7 +139,7 @@ def load_adapters(cfg: InferenceConfig) -> AdapterSet:
     specs = parse_adapters(cfg.adapter_path or [], cfg.adapter_weights)
     read = [(*read_adapter(Path(path)), Path(path)) for path, _ in specs]  # each file read once
     base = load_base(cfg.model or (read[0][0].base_model if read else None), compute=cfg.compute_dtype)
-    use_cpu_kernels(base.model)
+    use_cpu_kernels(base.model, decoding=True)
     base.model.eval()
     loaded = AdapterSet(base)
     names = [loaded.add_adapter(*adapter) for adapter in read]

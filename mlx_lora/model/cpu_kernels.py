@@ -11,7 +11,10 @@ Measured on a 2-core x86 machine (bench/RESULTS.md, "Where an epoch-1 step goes"
   MIN_ROWS rows de-quantizes its weight just for that matmul: the weight stays quantized in
   memory and the float copy lives only as long as the matmul (or its backward pass) needs it.
   Fewer rows, as in decoding a token at a time, keep the quantized kernel, which reads 4-8x
-  fewer bytes and wins there.
+  fewer bytes, unless the command decodes (`decoding`): then each quantized layer keeps its weight
+  de-quantized once beside the quantized arrays, where this CPU measured a one-row matmul on it
+  faster than MLX's quantized kernel and the copies fit in a quarter of the machine's memory (on a
+  Xeon, SmolLM2-135M in 4 bits decoded 1.4x faster alone and 3.7x faster 4 rows at a time).
 Results equal MLX's kernels up to fp32 rounding (tests/model/test_cpu_kernels.py). Which of the
 three exp kernels a model gets is measured on the machine at its shapes (model/kernel_choice.py).
 """
@@ -24,6 +27,7 @@ import mlx.nn as nn
 from mlx_lm.models import activations
 from mlx_lm.models.base import scaled_dot_product_attention as mlx_attention
 
+from mlx_lora.machine import available_bytes
 from mlx_lora.model import kernel_choice
 from mlx_lora.model.kernel_choice import Candidate, Choice
 
@@ -177,20 +181,59 @@ def _rows(x: mx.array) -> int:
     return x.size // x.shape[-1]
 
 
+class Dequantized:
+    """A quantized layer's weight de-quantized once (`keep_dequantized`). Held as a plain attribute, so
+    the module's parameters, and with them saving, fusing and LoRA wrapping, still see the quantized
+    arrays only."""
+
+    def __init__(self, weight: mx.array):
+        self.weight = weight
+
+
+def _held(layer: nn.Module) -> mx.array | None:
+    held = vars(layer).get("dequantized")
+    return held.weight if held is not None else None
+
+
 class CPUQuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
-        if _rows(x) < MIN_ROWS:
+        weight = _held(self)
+        if weight is None and _rows(x) < MIN_ROWS:
             return super().__call__(x)
-        y = x @ dequantized(self).T
+        y = x @ (dequantized(self) if weight is None else weight).T
         return y + self["bias"] if "bias" in self else y
 
 
 class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
     def as_linear(self, x: mx.array) -> mx.array:
         """The tied output projection: the whole vocabulary against every row."""
-        if _rows(x) < MIN_ROWS:
+        weight = _held(self)
+        if weight is None and _rows(x) < MIN_ROWS:
             return super().as_linear(x)
-        return x @ dequantized(self).T
+        return x @ (dequantized(self) if weight is None else weight).T
+
+
+def _quantized(model: nn.Module) -> list[nn.Module]:
+    return [m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+
+
+def dequantized_bytes(model: nn.Module) -> int:
+    """What keeping every quantized layer's weight de-quantized costs, in bytes."""
+    return sum(m.scales.shape[0] * m.scales.shape[1] * m.group_size * m.scales.itemsize for m in _quantized(model))
+
+
+def keep_dequantized(model: nn.Module) -> None:
+    """Every quantized layer of `model` (on our classes) holds its weight de-quantized, one layer
+    evaluated at a time so the peak is the copies, not their temporaries."""
+    for layer in _quantized(model):
+        weight = dequantized(layer)
+        mx.eval(weight)
+        layer.dequantized = Dequantized(weight)
+
+
+def drop_dequantized(model: nn.Module) -> None:
+    for _, module in model.named_modules():
+        vars(module).pop("dequantized", None)
 
 
 _CPU_CLASSES = {nn.QuantizedLinear: CPUQuantizedLinear, nn.QuantizedEmbedding: CPUQuantizedEmbedding}
@@ -264,6 +307,32 @@ def model_shapes(model: nn.Module) -> dict:
     }
 
 
+def quantization(model: nn.Module) -> dict | None:
+    """How `model`'s linear layers are quantized (the first one's bits, group size, mode, scales'
+    dtype), None if none is."""
+    layer = next((m for m in _quantized(model) if isinstance(m, nn.QuantizedLinear)), None)
+    if layer is None:
+        return None
+    return {"bits": layer.bits, "group_size": layer.group_size, "mode": layer.mode, "dtype": str(layer.scales.dtype)}
+
+
+def _dequantized_candidate(shapes: dict, q: dict) -> Candidate:
+    """One row through an (intermediate, hidden) layer: its weight de-quantized once against MLX's
+    quantized kernel, the choice `keep_dequantized` makes."""
+    quant = {"group_size": q["group_size"], "bits": q["bits"], "mode": q["mode"]}
+
+    def inputs():
+        dtype = getattr(mx, q["dtype"].split(".")[-1])
+        packed = mx.quantize(mx.random.normal((shapes["intermediate"], shapes["hidden"])).astype(dtype), **quant)
+        return (mx.random.normal((1, shapes["hidden"])).astype(dtype), mx.dequantize(*packed, **quant), *packed)
+
+    return Candidate(
+        lambda x, w, *packed: x @ w.T,
+        lambda x, w, *packed: mx.quantized_matmul(x, *packed, transpose=True, **quant),
+        inputs,
+    )
+
+
 def candidates(shapes: dict, kernels: set[str]) -> dict[str, Candidate]:
     """Ours against MLX's own for each of `kernels`, on random inputs at `shapes` and TOKENS."""
     b, t = TOKENS
@@ -283,38 +352,61 @@ def candidates(shapes: dict, kernels: set[str]) -> dict[str, Candidate]:
             lambda: (4 * mx.random.normal((rows, v)), mx.random.randint(0, v, (rows,))),
         ),
     }
+    if "quantization" in shapes and "dequantized" in kernels:
+        every["dequantized"] = _dequantized_candidate(shapes, shapes["quantization"])
     return {name: c for name, c in every.items() if name in kernels}
 
 
-def choose_kernels(model: nn.Module, training: bool = False) -> Choice:
-    """The exp kernels `model` gets on this machine: those measured faster than MLX's (kernel_choice)."""
+def choose_kernels(model: nn.Module, training: bool = False, decoding: bool = False) -> Choice:
+    """The kernels `model` gets on this machine: those measured faster than MLX's (kernel_choice);
+    `decoding` adds the de-quantized weights of a quantized model."""
     used = used_kernels(model)
     shapes = model_shapes(model)
+    q = quantization(model) if decoding and not training else None
+    if q is not None:
+        used.add("dequantized")
+        shapes["quantization"] = q
     return kernel_choice.choose(candidates(shapes, used), {**shapes, "kernels": sorted(used)}, training)
 
 
-def use_cpu_kernels(model: nn.Module, quantized: bool = True, training: bool = False, log=None) -> bool:
+DEQUANTIZED_SHARE = 0.25  # of the machine's memory, at most, for de-quantized copies
+
+
+def use_cpu_kernels(
+    model: nn.Module, quantized: bool = True, training: bool = False, decoding: bool = False, log=None
+) -> bool:
     """When MLX computes on the CPU, give `model` the kernels above that this machine runs faster (the
     GPU's own are fast); True if it did. Swaps the class of the model's own module instances, as
     packing.py does: nothing in mlx-lm changes, other models keep its kernels, and `use_mlx_kernels`
     undoes it. Quantized layers keep their arrays, so saving, fusing and LoRA wrapping see the same
     layers; `quantized=False` leaves them on MLX's quantized kernel. `training`: the kernels are
-    chosen by forward and backward time; `log` is told the choice."""
+    chosen by forward and backward time. `decoding` (a command that generates): quantized layers
+    also keep their weights de-quantized where that measured faster and fits DEQUANTIZED_SHARE of
+    memory. `log` is told the choice."""
     if not wanted():
         return False
-    choice = choose_kernels(model, training)
-    if log is not None:
-        log(choice.line())
+    choice = choose_kernels(model, training, decoding and quantized)
+    line = choice.line()
     _loss[0] = "loss" in choice.kernels
     for _, module in model.named_modules():
         ours = (_CPU_CLASSES.get(type(module)) if quantized else None) or _cpu_class(type(module), choice.kernels)
         if ours is not None:
             module.__class__ = ours
+    if "dequantized" in choice.kernels:
+        cost, limit = dequantized_bytes(model), DEQUANTIZED_SHARE * available_bytes()
+        if cost <= limit:
+            keep_dequantized(model)
+            line += f"; {cost / 1e9:.2f} GB of de-quantized weights kept"
+        else:
+            line += f"; weights kept quantized: de-quantized they would take {cost / 1e9:.1f} GB > {limit / 1e9:.1f}"
+    if log is not None:
+        log(line)
     return True
 
 
 def use_mlx_kernels(model: nn.Module) -> None:
     """Undo `use_cpu_kernels`: every module of `model` back on its mlx-lm or MLX class."""
+    drop_dequantized(model)
     for _, module in model.named_modules():
         if type(module) in _CPU_CLASSES.values() or "on_cpu_kernels" in vars(type(module)):
             module.__class__ = type(module).__bases__[0]

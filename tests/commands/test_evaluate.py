@@ -238,6 +238,7 @@ def test_compare_base_equals_independent_greedy_decoding_and_cross_entropy(llama
         task="exact-match",
         compare_base=True,
         batch_size=3,
+        generation_batch_size=3,
         max_tokens=MAX_TOKENS,
         output=str(tmp_path / "r.json"),
     )
@@ -281,7 +282,7 @@ def test_batch_size_does_not_change_predictions(llama, adapter, case):
         adapter_path=str(adapter),
         data=str(data),
         task="exact-match",
-        batch_size=len(PROMPTS),
+        generation_batch_size=len(PROMPTS),
         max_tokens=MAX_TOKENS,
         max_examples=5,
     )

