@@ -124,11 +124,13 @@ def _chunked_ce_vjp(primals, cotangents, outputs):
     return mx.concatenate(parts).reshape(logits.shape), mx.zeros_like(targets)
 
 
-def attention(queries, keys, values, cache, scale: float, mask, sinks=None, fallback=None):
+def attention(queries, keys, values, cache, scale: float, mask, sinks=None, fallback=None, one_query=True):
     """mlx-lm's scaled_dot_product_attention: queries (B, H, Tq, D), keys and values (B, KV, Tk, D).
     The H/KV query heads that share a key head go through one matmul, and the softmax is taken in
-    float32 with fast_exp. Quantized KV caches and attention sinks go to mlx-lm's own (`fallback`)."""
-    if hasattr(cache, "bits") or sinks is not None:
+    float32 with fast_exp. Quantized KV caches and attention sinks go to mlx-lm's own (`fallback`),
+    and so does a single query position (a decoding step) unless `one_query`: MLX's own can win
+    there while ours wins over a prompt (kernel_choice times the two apart)."""
+    if hasattr(cache, "bits") or sinks is not None or (queries.shape[2] == 1 and not one_query):
         return fallback(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
     b, h, tq, d = queries.shape
     kv, tk = keys.shape[1], keys.shape[2]
@@ -239,6 +241,7 @@ def drop_dequantized(model: nn.Module) -> None:
 _CPU_CLASSES = {nn.QuantizedLinear: CPUQuantizedLinear, nn.QuantizedEmbedding: CPUQuantizedEmbedding}
 KERNELS = {"swiglu": "swiglu", "attention": "scaled_dot_product_attention"}  # ours -> the global mlx-lm calls
 TOKENS = (4, 64)  # rows x tokens the kernels are timed at: a training batch of short rows
+DECODE_CACHE = 256  # cached positions a decoding step's attention is timed over
 
 
 def _names(code: CodeType) -> set[str]:
@@ -253,7 +256,9 @@ def _on_our_kernels(fn: FunctionType, kernels: frozenset[str]) -> FunctionType:
         names["swiglu"] = swiglu
     own = names.get("scaled_dot_product_attention")
     if "attention" in kernels and own is not None:
-        names["scaled_dot_product_attention"] = partial(attention, fallback=own)
+        names["scaled_dot_product_attention"] = partial(
+            attention, fallback=own, one_query="decoding attention" in kernels
+        )
     ours = FunctionType(fn.__code__, names, fn.__name__, fn.__defaults__, fn.__closure__)
     ours.__kwdefaults__, ours.__qualname__ = fn.__kwdefaults__, fn.__qualname__
     return ours
@@ -354,6 +359,12 @@ def candidates(shapes: dict, kernels: set[str]) -> dict[str, Candidate]:
     }
     if "quantization" in shapes and "dequantized" in kernels:
         every["dequantized"] = _dequantized_candidate(shapes, shapes["quantization"])
+    if "decoding attention" in kernels:  # one new position over a cache of DECODE_CACHE
+        every["decoding attention"] = Candidate(
+            lambda q, k, v: attention(q, k, v, None, scale, None, fallback=mlx_attention),
+            lambda q, k, v: mlx_attention(q, k, v, None, scale=scale, mask=None),
+            lambda: tuple(mx.random.normal((1, n, t, d)) for n, t in ((h, 1), (kv, DECODE_CACHE), (kv, DECODE_CACHE))),
+        )
     return {name: c for name, c in every.items() if name in kernels}
 
 
@@ -362,7 +373,10 @@ def choose_kernels(model: nn.Module, training: bool = False, decoding: bool = Fa
     `decoding` adds the de-quantized weights of a quantized model."""
     used = used_kernels(model)
     shapes = model_shapes(model)
-    q = quantization(model) if decoding and not training else None
+    decoding = decoding and not training
+    if decoding and "attention" in used:
+        used.add("decoding attention")
+    q = quantization(model) if decoding else None
     if q is not None:
         used.add("dequantized")
         shapes["quantization"] = q
@@ -385,14 +399,14 @@ def use_cpu_kernels(
     memory. `log` is told the choice."""
     if not wanted():
         return False
-    choice = choose_kernels(model, training, decoding and quantized)
+    choice = choose_kernels(model, training, decoding)
     line = choice.line()
     _loss[0] = "loss" in choice.kernels
     for _, module in model.named_modules():
         ours = (_CPU_CLASSES.get(type(module)) if quantized else None) or _cpu_class(type(module), choice.kernels)
         if ours is not None:
             module.__class__ = ours
-    if "dequantized" in choice.kernels:
+    if quantized and "dequantized" in choice.kernels:
         cost, limit = dequantized_bytes(model), DEQUANTIZED_SHARE * available_bytes()
         if cost <= limit:
             keep_dequantized(model)

@@ -3,6 +3,7 @@ kept per machine, and the run says what it chose. Timings are injected where the
 test (a test must not depend on which kernel this CPU runs faster); one test times for real."""
 
 import json
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -187,4 +188,23 @@ def test_training_and_other_commands_never_time_or_keep_dequantized_weights(llam
     for training in (True, False):
         model = _quantized_llama(llama)
         assert use_cpu_kernels(model, training=training)
-        assert "dequantized" not in timed and all("dequantized" not in vars(m) for m in cpu_kernels._quantized(model))
+        assert not {"dequantized", "decoding attention"} & set(timed)
+        assert all("dequantized" not in vars(m) for m in cpu_kernels._quantized(model))
+
+
+@pytest.mark.parametrize("slower", [set(), {"decoding attention"}])
+def test_a_decoding_step_takes_our_attention_only_where_measured_faster(slower, llama, auto, monkeypatch):
+    """Timed apart from attention over a prompt: a single query position goes to MLX's own where
+    ours measured slower there, while the prompt's many positions keep ours."""
+    timed = _timings(monkeypatch, slower)
+    model = load_base(str(llama)).model
+    assert use_cpu_kernels(model, decoding=True)
+    assert {"attention", "decoding attention"} <= set(timed)
+    ours = type(model.layers[0].self_attn).__call__.__globals__["scaled_dot_product_attention"]
+    assert ours.func is cpu_kernels.attention and ours.keywords["one_query"] == (not slower)
+    theirs = []
+    spy = partial(ours.func, **{**ours.keywords, "fallback": lambda *a, **k: theirs.append(a[0].shape[2]) or a[0]})
+    for positions in (1, 5):
+        q, kv = mx.random.normal((1, 4, positions, 16)), mx.random.normal((1, 2, 9, 16))
+        spy(q, kv, kv, None, 0.25, None if positions == 1 else "causal")
+    assert theirs == ([1] if slower else [])
