@@ -74,8 +74,11 @@ def wanted() -> bool:
 _loss = [False]  # whether the last model put on these kernels was given the loss: `cross_entropy` has no model to ask
 
 
-def swiglu(gate: mx.array, x: mx.array) -> mx.array:
-    """mlx-lm's swiglu: silu(gate) * x."""
+def swiglu(gate: mx.array, x: mx.array, one_row: bool = True) -> mx.array:
+    """mlx-lm's swiglu: silu(gate) * x. A single row (one stream's decoding step) goes to mlx-lm's
+    own unless `one_row`: there our few more operations can cost more than a faster exp saves."""
+    if gate.size == gate.shape[-1] and not one_row:
+        return activations.swiglu(gate, x)
     return gate / (1 + fast_exp(-gate)) * x
 
 
@@ -124,13 +127,14 @@ def _chunked_ce_vjp(primals, cotangents, outputs):
     return mx.concatenate(parts).reshape(logits.shape), mx.zeros_like(targets)
 
 
-def attention(queries, keys, values, cache, scale: float, mask, sinks=None, fallback=None, one_query=True):
+def attention(queries, keys, values, cache, scale: float, mask, sinks=None, fallback=None, one_row=True):
     """mlx-lm's scaled_dot_product_attention: queries (B, H, Tq, D), keys and values (B, KV, Tk, D).
     The H/KV query heads that share a key head go through one matmul, and the softmax is taken in
     float32 with fast_exp. Quantized KV caches and attention sinks go to mlx-lm's own (`fallback`),
-    and so does a single query position (a decoding step) unless `one_query`: MLX's own can win
-    there while ours wins over a prompt (kernel_choice times the two apart)."""
-    if hasattr(cache, "bits") or sinks is not None or (queries.shape[2] == 1 and not one_query):
+    and so does one query of one row (a single stream's decoding step) unless `one_row`: MLX's own
+    can win there while ours wins over a prompt or a batch (kernel_choice times them apart)."""
+    single = queries.shape[0] * queries.shape[2] == 1
+    if hasattr(cache, "bits") or sinks is not None or (single and not one_row):
         return fallback(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
     b, h, tq, d = queries.shape
     kv, tk = keys.shape[1], keys.shape[2]
@@ -253,11 +257,11 @@ def _on_our_kernels(fn: FunctionType, kernels: frozenset[str]) -> FunctionType:
     module itself, and every other model of the process, keep mlx-lm's."""
     names = dict(fn.__globals__)
     if "swiglu" in kernels and "swiglu" in names:
-        names["swiglu"] = swiglu
+        names["swiglu"] = partial(swiglu, one_row="decoding swiglu" in kernels)
     own = names.get("scaled_dot_product_attention")
     if "attention" in kernels and own is not None:
         names["scaled_dot_product_attention"] = partial(
-            attention, fallback=own, one_query="decoding attention" in kernels
+            attention, fallback=own, one_row="decoding attention" in kernels
         )
     ours = FunctionType(fn.__code__, names, fn.__name__, fn.__defaults__, fn.__closure__)
     ours.__kwdefaults__, ours.__qualname__ = fn.__kwdefaults__, fn.__qualname__
@@ -359,6 +363,8 @@ def candidates(shapes: dict, kernels: set[str]) -> dict[str, Candidate]:
     }
     if "quantization" in shapes and "dequantized" in kernels:
         every["dequantized"] = _dequantized_candidate(shapes, shapes["quantization"])
+    if "decoding swiglu" in kernels:  # one stream's one new position
+        every["decoding swiglu"] = Candidate(swiglu, activations.swiglu, lambda: (mx.random.normal((1, 1, f)),) * 2)
     if "decoding attention" in kernels:  # one new position over a cache of DECODE_CACHE
         every["decoding attention"] = Candidate(
             lambda q, k, v: attention(q, k, v, None, scale, None, fallback=mlx_attention),
@@ -374,8 +380,7 @@ def choose_kernels(model: nn.Module, training: bool = False, decoding: bool = Fa
     used = used_kernels(model)
     shapes = model_shapes(model)
     decoding = decoding and not training
-    if decoding and "attention" in used:
-        used.add("decoding attention")
+    used |= {f"decoding {k}" for k in ("attention", "swiglu") if decoding and k in used}
     q = quantization(model) if decoding else None
     if q is not None:
         used.add("dequantized")

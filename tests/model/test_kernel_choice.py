@@ -192,19 +192,27 @@ def test_training_and_other_commands_never_time_or_keep_dequantized_weights(llam
         assert all("dequantized" not in vars(m) for m in cpu_kernels._quantized(model))
 
 
-@pytest.mark.parametrize("slower", [set(), {"decoding attention"}])
-def test_a_decoding_step_takes_our_attention_only_where_measured_faster(slower, llama, auto, monkeypatch):
-    """Timed apart from attention over a prompt: a single query position goes to MLX's own where
-    ours measured slower there, while the prompt's many positions keep ours."""
+@pytest.mark.parametrize("slower", [set(), {"decoding attention"}, {"decoding swiglu"}])
+def test_a_decoding_step_takes_our_kernels_only_where_measured_faster(slower, llama, auto, monkeypatch):
+    """Timed apart from a prompt's: one stream's single new position goes to MLX's own attention or
+    swiglu where ours measured slower there, while a prompt or a batch of rows keeps ours."""
     timed = _timings(monkeypatch, slower)
     model = load_base(str(llama)).model
     assert use_cpu_kernels(model, decoding=True)
-    assert {"attention", "decoding attention"} <= set(timed)
-    ours = type(model.layers[0].self_attn).__call__.__globals__["scaled_dot_product_attention"]
-    assert ours.func is cpu_kernels.attention and ours.keywords["one_query"] == (not slower)
+    assert {"attention", "decoding attention", "swiglu", "decoding swiglu"} <= set(timed)
+    attn = type(model.layers[0].self_attn).__call__.__globals__["scaled_dot_product_attention"]
+    act = type(model.layers[0].mlp).__call__.__globals__["swiglu"]
+    assert attn.func is cpu_kernels.attention and act.func is cpu_kernels.swiglu
+    assert attn.keywords["one_row"] == ("decoding attention" not in slower)
+    assert act.keywords["one_row"] == ("decoding swiglu" not in slower)
     theirs = []
-    spy = partial(ours.func, **{**ours.keywords, "fallback": lambda *a, **k: theirs.append(a[0].shape[2]) or a[0]})
-    for positions in (1, 5):
-        q, kv = mx.random.normal((1, 4, positions, 16)), mx.random.normal((1, 2, 9, 16))
+    spy = partial(attn.func, **{**attn.keywords, "fallback": lambda *a, **k: theirs.append(a[0].shape) or a[0]})
+    mlx_swiglu = activations.swiglu
+    monkeypatch.setattr(cpu_kernels.activations, "swiglu", lambda g, x: theirs.append(g.shape) or mlx_swiglu(g, x))
+    for rows, positions in ((1, 1), (1, 5), (3, 1)):
+        q, kv = mx.random.normal((rows, 4, positions, 16)), mx.random.normal((rows, 2, 9, 16))
         spy(q, kv, kv, None, 0.25, None if positions == 1 else "causal")
-    assert theirs == ([1] if slower else [])
+        act(*(mx.random.normal((rows, positions, 32)),) * 2)
+    want = [(1, 4, 1, 16)] if "decoding attention" in slower else []
+    want += [(1, 1, 32)] if "decoding swiglu" in slower else []
+    assert sorted(theirs) == sorted(want)
