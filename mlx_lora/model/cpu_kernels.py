@@ -15,8 +15,9 @@ Measured on a 2-core x86 machine (bench/RESULTS.md, "Where an epoch-1 step goes"
   de-quantized once beside the quantized arrays, where this CPU measured a one-row matmul on it
   faster than MLX's quantized kernel and the copies fit in a quarter of the machine's memory (on a
   Xeon, SmolLM2-135M in 4 bits decoded 1.4x faster alone and 3.7x faster 4 rows at a time).
-Results equal MLX's kernels up to fp32 rounding (tests/model/test_cpu_kernels.py). Which of the
-three exp kernels a model gets is measured on the machine at its shapes (model/kernel_choice.py).
+Results equal MLX's kernels up to fp32 rounding (tests/model/test_cpu_kernels.py). Which of them
+a model gets is measured on the machine at its shapes (model/kernel_choice.py): the exp kernels at
+a training batch's shapes, and for a command that decodes, apart, at one stream's decoding step.
 """
 
 from functools import cache, partial
@@ -376,7 +377,8 @@ def candidates(shapes: dict, kernels: set[str]) -> dict[str, Candidate]:
 
 def choose_kernels(model: nn.Module, training: bool = False, decoding: bool = False) -> Choice:
     """The kernels `model` gets on this machine: those measured faster than MLX's (kernel_choice);
-    `decoding` adds the de-quantized weights of a quantized model."""
+    `decoding` adds attention and swiglu at one stream's decoding step and a quantized model's
+    de-quantized weights."""
     used = used_kernels(model)
     shapes = model_shapes(model)
     decoding = decoding and not training
