@@ -15,8 +15,9 @@ Measured on a 2-core x86 machine (bench/RESULTS.md, "Where an epoch-1 step goes"
   de-quantized once beside the quantized arrays, where this CPU measured a one-row matmul on it
   faster than MLX's quantized kernel and the copies fit in a quarter of the machine's memory (on a
   Xeon, SmolLM2-135M in 4 bits decoded 1.4x faster alone and 3.7x faster 4 rows at a time).
-Results equal MLX's kernels up to fp32 rounding (tests/model/test_cpu_kernels.py). Which of the
-three exp kernels a model gets is measured on the machine at its shapes (model/kernel_choice.py).
+Results equal MLX's kernels up to fp32 rounding (tests/model/test_cpu_kernels.py). Which of them
+a model gets is measured on the machine at its shapes (model/kernel_choice.py): the exp kernels at
+a training batch's shapes, and for a command that decodes, apart, at one stream's decoding step.
 """
 
 from functools import cache, partial
@@ -74,8 +75,11 @@ def wanted() -> bool:
 _loss = [False]  # whether the last model put on these kernels was given the loss: `cross_entropy` has no model to ask
 
 
-def swiglu(gate: mx.array, x: mx.array) -> mx.array:
-    """mlx-lm's swiglu: silu(gate) * x."""
+def swiglu(gate: mx.array, x: mx.array, one_row: bool = True) -> mx.array:
+    """mlx-lm's swiglu: silu(gate) * x. A single row (one stream's decoding step) goes to mlx-lm's
+    own unless `one_row`: there our few more operations can cost more than a faster exp saves."""
+    if gate.size == gate.shape[-1] and not one_row:
+        return activations.swiglu(gate, x)
     return gate / (1 + fast_exp(-gate)) * x
 
 
@@ -124,11 +128,14 @@ def _chunked_ce_vjp(primals, cotangents, outputs):
     return mx.concatenate(parts).reshape(logits.shape), mx.zeros_like(targets)
 
 
-def attention(queries, keys, values, cache, scale: float, mask, sinks=None, fallback=None):
+def attention(queries, keys, values, cache, scale: float, mask, sinks=None, fallback=None, one_row=True):
     """mlx-lm's scaled_dot_product_attention: queries (B, H, Tq, D), keys and values (B, KV, Tk, D).
     The H/KV query heads that share a key head go through one matmul, and the softmax is taken in
-    float32 with fast_exp. Quantized KV caches and attention sinks go to mlx-lm's own (`fallback`)."""
-    if hasattr(cache, "bits") or sinks is not None:
+    float32 with fast_exp. Quantized KV caches and attention sinks go to mlx-lm's own (`fallback`),
+    and so does one query of one row (a single stream's decoding step) unless `one_row`: MLX's own
+    can win there while ours wins over a prompt or a batch (kernel_choice times them apart)."""
+    single = queries.shape[0] * queries.shape[2] == 1
+    if hasattr(cache, "bits") or sinks is not None or (single and not one_row):
         return fallback(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
     b, h, tq, d = queries.shape
     kv, tk = keys.shape[1], keys.shape[2]
@@ -239,6 +246,7 @@ def drop_dequantized(model: nn.Module) -> None:
 _CPU_CLASSES = {nn.QuantizedLinear: CPUQuantizedLinear, nn.QuantizedEmbedding: CPUQuantizedEmbedding}
 KERNELS = {"swiglu": "swiglu", "attention": "scaled_dot_product_attention"}  # ours -> the global mlx-lm calls
 TOKENS = (4, 64)  # rows x tokens the kernels are timed at: a training batch of short rows
+DECODE_CACHE = 256  # cached positions a decoding step's attention is timed over
 
 
 def _names(code: CodeType) -> set[str]:
@@ -250,10 +258,12 @@ def _on_our_kernels(fn: FunctionType, kernels: frozenset[str]) -> FunctionType:
     module itself, and every other model of the process, keep mlx-lm's."""
     names = dict(fn.__globals__)
     if "swiglu" in kernels and "swiglu" in names:
-        names["swiglu"] = swiglu
+        names["swiglu"] = partial(swiglu, one_row="decoding swiglu" in kernels)
     own = names.get("scaled_dot_product_attention")
     if "attention" in kernels and own is not None:
-        names["scaled_dot_product_attention"] = partial(attention, fallback=own)
+        names["scaled_dot_product_attention"] = partial(
+            attention, fallback=own, one_row="decoding attention" in kernels
+        )
     ours = FunctionType(fn.__code__, names, fn.__name__, fn.__defaults__, fn.__closure__)
     ours.__kwdefaults__, ours.__qualname__ = fn.__kwdefaults__, fn.__qualname__
     return ours
@@ -354,15 +364,26 @@ def candidates(shapes: dict, kernels: set[str]) -> dict[str, Candidate]:
     }
     if "quantization" in shapes and "dequantized" in kernels:
         every["dequantized"] = _dequantized_candidate(shapes, shapes["quantization"])
+    if "decoding swiglu" in kernels:  # one stream's one new position
+        every["decoding swiglu"] = Candidate(swiglu, activations.swiglu, lambda: (mx.random.normal((1, 1, f)),) * 2)
+    if "decoding attention" in kernels:  # one new position over a cache of DECODE_CACHE
+        every["decoding attention"] = Candidate(
+            lambda q, k, v: attention(q, k, v, None, scale, None, fallback=mlx_attention),
+            lambda q, k, v: mlx_attention(q, k, v, None, scale=scale, mask=None),
+            lambda: tuple(mx.random.normal((1, n, t, d)) for n, t in ((h, 1), (kv, DECODE_CACHE), (kv, DECODE_CACHE))),
+        )
     return {name: c for name, c in every.items() if name in kernels}
 
 
 def choose_kernels(model: nn.Module, training: bool = False, decoding: bool = False) -> Choice:
     """The kernels `model` gets on this machine: those measured faster than MLX's (kernel_choice);
-    `decoding` adds the de-quantized weights of a quantized model."""
+    `decoding` adds attention and swiglu at one stream's decoding step and a quantized model's
+    de-quantized weights."""
     used = used_kernels(model)
     shapes = model_shapes(model)
-    q = quantization(model) if decoding and not training else None
+    decoding = decoding and not training
+    used |= {f"decoding {k}" for k in ("attention", "swiglu") if decoding and k in used}
+    q = quantization(model) if decoding else None
     if q is not None:
         used.add("dequantized")
         shapes["quantization"] = q
@@ -385,14 +406,14 @@ def use_cpu_kernels(
     memory. `log` is told the choice."""
     if not wanted():
         return False
-    choice = choose_kernels(model, training, decoding and quantized)
+    choice = choose_kernels(model, training, decoding)
     line = choice.line()
     _loss[0] = "loss" in choice.kernels
     for _, module in model.named_modules():
         ours = (_CPU_CLASSES.get(type(module)) if quantized else None) or _cpu_class(type(module), choice.kernels)
         if ours is not None:
             module.__class__ = ours
-    if "dequantized" in choice.kernels:
+    if quantized and "dequantized" in choice.kernels:
         cost, limit = dequantized_bytes(model), DEQUANTIZED_SHARE * available_bytes()
         if cost <= limit:
             keep_dequantized(model)

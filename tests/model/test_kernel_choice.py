@@ -3,6 +3,7 @@ kept per machine, and the run says what it chose. Timings are injected where the
 test (a test must not depend on which kernel this CPU runs faster); one test times for real."""
 
 import json
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -187,4 +188,31 @@ def test_training_and_other_commands_never_time_or_keep_dequantized_weights(llam
     for training in (True, False):
         model = _quantized_llama(llama)
         assert use_cpu_kernels(model, training=training)
-        assert "dequantized" not in timed and all("dequantized" not in vars(m) for m in cpu_kernels._quantized(model))
+        assert not {"dequantized", "decoding attention"} & set(timed)
+        assert all("dequantized" not in vars(m) for m in cpu_kernels._quantized(model))
+
+
+@pytest.mark.parametrize("slower", [set(), {"decoding attention"}, {"decoding swiglu"}])
+def test_a_decoding_step_takes_our_kernels_only_where_measured_faster(slower, llama, auto, monkeypatch):
+    """Timed apart from a prompt's: one stream's single new position goes to MLX's own attention or
+    swiglu where ours measured slower there, while a prompt or a batch of rows keeps ours."""
+    timed = _timings(monkeypatch, slower)
+    model = load_base(str(llama)).model
+    assert use_cpu_kernels(model, decoding=True)
+    assert {"attention", "decoding attention", "swiglu", "decoding swiglu"} <= set(timed)
+    attn = type(model.layers[0].self_attn).__call__.__globals__["scaled_dot_product_attention"]
+    act = type(model.layers[0].mlp).__call__.__globals__["swiglu"]
+    assert attn.func is cpu_kernels.attention and act.func is cpu_kernels.swiglu
+    assert attn.keywords["one_row"] == ("decoding attention" not in slower)
+    assert act.keywords["one_row"] == ("decoding swiglu" not in slower)
+    theirs = []
+    spy = partial(attn.func, **{**attn.keywords, "fallback": lambda *a, **k: theirs.append(a[0].shape) or a[0]})
+    mlx_swiglu = activations.swiglu
+    monkeypatch.setattr(cpu_kernels.activations, "swiglu", lambda g, x: theirs.append(g.shape) or mlx_swiglu(g, x))
+    for rows, positions in ((1, 1), (1, 5), (3, 1)):
+        q, kv = mx.random.normal((rows, 4, positions, 16)), mx.random.normal((rows, 2, 9, 16))
+        spy(q, kv, kv, None, 0.25, None if positions == 1 else "causal")
+        act(*(mx.random.normal((rows, positions, 32)),) * 2)
+    want = [(1, 4, 1, 16)] if "decoding attention" in slower else []
+    want += [(1, 1, 32)] if "decoding swiglu" in slower else []
+    assert sorted(theirs) == sorted(want)
