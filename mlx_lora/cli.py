@@ -178,16 +178,14 @@ def generate(cfg: GenerateConfig) -> None:
     from mlx_lora.inference.adapter_set import load_adapters
     from mlx_lora.inference.cpp_engine import open_engine
     from mlx_lora.inference.generation import generate as run_generate
-    from mlx_lora.inference.generation import prompt_tokens, speed_line
-    from mlx_lora.model.base import load_base
+    from mlx_lora.inference.generation import speed_line
 
     engine = open_engine(cfg)
     if engine is None:
         responses = run_generate(load_adapters(cfg).base, cfg)
-    else:  # MLX reads only the tokenizer: the weights are llama.cpp's
-        base = load_base(engine.model_path, lazy=True)
+    else:
         typer.echo(engine.describe(), err=True)
-        responses = engine.stream(base.tokenizer, prompt_tokens(base, cfg.prompt, cfg.chat), cfg)
+        responses = engine.generate(cfg)
     # The prompt on stderr, so a terminal shows what the answer continues; stdout is the new text alone.
     typer.echo(cfg.prompt, err=True, nl=not sys.stdout.isatty())
     response = None

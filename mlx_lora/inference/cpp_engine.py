@@ -29,7 +29,9 @@ from mlx_lora.errors import UserError
 from mlx_lora.formats.gguf import GGUF_ADAPTER_FILE
 from mlx_lora.formats.loader import read_adapter
 from mlx_lora.formats.registry import export, format_named
+from mlx_lora.inference.generation import prompt_tokens
 from mlx_lora.model import kernel_choice
+from mlx_lora.model.base import load_base
 from mlx_lora.model.gguf import GGUF_SUFFIX
 
 INSTALL_HINT = "pip install llama-cpp-python (it compiles llama.cpp: a C compiler and cmake, ~15 min)"
@@ -106,6 +108,11 @@ class CppEngine:
                 verbose=False,
             )
         return self.llm
+
+    def generate(self, cfg: GenerateConfig) -> Iterator[GenerationResponse]:
+        """`generate`'s responses for `cfg.prompt`: MLX reads only the tokenizer, the weights are llama.cpp's."""
+        base = load_base(self.model_path, lazy=True)
+        return self.stream(base.tokenizer, prompt_tokens(base, cfg.prompt, cfg.chat), cfg)
 
     def stream(self, tokenizer, tokens: list[int], cfg: GenerateConfig) -> Iterator[GenerationResponse]:
         """mlx-lm's stream_generate, decoded by llama.cpp: a response per token (`.text` the new
