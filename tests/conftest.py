@@ -132,16 +132,36 @@ QWEN2_VL_TEMPLATE = (
 QWEN2_VL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
 
-def make_qwen2_vl(directory: Path, seed: int = 0) -> Path:
-    """A random Qwen2-VL made by transformers (2 blocks of width 64, a 1-block vision tower; 56x56 to
-    112x112 pixel images) saved with its image processor and the shipped tokenizer plus Qwen2-VL's
-    special tokens and chat template. config.json is rewritten in the Hub's layout
-    (Qwen/Qwen2-VL-2B-Instruct: the text model's keys at the root, M-RoPE in rope_scaling), which
+# each Qwen-VL generation's vision tower, small: 56x56 to 112x112 pixel images, 14-pixel patches
+QWEN_VL_VISION = {
+    "qwen2_vl": dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
+    # two blocks, the first windowed: a 28-pixel window (one merged patch) so windows differ from the whole image
+    "qwen2_5_vl": dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        window_size=28,
+        fullatt_block_indexes=[1],
+        tokens_per_second=2,
+    ),
+}
+
+
+def make_qwen2_vl(directory: Path, seed: int = 0, kind: str = "qwen2_vl") -> Path:
+    """A random Qwen2-VL (or Qwen2.5-VL, `kind`) made by transformers (2 blocks of width 64, a small
+    vision tower, QWEN_VL_VISION; 56x56 to 112x112 pixel images) saved with its image processor and the
+    shipped tokenizer plus Qwen2-VL's special tokens and chat template (Qwen2.5-VL's are the same).
+    config.json is rewritten in the Hub's layout (Qwen/Qwen2-VL-2B-Instruct,
+    Qwen/Qwen2.5-VL-3B-Instruct: the text model's keys at the root, M-RoPE in rope_scaling), which
     transformers 5 and mlx-vlm both read; the weights are already saved under the Hub's names."""
     import torch
-    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    import transformers
+    from transformers import PreTrainedTokenizerFast
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    name = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}[kind]
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(DEFAULT_MODEL_DIR)
     tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN2_VL_TOKENS)})
@@ -150,17 +170,16 @@ def make_qwen2_vl(directory: Path, seed: int = 0) -> Path:
     rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}  # head_dim 16 = 2 * 8
     text = dict(SMALL, num_hidden_layers=2, vocab_size=len(tokenizer), rope_parameters=rope, initializer_range=0.1)
     text |= dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=ids["<|im_end|>"], pad_token_id=0)
-    vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
-    config = Qwen2VLConfig(
+    config = getattr(transformers, f"{name}Config")(
         text_config=text,
-        vision_config=vision,
+        vision_config=QWEN_VL_VISION[kind],
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
     torch.manual_seed(seed)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(directory)
+    getattr(transformers, f"{name}ForConditionalGeneration")(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(directory)
     saved = json.loads((directory / "config.json").read_text())
@@ -169,11 +188,72 @@ def make_qwen2_vl(directory: Path, seed: int = 0) -> Path:
     for key in ("model_type", "layer_types", "dtype"):
         text.pop(key, None)
     for key in ("model_type", "rope_parameters"):
-        saved["vision_config"].pop(key)
+        saved["vision_config"].pop(key, None)
     saved |= text | {
         "rope_theta": rope["rope_theta"],
         "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]},
     }
+    (directory / "config.json").write_text(json.dumps(saved, indent=2))
+    return directory
+
+
+# SmolVLM-Instruct's chat template (HuggingFaceTB/SmolVLM-Instruct, an `idefics3` checkpoint): it reads
+# every turn's content as a list of parts, and the special tokens its processor writes for an image
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+SMOLVLM_TOKENS = (
+    "<|im_start|>",
+    "<fake_token_around_image>",
+    "<image>",
+    "<end_of_utterance>",
+    "<global-img>",
+    *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),
+)
+
+
+def make_idefics3(directory: Path, seed: int = 0) -> Path:
+    """A random Idefics3 (SmolVLM's architecture) made by transformers: 2 Llama blocks of width 64, a
+    1-block SigLIP tower on 56x56 tiles of 14-pixel patches, pixel-shuffled 2x2 into 4 tokens a tile;
+    an image is resized to 112 pixels on its longest side, cut into 56-pixel tiles, plus the whole
+    image as one more tile (SmolVLM's splitting at a small size). config.json is rewritten in the Hub's
+    layout (HuggingFaceTB/SmolVLM-Instruct: the text model's rope_theta in text_config, which mlx-vlm
+    reads); the weights are saved under the Hub's names (model.text_model..., model.vision_model...)."""
+    import torch
+    from tokenizers.processors import TemplateProcessing
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3Processor,
+        PreTrainedTokenizerFast,
+    )
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(DEFAULT_MODEL_DIR)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(SMOLVLM_TOKENS)})
+    tokenizer.eos_token, tokenizer.chat_template = "<end_of_utterance>", SMOLVLM_TEMPLATE
+    # SmolVLM's tokenizer adds no BOS (its template opens with <|im_start|>); mlx-vlm's generation
+    # tokenizes with the tokenizer's own special tokens, so the shipped tokenizer's <s> is taken off
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="$A", pair="$A $B")
+    text = dict(SMALL, model_type="llama", num_hidden_layers=2, vocab_size=len(tokenizer), initializer_range=0.1)
+    text |= dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
+    text |= dict(rope_theta=10000.0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=14)
+    vision |= dict(image_size=56)
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    config = Idefics3Config(text_config=text, vision_config=vision, scale_factor=2, image_token_id=image_token)
+    torch.manual_seed(seed)
+    Idefics3ForConditionalGeneration(config).save_pretrained(directory)
+    images = Idefics3ImageProcessorPil(size={"longest_edge": 112}, max_image_size={"longest_edge": 56})
+    Idefics3Processor(images, tokenizer, image_seq_len=4, chat_template=SMOLVLM_TEMPLATE).save_pretrained(directory)
+    saved = json.loads((directory / "config.json").read_text())
+    saved.pop("_pad_token_id", None)
+    saved["text_config"]["rope_theta"] = saved["text_config"].pop("rope_parameters")["rope_theta"]
     (directory / "config.json").write_text(json.dumps(saved, indent=2))
     return directory
 
@@ -265,6 +345,22 @@ def write_shapes(out: Path, splits: dict[str, int]) -> Path:
 @pytest.fixture(scope="session")
 def qwen2_vl(tmp_path_factory) -> Path:
     return make_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl"))
+
+
+VLM_KINDS = ("qwen2_vl", "qwen2_5_vl", "idefics3")  # every architecture in mlx_lora/model/vision.py: LAYOUTS
+# the terms of the longest sums on the way to each one's logits, for fp32_tol: the 2 blocks' 128-wide
+# MLPs; Idefics3's SigLIP tower layer-normalizes its 3·14·14-term patch sums, which carries their rounding on
+VLM_TERMS = {"qwen2_vl": 2 * 128, "qwen2_5_vl": 2 * 128, "idefics3": 3 * 14 * 14 + 2 * 128}
+
+
+@pytest.fixture(scope="session", params=VLM_KINDS)
+def vlm(request, tmp_path_factory) -> Path:
+    """A random vision-language model of each checked architecture (qwen2_vl's is the fixture's own)."""
+    if request.param == "qwen2_vl":
+        return request.getfixturevalue("qwen2_vl")
+    if request.param == "idefics3":
+        return make_idefics3(tmp_path_factory.mktemp("idefics3"))
+    return make_qwen2_vl(tmp_path_factory.mktemp(request.param), kind=request.param)
 
 
 @pytest.fixture(scope="session")

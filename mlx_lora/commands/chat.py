@@ -13,6 +13,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
 from mlx_lora.config import ChatConfig
+from mlx_lora.data.chat import as_parts
 from mlx_lora.errors import UserError
 from mlx_lora.inference.adapter_set import AdapterSet, load_adapters
 from mlx_lora.inference.generation import (
@@ -36,21 +37,28 @@ class Conversation:
     messages: list[dict]
     images: list[str] = field(default_factory=list)  # every image of the turns so far, in order
     attached: list[str] = field(default_factory=list)  # /image's, for the next user turn
+    parts: bool = False  # a vision-language base's: every turn a list of parts (SmolVLM's template reads no other)
 
     def add_user(self, text: str) -> None:
         """The user's turn, holding the attached images first, as `generate --image` puts them."""
         content = [{"type": "image"} for _ in self.attached] + [{"type": "text", "text": text}]
-        self.messages.append({"role": "user", "content": content if self.attached else text})
+        self.messages.append({"role": "user", "content": content if self.attached or self.parts else text})
         self.images += self.attached
         self.attached = []
+
+    def add_reply(self, text: str) -> None:
+        reply = {"role": "assistant", "content": text}
+        self.messages.append(as_parts(reply) if self.parts else reply)
 
 
 def chat(cfg: ChatConfig, read=input, write=print) -> None:
     """Read turns with `read(prompt)` until /quit or end of input; stream replies through `write`."""
     loaded = load_adapters(cfg)
     require_chat_template(loaded.base)
-    start = [{"role": "system", "content": cfg.system}] if cfg.system else []
-    talk = Conversation(list(start))
+    vision = loaded.base.processor is not None
+    system = {"role": "system", "content": cfg.system}
+    start = [as_parts(system) if vision else system] if cfg.system else []
+    talk = Conversation(list(start), parts=vision)
     mx.random.seed(cfg.seed)
 
     write(status(loaded))
@@ -67,7 +75,7 @@ def chat(cfg: ChatConfig, read=input, write=print) -> None:
             if command in ("quit", "exit"):
                 break
             if command == "reset":
-                talk = Conversation(list(start))
+                talk = Conversation(list(start), parts=vision)
                 write("new conversation")
             elif command == "image":
                 attach(loaded.base, talk, argument.strip(), write)
@@ -80,7 +88,7 @@ def chat(cfg: ChatConfig, read=input, write=print) -> None:
             write(response.text, end="", flush=True)
             reply.append(response.text)
         write()
-        talk.messages.append({"role": "assistant", "content": "".join(reply)})
+        talk.add_reply("".join(reply))
 
 
 def responses(base, talk: Conversation, cfg: ChatConfig):

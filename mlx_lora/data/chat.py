@@ -41,7 +41,28 @@ def hf_tokenizer(tokenizer):
 
 
 def _render(hf, messages, tools=None, generation_prompt=False) -> str:
+    if _reads_parts_only(hf, hf.chat_template):
+        messages = [as_parts(m) for m in messages]
     return hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def as_parts(message: dict) -> dict:
+    """A message whose string content is given as one text part."""
+    content = message.get("content")
+    return {**message, "content": [{"type": "text", "text": content}]} if isinstance(content, str) else message
+
+
+@lru_cache(maxsize=16)
+def _reads_parts_only(hf, template: str) -> bool:
+    """Whether the template renders a turn's content only from a list of parts (SmolVLM's: it
+    iterates a string's characters for parts and writes none), so string contents go to it as parts."""
+    probe = [{"role": "user", "content": PROBE_USER}]
+    try:
+        return PROBE_USER not in hf.apply_chat_template(probe, tokenize=False) and PROBE_USER in (
+            hf.apply_chat_template([as_parts(probe[0])], tokenize=False)
+        )
+    except Exception:  # a template that refuses either probe is rendered as it is
+        return False
 
 
 def _specials(hf) -> list[str]:

@@ -44,8 +44,11 @@ class Layout:
         return self.transformers + name[len(self.checkpoint) :] if name.startswith(self.checkpoint) else name
 
 
+QWEN_VL = Layout("language_model.model.", "model.", "model.language_model.", "<|image_pad|>")
 LAYOUTS = {
-    "qwen2_vl": Layout("language_model.model.", "model.", "model.language_model.", "<|image_pad|>"),
+    "qwen2_vl": QWEN_VL,
+    "qwen2_5_vl": QWEN_VL,
+    "idefics3": Layout("language_model.", "model.text_model.", "model.text_model.", "<image>"),  # SmolVLM
 }
 
 

@@ -3,8 +3,9 @@
 LoRA sits in the language model's blocks only, so the vision tower, its projector and the merge of
 image features into the token embeddings are frozen: they run once per batch here, outside the
 compiled step, and the step runs the language model on the merged embeddings with the positions
-the model computed for them (Qwen2-VL's 3-D M-RoPE positions). The block-level frozen-prefix cache
-(prefix_cache.py) is not used: its cut runs mlx-lm's blocks on 1-D positions.
+the model computed for them (Qwen2-VL's 3-D M-RoPE positions; Idefics3's language model counts
+them from 0 itself). The block-level frozen-prefix cache (prefix_cache.py) is not used: its cut
+runs mlx-lm's blocks on 1-D positions.
 """
 
 from collections.abc import Sequence
@@ -38,7 +39,9 @@ class VisionFeed(Feed):
         pixels = {k: mx.array(v) for k, v in pixel_inputs(self.processor, images).items()} if images else {}
         found = self.model.get_input_embeddings(tokens, pixels.pop("pixel_values", None), mask=attention, **pixels)
         embeds = mx.stop_gradient(found.inputs_embeds)  # (B, L, D)
-        positions = found.position_ids  # (3, B, L) M-RoPE, or (B, L)
+        positions = found.position_ids  # (3, B, L) M-RoPE; None where the model counts from 0 (Idefics3)
+        if positions is None:  # the same positions, so every model's step reads one shape of input
+            positions = mx.broadcast_to(mx.arange(tokens.shape[1])[None], tokens.shape)  # (B, L)
         mx.eval(embeds, positions)
         return tokens, embeds[:, :-1], positions[..., :-1], mask
 

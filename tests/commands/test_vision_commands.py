@@ -150,3 +150,26 @@ def test_chat_with_an_image_gone_since_it_was_attached_stops_in_one_line(qwen2_v
 
     with pytest.raises(UserError, match=rf"^/image {image}: no such file$"):
         chat(ChatConfig(model=str(qwen2_vl), max_tokens=2), read=read, write=lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("vlm", ["idefics3"], indirect=True)
+def test_chat_on_a_template_that_reads_only_parts_keeps_every_text_turn(vlm, monkeypatch):
+    """SmolVLM's template writes nothing for a string content: chat gives every turn as parts, so a
+    text-only question, the reply and the next question all reach the model."""
+    calls = []
+    vision_responses = mlx_lora.commands.chat.vision_responses
+
+    def recording(base, text, images, max_tokens, sampler):
+        calls.append(text)
+        return vision_responses(base, text, images, max_tokens, sampler)
+
+    monkeypatch.setattr(mlx_lora.commands.chat, "vision_responses", recording)
+    script = ["Say hi", "and now?", "/quit"]
+    result = CliRunner().invoke(
+        app, ["chat", "--model", str(vlm), "--max-tokens", "3", "--system", "Be brief"], input="\n".join(script) + "\n"
+    )
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    first, second = calls
+    assert first.startswith("<|im_start|>System: Be brief<end_of_utterance>\nUser: Say hi<end_of_utterance>\n")
+    reply = result.stdout.split("] you> ", 2)[1].split("\n", 1)[0]
+    assert second == f"{first} {reply}<end_of_utterance>\nUser: and now?<end_of_utterance>\nAssistant:"

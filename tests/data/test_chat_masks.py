@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SMOLVLM_TEMPLATE
 from transformers import AutoTokenizer
 from trl.chat_template_utils import get_training_chat_template
 
@@ -214,3 +215,16 @@ def test_each_assistant_turns_end_of_turn_is_trained_and_is_a_stop_token(tokeniz
     trained = [t for t, m in zip(tokens, mask) if m]
     assert trained.count(eot) == 2 < tokens.count(eot)  # two replies; the user's turns end with it too
     assert end_of_turn(tok) == eot
+
+
+def test_a_template_that_reads_only_content_parts_trains_string_turns_as_parts(smollm2_tokenizer):
+    """SmolVLM's template writes nothing for a string content (it iterates the string for parts): each
+    string content goes to it as one text part, so its tokens are transformers' rendering of those parts."""
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<end_of_utterance>", "<image>"]})
+    tok.chat_template = SMOLVLM_TEMPLATE
+    assert "2+2" not in tok.apply_chat_template(TALK, tokenize=False)  # the template as it is
+    parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in TALK]
+    tokens, _ = ours(tok, {"messages": TALK})
+    assert tokens == tok.apply_chat_template(parts, tokenize=True, return_dict=False)
+    assert trained(tok, {"messages": TALK}) == [" Hello! How can I help?<end_of_utterance>\n", " 4<end_of_utterance>\n"]

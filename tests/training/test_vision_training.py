@@ -7,11 +7,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import fp32_tol, write_jsonl, write_shapes
+import transformers
+from conftest import VLM_TERMS, fp32_tol, write_jsonl, write_shapes
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from PIL import Image
-from transformers import Qwen2VLForConditionalGeneration
 from typer.testing import CliRunner
 
 from mlx_lora.cli import app
@@ -24,12 +24,17 @@ from mlx_lora.formats.loader import load_for_inference
 from mlx_lora.inference.generation import generate
 from mlx_lora.model.base import load_base
 from mlx_lora.model.cpu_kernels import use_cpu_kernels
+from mlx_lora.model.vision import LAYOUTS
 from mlx_lora.training.loop import train
 from mlx_lora.training.vision import VisionFeed
 
-IMAGE_TOKEN = "<|image_pad|>"
 QUESTION = "What colour is the square?"
-TOL = fp32_tol(2 * 128)  # fp32 through other kernels: the longest sums are the 2 blocks' 128-wide MLPs
+PIXEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask")  # what a processor gives for images
+
+
+def tol(base) -> float:
+    """fp32 through other kernels: n·EPS, n the terms of the longest sums (conftest's VLM_TERMS)."""
+    return fp32_tol(VLM_TERMS[base.config["model_type"]])
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +42,10 @@ def shapes(tmp_path_factory):
     return write_shapes(tmp_path_factory.mktemp("shapes"), {"train": 16, "valid": 4, "test": 2})
 
 
-@pytest.fixture(scope="module")
-def adapter(qwen2_vl, shapes, tmp_path_factory):
+def train_four_steps(model_dir, shapes, out):
     """Four steps at a large learning rate, so the adapter moves the logits well past rounding."""
-    out = tmp_path_factory.mktemp("run") / "adapter"
     cfg = TrainConfig(
-        model=str(qwen2_vl),
+        model=str(model_dir),
         data=str(shapes),
         adapter_path=str(out),
         iters=4,
@@ -58,15 +61,29 @@ def adapter(qwen2_vl, shapes, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def adapter(qwen2_vl, shapes, tmp_path_factory):
+    return train_four_steps(qwen2_vl, shapes, tmp_path_factory.mktemp("run") / "adapter")
+
+
+@pytest.fixture(scope="module")
+def vlm_adapter(vlm, shapes, tmp_path_factory):
+    """train_four_steps on each checked architecture (qwen2_vl's is `adapter`)."""
+    return train_four_steps(vlm, shapes, tmp_path_factory.mktemp("run") / "adapter")
+
+
 def hf_model(model_dir):
-    return Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    """transformers' class of the model (Qwen2VLForConditionalGeneration, ...), as config.json names it."""
+    model_class = getattr(transformers, json.loads((model_dir / "config.json").read_text())["architectures"][0])
+    return model_class.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
 def hf_inputs(base, x: dict) -> dict:
-    image_token = base.processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     ids = np.asarray(x["input_ids"])
-    out = {"input_ids": torch.tensor(ids), "mm_token_type_ids": torch.tensor((ids == image_token).astype(np.int64))}
-    return out | {k: torch.tensor(np.asarray(x[k])) for k in ("pixel_values", "image_grid_thw") if k in x}
+    out = {"input_ids": torch.tensor(ids)} | {k: torch.tensor(np.asarray(x[k])) for k in PIXEL_KEYS if k in x}
+    if base.config["model_type"] != "idefics3":  # Qwen-VL's: which tokens are the image's, for its 3-D positions
+        out["mm_token_type_ids"] = torch.tensor((ids == base.config["image_token_id"]).astype(np.int64))
+    return out
 
 
 def prompt_inputs(base, image_path) -> dict:
@@ -80,22 +97,23 @@ def prompt_inputs(base, image_path) -> dict:
 
 
 def our_logits(base, x: dict) -> np.ndarray:
-    pixels = {k: mx.array(np.asarray(x[k])) for k in ("pixel_values", "image_grid_thw")}
+    pixels = {k: mx.array(np.asarray(x[k])) for k in PIXEL_KEYS if k in x}
     return np.array(base.model(mx.array(np.asarray(x["input_ids"])), pixels.pop("pixel_values"), **pixels).logits)
 
 
-def test_the_loss_of_a_mixed_batch_is_transformers_loss_on_the_assistant_tokens(qwen2_vl, shapes, tmp_path):
+def test_the_loss_of_a_mixed_batch_is_transformers_loss_on_the_assistant_tokens(vlm, shapes, tmp_path):
     """Two image rows and a text row, padded into one batch: the token-weighted mean of transformers'
     loss per row with labels on the trained tokens only (image merge, 3-D positions, masks)."""
     text = {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi there"}]}
     rows = [json.loads(line) for line in (shapes / "train.jsonl").read_text().splitlines()[:2]]
     data = write_jsonl(shapes / "mixed.jsonl", [*rows, text])
-    base = load_base(str(qwen2_vl))
+    base = load_base(str(vlm))
     use_cpu_kernels(base.model)  # as training runs it
-    examples = encode_vision_rows(str(data), file_rows(data), base.tokenizer, base.processor, IMAGE_TOKEN, 512)
+    token = LAYOUTS[base.config["model_type"]].image_token
+    examples = encode_vision_rows(str(data), file_rows(data), base.tokenizer, base.processor, token, 512)
     feed = VisionFeed(base.model, base.processor)
     loss, ntoks = feed.loss(base.model, *feed.inputs(examples, [0, 1, 2], collate(examples, [0, 1, 2])))
-    hf, total, count, largest = hf_model(qwen2_vl), 0.0, 0, 0.0
+    hf, total, count, largest = hf_model(vlm), 0.0, 0, 0.0
     for i in range(3):
         ex = examples[i]
         image = [Image.open(ex.images[0]).convert("RGB")] if ex.images else None
@@ -108,33 +126,34 @@ def test_the_loss_of_a_mixed_batch_is_transformers_loss_on_the_assistant_tokens(
         total, count = total + out.loss.item() * ex.mask[1:].sum(), count + int(ex.mask[1:].sum())
         largest = max(largest, out.logits.abs().max().item())
     assert ntoks.item() == count
-    # each logit within TOL·max|logit| of transformers', so each cross-entropy within twice that
-    assert abs(loss.item() - total / count) <= 2 * TOL * largest
+    # each logit within tol·max|logit| of transformers', so each cross-entropy within twice that
+    assert abs(loss.item() - total / count) <= 2 * tol(base) * largest
 
 
-def test_a_trained_adapter_in_peft_gives_our_logits_on_the_transformers_model(qwen2_vl, shapes, adapter, tmp_path):
-    convert(ConvertConfig(str(adapter), str(tmp_path / "peft"), to="peft"), log=lambda _: None)
-    peft_model = PeftModel.from_pretrained(hf_model(qwen2_vl), tmp_path / "peft").eval()
+def test_a_trained_adapter_in_peft_gives_our_logits_on_the_transformers_model(vlm, shapes, vlm_adapter, tmp_path):
+    convert(ConvertConfig(str(vlm_adapter), str(tmp_path / "peft"), to="peft"), log=lambda _: None)
+    peft_model = PeftModel.from_pretrained(hf_model(vlm), tmp_path / "peft").eval()
     wrapped = {n for n, m in peft_model.base_model.model.named_modules() if isinstance(m, LoraLayer)}
-    assert wrapped == {f"model.language_model.layers.1.self_attn.{p}" for p in ("q_proj", "v_proj")}
-    ours = load_for_inference(str(qwen2_vl), str(adapter))
+    blocks = LAYOUTS[json.loads((vlm / "config.json").read_text())["model_type"]].transformers + "layers"
+    assert wrapped == {f"{blocks}.1.self_attn.{p}" for p in ("q_proj", "v_proj")}
+    ours = load_for_inference(str(vlm), str(vlm_adapter))
     x = prompt_inputs(ours, shapes / "imgs" / "0016.png")  # a validation image
     with torch.no_grad():
         theirs = peft_model(**hf_inputs(ours, x)).logits.numpy()
-    got, bound = our_logits(ours, x), TOL * np.abs(theirs).max()
+    got, bound = our_logits(ours, x), tol(ours) * np.abs(theirs).max()
     assert np.abs(got - theirs).max() <= bound
     # and the adapter matters: it moves the logits by far more than the bound
-    assert np.abs(our_logits(load_base(str(qwen2_vl)), x) - got).max() > 100 * bound
+    assert np.abs(our_logits(load_base(str(vlm)), x) - got).max() > 100 * bound
 
 
-def test_generate_with_an_image_is_transformers_greedy_reply(qwen2_vl, shapes, adapter, tmp_path):
+def test_generate_with_an_image_is_transformers_greedy_reply(vlm, shapes, vlm_adapter, tmp_path):
     """`generate --image` through the PEFT export read back: the tokens transformers + PEFT pick greedily."""
-    convert(ConvertConfig(str(adapter), str(tmp_path / "peft"), to="peft"), log=lambda _: None)
+    convert(ConvertConfig(str(vlm_adapter), str(tmp_path / "peft"), to="peft"), log=lambda _: None)
     image = shapes / "imgs" / "0017.png"
-    cfg = GenerateConfig(model=str(qwen2_vl), prompt=QUESTION, image=[str(image)], max_tokens=6)
-    ours = load_for_inference(str(qwen2_vl), str(tmp_path / "peft"))
+    cfg = GenerateConfig(model=str(vlm), prompt=QUESTION, image=[str(image)], max_tokens=6)
+    ours = load_for_inference(str(vlm), str(tmp_path / "peft"))
     tokens = list(generate(ours, cfg))[-1].token_ids  # mlx-vlm's last response lists them all
-    peft_model = PeftModel.from_pretrained(hf_model(qwen2_vl), tmp_path / "peft").eval()
+    peft_model = PeftModel.from_pretrained(hf_model(vlm), tmp_path / "peft").eval()
     x = hf_inputs(ours, prompt_inputs(ours, image))
     with torch.no_grad():
         out = peft_model.generate(**x, max_new_tokens=6, do_sample=False)
