@@ -33,12 +33,14 @@ def test_rollouts_and_their_log_probs(base):
     mx.random.seed(0)
     assert rollouts.sample(base.model, tok, prompts, G, MAX_TOKENS, 1.0, 1.0)[0] == completions
 
-    tokens, mask = rollouts.sequences(prompts, completions, G)
-    logps = rollouts.per_token_logps(base.model, tokens)
-    assert mask.sum(axis=1).tolist() == [len(c) for c in completions]
-    masked = np.array((logps * mask).sum(axis=1))  # what the loss reads: the mask on the completion's tokens
+    seqs = rollouts.sequences(prompts, completions, G)
+    logps = rollouts.completion_logps(base.model, seqs)
+    assert seqs.mask.sum(axis=1).tolist() == [len(c) for c in completions]
+    masked = np.array((logps * seqs.mask).sum(axis=1))  # what the loss reads: the mask on the completion's tokens
     np.testing.assert_allclose(masked, [sum(s) for s in sampled], atol=MAX_TOKENS * 1e-4)
     for i, c in enumerate(completions):
         start = len(prompts[i // G]) - 1
-        np.testing.assert_array_equal(np.array(tokens[i, start + 1 : start + 1 + len(c)]), c)
-        np.testing.assert_allclose(np.array(logps[i, start : start + len(c)]), sampled[i], atol=1e-4)
+        np.testing.assert_array_equal(np.array(seqs.tokens[i, start + 1 : start + 1 + len(c)]), c)
+        np.testing.assert_array_equal(np.array(seqs.index[i, : len(c)]), np.arange(start, start + len(c)))
+        np.testing.assert_array_equal(np.array(seqs.targets[i, : len(c)]), c)
+        np.testing.assert_allclose(np.array(logps[i, : len(c)]), sampled[i], atol=1e-4)
