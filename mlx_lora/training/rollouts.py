@@ -1,7 +1,8 @@
 """GRPO's rollouts: G sampled completions per prompt, and their per-token log-probs read back.
 
 Sampling goes through mlx-lm's BatchGenerator (left-padded KV caches, as eval generates) with
-mlx-lm's sampler (--temperature, --top-p). A completion keeps the EOS that ended it, as TRL's
+mlx-lm's sampler (--temperature, --top-p); a prompt's prefix is run once and its KV cache shared
+by its G completions. A completion keeps the EOS that ended it, as TRL's
 completion_ids do, so the policy also learns where to stop. The log-probs the loss reads are
 computed teacher-forced over prompt + completion, right-padded, in one forward, and the output
 projection (576 x 49k for SmolLM2) runs only where a completion token is predicted: those of the
@@ -14,10 +15,22 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from mlx_lora.model.cpu_kernels import cross_entropy
 from mlx_lora.training.cut import Cut
+
+
+def prompt_cache(model: nn.Module, prompt: list[int]) -> list | None:
+    """The KV cache of all but the prompt's last token, which its G completions share (BatchGenerator
+    merges it into the batch's cache and does not write to it); None for a one-token prompt."""
+    if len(prompt) < 2:
+        return None
+    cache = make_prompt_cache(model)
+    model(mx.array([prompt[:-1]]), cache=cache)
+    mx.eval([c.state for c in cache])
+    return cache
 
 
 def sample(
@@ -32,6 +45,8 @@ def sample(
     """`group_size` completions of each prompt, prompt i's at [i*G, (i+1)*G): token lists ending at
     EOS (kept) or after `max_tokens`, and each token's log-prob as it was sampled (the model's,
     before temperature). Seeded by mx.random's state."""
+    shared = [prompt_cache(model, p) for p in prompts]  # each prompt's prefix once, for all its G rows
+    caches = [c for c in shared for _ in range(group_size)]
     rows = [p for p in prompts for _ in range(group_size)]
     generator = BatchGenerator(
         model,
@@ -41,7 +56,11 @@ def sample(
         completion_batch_size=len(rows),
         prefill_batch_size=len(rows),
     )
-    uids = generator.insert(rows)
+    uids = generator.insert(
+        [p if c is None else p[-1:] for p, c in zip(rows, caches)],
+        caches=caches,
+        all_tokens=[[] if c is None else p[:-1] for p, c in zip(rows, caches)],
+    )
     index = dict(zip(uids, range(len(rows))))
     completions: list[list[int]] = [[] for _ in rows]
     logps: list[list[float]] = [[] for _ in rows]
