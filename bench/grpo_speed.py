@@ -29,27 +29,28 @@ What cannot be matched, and the closest chosen:
 - Reference: mlx-lm-lora's command loads a second copy of the model as the reference for GRPO,
   whatever beta; so does this bench (its peak memory counts it), running it only when beta > 0.
   Ours runs the same model with the adapter off.
-- Old policy: theirs is on-policy only (its ratio is exp(logp - stop_gradient(logp)) = 1); ours
-  computes the sampling policy's log-probs in a forward pass of their own, for --grpo-iterations.
+- Old policy: theirs is on-policy only (its ratio is exp(logp - stop_gradient(logp)) = 1); so is
+  ours with --grpo-iterations 1 (this bench), which needs a pass of its own only for more.
 - Sampling: their command passes no top-p/top-k to the trainer (0.95 and 20 then); this bench calls
   train_grpo with top_p 1, top_k 0, min_p 0, as ours samples. Their end_answer_token ("</answer>",
   an extra stop sequence) is turned off: ours stops at EOS or the length limit alone.
 - Advantages: theirs divide by the population std, ours by the Bessel-corrected one (TRL's).
 - Batching of the rollouts, each tool's own: theirs prefills each prompt once and forks its cache
-  for the G completions, then decodes --batch-size sequences at a time; ours prefills and decodes
-  all --batch-size x G at once.
+  for the G completions, then decodes --batch-size sequences at a time; ours prefills each prompt
+  once too, then decodes all --batch-size x G at once.
 - Prompt order: ours shuffles its batches by --seed; theirs sorts by length and permutes batches.
   Each step reads --batch-size fresh prompts of the same --steps x --batch-size.
 
 Timing: a step is ours' GrpoStep.step call, theirs from the start of its rollout (generate_grpo)
 to its per-step report (steps_per_report 1), after its mx.eval: the validation passes lie outside
 both. The rollout is the sampling (ours' GrpoStep.roll_out, with its reward scoring; theirs'
-generate_grpo); the update is the rest of the step: ours' old-policy and reference log-probs and
-the optimizer update, theirs' rewards, reference pass and update. Seconds per step are the
-median of the steps after the first. The whole command is the process's wall time as the driver
-sees it (loading, data, validations, steps, saving): ours is `mlx-lora train`'s own entry point;
-theirs is this script doing what `mlx_lm_lora.train --train-mode grpo` does (load the model and
-the reference copy, wrap LoRA, build GRPODataset, train_grpo, which saves), less its final fuse.
+generate_grpo); the update is the rest of the step: ours' frozen blocks, reference (and, with
+more than one iteration, old-policy) log-probs and the optimizer update, theirs' rewards,
+reference pass and update. Seconds per step are the median of the steps after the first. The
+whole command is the process's wall time as the driver sees it (loading, data, validations,
+steps, saving): ours is `mlx-lora train`'s own entry point; theirs is this script doing what
+`mlx_lm_lora.train --train-mode grpo` does (load the model and the reference copy, wrap LoRA,
+build GRPODataset, train_grpo, which saves), less its final fuse.
 Peak memory is mx.get_peak_memory() from process start and the process's max RSS.
 """
 

@@ -4,10 +4,11 @@ A step reads --grad-accumulation-steps batches of --batch-size prompts. Each bat
 completions each from the current adapter (rollouts.sample, in eval mode), scored by the rewards
 (their weighted sum); a group whose rewards are all equal has advantage 0 everywhere, teaches
 nothing, and is left out of the update (and counted). The kept completions' log-probs under the
-policy that sampled them (`old`) and, with beta > 0, under the base with the adapter off (the
-reference: no second model) are computed once; then --grpo-iterations optimizer updates each sum
-the gradients of all the step's batches and divide by their total count, so accumulated batches
-give the gradient of the one batch they make together, as training/step.py does for SFT.
+policy that sampled them (`old`, with more than one iteration) and, with beta > 0, under the base
+with the adapter off (the reference: no second model) are computed once; then --grpo-iterations
+optimizer updates each sum the gradients of all the step's batches and divide by their total
+count, so accumulated batches give the gradient of the one batch they make together, as
+training/step.py does for SFT.
 
 Validation samples the valid prompts the same way, from a fixed seed (so validations compare
 like with like and the training draws are left as they were), and appends every completion with
@@ -16,6 +17,7 @@ its rewards to valid_rollouts.jsonl beside the adapter.
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from mlx_lora.data.rows import Row
 from mlx_lora.model.lora import adapter_off
 from mlx_lora.training import rollouts
 from mlx_lora.training.checkpoint import restore_rng, rng_key
+from mlx_lora.training.cut import Cut, find_cut
 from mlx_lora.training.grpo import PolicyLoss, group_advantages, policy_loss
 from mlx_lora.training.rewards import Reward, Task, score_all, task
 from mlx_lora.training.step import grads_finite
@@ -47,6 +50,14 @@ class Prompt:
 
 def read_prompts(rows: list[Row], tokenizer) -> list[Prompt]:
     return [Prompt(*task(row, tokenizer)) for row in rows]
+
+
+def grpo_cut(model: nn.Module, first_trained: int, prompts: list[Prompt], log: Callable = print) -> Cut | None:
+    """The model cut before its first trained block, checked on the shortest prompt (cut.find_cut)."""
+    cut = find_cut(model, first_trained, mx.array([min((p.tokens for p in prompts), key=len)]), log)
+    if cut is not None and cut.k:
+        log(f"speed: blocks 0-{first_trained - 1} are frozen; their output is computed once per batch of rollouts")
+    return cut
 
 
 @dataclass(frozen=True)
@@ -68,18 +79,22 @@ class Scored:
 
 @dataclass(frozen=True)
 class Update:
-    """What the updates read of the kept groups: tokens (n, L), completion mask (n, L-1),
-    advantages (n,), old and reference per-token log-probs (n, L-1)."""
+    """What the updates read of the kept groups: their Sequences (n rows, C completion positions),
+    the states entering the cut's first trained block (n, L-1, D) or None, advantages (n,), and
+    the per-token log-probs (n, C) of the policy that sampled (`old`; None with one update, which
+    that policy makes itself) and of the reference (None without beta)."""
 
-    tokens: mx.array
-    mask: mx.array
+    seqs: rollouts.Sequences
+    states: mx.array | None
     advantages: mx.array
-    old: mx.array
+    old: mx.array | None
     reference: mx.array | None
 
 
 class GrpoStep:
-    """The step and the validation of a GRPO run on `model` (its adapter applied)."""
+    """The step and the validation of a GRPO run on `model` (its adapter applied). With a `cut`
+    (training/cut.py) the frozen blocks run once per batch of rollouts, for every pass over it,
+    and the output projection only on completion positions."""
 
     def __init__(
         self,
@@ -91,9 +106,11 @@ class GrpoStep:
         rewards: list[Reward],
         weights: list[float],
         iterations: int = 1,
+        cut: Cut | None = None,
     ):
         self.model, self.tokenizer, self.optimizer = model, tokenizer, optimizer
         self.sampling, self.loss, self.rewards, self.iterations = sampling, loss, rewards, iterations
+        self.cut = cut
         self.weights = np.array(weights, np.float32)  # (R,)
         self.loss_and_grad = nn.value_and_grad(model, self.summed_loss)
 
@@ -116,22 +133,32 @@ class GrpoStep:
         if not rows:
             return None
         kept = [p.tokens for p, k in zip(prompts, keep) if k]
-        tokens, mask = rollouts.sequences(kept, [completions[i] for i in rows], g)
+        seqs = rollouts.sequences(kept, [completions[i] for i in rows], g)
         self.model.eval()
-        old = rollouts.per_token_logps(self.model, tokens)  # (n, L-1): the policy that sampled
+        cut = self.cut
+        states = cut.prefix(seqs.tokens[:, :-1]) if cut is not None and cut.k else None  # (n, L-1, D)
+        # one update is made by the policy that sampled (every rollout comes before it): its log-probs
+        # are the update's own, as TRL's per_token_logps.detach() when num_iterations == 1
+        old = self.logps(self.model, seqs, states) if self.iterations > 1 else None  # (n, C)
         reference = None
         if self.loss.beta:
             with adapter_off(self.model):
-                reference = rollouts.per_token_logps(self.model, tokens)
-        mx.eval(old, reference)
-        return Update(tokens, mask, mx.array(advantages[rows]), old, reference)
+                reference = self.logps(self.model, seqs, states)
+        mx.eval(states, old, reference)
+        return Update(seqs, states, mx.array(advantages[rows]), old, reference)
+
+    def logps(self, model: nn.Module, seqs: rollouts.Sequences, states: mx.array | None) -> mx.array:
+        """The completions' per-token log-probs under `model` as it is now, (n, C)."""
+        return rollouts.completion_logps(model, seqs, self.cut, states)
 
     def summed_loss(self, model: nn.Module, u: Update):
         """policy_loss times its count: completion tokens for dapo, completions for the others, so
         the sum over batches divided by the total count is the loss of their union."""
-        logps = rollouts.per_token_logps(model, u.tokens)
-        loss, kl, clip = policy_loss(logps, u.old, u.reference, u.advantages, u.mask, self.loss)
-        count = u.mask.sum() if self.loss.loss_type == "dapo" else mx.array(u.mask.shape[0], mx.float32)
+        logps = self.logps(model, u.seqs, u.states)
+        old = mx.stop_gradient(logps) if u.old is None else u.old
+        mask = u.seqs.mask
+        loss, kl, clip = policy_loss(logps, old, u.reference, u.advantages, mask, self.loss)
+        count = mask.sum() if self.loss.loss_type == "dapo" else mx.array(mask.shape[0], mx.float32)
         return loss * count, count, kl, clip
 
     def update(self, updates: list[Update]) -> tuple[float, float, float, bool]:

@@ -64,7 +64,7 @@ from mlx_lora.training.early_stopping import EarlyStopping
 from mlx_lora.training.feed import Feed, make_feed
 from mlx_lora.training.grad_checkpoint import checkpoint_blocks
 from mlx_lora.training.grpo import PolicyLoss
-from mlx_lora.training.grpo_step import VALID_ROLLOUTS, GrpoStep, Sampling, read_prompts
+from mlx_lora.training.grpo_step import VALID_ROLLOUTS, GrpoStep, Sampling, grpo_cut, read_prompts
 from mlx_lora.training.init_adapter import apply_initial, from_adapter
 from mlx_lora.training.memory import BatchLimits, check_training_memory
 from mlx_lora.training.objectives import Objective
@@ -281,7 +281,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     if cfg.grad_checkpoint:
         checkpoint_blocks(base.model)
     feed = choose_feed(cfg, world, base.model, min(adapter.layers), data, log, stream, processor=base.processor)
-    step, state = choose_step(cfg, base, optimizer, world, feed)
+    step, state = choose_step(cfg, base, optimizer, world, feed, min(adapter.layers), data, log)
     return Run(
         cfg=cfg,
         world=world,
@@ -421,15 +421,20 @@ def choose_feed(
     )
 
 
-def choose_step(cfg: TrainConfig, base: Base, optimizer: optim.Optimizer, world: distributed.World, feed):
-    """The compiled step and its state; for grpo the GrpoStep, which samples, scores and updates."""
+def choose_step(
+    cfg: TrainConfig, base: Base, optimizer: optim.Optimizer, world: distributed.World, feed, first: int, data, log
+):
+    """The compiled step and its state; for grpo the GrpoStep, which samples, scores and updates,
+    on the model cut before its `first` trained block where the cut checks out."""
     if cfg.objective != "grpo":
         return make_step(base.model, optimizer, world, feed)
+    cut = grpo_cut(base.model, first, data["train"], log)
     sampling = Sampling(cfg.group_size, cfg.max_completion_tokens, cfg.temperature, cfg.top_p)
     loss = PolicyLoss(cfg.loss_type, cfg.beta_value, cfg.epsilon, cfg.epsilon_high_value, cfg.max_completion_tokens)
     rewards = make_rewards(split_list(cfg.rewards), cfg.format_regex)
     weights = cfg.reward_weight_values
-    return GrpoStep(base.model, base.tokenizer, optimizer, sampling, loss, rewards, weights, cfg.grpo_iterations), []
+    step = GrpoStep(base.model, base.tokenizer, optimizer, sampling, loss, rewards, weights, cfg.grpo_iterations, cut)
+    return step, []
 
 
 def start_adapter(cfg: TrainConfig, base: Base, optimizer: optim.Optimizer, checkpoint: Optional[Path], initial, log):

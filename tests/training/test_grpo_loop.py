@@ -18,11 +18,12 @@ from mlx_lora.config import LoRAConfig
 from mlx_lora.data.rows import file_rows
 from mlx_lora.formats.native import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from mlx_lora.model.base import load_base
-from mlx_lora.model.lora import apply_lora, lora_layers
+from mlx_lora.model.cpu_kernels import cross_entropy
+from mlx_lora.model.lora import adapter_off, apply_lora, lora_layers
 from mlx_lora.reporting.metrics import GRPO_KEYS, METRICS
 from mlx_lora.training import rollouts
-from mlx_lora.training.grpo import PolicyLoss
-from mlx_lora.training.grpo_step import VALID_ROLLOUTS, GrpoStep, Sampling, read_prompts
+from mlx_lora.training.grpo import PolicyLoss, policy_loss
+from mlx_lora.training.grpo_step import VALID_ROLLOUTS, GrpoStep, Sampling, grpo_cut, read_prompts
 from mlx_lora.training.rewards import Reward
 
 G = 2
@@ -50,7 +51,7 @@ def prompts():
 
 def completion_logps(model, u) -> np.ndarray:
     """Each completion's summed log-prob, (n,)."""
-    return np.array((rollouts.per_token_logps(model, u.tokens) * u.mask).sum(axis=1))
+    return np.array((rollouts.completion_logps(model, u.seqs) * u.seqs.mask).sum(axis=1))
 
 
 def test_one_update_moves_each_completion_with_its_advantage(prompts):
@@ -70,9 +71,9 @@ def test_one_update_moves_each_completion_with_its_advantage(prompts):
     before = completion_logps(model, u)
     flat = []  # grad l_j, flattened over the adapter's parameters
     for j in range(len(completions)):
-        l_j = nn.value_and_grad(model, lambda m, j=j: (rollouts.per_token_logps(m, u.tokens)[j] * u.mask[j]).sum())
+        l_j = nn.value_and_grad(model, lambda m, j=j: (rollouts.completion_logps(m, u.seqs)[j] * u.seqs.mask[j]).sum())
         flat.append(mx.concatenate([g.reshape(-1) for _, g in tree_flatten(l_j(model)[1])]))
-    lengths = np.array(u.mask.sum(axis=1))
+    lengths = np.array(u.seqs.mask.sum(axis=1))
     loss_grad = -sum(float(a / t) * g for a, t, g in zip(advantages, lengths, flat)) / len(flat)
     predicted = np.array([-lr * (loss_grad * g).sum().item() for g in flat])
 
@@ -94,9 +95,10 @@ def test_the_reference_is_the_base_with_the_adapter_off(prompts):
     u = step.prepare(prompts, completions, np.ones(4, np.float32), np.array([True, True]))
     base = load_base(None).model
     base.eval()
-    expected = np.array(rollouts.per_token_logps(base, u.tokens))
+    expected = np.array(rollouts.completion_logps(base, u.seqs))
     np.testing.assert_array_equal(np.array(u.reference), expected)
-    assert not np.allclose(np.array(u.old), expected, atol=1e-2)  # the adapter does change the model
+    policy = np.array(rollouts.completion_logps(step.model, u.seqs))
+    assert not np.allclose(policy, expected, atol=1e-2)  # the adapter does change the model
     assert (
         grpo_step(optim.SGD(learning_rate=1e-3)).prepare(prompts, completions, np.ones(4), np.ones(2, bool)).reference
         is None
@@ -117,7 +119,7 @@ def test_a_group_with_equal_rewards_is_skipped_and_counted(prompts):
 
     completions = [prompts[0].tokens[:4], prompts[0].tokens[-3:], prompts[1].tokens[:5], prompts[1].tokens[-6:]]
     kept = step.prepare(prompts, completions, np.ones(4, np.float32), np.array([False, True]))
-    assert kept.tokens.shape[0] == G  # the update reads the kept group alone
+    assert kept.seqs.tokens.shape[0] == G  # the update reads the kept group alone
     assert step.prepare(prompts, completions, np.ones(4, np.float32), np.array([False, False])) is None
 
     step = grpo_step(optim.SGD(learning_rate=1e-2), adapter_scale=0.05)  # every reward 0
@@ -153,3 +155,68 @@ def test_train_grpo_writes_an_adapter_that_generate_loads(tmp_path):
 
     generated = CliRunner().invoke(app, ["generate", "--adapter-path", str(out), "--prompt", "Q: 2 + 3?\nA:"])
     assert generated.exit_code == 0 and generated.stdout.strip(), generated.output
+
+
+def full_forward_loss(model, u, p: PolicyLoss):
+    """The update's loss as the step computed it before it was cut: every position's log-prob from
+    the whole model, right-padded (n, L-1), the old policy's from a forward of their own."""
+    n, width = u.seqs.tokens.shape[0], u.seqs.tokens.shape[1] - 1
+    mask = np.zeros((n, width), np.float32)  # (n, L-1): 1 where the next token is a completion token
+    for i, (at, m) in enumerate(zip(np.array(u.seqs.index), np.array(u.seqs.mask))):
+        mask[i, at[m > 0]] = 1
+
+    def logps(m):
+        return -cross_entropy(m(u.seqs.tokens[:, :-1]).astype(mx.float32), u.seqs.tokens[:, 1:])  # (n, L-1)
+
+    model.eval()
+    old = mx.stop_gradient(logps(model))
+    with adapter_off(model):
+        reference = mx.stop_gradient(logps(model)) if p.beta else None
+    model.train()
+    return nn.value_and_grad(model, lambda m: policy_loss(logps(m), old, reference, u.advantages, mx.array(mask), p)[0])
+
+
+@pytest.mark.parametrize("loss_type,beta", [("grpo", 0.04), ("dapo", 0.0), ("gspo", 0.04)])
+def test_the_cut_one_update_equals_the_full_forward_with_old_log_probs(prompts, loss_type, beta):
+    """LoRA on the last 2 of 4 blocks, one update (--grpo-iterations 1): the step runs blocks 0-1
+    once per batch, the output projection on completion positions only, and takes the old log-probs
+    as its own, stopped (TRL's per_token_logps.detach()). Its loss and gradient equal the full
+    forward's with `old` from a pass of its own. The two differ only in rounding: the cut's pieces
+    are the model's own ops, the head's matmul over fewer rows (test_rollouts: 1e-4 per log-prob
+    at most); the ratio exp(logp - old) is then 1 within 1e-4, so loss and each gradient entry, sums
+    of per-token terms times ratio (or exp(ref - logp), near 1 at this adapter scale), move by that
+    relative amount: rtol 1e-3 leaves 10x."""
+    mx.random.seed(0)
+    base = load_base(None)
+    apply_lora(base.model, LoRAConfig(num_layers=2))
+    for layer in lora_layers(base.model).values():
+        layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.05
+    p = PolicyLoss(loss_type, beta=beta, max_completion_tokens=SAMPLING.max_tokens)
+    cut = grpo_cut(base.model, 2, prompts, log=lambda _: None)
+    assert cut is not None and cut.k == 2
+    step = GrpoStep(base.model, base.tokenizer, optim.SGD(learning_rate=0.0), SAMPLING, p, [], [], cut=cut)
+    completions = [prompts[0].tokens[:4], prompts[0].tokens[-3:], prompts[1].tokens[:5], prompts[1].tokens[-6:]]
+    u = step.prepare(prompts, completions, np.array([0.7, -0.7, -0.5, 0.5], np.float32), np.array([True, True]))
+    assert u.old is None and u.states.shape[:2] == (4, u.seqs.tokens.shape[1] - 1)
+
+    expected, expected_grads = full_forward_loss(base.model, u, p)(base.model)
+    (loss, count, _, clip), grads = step.loss_and_grad(base.model, u)
+    assert clip.item() == 0.0
+    np.testing.assert_allclose((loss / count).item(), expected.item(), rtol=1e-3)
+    got, want = tree_flatten(grads), tree_flatten(expected_grads)
+    assert [k for k, _ in got] == [k for k, _ in want] and len(got) == 8  # A and B of q_proj, v_proj in blocks 2, 3
+    for (name, g), (_, e) in zip(got, want):
+        assert np.abs(np.array(e)).max() > 0, name
+        g = np.array(g) / count.item()  # summed_loss is the loss times its count
+        np.testing.assert_allclose(g, np.array(e), rtol=1e-3, atol=1e-3 * np.abs(np.array(e)).max())
+
+
+def test_more_iterations_keep_the_sampling_policys_log_probs(prompts):
+    """--grpo-iterations 2: the second update's ratios are against the policy that sampled, so its
+    log-probs are computed before the first update and kept: those of the adapted model (the same
+    pass, so exact)."""
+    base = grpo_step(optim.SGD(learning_rate=1e-3), adapter_scale=0.5)
+    step = GrpoStep(base.model, base.tokenizer, base.optimizer, SAMPLING, base.loss, base.rewards, [1.0], iterations=2)
+    completions = [prompts[0].tokens[:4], prompts[0].tokens[-3:], prompts[1].tokens[:5], prompts[1].tokens[-6:]]
+    u = step.prepare(prompts, completions, np.array([1, -1, 1, -1], np.float32), np.array([True, True]))
+    np.testing.assert_array_equal(np.array(u.old), np.array(rollouts.completion_logps(step.model, u.seqs)))
