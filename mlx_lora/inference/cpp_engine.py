@@ -34,7 +34,7 @@ from mlx_lora.model import kernel_choice
 from mlx_lora.model.base import load_base
 from mlx_lora.model.gguf import GGUF_SUFFIX
 
-INSTALL_HINT = "pip install llama-cpp-python (it compiles llama.cpp: a C compiler and cmake, ~15 min)"
+INSTALL_HINT = "pip install llama-cpp-python, which compiles llama.cpp (a C compiler and cmake, ~15 min)"
 
 
 def _base_of(cfg: GenerateConfig) -> str | None:
@@ -57,7 +57,7 @@ def why_not(cfg: GenerateConfig, base: str | None) -> str | None:
     if len(adapters) > 1 or cfg.adapter_weights or any(":" in a and not Path(a).exists() for a in adapters):
         return "llama.cpp takes one adapter, unweighted"
     if importlib.util.find_spec("llama_cpp") is None:
-        return f"llama-cpp-python is not installed ({INSTALL_HINT})"
+        return f"llama-cpp-python is not installed: {INSTALL_HINT}"
     return None
 
 

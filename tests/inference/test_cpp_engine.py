@@ -83,7 +83,7 @@ def test_the_real_q4_1_file_decodes_as_llama_cpp_python_itself_decodes_it(smollm
         ("hf", "the base is not a .gguf file"),
         ("two adapters", "llama.cpp takes one adapter, unweighted"),
         ("off", f"{kernel_choice.ENV}=off keeps every CPU-only path off"),
-        ("not installed", "llama-cpp-python is not installed (pip install llama-cpp-python"),
+        ("not installed", "llama-cpp-python is not installed: pip install llama-cpp-python, which compiles"),
     ],
 )
 def test_llama_cpp_where_it_cannot_decode_is_one_line(case, refusal, llama, f32_gguf, monkeypatch):
