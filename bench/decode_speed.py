@@ -30,14 +30,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import _blas_in_maps, build_model, machine_line, sgemm_peak, smollm2_gguf  # noqa: E402
+from train_speed import _blas_in_maps, build_model, machine_line, sgemm_peak, smollm2_gguf, spawn  # noqa: E402
 
 PROMPT_WORDS = "The old lighthouse keeper walked along the shore every morning, counting the boats in the bay."
 
@@ -172,18 +171,6 @@ def peak_rss() -> int:
     return int(line.split()[1]) * 1024
 
 
-def spawn(who: str, job: dict, env: dict) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_run", who, json.dumps(job)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if proc.returncode or line is None:
-        sys.exit(f"{who} {job} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    res = json.loads(line[len("RESULT ") :])
-    if env.get("EXPECT_OPENBLAS") and "openblas" not in res["blas"]:
-        sys.exit(f"{who} ran on {res['blas']}, not OpenBLAS: the numbers would be meaningless")
-    return res
-
-
 # ---- the bases --------------------------------------------------------------------------------
 
 
@@ -267,7 +254,7 @@ def measure(a, paths: dict[str, str], envs: dict) -> dict:
             for who, path in paths.items():
                 if job["what"] == "batched" and who != "ours":
                     continue
-                runs.setdefault((name, who), []).append(spawn(who, dict(job, path=path), envs[who]))
+                runs.setdefault((name, who), []).append(spawn(who, dict(job, path=path), envs[who], __file__))
                 print(f"  {name:11s} {who:9s} {runs[(name, who)][-1]['tps']:9.1f} tok/s", flush=True)
     return {k: _median(v) for k, v in runs.items()}
 
