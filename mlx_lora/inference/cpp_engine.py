@@ -27,8 +27,10 @@ from mlx_lm.generate import GenerationResponse
 from mlx_lora.config import GenerateConfig
 from mlx_lora.errors import UserError
 from mlx_lora.formats.gguf import GGUF_ADAPTER_FILE
-from mlx_lora.formats.loader import read_adapter
+from mlx_lora.formats.loader import Weights, read_adapter
+from mlx_lora.formats.native import AdapterConfig
 from mlx_lora.formats.registry import export, format_named
+from mlx_lora.inference.adapter_set import parse_adapters
 from mlx_lora.inference.generation import prompt_tokens
 from mlx_lora.model import kernel_choice
 from mlx_lora.model.base import load_base
@@ -37,15 +39,9 @@ from mlx_lora.model.gguf import GGUF_SUFFIX
 INSTALL_HINT = "pip install llama-cpp-python, which compiles llama.cpp (a C compiler and cmake, ~15 min)"
 
 
-def _base_of(cfg: GenerateConfig) -> str | None:
-    if cfg.model or not cfg.adapter_path:
-        return cfg.model
-    return read_adapter(Path(cfg.adapter_path[0]))[0].base_model
-
-
-def why_not(cfg: GenerateConfig, base: str | None) -> str | None:
-    """Why llama.cpp cannot decode this run; None if it can."""
-    adapters = cfg.adapter_path or []
+def why_not(cfg: GenerateConfig, base: str | None, adapters: list[tuple[str, float | None]]) -> str | None:
+    """Why llama.cpp cannot decode this run (`adapters` as adapter_set.parse_adapters gives them);
+    None if it can."""
     if cfg.image:
         return "--image needs a vision-language base, which llama.cpp is not given"
     if mx.default_device() != mx.cpu:
@@ -54,7 +50,7 @@ def why_not(cfg: GenerateConfig, base: str | None) -> str | None:
         return f"{kernel_choice.ENV}=off keeps every CPU-only path off"
     if base is None or not str(base).endswith(GGUF_SUFFIX):
         return "the base is not a .gguf file"
-    if len(adapters) > 1 or cfg.adapter_weights or any(":" in a and not Path(a).exists() for a in adapters):
+    if len(adapters) > 1 or any(weight is not None for _, weight in adapters):
         return "llama.cpp takes one adapter, unweighted"
     if importlib.util.find_spec("llama_cpp") is None:
         return f"llama-cpp-python is not installed: {INSTALL_HINT}"
@@ -63,14 +59,15 @@ def why_not(cfg: GenerateConfig, base: str | None) -> str | None:
 
 def open_engine(cfg: GenerateConfig) -> "CppEngine | None":
     """The llama.cpp engine `--engine llama.cpp` asks for (one line saying why where it cannot), or
-    None for MLX."""
+    None for MLX. The adapter is read once, for its base and its LoRA GGUF."""
     if cfg.engine != "llama.cpp":
         return None
-    base = _base_of(cfg)
-    why = why_not(cfg, base)
+    specs = parse_adapters(cfg.adapter_path or [], cfg.adapter_weights)
+    adapter = (*read_adapter(Path(specs[0][0])), Path(specs[0][0])) if specs else None
+    base = cfg.model or (adapter[0].base_model if adapter else None)
+    why = why_not(cfg, base, specs)
     if why is not None:
         raise UserError(f"--engine llama.cpp: {why}; leave --engine out for MLX")
-    adapter = Path(cfg.adapter_path[0]) if cfg.adapter_path else None
     try:
         return CppEngine(str(base), adapter, cfg.seed)
     except UserError as e:  # an adapter with no LoRA GGUF form (DoRA, a layer llama.cpp lacks)
@@ -80,13 +77,14 @@ def open_engine(cfg: GenerateConfig) -> "CppEngine | None":
 class CppEngine:
     """The GGUF file (and the adapter as a LoRA GGUF) in llama.cpp, one context sized per prompt."""
 
-    def __init__(self, model_path: str, adapter: Path | None, seed: int):
+    def __init__(self, model_path: str, adapter: tuple[AdapterConfig, Weights, Path] | None, seed: int):
+        """`adapter`: (its config, its weights, its directory), as read_adapter read them."""
         self.model_path, self.seed, self.llm = model_path, seed, None
         self._dir = tempfile.TemporaryDirectory(prefix="mlx-lora-gguf-")  # gone with the engine
         self.lora = None
         if adapter is not None:
             fmt = format_named("gguf")
-            fmt.write(Path(self._dir.name), export(fmt, *read_adapter(adapter), adapter, model_path, None))
+            fmt.write(Path(self._dir.name), export(fmt, *adapter, model_path, None))
             self.lora = str(Path(self._dir.name) / GGUF_ADAPTER_FILE)
 
     def describe(self) -> str:
