@@ -64,7 +64,8 @@ def choose(candidates: dict[str, Candidate], shapes: dict, training: bool) -> Ch
     """The kernels to use for a model of `shapes` (the cache's key, with this machine and library)."""
     if mode() == "on":
         return Choice(frozenset(candidates), how=f"{ENV}=on")
-    key = json.dumps({"cpu": cpu(), "mlx": version("mlx"), "training": training, **shapes}, sort_keys=True)
+    versions = {"mlx": version("mlx"), "mlx-lora": version("mlx-lora")}  # new kernels, measured anew
+    key = json.dumps({"cpu": cpu(), **versions, "training": training, **shapes}, sort_keys=True)
     path = platform_cache() / CACHE_FILE
     kept = _read(path)
     if key in kept:

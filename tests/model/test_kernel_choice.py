@@ -88,6 +88,10 @@ def test_the_choice_is_kept_per_machine_and_shape(llama, auto, monkeypatch):
     assert json.loads(key)["cpu"] == json.loads(json.dumps(cpu())) and json.loads(key)["training"] is True
     choose_kernels(model, training=False)  # inference is timed forward only: a measurement of its own
     assert len(timed) == 6
+    real = kernel_choice.version
+    monkeypatch.setattr(kernel_choice, "version", lambda p: "9.9" if p == "mlx-lora" else real(p))
+    choose_kernels(model, training=True)  # another release of our kernels: measured anew
+    assert len(timed) == 9
 
 
 def test_a_broken_or_unwritable_cache_only_costs_a_measurement(llama, auto, monkeypatch, tmp_path):
