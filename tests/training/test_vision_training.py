@@ -2,6 +2,7 @@
 transformers model with our logits, and generation with an image."""
 
 import json
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
@@ -187,13 +188,47 @@ def test_a_missing_image_is_one_line_naming_the_row(qwen2_vl, shapes, tmp_path):
     assert "train.jsonl:3: image " in errors[0] and "imgs/9999.png: no such file" in errors[0]
 
 
+def test_fuse_writes_a_model_mlx_vlm_and_transformers_load_with_our_adapter_logits(vlm, shapes, vlm_adapter, tmp_path):
+    """The fused directory loads with mlx_vlm.load and with transformers' class; both give our base +
+    adapter logits on an image and a question, and its own processor and chat template make the base's inputs."""
+    import mlx_vlm
+
+    out = tmp_path / "fused"
+    args = ["fuse", "--model", str(vlm), "--adapter-path", str(vlm_adapter), "--save-path", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    ours = load_for_inference(str(vlm), str(vlm_adapter))
+    x = prompt_inputs(ours, shapes / "imgs" / "0016.png")  # a validation image
+    want = our_logits(ours, x)
+    bound = tol(ours) * np.abs(want).max()
+    model, processor = mlx_vlm.load(str(out))
+    fused_x = prompt_inputs(SimpleNamespace(processor=processor), shapes / "imgs" / "0016.png")
+    assert all(np.array_equal(np.asarray(fused_x[k]), np.asarray(x[k])) for k in x)
+    assert np.abs(our_logits(SimpleNamespace(model=model), x) - want).max() <= bound
+    with torch.no_grad():
+        theirs = hf_model(out)(**hf_inputs(ours, x)).logits.numpy()
+    assert np.abs(theirs - want).max() <= bound
+    # and the merge matters: the fused model is not the base
+    assert np.abs(our_logits(load_base(str(vlm)), x) - want).max() > 100 * bound
+
+
 @pytest.mark.parametrize(
-    "command",
+    "flags, says",
     [
-        ["info", "--data", "DATA"],
-        ["fuse", "--adapter-path", "ADAPTER", "--save-path", "OUT"],
+        (["--export-gguf"], "--export-gguf: not built for a vision-language model (qwen2_vl)"),
+        (["--requantize"], "--requantize: a vision-language model is fused in full precision only"),
     ],
 )
+def test_fuse_refuses_what_it_does_not_build_for_a_vision_model_in_one_line(qwen2_vl, adapter, tmp_path, flags, says):
+    args = ["fuse", "--model", str(qwen2_vl), "--adapter-path", str(adapter), "--save-path", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, [*args, *flags])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert errors[0].startswith(f"error: {says}")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", [["info", "--data", "DATA"]])
 def test_a_command_not_built_for_vision_models_says_so_in_one_line(qwen2_vl, shapes, adapter, tmp_path, command):
     where = {"DATA": str(shapes), "ADAPTER": str(adapter), "OUT": str(tmp_path / "fused")}
     result = CliRunner().invoke(app, [*(where.get(a, a) for a in command), "--model", str(qwen2_vl)], input="hi\n")
