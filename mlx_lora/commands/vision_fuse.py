@@ -31,7 +31,7 @@ def refusals(cfg: FuseConfig, config: dict[str, Any]) -> list[str]:
     if cfg.export_gguf:
         problems.append(
             f"--export-gguf: not built for a vision-language model ({name}); llama.cpp reads one as two files "
-            "(the language model and an mmproj vision file). Fuse without it"
+            "(the language model and an mmproj vision file); fuse without it"
         )
     if cfg.requantize:
         problems.append("--requantize: a vision-language model is fused in full precision only; drop it")

@@ -228,6 +228,27 @@ def test_fuse_refuses_what_it_does_not_build_for_a_vision_model_in_one_line(qwen
     assert not (tmp_path / "out").exists()
 
 
+def test_fuse_refuses_a_quantized_vision_model_in_one_line(qwen2_vl, adapter, tmp_path):
+    """mlx-vlm's own 4-bit conversion of the base: its checkpoint is MLX-quantized, which transformers does not read."""
+    from mlx_vlm.convert import convert as mlx_vlm_convert
+
+    mlx_vlm_convert(str(qwen2_vl), str(tmp_path / "q4"), quantize=True, q_group_size=32, q_bits=4)
+    args = [
+        "fuse",
+        "--model",
+        str(tmp_path / "q4"),
+        "--adapter-path",
+        str(adapter),
+        "--save-path",
+        str(tmp_path / "out"),
+    ]
+    result = CliRunner().invoke(app, args)
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert errors[0].startswith("error: fuse on a quantized vision-language model (qwen2_vl) is not built yet")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command", [["info", "--data", "DATA"]])
 def test_a_command_not_built_for_vision_models_says_so_in_one_line(qwen2_vl, shapes, adapter, tmp_path, command):
     where = {"DATA": str(shapes), "ADAPTER": str(adapter), "OUT": str(tmp_path / "fused")}
