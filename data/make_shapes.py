@@ -1,9 +1,10 @@
 """Make a small image data set for a vision-language model: coloured squares, "What colour is the square?".
 
 Writes DIR/imgs/NNNN.png (a square of one of COLOURS on a light background, at a seeded size and
-place) and DIR/train.jsonl, valid.jsonl, test.jsonl: chat rows whose user turn holds the image
-(a path relative to the JSONL file) and the question, and whose assistant turn is the colour's
-name. Seeded, so running it again rewrites the same files. Needs Pillow (mlx-lora[vision] has it).
+place, its side half to three quarters of the image's) and DIR/train.jsonl, valid.jsonl,
+test.jsonl: chat rows whose user turn holds the image (a path relative to the JSONL file) and the
+question, and whose assistant turn is the colour's name. Seeded, so running it again rewrites the
+same files. Needs Pillow (mlx-lora[vision] has it).
 
     python data/make_shapes.py shapes        # then: mlx-lora train --model <a VLM> --data shapes
 """
@@ -16,14 +17,16 @@ from pathlib import Path
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (230, 200, 40)}
 QUESTION = "What colour is the square?"
 SPLITS = {"train": 48, "valid": 8, "test": 8}
-SIZE = 56  # pixels a side: two of Qwen2-VL's 28-pixel merged patches
+SIZE = 112  # pixels a side: 4x4 of Qwen2-VL's 28-pixel merged patches, 16 image tokens
+# a square this large covers whole patches wherever it lies, so even a tiny random model's image
+# tokens carry its colour (tests/training/test_vision_training.py trains one to name it)
 
 
 def draw(path: Path, colour: str, rng: random.Random) -> None:
     from PIL import Image, ImageDraw
 
     image = Image.new("RGB", (SIZE, SIZE), (245, 245, 240))
-    side = rng.randint(SIZE // 3, SIZE // 2)
+    side = rng.randint(SIZE // 2, 3 * SIZE // 4)
     x, y = rng.randint(0, SIZE - side), rng.randint(0, SIZE - side)
     ImageDraw.Draw(image).rectangle([x, y, x + side - 1, y + side - 1], fill=COLOURS[colour])
     image.save(path)

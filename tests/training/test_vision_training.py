@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from mlx_lora.cli import app
 from mlx_lora.commands.convert import convert
-from mlx_lora.config import ConvertConfig, GenerateConfig, TrainConfig
+from mlx_lora.commands.evaluate import run
+from mlx_lora.config import ConvertConfig, EvalConfig, GenerateConfig, TrainConfig
 from mlx_lora.data.batches import collate
 from mlx_lora.data.rows import file_rows
 from mlx_lora.data.vision import encode_vision_rows
@@ -257,6 +258,26 @@ def test_a_command_not_built_for_vision_models_says_so_in_one_line(qwen2_vl, sha
     assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
     assert f"error: {command[0]} on a vision-language model" in errors[0] and "is not built yet" in errors[0]
     assert not (tmp_path / "fused").exists()
+
+
+def test_an_adapter_learns_to_name_the_colour_of_held_out_squares(qwen2_vl, tmp_path):
+    """data/make_shapes.py's task on the random tiny Qwen2-VL: the base never writes a colour's name
+    (it has never seen one), the adapter names every held-out square's colour. An answer that ignores
+    the image scores at best the test split's most common colour's share (4 colours, drawn uniformly:
+    about 1/4), so nearly all right can only come from reading the image."""
+    shapes = write_shapes(tmp_path / "shapes", {"train": 48, "valid": 8, "test": 16})
+    common = dict(model=str(qwen2_vl), data=str(shapes), adapter_path=str(tmp_path / "adapter"))
+    cfg = TrainConfig(**common, iters=200, batch_size=8, num_layers=2, targets="all-linear", learning_rate=2e-3)
+    train(cfg, log=lambda _: None)
+    result = run(EvalConfig(**common, split="test", task="exact-match", max_tokens=8, compare_base=True), log=print)
+    references = [p["reference"] for p in result["predictions"]]
+    blind = max(references.count(c) for c in set(references))  # the best answer that ignores the image
+    assert result["base"]["answered"] == result["adapter"]["answered"] == 16
+    assert result["base"]["correct"] == 0
+    assert result["adapter"]["correct"] >= 15 > blind, (
+        blind,
+        [p["adapter"]["prediction"] for p in result["predictions"]],
+    )
 
 
 def test_a_resumed_vision_run_equals_an_uninterrupted_one(qwen2_vl, shapes, tmp_path):
