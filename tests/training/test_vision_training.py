@@ -41,7 +41,7 @@ def tol(base) -> float:
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    return write_shapes(tmp_path_factory.mktemp("shapes"), {"train": 16, "valid": 4, "test": 2})
+    return write_shapes(tmp_path_factory.mktemp("shapes"), {"train": 16, "valid": 4, "test": 2}, size=56)
 
 
 def train_four_steps(model_dir, shapes, out):
