@@ -33,7 +33,7 @@ from mlx_lora.model.gguf import ARCHITECTURES as GGUF_READABLE
 from mlx_lora.model.gguf import GGUF_SUFFIX, gguf_model
 from mlx_lora.model.lora import fuse_lora, lora_layers
 from mlx_lora.model.precision import restore, set_precision
-from mlx_lora.model.vision import is_vision, read_config, require_text
+from mlx_lora.model.vision import is_vision, read_config
 from mlx_lora.training.memory import compute_dtype
 
 CHECK_PROMPT = "Q: Tom has 3 apples and buys 4 more. How many apples does he have?\nA: 3 + 4 = 7. #### 7"
@@ -149,7 +149,6 @@ class Merged:
 def merge_in_memory(cfg: FuseConfig, adapter: AdapterConfig, weights: dict[str, mx.array]) -> Merged:
     """The base with and without the adapter on the check prompt, then the adapter merged into it."""
     base = load_base(cfg.model or adapter.base_model, compute=cfg.compute_dtype)
-    require_text(base, "fuse")
     use_cpu_kernels(base.model)
     check_export(cfg, base.config)
     tokens = mx.array(base.tokenizer.encode(CHECK_PROMPT))
@@ -289,7 +288,6 @@ def by_shard(cfg: FuseConfig, name: str, log) -> bool:
     if cfg.by_shard == "off" or (cfg.by_shard == "auto" and (cfg.model or name or "").endswith(GGUF_SUFFIX)):
         return False  # a GGUF base is read whole: not worth reading twice to learn that
     base = load_base(cfg.model or name, lazy=True)  # shapes and paths only: nothing is read
-    require_text(base, "fuse")
     why_not = why_not_by_shard(base) or (
         "--requantize and --export-gguf need the whole model" if cfg.requantize or cfg.export_gguf else None
     )

@@ -28,6 +28,10 @@ def refusals(cfg: FuseConfig, config: dict[str, Any]) -> list[str]:
     """What fuse does not build for a vision-language base, every problem at once."""
     name = config.get("model_type")
     problems = []
+    try:
+        layout(config, "fuse")
+    except UserError as e:
+        problems.append(str(e))
     if cfg.export_gguf:
         problems.append(
             f"--export-gguf: not built for a vision-language model ({name}); llama.cpp reads one as two files "

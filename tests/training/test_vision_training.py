@@ -250,6 +250,20 @@ def test_fuse_refuses_a_quantized_vision_model_in_one_line(qwen2_vl, adapter, tm
     assert not (tmp_path / "out").exists()
 
 
+def test_fuse_refuses_an_architecture_not_checked_here_before_loading_it(qwen2_vl, adapter, tmp_path):
+    """A vision-language config.json of an architecture outside LAYOUTS (PaliGemma: mlx-vlm builds it,
+    mlx-lm has no text model for it): one line from its config alone; the weights are never read."""
+    (tmp_path / "base").mkdir()
+    config = json.loads((qwen2_vl / "config.json").read_text()) | {"model_type": "paligemma"}
+    (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+    args = ["fuse", "--model", str(tmp_path / "base"), "--adapter-path", str(adapter)]
+    result = CliRunner().invoke(app, [*args, "--save-path", str(tmp_path / "out")])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert errors[0].startswith("error: fuse on a vision-language model supports idefics3, qwen2_5_vl, qwen2_vl so far")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command", [["info", "--data", "DATA"]])
 def test_a_command_not_built_for_vision_models_says_so_in_one_line(qwen2_vl, shapes, adapter, tmp_path, command):
     where = {"DATA": str(shapes), "ADAPTER": str(adapter), "OUT": str(tmp_path / "fused")}
