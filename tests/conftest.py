@@ -332,14 +332,15 @@ def hf_models(tmp_path_factory) -> dict[str, Path]:
     return {arch: make_hf_model(root / arch, arch) for arch in ARCHS}
 
 
-def write_shapes(out: Path, splits: dict[str, int]) -> Path:
-    """data/make_shapes.py's coloured squares and chat rows under `out` (the docs' example data)."""
+def write_shapes(out: Path, splits: dict[str, int], size: int | None = None) -> Path:
+    """data/make_shapes.py's coloured squares and chat rows under `out` (the docs' example data);
+    `size`: pixels a side (default the script's; 56 keeps an image to Qwen2-VL's 4 tokens)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("make_shapes", Path(__file__).parents[1] / "data" / "make_shapes.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.write_shapes(out, splits)
+    return module.write_shapes(out, splits, size=size or module.SIZE)
 
 
 @pytest.fixture(scope="session")

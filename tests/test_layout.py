@@ -34,7 +34,7 @@ MAY_IMPORT = {
 }
 # Commands do not import each other; a command may import the helper modules that are its own parts.
 COMMAND_PARTS = {
-    "mlx_lora.commands.fuse": {"mlx_lora.commands.shard_fuse"},  # --by-shard
+    "mlx_lora.commands.fuse": {"mlx_lora.commands.shard_fuse", "mlx_lora.commands.vision_fuse"},  # --by-shard, VLMs
     "mlx_lora.commands.evaluate": {"mlx_lora.commands.preference_eval"},  # --task preference
 }
 LONG_FUNCTION = 60  # lines; a longer one says why in a `# long:` comment on its first line

@@ -9,7 +9,16 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import dequantize_model
 
 from mlx_lora.atomic import check_writable, claim_dir, replace_dir
-from mlx_lora.commands.shard_fuse import adapted, checked_blocks, outputs, weights_bytes, why_not_by_shard, write_shards
+from mlx_lora.commands.shard_fuse import (
+    adapted,
+    checked_blocks,
+    outputs,
+    shard_of,
+    weights_bytes,
+    why_not_by_shard,
+    write_shards,
+)
+from mlx_lora.commands.vision_fuse import check_inputs, refusals, tensor_names, vision_logits
 from mlx_lora.config import FuseConfig
 from mlx_lora.errors import UserError
 from mlx_lora.formats.gguf import GGUF_FILE, architecture, as_stored, check_gguf, write_gguf
@@ -18,13 +27,13 @@ from mlx_lora.formats.modelfile import MODELFILE, write_modelfile
 from mlx_lora.formats.native import AdapterConfig
 from mlx_lora.hub.repo import hub_token, upload_fused
 from mlx_lora.machine import available_bytes
-from mlx_lora.model.base import Base, load_base, load_mlx_model, write_model_files
+from mlx_lora.model.base import Base, load_base, load_mlx_model, resolve_model, write_model_files
 from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.model.gguf import ARCHITECTURES as GGUF_READABLE
 from mlx_lora.model.gguf import GGUF_SUFFIX, gguf_model
 from mlx_lora.model.lora import fuse_lora, lora_layers
 from mlx_lora.model.precision import restore, set_precision
-from mlx_lora.model.vision import require_text
+from mlx_lora.model.vision import is_vision, read_config
 from mlx_lora.training.memory import compute_dtype
 
 CHECK_PROMPT = "Q: Tom has 3 apples and buys 4 more. How many apples does he have?\nA: 3 + 4 = 7. #### 7"
@@ -68,6 +77,8 @@ def merge(cfg: FuseConfig, log=print) -> FuseResult:
     adapter, weights = read_adapter(Path(cfg.adapter_path))
     check_writable(Path(cfg.save_path).absolute().parent, "--save-path")
     claim_dir(Path(cfg.save_path), COMMAND, "--save-path", inputs(cfg, adapter.base_model))
+    if is_vision(config := base_config(cfg.model or adapter.base_model)):
+        return fuse_vision(cfg, config, adapter, weights, log)
     if by_shard(cfg, adapter.base_model, log):
         return fuse_by_shard(cfg, adapter, weights, log)
     merged = merge_in_memory(cfg, adapter, weights)
@@ -84,6 +95,41 @@ def merge(cfg: FuseConfig, log=print) -> FuseResult:
             log(f"wrote {MODELFILE} for Ollama (`ollama create NAME -f {Path(cfg.save_path) / MODELFILE}`)")
     log(f"fused model saved to {cfg.save_path}")
     return FuseResult(Path(cfg.save_path), diff, kept)
+
+
+def base_config(name: str | None) -> dict:
+    """The base's config.json ({} for a GGUF file, which is never a vision-language model)."""
+    return {} if (name or "").endswith(GGUF_SUFFIX) else read_config(resolve_model(name))
+
+
+def fuse_vision(cfg: FuseConfig, config: dict, adapter: AdapterConfig, weights, log) -> FuseResult:
+    """A vision-language base (vision_fuse.py): its shards rewritten with the adapted weights merged,
+    checked on an image and a question, the fused model read back through mlx-vlm."""
+    if problems := refusals(cfg, config):
+        raise UserError("; ".join(problems))
+    name = cfg.model or adapter.base_model
+    base = load_base(name, compute=cfg.compute_dtype)
+    use_cpu_kernels(base.model)
+    apply_adapter(base, adapter, weights, Path(cfg.adapter_path))
+    base.model.eval()
+    probe, dtype = check_inputs(base), compute_dtype(base.model)
+    expected = vision_logits(base.model, probe)  # (T, V)
+    mx.eval(expected)
+    names = tensor_names(base, shard_of(base.path))
+    restore(base.precision, "saved as stored")  # so the merged weights come out in the base's dtype
+    with replace_dir(Path(cfg.save_path), COMMAND, "--save-path", inputs(cfg, name)) as tmp:
+        write_shards(base, tmp, log, names)
+        fused = load_base(str(tmp), compute=cfg.compute_dtype)
+        use_cpu_kernels(fused.model, quantized=False)
+        diff = mx.abs(vision_logits(fused.model, probe) - expected).max().item()
+        tol = max(TOLERANCE.get(d, 6e-2) for d in (dtype, base.precision.stored)) * max(
+            1.0, mx.abs(expected).max().item()
+        )
+        log(f"check: largest logit difference on an image and a question, fused vs adapter model: {diff:.2e}")
+        if diff > tol:
+            raise UserError(f"fused model differs from the adapter model by {diff:.2e} (> {tol:.1e}); nothing written")
+    log(f"fused model saved to {cfg.save_path}")
+    return FuseResult(Path(cfg.save_path), diff)
 
 
 @dataclass
@@ -103,7 +149,6 @@ class Merged:
 def merge_in_memory(cfg: FuseConfig, adapter: AdapterConfig, weights: dict[str, mx.array]) -> Merged:
     """The base with and without the adapter on the check prompt, then the adapter merged into it."""
     base = load_base(cfg.model or adapter.base_model, compute=cfg.compute_dtype)
-    require_text(base, "fuse")
     use_cpu_kernels(base.model)
     check_export(cfg, base.config)
     tokens = mx.array(base.tokenizer.encode(CHECK_PROMPT))
@@ -243,7 +288,6 @@ def by_shard(cfg: FuseConfig, name: str, log) -> bool:
     if cfg.by_shard == "off" or (cfg.by_shard == "auto" and (cfg.model or name or "").endswith(GGUF_SUFFIX)):
         return False  # a GGUF base is read whole: not worth reading twice to learn that
     base = load_base(cfg.model or name, lazy=True)  # shapes and paths only: nothing is read
-    require_text(base, "fuse")
     why_not = why_not_by_shard(base) or (
         "--requantize and --export-gguf need the whole model" if cfg.requantize or cfg.export_gguf else None
     )

@@ -79,11 +79,13 @@ def outputs(model: nn.Module, blocks: list[int], tokens: mx.array, h: mx.array) 
     return out
 
 
-def write_shards(base: Base, tmp: Path, log) -> None:
-    """Every shard of the base in `tmp`, the adapted weights merged; one shard in memory at a time."""
+def write_shards(base: Base, tmp: Path, log, names: dict[str, str] | None = None) -> None:
+    """Every shard of the base in `tmp`, the adapted weights merged; one shard in memory at a time.
+    `names`: each adapted layer's weight's tensor name in the shards (default: its module path's)."""
     layers = lora_layers(base.model)
     where = shard_of(base.path)
-    missing = [p for p in layers if p + ".weight" not in where]
+    names = names or {p: p + ".weight" for p in layers}
+    missing = [p for p in layers if names[p] not in where]
     if missing:
         raise UserError(
             f"--by-shard: {base.path} names no tensor {missing[0]}.weight (its names differ from the model's); "
@@ -91,10 +93,10 @@ def write_shards(base: Base, tmp: Path, log) -> None:
         )
     for shard in sorted(set(where.values())):
         tensors, metadata = mx.load(str(base.path / shard), return_metadata=True)
-        merged = [p for p in layers if where[p + ".weight"] == shard]
+        merged = [p for p in layers if where[names[p]] == shard]
         for path in merged:  # one layer at a time: its base weight and fp32 merge freed before the next
-            tensors[path + ".weight"] = layers[path].fuse().weight  # in the base's dtype
-            mx.eval(tensors[path + ".weight"])
+            tensors[names[path]] = layers[path].fuse().weight  # in the base's dtype
+            mx.eval(tensors[names[path]])
             release(layers[path])
         mx.save_safetensors(str(tmp / shard), tensors, metadata=metadata)
         del tensors

@@ -28,7 +28,7 @@ EPS = 2.0**-23
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     """Two image rows and a text-only row in test.jsonl."""
-    out = write_shapes(tmp_path_factory.mktemp("shapes"), {"train": 2, "test": 2})
+    out = write_shapes(tmp_path_factory.mktemp("shapes"), {"train": 2, "test": 2}, size=56)
     rows = [json.loads(line) for line in (out / "test.jsonl").read_text().splitlines()]
     write_jsonl(out / "test.jsonl", [*rows, TEXT_ROW])
     return out

@@ -23,7 +23,7 @@ def base(qwen2_vl):
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    return write_shapes(tmp_path_factory.mktemp("shapes"), {"train": 3})
+    return write_shapes(tmp_path_factory.mktemp("shapes"), {"train": 3}, size=56)
 
 
 def encode(base, path, limit=512):

@@ -19,7 +19,7 @@ from mlx_lora.model.vision import LAYOUTS, is_vision, layout
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    shapes = write_shapes(tmp_path_factory.mktemp("shapes"), {"train": 1})
+    shapes = write_shapes(tmp_path_factory.mktemp("shapes"), {"train": 1}, size=56)
     return Image.open(shapes / "imgs" / "0000.png").convert("RGB")
 
 

@@ -2,6 +2,7 @@
 transformers model with our logits, and generation with an image."""
 
 import json
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
@@ -16,7 +17,8 @@ from typer.testing import CliRunner
 
 from mlx_lora.cli import app
 from mlx_lora.commands.convert import convert
-from mlx_lora.config import ConvertConfig, GenerateConfig, TrainConfig
+from mlx_lora.commands.evaluate import run
+from mlx_lora.config import ConvertConfig, EvalConfig, GenerateConfig, TrainConfig
 from mlx_lora.data.batches import collate
 from mlx_lora.data.rows import file_rows
 from mlx_lora.data.vision import encode_vision_rows
@@ -39,7 +41,7 @@ def tol(base) -> float:
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    return write_shapes(tmp_path_factory.mktemp("shapes"), {"train": 16, "valid": 4, "test": 2})
+    return write_shapes(tmp_path_factory.mktemp("shapes"), {"train": 16, "valid": 4, "test": 2}, size=56)
 
 
 def train_four_steps(model_dir, shapes, out):
@@ -187,13 +189,82 @@ def test_a_missing_image_is_one_line_naming_the_row(qwen2_vl, shapes, tmp_path):
     assert "train.jsonl:3: image " in errors[0] and "imgs/9999.png: no such file" in errors[0]
 
 
+def test_fuse_writes_a_model_mlx_vlm_and_transformers_load_with_our_adapter_logits(vlm, shapes, vlm_adapter, tmp_path):
+    """The fused directory loads with mlx_vlm.load and with transformers' class; both give our base +
+    adapter logits on an image and a question, and its own processor and chat template make the base's inputs."""
+    import mlx_vlm
+
+    out = tmp_path / "fused"
+    args = ["fuse", "--model", str(vlm), "--adapter-path", str(vlm_adapter), "--save-path", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    ours = load_for_inference(str(vlm), str(vlm_adapter))
+    x = prompt_inputs(ours, shapes / "imgs" / "0016.png")  # a validation image
+    want = our_logits(ours, x)
+    bound = tol(ours) * np.abs(want).max()
+    model, processor = mlx_vlm.load(str(out))
+    fused_x = prompt_inputs(SimpleNamespace(processor=processor), shapes / "imgs" / "0016.png")
+    assert all(np.array_equal(np.asarray(fused_x[k]), np.asarray(x[k])) for k in x)
+    assert np.abs(our_logits(SimpleNamespace(model=model), x) - want).max() <= bound
+    with torch.no_grad():
+        theirs = hf_model(out)(**hf_inputs(ours, x)).logits.numpy()
+    assert np.abs(theirs - want).max() <= bound
+    # and the merge matters: the fused model is not the base
+    assert np.abs(our_logits(load_base(str(vlm)), x) - want).max() > 100 * bound
+
+
 @pytest.mark.parametrize(
-    "command",
+    "flags, says",
     [
-        ["info", "--data", "DATA"],
-        ["fuse", "--adapter-path", "ADAPTER", "--save-path", "OUT"],
+        (["--export-gguf"], "--export-gguf: not built for a vision-language model (qwen2_vl)"),
+        (["--requantize"], "--requantize: a vision-language model is fused in full precision only"),
     ],
 )
+def test_fuse_refuses_what_it_does_not_build_for_a_vision_model_in_one_line(qwen2_vl, adapter, tmp_path, flags, says):
+    args = ["fuse", "--model", str(qwen2_vl), "--adapter-path", str(adapter), "--save-path", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, [*args, *flags])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert errors[0].startswith(f"error: {says}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_fuse_refuses_a_quantized_vision_model_in_one_line(qwen2_vl, adapter, tmp_path):
+    """mlx-vlm's own 4-bit conversion of the base: its checkpoint is MLX-quantized, which transformers does not read."""
+    from mlx_vlm.convert import convert as mlx_vlm_convert
+
+    mlx_vlm_convert(str(qwen2_vl), str(tmp_path / "q4"), quantize=True, q_group_size=32, q_bits=4)
+    args = [
+        "fuse",
+        "--model",
+        str(tmp_path / "q4"),
+        "--adapter-path",
+        str(adapter),
+        "--save-path",
+        str(tmp_path / "out"),
+    ]
+    result = CliRunner().invoke(app, args)
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert errors[0].startswith("error: fuse on a quantized vision-language model (qwen2_vl) is not built yet")
+    assert not (tmp_path / "out").exists()
+
+
+def test_fuse_refuses_an_architecture_not_checked_here_before_loading_it(qwen2_vl, adapter, tmp_path):
+    """A vision-language config.json of an architecture outside LAYOUTS (PaliGemma: mlx-vlm builds it,
+    mlx-lm has no text model for it): one line from its config alone; the weights are never read."""
+    (tmp_path / "base").mkdir()
+    config = json.loads((qwen2_vl / "config.json").read_text()) | {"model_type": "paligemma"}
+    (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+    args = ["fuse", "--model", str(tmp_path / "base"), "--adapter-path", str(adapter)]
+    result = CliRunner().invoke(app, [*args, "--save-path", str(tmp_path / "out")])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert errors[0].startswith("error: fuse on a vision-language model supports idefics3, qwen2_5_vl, qwen2_vl so far")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", [["info", "--data", "DATA"]])
 def test_a_command_not_built_for_vision_models_says_so_in_one_line(qwen2_vl, shapes, adapter, tmp_path, command):
     where = {"DATA": str(shapes), "ADAPTER": str(adapter), "OUT": str(tmp_path / "fused")}
     result = CliRunner().invoke(app, [*(where.get(a, a) for a in command), "--model", str(qwen2_vl)], input="hi\n")
@@ -201,6 +272,26 @@ def test_a_command_not_built_for_vision_models_says_so_in_one_line(qwen2_vl, sha
     assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
     assert f"error: {command[0]} on a vision-language model" in errors[0] and "is not built yet" in errors[0]
     assert not (tmp_path / "fused").exists()
+
+
+def test_an_adapter_learns_to_name_the_colour_of_held_out_squares(qwen2_vl, tmp_path):
+    """data/make_shapes.py's task on the random tiny Qwen2-VL: the base never writes a colour's name
+    (it has never seen one), the adapter names every held-out square's colour. An answer that ignores
+    the image scores at best the test split's most common colour's share (4 colours, drawn uniformly:
+    about 1/4), so nearly all right can only come from reading the image."""
+    shapes = write_shapes(tmp_path / "shapes", {"train": 48, "valid": 8, "test": 16})
+    common = dict(model=str(qwen2_vl), data=str(shapes), adapter_path=str(tmp_path / "adapter"))
+    cfg = TrainConfig(**common, iters=200, batch_size=8, num_layers=2, targets="all-linear", learning_rate=2e-3)
+    train(cfg, log=lambda _: None)
+    result = run(EvalConfig(**common, split="test", task="exact-match", max_tokens=8, compare_base=True), log=print)
+    references = [p["reference"] for p in result["predictions"]]
+    blind = max(references.count(c) for c in set(references))  # the best answer that ignores the image
+    assert result["base"]["answered"] == result["adapter"]["answered"] == 16
+    assert result["base"]["correct"] == 0
+    assert result["adapter"]["correct"] >= 15 > blind, (
+        blind,
+        [p["adapter"]["prediction"] for p in result["predictions"]],
+    )
 
 
 def test_a_resumed_vision_run_equals_an_uninterrupted_one(qwen2_vl, shapes, tmp_path):
