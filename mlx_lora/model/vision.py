@@ -78,8 +78,8 @@ def require_text(base, what: str) -> None:
     """`what` is not built for a vision-language base yet: one line, before any work."""
     if getattr(base, "processor", None) is not None:
         raise UserError(
-            f"{what} on a vision-language model ({base.name}) is not built yet; train, eval, chat and generate --image "
-            "are (docs/vision.md)"
+            f"{what} on a vision-language model ({base.name}) is not built yet; train, eval, chat, serve and "
+            "generate --image are (docs/vision.md)"
         )
 
 
