@@ -614,6 +614,8 @@ def serve(cfg: ServeConfig, log=print) -> None:
         names = ", ".join(engine.names) or "none"
         log(f"serving {engine.base.name} as '{BASE_ID}' with adapters: {names}")
         log(f"prompts up to {server.max_prompt} tokens ({server.max_prompt_source})")
+        if isinstance(engine, VisionEngine):
+            log("a vision-language base: image_url parts (data URLs) read; requests answered one at a time")
         log(f"OpenAI API at http://{cfg.host}:{cfg.port}/v1 (Ctrl-C to stop)")
         if not is_loopback(cfg.host):
             log(
