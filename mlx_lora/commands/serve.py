@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from mlx_lora.config import API_KEY_ENV, BASE_ID, ServeConfig, parse_adapter_spec
+from mlx_lora.data.chat import as_parts
+from mlx_lora.data.vision import IMAGE_URL, image_from_url
 from mlx_lora.errors import UserError
 from mlx_lora.formats.loader import read_adapter
 from mlx_lora.inference.batching import BatchEngine, Event, Job, Sampling
 from mlx_lora.inference.generation import chat_text
+from mlx_lora.inference.vision_engine import VisionEngine, VisionPrompt
 from mlx_lora.model.base import Base, context_length, load_base
 from mlx_lora.model.cpu_kernels import use_cpu_kernels
-from mlx_lora.model.vision import require_text
 
 SERVE_HINT = 'mlx-lora serve needs FastAPI, uvicorn and sse-starlette: pip install "mlx-lora[serve]"'
 MAX_STOPS = 4  # as OpenAI allows
@@ -120,12 +122,14 @@ def parse_sampling(body: dict, cfg: ServeConfig, chat: bool) -> Sampling:
     )
 
 
-def parse_messages(body: dict) -> list[dict[str, str]]:
-    """OpenAI messages -> [{role, content}] with text content (a list of text parts is joined)."""
+def parse_messages(body: dict, vision: bool = False) -> tuple[list[dict], list]:
+    """OpenAI messages -> ([{role, content}], the images in order). Content is text (a list of text parts
+    is joined); on a vision-language base a user turn may also hold image_url parts (data URLs), and
+    every turn is a list of parts, images as placeholders, as `generate --image` and `chat` build them."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of {role, content}", "messages", "invalid_type")
-    out = []
+    out, images = [], []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in ROLES:
@@ -133,10 +137,44 @@ def parse_messages(body: dict) -> list[dict[str, str]]:
         content = m.get("content")
         if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in content):
             content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
+        elif isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == IMAGE_URL for p in content):
+            content = image_turn(where, m["role"], content, images, vision)
+        elif not isinstance(content, str):
             raise ApiError(400, f"{where}.content must be text (a string or text parts)", where, "invalid_type")
-        out.append({"role": m["role"], "content": content})
-    return out
+        out.append(
+            as_parts({"role": m["role"], "content": content}) if vision else {"role": m["role"], "content": content}
+        )
+    return out, images
+
+
+def image_turn(where: str, role: str, content: list, images: list, vision: bool) -> list[dict]:
+    """A turn's text and image_url parts as template parts, each image decoded from its data URL onto `images`."""
+    if not vision:
+        raise ApiError(
+            400, f"{where}: image_url parts need a vision-language base; this is a text model", where, "unsupported"
+        )
+    if role != "user":
+        raise ApiError(400, f"{where}: only a user turn may hold images", where, "invalid_value")
+    parts = []
+    for j, part in enumerate(content):
+        here = f"{where}.content[{j}]"
+        if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+            continue
+        url = part.get(IMAGE_URL) if isinstance(part, dict) and part.get("type") == IMAGE_URL else None
+        if not isinstance(url, dict):
+            raise ApiError(
+                400,
+                f'{here} must be a text part or {{"type": "image_url", "image_url": {{"url": "data:..."}}}}',
+                here,
+                "invalid_type",
+            )
+        try:
+            images.append(image_from_url(here, url.get("url")))
+        except UserError as e:
+            raise ApiError(400, str(e), here, "invalid_image") from None
+        parts.append({"type": "image"})
+    return parts
 
 
 def parse_prompt(body: dict, vocab: int) -> str | list[int]:
@@ -303,11 +341,15 @@ class Server:
         known = ", ".join([BASE_ID, *self.engine.names])
         raise ApiError(404, f"the model '{model}' does not exist; this server has: {known}", "model", "model_not_found")
 
-    def prompt_tokens(self, body: dict, chat: bool) -> list[int]:
-        """The prompt's tokens, refused past the limit; a text that must be longer is refused untokenized."""
+    def prompt_tokens(self, body: dict, chat: bool) -> tuple[list[int], VisionPrompt | None]:
+        """The prompt's tokens, refused past the limit (a text that must be longer is refused untokenized);
+        on a vision-language base also the prompt as mlx-vlm reads it (its images' tokens are not counted
+        here: the processor adds them)."""
         base = self.engine.base
+        vision = base.processor is not None
+        images = []
         if chat:
-            messages = parse_messages(body)
+            messages, images = parse_messages(body, vision)
             try:
                 prompt = chat_text(base, messages)
             except Exception as e:  # no template, or one that refuses these roles (jinja's raise_exception)
@@ -316,6 +358,9 @@ class Server:
                 ) from None
         else:
             prompt = parse_prompt(body, self.engine.vocab)
+            if vision and not isinstance(prompt, str):
+                raise ApiError(400, "'prompt' must be text on a vision-language base", "prompt", "invalid_type")
+        text = prompt
         if isinstance(prompt, str):
             least = -(-len(prompt) // self.piece)  # no token spells more than `piece` characters
             if least > self.max_prompt:
@@ -323,7 +368,7 @@ class Server:
             prompt = base.tokenizer.encode(prompt, **({"add_special_tokens": False} if chat else {}))
         if not 1 <= len(prompt) <= self.max_prompt:
             raise self.too_long(str(len(prompt)), chat)
-        return prompt
+        return prompt, VisionPrompt(text, tuple(images)) if vision else None
 
     def too_long(self, tokens: str, chat: bool) -> ApiError:
         limit, source = self.max_prompt, self.max_prompt_source
@@ -343,17 +388,22 @@ class Server:
             raise ApiError(429, message, None, "server_busy")
         self.admitting += 1
         try:
-            tokens = await asyncio.get_running_loop().run_in_executor(self.tokenizing, self.prompt_tokens, body, chat)
+            tokens, prompt = await asyncio.get_running_loop().run_in_executor(
+                self.tokenizing, self.prompt_tokens, body, chat
+            )
         finally:
             self.admitting -= 1
-        job, events = self.submit(tokens, adapter, sampling)
+        job, events = self.submit(tokens, adapter, sampling, prompt)
         reply = Reply(chat, model)
         if stream:
             return EventSourceResponse(self.chunks(job, events, reply, include_usage))
         return await self.whole(request, job, events, reply)
 
-    def submit(self, tokens: list[int], adapter: str | None, sampling: Sampling) -> tuple[Job, asyncio.Queue]:
-        """Hand the request to the engine; its events arrive on the returned queue, on this loop.
+    def submit(
+        self, tokens: list[int], adapter: str | None, sampling: Sampling, prompt: VisionPrompt | None = None
+    ) -> tuple[Job, asyncio.Queue]:
+        """Hand the request to the engine (a vision-language base's with its `prompt`); its events arrive
+        on the returned queue, on this loop.
 
         The request counts as open until its last event arrives or it is cancelled, whatever the
         route does meanwhile (a stream whose client left before it started is still counted out).
@@ -367,7 +417,9 @@ class Server:
                 self.open.difference_update(mine)
             events.put_nowait(event)
 
-        job = self.engine.submit(tokens, adapter, sampling, lambda e: loop.call_soon_threadsafe(deliver, e))
+        emit = lambda e: loop.call_soon_threadsafe(deliver, e)
+        extra = {} if prompt is None else {"prompt": prompt}
+        job = self.engine.submit(tokens, adapter, sampling, emit, **extra)
         mine.append(job)
         self.open.add(job)
         return job, events
@@ -517,18 +569,21 @@ def create_app(engine: BatchEngine, cfg: ServeConfig):
     return app
 
 
-def start_engine(cfg: ServeConfig) -> BatchEngine:
-    """The base (--model, else the one the first adapter names) with every --adapter in its slot."""
+def start_engine(cfg: ServeConfig) -> BatchEngine | VisionEngine:
+    """The base (--model, else the one the first adapter names) with every --adapter in its slot; a
+    vision-language base's engine answers one request at a time (inference/vision_engine.py)."""
     specs = [parse_adapter_spec(spec) for spec in cfg.adapter or []]
     model = cfg.model or (read_adapter(Path(specs[0][1]))[0].base_model if specs else None)
     base = load_base(model, compute=cfg.compute_dtype)
-    require_text(base, "serve")
     use_cpu_kernels(base.model, decoding=True)
     clash = sorted(base_ids(cfg.model, base) & {name for name, _ in specs})
     if clash:
         raise UserError(f"--adapter {clash[0]}=...: '{clash[0]}' is the base model's id; give the adapter another name")
     base.model.eval()
-    engine = BatchEngine(base, max_batch=cfg.max_batch, prefill_step=cfg.prefill_step)
+    if base.processor is not None:
+        engine = VisionEngine(base)
+    else:
+        engine = BatchEngine(base, max_batch=cfg.max_batch, prefill_step=cfg.prefill_step)
     try:
         for name, path in specs:
             engine.add_adapter(name, Path(path)).result()
@@ -559,6 +614,8 @@ def serve(cfg: ServeConfig, log=print) -> None:
         names = ", ".join(engine.names) or "none"
         log(f"serving {engine.base.name} as '{BASE_ID}' with adapters: {names}")
         log(f"prompts up to {server.max_prompt} tokens ({server.max_prompt_source})")
+        if isinstance(engine, VisionEngine):
+            log("a vision-language base: image_url parts (data URLs) read; requests answered one at a time")
         log(f"OpenAI API at http://{cfg.host}:{cfg.port}/v1 (Ctrl-C to stop)")
         if not is_loopback(cfg.host):
             log(

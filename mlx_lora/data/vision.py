@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -163,6 +164,11 @@ def open_image(where: str, source: Path | str):
     except (OSError, ValueError, binascii.Error, Image.DecompressionBombError) as e:
         why = f"cannot read it ({e}); give a PNG, JPEG or other image Pillow reads"
         raise UserError(f"{where}: {name}: {why}") from None
+
+
+def image_from_url(where: str, url) -> Any:
+    """An image_url's image, RGB: a data URL decoded (an http(s) URL is refused, nothing is fetched)."""
+    return open_image(where, _data_url(where, url))
 
 
 def expand_images(where: str, tokens, mask, images: list[Path | str], processor, image_token: str) -> tuple:

@@ -68,10 +68,13 @@ class Job:
     cancelled: bool = False
     emitted: int = 0  # characters of the text handed out so far
     generated: int = 0
+    prompt: Any = None  # a vision-language base's prompt (vision_engine.VisionPrompt); None: `tokens` alone
+    prompt_tokens: int = 0  # as usage counts them: `tokens`, or what the processor made of text and images
     hold: int = field(init=False)
 
     def __post_init__(self):
         self.hold = max((len(s) for s in self.sampling.stop), default=1) - 1
+        self.prompt_tokens = self.prompt_tokens or len(self.tokens)
 
 
 def row_sampler(offset: int, sampling: Sampling) -> Callable[[mx.array], mx.array]:
@@ -190,7 +193,7 @@ class BatchEngine:
             try:
                 self._insert(payload)
             except Exception as e:  # refused by the generator: this request fails, the worker goes on
-                _emit(payload, Event("", "error", error=f"{type(e).__name__}: {e}", status=400))
+                emit_event(payload, Event("", "error", error=f"{type(e).__name__}: {e}", status=400))
         elif kind == "cancel" and payload.uid in self._jobs:
             self._generator.remove([payload.uid])
             del self._jobs[payload.uid]
@@ -203,7 +206,7 @@ class BatchEngine:
 
     def _insert(self, job: Job) -> None:
         if job.adapter is not None and job.adapter not in self.adapters.names:
-            _emit(job, Event("", "error", error=f"the adapter '{job.adapter}' was removed", status=404))
+            emit_event(job, Event("", "error", error=f"the adapter '{job.adapter}' was removed", status=404))
             return
         job.slot = self.adapters.slot(job.adapter)
         offset = job.slot * self.vocab
@@ -230,33 +233,19 @@ class BatchEngine:
         unfinished_but_done = []
         for r in responses:
             job = self._jobs.get(r.uid)
-            if job is not None and self._advance(job, r.token - job.slot * self.vocab, r.finish_reason):
+            if job is None:
+                continue
+            token = None if r.finish_reason == "stop" else r.token - job.slot * self.vocab  # "stop": EOS, not text
+            if advance(job, token, r.finish_reason):
                 del self._jobs[r.uid]
                 if r.finish_reason is None:  # a stop string: the generator would go on
                     unfinished_but_done.append(r.uid)
         if unfinished_but_done:
             self._generator.remove(unfinished_but_done)
 
-    def _advance(self, job: Job, token: int, finish: str | None) -> bool:
-        """Add one token to the job's text, emit what is safe to show; True when the job is finished."""
-        if finish != "stop":  # "stop" from the generator: the token is EOS, not text
-            job.detokenizer.add_token(token)
-            job.generated += 1
-        if finish:
-            job.detokenizer.finalize()
-        text = job.detokenizer.text
-        cut = first_stop(text, job.sampling.stop, job.emitted) if job.sampling.stop else None
-        if cut is not None:
-            text, finish = text[:cut], "stop"
-        end = len(text) if finish else max(job.emitted, len(text) - job.hold)
-        if end > job.emitted or finish:
-            _emit(job, Event(text[job.emitted : end], finish, len(job.tokens), job.generated))
-            job.emitted = end
-        return finish is not None
-
     def _fail_all(self, message: str) -> None:
         for job in self._jobs.values():
-            _emit(job, Event("", "error", len(job.tokens), job.generated, error=message))
+            emit_event(job, Event("", "error", job.prompt_tokens, job.generated, error=message))
         self._jobs.clear()
         self._generator.close()
         self._generator = self._new_generator()
@@ -271,7 +260,26 @@ class BatchEngine:
         self.adapters.remove(name)
 
 
-def _emit(job: Job, event: Event) -> None:
+def advance(job: Job, token: int | None, finish: str | None) -> bool:
+    """Add `token` (None: no text, as EOS) to the job's text, emit what is safe to show; True when the
+    job is finished (`finish`, or a stop string)."""
+    if token is not None:
+        job.detokenizer.add_token(token)
+        job.generated += 1
+    if finish:
+        job.detokenizer.finalize()
+    text = job.detokenizer.text
+    cut = first_stop(text, job.sampling.stop, job.emitted) if job.sampling.stop else None
+    if cut is not None:
+        text, finish = text[:cut], "stop"
+    end = len(text) if finish else max(job.emitted, len(text) - job.hold)
+    if end > job.emitted or finish:
+        emit_event(job, Event(text[job.emitted : end], finish, job.prompt_tokens, job.generated))
+        job.emitted = end
+    return finish is not None
+
+
+def emit_event(job: Job, event: Event) -> None:
     if not job.cancelled:
         try:
             job.emit(event)

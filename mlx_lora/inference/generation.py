@@ -97,11 +97,12 @@ def vision_stream(base: Base, prompt: str, images: list[str], cfg: InferenceConf
 
 def vision_responses(base: Base, text: str, images: list, max_tokens: int, sampler) -> Iterator:
     """mlx-vlm's responses to `text`, a prompt already in the chat template with a placeholder per
-    image, `images` (paths, in order) read by the model's own processor: generate, chat and eval."""
+    image, `images` (paths, or PIL images decoded from serve's data URLs; in order) read by the
+    model's own processor: generate, chat, eval and serve."""
     from mlx_vlm.generate import stream_generate  # present: the base was loaded through it
 
-    paths = [str(p) for p in images] or None
-    yield from stream_generate(base.model, base.processor, text, image=paths, max_tokens=max_tokens, sampler=sampler)
+    read = [str(p) if isinstance(p, (str, Path)) else p for p in images] or None
+    yield from stream_generate(base.model, base.processor, text, image=read, max_tokens=max_tokens, sampler=sampler)
 
 
 def speed_line(response: GenerationResponse) -> str:

@@ -19,6 +19,7 @@ from mlx_lm.utils import MODEL_REMAPPING
 from mlx_lora.errors import UserError
 
 VISION_HINT = 'pip install "mlx-lora[vision]"'
+VISION_CONFIG_KEYS = ("vision_config", "img_processor")  # img_processor: Phi-3-vision's Hub config.json
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,9 @@ LAYOUTS = {
 def is_vision(config: dict[str, Any]) -> bool:
     """A model mlx-vlm builds: a `vision_config`, and an architecture checked here (LAYOUTS) or one
     mlx-lm has no text model for. A multimodal checkpoint mlx-lm reads as its language model alone
-    (Gemma 3, Mistral 3, Pixtral) keeps loading that way: text fine-tuning of it is unchanged."""
-    if not isinstance(config.get("vision_config"), dict):
+    (Gemma 3, Mistral 3, Pixtral) keeps loading that way: text fine-tuning of it is unchanged.
+    Phi-3-vision's config.json names its tower `img_processor` (mlx-vlm adds the `vision_config`)."""
+    if not any(isinstance(config.get(key), dict) for key in VISION_CONFIG_KEYS):
         return False
     kind = str(config.get("model_type", ""))
     text_model = f"mlx_lm.models.{MODEL_REMAPPING.get(kind, kind)}"
@@ -78,8 +80,8 @@ def require_text(base, what: str) -> None:
     """`what` is not built for a vision-language base yet: one line, before any work."""
     if getattr(base, "processor", None) is not None:
         raise UserError(
-            f"{what} on a vision-language model ({base.name}) is not built yet; train, eval, chat and generate --image "
-            "are (docs/vision.md)"
+            f"{what} on a vision-language model ({base.name}) is not built yet; train, eval, chat, serve and "
+            "generate --image are (docs/vision.md)"
         )
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -54,11 +55,18 @@ def served(llama, tmp_path_factory):
         "outside": save_random_adapter(llama, root / "outside", CFG_A, 5),
     }
     (adapters / "link").symlink_to(paths["outside"], target_is_directory=True)
-    port = free_port()
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in LIMITS.items()]
-    command = [sys.executable, "-m", "mlx_lora.cli", "serve", "--model", str(llama), "--port", str(port)]
-    command += [f"--adapter={n}={paths[n]}" for n in "abc"] + flags
-    command += ["--allow-adapter-loading", "--adapter-root", str(adapters)]
+    args = ["--model", str(llama), *[f"--adapter={n}={paths[n]}" for n in "abc"], *flags]
+    args += ["--allow-adapter-loading", "--adapter-root", str(adapters)]
+    with running_server(args, root) as (url, pid):
+        yield {"url": url, "pid": pid, "model": llama, "paths": paths, "root": adapters}
+
+
+@contextmanager
+def running_server(args: list[str], root: Path):
+    """`mlx-lora serve ARGS` on a free loopback port, its key from the environment: (url, pid), stopped after."""
+    port = free_port()
+    command = [sys.executable, "-m", "mlx_lora.cli", "serve", "--port", str(port), *args]
     env = {**os.environ, "MLX_LORA_API_KEY": KEY}  # not --api-key: a process list shows the command line
     with open(root / "server.log", "w") as log:  # the child keeps its own handle
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -74,7 +82,7 @@ def served(llama, tmp_path_factory):
     else:
         process.kill()
         pytest.fail("the server did not come up: " + (root / "server.log").read_text())
-    yield {"url": url, "pid": process.pid, "model": llama, "paths": paths, "root": adapters}
+    yield url, process.pid
     process.terminate()
     try:
         process.wait(timeout=30)

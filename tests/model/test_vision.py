@@ -95,6 +95,7 @@ def test_only_checked_architectures_train():
         ({"model_type": "qwen2_5_vl", "vision_config": {}}, True),  # checked here (mlx-lm would read its text alone)
         ({"model_type": "idefics3", "vision_config": {}}, True),  # checked here (SmolVLM)
         ({"model_type": "phi3_v", "vision_config": {}}, True),
+        ({"model_type": "phi3_v", "img_processor": {"image_dim_out": 1024}}, True),  # Phi-3-vision's Hub config
         ({"model_type": "llava", "vision_config": {}}, False),  # mlx-lm reads it as mistral3
         ({"model_type": "gemma3", "vision_config": {}}, False),  # mlx-lm reads its language model, as before
         ({"model_type": "mistral3", "vision_config": {}}, False),
