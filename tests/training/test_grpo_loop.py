@@ -10,6 +10,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
+from conftest import assert_tensors_close, fp32_tol
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
@@ -220,3 +221,44 @@ def test_more_iterations_keep_the_sampling_policys_log_probs(prompts):
     completions = [prompts[0].tokens[:4], prompts[0].tokens[-3:], prompts[1].tokens[:5], prompts[1].tokens[-6:]]
     u = step.prepare(prompts, completions, np.array([1, -1, 1, -1], np.float32), np.array([True, True]))
     np.testing.assert_array_equal(np.array(u.old), np.array(rollouts.completion_logps(step.model, u.seqs)))
+
+
+class Recording(optim.SGD):
+    """SGD at learning rate 0 that keeps the gradients it was given: the model stays as it is."""
+
+    def __init__(self):
+        super().__init__(learning_rate=0.0)
+
+    def update(self, model, gradients):
+        self.gradients = gradients
+        super().update(model, gradients)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "gspo"])
+def test_accumulated_batches_update_as_the_one_batch_they_make(prompts, loss_type):
+    """--grad-accumulation-steps: a batch of one group and a batch of two give the loss and
+    gradient of the one batch of all three, for every normaliser (dapo's token count, dr_grpo's
+    completions x --max-completion-tokens, grpo's and gspo's sequence means); batches of unequal
+    sizes, so a mean of the batches' means would differ. The union pads every row to the longest
+    (prompt + completion: 92 tokens): the same terms plus zeros, summed in other shapes, so the
+    longest sums (the gradients' over 6 rows x 91 positions) round apart by 546 x 2^-23."""
+    step = grpo_step(Recording(), beta=0.04, adapter_scale=0.05)
+    step.loss = PolicyLoss(loss_type, beta=0.04, max_completion_tokens=SAMPLING.max_tokens)
+    p0, p1 = prompts
+    completions = [p0.tokens[:4], p0.tokens[-3:], p1.tokens[:5], p1.tokens[-6:], p0.tokens[5:7], p0.tokens[9:15]]
+    advantages = np.array([0.7, -0.7, -0.5, 0.5, 0.7, -0.7], np.float32)
+    ones = np.ones(1, bool), np.ones(2, bool)
+    parts = [
+        step.prepare([p0], completions[:2], advantages[:2], ones[0]),
+        step.prepare([p1, p0], completions[2:], advantages[2:], ones[1]),
+    ]
+    whole = step.prepare([p0, p1, p0], completions, advantages, np.ones(3, bool))
+
+    accumulated = step.update(parts)
+    got = dict(tree_flatten(step.optimizer.gradients))
+    one = step.update([whole])
+    want = dict(tree_flatten(step.optimizer.gradients))
+    tol = fp32_tol(6 * 91)
+    assert accumulated[0] == pytest.approx(one[0], rel=tol, abs=tol)
+    assert max(np.abs(np.array(g)).max() for g in want.values()) > 0
+    assert_tensors_close(got, want, tol)

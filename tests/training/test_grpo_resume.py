@@ -1,9 +1,12 @@
 """A GRPO run resumed from its checkpoint samples the rollouts the uninterrupted run sampled and
-ends with its adapter, bit for bit."""
+ends with its adapter, bit for bit: with one batch a step, with --grad-accumulation-steps 2, and on
+a 4-bit base (QLoRA) with a KL term, whose reference is the quantized base with the adapter off."""
 
 from dataclasses import replace
 
 import mlx.core as mx
+import pytest
+from mlx_lm.convert import convert
 
 from mlx_lora.config import TrainConfig
 from mlx_lora.formats.native import ADAPTER_WEIGHTS
@@ -12,7 +15,7 @@ from mlx_lora.training.checkpoint import checkpoint_dir
 from mlx_lora.training.loop import train
 
 # what a step's rollouts were: another draw gives other completions, so other rewards and loss
-ROLLOUT_KEYS = ("loss", "reward", "reward_std", "completion_length", "skipped_groups", "clip_ratio")
+ROLLOUT_KEYS = ("loss", "reward", "reward_std", "completion_length", "skipped_groups", "clip_ratio", "kl")
 
 
 def grpo_config(llama, data, out, reward, **kw) -> TrainConfig:
@@ -49,12 +52,23 @@ def step_records(out) -> dict[int, dict]:
     return {r["step"]: {k: r[k] for k in ROLLOUT_KEYS} for r in read_metrics(out) if r["loss"] is not None}
 
 
-def test_a_resumed_grpo_run_samples_and_ends_as_the_uninterrupted_run(llama, tiny_data, tmp_path):
+@pytest.mark.parametrize(
+    "variant",
+    [{}, dict(grad_accumulation_steps=2), dict(quantized=4, beta=0.04)],
+    ids=["plain", "accumulated", "qlora"],
+)
+def test_a_resumed_grpo_run_samples_and_ends_as_the_uninterrupted_run(llama, tiny_data, tmp_path, variant):
     """Steps 3-4 after the resume run the same prompts in the same shapes as in the straight run, so
     equal to the bit when the random key, the prompt position, the adapter and AdamW's moments all
     came back. (With load_checkpoint's restore_rng removed, steps 3-4 sample other completions: their
     rewards differ and this fails.)"""
-    cfg = grpo_config(llama, tiny_data, tmp_path / "straight", text_reward(tmp_path))
+    options = dict(variant)
+    bits = options.pop("quantized", None)
+    model = llama
+    if bits:
+        model = tmp_path / f"q{bits}"
+        convert(str(llama), str(model), quantize=True, q_bits=bits, q_group_size=32)
+    cfg = grpo_config(model, tiny_data, tmp_path / "straight", text_reward(tmp_path), **options)
     straight = train(cfg, log=lambda _: None)
     checkpoint = checkpoint_dir(cfg.adapter_path, 2)
     resumed = train(replace(cfg, resume=str(checkpoint), adapter_path=str(tmp_path / "resumed")), log=lambda _: None)
@@ -64,6 +78,8 @@ def test_a_resumed_grpo_run_samples_and_ends_as_the_uninterrupted_run(llama, tin
     assert got == {s: want[s] for s in (3, 4)}  # the rollouts after the resume are the straight run's
     assert len({want[s]["reward"] for s in want}) == 4 and all(w["skipped_groups"] == 0 for w in want.values())
     assert resumed.losses == straight.losses[2:]
+    # with beta the reference pass ran: kl > 0 once the adapter has moved (at step 1 it is still B = 0)
+    assert [w["kl"] > 0 for w in want.values()] == [False] + [bool(cfg.beta)] * 3
 
     final = mx.load(str(tmp_path / "resumed" / ADAPTER_WEIGHTS))
     expected = mx.load(str(tmp_path / "straight" / ADAPTER_WEIGHTS))
