@@ -4,6 +4,7 @@ groups with equal rewards are skipped and counted, and `train --objective grpo` 
 
 import itertools
 import json
+from dataclasses import replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,16 +16,17 @@ from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
 from mlx_lora.cli import app
-from mlx_lora.config import LoRAConfig
+from mlx_lora.config import LoRAConfig, TrainConfig
 from mlx_lora.data.rows import file_rows
 from mlx_lora.formats.native import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from mlx_lora.model.base import load_base
 from mlx_lora.model.cpu_kernels import cross_entropy
 from mlx_lora.model.lora import adapter_off, apply_lora, lora_layers
-from mlx_lora.reporting.metrics import GRPO_KEYS, METRICS
+from mlx_lora.reporting.metrics import GRPO_KEYS, METRICS, read_metrics
 from mlx_lora.training import rollouts
 from mlx_lora.training.grpo import PolicyLoss, policy_loss
 from mlx_lora.training.grpo_step import VALID_ROLLOUTS, GrpoStep, Sampling, grpo_cut, read_prompts
+from mlx_lora.training.loop import train
 from mlx_lora.training.rewards import Reward
 
 G = 2
@@ -262,3 +264,25 @@ def test_accumulated_batches_update_as_the_one_batch_they_make(prompts, loss_typ
     assert accumulated[0] == pytest.approx(one[0], rel=tol, abs=tol)
     assert max(np.abs(np.array(g)).max() for g in want.values()) > 0
     assert_tensors_close(got, want, tol)
+
+
+@pytest.mark.slow
+def test_grpo_trains_an_adapter_on_a_gguf_base(smollm2_gguf, tmp_path):
+    """The real SmolLM2 Q4_1 file: rollouts, rewards and an update through its quantized blocks;
+    one step moves every B from 0 (a completion's checksum as reward, so the groups differ)."""
+    reward = tmp_path / "text.py"
+    reward.write_text("def checksum(prompt, completion, row):\n    return float(sum(map(ord, completion)) % 101)\n")
+    out = tmp_path / "out"
+    options = dict(iters=1, batch_size=2, group_size=2, max_completion_tokens=4, val_batches=1, learning_rate=1e-3)
+    cfg = TrainConfig(
+        model=str(smollm2_gguf),
+        data="data",
+        adapter_path=str(out),
+        objective="grpo",
+        rewards=f"python:{reward}:checksum",
+    )
+    result = train(replace(cfg, **options), log=lambda _: None)
+    (step,) = [r for r in read_metrics(out) if r["loss"] is not None]
+    assert np.isfinite(result.losses).all() and step["skipped_groups"] < 1
+    weights = mx.load(str(out / ADAPTER_WEIGHTS))
+    assert all(np.abs(np.array(w)).max() > 0 for k, w in weights.items() if k.endswith("lora_b"))
