@@ -206,28 +206,32 @@ class GrpoStep:
             grads = tree_map(mx.add, grads, g)
             totals = totals + mx.stack(sums)
             mx.eval(grads, totals)
-        loss, count, grads, (totals,) = sum_over(self.world, totals[0], totals[1], grads, [totals])
+        loss, count, grads, (rest,) = sum_over(self.world, totals[0], totals[1], grads, [totals[2:]])
         grads = tree_map(lambda x: x / count, grads)
         finite = grads_finite(grads)
         self.optimizer.update(self.model, grads)
         with self.world.waiting("in a step"):
-            mx.eval(self.model.parameters(), self.optimizer.state, finite, loss, totals)
-        _, _, kl, clip, tokens, clipped_over = totals.tolist()
+            mx.eval(self.model.parameters(), self.optimizer.state, finite, loss, rest)
+        kl, clip, tokens, clipped_over = rest.tolist()
         return loss.item() / count.item(), kl / tokens, clip / clipped_over, finite.item()
 
     def step(self, batches: list[list[Prompt]]) -> dict[str, float]:
         """Rollouts of every batch (in a group: this rank's share of it), then --grpo-iterations
-        updates on the kept groups: the step's metrics, over every rank's rollouts."""
+        updates on the kept groups: the step's metrics, over every rank's rollouts. In a group the
+        step draws from this rank's own key (--dropout's masks too)."""
+        with own_draws(self.world):
+            return self.own_step(batches)
+
+    def own_step(self, batches: list[list[Prompt]]) -> dict[str, float]:
         start, g = time.perf_counter(), self.sampling.group_size
         updates, scored, skipped = [], [], 0
-        with own_draws(self.world):
-            for prompts in filter(None, batches):  # a rank's share of a short last batch may be empty
-                s = self.roll_out(prompts)
-                advantages, equal = group_advantages(s.scores @ self.weights, g)
-                skipped += int(equal.sum())
-                u = self.prepare(prompts, s.completions, advantages, ~equal)
-                updates += [u] if u is not None else []
-                scored.append(s)
+        for prompts in filter(None, batches):  # a rank's share of a short last batch may be empty
+            s = self.roll_out(prompts)
+            advantages, equal = group_advantages(s.scores @ self.weights, g)
+            skipped += int(equal.sum())
+            u = self.prepare(prompts, s.completions, advantages, ~equal)
+            updates += [u] if u is not None else []
+            scored.append(s)
         sums = self.rollout_sums(scored, skipped)
         if self.world.size > 1:  # every rank's rollouts, and whether any rank kept a group
             with self.world.waiting("in a step"):
