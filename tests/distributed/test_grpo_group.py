@@ -9,7 +9,7 @@ import re
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import assert_tensors_close, fp32_tol
+from conftest import assert_tensors_close, checksum_reward, fp32_tol
 from test_group import end, mlx_launch_train, ring_hostfile, start_rank
 
 from mlx_lora.reporting.metrics import read_metrics
@@ -27,6 +27,7 @@ import json, sys
 from pathlib import Path
 import mlx.core as mx, mlx.optimizers as optim, numpy as np
 from mlx.utils import tree_flatten
+from conftest import Recording
 from mlx_lora.config import LoRAConfig
 from mlx_lora.data.rows import file_rows
 from mlx_lora.distributed.group import SOLO, init
@@ -38,15 +39,6 @@ from mlx_lora.training.rewards import Reward
 
 out = Path(sys.argv[1])
 world = init(120)
-
-
-class Recording(optim.SGD):
-    def __init__(self):
-        super().__init__(learning_rate=0.0)
-
-    def update(self, model, gradients):
-        self.gradients = gradients
-        super().update(model, gradients)
 
 
 def make_step(loss_type, world, rewards=(), optimizer=None):
@@ -132,12 +124,12 @@ def test_a_group_updates_as_one_process_on_the_same_completions(tmp_path):
 @pytest.mark.slow
 def test_train_grpo_under_mlx_launch(tmp_path):
     """`mlx.launch -n 2 -- mlx-lora train --objective grpo`: one voice, rank 0 writes the adapter,
-    the metrics and every valid completion (each rank samples all valid prompts from --seed)."""
-    reward = tmp_path / "text.py"
-    reward.write_text("def checksum(prompt, completion, row):\n    return float(sum(map(ord, completion)) % 101)\n")
+    the metrics and every valid completion (each rank samples all valid prompts from --seed); a
+    group resumed from rank 0's checkpoint draws what the uninterrupted group drew (every rank's
+    key comes back from the one saved) and ends with its adapter, bit for bit (same shapes)."""
     options = dict(
         objective="grpo",
-        rewards=f"python:{reward}:checksum",
+        rewards=checksum_reward(tmp_path),
         iters=2,
         batch_size=4,
         group_size=2,
@@ -156,4 +148,11 @@ def test_train_grpo_under_mlx_launch(tmp_path):
     rollouts = [json.loads(line) for line in (tmp_path / "two" / VALID_ROLLOUTS).read_text().splitlines()]
     assert len(rollouts) == 2 * 4 * 2  # validations at steps 0 and 2, 4 prompts x 2 completions, once each
     assert (tmp_path / "two" / "adapters.safetensors").is_file()
-    assert (tmp_path / "two" / "checkpoints" / "step-0000001" / "adapters.safetensors").is_file()
+    checkpoint = tmp_path / "two" / "checkpoints" / "step-0000001"
+    assert (checkpoint / "adapters.safetensors").is_file()
+
+    mlx_launch_train(dict(resume=checkpoint, adapter_path=tmp_path / "three"))
+    resumed = [r for r in read_metrics(tmp_path / "three") if r["loss"] is not None]
+    assert [(r["step"], r["reward"], r["loss"]) for r in resumed] == [(2, steps[1]["reward"], steps[1]["loss"])]
+    two, three = (mx.load(str(tmp_path / d / "adapters.safetensors")) for d in ("two", "three"))
+    assert all(mx.array_equal(two[k], three[k]) for k in two)

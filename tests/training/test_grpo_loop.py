@@ -11,7 +11,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from conftest import assert_tensors_close, fp32_tol
+from conftest import Recording, assert_tensors_close, checksum_reward, fp32_tol
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
@@ -225,17 +225,6 @@ def test_more_iterations_keep_the_sampling_policys_log_probs(prompts):
     np.testing.assert_array_equal(np.array(u.old), np.array(rollouts.completion_logps(step.model, u.seqs)))
 
 
-class Recording(optim.SGD):
-    """SGD at learning rate 0 that keeps the gradients it was given: the model stays as it is."""
-
-    def __init__(self):
-        super().__init__(learning_rate=0.0)
-
-    def update(self, model, gradients):
-        self.gradients = gradients
-        super().update(model, gradients)
-
-
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "gspo"])
 def test_accumulated_batches_update_as_the_one_batch_they_make(prompts, loss_type):
     """--grad-accumulation-steps: a batch of one group and a batch of two give the loss and
@@ -270,8 +259,6 @@ def test_accumulated_batches_update_as_the_one_batch_they_make(prompts, loss_typ
 def test_grpo_trains_an_adapter_on_a_gguf_base(smollm2_gguf, tmp_path):
     """The real SmolLM2 Q4_1 file: rollouts, rewards and an update through its quantized blocks;
     one step moves every B from 0 (a completion's checksum as reward, so the groups differ)."""
-    reward = tmp_path / "text.py"
-    reward.write_text("def checksum(prompt, completion, row):\n    return float(sum(map(ord, completion)) % 101)\n")
     out = tmp_path / "out"
     options = dict(iters=1, batch_size=2, group_size=2, max_completion_tokens=4, val_batches=1, learning_rate=1e-3)
     cfg = TrainConfig(
@@ -279,7 +266,7 @@ def test_grpo_trains_an_adapter_on_a_gguf_base(smollm2_gguf, tmp_path):
         data="data",
         adapter_path=str(out),
         objective="grpo",
-        rewards=f"python:{reward}:checksum",
+        rewards=checksum_reward(tmp_path),
     )
     result = train(replace(cfg, **options), log=lambda _: None)
     (step,) = [r for r in read_metrics(out) if r["loss"] is not None]

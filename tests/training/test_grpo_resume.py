@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import mlx.core as mx
 import pytest
+from conftest import checksum_reward
 from mlx_lm.convert import convert
 
 from mlx_lora.config import TrainConfig
@@ -26,7 +27,7 @@ def grpo_config(llama, data, out, reward, **kw) -> TrainConfig:
         data=str(data),
         adapter_path=str(out),
         objective="grpo",
-        rewards=f"python:{reward}:checksum",
+        rewards=reward,
         iters=4,
         batch_size=2,
         group_size=2,
@@ -40,12 +41,6 @@ def grpo_config(llama, data, out, reward, **kw) -> TrainConfig:
         save_every=2,
     )
     return TrainConfig(**options | kw)
-
-
-def text_reward(tmp_path):
-    f = tmp_path / "text.py"
-    f.write_text("def checksum(prompt, completion, row):\n    return float(sum(map(ord, completion)) % 101)\n")
-    return f
 
 
 def step_records(out) -> dict[int, dict]:
@@ -68,7 +63,7 @@ def test_a_resumed_grpo_run_samples_and_ends_as_the_uninterrupted_run(llama, tin
     if bits:
         model = tmp_path / f"q{bits}"
         convert(str(llama), str(model), quantize=True, q_bits=bits, q_group_size=32)
-    cfg = grpo_config(model, tiny_data, tmp_path / "straight", text_reward(tmp_path), **options)
+    cfg = grpo_config(model, tiny_data, tmp_path / "straight", checksum_reward(tmp_path), **options)
     straight = train(cfg, log=lambda _: None)
     checkpoint = checkpoint_dir(cfg.adapter_path, 2)
     resumed = train(replace(cfg, resume=str(checkpoint), adapter_path=str(tmp_path / "resumed")), log=lambda _: None)
