@@ -237,7 +237,7 @@ class GrpoStep:
             with self.world.waiting("in a step"):
                 sums = np.array(self.world.sum(mx.array(sums)))
         rolled = time.perf_counter()
-        groups, skipped = sums[-2:]
+        groups, skipped = sums[-2:].tolist()
         results = [self.update(updates) for _ in range(self.iterations)] if skipped < groups else []
         loss, kl, clip, finite = np.mean(results, axis=0).tolist() if results else (0.0, 0.0, 0.0, 1.0)
         return {
@@ -246,7 +246,7 @@ class GrpoStep:
             "kl": kl,
             "clip_ratio": clip,
             **self.reward_stats(sums),
-            "skipped_groups": float(skipped / groups),
+            "skipped_groups": skipped / groups,
             "rollout_seconds": rolled - start,
             "update_seconds": time.perf_counter() - rolled,
         }
@@ -266,10 +266,9 @@ class GrpoStep:
     def reward_stats(self, sums: np.ndarray) -> dict[str, float]:
         """From rollout_sums: reward (the weighted sum's mean), reward_std (its std within groups,
         TRL's), each reward's mean and the completion length."""
-        n, groups = sums[-5], sums[-2]
-        means = {f"rewards/{r.name}/mean": float(m / n) for r, m in zip(self.rewards, sums[1:-5])}
-        stats = {"reward": float(sums[0] / n), "reward_std": float(sums[-3] / groups), **means}
-        return stats | {"completion_length": float(sums[-6] / n)}
+        reward, *each, length, n, std, groups, _ = sums.tolist()
+        means = {f"rewards/{r.name}/mean": m / n for r, m in zip(self.rewards, each)}
+        return {"reward": reward / n, "reward_std": std / groups, **means, "completion_length": length / n}
 
     def validate(self, batches: list[list[Prompt]], seed: int, out: Path, step: int, append: bool) -> dict[str, float]:
         """reward_stats of rollouts of the valid batches, sampled from `seed`; the completions are
