@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.optimizers as optim
 import pytest
 
 from mlx_lora.config import LoRAConfig
@@ -367,6 +368,25 @@ def vlm(request, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llama(hf_models) -> Path:
     return hf_models["llama"]
+
+
+def checksum_reward(directory: Path) -> str:
+    """A GRPO reward that tells completions apart by their text (so a group's rewards differ):
+    its --rewards spec, python:FILE:checksum, the file written in `directory`."""
+    path = directory / "text_reward.py"
+    path.write_text("def checksum(prompt, completion, row):\n    return float(sum(map(ord, completion)) % 101)\n")
+    return f"python:{path}:checksum"
+
+
+class Recording(optim.SGD):
+    """SGD at learning rate 0 that keeps the gradients it was given: the model stays as it is."""
+
+    def __init__(self):
+        super().__init__(learning_rate=0.0)
+
+    def update(self, model, gradients):
+        self.gradients = gradients
+        super().update(model, gradients)
 
 
 def write_jsonl(path: Path, rows) -> Path:

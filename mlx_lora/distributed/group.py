@@ -137,9 +137,12 @@ def sum_over(world: World, loss: mx.array, ntoks: mx.array, grads: Any, stats: l
     return total["loss"], total["ntoks"], total["grads"], total.get("stats", [])
 
 
-def checksum(examples: ExampleSet | list[Pair], chunk: int = 2**22) -> int:
+def checksum(examples: ExampleSet | list[Pair] | list, chunk: int = 2**22) -> int:
     """Over the flat arrays, a chunk at a time (a set read from --data-cache is never read whole);
-    preference pairs over each side's tokens and mask."""
+    preference pairs over each side's tokens and mask; other rows (GRPO's prompts) over what
+    bytes() makes of each."""
+    if examples and not isinstance(examples, ExampleSet) and not isinstance(examples[0], Pair):
+        return zlib.crc32(b"".join(map(bytes, examples)))
     if not isinstance(examples, ExampleSet):
         arrays = [a for pair in examples for side in (pair.chosen, pair.rejected) for a in (side.tokens, side.mask)]
         return zlib.crc32(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays))

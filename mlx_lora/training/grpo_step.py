@@ -10,14 +10,22 @@ optimizer updates each sum the gradients of all the step's batches and divide by
 count, so accumulated batches give the gradient of the one batch they make together, as
 training/step.py does for SFT.
 
+In a group under mlx.launch each rank gets a share of every batch's prompts (whole groups, so
+advantages stay per group), samples and scores them, and the update sums the gradients, the
+normalisers (dapo's completion tokens, the completions of the others) and the metrics' sums over
+the ranks before dividing: the one-process update on the whole batch up to fp32 summation order.
+Each rank samples from its own key, split by rank from the group's (own_draws).
+
 Validation samples the valid prompts the same way, from a fixed seed (so validations compare
 like with like and the training draws are left as they were), and appends every completion with
-its rewards to valid_rollouts.jsonl beside the adapter.
+its rewards to valid_rollouts.jsonl beside the adapter. In a group every rank samples them all,
+from the same seed, and rank 0 writes them.
 """
 
 import json
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +36,7 @@ import numpy as np
 from mlx.utils import tree_map
 
 from mlx_lora.data.rows import Row
+from mlx_lora.distributed.group import SOLO, World, sum_over
 from mlx_lora.model.lora import adapter_off
 from mlx_lora.training import rollouts
 from mlx_lora.training.checkpoint import restore_rng, rng_key
@@ -47,6 +56,10 @@ class Prompt:
     task: Task
     tokens: list[int]
 
+    def __bytes__(self) -> bytes:
+        """What ranks of a group compare (distributed.group.checksum): the tokens and the reference."""
+        return np.array(self.tokens, np.int64).tobytes() + self.task.reference.encode()
+
 
 def read_prompts(rows: list[Row], tokenizer) -> list[Prompt]:
     return [Prompt(*task(row, tokenizer)) for row in rows]
@@ -58,6 +71,22 @@ def grpo_cut(model: nn.Module, first_trained: int, prompts: list[Prompt], log: C
     if cut is not None and cut.k:
         log(f"speed: blocks 0-{first_trained - 1} are frozen; their output is computed once per batch of rollouts")
     return cut
+
+
+@contextmanager
+def own_draws(world: World):
+    """In a group, this rank samples from its own key, split by rank from the group's key, which
+    then moves on to a key of its own, the same on every rank (so rank 0's checkpoint serves all).
+    Alone, the draws are mx.random's as they are."""
+    if world.size == 1:
+        yield
+        return
+    keys = mx.random.split(mx.random.state[0], world.size + 1)  # (size + 1, 2)
+    restore_rng(keys[world.rank + 1].tolist())
+    try:
+        yield
+    finally:
+        restore_rng(keys[0].tolist())
 
 
 @dataclass(frozen=True)
@@ -107,10 +136,11 @@ class GrpoStep:
         weights: list[float],
         iterations: int = 1,
         cut: Cut | None = None,
+        world: World = SOLO,
     ):
         self.model, self.tokenizer, self.optimizer = model, tokenizer, optimizer
         self.sampling, self.loss, self.rewards, self.iterations = sampling, loss, rewards, iterations
-        self.cut = cut
+        self.cut, self.world = cut, world
         self.weights = np.array(weights, np.float32)  # (R,)
         self.loss_and_grad = nn.value_and_grad(model, self.summed_loss)
 
@@ -152,64 +182,93 @@ class GrpoStep:
         return rollouts.completion_logps(model, seqs, self.cut, states)
 
     def summed_loss(self, model: nn.Module, u: Update):
-        """policy_loss times its count: completion tokens for dapo, completions for the others, so
-        the sum over batches divided by the total count is the loss of their union."""
+        """policy_loss times its count (completion tokens for dapo, completions for the others), so
+        the sum over batches (and ranks) divided by the total count is the loss of their union;
+        then kl and clip_ratio times what they are means over (completion tokens; gspo's clip:
+        completions), and those two counts."""
         logps = self.logps(model, u.seqs, u.states)
         old = mx.stop_gradient(logps) if u.old is None else u.old
         mask = u.seqs.mask
         loss, kl, clip = policy_loss(logps, old, u.reference, u.advantages, mask, self.loss)
-        count = mask.sum() if self.loss.loss_type == "dapo" else mx.array(mask.shape[0], mx.float32)
-        return loss * count, count, kl, clip
+        tokens, completions = mask.sum(), mx.array(mask.shape[0], mx.float32)
+        count = tokens if self.loss.loss_type == "dapo" else completions
+        clipped_over = completions if self.loss.loss_type == "gspo" else tokens
+        return loss * count, count, kl * tokens, clip * clipped_over, tokens, clipped_over
 
     def update(self, updates: list[Update]) -> tuple[float, float, float, bool]:
-        """One optimizer update over all the step's batches: (loss, kl, clip_ratio, gradients finite)."""
+        """One optimizer update over all the step's batches, and in a group over every rank's (a
+        rank with none adds zeros): (loss, kl, clip_ratio, gradients finite)."""
         self.model.train()
-        grads, totals = None, mx.zeros((4,))
+        grads = tree_map(mx.zeros_like, self.model.trainable_parameters())
+        totals = mx.zeros((6,))  # loss x count, count, kl x tokens, clip x its count, tokens, clip's count
         for u in updates:
-            (loss, count, kl, clip), g = self.loss_and_grad(self.model, u)
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            totals = totals + mx.stack([loss, count, kl, clip])
+            sums, g = self.loss_and_grad(self.model, u)
+            grads = tree_map(mx.add, grads, g)
+            totals = totals + mx.stack(sums)
             mx.eval(grads, totals)
-        grads = tree_map(lambda x: x / totals[1], grads)
+        loss, count, grads, (rest,) = sum_over(self.world, totals[0], totals[1], grads, [totals[2:]])
+        grads = tree_map(lambda x: x / count, grads)
         finite = grads_finite(grads)
         self.optimizer.update(self.model, grads)
-        mx.eval(self.model.parameters(), self.optimizer.state, finite)
-        loss, count, kl, clip = totals.tolist()
-        return loss / count, kl / len(updates), clip / len(updates), finite.item()
+        with self.world.waiting("in a step"):
+            mx.eval(self.model.parameters(), self.optimizer.state, finite, loss, rest)
+        kl, clip, tokens, clipped_over = rest.tolist()
+        return loss.item() / count.item(), kl / tokens, clip / clipped_over, finite.item()
 
     def step(self, batches: list[list[Prompt]]) -> dict[str, float]:
-        """Rollouts of every batch, then --grpo-iterations updates on the kept groups: the step's metrics."""
+        """Rollouts of every batch (in a group: this rank's share of it), then --grpo-iterations
+        updates on the kept groups: the step's metrics, over every rank's rollouts. In a group the
+        step draws from this rank's own key (--dropout's masks too)."""
+        with own_draws(self.world):
+            return self.own_step(batches)
+
+    def own_step(self, batches: list[list[Prompt]]) -> dict[str, float]:
         start, g = time.perf_counter(), self.sampling.group_size
         updates, scored, skipped = [], [], 0
-        for prompts in batches:
+        for prompts in filter(None, batches):  # a rank's share of a short last batch may be empty
             s = self.roll_out(prompts)
             advantages, equal = group_advantages(s.scores @ self.weights, g)
             skipped += int(equal.sum())
             u = self.prepare(prompts, s.completions, advantages, ~equal)
             updates += [u] if u is not None else []
             scored.append(s)
+        sums = self.rollout_sums(scored, skipped)
+        if self.world.size > 1:  # every rank's rollouts, and whether any rank kept a group
+            with self.world.waiting("in a step"):
+                sums = np.array(self.world.sum(mx.array(sums)))
         rolled = time.perf_counter()
-        results = [self.update(updates) for _ in range(self.iterations)] if updates else []
+        groups, skipped = sums[-2:].tolist()
+        results = [self.update(updates) for _ in range(self.iterations)] if skipped < groups else []
         loss, kl, clip, finite = np.mean(results, axis=0).tolist() if results else (0.0, 0.0, 0.0, 1.0)
-        scores = np.concatenate([s.scores for s in scored])  # (N, R)
         return {
             "loss": loss,
             "finite": float(finite == 1.0),
             "kl": kl,
             "clip_ratio": clip,
-            **self.reward_stats(scores),
-            "completion_length": float(np.mean([len(c) for s in scored for c in s.completions])),
-            "skipped_groups": skipped / (len(scores) // g),
+            **self.reward_stats(sums),
+            "skipped_groups": skipped / groups,
             "rollout_seconds": rolled - start,
             "update_seconds": time.perf_counter() - rolled,
         }
 
-    def reward_stats(self, scores: np.ndarray) -> dict[str, float]:
-        """reward (the weighted sum's mean), reward_std (its std within groups, TRL's) and each reward's mean."""
+    def rollout_sums(self, scored: list[Scored], skipped: int = 0) -> np.ndarray:
+        """What the rollout metrics are ratios of, summed over completions (N) and groups, so that
+        a group's ranks can add theirs: the weighted reward, each reward (R), the completion
+        length, N; the within-group std, the groups and those skipped. (R + 6,)"""
+        scores = np.concatenate([s.scores for s in scored]) if scored else np.zeros((0, len(self.rewards)), np.float32)
         total = scores @ self.weights  # (N,)
-        std = total.reshape(-1, self.sampling.group_size).std(axis=1, ddof=1).mean()
-        means = {f"rewards/{r.name}/mean": float(m) for r, m in zip(self.rewards, scores.mean(axis=0))}
-        return {"reward": float(total.mean()), "reward_std": float(std), **means}
+        std = total.reshape(-1, self.sampling.group_size).std(axis=1, ddof=1)  # (N / G,)
+        length = sum(len(c) for s in scored for c in s.completions)
+        return np.array(
+            [total.sum(), *scores.sum(axis=0), length, len(total), std.sum(), len(std), skipped], np.float32
+        )
+
+    def reward_stats(self, sums: np.ndarray) -> dict[str, float]:
+        """From rollout_sums: reward (the weighted sum's mean), reward_std (its std within groups,
+        TRL's), each reward's mean and the completion length."""
+        reward, *each, length, n, std, groups, _ = sums.tolist()
+        means = {f"rewards/{r.name}/mean": m / n for r, m in zip(self.rewards, each)}
+        return {"reward": reward / n, "reward_std": std / groups, **means, "completion_length": length / n}
 
     def validate(self, batches: list[list[Prompt]], seed: int, out: Path, step: int, append: bool) -> dict[str, float]:
         """reward_stats of rollouts of the valid batches, sampled from `seed`; the completions are
@@ -219,7 +278,12 @@ class GrpoStep:
         mx.random.seed(seed)
         scored = [self.roll_out(prompts) for prompts in batches]
         restore_rng(key)
-        with open(out / VALID_ROLLOUTS, "a" if append else "w") as f:
+        if self.world.main:
+            self.write_rollouts(batches, scored, out / VALID_ROLLOUTS, step, append)
+        return self.reward_stats(self.rollout_sums(scored))
+
+    def write_rollouts(self, batches: list[list[Prompt]], scored: list[Scored], path: Path, step: int, append: bool):
+        with open(path, "a" if append else "w") as f:
             for prompts, s in zip(batches, scored):
                 for i, (text, row) in enumerate(zip(s.texts, s.scores)):
                     t = prompts[i // self.sampling.group_size].task
@@ -227,4 +291,3 @@ class GrpoStep:
                     record = {"step": step, "where": t.where, "prompt": t.prompt, "completion": text}
                     record |= {"reward": float(row @ self.weights), "rewards": rewards}
                     f.write(json.dumps(record) + "\n")
-        return self.reward_stats(np.concatenate([s.scores for s in scored]))

@@ -175,7 +175,7 @@ class Run:
         append = bool(cfg.resume) or bool(result.val_rewards)  # a fresh run starts the file afresh
         stats = self.step.validate(batches, cfg.seed, self.out, at, append)
         result.val_rewards[at] = stats.pop("reward")
-        stats.pop("reward_std")
+        stats.pop("reward_std"), stats.pop("completion_length")
         self.monitor.reward_validation(at, result.val_rewards[at], **stats)
 
     def save_or_stop(self, it: int, signum: Optional[int]) -> None:
@@ -246,8 +246,6 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     """Everything before the first step; refuses (UserError) what cannot run."""
     world = distributed.init(cfg.peer_timeout)
     cfg, initial = from_adapter(cfg)  # --init-adapter's LoRA options (and base) become the run's
-    if cfg.objective == "grpo" and world.size > 1:
-        raise UserError("--objective grpo runs in one process; start it without mlx.launch")
     log = log if world.main else distributed.quiet
     out = Path(cfg.adapter_path)
     if world.main:
@@ -433,7 +431,9 @@ def choose_step(
     loss = PolicyLoss(cfg.loss_type, cfg.beta_value, cfg.epsilon, cfg.epsilon_high_value, cfg.max_completion_tokens)
     rewards = make_rewards(split_list(cfg.rewards), cfg.format_regex)
     weights = cfg.reward_weight_values
-    step = GrpoStep(base.model, base.tokenizer, optimizer, sampling, loss, rewards, weights, cfg.grpo_iterations, cut)
+    step = GrpoStep(
+        base.model, base.tokenizer, optimizer, sampling, loss, rewards, weights, cfg.grpo_iterations, cut, world
+    )
     return step, []
 
 
@@ -509,7 +509,8 @@ def fit(run: Run) -> TrainResult:
 def fit_grpo(run: Run) -> TrainResult:
     """fit() for --objective grpo: each step samples, scores and updates (training/grpo_step.py) on
     --grad-accumulation-steps batches of prompts, in data/batches.batch_plan's order from where
-    the run starts, so a resumed run reads what an uninterrupted one would."""
+    the run starts, so a resumed run reads what an uninterrupted one would; in a group each rank
+    its share of each batch's prompts."""
     cfg, prompts = run.cfg, run.data["train"]
     result = TrainResult(run.out, run.iters)
     run.validate(result, run.progress.step)
@@ -519,7 +520,8 @@ def fit_grpo(run: Run) -> TrainResult:
     it = run.progress.step  # the last step done, also when the loop has none left to do
     with deferred_stop() as stop:
         for it in range(run.progress.step + 1, run.iters + 1):
-            stats = run.step.step([[prompts[i] for i in next(plan)] for _ in range(cfg.grad_accumulation_steps)])
+            batches = [[prompts[i] for i in run.world.shard(next(plan))] for _ in range(cfg.grad_accumulation_steps)]
+            stats = run.step.step(batches)
             loss, finite = stats.pop("loss"), stats.pop("finite")
             if not (math.isfinite(loss) and finite):
                 raise UserError(numerical_fault(it, loss, run.out, run.last_saved))

@@ -4,26 +4,29 @@ groups with equal rewards are skipped and counted, and `train --objective grpo` 
 
 import itertools
 import json
+from dataclasses import replace
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
+from conftest import Recording, assert_tensors_close, checksum_reward, fp32_tol
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
 from mlx_lora.cli import app
-from mlx_lora.config import LoRAConfig
+from mlx_lora.config import LoRAConfig, TrainConfig
 from mlx_lora.data.rows import file_rows
 from mlx_lora.formats.native import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from mlx_lora.model.base import load_base
 from mlx_lora.model.cpu_kernels import cross_entropy
 from mlx_lora.model.lora import adapter_off, apply_lora, lora_layers
-from mlx_lora.reporting.metrics import GRPO_KEYS, METRICS
+from mlx_lora.reporting.metrics import GRPO_KEYS, METRICS, read_metrics
 from mlx_lora.training import rollouts
 from mlx_lora.training.grpo import PolicyLoss, policy_loss
 from mlx_lora.training.grpo_step import VALID_ROLLOUTS, GrpoStep, Sampling, grpo_cut, read_prompts
+from mlx_lora.training.loop import train
 from mlx_lora.training.rewards import Reward
 
 G = 2
@@ -200,7 +203,7 @@ def test_the_cut_one_update_equals_the_full_forward_with_old_log_probs(prompts, 
     assert u.old is None and u.states.shape[:2] == (4, u.seqs.tokens.shape[1] - 1)
 
     expected, expected_grads = full_forward_loss(base.model, u, p)(base.model)
-    (loss, count, _, clip), grads = step.loss_and_grad(base.model, u)
+    (loss, count, _, clip, *_), grads = step.loss_and_grad(base.model, u)
     assert clip.item() == 0.0
     np.testing.assert_allclose((loss / count).item(), expected.item(), rtol=1e-3)
     got, want = tree_flatten(grads), tree_flatten(expected_grads)
@@ -220,3 +223,53 @@ def test_more_iterations_keep_the_sampling_policys_log_probs(prompts):
     completions = [prompts[0].tokens[:4], prompts[0].tokens[-3:], prompts[1].tokens[:5], prompts[1].tokens[-6:]]
     u = step.prepare(prompts, completions, np.array([1, -1, 1, -1], np.float32), np.array([True, True]))
     np.testing.assert_array_equal(np.array(u.old), np.array(rollouts.completion_logps(step.model, u.seqs)))
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "gspo"])
+def test_accumulated_batches_update_as_the_one_batch_they_make(prompts, loss_type):
+    """--grad-accumulation-steps: a batch of one group and a batch of two give the loss and
+    gradient of the one batch of all three, for every normaliser (dapo's token count, dr_grpo's
+    completions x --max-completion-tokens, grpo's and gspo's sequence means); batches of unequal
+    sizes, so a mean of the batches' means would differ. The union pads every row to the longest
+    (prompt + completion: 92 tokens): the same terms plus zeros, summed in other shapes, so the
+    longest sums (the gradients' over 6 rows x 91 positions) round apart by 546 x 2^-23."""
+    step = grpo_step(Recording(), beta=0.04, adapter_scale=0.05)
+    step.loss = PolicyLoss(loss_type, beta=0.04, max_completion_tokens=SAMPLING.max_tokens)
+    p0, p1 = prompts
+    completions = [p0.tokens[:4], p0.tokens[-3:], p1.tokens[:5], p1.tokens[-6:], p0.tokens[5:7], p0.tokens[9:15]]
+    advantages = np.array([0.7, -0.7, -0.5, 0.5, 0.7, -0.7], np.float32)
+    ones = np.ones(1, bool), np.ones(2, bool)
+    parts = [
+        step.prepare([p0], completions[:2], advantages[:2], ones[0]),
+        step.prepare([p1, p0], completions[2:], advantages[2:], ones[1]),
+    ]
+    whole = step.prepare([p0, p1, p0], completions, advantages, np.ones(3, bool))
+
+    accumulated = step.update(parts)
+    got = dict(tree_flatten(step.optimizer.gradients))
+    one = step.update([whole])
+    want = dict(tree_flatten(step.optimizer.gradients))
+    tol = fp32_tol(6 * 91)
+    assert accumulated[0] == pytest.approx(one[0], rel=tol, abs=tol)
+    assert max(np.abs(np.array(g)).max() for g in want.values()) > 0
+    assert_tensors_close(got, want, tol)
+
+
+@pytest.mark.slow
+def test_grpo_trains_an_adapter_on_a_gguf_base(smollm2_gguf, tmp_path):
+    """The real SmolLM2 Q4_1 file: rollouts, rewards and an update through its quantized blocks;
+    one step moves every B from 0 (a completion's checksum as reward, so the groups differ)."""
+    out = tmp_path / "out"
+    options = dict(iters=1, batch_size=2, group_size=2, max_completion_tokens=4, val_batches=1, learning_rate=1e-3)
+    cfg = TrainConfig(
+        model=str(smollm2_gguf),
+        data="data",
+        adapter_path=str(out),
+        objective="grpo",
+        rewards=checksum_reward(tmp_path),
+    )
+    result = train(replace(cfg, **options), log=lambda _: None)
+    (step,) = [r for r in read_metrics(out) if r["loss"] is not None]
+    assert np.isfinite(result.losses).all() and step["skipped_groups"] < 1
+    weights = mx.load(str(out / ADAPTER_WEIGHTS))
+    assert all(np.abs(np.array(w)).max() > 0 for k, w in weights.items() if k.endswith("lora_b"))
