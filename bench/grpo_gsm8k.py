@@ -75,6 +75,7 @@ def main() -> None:
     )
     parser.add_argument("--grpo-learning-rate", default="1e-4")
     parser.add_argument("--grpo-val-batches", default="2", help="valid batches sampled before and after GRPO")
+    parser.add_argument("--grpo-seed", default="0", help="GRPO's sampling seed")
     parser.add_argument("--temperature", default="1.0", help="GRPO sampling temperature")
     parser.add_argument("--loss-type", default="dapo")
     parser.add_argument("--beta", default="0")
@@ -97,7 +98,7 @@ def main() -> None:
     grpo_flags += ["--group-size", str(args.group_size), "--batch-size", str(args.batch_size)]
     grpo_flags += ["--max-completion-tokens", str(args.max_completion_tokens)]
     grpo_flags += ["--learning-rate", args.grpo_learning_rate, "--iters", str(args.grpo_iters)]
-    grpo_flags += ["--val-batches", args.grpo_val_batches]
+    grpo_flags += ["--val-batches", args.grpo_val_batches, "--seed", args.grpo_seed]
     seconds["grpo"] = mlx_lora("train", *common, "--adapter-path", str(grpo), *grpo_flags)
     before, seconds["eval base + sft"] = sft_scores(model, sft, args, work)
     after, seconds["eval grpo"] = exact_match(model, grpo, args, work / "eval_grpo.json")
