@@ -16,7 +16,8 @@ which a random vocabulary lacks); a loss mask changes no step's work.
 
 Reported per system: seconds of its training call (model load, data, steps; a process of its own),
 tokens/s = epochs x the rows' tokens (as the model's processor makes them, image tokens included;
-the same count for both) / those seconds, MLX peak memory, max RSS; then ours / mlx-vlm's.
+the same count for both) / those seconds, MLX peak memory, max RSS; then ours / mlx-vlm's. Both run
+on the OpenBLAS mlx-lora finds (mlx-vlm through LD_PRELOAD), as bench/train_speed.py gives mlx_lm.
 """
 
 import argparse
@@ -51,6 +52,7 @@ def _finish(start: float, out: dict) -> None:
         seconds=time.perf_counter() - start,
         peak_mlx=mx.get_peak_memory(),
         max_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        blas=train_speed._blas_in_maps(),
     )
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -146,9 +148,13 @@ def compare(a: argparse.Namespace, work: Path) -> None:
     iters = a.epochs * a.rows // a.batch_size
     tokens = a.epochs * row_tokens(a.model, ours)
     job = dict(model=a.model, ours=str(ours), theirs=str(theirs), iters=iters, batch_size=a.batch_size)
+    import mlx_lora.blas as blas
+
+    openblas = blas._find_openblas()  # both on it: mlx-lora loads it, mlx-vlm gets it through LD_PRELOAD
+    env = dict(os.environ, EXPECT_OPENBLAS="1") if openblas else dict(os.environ)
+    envs = {"ours": env, "mlx-vlm": dict(env, LD_PRELOAD=openblas or "")}
     results = {
-        who: train_speed.spawn(who, dict(job, out=str(work / who)), env=dict(os.environ), script=__file__)
-        for who in WHO
+        who: train_speed.spawn(who, dict(job, out=str(work / who)), env=envs[who], script=__file__) for who in WHO
     }
     print(f"{a.model}: {a.rows} rows x {a.epochs} epochs, batch {a.batch_size}, {iters} steps, {tokens} tokens")
     for who, r in results.items():
