@@ -26,11 +26,13 @@ def test_default_run_learns_the_format(tmp_path, monkeypatch):
     assert last <= 0.7 * first
     assert json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())["base_model"] == "mlx-lora-default"
 
-    # the learned format: working that starts with a sum, then an answer after ####, as in data/.
-    # Which digits this tiny model writes, and whether it stops right after the answer or goes on,
-    # changes with the BLAS's summation order (CPU, library, thread count), so only the shape is checked.
+    # the learned format: working (numbers joined by + - *, then = and a result), then an answer
+    # after ####, as in data/. Which digits and operators this tiny model writes (data/ has one per
+    # sum; under MLX's bundled BLAS it once wrote "1 * 1 - 1 = 12. #### 12"), and whether it stops
+    # right after the answer, change with the summation order (CPU, BLAS, thread count, our exp), so
+    # only the shape is checked; the base never writes "####".
     adapted = CliRunner().invoke(app, ["generate", "--adapter-path", "adapters", "--max-tokens", 40])
     base = CliRunner().invoke(app, ["generate", "--max-tokens", 40])
     assert adapted.exit_code == base.exit_code == 0, adapted.output + base.output
-    assert re.match(r" \d+ [-+*] \d+ = \d+.* #### \d+", adapted.stdout), adapted.stdout
+    assert re.match(r" \d+( [-+*] \d+)+ = \d+.* #### \d+", adapted.stdout), adapted.stdout
     assert "####" not in base.stdout, base.stdout
