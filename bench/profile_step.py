@@ -50,7 +50,7 @@ def ours(model: str, data: str) -> tuple:
     streams = split_streams(cut.model)
     parts = {
         f"frozen prefix: blocks 0-{cut.k - 1} forward, one stream": lambda: cut.prefix(tokens),
-        f"the same, rows split over {len(streams)} streams (what training runs)": lambda: prefix(cut, tokens, streams),
+        f"the same, rows split over {len(streams)} streams": lambda: prefix(cut, [tokens[:2], tokens[2:]], streams),
         "trained blocks forward": lambda: cut.hidden(inp, states),
         f"head + loss forward at {positions.shape[0]} target rows": lambda: _chunk_ce(cut, targets, picked),
         "compiled step from the prefix (fwd + bwd + AdamW)": lambda: (run.step(inputs, None, True), run.state)[0],

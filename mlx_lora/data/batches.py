@@ -133,13 +133,26 @@ def iterate_batches(
         yield mine, (tokens, mask if learns else mx.zeros_like(mask), *segments), int(sizes[rows].sum())
 
 
+def planned_rows(
+    examples: Sequence[Example],
+    batch_size: int,
+    seed: int,
+    start: int,
+    count: int,
+    shard: Callable[[list], list] | None,
+) -> Iterator[list[int]]:
+    """The rows iterate_batches (unpacked) gives this process in batches start .. start+count-1, a batch at a time."""
+    return (share(batch, shard)[0] for batch in islice(batch_plan(examples, batch_size, seed), start, start + count))
+
+
 def rows_read(
     examples: Sequence[Example], batch_size: int, seed: int, start: int, count: int, shard: Callable[[list], list]
 ) -> np.ndarray:
-    """The rows iterate_batches (unpacked) gives this process in batches start .. start+count-1,
-    sorted: in a group, all a rank will read of the frozen prefix's states (training/streaming.py)."""
-    plan = islice(batch_plan(examples, batch_size, seed), start, start + count)
-    return np.unique(np.array([i for batch in plan for i in share(batch, shard)[0]], np.int64))
+    """planned_rows, sorted, each once: in a group, all a rank will read of the frozen prefix's states
+    (training/streaming.py)."""
+    return np.unique(
+        np.array([i for rows in planned_rows(examples, batch_size, seed, start, count, shard) for i in rows], np.int64)
+    )
 
 
 def batches_per_epoch(examples: Sequence[Example], batch_size: int, pack_length: int | None = None) -> int:

@@ -7,7 +7,7 @@ the trained blocks, and the output projection (576 x 49k for SmolLM, more than o
 only where a token is learned, in chunks, so no (B, T, V) logits exist for prompts or padding.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
 import mlx.core as mx
@@ -100,8 +100,18 @@ class Feed:
         flat = (mx.array(positions), mx.array(targets), mx.array(weights))
         if not self.cache_prefix:
             return inputs, *flat
-        cache = self.caches.setdefault(id(examples), PrefixCache(self.cut, examples, self.log, self.trial))
-        return inputs, cache.states(rows, inputs.shape[1]), *flat
+        return inputs, self._cache(examples).states(rows, inputs.shape[1]), *flat
+
+    def _cache(self, examples: Sequence[Example]) -> PrefixCache:
+        if id(examples) not in self.caches:
+            self.caches[id(examples)] = PrefixCache(self.cut, examples, self.log, self.trial)
+        return self.caches[id(examples)]
+
+    def read_ahead(self, examples: Sequence[Example], batches: Iterator[list[int]]) -> None:
+        """The rows of the batches the run reads from `examples`, from the next on: a batch whose
+        frozen states are missing computes the next batches' with them (PrefixCache.ahead)."""
+        if self.cache_prefix:
+            self._cache(examples).ahead = batches
 
     def loss(self, model: nn.Module, *inputs) -> tuple[mx.array, mx.array]:
         if self.cut is None:

@@ -24,7 +24,7 @@ from mlx_lm.utils import get_total_parameters
 from mlx_lora import blas
 from mlx_lora.atomic import check_writable, claim_dir, mark_dir, remove_stale
 from mlx_lora.config import LoRAConfig, TrainConfig, data_part, lora_part, method_options, split_list
-from mlx_lora.data.batches import batch_plan, batches_per_epoch, iterate_batches
+from mlx_lora.data.batches import batch_plan, batches_per_epoch, iterate_batches, planned_rows
 from mlx_lora.data.cache import cache_location
 from mlx_lora.data.dataset import Encoding, load_splits
 from mlx_lora.data.examples import Example
@@ -481,6 +481,12 @@ def fit(run: Run) -> TrainResult:
         shard=run.world.shard,
         collate_rows=run.feed.collate,
     )
+    if not cfg.pack:
+        reads = (run.iters - run.progress.step) * cfg.grad_accumulation_steps
+        plan = planned_rows(
+            run.data["train"], cfg.batch_size, cfg.seed, run.progress.batches_seen, reads, run.world.shard
+        )
+        run.feed.read_ahead(run.data["train"], plan)
     it = run.progress.step  # the last step done, also when the loop has none left to do
     with deferred_stop() as stop:
         for it in range(run.progress.step + 1, run.iters + 1):
@@ -517,6 +523,12 @@ def fit_grpo(run: Run) -> TrainResult:
     mx.reset_peak_memory()
     start, window = time.perf_counter(), []
     plan = islice(batch_plan(prompts, cfg.batch_size, cfg.seed), run.progress.batches_seen, None)
+    if not cfg.pack:
+        reads = (run.iters - run.progress.step) * cfg.grad_accumulation_steps
+        plan = planned_rows(
+            run.data["train"], cfg.batch_size, cfg.seed, run.progress.batches_seen, reads, run.world.shard
+        )
+        run.feed.read_ahead(run.data["train"], plan)
     it = run.progress.step  # the last step done, also when the loop has none left to do
     with deferred_stop() as stop:
         for it in range(run.progress.step + 1, run.iters + 1):

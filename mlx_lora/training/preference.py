@@ -86,6 +86,9 @@ class PreferenceFeed(Feed):
         refs = mx.array(ref[rows]) if ref is not None else mx.zeros((len(rows), 2))
         return *super().inputs(sides, rows + [len(pairs) + r for r in rows], batch), refs
 
+    def read_ahead(self, pairs: list[Pair], batches) -> None:
+        """Nothing to read ahead: the reference pass computed every side's frozen states before the first step."""
+
     def logps(self, model: nn.Module, *inputs: mx.array) -> tuple[mx.array, mx.array]:
         """Summed completion log-probs of the 2B rows and their token counts, (2B,) each."""
         if self.cut is None:

@@ -121,10 +121,56 @@ def test_rows_split_over_streams_give_the_states_of_one_call(llama, tiny_data):
     calls = []
     real = cut.prefix
     cut.prefix = lambda x: calls.append(x.shape[0]) or real(x)
-    split = prefix_cache.prefix(cut, tokens, streams)
+    split = prefix_cache.prefix(cut, [tokens[:2], tokens[2:]], streams)
     assert calls == [2, 3]
     # 2 and 3 rows against 5: other shapes, so sums in another order (as in the test above)
-    assert_tensors_close({"states": split}, {"states": whole}, fp32_tol(128))
+    assert_tensors_close({"states": mx.concatenate(split)}, {"states": whole}, fp32_tol(128))
+
+
+def test_a_fill_computes_the_next_batches_rows_in_parts_of_similar_length(llama, tiny_data, monkeypatch):
+    """A miss computes the rows of the batches read next until FILL_ROWS, those already kept left out, sorted by
+    length into a part per stream; each row's states are its own (row i alone, within fp32 rounding)."""
+    monkeypatch.setattr(prefix_cache, "FILL_ROWS", 8)
+    base = _adapted(llama, "llama")
+    examples = load_dataset(tiny_data, base.tokenizer, 256, train_on_prompt=False)["train"]
+    cut = find_cut(base.model, 2, collate(examples, [0])[0])
+    calls = []
+    real = cut.prefix
+    cut.prefix = lambda x: calls.append(x.shape) or real(x)
+    cache = prefix_cache.PrefixCache(cut, examples, log=lambda s: None)
+    cache.trial = prefix_cache.SplitTrial([mx.default_stream(mx.cpu), mx.new_stream(mx.cpu)], lambda s: None)
+    cache.states([5], 40)  # row 5 alone, before the plan is known
+    cache.ahead = iter([[0, 1, 2, 3], [4, 5, 6], [7, 8, 9, 10], [11, 12]])
+    sizes = cache.sizes - 1
+    first = cache.states([0, 1, 2, 3], int(sizes.max()))
+    # whole batches until 8 rows: 0-4 and 6-10 (row 5 was kept already), 5 rows a stream
+    assert [shape[0] for shape in calls] == [1, 5, 5]
+    assert next(cache.ahead) == [11, 12]  # the plan read just as far as it needed
+    assert cache.done[:11].all() and not cache.done[11:].any()
+    shortest_first = sorted([0, 1, 2, 3, 4, 6, 7, 8, 9, 10], key=lambda i: sizes[i])
+    assert [calls[1][1], calls[2][1]] == [max(sizes[shortest_first[:5]]), max(sizes[shortest_first[5:]])]
+    for row, i in enumerate([0, 1, 2, 3]):
+        n = int(sizes[i])
+        alone = real(collate(examples, [i])[0][:, :-1])[0, :n]
+        # other shapes than the row alone, so sums in another order (as in the tests above)
+        assert_tensors_close({f"row {i}": first[row, :n]}, {f"row {i}": alone}, fp32_tol(128))
+
+
+def test_training_reads_ahead_the_rows_its_next_batches_read(llama, tiny_data, tmp_path, monkeypatch):
+    """The run's first step computes the frozen states of its first FILL_ROWS rows in one fill (the
+    whole epoch of 16 rows here), and no later step computes any."""
+    fills = []
+    real = prefix_cache.PrefixCache._fill
+
+    def fill(self, rows):
+        before = int(self.done.sum())
+        real(self, rows)
+        fills.append((len(self.examples), int(self.done.sum()) - before))
+
+    monkeypatch.setattr(prefix_cache.PrefixCache, "_fill", fill)
+    cfg = TrainConfig(model=str(llama), data=str(tiny_data), iters=6, num_layers=2, val_every=0, save_every=0)
+    train(replace(cfg, adapter_path=str(tmp_path / "a")), log=lambda s: None)
+    assert [n for size, n in fills if size == 16] == [16]
 
 
 def test_bf16_states_round_trip_exactly(llama, tiny_data):
