@@ -20,7 +20,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_lora import blas
-from mlx_lora.data.batches import collate, lengths
+from mlx_lora.data.batches import PAD_MULTIPLE, collate, lengths
 from mlx_lora.data.examples import Example
 from mlx_lora.training.cut import Cut
 
@@ -65,11 +65,29 @@ def prefix(cut: Cut, parts: list[mx.array], streams: list) -> list[mx.array]:
 
 
 def parts_of(sizes: np.ndarray, rows: list[int], streams: int) -> list[list[int]]:
-    """`rows` sorted by length and cut into `streams` runs of consecutive lengths (one when none), so
-    each part pads to its own longest row and every stream gets an equal share of the rows."""
+    """`rows` sorted by length and cut into at most `streams` runs of consecutive lengths (one when
+    none), each padded to its own longest row: the cut that makes the costliest part (rows x its
+    longest, padded as collate pads) the least, as the streams run side by side and the call ends
+    with the last of them."""
     ordered = sorted(rows, key=lambda i: sizes[i])
-    bounds = np.linspace(0, len(ordered), max(streams, 1) + 1).astype(int)
-    return [ordered[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    if streams < 2:
+        return [ordered]
+    width = [int(w) for w in -(-sizes[ordered] // PAD_MULTIPLE) * PAD_MULTIPLE]  # as collate pads
+    costs = sorted({(b - a) * width[b - 1] for a in range(len(ordered)) for b in range(a + 1, len(ordered) + 1)})
+    # the largest cost takes every row in one part, so some bound always fits
+    return next(parts for bound in costs if (parts := _within(ordered, width, bound, streams)))
+
+
+def _within(ordered: list[int], width: list[int], bound: int, streams: int) -> list[list[int]] | None:
+    """`ordered` cut greedily into parts of at most `bound` padded tokens, or None if it takes more than `streams`."""
+    parts, start = [], 0
+    while start < len(ordered):
+        end = start + 1
+        while end < len(ordered) and (end + 1 - start) * width[end] <= bound:
+            end += 1
+        parts.append(ordered[start:end])
+        start = end
+    return parts if len(parts) <= streams else None
 
 
 class SplitTrial:

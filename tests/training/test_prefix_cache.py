@@ -143,12 +143,18 @@ def test_a_fill_computes_the_next_batches_rows_in_parts_of_similar_length(llama,
     cache.ahead = iter([[0, 1, 2, 3], [4, 5, 6], [7, 8, 9, 10], [11, 12]])
     sizes = cache.sizes - 1
     first = cache.states([0, 1, 2, 3], int(sizes.max()))
-    # whole batches until 8 rows: 0-4 and 6-10 (row 5 was kept already), 5 rows a stream
-    assert [shape[0] for shape in calls] == [1, 5, 5]
+    # whole batches until 8 rows: 0-4 and 6-10 (row 5 was kept already)
+    assert len(calls) == 3 and calls[1][0] + calls[2][0] == 10
     assert next(cache.ahead) == [11, 12]  # the plan read just as far as it needed
     assert cache.done[:11].all() and not cache.done[11:].any()
-    shortest_first = sorted([0, 1, 2, 3, 4, 6, 7, 8, 9, 10], key=lambda i: sizes[i])
-    assert [calls[1][1], calls[2][1]] == [max(sizes[shortest_first[:5]]), max(sizes[shortest_first[5:]])]
+    # the shortest rows on one stream, the longest on the other, cut where the costlier part (rows x
+    # its longest, padded as collate pads) is the least
+    padded = np.array([collate(examples, [i])[0].shape[1] for i in range(len(examples))])
+    shortest_first = sorted([0, 1, 2, 3, 4, 6, 7, 8, 9, 10], key=lambda i: padded[i])
+    costs = {k: max(k * padded[shortest_first[k - 1]], (10 - k) * padded[shortest_first[-1]]) for k in range(1, 10)}
+    k = calls[1][0]
+    assert costs[k] == min(costs.values())
+    assert [calls[1][1], calls[2][1]] == [padded[shortest_first[k - 1]] - 1, padded[shortest_first[-1]] - 1]
     for row, i in enumerate([0, 1, 2, 3]):
         n = int(sizes[i])
         alone = real(collate(examples, [i])[0][:, :-1])[0, :n]
