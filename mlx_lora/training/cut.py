@@ -100,19 +100,20 @@ class Cut:
     head_key: str
     tied: bool
 
-    def _entering(self, j: int, inputs: mx.array, swaps: dict) -> mx.array:
+    def _entering(self, j: int, inputs: mx.array, swaps: dict, cache: list | None = None) -> mx.array:
         """The hidden state entering block j, (B, T, D), with `swaps` in place for the call."""
         stop = {self.offset + j: _Standin(self.blocks[self.offset + j], _stop)}
         try:
             with _swapped(self.blocks, swaps | stop):
-                self.model(inputs)
+                self.model(inputs) if cache is None else self.model(inputs, cache=cache)
         except _Stop as stop:
             return stop.h
         raise ValueError(f"block {j} was never called")
 
-    def prefix(self, inputs: mx.array, k: int | None = None) -> mx.array:
-        """The hidden state entering block k (default: the first trained one), (B, T, D)."""
-        return self._entering(self.k if k is None else k, inputs, {})
+    def prefix(self, inputs: mx.array, k: int | None = None, cache: list | None = None) -> mx.array:
+        """The hidden state entering block k (default: the first trained one), (B, T, D); with
+        `cache` (mlx-lm's, a KV cache per block) `inputs` continue the positions it holds."""
+        return self._entering(self.k if k is None else k, inputs, {}, cache)
 
     def block(self, i: int, inputs: mx.array, h: mx.array) -> mx.array:
         """Block i (i < k) alone on `h` (B, T, D) entering it, with the masks and positions the model

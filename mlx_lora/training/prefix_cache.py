@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models.cache import KVCache, create_attention_mask, make_prompt_cache
 
 from mlx_lora import blas
 from mlx_lora.data.batches import PAD_MULTIPLE, collate, lengths
@@ -28,6 +29,9 @@ RAM_LIMIT = 2 * 2**30  # bytes kept in memory; beyond this the cache is a file i
 # Rows one fill computes, the missing rows of the batches read next (PrefixCache.ahead): the real
 # SmolLM2's prefix over 2 streams took 78, 60, 56 and 56 ms a row at 4, 8, 16 and 32 rows a call.
 FILL_ROWS = 16
+# First tokens every row of a fill must share for the frozen blocks to compute them once for all:
+# chat templates write the same system prompt and headers into every row (SmolLM2's: 26 tokens).
+MIN_SHARED = 8
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 BITS = {2: (mx.uint16, np.uint16), 4: (mx.uint32, np.uint32)}  # bf16 has no NumPy type: keep the raw bits
 
@@ -47,21 +51,55 @@ def split_streams(model: nn.Module) -> list:
     return [] if any(isinstance(m, QUANTIZED) for _, m in model.named_modules()) else _cpu_streams()
 
 
-def prefix(cut: Cut, parts: list[mx.array], streams: list) -> list[mx.array]:
-    """The frozen blocks' output for each of `parts` (B_i, L_i) token batches, [(B_i, L_i, D)]. On the
-    CPU, MLX runs elementwise work on one core per stream while OpenBLAS spreads each matmul over
+def prefix(cut: Cut, parts: list[mx.array], streams: list, head: list | None = None) -> list[mx.array]:
+    """The frozen blocks' output for each of `parts` (B_i, L_i) token batches, [(B_i, L_i, D)]; with
+    `head` (mlx-lm's KV caches of one row's first positions) every row continues that row. On
+    the CPU, MLX runs elementwise work on one core per stream while OpenBLAS spreads each matmul over
     every core; with a part on each stream and each matmul on one thread, every core is busy all the
     time (the real SmolLM2's prefix for 4 rows on 2 cores: 430 against 381 ms). Rows are independent
     under causal attention and right padding, so they may be grouped in any way."""
     if not streams:
-        return [cut.prefix(tokens) for tokens in parts]
+        return [cut.prefix(tokens, cache=None if head is None else _rows_of(head)) for tokens in parts]
     out = []
     with blas.one_thread():
         for i, tokens in enumerate(parts):
             with mx.stream(streams[i % len(streams)]):
-                out.append(cut.prefix(tokens))
+                out.append(cut.prefix(tokens, cache=None if head is None else _rows_of(head)))
         mx.eval(out)
     return out
+
+
+class _Continued:
+    """A block's KV cache for a batch whose rows all continue one row's first positions: mlx-lm's
+    attention calls, with that row's keys and values put before each call's. (mlx-lm's KVCache writes
+    into a buffer it grows, which ran two streams' rows one after the other here: 1281 against 638 ms.)"""
+
+    def __init__(self, keys: mx.array, values: mx.array, offset: int):
+        self.keys, self.values, self.offset = keys, values, offset  # (1, H, S, Dh) each
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.offset += keys.shape[2]
+        rows = keys.shape[0]
+        before = [mx.broadcast_to(a, (rows, *a.shape[1:])) for a in (self.keys, self.values)]
+        return mx.concatenate([before[0], keys], axis=2), mx.concatenate([before[1], values], axis=2)
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
+        return create_attention_mask(n, self.offset, return_array, window_size)
+
+
+def _rows_of(head: list) -> list:
+    """One row's KV caches (mlx-lm's, for the blocks that filled theirs) as caches its continuations read."""
+    return [_Continued(*c.keys_and_values(), c.offset) if c.keys is not None else None for c in head]
+
+
+def shared_length(rows: list[np.ndarray]) -> int:
+    """How many first tokens all `rows` begin with, leaving each at least one input of its own (a
+    row's inputs are its tokens but the last)."""
+    n = min(len(t) for t in rows) - 2
+    for t in rows[1:]:
+        differ = np.flatnonzero(t[:n] != rows[0][:n])
+        n = int(differ[0]) if differ.size else n
+    return max(n, 0)
 
 
 def parts_of(sizes: np.ndarray, rows: list[int], streams: int) -> list[list[int]]:
@@ -93,16 +131,16 @@ def _within(ordered: list[int], width: list[int], bound: int, streams: int) -> l
 class SplitTrial:
     """Whether splitting a batch's rows over the streams (`prefix`) is faster on this machine than
     one stream: measured on the run's own first batches, not assumed (a split that wins on one CPU
-    can lose on another). The first batch that can split warms up, the next TRIALS alternate one
+    can lose on another). The first fill that can split warms up, the next TRIALS alternate one
     stream and the split, and the split is kept only if it took MARGIN less time per token."""
 
-    TRIALS = 4
+    TRIALS = 2  # a fill each way: FILL_ROWS rows each, as many as four batches of 4 were before fills
     MARGIN = 0.95
 
     def __init__(self, streams: list, log: Callable = print):
         self.streams, self.log = streams, log
         self.seconds = {False: 0.0, True: 0.0}  # per token, summed over the trials, by split
-        self.tried = -1  # batches run so far that could split; the first is a warm-up
+        self.tried = -1  # fills run so far that could split; the first is a warm-up
         self.split = True  # until measured (the warm-up splits)
 
     def streams_for(self, rows: int) -> list:
@@ -119,11 +157,11 @@ class SplitTrial:
             self.seconds[bool(streams)] += seconds / tokens
         self.tried += 1
         if self.tried == self.TRIALS:
-            one, split = self.seconds[False], self.seconds[True]
+            one, split, runs = self.seconds[False], self.seconds[True], self.TRIALS // 2
             self.split = split < self.MARGIN * one
             self.log(
                 f"speed: frozen prefix {'split over' if self.split else 'on one of'} {len(self.streams)} streams "
-                f"({1e6 * split / 2:.0f} against {1e6 * one / 2:.0f} µs a token on one, measured on this run's batches)"
+                f"({1e6 * split / runs:.0f} against {1e6 * one / runs:.0f} µs a token on one, measured on this run's rows)"
             )
 
 
@@ -131,6 +169,7 @@ class PrefixCache:
     def __init__(self, cut: Cut, examples: Sequence[Example], log: Callable = print, trial: SplitTrial | None = None):
         self.cut, self.examples, self.log = cut, examples, log
         self.ahead: Iterator[list[int]] | None = None  # the rows of the batches the run reads, from the next on
+        self.share_heads: bool | None = None  # whether shared first tokens are computed once (None: not tried yet)
         self.sizes = lengths(examples)
         # Row i keeps the states of its first len-1 positions: the inputs that predict a token.
         sizes = self.sizes - 1
@@ -163,22 +202,60 @@ class PrefixCache:
             rows.update(dict.fromkeys(i for i in batch if not self.done[i]))
         return list(rows)
 
+    def _head(self, indices: list[int]) -> tuple[int, mx.array, list] | None:
+        """(S, the frozen states of the S first tokens all `indices` share (S, D), their KV caches), computed
+        once for the rows, or None: fewer than MIN_SHARED shared, or continuing a KV cache was found on the
+        first try not to give this model's states (then never tried again)."""
+        rows = [self.examples[i].tokens for i in indices]
+        shared = shared_length(rows)
+        if self.share_heads is False or len(rows) < 2 or shared < MIN_SHARED:
+            return None
+        caches = make_prompt_cache(self.cut.model)
+        if any(type(c) is not KVCache for c in caches[: self.cut.offset + self.cut.k]):
+            self.share_heads = False  # a sliding window or another kind of cache: not tried
+            return None
+        h = self.cut.prefix(mx.array(rows[0][:shared])[None], cache=caches)[0]  # (S, D)
+        mx.eval(h, [c.state[:2] for c in caches if c.keys is not None])
+        if self.share_heads is None:
+            self.share_heads = self._check_head(rows[0], h, caches)
+        return (shared, h, caches) if self.share_heads else None
+
+    def _check_head(self, row: np.ndarray, h: mx.array, caches: list) -> bool:
+        """Whether the states of `row` computed after its head (h, caches) are its states computed whole."""
+        whole = self.cut.prefix(mx.array(row[:-1])[None])[0]
+        try:
+            rest = self.cut.prefix(mx.array(row[len(h) : -1])[None], cache=_rows_of(caches))[0]
+            ok = mx.allclose(mx.concatenate([h, rest]), whole, rtol=1e-4, atol=1e-4).item()
+        except (TypeError, ValueError) as e:  # a model whose forward takes no cache
+            ok = False
+            self.log(f"speed: cannot continue {type(self.cut.model).__name__}'s KV cache ({e})")
+        self.log(
+            f"speed: the rows' first {len(h)} tokens are the same; the frozen blocks compute them once a fill"
+            if ok
+            else "speed: computing the rows' shared first tokens apart changes the states; each row is computed whole"
+        )
+        return ok
+
     def _fill(self, missing: list[int]) -> None:
         indices = self._wanted(missing)
         streams, start = self.trial.streams_for(len(indices)), time.perf_counter()
         parts = parts_of(self.sizes, indices, len(streams))
-        states = prefix(
-            self.cut, [collate(self.examples, part)[0][:, :-1] for part in parts], streams
-        )  # (B, L-1, D) each
+        head = self._head(indices)
+        skip = head[0] if head else 0
+        tokens = [collate(self.examples, part)[0][:, skip:-1] for part in parts]  # (B, L-1-skip) each
+        states = prefix(self.cut, tokens, streams, head[2] if head else None)  # (B, L-1-skip, D) each
         mx.eval(states)
         self.trial.record(len(indices), streams, time.perf_counter() - start, int(self.sizes[indices].sum()))
         if self.store is None:
             self._allocate(states[0])
+        shared = np.array(head[1].view(BITS[head[1].dtype.size][0])) if head else None
         for part, h in zip(parts, states):
             bits = np.array(h.view(BITS[h.dtype.size][0]))
             for row, i in enumerate(part):
                 a, b = self.offsets[i], self.offsets[i + 1]
-                self.store[a:b] = bits[row, : b - a]
+                if head:
+                    self.store[a : a + skip] = shared
+                self.store[a + skip : b] = bits[row, : b - a - skip]
                 self.done[i] = True
 
     def states(self, indices: list[int], width: int) -> mx.array:

@@ -86,12 +86,13 @@ def test_target_loss_and_cache_give_the_full_loss_and_its_gradients(llama, tiny_
 
 
 def test_cache_computes_each_row_once_and_file_equals_ram(llama, tiny_data, monkeypatch):
+    monkeypatch.setattr(prefix_cache, "MIN_SHARED", 10**6)  # every row whole: shared heads are tested below
     base = _adapted(llama, "llama")
     examples = load_dataset(tiny_data, base.tokenizer, 256, train_on_prompt=False)["train"]
     cut = find_cut(base.model, 2, collate(examples, [0])[0])
     calls = []
     real = cut.prefix
-    cut.prefix = lambda x: calls.append(x.shape[0]) or real(x)
+    cut.prefix = lambda x, **kw: calls.append(x.shape[0]) or real(x, **kw)
     ram = prefix_cache.PrefixCache(cut, examples)
     width = max(len(examples[i].tokens) for i in (3, 1, 7)) + 2
     first = ram.states([3, 1, 7], width)
@@ -120,7 +121,7 @@ def test_rows_split_over_streams_give_the_states_of_one_call(llama, tiny_data):
     streams = [mx.default_stream(mx.cpu), mx.new_stream(mx.cpu)]
     calls = []
     real = cut.prefix
-    cut.prefix = lambda x: calls.append(x.shape[0]) or real(x)
+    cut.prefix = lambda x, **kw: calls.append(x.shape[0]) or real(x, **kw)
     split = prefix_cache.prefix(cut, [tokens[:2], tokens[2:]], streams)
     assert calls == [2, 3]
     # 2 and 3 rows against 5: other shapes, so sums in another order (as in the test above)
@@ -131,12 +132,13 @@ def test_a_fill_computes_the_next_batches_rows_in_parts_of_similar_length(llama,
     """A miss computes the rows of the batches read next until FILL_ROWS, those already kept left out, sorted by
     length into a part per stream; each row's states are its own (row i alone, within fp32 rounding)."""
     monkeypatch.setattr(prefix_cache, "FILL_ROWS", 8)
+    monkeypatch.setattr(prefix_cache, "MIN_SHARED", 10**6)  # every row whole: shared heads are tested below
     base = _adapted(llama, "llama")
     examples = load_dataset(tiny_data, base.tokenizer, 256, train_on_prompt=False)["train"]
     cut = find_cut(base.model, 2, collate(examples, [0])[0])
     calls = []
     real = cut.prefix
-    cut.prefix = lambda x: calls.append(x.shape) or real(x)
+    cut.prefix = lambda x, **kw: calls.append(x.shape) or real(x, **kw)
     cache = prefix_cache.PrefixCache(cut, examples, log=lambda s: None)
     cache.trial = prefix_cache.SplitTrial([mx.default_stream(mx.cpu), mx.new_stream(mx.cpu)], lambda s: None)
     cache.states([5], 40)  # row 5 alone, before the plan is known
@@ -177,6 +179,65 @@ def test_training_reads_ahead_the_rows_its_next_batches_read(llama, tiny_data, t
     cfg = TrainConfig(model=str(llama), data=str(tiny_data), iters=6, num_layers=2, val_every=0, save_every=0)
     train(replace(cfg, adapter_path=str(tmp_path / "a")), log=lambda s: None)
     assert [n for size, n in fills if size == 16] == [16]
+
+
+def test_shared_length_leaves_each_row_an_input_of_its_own():
+    rows = [np.array([1, 2, 3, 4, 5, 6]), np.array([1, 2, 3, 4, 9]), np.array([1, 2, 3, 4, 5, 6, 7])]
+    assert prefix_cache.shared_length(rows) == 3  # the shortest row's inputs are 1 2 3 4: one stays its own
+    assert prefix_cache.shared_length([np.array([1, 2, 3, 4, 5, 6]), np.array([1, 2, 7, 4, 5, 6])]) == 2
+    assert prefix_cache.shared_length([np.array([5, 2, 3]), np.array([1, 2, 3])]) == 0
+
+
+def _head_fill(llama, tiny_data, said):
+    base = _adapted(llama, "llama")
+    examples = load_dataset(tiny_data, base.tokenizer, 256, train_on_prompt=False)["train"]
+    cut = find_cut(base.model, 2, collate(examples, [0])[0])
+    calls = []
+    real = cut.prefix
+    cut.prefix = lambda x, **kw: calls.append((x.shape, "cache" in kw and kw["cache"] is not None)) or real(x, **kw)
+    cache = prefix_cache.PrefixCache(cut, examples, log=said.append)
+    rows = [0, 5, 9, 14]
+    states = cache.states(rows, int(cache.sizes.max()))
+    return examples, real, cache, rows, states, calls
+
+
+def test_the_first_tokens_all_rows_share_are_computed_once(llama, tiny_data):
+    """Rows that begin alike (the prompt's "Q: What is " here; a chat template's system prompt in real
+    sets) get the frozen states of that head from one row's pass, and the rest of each row continues
+    its KV caches: each row's states are its states computed whole."""
+    said = []
+    examples, real, cache, rows, states, calls = _head_fill(llama, tiny_data, said)
+    shared = prefix_cache.shared_length([examples[i].tokens for i in rows])
+    assert shared >= prefix_cache.MIN_SHARED and cache.share_heads is True
+    assert said == [f"speed: the rows' first {shared} tokens are the same; the frozen blocks compute them once a fill"]
+    # the head once, the first row whole and continued (the check), then the rows' rest
+    assert calls[0] == ((1, shared), True) and calls[1][1] is False and calls[2][1] is True
+    assert all(with_cache for _, with_cache in calls[3:])
+    assert sum(shape[0] for shape, _ in calls[3:]) == len(rows)
+    for row, i in enumerate(rows):
+        n = len(examples[i].tokens) - 1
+        whole = real(collate(examples, [i])[0][:, :-1])[0, :n]
+        # other shapes than the row alone, so sums in another order (as in the tests above)
+        assert_tensors_close({f"row {i}": states[row, :n]}, {f"row {i}": whole}, fp32_tol(128))
+
+
+def test_a_model_whose_cache_does_not_continue_computes_each_row_whole(llama, tiny_data):
+    """The first fill checks the continued states against one row computed whole; where they differ
+    (here a forward that drops its cache, so positions restart at 0) no head is shared again."""
+    base = load_base(str(llama))
+    plain = type(base.model).__call__
+    type(base.model).__call__ = lambda self, inputs, cache=None, **k: plain(self, inputs, **k)
+    try:
+        said = []
+        examples, real, cache, rows, states, calls = _head_fill(llama, tiny_data, said)
+        assert cache.share_heads is False and said[-1].endswith("each row is computed whole")
+        assert not any(with_cache for _, with_cache in calls[3:]) and sum(s[0] for s, _ in calls[3:]) == len(rows)
+        for row, i in enumerate(rows):
+            n = len(examples[i].tokens) - 1
+            whole = real(collate(examples, [i])[0][:, :-1])[0, :n]
+            assert_tensors_close({f"row {i}": states[row, :n]}, {f"row {i}": whole}, fp32_tol(128))
+    finally:
+        type(base.model).__call__ = plain
 
 
 def test_bf16_states_round_trip_exactly(llama, tiny_data):
@@ -223,18 +284,18 @@ def test_training_with_the_prefix_cache_gives_the_same_losses_and_adapter(llama,
 
 @pytest.mark.parametrize("split_faster", [True, False])
 def test_the_prefix_splits_only_where_this_run_measured_it_faster(split_faster):
-    """The first batch that can split warms up, the next four alternate one stream and the split,
-    then the faster per token stays; batches too small to split neither count nor split."""
+    """The first fill that can split warms up, the next two are one stream and the split, then the
+    faster per token stays; fills too small to split neither count nor split."""
     lines = []
     trial = prefix_cache.SplitTrial(["s0", "s1"], lines.append)
     used = []
-    for rows in (4, 1, 4, 4, 1, 4, 4, 4, 4):
+    for rows in (4, 1, 4, 1, 4, 4, 4):
         streams = trial.streams_for(rows)
         used.append(bool(streams))
         per_token = (1.0 if streams else 2.0) if split_faster else (2.0 if streams else 1.0)
         trial.record(rows, streams, per_token * 100 * rows, 100 * rows)
-    # warm-up split, (1 row: one), one, split, (1 row), one, split, then the choice twice
-    assert used == [True, False, False, True, False, False, True, split_faster, split_faster]
+    # warm-up split, (1 row: one), one, (1 row), split, then the choice twice
+    assert used == [True, False, False, False, True, split_faster, split_faster]
     assert len(lines) == 1 and lines[0].startswith(
         f"speed: frozen prefix {'split over' if split_faster else 'on one of'} 2 streams"
     )
