@@ -161,7 +161,7 @@ class SplitTrial:
             self.split = split < self.MARGIN * one
             self.log(
                 f"speed: frozen prefix {'split over' if self.split else 'on one of'} {len(self.streams)} streams "
-                f"({1e6 * split / runs:.0f} against {1e6 * one / runs:.0f} µs a token on one, measured on this run's rows)"
+                f"({1e6 * split / runs:.0f} against {1e6 * one / runs:.0f} µs a token on one, measured on this run)"
             )
 
 
