@@ -523,12 +523,6 @@ def fit_grpo(run: Run) -> TrainResult:
     mx.reset_peak_memory()
     start, window = time.perf_counter(), []
     plan = islice(batch_plan(prompts, cfg.batch_size, cfg.seed), run.progress.batches_seen, None)
-    if not cfg.pack:
-        reads = (run.iters - run.progress.step) * cfg.grad_accumulation_steps
-        plan = planned_rows(
-            run.data["train"], cfg.batch_size, cfg.seed, run.progress.batches_seen, reads, run.world.shard
-        )
-        run.feed.read_ahead(run.data["train"], plan)
     it = run.progress.step  # the last step done, also when the loop has none left to do
     with deferred_stop() as stop:
         for it in range(run.progress.step + 1, run.iters + 1):
