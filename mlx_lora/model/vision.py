@@ -24,32 +24,64 @@ VISION_CONFIG_KEYS = ("vision_config", "img_processor")  # img_processor: Phi-3-
 
 @dataclass(frozen=True)
 class Layout:
-    """Where one architecture's language-model weights live, under three spellings: mlx-vlm's
-    module paths, the Hub checkpoint's tensor names, transformers 5's module paths (PEFT's keys)."""
+    """Where one architecture's weights live, under three spellings: mlx-vlm's module paths, the Hub
+    checkpoint's tensor names, transformers 5's module paths (PEFT's keys). The first three fields
+    name the language model; `tower` names the vision tower's and projector's parts, which `--targets`
+    may reach by a regex (model/lora.py): without it, LoRA there trains but has no PEFT form or fuse."""
 
     ours: str
     checkpoint: str
     transformers: str
     image_token: str  # the placeholder its chat template writes for one image, which its processor expands
+    tower: tuple[tuple[str, str, str], ...] = ()  # (ours, checkpoint, transformers) prefixes outside the text model
+
+    def _renamed(self, path: str, src: int, dst: int) -> str | None:
+        """`path` from spelling `src` (0 ours, 1 checkpoint, 2 transformers) to `dst`, by its longest prefix."""
+        triples = [(self.ours, self.checkpoint, self.transformers), *self.tower]
+        found = sorted((t for t in triples if path.startswith(t[src])), key=lambda t: -len(t[src]))
+        return found[0][dst] + path[len(found[0][src]) :] if found else None
 
     def to_transformers(self, path: str) -> str:
-        if not path.startswith(self.ours):
-            raise UserError(f"{path}: LoRA outside the language model's blocks has no PEFT form here yet")
-        return self.transformers + path[len(self.ours) :]
+        renamed = self._renamed(path, 0, 2)
+        if renamed is None:
+            raise UserError(
+                f"{path}: no transformers name for this module of the vision-language model (model/vision.py: "
+                "LAYOUTS names its language model and tower); LoRA there has no PEFT form here yet"
+            )
+        return renamed
 
     def from_transformers(self, path: str) -> str:
-        return self.ours + path[len(self.transformers) :] if path.startswith(self.transformers) else path
+        return self._renamed(path, 2, 0) or path
 
     def checkpoint_as_transformers(self, name: str) -> str:
-        """A Hub checkpoint's tensor name as transformers 5 names the module (its vision tower's left as is)."""
-        return self.transformers + name[len(self.checkpoint) :] if name.startswith(self.checkpoint) else name
+        """A Hub checkpoint's tensor name as transformers 5 names the module (unnamed parts left as they are)."""
+        return self._renamed(name, 1, 2) or name
+
+    def spellings(self, path: str) -> list[str]:
+        """The Hub checkpoint's and transformers' names of one of our module paths (none for a part LAYOUTS lacks)."""
+        return [n for n in (self._renamed(path, 0, 1), self._renamed(path, 0, 2)) if n is not None]
 
 
-QWEN_VL = Layout("language_model.model.", "model.", "model.language_model.", "<|image_pad|>")
+QWEN_VL = Layout(
+    "language_model.model.",
+    "model.",
+    "model.language_model.",
+    "<|image_pad|>",
+    tower=(("vision_tower.", "visual.", "model.visual."),),
+)
 LAYOUTS = {
     "qwen2_vl": QWEN_VL,
     "qwen2_5_vl": QWEN_VL,
-    "idefics3": Layout("language_model.", "model.text_model.", "model.text_model.", "<image>"),  # SmolVLM
+    "idefics3": Layout(  # SmolVLM
+        "language_model.",
+        "model.text_model.",
+        "model.text_model.",
+        "<image>",
+        tower=(
+            ("vision_model.", "model.vision_model.", "model.vision_model."),
+            ("connector.", "model.connector.", "model.connector."),
+        ),
+    ),
 }
 
 

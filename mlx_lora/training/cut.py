@@ -99,13 +99,17 @@ class Cut:
     head_parent: nn.Module
     head_key: str
     tied: bool
+    run: Callable | None = None  # how the model is called on `inputs` (a language model on merged embeddings)
+
+    def _call(self, inputs) -> mx.array:
+        return self.model(inputs) if self.run is None else self.run(inputs)
 
     def _entering(self, j: int, inputs: mx.array, swaps: dict) -> mx.array:
         """The hidden state entering block j, (B, T, D), with `swaps` in place for the call."""
         stop = {self.offset + j: _Standin(self.blocks[self.offset + j], _stop)}
         try:
             with _swapped(self.blocks, swaps | stop):
-                self.model(inputs)
+                self._call(inputs)
         except _Stop as stop:
             return stop.h
         raise ValueError(f"block {j} was never called")
@@ -132,7 +136,7 @@ class Cut:
             skip = {self.offset + i: _Standin(self.blocks[self.offset + i], _through) for i in range(1, self.k)}
             skip[self.offset] = _Standin(self.blocks[self.offset], lambda *args, **kwargs: h)
         with _swapped(self.blocks, skip), _swapped(self.head_parent, {self.head_key: standin}):
-            return self.model(inputs)
+            return self._call(inputs)
 
     def logits(self, x: mx.array) -> mx.array:
         """The output projection alone: (..., D) -> (..., V)."""
@@ -140,20 +144,21 @@ class Cut:
         return head.as_linear(x) if self.tied else head(x)
 
 
-def cut_at(model: nn.Module, k: int) -> Cut:
-    """The pieces of `model` cut before block k, unchecked; ValueError where they cannot be found."""
+def cut_at(model: nn.Module, k: int, run: Callable | None = None) -> Cut:
+    """The pieces of `model` cut before block k, unchecked; ValueError where they cannot be found.
+    `run(inputs)`: the model's logits where it is not called as `model(tokens)`."""
     blocks, offset = _block_list(model)
     parent, key, tied = _head_site(model)
-    return Cut(model, k, blocks, offset, parent, key, tied)
+    return Cut(model, k, blocks, offset, parent, key, tied, run)
 
 
-def find_cut(model: nn.Module, k: int, probe: mx.array, log: Callable = print) -> Cut | None:
+def find_cut(model: nn.Module, k: int, probe, log: Callable = print, run: Callable | None = None) -> Cut | None:
     """A Cut before block k that reproduces the model's forward on `probe` (B, T), else None."""
     training = model.training
     model.eval()  # dropout would make the two forwards differ
     try:
-        cut = cut_at(model, k)
-        expected = model(probe)
+        cut = cut_at(model, k, run)
+        expected = cut._call(probe)
         got = cut.logits(cut.hidden(probe, cut.prefix(probe) if k else None))
         ok = expected.shape == got.shape and mx.allclose(expected, got, rtol=1e-4, atol=1e-4).item()
     except Exception as e:  # any architecture we cannot cut trains uncut; say why

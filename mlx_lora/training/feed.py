@@ -83,6 +83,7 @@ class Feed:
 
     collate = staticmethod(collate)  # how a batch of rows is laid out (preference.PreferenceFeed has its own)
     stats: tuple[str, ...] = ()  # what loss() reports besides the loss: none for SFT
+    compiled = True  # whether step.py compiles the step that calls loss()
 
     def __init__(self, cut: Cut | None, cache_prefix: bool, log: Callable = print):
         self.cut, self.cache_prefix, self.log = cut, cache_prefix and cut is not None and cut.k > 0, log

@@ -127,6 +127,10 @@ class PrefixCache:
         h = prefix(self.cut, tokens[:, :-1], streams)  # (B, L-1, D)
         mx.eval(h)
         self.trial.record(len(indices), streams, time.perf_counter() - start, tokens[:, :-1].size)
+        self._keep(indices, h)
+
+    def _keep(self, indices: list[int], h: mx.array) -> None:
+        """Keep each row's states of `h` (B, L, D), the rows `indices` collated."""
         if self.store is None:
             self._allocate(h)
         bits = np.array(h.view(BITS[h.dtype.size][0]))

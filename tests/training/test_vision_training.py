@@ -2,6 +2,7 @@
 transformers model with our logits, and generation with an image."""
 
 import json
+import re
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -23,9 +24,10 @@ from mlx_lora.data.batches import collate
 from mlx_lora.data.rows import file_rows
 from mlx_lora.data.vision import encode_vision_rows
 from mlx_lora.formats.loader import load_for_inference
-from mlx_lora.inference.generation import generate
+from mlx_lora.inference.generation import chat_text, generate
 from mlx_lora.model.base import load_base
 from mlx_lora.model.cpu_kernels import use_cpu_kernels
+from mlx_lora.model.lora import lora_layers
 from mlx_lora.model.vision import LAYOUTS
 from mlx_lora.training.loop import train
 from mlx_lora.training.vision import VisionFeed
@@ -328,3 +330,101 @@ def test_eval_compares_a_vision_adapter_with_its_base(qwen2_vl, shapes, adapter,
     assert both["base"] == alone["base"] and both["base"]["answered"] == 2
     assert both["adapter"]["loss"] < both["base"]["loss"]
     assert [p["base"] for p in both["predictions"]] == [p["base"] for p in alone["predictions"]]
+
+
+def tower_regex(model_dir) -> str:
+    """A --targets regex over the Hub's names of every linear of the tower and projector (each
+    Layout's `tower` checkpoint prefixes), and the last block's q_proj of the language model."""
+    spell = LAYOUTS[json.loads((model_dir / "config.json").read_text())["model_type"]]
+    return "|".join(
+        [*(re.escape(checkpoint) + ".*" for _, checkpoint, _ in spell.tower), r".*\.layers\.1\.self_attn\.q_proj"]
+    )
+
+
+@pytest.fixture(scope="module")
+def tower_adapter(vlm, shapes, tmp_path_factory):
+    """Four steps of LoRA on the tower, the projector and one projection of the language model."""
+    out = tmp_path_factory.mktemp("tower") / "adapter"
+    cfg = TrainConfig(
+        model=str(vlm),
+        data=str(shapes),
+        adapter_path=str(out),
+        iters=4,
+        batch_size=4,
+        num_layers=1,
+        targets=tower_regex(vlm),
+        rank=4,
+        alpha=8,
+        learning_rate=5e-2,
+    )
+    result = train(cfg, log=lambda _: None)
+    assert result.val_losses[4] < result.val_losses[0]
+    return out
+
+
+def test_lora_on_the_tower_trains_and_its_peft_export_gives_our_logits(vlm, shapes, tower_adapter, tmp_path):
+    """The tower's and projector's adapters learn (the step ran the tower, so its gradient reached
+    them: they move the logits far past rounding), and PEFT on transformers' class, wrapping exactly
+    those modules under transformers' names, gives our logits on an image."""
+    convert(ConvertConfig(str(tower_adapter), str(tmp_path / "peft"), to="peft"), log=lambda _: None)
+    ours = load_for_inference(str(vlm), str(tower_adapter))
+    spell = LAYOUTS[ours.config["model_type"]]
+    tower = [p for p in lora_layers(ours.model) if not p.startswith(spell.ours)]
+    assert tower and len(tower) < len(lora_layers(ours.model))  # the tower's and the language model's
+    peft_model = PeftModel.from_pretrained(hf_model(vlm), tmp_path / "peft").eval()
+    wrapped = {n for n, m in peft_model.base_model.model.named_modules() if isinstance(m, LoraLayer)}
+    assert wrapped == {spell.to_transformers(p) for p in lora_layers(ours.model)}
+    x = prompt_inputs(ours, shapes / "imgs" / "0016.png")
+    with torch.no_grad():
+        theirs = peft_model(**hf_inputs(ours, x)).logits.numpy()
+    got, bound = our_logits(ours, x), tol(ours) * np.abs(theirs).max()
+    assert np.abs(got - theirs).max() <= bound
+    for path in tower:
+        lora_layers(ours.model)[path].off = True
+    assert np.abs(our_logits(ours, x) - got).max() > 100 * bound
+
+
+def test_generate_with_a_tower_adapter_is_transformers_greedy_reply(vlm, shapes, tower_adapter, tmp_path):
+    """`generate --image` with the native tower adapter: transformers + PEFT's greedy tokens after
+    the prompt mlx-vlm built (as above; mlx-vlm's tokenizer call adds the test tokenizer's BOS)."""
+    from mlx_vlm.utils import prepare_inputs
+
+    convert(ConvertConfig(str(tower_adapter), str(tmp_path / "peft"), to="peft"), log=lambda _: None)
+    image = shapes / "imgs" / "0017.png"
+    cfg = GenerateConfig(model=str(vlm), prompt=QUESTION, image=[str(image)], max_tokens=6)
+    ours = load_for_inference(str(vlm), str(tower_adapter))
+    tokens = list(generate(ours, cfg))[-1].token_ids
+    peft_model = PeftModel.from_pretrained(hf_model(vlm), tmp_path / "peft").eval()
+    text = chat_text(ours, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}])
+    index = getattr(ours.model.config, "image_token_index", None)
+    x = dict(prepare_inputs(ours.processor, images=[str(image)], prompts=[text], image_token_index=index))
+    n = np.asarray(x["input_ids"]).shape[1]
+    forced = x | {"input_ids": np.concatenate([np.asarray(x["input_ids"]), [tokens]], axis=1)}
+    with torch.no_grad():
+        logits = peft_model(**hf_inputs(ours, forced)).logits[0, n - 1 : n - 1 + len(tokens)].numpy()
+    bound = tol(ours) * np.abs(logits).max()
+    picked = logits[np.arange(len(tokens)), tokens]
+    assert len(tokens) >= 1 and (picked >= logits.max(axis=-1) - 2 * bound).all()
+
+
+def test_fuse_merges_the_tower_adapter_too(vlm, shapes, tower_adapter, tmp_path):
+    """The fused directory, under mlx_vlm.load and transformers' class, gives our base + tower adapter's logits."""
+    import mlx_vlm
+
+    out = tmp_path / "fused"
+    args = ["fuse", "--model", str(vlm), "--adapter-path", str(tower_adapter), "--save-path", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    ours = load_for_inference(str(vlm), str(tower_adapter))
+    x = prompt_inputs(ours, shapes / "imgs" / "0016.png")
+    want = our_logits(ours, x)
+    bound = tol(ours) * np.abs(want).max()
+    model, _ = mlx_vlm.load(str(out))
+    assert np.abs(our_logits(SimpleNamespace(model=model), x) - want).max() <= bound
+    with torch.no_grad():
+        theirs = hf_model(out)(**hf_inputs(ours, x)).logits.numpy()
+    assert np.abs(theirs - want).max() <= bound
+    spell = LAYOUTS[ours.config["model_type"]]
+    for path, layer in lora_layers(ours.model).items():  # the fused model without the tower's merge is not it
+        layer.off = not path.startswith(spell.ours)
+    assert np.abs(our_logits(ours, x) - want).max() > 100 * bound
