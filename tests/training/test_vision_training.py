@@ -6,11 +6,13 @@ import re
 from types import SimpleNamespace
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import VLM_TERMS, fp32_tol, write_jsonl, write_shapes
+from conftest import VLM_TERMS, assert_tensors_close, fp32_tol, write_jsonl, write_shapes
+from mlx.utils import tree_flatten
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from PIL import Image
@@ -19,7 +21,7 @@ from typer.testing import CliRunner
 from mlx_lora.cli import app
 from mlx_lora.commands.convert import convert
 from mlx_lora.commands.evaluate import run
-from mlx_lora.config import ConvertConfig, EvalConfig, GenerateConfig, TrainConfig
+from mlx_lora.config import ConvertConfig, EvalConfig, GenerateConfig, LoRAConfig, TrainConfig
 from mlx_lora.data.batches import collate
 from mlx_lora.data.rows import file_rows
 from mlx_lora.data.vision import encode_vision_rows
@@ -27,7 +29,7 @@ from mlx_lora.formats.loader import load_for_inference
 from mlx_lora.inference.generation import chat_text, generate
 from mlx_lora.model.base import load_base
 from mlx_lora.model.cpu_kernels import use_cpu_kernels
-from mlx_lora.model.lora import lora_layers
+from mlx_lora.model.lora import apply_lora, lora_layers
 from mlx_lora.model.vision import LAYOUTS
 from mlx_lora.training.loop import train
 from mlx_lora.training.vision import VisionFeed
@@ -303,16 +305,19 @@ def test_an_adapter_learns_to_name_the_colour_of_held_out_squares(qwen2_vl, tmp_
     )
 
 
-def test_a_resumed_vision_run_equals_an_uninterrupted_one(qwen2_vl, shapes, tmp_path):
-    """Same batches, same images, same steps: the same adapter, bit for bit (one machine, one BLAS)."""
+def test_a_resumed_vision_run_equals_an_uninterrupted_one(vlm, shapes, tmp_path):
+    """Same batches, same images, same steps: the same adapter, bit for bit (one machine, one BLAS);
+    with --num-layers 1 each run reads the frozen prefix from its cache, filled anew after the resume."""
     from mlx_lora.training.checkpoint import checkpoint_dir
 
-    common = dict(model=str(qwen2_vl), data=str(shapes), batch_size=4, num_layers=1, val_batches=1, iters=4)
+    common = dict(model=str(vlm), data=str(shapes), batch_size=4, num_layers=1, val_batches=1, iters=4)
     train(TrainConfig(**common, adapter_path=str(tmp_path / "whole")), log=lambda _: None)
     train(TrainConfig(**common, adapter_path=str(tmp_path / "first"), save_every=2), log=lambda _: None)
     at = str(checkpoint_dir(tmp_path / "first", 2))
     resumed = TrainConfig(**common, resume=at, adapter_path=str(tmp_path / "resumed"))
-    train(resumed, log=lambda _: None)
+    lines = []
+    train(resumed, log=lines.append)
+    assert any(str(line).startswith("speed: the image merge and blocks 0-0 are frozen") for line in lines)
     whole, again = (mx.load(str(tmp_path / d / "adapters.safetensors")) for d in ("whole", "resumed"))
     assert whole.keys() == again.keys() and all(mx.array_equal(whole[k], again[k]).item() for k in whole)
 
@@ -428,3 +433,61 @@ def test_fuse_merges_the_tower_adapter_too(vlm, shapes, tower_adapter, tmp_path)
     for path, layer in lora_layers(ours.model).items():  # the fused model without the tower's merge is not it
         layer.off = not path.startswith(spell.ours)
     assert np.abs(our_logits(ours, x) - want).max() > 100 * bound
+
+
+def lora_step_inputs(vlm, shapes):
+    """The base with LoRA on its last block (B drawn, so every gradient is non-zero), and a batch of
+    three image rows and a text row."""
+    base = load_base(str(vlm))
+    use_cpu_kernels(base.model, training=True)
+    apply_lora(base.model, LoRAConfig(num_layers=1, targets="q_proj,v_proj", rank=4))
+    mx.random.seed(0)
+    for layer in lora_layers(base.model).values():
+        layer.lora_b = 0.1 * mx.random.normal(layer.lora_b.shape)
+    text = {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi there"}]}
+    rows = [json.loads(line) for line in (shapes / "train.jsonl").read_text().splitlines()[:3]]
+    data = write_jsonl(shapes / "cached.jsonl", [*rows, text])
+    token = LAYOUTS[base.config["model_type"]].image_token
+    return base, encode_vision_rows(str(data), file_rows(data), base.tokenizer, base.processor, token, 512)
+
+
+def test_a_step_reading_the_prefix_cache_equals_the_uncached_step(vlm, shapes):
+    """Loss and gradient from the hidden states kept at block 1 (from the merged embeddings and the
+    model's positions: M-RoPE for Qwen-VL) equal the whole language model's on the merged embeddings.
+    What runs in another order: the output projection and its backward, on the target rows alone
+    (sums over the vocabulary's V terms, the longest), so fp32_tol(V) of each."""
+    base, examples = lora_step_inputs(vlm, shapes)
+    rows = [0, 1, 2, 3]
+    batch = collate(examples, rows)
+    results = []
+    for feed in (
+        VisionFeed(base.model, base.processor),
+        VisionFeed(base.model, base.processor, print, 1, True, examples),
+    ):
+        feed.inputs(examples, rows, batch)  # a first batch fills the cache; the step below reads it
+        loss_and_grad = nn.value_and_grad(base.model, lambda model, *x: feed.loss(model, *x))  # noqa: B023
+        (loss, _), grads = loss_and_grad(base.model, *feed.inputs(examples, rows, batch))
+        results.append((loss.item(), dict(tree_flatten(grads)), feed.cache_prefix))
+    (plain, plain_grads, cached_first), (loss, grads, cached) = results
+    assert cached and not cached_first
+    rel = fp32_tol(len(base.tokenizer))
+    assert abs(loss - plain) <= rel * abs(plain)
+    assert_tensors_close(grads, plain_grads, rel)
+    assert all(np.abs(np.array(g)).max() > 0 for g in plain_grads.values())
+
+
+def test_a_second_epoch_reads_no_image_nor_frozen_block(vlm, shapes, tmp_path, monkeypatch):
+    """Two epochs with LoRA in the last block: the tower and the merge run once per row (the 16 train
+    rows, the 4 validation rows, the row that checks the cut), not again in the second epoch."""
+    from mlx_lora.training import vision
+
+    merged_rows = []
+    real = vision.merged
+    monkeypatch.setattr(
+        vision, "merged", lambda model, tokens, *rest: merged_rows.append(tokens.shape[0]) or real(model, tokens, *rest)
+    )
+    cfg = TrainConfig(
+        model=str(vlm), data=str(shapes), adapter_path=str(tmp_path / "a"), iters=8, batch_size=4, num_layers=1
+    )
+    train(cfg, log=lambda _: None)
+    assert sum(merged_rows) == 16 + 4 + 1
