@@ -257,16 +257,18 @@ def select_targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
         for name, m in model.named_modules()
         if isinstance(m, ADAPTABLE) and any(name.startswith(p) for p in chosen)
     ]
-    tower = outside_language_model(model) if _is_regex(targets) else []
+    outside = outside_language_model(model)
+    tower = outside if _is_regex(targets) else []
     skip = routers(model)
     names = _aliases(model, in_blocks + tower)
     matched, missing = _match(targets, [n for n in in_blocks if n not in skip], names)
     if missing:
         in_block = sorted({expert_name(n)[len(p) :] for n in in_blocks for p in chosen if n.startswith(p)})
+        where = " nor the vision tower" if tower else ""
+        hint = "; a regex reaches the vision tower and projector (docs/vision.md)" if outside and not tower else ""
         raise UserError(
-            f"--targets: {', '.join(map(quoted, missing))} matches no linear module in the "
-            f"selected blocks{' nor the vision tower' if tower else ''}; they have: {', '.join(in_block) or 'none'} "
-            "(or use all-linear)"
+            f"--targets: {', '.join(map(quoted, missing))} matches no linear module in the selected blocks{where}; "
+            f"they have: {', '.join(in_block) or 'none'} (or use all-linear){hint}"
         )
     block_of = lambda n: next((i for i, p in enumerate(chosen) if n.startswith(p)), len(chosen))  # tower: last
     return sorted(matched, key=lambda n: (block_of(n), n))

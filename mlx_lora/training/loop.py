@@ -410,7 +410,9 @@ def choose_feed(
     if cfg.objective == "grpo":
         return None
     if processor is not None:
-        return VisionFeed(model, processor, log, first_trained, cfg.prefix_cache, data["train"])
+        return VisionFeed(
+            model, processor, log, first_trained=first_trained, cache_prefix=cfg.prefix_cache, examples=data["train"]
+        )
     if stream is not None:
         return streamed_feed(model, first_trained, stream, log)
     if not cfg.preference:

@@ -462,7 +462,7 @@ def test_a_step_reading_the_prefix_cache_equals_the_uncached_step(vlm, shapes):
     results = []
     for feed in (
         VisionFeed(base.model, base.processor),
-        VisionFeed(base.model, base.processor, print, 1, True, examples),
+        VisionFeed(base.model, base.processor, first_trained=1, cache_prefix=True, examples=examples),
     ):
         feed.inputs(examples, rows, batch)  # a first batch fills the cache; the step below reads it
         loss_and_grad = nn.value_and_grad(base.model, lambda model, *x: feed.loss(model, *x))  # noqa: B023
