@@ -60,12 +60,11 @@ class VisionFeed(Feed):
         self.model, self.processor = model, processor
         tower = [p for p in lora_layers(model) if in_tower(p)]
         self.tower, self.compiled = bool(tower), not tower
-        cut = vision_cut(self, examples, first_trained, log) if cache_prefix and first_trained and examples else None
-        super().__init__(None if tower else cut, cache_prefix=cut is not None, log=log)
+        cacheable = cache_prefix and first_trained > 0 and len(examples) > 0 and not tower
+        cut = vision_cut(self, examples, first_trained, log) if cacheable else None
+        super().__init__(cut, cache_prefix=cut is not None, log=log)
         if tower:
-            log(
-                f"vision: LoRA on {len(tower)} layers of the vision tower or projector: each step runs them, uncompiled"
-            )
+            log(f"vision: LoRA on {len(tower)} layers of the tower or projector, which run in the loss, uncompiled")
         elif self.cache_prefix:
             log(f"speed: the image merge and blocks 0-{first_trained - 1} are frozen; their output is kept per row")
 
