@@ -14,7 +14,7 @@ from mlx_lora.config import LoRAConfig, parse_layers, parse_pattern, pattern_key
 from mlx_lora.errors import UserError
 from mlx_lora.model.cpu_kernels import dequantized
 from mlx_lora.model.initialization import BASE_CHANGING, initialize
-from mlx_lora.model.vision import LAYOUTS
+from mlx_lora.model.vision import LANGUAGE_MODEL, LAYOUTS
 
 ALL_LINEAR = "all-linear"
 LORA_KEYS = ("lora_a", "lora_b")
@@ -25,7 +25,6 @@ EXPERTS = "experts"  # Hugging Face's name for a mixture-of-experts block's expe
 EXPERT_NAMES = {"block_sparse_moe": {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}}
 _REGEX_CHARS = set("\\^$*+?{}[]()|")
 ADAPTABLE = (*LINEAR_TYPES, SwitchLinear)  # mlx-lm's stacked experts: LoRASwitchLinear
-LANGUAGE_MODEL = "language_model."  # where mlx-vlm keeps a vision-language model's text model
 
 
 def linear_dims(layer: nn.Module) -> tuple[int, int]:
@@ -210,9 +209,11 @@ def outside_language_model(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and not n.startswith(LANGUAGE_MODEL)]
 
 
-def in_tower(path: str) -> bool:
-    """Whether an adapted path of a vision-language model sits outside its language model."""
-    return not path.startswith(LANGUAGE_MODEL)
+def tower_layers(model: nn.Module) -> list[str]:
+    """The LoRA layers of a vision-language model outside its language model: in its tower or projector."""
+    if LANGUAGE_MODEL[:-1] not in model:
+        return []
+    return [p for p in lora_layers(model) if not p.startswith(LANGUAGE_MODEL)]
 
 
 def _aliases(model: nn.Module, paths: list[str]) -> dict[str, set[str]]:

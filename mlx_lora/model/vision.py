@@ -22,18 +22,24 @@ VISION_HINT = 'pip install "mlx-lora[vision]"'
 VISION_CONFIG_KEYS = ("vision_config", "img_processor")  # img_processor: Phi-3-vision's Hub config.json
 
 
+LANGUAGE_MODEL = "language_model."  # where mlx-vlm keeps a vision-language model's text model
+TRANSFORMERS_BASE = "model."  # transformers 5 holds every part of a *ForConditionalGeneration but its head here
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where one architecture's weights live, under three spellings: mlx-vlm's module paths, the Hub
     checkpoint's tensor names, transformers 5's module paths (PEFT's keys). The first three fields
-    name the language model; `tower` names the vision tower's and projector's parts, which `--targets`
-    may reach by a regex (model/lora.py): without it, LoRA there trains but has no PEFT form or fuse."""
+    name the language model. The vision tower's and projector's parts, which a `--targets` regex may
+    reach (model/lora.py), keep their names under mlx-vlm and transformers 5 but for the latter's
+    `model.` (Idefics3's `vision_model.`, `connector.`), unless `tower` says how mlx-vlm renamed one
+    (Qwen-VL's `visual.` is its `vision_tower.`)."""
 
     ours: str
     checkpoint: str
     transformers: str
     image_token: str  # the placeholder its chat template writes for one image, which its processor expands
-    tower: tuple[tuple[str, str, str], ...] = ()  # (ours, checkpoint, transformers) prefixes outside the text model
+    tower: tuple[tuple[str, str, str], ...] = ()  # (ours, checkpoint, transformers) prefixes mlx-vlm renamed
 
     def _renamed(self, path: str, src: int, dst: int) -> str | None:
         """`path` from spelling `src` (0 ours, 1 checkpoint, 2 transformers) to `dst`, by its longest prefix."""
@@ -43,23 +49,33 @@ class Layout:
 
     def to_transformers(self, path: str) -> str:
         renamed = self._renamed(path, 0, 2)
+        if renamed is None and not path.startswith(LANGUAGE_MODEL):  # a part of the tower or projector
+            renamed = TRANSFORMERS_BASE + path
         if renamed is None:
             raise UserError(
                 f"{path}: no transformers name for this module of the vision-language model (model/vision.py: "
-                "LAYOUTS names its language model and tower); LoRA there has no PEFT form here yet"
+                "LAYOUTS); LoRA there has no PEFT form here yet"
             )
         return renamed
 
     def from_transformers(self, path: str) -> str:
-        return self._renamed(path, 2, 0) or path
+        renamed = self._renamed(path, 2, 0)
+        if renamed is None and path.startswith(TRANSFORMERS_BASE) and not path.startswith(self.ours):
+            return path[len(TRANSFORMERS_BASE) :]  # a part of the tower or projector; our own paths pass as they are
+        return renamed or path
 
     def checkpoint_as_transformers(self, name: str) -> str:
-        """A Hub checkpoint's tensor name as transformers 5 names the module (unnamed parts left as they are)."""
-        return self._renamed(name, 1, 2) or name
+        """A Hub checkpoint's tensor name as transformers 5 names the module."""
+        renamed = self._renamed(name, 1, 2)
+        if renamed is None and not name.startswith((TRANSFORMERS_BASE, "lm_head.")):
+            return TRANSFORMERS_BASE + name
+        return renamed or name
 
     def spellings(self, path: str) -> list[str]:
-        """The Hub checkpoint's and transformers' names of one of our module paths (none for a part LAYOUTS lacks)."""
-        return [n for n in (self._renamed(path, 0, 1), self._renamed(path, 0, 2)) if n is not None]
+        """The names one of our module paths may have in the Hub checkpoint and in transformers."""
+        if self._renamed(path, 0, 0) is not None:
+            return [self._renamed(path, 0, 1), self._renamed(path, 0, 2)]
+        return [path, TRANSFORMERS_BASE + path] if not path.startswith(LANGUAGE_MODEL) else []
 
 
 QWEN_VL = Layout(
@@ -72,16 +88,7 @@ QWEN_VL = Layout(
 LAYOUTS = {
     "qwen2_vl": QWEN_VL,
     "qwen2_5_vl": QWEN_VL,
-    "idefics3": Layout(  # SmolVLM
-        "language_model.",
-        "model.text_model.",
-        "model.text_model.",
-        "<image>",
-        tower=(
-            ("vision_model.", "model.vision_model.", "model.vision_model."),
-            ("connector.", "model.connector.", "model.connector."),
-        ),
-    ),
+    "idefics3": Layout("language_model.", "model.text_model.", "model.text_model.", "<image>"),  # SmolVLM
 }
 
 

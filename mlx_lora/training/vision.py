@@ -26,7 +26,7 @@ from mlx_lora.data.mapping import iter_mapped, map_rows
 from mlx_lora.data.sources import split_label, split_rows, train_valid_streams
 from mlx_lora.data.vision import VisionExample, encode_vision_rows, pixel_inputs
 from mlx_lora.model.cpu_kernels import cross_entropy
-from mlx_lora.model.lora import in_tower, lora_layers
+from mlx_lora.model.lora import tower_layers
 from mlx_lora.model.vision import layout
 from mlx_lora.training.cut import Cut, find_cut
 from mlx_lora.training.feed import Feed, target_loss, target_positions
@@ -58,7 +58,7 @@ class VisionFeed(Feed):
         self, model: nn.Module, processor, log=print, first_trained: int = 0, cache_prefix: bool = False, examples=()
     ):
         self.model, self.processor = model, processor
-        tower = [p for p in lora_layers(model) if in_tower(p)]
+        tower = tower_layers(model)
         self.tower, self.compiled = bool(tower), not tower
         cacheable = cache_prefix and first_trained > 0 and len(examples) > 0 and not tower
         cut = vision_cut(self, examples, first_trained, log) if cacheable else None

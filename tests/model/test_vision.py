@@ -16,7 +16,7 @@ from mlx_lora.config import LoRAConfig
 from mlx_lora.errors import UserError
 from mlx_lora.model.base import load_base
 from mlx_lora.model.lora import select_targets
-from mlx_lora.model.vision import LAYOUTS, Layout, is_vision, layout
+from mlx_lora.model.vision import LAYOUTS, is_vision, layout
 
 
 @pytest.fixture(scope="module")
@@ -130,14 +130,20 @@ def test_a_targets_regex_reaches_the_tower_and_projector_by_any_of_their_names(q
         pick(r"visual\.nothing")
 
 
-def test_a_layout_without_tower_names_refuses_a_peft_name_for_the_tower_in_one_line():
-    bare = Layout("language_model.model.", "model.", "model.language_model.", "<|image_pad|>")
+def test_a_layout_names_the_tower_as_transformers_5_does_and_refuses_what_it_cannot_name():
+    """mlx-vlm keeps transformers' names for the tower's parts but transformers' `model.` (Idefics3),
+    or a Layout's `tower` says how it renamed one (Qwen-VL's `visual`); the head has no PEFT name here."""
+    qwen, idefics3 = LAYOUTS["qwen2_vl"], LAYOUTS["idefics3"]
+    assert qwen.to_transformers("vision_tower.blocks.0.attn.qkv") == "model.visual.blocks.0.attn.qkv"
+    assert qwen.from_transformers("model.visual.blocks.0.attn.qkv") == "vision_tower.blocks.0.attn.qkv"
+    assert qwen.checkpoint_as_transformers("visual.merger.mlp.0.weight") == "model.visual.merger.mlp.0.weight"
+    assert idefics3.to_transformers("connector.modality_projection.proj") == "model.connector.modality_projection.proj"
     assert (
-        bare.to_transformers("language_model.model.layers.0.mlp.up_proj") == "model.language_model.layers.0.mlp.up_proj"
+        idefics3.from_transformers("model.connector.modality_projection.proj") == "connector.modality_projection.proj"
     )
-    with pytest.raises(UserError, match="vision_tower.blocks.0.attn.qkv: no transformers name for this module"):
-        bare.to_transformers("vision_tower.blocks.0.attn.qkv")
-    assert LAYOUTS["qwen2_vl"].to_transformers("vision_tower.blocks.0.attn.qkv") == "model.visual.blocks.0.attn.qkv"
-    assert LAYOUTS["idefics3"].from_transformers("model.connector.modality_projection.proj") == (
-        "connector.modality_projection.proj"
+    assert (
+        idefics3.from_transformers("language_model.layers.1.self_attn.q_proj")
+        == "language_model.layers.1.self_attn.q_proj"
     )
+    with pytest.raises(UserError, match="language_model.lm_head: no transformers name for this module"):
+        qwen.to_transformers("language_model.lm_head")

@@ -2,7 +2,6 @@
 transformers model with our logits, and generation with an image."""
 
 import json
-import re
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -29,7 +28,7 @@ from mlx_lora.formats.loader import load_for_inference
 from mlx_lora.inference.generation import chat_text, generate
 from mlx_lora.model.base import load_base
 from mlx_lora.model.cpu_kernels import use_cpu_kernels
-from mlx_lora.model.lora import apply_lora, lora_layers
+from mlx_lora.model.lora import apply_lora, lora_layers, outside_language_model
 from mlx_lora.model.vision import LAYOUTS
 from mlx_lora.training.loop import train
 from mlx_lora.training.vision import VisionFeed
@@ -337,13 +336,9 @@ def test_eval_compares_a_vision_adapter_with_its_base(qwen2_vl, shapes, adapter,
     assert [p["base"] for p in both["predictions"]] == [p["base"] for p in alone["predictions"]]
 
 
-def tower_regex(model_dir) -> str:
-    """A --targets regex over the Hub's names of every linear of the tower and projector (each
-    Layout's `tower` checkpoint prefixes), and the last block's q_proj of the language model."""
-    spell = LAYOUTS[json.loads((model_dir / "config.json").read_text())["model_type"]]
-    return "|".join(
-        [*(re.escape(checkpoint) + ".*" for _, checkpoint, _ in spell.tower), r".*\.layers\.1\.self_attn\.q_proj"]
-    )
+# every linear of the tower and projector (by mlx-vlm's names: a name under `model.` is a language
+# model's, in the Hub's or transformers' spelling), and the last block's q_proj of the language model
+TOWER_REGEX = r"(?!language_model\.|model\.).*|.*\.layers\.1\.self_attn\.q_proj"
 
 
 @pytest.fixture(scope="module")
@@ -357,7 +352,7 @@ def tower_adapter(vlm, shapes, tmp_path_factory):
         iters=4,
         batch_size=4,
         num_layers=1,
-        targets=tower_regex(vlm),
+        targets=TOWER_REGEX,
         rank=4,
         alpha=8,
         learning_rate=5e-2,
@@ -375,7 +370,8 @@ def test_lora_on_the_tower_trains_and_its_peft_export_gives_our_logits(vlm, shap
     ours = load_for_inference(str(vlm), str(tower_adapter))
     spell = LAYOUTS[ours.config["model_type"]]
     tower = [p for p in lora_layers(ours.model) if not p.startswith(spell.ours)]
-    assert tower and len(tower) < len(lora_layers(ours.model))  # the tower's and the language model's
+    assert set(tower) == set(outside_language_model(load_base(str(vlm)).model))  # every one of the tower's
+    assert set(lora_layers(ours.model)) - set(tower) == {spell.ours + "layers.1.self_attn.q_proj"}
     peft_model = PeftModel.from_pretrained(hf_model(vlm), tmp_path / "peft").eval()
     wrapped = {n for n, m in peft_model.base_model.model.named_modules() if isinstance(m, LoraLayer)}
     assert wrapped == {spell.to_transformers(p) for p in lora_layers(ours.model)}
