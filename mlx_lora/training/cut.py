@@ -101,7 +101,7 @@ class Cut:
     tied: bool
     run: Callable | None = None  # how the model is called on `inputs` (a language model on merged embeddings)
 
-    def _call(self, inputs) -> mx.array:
+    def forward(self, inputs) -> mx.array:
         return self.model(inputs) if self.run is None else self.run(inputs)
 
     def _entering(self, j: int, inputs: mx.array, swaps: dict) -> mx.array:
@@ -109,7 +109,7 @@ class Cut:
         stop = {self.offset + j: _Standin(self.blocks[self.offset + j], _stop)}
         try:
             with _swapped(self.blocks, swaps | stop):
-                self._call(inputs)
+                self.forward(inputs)
         except _Stop as stop:
             return stop.h
         raise ValueError(f"block {j} was never called")
@@ -136,7 +136,7 @@ class Cut:
             skip = {self.offset + i: _Standin(self.blocks[self.offset + i], _through) for i in range(1, self.k)}
             skip[self.offset] = _Standin(self.blocks[self.offset], lambda *args, **kwargs: h)
         with _swapped(self.blocks, skip), _swapped(self.head_parent, {self.head_key: standin}):
-            return self._call(inputs)
+            return self.forward(inputs)
 
     def logits(self, x: mx.array) -> mx.array:
         """The output projection alone: (..., D) -> (..., V)."""
@@ -158,7 +158,7 @@ def find_cut(model: nn.Module, k: int, probe, log: Callable = print, run: Callab
     model.eval()  # dropout would make the two forwards differ
     try:
         cut = cut_at(model, k, run)
-        expected = cut._call(probe)
+        expected = cut.forward(probe)
         got = cut.logits(cut.hidden(probe, cut.prefix(probe) if k else None))
         ok = expected.shape == got.shape and mx.allclose(expected, got, rtol=1e-4, atol=1e-4).item()
     except Exception as e:  # any architecture we cannot cut trains uncut; say why
