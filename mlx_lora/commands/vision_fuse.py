@@ -49,12 +49,12 @@ def refusals(cfg: FuseConfig, config: dict[str, Any]) -> list[str]:
 
 def tensor_names(base: Base, where: dict[str, str]) -> dict[str, str]:
     """Each adapted layer's module path (mlx-vlm's) -> its weight's name in the base's checkpoint: the
-    Hub's spelling, transformers 5's, or mlx-vlm's own (a checkpoint mlx-vlm converted)."""
+    Hub's spelling, transformers 5's, or mlx-vlm's own (a checkpoint mlx-vlm converted); a layer of the
+    vision tower or projector as well as of the language model."""
     spell = layout(base.config, "fuse")
     names = {}
     for path in lora_layers(base.model):
-        tail = path[len(spell.ours) :] if path.startswith(spell.ours) else None
-        spellings = [spell.checkpoint + tail, spell.transformers + tail] if tail is not None else []
+        spellings = spell.spellings(path)  # the language model's or the tower's, as LAYOUTS names them
         found = [n + ".weight" for n in [*spellings, path] if n + ".weight" in where]
         if not found:
             raise UserError(

@@ -17,12 +17,14 @@ class LoRAConfig:
     """What an adapter is: stored in adapter_config.json and enough to rebuild it on a base."""
 
     targets: str = opt(
-        "q_proj,v_proj", "Modules to adapt: names, a regex over module paths, or all-linear.", panel=MODEL
+        "q_proj,v_proj",
+        "Modules to adapt: names, a regex over module paths (also a vision model's tower), or all-linear.",
+        panel=MODEL,
     )
     rank: int = opt(8, "LoRA rank r.", panel=MODEL)
     alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha/r.", panel=MODEL)
     dropout: float = opt(0.0, "Dropout on the LoRA branch input.", panel=MODEL)
-    num_layers: int = opt(16, "Adapt the last N transformer blocks (-1: all).", panel=MODEL)
+    num_layers: int = opt(16, "Adapt the last N transformer blocks of the language model (-1: all).", panel=MODEL)
     layers: str | None = opt(None, "Exact blocks to adapt, e.g. 0,5,7 (overrides --num-layers).", panel=MODEL)
     # DoRA: the weight is m * (W + BA) / ||W + BA||, with m learned per output row.
     dora: bool = opt(False, "DoRA: also learn a magnitude per output row.", panel=MODEL)

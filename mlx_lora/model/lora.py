@@ -14,6 +14,7 @@ from mlx_lora.config import LoRAConfig, parse_layers, parse_pattern, pattern_key
 from mlx_lora.errors import UserError
 from mlx_lora.model.cpu_kernels import dequantized
 from mlx_lora.model.initialization import BASE_CHANGING, initialize
+from mlx_lora.model.vision import LANGUAGE_MODEL, LAYOUTS
 
 ALL_LINEAR = "all-linear"
 LORA_KEYS = ("lora_a", "lora_b")
@@ -200,12 +201,33 @@ def routers(model: nn.Module) -> set[str]:
     return {n for n, m in modules.items() if isinstance(m, LINEAR_TYPES) and n.rpartition(".")[0] in blocks}
 
 
-def _match(targets: str, linears: list[str], everything: list[str]) -> tuple[list[str], list[str]]:
-    """(the paths --targets names, the targets that name none); a path matches by its mlx-lm name
-    or its Hugging Face one (expert_name)."""
+def outside_language_model(model: nn.Module) -> list[str]:
+    """The linears of a vision-language model outside its language model: its vision tower's and
+    projector's (mlx-vlm's `language_model` holds the rest); none for a text model."""
+    if LANGUAGE_MODEL[:-1] not in model:
+        return []
+    return [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and not n.startswith(LANGUAGE_MODEL)]
+
+
+def tower_layers(model: nn.Module) -> list[str]:
+    """The LoRA layers of a vision-language model outside its language model: in its tower or projector."""
+    if LANGUAGE_MODEL[:-1] not in model:
+        return []
+    return [p for p in lora_layers(model) if not p.startswith(LANGUAGE_MODEL)]
+
+
+def _aliases(model: nn.Module, paths: list[str]) -> dict[str, set[str]]:
+    """Each path's names --targets matches: mlx-lm's (mlx-vlm's), Hugging Face's expert name, and on a
+    vision-language model the Hub checkpoint's and transformers' spellings (model/vision.py: LAYOUTS)."""
+    spell = LAYOUTS.get(getattr(getattr(model, "config", None), "model_type", None))
+    return {n: {n, expert_name(n), *(spell.spellings(n) if spell else ())} for n in paths}
+
+
+def _match(targets: str, linears: list[str], names: dict[str, set[str]]) -> tuple[list[str], list[str]]:
+    """(the paths --targets names, the targets that name none); a path matches by any of its `names`."""
     if targets == ALL_LINEAR:
         return linears, [] if linears else [targets]
-    names = {n: {n, expert_name(n)} for n in everything}
+    everything = list(names)
     if _is_regex(targets):
         try:
             pattern = re.compile(targets)
@@ -220,24 +242,36 @@ def _match(targets: str, linears: list[str], everything: list[str]) -> tuple[lis
     ]
 
 
+def quoted(target: str) -> str:
+    return f"'{target}'"  # as typed: repr() would double a regex's backslashes
+
+
 def select_targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
-    """Full paths of the linear modules (and stacked experts) that get LoRA; a target matching nothing is an error."""
+    """Full paths of the linear modules (and stacked experts) that get LoRA; a target matching nothing
+    is an error. --num-layers and --layers choose language-model blocks; a regex also reaches a
+    vision-language model's tower and projector, by itself (they are no blocks)."""
     prefixes = [p + "." for p in block_paths(model)]
     chosen = [prefixes[i] for i in block_indices(model, cfg)]
-    everything = [
+    targets = str(cfg.targets).strip()
+    in_blocks = [
         name
         for name, m in model.named_modules()
         if isinstance(m, ADAPTABLE) and any(name.startswith(p) for p in chosen)
     ]
+    outside = outside_language_model(model)
+    tower = outside if _is_regex(targets) else []
     skip = routers(model)
-    matched, missing = _match(str(cfg.targets).strip(), [n for n in everything if n not in skip], everything)
+    names = _aliases(model, in_blocks + tower)
+    matched, missing = _match(targets, [n for n in in_blocks if n not in skip], names)
     if missing:
-        in_block = sorted({expert_name(n)[len(p) :] for n in everything for p in chosen if n.startswith(p)})
+        in_block = sorted({expert_name(n)[len(p) :] for n in in_blocks for p in chosen if n.startswith(p)})
+        where = " nor the vision tower" if tower else ""
+        hint = "; a regex reaches the vision tower and projector (docs/vision.md)" if outside and not tower else ""
         raise UserError(
-            f"--targets: {', '.join(repr(m) for m in missing)} matches no linear module in the "
-            f"selected blocks; they have: {', '.join(in_block) or 'none'} (or use all-linear)"
+            f"--targets: {', '.join(map(quoted, missing))} matches no linear module in the selected blocks{where}; "
+            f"they have: {', '.join(in_block) or 'none'} (or use all-linear){hint}"
         )
-    block_of = lambda n: next(i for i, p in enumerate(chosen) if n.startswith(p))
+    block_of = lambda n: next((i for i, p in enumerate(chosen) if n.startswith(p)), len(chosen))  # tower: last
     return sorted(matched, key=lambda n: (block_of(n), n))
 
 

@@ -22,30 +22,69 @@ VISION_HINT = 'pip install "mlx-lora[vision]"'
 VISION_CONFIG_KEYS = ("vision_config", "img_processor")  # img_processor: Phi-3-vision's Hub config.json
 
 
+LANGUAGE_MODEL = "language_model."  # where mlx-vlm keeps a vision-language model's text model
+TRANSFORMERS_BASE = "model."  # transformers 5 holds every part of a *ForConditionalGeneration but its head here
+
+
 @dataclass(frozen=True)
 class Layout:
-    """Where one architecture's language-model weights live, under three spellings: mlx-vlm's
-    module paths, the Hub checkpoint's tensor names, transformers 5's module paths (PEFT's keys)."""
+    """Where one architecture's weights live, under three spellings: mlx-vlm's module paths, the Hub
+    checkpoint's tensor names, transformers 5's module paths (PEFT's keys). The first three fields
+    name the language model. The vision tower's and projector's parts, which a `--targets` regex may
+    reach (model/lora.py), keep their names under mlx-vlm and transformers 5 but for the latter's
+    `model.` (Idefics3's `vision_model.`, `connector.`), unless `tower` says how mlx-vlm renamed one
+    (Qwen-VL's `visual.` is its `vision_tower.`)."""
 
     ours: str
     checkpoint: str
     transformers: str
     image_token: str  # the placeholder its chat template writes for one image, which its processor expands
+    tower: tuple[tuple[str, str, str], ...] = ()  # (ours, checkpoint, transformers) prefixes mlx-vlm renamed
+
+    def _renamed(self, path: str, src: int, dst: int) -> str | None:
+        """`path` from spelling `src` (0 ours, 1 checkpoint, 2 transformers) to `dst`, by its longest prefix."""
+        triples = [(self.ours, self.checkpoint, self.transformers), *self.tower]
+        found = sorted((t for t in triples if path.startswith(t[src])), key=lambda t: -len(t[src]))
+        return found[0][dst] + path[len(found[0][src]) :] if found else None
 
     def to_transformers(self, path: str) -> str:
-        if not path.startswith(self.ours):
-            raise UserError(f"{path}: LoRA outside the language model's blocks has no PEFT form here yet")
-        return self.transformers + path[len(self.ours) :]
+        renamed = self._renamed(path, 0, 2)
+        if renamed is None and not path.startswith(LANGUAGE_MODEL):  # a part of the tower or projector
+            renamed = TRANSFORMERS_BASE + path
+        if renamed is None:
+            raise UserError(
+                f"{path}: no transformers name for this module of the vision-language model (model/vision.py: "
+                "LAYOUTS); LoRA there has no PEFT form here yet"
+            )
+        return renamed
 
     def from_transformers(self, path: str) -> str:
-        return self.ours + path[len(self.transformers) :] if path.startswith(self.transformers) else path
+        renamed = self._renamed(path, 2, 0)
+        if renamed is None and path.startswith(TRANSFORMERS_BASE) and not path.startswith(self.ours):
+            return path[len(TRANSFORMERS_BASE) :]  # a part of the tower or projector; our own paths pass as they are
+        return renamed or path
 
     def checkpoint_as_transformers(self, name: str) -> str:
-        """A Hub checkpoint's tensor name as transformers 5 names the module (its vision tower's left as is)."""
-        return self.transformers + name[len(self.checkpoint) :] if name.startswith(self.checkpoint) else name
+        """A Hub checkpoint's tensor name as transformers 5 names the module."""
+        renamed = self._renamed(name, 1, 2)
+        if renamed is None and not name.startswith((TRANSFORMERS_BASE, "lm_head.")):
+            return TRANSFORMERS_BASE + name
+        return renamed or name
+
+    def spellings(self, path: str) -> list[str]:
+        """The names one of our module paths may have in the Hub checkpoint and in transformers."""
+        if self._renamed(path, 0, 0) is not None:
+            return [self._renamed(path, 0, 1), self._renamed(path, 0, 2)]
+        return [path, TRANSFORMERS_BASE + path] if not path.startswith(LANGUAGE_MODEL) else []
 
 
-QWEN_VL = Layout("language_model.model.", "model.", "model.language_model.", "<|image_pad|>")
+QWEN_VL = Layout(
+    "language_model.model.",
+    "model.",
+    "model.language_model.",
+    "<|image_pad|>",
+    tower=(("vision_tower.", "visual.", "model.visual."),),
+)
 LAYOUTS = {
     "qwen2_vl": QWEN_VL,
     "qwen2_5_vl": QWEN_VL,

@@ -99,13 +99,18 @@ class Cut:
     head_parent: nn.Module
     head_key: str
     tied: bool
+    run: Callable | None = None  # how the model is called on `inputs` (a language model on merged embeddings)
+
+    def forward(self, inputs, cache: list | None = None) -> mx.array:
+        kwargs = {} if cache is None else {"cache": cache}  # mlx-lm's KV caches, where `inputs` continue them
+        return self.model(inputs, **kwargs) if self.run is None else self.run(inputs, **kwargs)
 
     def _entering(self, j: int, inputs: mx.array, swaps: dict, cache: list | None = None) -> mx.array:
         """The hidden state entering block j, (B, T, D), with `swaps` in place for the call."""
         stop = {self.offset + j: _Standin(self.blocks[self.offset + j], _stop)}
         try:
             with _swapped(self.blocks, swaps | stop):
-                self.model(inputs) if cache is None else self.model(inputs, cache=cache)
+                self.forward(inputs, cache)
         except _Stop as stop:
             return stop.h
         raise ValueError(f"block {j} was never called")
@@ -133,7 +138,7 @@ class Cut:
             skip = {self.offset + i: _Standin(self.blocks[self.offset + i], _through) for i in range(1, self.k)}
             skip[self.offset] = _Standin(self.blocks[self.offset], lambda *args, **kwargs: h)
         with _swapped(self.blocks, skip), _swapped(self.head_parent, {self.head_key: standin}):
-            return self.model(inputs)
+            return self.forward(inputs)
 
     def logits(self, x: mx.array) -> mx.array:
         """The output projection alone: (..., D) -> (..., V)."""
@@ -141,20 +146,21 @@ class Cut:
         return head.as_linear(x) if self.tied else head(x)
 
 
-def cut_at(model: nn.Module, k: int) -> Cut:
-    """The pieces of `model` cut before block k, unchecked; ValueError where they cannot be found."""
+def cut_at(model: nn.Module, k: int, run: Callable | None = None) -> Cut:
+    """The pieces of `model` cut before block k, unchecked; ValueError where they cannot be found.
+    `run(inputs)`: the model's logits where it is not called as `model(tokens)`."""
     blocks, offset = _block_list(model)
     parent, key, tied = _head_site(model)
-    return Cut(model, k, blocks, offset, parent, key, tied)
+    return Cut(model, k, blocks, offset, parent, key, tied, run)
 
 
-def find_cut(model: nn.Module, k: int, probe: mx.array, log: Callable = print) -> Cut | None:
+def find_cut(model: nn.Module, k: int, probe, log: Callable = print, run: Callable | None = None) -> Cut | None:
     """A Cut before block k that reproduces the model's forward on `probe` (B, T), else None."""
     training = model.training
     model.eval()  # dropout would make the two forwards differ
     try:
-        cut = cut_at(model, k)
-        expected = model(probe)
+        cut = cut_at(model, k, run)
+        expected = cut.forward(probe)
         got = cut.logits(cut.hidden(probe, cut.prefix(probe) if k else None))
         ok = expected.shape == got.shape and mx.allclose(expected, got, rtol=1e-4, atol=1e-4).item()
     except Exception as e:  # any architecture we cannot cut trains uncut; say why

@@ -83,6 +83,7 @@ class Feed:
 
     collate = staticmethod(collate)  # how a batch of rows is laid out (preference.PreferenceFeed has its own)
     stats: tuple[str, ...] = ()  # what loss() reports besides the loss: none for SFT
+    compiled = True  # whether step.py compiles the step that calls loss()
 
     def __init__(self, cut: Cut | None, cache_prefix: bool, log: Callable = print):
         self.cut, self.cache_prefix, self.log = cut, cache_prefix and cut is not None and cut.k > 0, log
@@ -100,18 +101,22 @@ class Feed:
         flat = (mx.array(positions), mx.array(targets), mx.array(weights))
         if not self.cache_prefix:
             return inputs, *flat
-        return inputs, self._cache(examples).states(rows, inputs.shape[1]), *flat
+        return inputs, self.cache(examples).states(rows, inputs.shape[1]), *flat
 
-    def _cache(self, examples: Sequence[Example]) -> PrefixCache:
+    def cache(self, examples: Sequence[Example]) -> PrefixCache:
+        """The prefix cache of `examples`, made on first use (`new_cache`)."""
         if id(examples) not in self.caches:
-            self.caches[id(examples)] = PrefixCache(self.cut, examples, self.log, self.trial)
+            self.caches[id(examples)] = self.new_cache(examples)
         return self.caches[id(examples)]
+
+    def new_cache(self, examples: Sequence[Example]) -> PrefixCache:
+        return PrefixCache(self.cut, examples, self.log, self.trial)
 
     def read_ahead(self, examples: Sequence[Example], batches: Iterator[list[int]]) -> None:
         """The rows of the batches the run reads from `examples`, from the next on: a batch whose
         frozen states are missing computes the next batches' with them (PrefixCache.ahead)."""
         if self.cache_prefix:
-            self._cache(examples).ahead = batches
+            self.cache(examples).ahead = batches
 
     def loss(self, model: nn.Module, *inputs) -> tuple[mx.array, mx.array]:
         if self.cut is None:

@@ -43,7 +43,7 @@ from mlx_lora.formats.native import (
 )
 from mlx_lora.model.base import Base, load_base
 from mlx_lora.model.cpu_kernels import use_cpu_kernels
-from mlx_lora.model.lora import apply_lora
+from mlx_lora.model.lora import apply_lora, first_adapted_block
 from mlx_lora.model.precision import materialize
 from mlx_lora.reporting.metrics import METRICS, TENSORBOARD_DIR, MetricsLog
 from mlx_lora.reporting.monitor import TrainMonitor
@@ -268,7 +268,8 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         f"{adapter.layers}; {trainable:,} trainable parameters "
         f"({100 * trainable / get_total_parameters(base.model):.3f}%); learning rate {cfg.learning_rate_text}"
     )
-    stream = choose_memory(cfg, world, base, data, first=min(adapter.layers), progress=progress, iters=iters, log=log)
+    first = first_adapted_block(base.model)  # 0 where a layer sits outside the blocks (a vision tower's)
+    stream = choose_memory(cfg, world, base, data, first=first, progress=progress, iters=iters, log=log)
     if blas.note():  # once the run is sure to start, so an error stays one line
         log(blas.note())
     distributed.check_group(world, data, trainable, iters=cfg.iters, batch_size=cfg.batch_size, seed=cfg.seed)
@@ -278,8 +279,8 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         enable_packing(base.model, base.config.get("model_type", "?"))
     if cfg.grad_checkpoint:
         checkpoint_blocks(base.model)
-    feed = choose_feed(cfg, world, base.model, min(adapter.layers), data, log, stream, processor=base.processor)
-    step, state = choose_step(cfg, base, optimizer, world, feed, min(adapter.layers), data, log)
+    feed = choose_feed(cfg, world, base.model, first, data, log, stream, processor=base.processor)
+    step, state = choose_step(cfg, base, optimizer, world, feed, first, data, log)
     return Run(
         cfg=cfg,
         world=world,
@@ -409,7 +410,9 @@ def choose_feed(
     if cfg.objective == "grpo":
         return None
     if processor is not None:
-        return VisionFeed(model, processor, log)
+        return VisionFeed(
+            model, processor, log, first_trained=first_trained, cache_prefix=cfg.prefix_cache, examples=data["train"]
+        )
     if stream is not None:
         return streamed_feed(model, first_trained, stream, log)
     if not cfg.preference:

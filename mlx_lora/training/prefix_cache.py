@@ -246,17 +246,23 @@ class PrefixCache:
         states = prefix(self.cut, tokens, streams, head[2] if head else None)  # (B, L-1-skip, D) each
         mx.eval(states)
         self.trial.record(len(indices), streams, time.perf_counter() - start, int(self.sizes[indices].sum()))
-        if self.store is None:
-            self._allocate(states[0])
-        shared = np.array(head[1].view(BITS[head[1].dtype.size][0])) if head else None
         for part, h in zip(parts, states):
-            bits = np.array(h.view(BITS[h.dtype.size][0]))
-            for row, i in enumerate(part):
-                a, b = self.offsets[i], self.offsets[i + 1]
-                if head:
-                    self.store[a : a + skip] = shared
-                self.store[a + skip : b] = bits[row, : b - a - skip]
-                self.done[i] = True
+            self._keep(part, h, head[1] if head else None)
+
+    def _keep(self, indices: list[int], h: mx.array, head: mx.array | None = None) -> None:
+        """Keep each row's states: `h` (B, L, D) of the rows `indices` collated, after the states (S, D)
+        of the `head` every row begins with."""
+        if self.store is None:
+            self._allocate(h)
+        skip = 0 if head is None else head.shape[0]
+        shared = None if head is None else np.array(head.view(BITS[head.dtype.size][0]))
+        bits = np.array(h.view(BITS[h.dtype.size][0]))
+        for row, i in enumerate(indices):
+            a, b = self.offsets[i], self.offsets[i + 1]
+            if shared is not None:
+                self.store[a : a + skip] = shared
+            self.store[a + skip : b] = bits[row, : b - a - skip]
+            self.done[i] = True
 
     def states(self, indices: list[int], width: int) -> mx.array:
         """(B, width, D) states entering the first trained block; zeros past each row's end."""

@@ -1,7 +1,5 @@
-"""One optimizer step: a compiled function that accumulates summed losses and gradients and,
-on the last batch of the step, updates the adapter with their ratio."""
-
-from functools import partial
+"""One optimizer step: a compiled function (where the feed allows it) that accumulates summed losses
+and gradients and, on the last batch of the step, updates the adapter with their ratio."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -28,7 +26,6 @@ def make_step(
     loss_and_grad = nn.value_and_grad(model, summed_loss)
     state = [model.state, optimizer.state, mx.random.state]
 
-    @partial(mx.compile, inputs=state, outputs=state)
     def step(batch, acc, update: bool):
         """Add one batch's summed loss, target count, gradient (and statistics) to `acc`; on
         `update`, step with their ratio: the gradient of the mean over all the accumulated batches' targets."""
@@ -41,7 +38,8 @@ def make_step(
             optimizer.update(model, tree_map(lambda g: g / ntoks, grads))
         return loss, ntoks, grads, *stats
 
-    return step, state
+    # a feed whose loss reads array values while it runs (a vision tower's) cannot be traced by compile
+    return (mx.compile(step, inputs=state, outputs=state) if feed.compiled else step), state
 
 
 def grads_finite(grads) -> mx.array:

@@ -1,11 +1,16 @@
 """What a step of a vision-language model reads: the language model's input embeddings, images merged in.
 
-LoRA sits in the language model's blocks only, so the vision tower, its projector and the merge of
-image features into the token embeddings are frozen: they run once per batch here, outside the
-compiled step, and the step runs the language model on the merged embeddings with the positions
-the model computed for them (Qwen2-VL's 3-D M-RoPE positions; Idefics3's language model counts
-them from 0 itself). The block-level frozen-prefix cache (prefix_cache.py) is not used: its cut
-runs mlx-lm's blocks on 1-D positions.
+With LoRA in the language model alone, the vision tower, its projector and the merge of image
+features into the token embeddings are frozen: they run once per batch here, outside the compiled
+step, and the step runs the language model on the merged embeddings with the positions the model
+computed for them (Qwen2-VL's 3-D M-RoPE positions; Idefics3's language model counts them from 0
+itself). When the adapters sit in the last blocks only, the hidden state entering the first of
+them is frozen too: it is computed once per row from the merged embeddings and those positions
+and kept (prefix_cache.py, through a cut of the language model, cut.py), so later epochs read
+neither the images nor the frozen blocks. When a `--targets` regex put LoRA in the tower or
+projector, the step runs the tower and the merge itself, so its gradient reaches them; mlx-vlm's
+tower reads array values as it runs (image sizes, token counts), which mx.compile cannot trace,
+so that step is not compiled.
 """
 
 from collections.abc import Sequence
@@ -15,44 +20,142 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_lora.config.data import DataConfig
+from mlx_lora.data.batches import collate, lengths
 from mlx_lora.data.dataset import DataSplit
 from mlx_lora.data.mapping import iter_mapped, map_rows
 from mlx_lora.data.sources import split_label, split_rows, train_valid_streams
 from mlx_lora.data.vision import VisionExample, encode_vision_rows, pixel_inputs
 from mlx_lora.model.cpu_kernels import cross_entropy
+from mlx_lora.model.lora import tower_layers
 from mlx_lora.model.vision import layout
-from mlx_lora.training.feed import Feed
+from mlx_lora.training.cut import Cut, find_cut
+from mlx_lora.training.feed import Feed, target_loss, target_positions
+from mlx_lora.training.prefix_cache import PrefixCache
+
+
+def merged(model: nn.Module, tokens: mx.array, attention: mx.array, pixels: dict) -> tuple[mx.array, mx.array]:
+    """(embeddings (B, L, D) with the images' features merged in, positions (3, B, L) or (B, L)):
+    the tower, projector and merge as mlx-vlm runs them."""
+    pixels = dict(pixels)
+    found = model.get_input_embeddings(tokens, pixels.pop("pixel_values", None), mask=attention, **pixels)
+    positions = found.position_ids  # (3, B, L) M-RoPE; None where the model counts from 0 (Idefics3)
+    if positions is None:  # the same positions, so every model's step reads one shape of input
+        positions = mx.broadcast_to(mx.arange(tokens.shape[1])[None], tokens.shape)  # (B, L)
+    return found.inputs_embeds, positions
+
+
+def language_logits(model: nn.Module):
+    """The language model on (tokens (B, T), merged embeddings (B, T, D) or None, positions): a cut's `run`."""
+    return lambda x: model.language_model(x[0], x[1], position_ids=x[2]).logits
 
 
 class VisionFeed(Feed):
-    """(tokens, merged embeddings, positions, loss mask) of a batch, and the loss that reads them."""
+    """(tokens, merged embeddings, positions, loss mask) of a batch, and the loss that reads them; the
+    hidden states at the first trained block instead, kept per row, where `first_trained` > 0 and
+    `cache_prefix`; pixels instead, for a step that runs the tower, where LoRA sits in it."""
 
-    def __init__(self, model: nn.Module, processor, log=print):
-        super().__init__(None, cache_prefix=False, log=log)
+    def __init__(
+        self, model: nn.Module, processor, log=print, first_trained: int = 0, cache_prefix: bool = False, examples=()
+    ):
         self.model, self.processor = model, processor
+        tower = tower_layers(model)
+        self.tower, self.compiled = bool(tower), not tower
+        cacheable = cache_prefix and first_trained > 0 and len(examples) > 0 and not tower
+        cut = vision_cut(self, examples, first_trained, log) if cacheable else None
+        super().__init__(cut, cache_prefix=cut is not None, log=log)
+        if tower:
+            log(f"vision: LoRA on {len(tower)} layers of the tower or projector, which run in the loss, uncompiled")
+        elif self.cache_prefix:
+            log(f"speed: the image merge and blocks 0-{first_trained - 1} are frozen; their output is kept per row")
+
+    def pixels(self, examples: Sequence[VisionExample], rows: list[int], batch) -> tuple[mx.array, dict]:
+        """(attention (B, L), the processor's pixel inputs of the rows' images, {} for none)."""
+        sizes = np.array([len(examples[i].tokens) for i in rows])
+        attention = mx.array((np.arange(batch[0].shape[1])[None] < sizes[:, None]).astype(np.int32))  # (B, L)
+        images = [p for i in rows for p in examples[i].images]
+        return attention, {k: mx.array(v) for k, v in pixel_inputs(self.processor, images).items()} if images else {}
+
+    def frozen(self, examples: Sequence[VisionExample], rows: list[int], batch) -> tuple[mx.array, mx.array]:
+        """The merged embeddings (B, L, D) and positions of a batch, out of the gradient."""
+        embeds, positions = merged(self.model, batch[0], *self.pixels(examples, rows, batch))
+        embeds = mx.stop_gradient(embeds)
+        mx.eval(embeds, positions)
+        return embeds, positions
 
     def inputs(self, examples: Sequence[VisionExample], rows: list[int], batch: tuple[mx.array, ...]):
         tokens, mask = batch  # (B, L) each, right-padded
-        sizes = np.array([len(examples[i].tokens) for i in rows])
-        attention = mx.array((np.arange(tokens.shape[1])[None] < sizes[:, None]).astype(np.int32))  # (B, L)
-        images = [p for i in rows for p in examples[i].images]
-        pixels = {k: mx.array(v) for k, v in pixel_inputs(self.processor, images).items()} if images else {}
-        found = self.model.get_input_embeddings(tokens, pixels.pop("pixel_values", None), mask=attention, **pixels)
-        embeds = mx.stop_gradient(found.inputs_embeds)  # (B, L, D)
-        positions = found.position_ids  # (3, B, L) M-RoPE; None where the model counts from 0 (Idefics3)
-        if positions is None:  # the same positions, so every model's step reads one shape of input
-            positions = mx.broadcast_to(mx.arange(tokens.shape[1])[None], tokens.shape)  # (B, L)
-        mx.eval(embeds, positions)
-        return tokens, embeds[:, :-1], positions[..., :-1], mask
+        if self.tower:
+            return tokens, mask, *self.pixels(examples, rows, batch)
+        if not self.cache_prefix:
+            embeds, positions = self.frozen(examples, rows, batch)
+            return tokens, embeds[:, :-1], positions[..., :-1], mask
+        flat, weights = target_positions(np.array(mask))
+        targets = np.array(tokens)[:, 1:].reshape(-1)[flat]  # (N,)
+        cache = self.cache(examples)
+        width = tokens.shape[1] - 1
+        states, positions = cache.states(rows, width), cache.positions(rows, width)
+        return tokens[:, :-1], states, positions, mx.array(flat), mx.array(targets), mx.array(weights)
 
-    def loss(self, model: nn.Module, tokens, embeds, positions, mask) -> tuple[mx.array, mx.array]:
+    def new_cache(self, examples: Sequence[VisionExample]) -> PrefixCache:
+        return VisionPrefixCache(self, examples)
+
+    def loss(self, model: nn.Module, *inputs) -> tuple[mx.array, mx.array]:
         """Mean cross-entropy over the masked targets (feed.loss_fn's, on the merged embeddings)."""
+        if self.cache_prefix:
+            tokens, states, positions, *flat = inputs
+            return target_loss(self.cut, (tokens, None, positions), states, *flat)
+        if self.tower:
+            tokens, mask, attention, pixels = inputs
+            embeds, positions = merged(model, tokens, attention, pixels)
+            return self.full_loss(model, tokens, embeds[:, :-1], positions[..., :-1], mask)
+        return self.full_loss(model, *inputs)
+
+    @staticmethod
+    def full_loss(model: nn.Module, tokens, embeds, positions, mask) -> tuple[mx.array, mx.array]:
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L-1)
         weights = mask[:, 1:].astype(mx.float32)  # (B, L-1)
         logits = model.language_model(inputs, embeds, position_ids=positions).logits  # (B, L-1, V)
         ce = cross_entropy(logits.astype(mx.float32), targets) * weights
         ntoks = weights.sum()
         return ce.sum() / mx.maximum(ntoks, 1), ntoks
+
+
+def vision_cut(feed: VisionFeed, examples: Sequence[VisionExample], k: int, log) -> Cut | None:
+    """The language model cut before block k, checked on the first shortest row's merged embeddings."""
+    rows = [int(lengths(examples).argmin())]
+    batch = collate(examples, rows)
+    embeds, positions = feed.frozen(examples, rows, batch)
+    probe = (batch[0][:, :-1], embeds[:, :-1], positions[..., :-1])
+    return find_cut(feed.model.language_model, k, probe, log, run=language_logits(feed.model))
+
+
+class VisionPrefixCache(PrefixCache):
+    """PrefixCache's states of a vision-language model's rows, each computed from its merged
+    embeddings and the model's positions, which are kept beside them for the trained blocks."""
+
+    def __init__(self, feed: VisionFeed, examples: Sequence[VisionExample]):
+        super().__init__(feed.cut, examples, feed.log, feed.trial)
+        self.feed, self.kept_positions = feed, {}
+
+    def _fill(self, indices: list[int]) -> None:
+        batch = collate(self.examples, indices)
+        embeds, positions = self.feed.frozen(self.examples, indices, batch)
+        inputs = (batch[0][:, :-1], embeds[:, :-1], positions[..., :-1])
+        h = self.cut.prefix(inputs)  # (B, L-1, D)
+        mx.eval(h)
+        self._keep(indices, h)
+        kept = np.array(inputs[2])  # (3, B, L-1) or (B, L-1)
+        for row, i in enumerate(indices):
+            self.kept_positions[i] = kept[..., row, : self.offsets[i + 1] - self.offsets[i]]
+
+    def positions(self, indices: list[int], width: int) -> mx.array:
+        """The rows' positions, (3, B, width) or (B, width); 0 past each row's end (padding, never attended)."""
+        first = self.kept_positions[indices[0]]
+        out = np.zeros((*first.shape[:-1], len(indices), width), first.dtype)
+        for row, i in enumerate(indices):
+            kept = self.kept_positions[i]
+            out[..., row, : kept.shape[-1]] = kept
+        return mx.array(out)
 
 
 def vision_sets(source, data: DataConfig, base, max_seq_length: int, log=print, **masking) -> dict[str, list]:

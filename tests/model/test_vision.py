@@ -12,8 +12,10 @@ from PIL import Image
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from mlx_lora.config import LoRAConfig
 from mlx_lora.errors import UserError
 from mlx_lora.model.base import load_base
+from mlx_lora.model.lora import select_targets
 from mlx_lora.model.vision import LAYOUTS, is_vision, layout
 
 
@@ -104,3 +106,44 @@ def test_only_checked_architectures_train():
 )
 def test_a_multimodal_checkpoint_mlx_lm_reads_stays_a_text_base(config, vision):
     assert is_vision(config) is vision
+
+
+def test_a_targets_regex_reaches_the_tower_and_projector_by_any_of_their_names(qwen2_vl):
+    """mlx-vlm's, the Hub checkpoint's and transformers' names of one tower layer pick it; names and
+    all-linear stay in the language model's last --num-layers blocks; a target naming nothing is one line."""
+    model = load_base(str(qwen2_vl)).model
+    pick = lambda targets: select_targets(model, LoRAConfig(targets=targets, num_layers=1))  # noqa: E731
+    for regex in (r"vision_tower\.blocks\.0\.attn\.qkv", r"visual\.blocks\.0\.attn\.qkv", r"model\.visual\..*qkv"):
+        assert pick(regex) == ["vision_tower.blocks.0.attn.qkv"]
+    assert pick(r"visual\.merger\.mlp\.\d|.*layers\.\d\.self_attn\.q_proj") == [
+        "language_model.model.layers.1.self_attn.q_proj",  # block 0 is not among the last 1
+        "vision_tower.merger.mlp.0",
+        "vision_tower.merger.mlp.2",
+    ]
+    assert all(p.startswith("language_model.model.layers.1.") for p in pick("all-linear") + pick("q_proj,v_proj"))
+    with pytest.raises(
+        UserError,
+        match="'fc1' matches no linear module in the selected blocks; they have: mlp.down.*; a regex reaches",
+    ):
+        pick("q_proj,fc1")
+    with pytest.raises(UserError, match=r"'visual\\.nothing' matches no linear module in the selected blocks nor the"):
+        pick(r"visual\.nothing")
+
+
+def test_a_layout_names_the_tower_as_transformers_5_does_and_refuses_what_it_cannot_name():
+    """mlx-vlm keeps transformers' names for the tower's parts but transformers' `model.` (Idefics3),
+    or a Layout's `tower` says how it renamed one (Qwen-VL's `visual`); the head has no PEFT name here."""
+    qwen, idefics3 = LAYOUTS["qwen2_vl"], LAYOUTS["idefics3"]
+    assert qwen.to_transformers("vision_tower.blocks.0.attn.qkv") == "model.visual.blocks.0.attn.qkv"
+    assert qwen.from_transformers("model.visual.blocks.0.attn.qkv") == "vision_tower.blocks.0.attn.qkv"
+    assert qwen.checkpoint_as_transformers("visual.merger.mlp.0.weight") == "model.visual.merger.mlp.0.weight"
+    assert idefics3.to_transformers("connector.modality_projection.proj") == "model.connector.modality_projection.proj"
+    assert (
+        idefics3.from_transformers("model.connector.modality_projection.proj") == "connector.modality_projection.proj"
+    )
+    assert (
+        idefics3.from_transformers("language_model.layers.1.self_attn.q_proj")
+        == "language_model.layers.1.self_attn.q_proj"
+    )
+    with pytest.raises(UserError, match="language_model.lm_head: no transformers name for this module"):
+        qwen.to_transformers("language_model.lm_head")

@@ -5,11 +5,13 @@ import json
 from types import SimpleNamespace
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import VLM_TERMS, fp32_tol, write_jsonl, write_shapes
+from conftest import VLM_TERMS, assert_tensors_close, fp32_tol, write_jsonl, write_shapes
+from mlx.utils import tree_flatten
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from PIL import Image
@@ -18,14 +20,15 @@ from typer.testing import CliRunner
 from mlx_lora.cli import app
 from mlx_lora.commands.convert import convert
 from mlx_lora.commands.evaluate import run
-from mlx_lora.config import ConvertConfig, EvalConfig, GenerateConfig, TrainConfig
+from mlx_lora.config import ConvertConfig, EvalConfig, GenerateConfig, LoRAConfig, TrainConfig
 from mlx_lora.data.batches import collate
 from mlx_lora.data.rows import file_rows
 from mlx_lora.data.vision import encode_vision_rows
 from mlx_lora.formats.loader import load_for_inference
-from mlx_lora.inference.generation import generate
+from mlx_lora.inference.generation import chat_text, generate
 from mlx_lora.model.base import load_base
 from mlx_lora.model.cpu_kernels import use_cpu_kernels
+from mlx_lora.model.lora import apply_lora, lora_layers, outside_language_model
 from mlx_lora.model.vision import LAYOUTS
 from mlx_lora.training.loop import train
 from mlx_lora.training.vision import VisionFeed
@@ -301,16 +304,19 @@ def test_an_adapter_learns_to_name_the_colour_of_held_out_squares(qwen2_vl, tmp_
     )
 
 
-def test_a_resumed_vision_run_equals_an_uninterrupted_one(qwen2_vl, shapes, tmp_path):
-    """Same batches, same images, same steps: the same adapter, bit for bit (one machine, one BLAS)."""
+def test_a_resumed_vision_run_equals_an_uninterrupted_one(vlm, shapes, tmp_path):
+    """Same batches, same images, same steps: the same adapter, bit for bit (one machine, one BLAS);
+    with --num-layers 1 each run reads the frozen prefix from its cache, filled anew after the resume."""
     from mlx_lora.training.checkpoint import checkpoint_dir
 
-    common = dict(model=str(qwen2_vl), data=str(shapes), batch_size=4, num_layers=1, val_batches=1, iters=4)
+    common = dict(model=str(vlm), data=str(shapes), batch_size=4, num_layers=1, val_batches=1, iters=4)
     train(TrainConfig(**common, adapter_path=str(tmp_path / "whole")), log=lambda _: None)
     train(TrainConfig(**common, adapter_path=str(tmp_path / "first"), save_every=2), log=lambda _: None)
     at = str(checkpoint_dir(tmp_path / "first", 2))
     resumed = TrainConfig(**common, resume=at, adapter_path=str(tmp_path / "resumed"))
-    train(resumed, log=lambda _: None)
+    lines = []
+    train(resumed, log=lines.append)
+    assert any(str(line).startswith("speed: the image merge and blocks 0-0 are frozen") for line in lines)
     whole, again = (mx.load(str(tmp_path / d / "adapters.safetensors")) for d in ("whole", "resumed"))
     assert whole.keys() == again.keys() and all(mx.array_equal(whole[k], again[k]).item() for k in whole)
 
@@ -328,3 +334,156 @@ def test_eval_compares_a_vision_adapter_with_its_base(qwen2_vl, shapes, adapter,
     assert both["base"] == alone["base"] and both["base"]["answered"] == 2
     assert both["adapter"]["loss"] < both["base"]["loss"]
     assert [p["base"] for p in both["predictions"]] == [p["base"] for p in alone["predictions"]]
+
+
+# every linear of the tower and projector (by mlx-vlm's names: a name under `model.` is a language
+# model's, in the Hub's or transformers' spelling), and the last block's q_proj of the language model
+TOWER_REGEX = r"(?!language_model\.|model\.).*|.*\.layers\.1\.self_attn\.q_proj"
+
+
+@pytest.fixture(scope="module")
+def tower_adapter(vlm, shapes, tmp_path_factory):
+    """Four steps of LoRA on the tower, the projector and one projection of the language model."""
+    out = tmp_path_factory.mktemp("tower") / "adapter"
+    cfg = TrainConfig(
+        model=str(vlm),
+        data=str(shapes),
+        adapter_path=str(out),
+        iters=4,
+        batch_size=4,
+        num_layers=1,
+        targets=TOWER_REGEX,
+        rank=4,
+        alpha=8,
+        learning_rate=5e-2,
+    )
+    result = train(cfg, log=lambda _: None)
+    assert result.val_losses[4] < result.val_losses[0]
+    return out
+
+
+def test_lora_on_the_tower_trains_and_its_peft_export_gives_our_logits(vlm, shapes, tower_adapter, tmp_path):
+    """The tower's and projector's adapters learn (the step ran the tower, so its gradient reached
+    them: they move the logits far past rounding), and PEFT on transformers' class, wrapping exactly
+    those modules under transformers' names, gives our logits on an image."""
+    convert(ConvertConfig(str(tower_adapter), str(tmp_path / "peft"), to="peft"), log=lambda _: None)
+    ours = load_for_inference(str(vlm), str(tower_adapter))
+    spell = LAYOUTS[ours.config["model_type"]]
+    tower = [p for p in lora_layers(ours.model) if not p.startswith(spell.ours)]
+    assert set(tower) == set(outside_language_model(load_base(str(vlm)).model))  # every one of the tower's
+    assert set(lora_layers(ours.model)) - set(tower) == {spell.ours + "layers.1.self_attn.q_proj"}
+    peft_model = PeftModel.from_pretrained(hf_model(vlm), tmp_path / "peft").eval()
+    wrapped = {n for n, m in peft_model.base_model.model.named_modules() if isinstance(m, LoraLayer)}
+    assert wrapped == {spell.to_transformers(p) for p in lora_layers(ours.model)}
+    x = prompt_inputs(ours, shapes / "imgs" / "0016.png")
+    with torch.no_grad():
+        theirs = peft_model(**hf_inputs(ours, x)).logits.numpy()
+    got, bound = our_logits(ours, x), tol(ours) * np.abs(theirs).max()
+    assert np.abs(got - theirs).max() <= bound
+    for path in tower:
+        lora_layers(ours.model)[path].off = True
+    assert np.abs(our_logits(ours, x) - got).max() > 100 * bound
+
+
+def test_generate_with_a_tower_adapter_is_transformers_greedy_reply(vlm, shapes, tower_adapter, tmp_path):
+    """`generate --image` with the native tower adapter: transformers + PEFT's greedy tokens after
+    the prompt mlx-vlm built (as above; mlx-vlm's tokenizer call adds the test tokenizer's BOS)."""
+    from mlx_vlm.utils import prepare_inputs
+
+    convert(ConvertConfig(str(tower_adapter), str(tmp_path / "peft"), to="peft"), log=lambda _: None)
+    image = shapes / "imgs" / "0017.png"
+    cfg = GenerateConfig(model=str(vlm), prompt=QUESTION, image=[str(image)], max_tokens=6)
+    ours = load_for_inference(str(vlm), str(tower_adapter))
+    tokens = list(generate(ours, cfg))[-1].token_ids
+    peft_model = PeftModel.from_pretrained(hf_model(vlm), tmp_path / "peft").eval()
+    text = chat_text(ours, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}])
+    index = getattr(ours.model.config, "image_token_index", None)
+    x = dict(prepare_inputs(ours.processor, images=[str(image)], prompts=[text], image_token_index=index))
+    n = np.asarray(x["input_ids"]).shape[1]
+    forced = x | {"input_ids": np.concatenate([np.asarray(x["input_ids"]), [tokens]], axis=1)}
+    with torch.no_grad():
+        logits = peft_model(**hf_inputs(ours, forced)).logits[0, n - 1 : n - 1 + len(tokens)].numpy()
+    bound = tol(ours) * np.abs(logits).max()
+    picked = logits[np.arange(len(tokens)), tokens]
+    assert len(tokens) >= 1 and (picked >= logits.max(axis=-1) - 2 * bound).all()
+
+
+def test_fuse_merges_the_tower_adapter_too(vlm, shapes, tower_adapter, tmp_path):
+    """The fused directory, under mlx_vlm.load and transformers' class, gives our base + tower adapter's logits."""
+    import mlx_vlm
+
+    out = tmp_path / "fused"
+    args = ["fuse", "--model", str(vlm), "--adapter-path", str(tower_adapter), "--save-path", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    ours = load_for_inference(str(vlm), str(tower_adapter))
+    x = prompt_inputs(ours, shapes / "imgs" / "0016.png")
+    want = our_logits(ours, x)
+    bound = tol(ours) * np.abs(want).max()
+    model, _ = mlx_vlm.load(str(out))
+    assert np.abs(our_logits(SimpleNamespace(model=model), x) - want).max() <= bound
+    with torch.no_grad():
+        theirs = hf_model(out)(**hf_inputs(ours, x)).logits.numpy()
+    assert np.abs(theirs - want).max() <= bound
+    spell = LAYOUTS[ours.config["model_type"]]
+    for path, layer in lora_layers(ours.model).items():  # the fused model without the tower's merge is not it
+        layer.off = not path.startswith(spell.ours)
+    assert np.abs(our_logits(ours, x) - want).max() > 100 * bound
+
+
+def lora_step_inputs(vlm, shapes):
+    """The base with LoRA on its last block (B drawn, so every gradient is non-zero), and a batch of
+    three image rows and a text row."""
+    base = load_base(str(vlm))
+    use_cpu_kernels(base.model, training=True)
+    apply_lora(base.model, LoRAConfig(num_layers=1, targets="q_proj,v_proj", rank=4))
+    mx.random.seed(0)
+    for layer in lora_layers(base.model).values():
+        layer.lora_b = 0.1 * mx.random.normal(layer.lora_b.shape)
+    text = {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi there"}]}
+    rows = [json.loads(line) for line in (shapes / "train.jsonl").read_text().splitlines()[:3]]
+    data = write_jsonl(shapes / "cached.jsonl", [*rows, text])
+    token = LAYOUTS[base.config["model_type"]].image_token
+    return base, encode_vision_rows(str(data), file_rows(data), base.tokenizer, base.processor, token, 512)
+
+
+def test_a_step_reading_the_prefix_cache_equals_the_uncached_step(vlm, shapes):
+    """Loss and gradient from the hidden states kept at block 1 (from the merged embeddings and the
+    model's positions: M-RoPE for Qwen-VL) equal the whole language model's on the merged embeddings.
+    What runs in another order: the output projection and its backward, on the target rows alone
+    (sums over the vocabulary's V terms, the longest), so fp32_tol(V) of each."""
+    base, examples = lora_step_inputs(vlm, shapes)
+    rows = [0, 1, 2, 3]
+    batch = collate(examples, rows)
+    results = []
+    for feed in (
+        VisionFeed(base.model, base.processor),
+        VisionFeed(base.model, base.processor, first_trained=1, cache_prefix=True, examples=examples),
+    ):
+        feed.inputs(examples, rows, batch)  # a first batch fills the cache; the step below reads it
+        loss_and_grad = nn.value_and_grad(base.model, lambda model, *x: feed.loss(model, *x))  # noqa: B023
+        (loss, _), grads = loss_and_grad(base.model, *feed.inputs(examples, rows, batch))
+        results.append((loss.item(), dict(tree_flatten(grads)), feed.cache_prefix))
+    (plain, plain_grads, cached_first), (loss, grads, cached) = results
+    assert cached and not cached_first
+    rel = fp32_tol(len(base.tokenizer))
+    assert abs(loss - plain) <= rel * abs(plain)
+    assert_tensors_close(grads, plain_grads, rel)
+    assert all(np.abs(np.array(g)).max() > 0 for g in plain_grads.values())
+
+
+def test_a_second_epoch_reads_no_image_nor_frozen_block(vlm, shapes, tmp_path, monkeypatch):
+    """Two epochs with LoRA in the last block: the tower and the merge run once per row (the 16 train
+    rows, the 4 validation rows, the row that checks the cut), not again in the second epoch."""
+    from mlx_lora.training import vision
+
+    merged_rows = []
+    real = vision.merged
+    monkeypatch.setattr(
+        vision, "merged", lambda model, tokens, *rest: merged_rows.append(tokens.shape[0]) or real(model, tokens, *rest)
+    )
+    cfg = TrainConfig(
+        model=str(vlm), data=str(shapes), adapter_path=str(tmp_path / "a"), iters=8, batch_size=4, num_layers=1
+    )
+    train(cfg, log=lambda _: None)
+    assert sum(merged_rows) == 16 + 4 + 1
