@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import VLM_TERMS, fp32_tol, write_shapes
+from conftest import VLM_TERMS, fp32_tol, image_token_id, write_shapes
 from PIL import Image
+from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from mlx_lora.errors import UserError
 from mlx_lora.model.base import load_base
-from mlx_lora.model.vision import LAYOUTS, is_vision, layout
+from mlx_lora.model.vision import LAYOUTS, forward, is_vision, layout
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,7 @@ PROMPTS = {  # a user turn holding one image, as each chat template writes it
     "qwen2_vl": QWEN_PROMPT,
     "qwen2_5_vl": QWEN_PROMPT,
     "idefics3": "<|im_start|>User:<image>What colour?<end_of_utterance>\n",
+    "gemma3": "<start_of_turn>user\n<start_of_image>What colour?<end_of_turn>\n",
 }
 PIXELS = {  # transformers' own image processor of each, and what it makes of one 56x56 image
     # 4x4 patches of 14 pixels, merged 2x2 into 4 tokens
@@ -35,6 +37,8 @@ PIXELS = {  # transformers' own image processor of each, and what it makes of on
     "qwen2_5_vl": (Qwen2VLImageProcessorPil, {"image_grid_thw": [[1, 4, 4]]}, 4),
     # resized to 112 pixels and cut into 2x2 tiles of 56, plus the whole image: 5 tiles of 4 tokens
     "idefics3": (Idefics3ImageProcessorPil, {"pixel_attention_mask": np.ones((1, 5, 56, 56), int).tolist()}, 20),
+    # resized to 56 pixels: 4x4 patches of 14, average-pooled 2x2 into mm_tokens_per_image = 4 tokens
+    "gemma3": (Gemma3ImageProcessorPil, {}, 4),
 }
 
 
@@ -50,7 +54,7 @@ def transformers_logits(model_dir, x) -> np.ndarray:
     model = model_class.from_pretrained(model_dir, dtype=torch.float32).eval()
     given = {k: torch.tensor(v) for k, v in x.items()}
     if "image_grid_thw" in x:  # Qwen-VL's: which tokens are the image's, for its 3-D positions
-        given["mm_token_type_ids"] = torch.tensor((x["input_ids"] == config["image_token_id"]).astype(np.int64))
+        given["mm_token_type_ids"] = torch.tensor((x["input_ids"] == image_token_id(config)).astype(np.int64))
     with torch.no_grad():
         return model(**given).logits.numpy()
 
@@ -63,7 +67,7 @@ def test_vision_model_loads_through_mlx_vlm_with_its_processor(vlm, image):
     x = inputs(base, image)
     processor, shapes, image_tokens = PIXELS[kind]
     assert all(x[k].tolist() == v for k, v in shapes.items())
-    assert (x["input_ids"] == base.config["image_token_id"]).sum() == image_tokens
+    assert (x["input_ids"] == image_token_id(base.config)).sum() == image_tokens
     # the processor's pixels are transformers' own image processor's (both float32 over the same resize)
     theirs = processor.from_pretrained(vlm)(images=[image], return_tensors="np")
     np.testing.assert_allclose(x["pixel_values"], theirs["pixel_values"], atol=fp32_tol(3 * 14 * 14), rtol=0)
@@ -72,7 +76,7 @@ def test_vision_model_loads_through_mlx_vlm_with_its_processor(vlm, image):
 def test_logits_with_an_image_equal_transformers(vlm, image):
     base = load_base(str(vlm))
     x = inputs(base, image)
-    ours = base.model(mx.array(x["input_ids"]), **{k: mx.array(v) for k, v in x.items() if k != "input_ids"}).logits
+    ours = forward(base.model, {k: mx.array(v) for k, v in x.items()})  # as mlx-vlm's generation runs it
     want = transformers_logits(vlm, x)
     # fp32 through other kernels: n·EPS of the logits' size, n the terms of the longest sums on the
     # way (conftest's VLM_TERMS: the 2 blocks' 128-wide MLPs; Idefics3's patch sums besides)
@@ -84,7 +88,8 @@ def test_only_checked_architectures_train():
     assert layout({"model_type": "qwen2_vl"}, "training") is LAYOUTS["qwen2_vl"]
     assert layout({"model_type": "qwen2_5_vl"}, "training") is LAYOUTS["qwen2_5_vl"]
     assert layout({"model_type": "idefics3"}, "training") is LAYOUTS["idefics3"]
-    with pytest.raises(UserError, match="supports idefics3, qwen2_5_vl, qwen2_vl so far, not 'llava'"):
+    assert layout({"model_type": "gemma3"}, "training") is LAYOUTS["gemma3"]
+    with pytest.raises(UserError, match="supports gemma3, idefics3, qwen2_5_vl, qwen2_vl so far, not 'llava'"):
         layout({"model_type": "llava", "vision_config": {}}, "training")
 
 
@@ -97,7 +102,9 @@ def test_only_checked_architectures_train():
         ({"model_type": "phi3_v", "vision_config": {}}, True),
         ({"model_type": "phi3_v", "img_processor": {"image_dim_out": 1024}}, True),  # Phi-3-vision's Hub config
         ({"model_type": "llava", "vision_config": {}}, False),  # mlx-lm reads it as mistral3
-        ({"model_type": "gemma3", "vision_config": {}}, False),  # mlx-lm reads its language model, as before
+        ({"model_type": "gemma3", "vision_config": {}}, True),  # checked here (mlx-lm would read its text alone)
+        ({"model_type": "gemma3", "text_config": {"hidden_size": 64}}, False),  # no tower: mlx-lm, as before
+        ({"model_type": "gemma3_text"}, False),
         ({"model_type": "mistral3", "vision_config": {}}, False),
         ({"model_type": "qwen2"}, False),
     ],
