@@ -6,6 +6,11 @@ compiled step, and the step runs the language model on the merged embeddings wit
 the model computed for them (Qwen2-VL's 3-D M-RoPE positions; Idefics3's language model counts
 them from 0 itself). The block-level frozen-prefix cache (prefix_cache.py) is not used: its cut
 runs mlx-lm's blocks on 1-D positions.
+
+Gemma 3's image tokens attend to every token of their own image, later ones included, as transformers'
+Gemma 3 computes whenever its processor's token_type_ids are given (training and eval mode alike, and
+its generate's prefill); mlx-vlm's language model is causal throughout, so the step runs Gemma 3's
+blocks itself with those masks (image_block_masks, gemma3_logits).
 """
 
 from collections.abc import Sequence
@@ -43,16 +48,53 @@ class VisionFeed(Feed):
         if positions is None:  # the same positions, so every model's step reads one shape of input
             positions = mx.broadcast_to(mx.arange(tokens.shape[1])[None], tokens.shape)  # (B, L)
         mx.eval(embeds, positions)
-        return tokens, embeds[:, :-1], positions[..., :-1], mask
+        if self.model.config.model_type not in IMAGE_BLOCKS:
+            return tokens, embeds[:, :-1], positions[..., :-1], mask
+        text = self.model.language_model.config
+        image = self.model.config.image_token_index
+        attention = image_block_masks(np.array(tokens[:, :-1]) == image, text.sliding_window)
+        return tokens, embeds[:, :-1], positions[..., :-1], mask, attention
 
-    def loss(self, model: nn.Module, tokens, embeds, positions, mask) -> tuple[mx.array, mx.array]:
+    def loss(self, model: nn.Module, tokens, embeds, positions, mask, attention=None) -> tuple[mx.array, mx.array]:
         """Mean cross-entropy over the masked targets (feed.loss_fn's, on the merged embeddings)."""
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L-1)
         weights = mask[:, 1:].astype(mx.float32)  # (B, L-1)
-        logits = model.language_model(inputs, embeds, position_ids=positions).logits  # (B, L-1, V)
+        if attention is None:
+            logits = model.language_model(inputs, embeds, position_ids=positions).logits  # (B, L-1, V)
+        else:
+            logits = gemma3_logits(model.language_model, embeds, attention)
         ce = cross_entropy(logits.astype(mx.float32), targets) * weights
         ntoks = weights.sum()
         return ce.sum() / mx.maximum(ntoks, 1), ntoks
+
+
+IMAGE_BLOCKS = ("gemma3",)  # architectures whose image tokens see their whole image (transformers' token_type_ids)
+
+
+def image_block_masks(is_image: np.ndarray, window: int) -> mx.array:
+    """(2, B, 1, L, L) bool: may query q attend to key k, in a global block ([0]) and in a sliding-window
+    block ([1]): causally, or both in one image's run of tokens (transformers' Gemma 3 masks with
+    token_type_ids: causal OR same image; and, in a sliding block, within the window, k > q - window)."""
+    starts = is_image & ~np.pad(is_image, ((0, 0), (1, 0)))[:, :-1]  # (B, L): the first token of each run
+    run = np.where(is_image, np.cumsum(starts, axis=1), 0)  # (B, L): 1, 2, ... per image, 0 for text
+    q, k = np.arange(is_image.shape[1])[:, None], np.arange(is_image.shape[1])[None]
+    same = (run[:, :, None] == run[:, None, :]) & (run[:, :, None] > 0)  # (B, L, L)
+    full = (k <= q) | same
+    return mx.array(np.stack([full, full & (k > q - window)])[:, :, None])
+
+
+def gemma3_logits(lm: nn.Module, embeds: mx.array, attention: mx.array) -> mx.array:
+    """(B, L, V) logits of mlx-vlm's Gemma 3 language model on merged embeddings, each block given its own
+    mask of image_block_masks (its __call__ gives every block one mask): the same steps as its
+    Gemma3Model (embeddings times √width, in bfloat16 as mlx-vlm rounds it; blocks; norm) and head."""
+    text = lm.model
+    h = embeds  # (B, L, D)
+    if text.scale_inputs_embeds:
+        h = h * mx.array(text.config.hidden_size**0.5, mx.bfloat16).astype(h.dtype)
+    pattern = text.sliding_window_pattern
+    for i, layer in enumerate(text.layers):
+        h = layer(h, attention[0 if i % pattern == pattern - 1 else 1])
+    return lm.lm_head(text.norm(h))
 
 
 def vision_sets(source, data: DataConfig, base, max_seq_length: int, log=print, **masking) -> dict[str, list]:
