@@ -18,6 +18,7 @@ import mlx.nn as nn
 from mlx_lm.utils import MODEL_REMAPPING
 
 from mlx_lora.errors import UserError
+from mlx_lora.model.stops import end_of_turn
 
 VISION_HINT = 'pip install "mlx-lora[vision]"'
 VISION_CONFIG_KEYS = ("vision_config", "img_processor")  # img_processor: Phi-3-vision's Hub config.json
@@ -112,7 +113,18 @@ def load_vision(path: Path, config: dict[str, Any], lazy: bool) -> tuple[nn.Modu
         raise UserError(f"--model {path}: mlx-vlm cannot load it ({e}); point --model at a complete model") from None
     if (fixed := merge_width(config)) is not config:
         model.config.hidden_size = fixed[TEXT_WIDTH]  # this model's own config object, read by its merge
+    stop_at_end_of_turn(processor)
     return model, processor
+
+
+def stop_at_end_of_turn(processor) -> None:
+    """mlx-vlm's generation stops on config.json's `eos_token_id` alone; the chat template's end of turn
+    (Gemma 3's <end_of_turn>, where a config lists only <eos>) joins them, as model/stops.py does for
+    a text model's tokenizer."""
+    criteria = getattr(getattr(processor, "tokenizer", processor), "stopping_criteria", None)
+    eot = end_of_turn(getattr(processor, "tokenizer", processor))
+    if criteria is not None and eot is not None and eot not in criteria.eos_token_ids:
+        criteria.add_eos_token_ids(eot)
 
 
 TEXT_WIDTH = "hidden_size"

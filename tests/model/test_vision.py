@@ -111,3 +111,22 @@ def test_only_checked_architectures_train():
 )
 def test_a_multimodal_checkpoint_mlx_lm_reads_stays_a_text_base(config, vision):
     assert is_vision(config) is vision
+
+
+@pytest.mark.parametrize("vlm", ["gemma3"], indirect=True)  # the others' EOS is their end of turn
+def test_generation_through_mlx_vlm_stops_at_the_templates_end_of_turn(vlm, tmp_path):
+    """Gemma 3's config.json may list <eos> alone (mlx-vlm stops on its eos_token_id): the chat template's
+    <end_of_turn> stops mlx-vlm's generation too, as it stops a text model's."""
+    import shutil
+
+    from mlx_lora.model.stops import end_of_turn
+
+    model_dir = shutil.copytree(vlm, tmp_path / "model")
+    config = json.loads((model_dir / "config.json").read_text())
+    eos = load_base(str(vlm), lazy=True).tokenizer.eos_token_id
+    (model_dir / "config.json").write_text(json.dumps(config | {"eos_token_id": eos}))
+    (model_dir / "generation_config.json").unlink(missing_ok=True)
+    base = load_base(str(model_dir), lazy=True)
+    eot = end_of_turn(base.processor.tokenizer)
+    assert eot is not None and eot != eos
+    assert {eos, eot} <= set(base.processor.tokenizer.stopping_criteria.eos_token_ids)
