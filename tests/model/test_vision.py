@@ -130,3 +130,24 @@ def test_generation_through_mlx_vlm_stops_at_the_templates_end_of_turn(vlm, tmp_
     eot = end_of_turn(base.processor.tokenizer)
     assert eot is not None and eot != eos
     assert {eos, eot} <= set(base.processor.tokenizer.stopping_criteria.eos_token_ids)
+
+
+@pytest.mark.parametrize("vlm", ["gemma3"], indirect=True)
+def test_a_gemma3_without_a_vision_config_still_loads_through_mlx_lm(vlm, tmp_path):
+    """The same checkpoint with its vision_config taken out is a text model, as before: mlx-lm reads its
+    language model, which computes what mlx-vlm's does on text (mlx-lm reads the vocabulary size at the
+    top of config.json; its default is the Hub's 262208)."""
+    import shutil
+
+    text_dir = shutil.copytree(vlm, tmp_path / "text")
+    config = json.loads((text_dir / "config.json").read_text())
+    config = {k: v for k, v in config.items() if k != "vision_config"} | {
+        "vocab_size": config["text_config"]["vocab_size"]
+    }
+    (text_dir / "config.json").write_text(json.dumps(config))
+    text, vision = load_base(str(text_dir)), load_base(str(vlm))
+    assert text.processor is None and type(text.model).__module__ == "mlx_lm.models.gemma3"
+    ids = mx.array([text.tokenizer.encode("<start_of_turn>user\nSay hi<end_of_turn>\n")])
+    got, want = np.array(text.model(ids)), np.array(forward(vision.model, {"input_ids": ids}))
+    # the same blocks through two implementations: fp32 rounding of the 2 blocks' 128-wide MLP sums
+    assert np.abs(got - want).max() <= fp32_tol(2 * 128) * np.abs(want).max()
