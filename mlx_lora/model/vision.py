@@ -121,8 +121,8 @@ def stop_at_end_of_turn(processor) -> None:
     """mlx-vlm's generation stops on config.json's `eos_token_id` alone; the chat template's end of turn
     (Gemma 3's <end_of_turn>, where a config lists only <eos>) joins them, as model/stops.py does for
     a text model's tokenizer."""
-    criteria = getattr(getattr(processor, "tokenizer", processor), "stopping_criteria", None)
-    eot = end_of_turn(getattr(processor, "tokenizer", processor))
+    tokenizer = getattr(processor, "tokenizer", processor)  # mlx-vlm: its tokenizer, else the processor
+    criteria, eot = getattr(tokenizer, "stopping_criteria", None), end_of_turn(tokenizer)
     if criteria is not None and eot is not None and eot not in criteria.eos_token_ids:
         criteria.add_eos_token_ids(eot)
 
