@@ -175,6 +175,11 @@ def image_from_url(where: str, url) -> Any:
 def expand_images(where: str, tokens, mask, images: list[Path | str], processor, image_token: str) -> tuple:
     """Each of the template's image placeholders replaced by its image's run of tokens (masked out), and
     where the last run ends."""
+    stray = getattr(processor, "image_token", image_token)  # the features' token: Gemma 3's <image_soft_token>
+    if stray != image_token and (tokens == processor.tokenizer.convert_tokens_to_ids(stray)).any():
+        raise UserError(
+            f"{where}: its text holds {stray!r}, the token this model reads an image's features into; leave it out"
+        )
     token_id = processor.tokenizer.convert_tokens_to_ids(image_token)
     at = np.flatnonzero(tokens == token_id)
     if len(at) != len(images):

@@ -117,6 +117,17 @@ def load_vision(path: Path, config: dict[str, Any], lazy: bool) -> tuple[nn.Modu
     return model, processor
 
 
+def refuse_feature_token(where: str, text: str, config: dict[str, Any], processor) -> None:
+    """One line for a prompt (already in the chat template) holding the token a checked model's processor
+    writes for an image's features where that is not the template's placeholder (Gemma 3's
+    <image_soft_token> for <start_of_image>): the model would meet more image tokens than features, on
+    which mlx-vlm stops with a shape error. data/vision.py refuses such a row."""
+    spell = LAYOUTS.get(config.get("model_type"))
+    token = getattr(processor, "image_token", None)
+    if spell is not None and isinstance(token, str) and token != spell.image_token and token in text:
+        raise UserError(f"{where} holds {token!r}, the token this model reads an image's features into; leave it out")
+
+
 def stop_at_end_of_turn(processor) -> None:
     """mlx-vlm's generation stops on config.json's `eos_token_id` alone; the chat template's end of turn
     (Gemma 3's <end_of_turn>, where a config lists only <eos>) joins them, as model/stops.py does for

@@ -119,6 +119,22 @@ def test_a_cut_between_gemma3s_start_of_image_and_its_image_tokens_is_refused(vl
     assert ex.images_end == end + 3 and base.processor.tokenizer.decode(ex.tokens[end + 1 : end + 3]) == "\n\n"
 
 
+@pytest.mark.parametrize("vlm", ["gemma3"], indirect=True)
+def test_gemma3s_image_token_written_into_the_text_is_one_line(vlm, shapes, tmp_path):
+    """Gemma 3's processor puts an image's features on <image_soft_token>, not on the template's
+    <start_of_image>: a row whose text holds it would give the model more image tokens than features."""
+    from mlx_lora.model.vision import LAYOUTS
+
+    base = load_base(str(vlm), lazy=True)
+    path = write_jsonl(
+        tmp_path / "train.jsonl", [image_row(str(shapes / "imgs" / "0000.png"), "<image_soft_token> What?")]
+    )
+    with pytest.raises(UserError, match=r"train.jsonl:1: its text holds '<image_soft_token>', the token this model"):
+        encode_vision_rows(
+            str(path), file_rows(path), base.tokenizer, base.processor, LAYOUTS["gemma3"].image_token, 512
+        )
+
+
 def data_url(path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
