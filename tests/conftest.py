@@ -259,6 +259,124 @@ def make_idefics3(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+# Gemma 3's chat template (google/gemma-3-4b-it): `<start_of_image>` for an image part, which its
+# processor expands to "\n\n<start_of_image>" + mm_tokens_per_image x <image_soft_token> + "<end_of_image>\n\n"
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    '    {%- set first_user_prefix = "" -%}\n'
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    '        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}\n'
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    '        {%- set role = "model" -%}\n'
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    '        {{ raise_exception("Invalid content type") }}\n'
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n"
+)
+GEMMA3_IMAGE_TOKENS = {
+    "boi_token": "<start_of_image>",
+    "eoi_token": "<end_of_image>",
+    "image_token": "<image_soft_token>",
+}
+
+
+def make_gemma3_vl(directory: Path, seed: int = 0) -> Path:
+    """A random Gemma 3 with vision made by transformers: 2 Gemma 3 blocks of width 64 (the first
+    sliding-window, window 4, the second global), a 1-block SigLIP tower on 56-pixel images of
+    14-pixel patches (4x4), which the projector average-pools 2x2 into mm_tokens_per_image = 4 tokens;
+    embeddings tied, as every Gemma 3. Saved with Gemma3Processor, the shipped tokenizer plus Gemma 3's
+    image and turn tokens, and Gemma 3's chat template; config.json is rewritten in the Hub's layout
+    (google/gemma-3-4b-it: image_token_index, rope_scaling and sliding_window_pattern in text_config)."""
+    import safetensors.torch
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, PreTrainedTokenizerFast
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(DEFAULT_MODEL_DIR, extra_special_tokens=GEMMA3_IMAGE_TOKENS)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tokenizer.chat_template = GEMMA3_TEMPLATE
+    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in GEMMA3_IMAGE_TOKENS.items()}
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    text = dict(SMALL, num_hidden_layers=2, head_dim=16, query_pre_attn_scalar=16, vocab_size=len(tokenizer))
+    text |= dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"], initializer_range=0.1)
+    text |= dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=[tokenizer.eos_token_id, end_of_turn], pad_token_id=0
+    )
+    rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0}}
+    text["rope_parameters"] = rope | {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=14)
+    vision |= dict(image_size=56, vision_use_head=False)
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        boi_token_index=ids["boi_token"],
+        eoi_token_index=ids["eoi_token"],
+        image_token_index=ids["image_token"],
+        eos_token_id=[tokenizer.eos_token_id, end_of_turn],
+        initializer_range=0.1,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # transformers starts the projection at zero, which would hide the image
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.1)
+    model.save_pretrained(directory)
+    images = Gemma3ImageProcessorPil(size={"height": 56, "width": 56})
+    Gemma3Processor(images, tokenizer, chat_template=GEMMA3_TEMPLATE, image_seq_length=4).save_pretrained(directory)
+    # the Hub's tensor names: transformers 5 saves the SigLIP tower as vision_tower.*, the Hub (and
+    # mlx-vlm) spell it vision_tower.vision_model.*
+    weights = safetensors.torch.load_file(directory / "model.safetensors")
+    tower = "vision_tower."
+    hub = {(tower + "vision_model." + k[len(tower) :] if k.startswith(tower) else k): v for k, v in weights.items()}
+    safetensors.torch.save_file(hub, directory / "model.safetensors", metadata={"format": "pt"})
+    saved = json.loads((directory / "config.json").read_text())
+    text = saved["text_config"]
+    rope = text.pop("rope_parameters")
+    for key in ("layer_types", "_sliding_window_pattern", "use_bidirectional_attention"):
+        text.pop(key)
+    text |= {
+        "sliding_window_pattern": 2,
+        "rope_theta": rope["full_attention"]["rope_theta"],
+        "rope_local_base_freq": rope["sliding_attention"]["rope_theta"],
+        "rope_scaling": {"rope_type": "linear", "factor": rope["full_attention"]["factor"]},
+        # mlx-vlm's projector reads it from text_config, where its default is the Hub's 256
+        "mm_tokens_per_image": saved["mm_tokens_per_image"],
+    }
+    (directory / "config.json").write_text(json.dumps(saved, indent=2))
+    return directory
+
+
 BY_DESIGN = "by design: "  # the start of a skip reason that holds on CI's machine too
 
 
@@ -349,10 +467,18 @@ def qwen2_vl(tmp_path_factory) -> Path:
     return make_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl"))
 
 
-VLM_KINDS = ("qwen2_vl", "qwen2_5_vl", "idefics3")  # every architecture in mlx_lora/model/vision.py: LAYOUTS
+VLM_KINDS = ("qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3")  # every architecture in mlx_lora/model/vision.py: LAYOUTS
 # the terms of the longest sums on the way to each one's logits, for fp32_tol: the 2 blocks' 128-wide
-# MLPs; Idefics3's SigLIP tower layer-normalizes its 3·14·14-term patch sums, which carries their rounding on
-VLM_TERMS = {"qwen2_vl": 2 * 128, "qwen2_5_vl": 2 * 128, "idefics3": 3 * 14 * 14 + 2 * 128}
+# MLPs; Idefics3's and Gemma 3's SigLIP towers layer-normalize their 3·14·14-term patch sums, which
+# carries their rounding on (Gemma 3's 2x2 average pool and 32-wide projection add sums shorter than those)
+SIGLIP_TERMS = 3 * 14 * 14 + 2 * 128
+VLM_TERMS = {"qwen2_vl": 2 * 128, "qwen2_5_vl": 2 * 128, "idefics3": SIGLIP_TERMS, "gemma3": SIGLIP_TERMS}
+
+
+def image_token_id(config: dict) -> int:
+    """The token whose embeddings a vision-language config's images replace (Gemma 3's Hub config.json
+    spells it image_token_index)."""
+    return config.get("image_token_id", config.get("image_token_index"))
 
 
 @pytest.fixture(scope="session", params=VLM_KINDS)
@@ -362,6 +488,8 @@ def vlm(request, tmp_path_factory) -> Path:
         return request.getfixturevalue("qwen2_vl")
     if request.param == "idefics3":
         return make_idefics3(tmp_path_factory.mktemp("idefics3"))
+    if request.param == "gemma3":
+        return make_gemma3_vl(tmp_path_factory.mktemp("gemma3"))
     return make_qwen2_vl(tmp_path_factory.mktemp(request.param), kind=request.param)
 
 

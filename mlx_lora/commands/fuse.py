@@ -1,5 +1,6 @@
 """Base + adapter -> merged model directory that mlx-lm and transformers load; checks itself."""
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from mlx_lora.model.gguf import ARCHITECTURES as GGUF_READABLE
 from mlx_lora.model.gguf import GGUF_SUFFIX, gguf_model
 from mlx_lora.model.lora import fuse_lora, lora_layers
 from mlx_lora.model.precision import restore, set_precision
-from mlx_lora.model.vision import is_vision, read_config
+from mlx_lora.model.vision import is_vision, merge_width, read_config
 from mlx_lora.training.memory import compute_dtype
 
 CHECK_PROMPT = "Q: Tom has 3 apples and buys 4 more. How many apples does he have?\nA: 3 + 4 = 7. #### 7"
@@ -119,6 +120,8 @@ def fuse_vision(cfg: FuseConfig, config: dict, adapter: AdapterConfig, weights, 
     restore(base.precision, "saved as stored")  # so the merged weights come out in the base's dtype
     with replace_dir(Path(cfg.save_path), COMMAND, "--save-path", inputs(cfg, name)) as tmp:
         write_shards(base, tmp, log, names)
+        if (fixed := merge_width(base.config)) is not base.config:  # so that mlx-vlm alone merges images right
+            (tmp / "config.json").write_text(json.dumps(fixed, indent=2))
         fused = load_base(str(tmp), compute=cfg.compute_dtype)
         use_cpu_kernels(fused.model, quantized=False)
         diff = mx.abs(vision_logits(fused.model, probe) - expected).max().item()

@@ -18,7 +18,7 @@ from mlx_lora.errors import UserError
 from mlx_lora.inference.generation import chat_text
 from mlx_lora.model.base import Base
 from mlx_lora.model.lora import lora_layers
-from mlx_lora.model.vision import layout
+from mlx_lora.model.vision import forward, layout
 
 CHECK_QUESTION = "What colour is the square?"
 CHECK_SIDE = 56  # pixels: two of Qwen2-VL's 28-pixel merged patches, one of Idefics3's 56-pixel tiles
@@ -79,7 +79,5 @@ def check_inputs(base: Base) -> dict[str, mx.array]:
 
 
 def vision_logits(model: nn.Module, inputs: dict[str, mx.array]) -> mx.array:
-    """(T, V) float32 logits of the check inputs, called as mlx-vlm's generation calls the model."""
-    rest = {k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values", "attention_mask")}
-    out = model(inputs["input_ids"], inputs.get("pixel_values"), mask=inputs.get("attention_mask"), **rest)
-    return out.logits[0].astype(mx.float32)
+    """(T, V) float32 logits of the check inputs, computed as mlx-vlm's generation computes them."""
+    return forward(model, inputs)[0].astype(mx.float32)

@@ -40,6 +40,7 @@ class VisionExample:
     tokens: np.ndarray  # (T,) int32, each image as its processor's run of image tokens
     mask: np.ndarray  # (T,) bool: token t is a training target
     images: tuple[Path | str, ...]  # in the order their runs appear in `tokens`; a str is a data URL
+    images_end: int = 0  # tokens up to the end of the last image's run (0: no image)
 
 
 @dataclass(frozen=True, eq=False)
@@ -172,7 +173,13 @@ def image_from_url(where: str, url) -> Any:
 
 
 def expand_images(where: str, tokens, mask, images: list[Path | str], processor, image_token: str) -> tuple:
-    """Each of the template's image placeholders replaced by its image's run of tokens (masked out)."""
+    """Each of the template's image placeholders replaced by its image's run of tokens (masked out), and
+    where the last run ends."""
+    stray = getattr(processor, "image_token", image_token)  # the features' token: Gemma 3's <image_soft_token>
+    if stray != image_token and (tokens == processor.tokenizer.convert_tokens_to_ids(stray)).any():
+        raise UserError(
+            f"{where}: its text holds {stray!r}, the token this model reads an image's features into; leave it out"
+        )
     token_id = processor.tokenizer.convert_tokens_to_ids(image_token)
     at = np.flatnonzero(tokens == token_id)
     if len(at) != len(images):
@@ -187,9 +194,10 @@ def expand_images(where: str, tokens, mask, images: list[Path | str], processor,
         out_tokens += [tokens[start:i], run.astype(np.int32)]
         out_mask += [mask[start:i], np.zeros(len(run), bool)]
         start = i + 1
+    end = sum(len(t) for t in out_tokens)
     out_tokens.append(tokens[start:])
     out_mask.append(mask[start:])
-    return np.concatenate(out_tokens), np.concatenate(out_mask)
+    return np.concatenate(out_tokens), np.concatenate(out_mask), end
 
 
 def encode_vision_row(
@@ -203,8 +211,8 @@ def encode_vision_row(
         return VisionExample(ex.tokens, ex.mask, ()), fmt
     tokens, mask = encode_chat(where, tokenizer, template, **masking)
     mask[:1] = False  # nothing predicts the first token
-    tokens, mask = expand_images(where, tokens, mask, images, processor, image_token)
-    return VisionExample(tokens, mask, tuple(images)), fmt
+    tokens, mask, end = expand_images(where, tokens, mask, images, processor, image_token)
+    return VisionExample(tokens, mask, tuple(images), end), fmt
 
 
 def encode_vision_rows(
@@ -228,10 +236,9 @@ def encode_vision_rows(
         first = first or (fmt, row)
         check_same_format(row, fmt, *first)
         if len(ex.tokens) > max_seq_length:
-            last_image = np.flatnonzero(ex.tokens == processor.tokenizer.convert_tokens_to_ids(image_token))
-            if len(last_image) and last_image[-1] >= max_seq_length:
+            if ex.images_end > max_seq_length:
                 raise UserError(
-                    f"{row.where}: its images end at token {last_image[-1] + 1}, past --max-seq-length "
+                    f"{row.where}: its images end at token {ex.images_end}, past --max-seq-length "
                     f"{max_seq_length}; raise --max-seq-length or use smaller images"
                 )
             truncated += 1

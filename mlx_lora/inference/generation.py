@@ -10,6 +10,7 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lora.config import GenerateConfig, InferenceConfig
 from mlx_lora.errors import UserError
 from mlx_lora.model.base import Base
+from mlx_lora.model.vision import refuse_feature_token
 from mlx_lora.reporting.progress import Bar
 
 LONG_PROMPT = 512  # tokens; shorter prompts are read too fast for a progress bar to help
@@ -101,6 +102,7 @@ def vision_responses(base: Base, text: str, images: list, max_tokens: int, sampl
     model's own processor: generate, chat, eval and serve."""
     from mlx_vlm.generate import stream_generate  # present: the base was loaded through it
 
+    refuse_feature_token("the prompt", text, base.config, base.processor)
     read = [str(p) if isinstance(p, (str, Path)) else p for p in images] or None
     yield from stream_generate(base.model, base.processor, text, image=read, max_tokens=max_tokens, sampler=sampler)
 

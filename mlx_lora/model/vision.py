@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.utils import MODEL_REMAPPING
 
 from mlx_lora.errors import UserError
+from mlx_lora.model.stops import end_of_turn
 
 VISION_HINT = 'pip install "mlx-lora[vision]"'
 VISION_CONFIG_KEYS = ("vision_config", "img_processor")  # img_processor: Phi-3-vision's Hub config.json
@@ -89,14 +91,17 @@ LAYOUTS = {
     "qwen2_vl": QWEN_VL,
     "qwen2_5_vl": QWEN_VL,
     "idefics3": Layout("language_model.", "model.text_model.", "model.text_model.", "<image>"),  # SmolVLM
+    # Gemma 3 with vision: the Hub checkpoint (google/gemma-3-4b-it) keeps transformers 4's names
+    "gemma3": Layout("language_model.model.", "language_model.model.", "model.language_model.", "<start_of_image>"),
 }
 
 
 def is_vision(config: dict[str, Any]) -> bool:
     """A model mlx-vlm builds: a `vision_config`, and an architecture checked here (LAYOUTS) or one
     mlx-lm has no text model for. A multimodal checkpoint mlx-lm reads as its language model alone
-    (Gemma 3, Mistral 3, Pixtral) keeps loading that way: text fine-tuning of it is unchanged.
-    Phi-3-vision's config.json names its tower `img_processor` (mlx-vlm adds the `vision_config`)."""
+    (Mistral 3, Pixtral) keeps loading that way: text fine-tuning of it is unchanged; so does a Gemma 3
+    without a `vision_config` (gemma3_text, or text-only). Phi-3-vision's config.json names its tower
+    `img_processor` (mlx-vlm adds the `vision_config`)."""
     if not any(isinstance(config.get(key), dict) for key in VISION_CONFIG_KEYS):
         return False
     kind = str(config.get("model_type", ""))
@@ -145,7 +150,60 @@ def load_vision(path: Path, config: dict[str, Any], lazy: bool) -> tuple[nn.Modu
         processor = utils.load_processor(path, eos_token_ids=config.get("eos_token_id"))
     except (ValueError, TypeError, KeyError, FileNotFoundError, ImportError, RuntimeError) as e:
         raise UserError(f"--model {path}: mlx-vlm cannot load it ({e}); point --model at a complete model") from None
+    if (fixed := merge_width(config)) is not config:
+        model.config.hidden_size = fixed[TEXT_WIDTH]  # this model's own config object, read by its merge
+    stop_at_end_of_turn(processor)
     return model, processor
+
+
+def refuse_feature_token(where: str, text: str, config: dict[str, Any], processor) -> None:
+    """One line for a prompt (already in the chat template) holding the token a checked model's processor
+    writes for an image's features where that is not the template's placeholder (Gemma 3's
+    <image_soft_token> for <start_of_image>): the model would meet more image tokens than features, on
+    which mlx-vlm stops with a shape error. data/vision.py refuses such a row."""
+    spell = LAYOUTS.get(config.get("model_type"))
+    token = getattr(processor, "image_token", None)
+    if spell is not None and isinstance(token, str) and token != spell.image_token and token in text:
+        raise UserError(f"{where} holds {token!r}, the token this model reads an image's features into; leave it out")
+
+
+def stop_at_end_of_turn(processor) -> None:
+    """mlx-vlm's generation stops on config.json's `eos_token_id` alone; the chat template's end of turn
+    (Gemma 3's <end_of_turn>, where a config lists only <eos>) joins them, as model/stops.py does for
+    a text model's tokenizer."""
+    tokenizer = getattr(processor, "tokenizer", processor)  # mlx-vlm: its tokenizer, else the processor
+    criteria, eot = getattr(tokenizer, "stopping_criteria", None), end_of_turn(tokenizer)
+    if criteria is not None and eot is not None and eot not in criteria.eos_token_ids:
+        criteria.add_eos_token_ids(eot)
+
+
+TEXT_WIDTH = "hidden_size"
+
+
+def merge_width(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json as mlx-vlm must read it to merge images at the right scale. mlx-vlm's Gemma 3 divides
+    the image features by the square root of the top-level `hidden_size` (its default 2048: the Hub's
+    config.json has none) before its language model multiplies every embedding by that of the text
+    width, so that, as in transformers, only the text embeddings end up scaled: the text width is put
+    at the top where it is missing."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    if config.get("model_type") != "gemma3" or TEXT_WIDTH in config or TEXT_WIDTH not in text:
+        return config
+    return {**config, TEXT_WIDTH: text[TEXT_WIDTH]}
+
+
+def forward(model: nn.Module, inputs: dict[str, Any]) -> Any:
+    """(B, T, V) logits of a processor's inputs as mlx-vlm's generation computes them: the merged embeddings,
+    then the language model on them with what the merge returned (Qwen2-VL's 3-D positions). Not the
+    model's own __call__: mlx-vlm 0.7.10's Gemma 3 hands its language model the padding mask as the
+    attention mask, so every token would see every other."""
+    ids, rest = inputs["input_ids"], {k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values")}
+    mask = rest.pop("attention_mask", None)
+    found = model.get_input_embeddings(
+        ids, inputs.get("pixel_values"), mask=mx.ones(ids.shape) if mask is None else mask, **rest
+    )
+    merged = {k: v for k, v in found.to_dict().items() if k != "inputs_embeds" and v is not None}
+    return model.language_model(ids, inputs_embeds=found.inputs_embeds, **(rest | merged)).logits
 
 
 def read_config(path: Path) -> dict[str, Any]:

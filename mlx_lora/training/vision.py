@@ -11,6 +11,12 @@ neither the images nor the frozen blocks. When a `--targets` regex put LoRA in t
 projector, the step runs the tower and the merge itself, so its gradient reaches them; mlx-vlm's
 tower reads array values as it runs (image sizes, token counts), which mx.compile cannot trace,
 so that step is not compiled.
+
+Gemma 3's image tokens attend to every token of their own image, later ones included, as transformers'
+Gemma 3 computes whenever its processor's token_type_ids are given (training and eval mode alike, and
+its generate's prefill); mlx-vlm's language model is causal throughout, so the step runs Gemma 3's
+blocks itself with those masks (image_block_masks, gemma3_logits), and its frozen blocks' output is
+not cached (the cut runs them causally).
 """
 
 from collections.abc import Sequence
@@ -60,7 +66,8 @@ class VisionFeed(Feed):
         self.model, self.processor = model, processor
         tower = tower_layers(model)
         self.tower, self.compiled = bool(tower), not tower
-        cacheable = cache_prefix and first_trained > 0 and len(examples) > 0 and not tower
+        self.image_blocks = model.config.model_type in IMAGE_BLOCKS
+        cacheable = cache_prefix and first_trained > 0 and len(examples) > 0 and not tower and not self.image_blocks
         cut = vision_cut(self, examples, first_trained, log) if cacheable else None
         super().__init__(cut, cache_prefix=cut is not None, log=log)
         if tower:
@@ -82,13 +89,21 @@ class VisionFeed(Feed):
         mx.eval(embeds, positions)
         return embeds, positions
 
+    def blocks(self, tokens: mx.array) -> tuple:
+        """Gemma 3's masks for its blocks (image_block_masks) on the inputs of `tokens` (B, L), as a 1-tuple; ()
+        for a model whose blocks are causal throughout."""
+        if not self.image_blocks:
+            return ()
+        is_image = np.array(tokens[:, :-1]) == self.model.config.image_token_index
+        return (image_block_masks(is_image, self.model.language_model.config.sliding_window),)
+
     def inputs(self, examples: Sequence[VisionExample], rows: list[int], batch: tuple[mx.array, ...]):
         tokens, mask = batch  # (B, L) each, right-padded
         if self.tower:
-            return tokens, mask, *self.pixels(examples, rows, batch)
+            return tokens, mask, *self.pixels(examples, rows, batch), *self.blocks(tokens)
         if not self.cache_prefix:
             embeds, positions = self.frozen(examples, rows, batch)
-            return tokens, embeds[:, :-1], positions[..., :-1], mask
+            return tokens, embeds[:, :-1], positions[..., :-1], mask, *self.blocks(tokens)
         flat, weights = target_positions(np.array(mask))
         targets = np.array(tokens)[:, 1:].reshape(-1)[flat]  # (N,)
         cache = self.cache(examples)
@@ -105,19 +120,51 @@ class VisionFeed(Feed):
             tokens, states, positions, *flat = inputs
             return target_loss(self.cut, (tokens, None, positions), states, *flat)
         if self.tower:
-            tokens, mask, attention, pixels = inputs
+            tokens, mask, attention, pixels, *blocks = inputs
             embeds, positions = merged(model, tokens, attention, pixels)
-            return self.full_loss(model, tokens, embeds[:, :-1], positions[..., :-1], mask)
+            return self.full_loss(model, tokens, embeds[:, :-1], positions[..., :-1], mask, *blocks)
         return self.full_loss(model, *inputs)
 
     @staticmethod
-    def full_loss(model: nn.Module, tokens, embeds, positions, mask) -> tuple[mx.array, mx.array]:
+    def full_loss(model: nn.Module, tokens, embeds, positions, mask, attention=None) -> tuple[mx.array, mx.array]:
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L-1)
         weights = mask[:, 1:].astype(mx.float32)  # (B, L-1)
-        logits = model.language_model(inputs, embeds, position_ids=positions).logits  # (B, L-1, V)
+        if attention is None:
+            logits = model.language_model(inputs, embeds, position_ids=positions).logits  # (B, L-1, V)
+        else:
+            logits = gemma3_logits(model.language_model, embeds, attention)
         ce = cross_entropy(logits.astype(mx.float32), targets) * weights
         ntoks = weights.sum()
         return ce.sum() / mx.maximum(ntoks, 1), ntoks
+
+
+IMAGE_BLOCKS = ("gemma3",)  # architectures whose image tokens see their whole image (transformers' token_type_ids)
+
+
+def image_block_masks(is_image: np.ndarray, window: int) -> mx.array:
+    """(2, B, 1, L, L) bool: may query q attend to key k, in a global block ([0]) and in a sliding-window
+    block ([1]): causally, or both in one image's run of tokens (transformers' Gemma 3 masks with
+    token_type_ids: causal OR same image; and, in a sliding block, within the window, k > q - window)."""
+    starts = is_image & ~np.pad(is_image, ((0, 0), (1, 0)))[:, :-1]  # (B, L): the first token of each run
+    run = np.where(is_image, np.cumsum(starts, axis=1), 0)  # (B, L): 1, 2, ... per image, 0 for text
+    q, k = np.arange(is_image.shape[1])[:, None], np.arange(is_image.shape[1])[None]
+    same = (run[:, :, None] == run[:, None, :]) & (run[:, :, None] > 0)  # (B, L, L)
+    full = (k <= q) | same
+    return mx.array(np.stack([full, full & (k > q - window)])[:, :, None])
+
+
+def gemma3_logits(lm: nn.Module, embeds: mx.array, attention: mx.array) -> mx.array:
+    """(B, L, V) logits of mlx-vlm's Gemma 3 language model on merged embeddings, each block given its own
+    mask of image_block_masks (its __call__ gives every block one mask): the same steps as its
+    Gemma3Model (embeddings times √width, in bfloat16 as mlx-vlm rounds it; blocks; norm) and head."""
+    text = lm.model
+    h = embeds  # (B, L, D)
+    if text.scale_inputs_embeds:
+        h = h * mx.array(text.config.hidden_size**0.5, mx.bfloat16).astype(h.dtype)
+    pattern = text.sliding_window_pattern
+    for i, layer in enumerate(text.layers):
+        h = layer(h, attention[0 if i % pattern == pattern - 1 else 1])
+    return lm.lm_head(text.norm(h))
 
 
 def vision_cut(feed: VisionFeed, examples: Sequence[VisionExample], k: int, log) -> Cut | None:

@@ -173,3 +173,23 @@ def test_chat_on_a_template_that_reads_only_parts_keeps_every_text_turn(vlm, mon
     assert first.startswith("<|im_start|>System: Be brief<end_of_utterance>\nUser: Say hi<end_of_utterance>\n")
     reply = result.stdout.split("] you> ", 2)[1].split("\n", 1)[0]
     assert second == f"{first} {reply}<end_of_utterance>\nUser: and now?<end_of_utterance>\nAssistant:"
+
+
+@pytest.mark.parametrize("vlm", ["gemma3"], indirect=True)
+def test_generate_with_gemma3s_image_token_in_the_prompt_is_one_line(vlm, shapes):
+    """mlx-vlm stops on a shape error when a prompt holds <image_soft_token> (Gemma 3's image features'
+    token): one line instead."""
+    args = [
+        "generate",
+        "--model",
+        str(vlm),
+        "--image",
+        str(shapes / "imgs" / "0002.png"),
+        "--prompt",
+        "<image_soft_token>?",
+    ]
+    result = CliRunner().invoke(app, args)
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    says = "the token this model reads an image's features into; leave it out"
+    assert errors == [f"error: the prompt holds '<image_soft_token>', {says}"]

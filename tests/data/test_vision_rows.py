@@ -9,7 +9,7 @@ from conftest import write_jsonl, write_shapes
 from PIL import Image
 
 from mlx_lora.data.rows import file_rows
-from mlx_lora.data.vision import encode_vision_rows, pixel_inputs
+from mlx_lora.data.vision import encode_vision_row, encode_vision_rows, pixel_inputs
 from mlx_lora.errors import UserError
 from mlx_lora.model.base import load_base
 
@@ -95,6 +95,44 @@ def test_a_bad_image_row_is_one_line_naming_it(base, shapes, tmp_path, row, mess
 def test_a_cut_through_an_image_is_refused(base, shapes):
     with pytest.raises(UserError, match=r"train.jsonl:1: its images end at token \d+, past --max-seq-length 30"):
         encode(base, shapes / "train.jsonl", limit=30)
+
+
+@pytest.mark.parametrize("vlm", ["gemma3"], indirect=True)
+def test_a_cut_between_gemma3s_start_of_image_and_its_image_tokens_is_refused(vlm, shapes):
+    """Gemma 3's placeholder, <start_of_image>, opens its image's run: a cut after it but before the
+    run's end is a cut through the image, and a cut at the run's end is not."""
+    from mlx_lora.model.vision import LAYOUTS
+
+    base = load_base(str(vlm), lazy=True)
+    rows = shapes / "train.jsonl"
+    token = LAYOUTS["gemma3"].image_token
+    whole = encode_vision_rows(str(rows), file_rows(rows), base.tokenizer, base.processor, token, 512)[0]
+    ids = base.processor.tokenizer.convert_tokens_to_ids(["<start_of_image>", "<end_of_image>"])
+    start, end = (int(np.flatnonzero(whole.tokens == i)[0]) for i in ids)
+    with pytest.raises(
+        UserError, match=rf"train.jsonl:1: its images end at token \d+, past --max-seq-length {start + 2}"
+    ):
+        encode_vision_rows(str(rows), file_rows(rows), base.tokenizer, base.processor, token, start + 2)
+    # the run ends after <end_of_image> and its "\n\n" (the processor's expansion of the placeholder)
+    row = next(iter(file_rows(rows)))
+    ex, _ = encode_vision_row(row.where, row.fields, base.tokenizer, base.processor, token, train_on_prompt=False)
+    assert ex.images_end == end + 3 and base.processor.tokenizer.decode(ex.tokens[end + 1 : end + 3]) == "\n\n"
+
+
+@pytest.mark.parametrize("vlm", ["gemma3"], indirect=True)
+def test_gemma3s_image_token_written_into_the_text_is_one_line(vlm, shapes, tmp_path):
+    """Gemma 3's processor puts an image's features on <image_soft_token>, not on the template's
+    <start_of_image>: a row whose text holds it would give the model more image tokens than features."""
+    from mlx_lora.model.vision import LAYOUTS
+
+    base = load_base(str(vlm), lazy=True)
+    path = write_jsonl(
+        tmp_path / "train.jsonl", [image_row(str(shapes / "imgs" / "0000.png"), "<image_soft_token> What?")]
+    )
+    with pytest.raises(UserError, match=r"train.jsonl:1: its text holds '<image_soft_token>', the token this model"):
+        encode_vision_rows(
+            str(path), file_rows(path), base.tokenizer, base.processor, LAYOUTS["gemma3"].image_token, 512
+        )
 
 
 def data_url(path) -> str:

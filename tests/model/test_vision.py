@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import VLM_TERMS, fp32_tol, write_shapes
+from conftest import VLM_TERMS, fp32_tol, image_token_id, write_shapes
 from PIL import Image
+from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -16,7 +17,7 @@ from mlx_lora.config import LoRAConfig
 from mlx_lora.errors import UserError
 from mlx_lora.model.base import load_base
 from mlx_lora.model.lora import select_targets
-from mlx_lora.model.vision import LAYOUTS, is_vision, layout
+from mlx_lora.model.vision import LAYOUTS, forward, is_vision, layout
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,7 @@ PROMPTS = {  # a user turn holding one image, as each chat template writes it
     "qwen2_vl": QWEN_PROMPT,
     "qwen2_5_vl": QWEN_PROMPT,
     "idefics3": "<|im_start|>User:<image>What colour?<end_of_utterance>\n",
+    "gemma3": "<start_of_turn>user\n<start_of_image>What colour?<end_of_turn>\n",
 }
 PIXELS = {  # transformers' own image processor of each, and what it makes of one 56x56 image
     # 4x4 patches of 14 pixels, merged 2x2 into 4 tokens
@@ -37,6 +39,8 @@ PIXELS = {  # transformers' own image processor of each, and what it makes of on
     "qwen2_5_vl": (Qwen2VLImageProcessorPil, {"image_grid_thw": [[1, 4, 4]]}, 4),
     # resized to 112 pixels and cut into 2x2 tiles of 56, plus the whole image: 5 tiles of 4 tokens
     "idefics3": (Idefics3ImageProcessorPil, {"pixel_attention_mask": np.ones((1, 5, 56, 56), int).tolist()}, 20),
+    # resized to 56 pixels: 4x4 patches of 14, average-pooled 2x2 into mm_tokens_per_image = 4 tokens
+    "gemma3": (Gemma3ImageProcessorPil, {}, 4),
 }
 
 
@@ -52,7 +56,7 @@ def transformers_logits(model_dir, x) -> np.ndarray:
     model = model_class.from_pretrained(model_dir, dtype=torch.float32).eval()
     given = {k: torch.tensor(v) for k, v in x.items()}
     if "image_grid_thw" in x:  # Qwen-VL's: which tokens are the image's, for its 3-D positions
-        given["mm_token_type_ids"] = torch.tensor((x["input_ids"] == config["image_token_id"]).astype(np.int64))
+        given["mm_token_type_ids"] = torch.tensor((x["input_ids"] == image_token_id(config)).astype(np.int64))
     with torch.no_grad():
         return model(**given).logits.numpy()
 
@@ -65,7 +69,7 @@ def test_vision_model_loads_through_mlx_vlm_with_its_processor(vlm, image):
     x = inputs(base, image)
     processor, shapes, image_tokens = PIXELS[kind]
     assert all(x[k].tolist() == v for k, v in shapes.items())
-    assert (x["input_ids"] == base.config["image_token_id"]).sum() == image_tokens
+    assert (x["input_ids"] == image_token_id(base.config)).sum() == image_tokens
     # the processor's pixels are transformers' own image processor's (both float32 over the same resize)
     theirs = processor.from_pretrained(vlm)(images=[image], return_tensors="np")
     np.testing.assert_allclose(x["pixel_values"], theirs["pixel_values"], atol=fp32_tol(3 * 14 * 14), rtol=0)
@@ -74,7 +78,7 @@ def test_vision_model_loads_through_mlx_vlm_with_its_processor(vlm, image):
 def test_logits_with_an_image_equal_transformers(vlm, image):
     base = load_base(str(vlm))
     x = inputs(base, image)
-    ours = base.model(mx.array(x["input_ids"]), **{k: mx.array(v) for k, v in x.items() if k != "input_ids"}).logits
+    ours = forward(base.model, {k: mx.array(v) for k, v in x.items()})  # as mlx-vlm's generation runs it
     want = transformers_logits(vlm, x)
     # fp32 through other kernels: n·EPS of the logits' size, n the terms of the longest sums on the
     # way (conftest's VLM_TERMS: the 2 blocks' 128-wide MLPs; Idefics3's patch sums besides)
@@ -86,7 +90,8 @@ def test_only_checked_architectures_train():
     assert layout({"model_type": "qwen2_vl"}, "training") is LAYOUTS["qwen2_vl"]
     assert layout({"model_type": "qwen2_5_vl"}, "training") is LAYOUTS["qwen2_5_vl"]
     assert layout({"model_type": "idefics3"}, "training") is LAYOUTS["idefics3"]
-    with pytest.raises(UserError, match="supports idefics3, qwen2_5_vl, qwen2_vl so far, not 'llava'"):
+    assert layout({"model_type": "gemma3"}, "training") is LAYOUTS["gemma3"]
+    with pytest.raises(UserError, match="supports gemma3, idefics3, qwen2_5_vl, qwen2_vl so far, not 'llava'"):
         layout({"model_type": "llava", "vision_config": {}}, "training")
 
 
@@ -99,7 +104,9 @@ def test_only_checked_architectures_train():
         ({"model_type": "phi3_v", "vision_config": {}}, True),
         ({"model_type": "phi3_v", "img_processor": {"image_dim_out": 1024}}, True),  # Phi-3-vision's Hub config
         ({"model_type": "llava", "vision_config": {}}, False),  # mlx-lm reads it as mistral3
-        ({"model_type": "gemma3", "vision_config": {}}, False),  # mlx-lm reads its language model, as before
+        ({"model_type": "gemma3", "vision_config": {}}, True),  # checked here (mlx-lm would read its text alone)
+        ({"model_type": "gemma3", "text_config": {"hidden_size": 64}}, False),  # no tower: mlx-lm, as before
+        ({"model_type": "gemma3_text"}, False),
         ({"model_type": "mistral3", "vision_config": {}}, False),
         ({"model_type": "qwen2"}, False),
     ],
@@ -147,3 +154,43 @@ def test_a_layout_names_the_tower_as_transformers_5_does_and_refuses_what_it_can
     )
     with pytest.raises(UserError, match="language_model.lm_head: no transformers name for this module"):
         qwen.to_transformers("language_model.lm_head")
+
+
+@pytest.mark.parametrize("vlm", ["gemma3"], indirect=True)  # the others' EOS is their end of turn
+def test_generation_through_mlx_vlm_stops_at_the_templates_end_of_turn(vlm, tmp_path):
+    """Gemma 3's config.json may list <eos> alone (mlx-vlm stops on its eos_token_id): the chat template's
+    <end_of_turn> stops mlx-vlm's generation too, as it stops a text model's."""
+    import shutil
+
+    from mlx_lora.model.stops import end_of_turn
+
+    model_dir = shutil.copytree(vlm, tmp_path / "model")
+    config = json.loads((model_dir / "config.json").read_text())
+    eos = load_base(str(vlm), lazy=True).tokenizer.eos_token_id
+    (model_dir / "config.json").write_text(json.dumps(config | {"eos_token_id": eos}))
+    (model_dir / "generation_config.json").unlink(missing_ok=True)
+    base = load_base(str(model_dir), lazy=True)
+    eot = end_of_turn(base.processor.tokenizer)
+    assert eot is not None and eot != eos
+    assert {eos, eot} <= set(base.processor.tokenizer.stopping_criteria.eos_token_ids)
+
+
+@pytest.mark.parametrize("vlm", ["gemma3"], indirect=True)
+def test_a_gemma3_without_a_vision_config_still_loads_through_mlx_lm(vlm, tmp_path):
+    """The same checkpoint with its vision_config taken out is a text model, as before: mlx-lm reads its
+    language model, which computes what mlx-vlm's does on text (mlx-lm reads the vocabulary size at the
+    top of config.json; its default is the Hub's 262208)."""
+    import shutil
+
+    text_dir = shutil.copytree(vlm, tmp_path / "text")
+    config = json.loads((text_dir / "config.json").read_text())
+    config = {k: v for k, v in config.items() if k != "vision_config"} | {
+        "vocab_size": config["text_config"]["vocab_size"]
+    }
+    (text_dir / "config.json").write_text(json.dumps(config))
+    text, vision = load_base(str(text_dir)), load_base(str(vlm))
+    assert text.processor is None and type(text.model).__module__ == "mlx_lm.models.gemma3"
+    ids = mx.array([text.tokenizer.encode("<start_of_turn>user\nSay hi<end_of_turn>\n")])
+    got, want = np.array(text.model(ids)), np.array(forward(vision.model, {"input_ids": ids}))
+    # the same blocks through two implementations: fp32 rounding of the 2 blocks' 128-wide MLP sums
+    assert np.abs(got - want).max() <= fp32_tol(2 * 128) * np.abs(want).max()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import VLM_TERMS, assert_tensors_close, fp32_tol, write_jsonl, write_shapes
+from conftest import VLM_TERMS, assert_tensors_close, fp32_tol, image_token_id, write_jsonl, write_shapes
 from mlx.utils import tree_flatten
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
@@ -29,7 +29,7 @@ from mlx_lora.inference.generation import chat_text, generate
 from mlx_lora.model.base import load_base
 from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.model.lora import apply_lora, lora_layers, outside_language_model
-from mlx_lora.model.vision import LAYOUTS
+from mlx_lora.model.vision import LAYOUTS, forward
 from mlx_lora.training.loop import train
 from mlx_lora.training.vision import VisionFeed
 
@@ -86,8 +86,8 @@ def hf_model(model_dir):
 def hf_inputs(base, x: dict) -> dict:
     ids = np.asarray(x["input_ids"])
     out = {"input_ids": torch.tensor(ids)} | {k: torch.tensor(np.asarray(x[k])) for k in PIXEL_KEYS if k in x}
-    if base.config["model_type"] != "idefics3":  # Qwen-VL's: which tokens are the image's, for its 3-D positions
-        out["mm_token_type_ids"] = torch.tensor((ids == base.config["image_token_id"]).astype(np.int64))
+    if base.config["model_type"].startswith("qwen"):  # Qwen-VL's: which tokens are the image's, for its 3-D positions
+        out["mm_token_type_ids"] = torch.tensor((ids == image_token_id(base.config)).astype(np.int64))
     return out
 
 
@@ -102,13 +102,14 @@ def prompt_inputs(base, image_path) -> dict:
 
 
 def our_logits(base, x: dict) -> np.ndarray:
-    pixels = {k: mx.array(np.asarray(x[k])) for k in PIXEL_KEYS if k in x}
-    return np.array(base.model(mx.array(np.asarray(x["input_ids"])), pixels.pop("pixel_values"), **pixels).logits)
+    """As mlx-vlm's generation computes them (model/vision.forward)."""
+    return np.array(forward(base.model, {k: mx.array(np.asarray(x[k])) for k in ("input_ids", *PIXEL_KEYS) if k in x}))
 
 
 def test_the_loss_of_a_mixed_batch_is_transformers_loss_on_the_assistant_tokens(vlm, shapes, tmp_path):
     """Two image rows and a text row, padded into one batch: the token-weighted mean of transformers'
-    loss per row with labels on the trained tokens only (image merge, 3-D positions, masks)."""
+    loss per row with labels on the trained tokens only (image merge, 3-D positions, masks). Gemma 3's
+    with its processor's token_type_ids, with which transformers lets an image's tokens see each other."""
     text = {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi there"}]}
     rows = [json.loads(line) for line in (shapes / "train.jsonl").read_text().splitlines()[:2]]
     data = write_jsonl(shapes / "mixed.jsonl", [*rows, text])
@@ -126,8 +127,11 @@ def test_the_loss_of_a_mixed_batch_is_transformers_loss_on_the_assistant_tokens(
         if image:
             x |= base.processor.image_processor(images=image)
         labels = torch.tensor(np.where(ex.mask, ex.tokens, -100)[None].astype(np.int64))
+        given = hf_inputs(base, x)
+        if base.config["model_type"] == "gemma3":
+            given["token_type_ids"] = torch.tensor((ex.tokens[None] == image_token_id(base.config)).astype(np.int64))
         with torch.no_grad():
-            out = hf(**hf_inputs(base, x), labels=labels)
+            out = hf(**given, labels=labels)
         total, count = total + out.loss.item() * ex.mask[1:].sum(), count + int(ex.mask[1:].sum())
         largest = max(largest, out.logits.abs().max().item())
     assert ntoks.item() == count
@@ -270,7 +274,9 @@ def test_fuse_refuses_an_architecture_not_checked_here_before_loading_it(qwen2_v
     result = CliRunner().invoke(app, [*args, "--save-path", str(tmp_path / "out")])
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
-    assert errors[0].startswith("error: fuse on a vision-language model supports idefics3, qwen2_5_vl, qwen2_vl so far")
+    assert errors[0].startswith(
+        "error: fuse on a vision-language model supports gemma3, idefics3, qwen2_5_vl, qwen2_vl so far"
+    )
     assert not (tmp_path / "out").exists()
 
 
