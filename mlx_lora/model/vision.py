@@ -92,7 +92,13 @@ LAYOUTS = {
     "qwen2_5_vl": QWEN_VL,
     "idefics3": Layout("language_model.", "model.text_model.", "model.text_model.", "<image>"),  # SmolVLM
     # Gemma 3 with vision: the Hub checkpoint (google/gemma-3-4b-it) keeps transformers 4's names
-    "gemma3": Layout("language_model.model.", "language_model.model.", "model.language_model.", "<start_of_image>"),
+    "gemma3": Layout(
+        "language_model.model.",
+        "language_model.model.",
+        "model.language_model.",
+        "<start_of_image>",
+        tower=(("vision_tower.vision_model.", "vision_tower.vision_model.", "model.vision_tower."),),  # SigLIP
+    ),
 }
 
 

@@ -74,6 +74,8 @@ class VisionFeed(Feed):
             log(f"vision: LoRA on {len(tower)} layers of the tower or projector, which run in the loss, uncompiled")
         elif self.cache_prefix:
             log(f"speed: the image merge and blocks 0-{first_trained - 1} are frozen; their output is kept per row")
+        elif cache_prefix and first_trained > 0 and self.image_blocks:
+            log("speed: an image's tokens see its later ones, which a cut's blocks do not: every block runs every step")
 
     def pixels(self, examples: Sequence[VisionExample], rows: list[int], batch) -> tuple[mx.array, dict]:
         """(attention (B, L), the processor's pixel inputs of the rows' images, {} for none)."""
