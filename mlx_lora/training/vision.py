@@ -30,6 +30,20 @@ class VisionFeed(Feed):
     def __init__(self, model: nn.Module, processor, log=print):
         super().__init__(None, cache_prefix=False, log=log)
         self.model, self.processor = model, processor
+        self.one_row = layout({"model_type": model.config.model_type}, "training").merges_one_row
+
+    def merged(self, tokens: mx.array, pixels: dict, attention: mx.array) -> tuple[mx.array, mx.array | None]:
+        """(B, L, D) embeddings with the images merged in, and the positions the model computed (or None).
+        A merge that reads its batch as one row gets the rows laid end to end, (1, B·L): it places
+        each image's features at its tokens in order, and nothing in it depends on a token's position."""
+        if not self.one_row:
+            found = self.model.get_input_embeddings(tokens, pixels.pop("pixel_values", None), mask=attention, **pixels)
+            return found.inputs_embeds, found.position_ids
+        b, length = tokens.shape
+        found = self.model.get_input_embeddings(
+            tokens.reshape(1, b * length), pixels.pop("pixel_values", None), **pixels
+        )
+        return found.inputs_embeds.reshape(b, length, -1), None
 
     def inputs(self, examples: Sequence[VisionExample], rows: list[int], batch: tuple[mx.array, ...]):
         tokens, mask = batch  # (B, L) each, right-padded
@@ -37,10 +51,9 @@ class VisionFeed(Feed):
         attention = mx.array((np.arange(tokens.shape[1])[None] < sizes[:, None]).astype(np.int32))  # (B, L)
         images = [p for i in rows for p in examples[i].images]
         pixels = {k: mx.array(v) for k, v in pixel_inputs(self.processor, images).items()} if images else {}
-        found = self.model.get_input_embeddings(tokens, pixels.pop("pixel_values", None), mask=attention, **pixels)
-        embeds = mx.stop_gradient(found.inputs_embeds)  # (B, L, D)
-        positions = found.position_ids  # (3, B, L) M-RoPE; None where the model counts from 0 (Idefics3)
-        if positions is None:  # the same positions, so every model's step reads one shape of input
+        embeds, positions = self.merged(tokens, pixels, attention)  # positions: (3, B, L) M-RoPE, or None
+        embeds = mx.stop_gradient(embeds)  # (B, L, D)
+        if positions is None:  # counted from 0 (Idefics3, LLaVA): the same, so every step reads one shape
             positions = mx.broadcast_to(mx.arange(tokens.shape[1])[None], tokens.shape)  # (B, L)
         mx.eval(embeds, positions)
         return tokens, embeds[:, :-1], positions[..., :-1], mask

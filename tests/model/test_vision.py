@@ -9,6 +9,7 @@ import torch
 import transformers
 from conftest import VLM_TERMS, fp32_tol, write_shapes
 from PIL import Image
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -28,6 +29,7 @@ PROMPTS = {  # a user turn holding one image, as each chat template writes it
     "qwen2_vl": QWEN_PROMPT,
     "qwen2_5_vl": QWEN_PROMPT,
     "idefics3": "<|im_start|>User:<image>What colour?<end_of_utterance>\n",
+    "llava": "USER: <image>\nWhat colour? ",
 }
 PIXELS = {  # transformers' own image processor of each, and what it makes of one 56x56 image
     # 4x4 patches of 14 pixels, merged 2x2 into 4 tokens
@@ -35,6 +37,8 @@ PIXELS = {  # transformers' own image processor of each, and what it makes of on
     "qwen2_5_vl": (Qwen2VLImageProcessorPil, {"image_grid_thw": [[1, 4, 4]]}, 4),
     # resized to 112 pixels and cut into 2x2 tiles of 56, plus the whole image: 5 tiles of 4 tokens
     "idefics3": (Idefics3ImageProcessorPil, {"pixel_attention_mask": np.ones((1, 5, 56, 56), int).tolist()}, 20),
+    # 4x4 patches of 14 pixels, the CLS token dropped: 16 tokens
+    "llava": (CLIPImageProcessorPil, {}, 16),
 }
 
 
@@ -63,7 +67,8 @@ def test_vision_model_loads_through_mlx_vlm_with_its_processor(vlm, image):
     x = inputs(base, image)
     processor, shapes, image_tokens = PIXELS[kind]
     assert all(x[k].tolist() == v for k, v in shapes.items())
-    assert (x["input_ids"] == base.config["image_token_id"]).sum() == image_tokens
+    image_token = base.processor.tokenizer.convert_tokens_to_ids(LAYOUTS[kind].image_token)
+    assert (x["input_ids"] == image_token).sum() == image_tokens
     # the processor's pixels are transformers' own image processor's (both float32 over the same resize)
     theirs = processor.from_pretrained(vlm)(images=[image], return_tensors="np")
     np.testing.assert_allclose(x["pixel_values"], theirs["pixel_values"], atol=fp32_tol(3 * 14 * 14), rtol=0)
@@ -72,7 +77,8 @@ def test_vision_model_loads_through_mlx_vlm_with_its_processor(vlm, image):
 def test_logits_with_an_image_equal_transformers(vlm, image):
     base = load_base(str(vlm))
     x = inputs(base, image)
-    ours = base.model(mx.array(x["input_ids"]), **{k: mx.array(v) for k, v in x.items() if k != "input_ids"}).logits
+    pixels = {k: mx.array(v) for k, v in x.items() if k != "input_ids"}
+    ours = base.model(mx.array(x["input_ids"]), mask=None, **pixels).logits  # LLaVA's mask has no default
     want = transformers_logits(vlm, x)
     # fp32 through other kernels: n·EPS of the logits' size, n the terms of the longest sums on the
     # way (conftest's VLM_TERMS: the 2 blocks' 128-wide MLPs; Idefics3's patch sums besides)
@@ -84,8 +90,9 @@ def test_only_checked_architectures_train():
     assert layout({"model_type": "qwen2_vl"}, "training") is LAYOUTS["qwen2_vl"]
     assert layout({"model_type": "qwen2_5_vl"}, "training") is LAYOUTS["qwen2_5_vl"]
     assert layout({"model_type": "idefics3"}, "training") is LAYOUTS["idefics3"]
-    with pytest.raises(UserError, match="supports idefics3, qwen2_5_vl, qwen2_vl so far, not 'llava'"):
-        layout({"model_type": "llava", "vision_config": {}}, "training")
+    assert layout({"model_type": "llava"}, "training") is LAYOUTS["llava"]
+    with pytest.raises(UserError, match="supports idefics3, llava, qwen2_5_vl, qwen2_vl so far, not 'paligemma'"):
+        layout({"model_type": "paligemma", "vision_config": {}}, "training")
 
 
 @pytest.mark.parametrize(
@@ -96,7 +103,10 @@ def test_only_checked_architectures_train():
         ({"model_type": "idefics3", "vision_config": {}}, True),  # checked here (SmolVLM)
         ({"model_type": "phi3_v", "vision_config": {}}, True),
         ({"model_type": "phi3_v", "img_processor": {"image_dim_out": 1024}}, True),  # Phi-3-vision's Hub config
-        ({"model_type": "llava", "vision_config": {}}, False),  # mlx-lm reads it as mistral3
+        # checked here with a CLIP tower (LLaVA-1.5; transformers' default for a vision_config without a model_type)
+        ({"model_type": "llava", "vision_config": {"model_type": "clip_vision_model"}}, True),
+        ({"model_type": "llava", "vision_config": {}}, True),
+        ({"model_type": "llava", "vision_config": {"model_type": "pixtral"}}, False),  # mlx-lm reads it as mistral3
         ({"model_type": "gemma3", "vision_config": {}}, False),  # mlx-lm reads its language model, as before
         ({"model_type": "mistral3", "vision_config": {}}, False),
         ({"model_type": "qwen2"}, False),
