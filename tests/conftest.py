@@ -373,6 +373,75 @@ def make_gemma3_vl(directory: Path, seed: int = 0) -> Path:
         # mlx-vlm's projector reads it from text_config, where its default is the Hub's 256
         "mm_tokens_per_image": saved["mm_tokens_per_image"],
     }
+
+
+# llava-hf's LLaVA-1.5 chat template (transformers' `chat_vicuna`: a turn's parts only, its images first as
+# "<image>\n") with each assistant reply closed by </s>, as LLaVA-1.5 trained its replies (vicuna_v1:
+# "USER: <image>\nq ASSISTANT: a</s>"); the Hub's own leaves the reply open, which no loss mask can stop on
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'][0]['text'] + ' ' }}"
+    "{% else %}{{ message['role'].upper() + ': ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{ eos_token if message['role'] == 'assistant' else ' ' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def make_llava(directory: Path, seed: int = 0) -> Path:
+    """A random LLaVA-1.5 (llava-hf/llava-1.5-7b-hf's layout) made by transformers: 2 Llama blocks of
+    width 64, a 2-block CLIP tower on 56x56 images of 14-pixel patches (16 patches and a CLS token),
+    features taken from its second-to-last hidden state without the CLS (vision_feature_layer -2,
+    strategy "default"), a 2-layer GELU projector; an image is resized to 56 pixels on its short side
+    and center-cropped, and its `<image>` expanded to 16 tokens. The weights are saved under the Hub
+    checkpoint's names (language_model.model..., language_model.lm_head, multi_modal_projector...,
+    vision_tower.vision_model...: transformers 5 writes the tower as vision_tower...), config.json
+    with the text model's rope_theta (which mlx-vlm reads)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from tokenizers.processors import TemplateProcessing
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(DEFAULT_MODEL_DIR)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.chat_template = LLAVA_TEMPLATE
+    # no BOS added (as make_idefics3): mlx-vlm's generation tokenizes with the tokenizer's own special
+    # tokens, training renders the template alone
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="$A", pair="$A $B")
+    text = dict(SMALL, model_type="llama", num_hidden_layers=2, vocab_size=len(tokenizer), initializer_range=0.1)
+    text |= dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    vision |= dict(num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32)
+    config = LlavaConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration(config).save_pretrained(directory)
+    images = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    processor = LlavaProcessor(
+        images,
+        tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS token, which "default" then drops (llava-1.5-hf's processor_config)
+        chat_template=LLAVA_TEMPLATE,
+    )
+    processor.save_pretrained(directory)
+    weights = directory / "model.safetensors"
+    tower = "vision_tower."
+    hub = {
+        (tower + "vision_model." + k[len(tower) :] if k.startswith(tower) else k): v
+        for k, v in load_file(weights).items()
+    }
+    save_file(hub, weights, metadata={"format": "pt"})
+    saved = json.loads((directory / "config.json").read_text())
+    saved["text_config"]["rope_theta"] = saved["text_config"].pop("rope_parameters")["rope_theta"]
     (directory / "config.json").write_text(json.dumps(saved, indent=2))
     return directory
 
@@ -467,17 +536,24 @@ def qwen2_vl(tmp_path_factory) -> Path:
     return make_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl"))
 
 
-VLM_KINDS = ("qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3")  # every architecture in mlx_lora/model/vision.py: LAYOUTS
+VLM_KINDS = ("qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3", "llava")  # every architecture in model/vision.py: LAYOUTS
 # the terms of the longest sums on the way to each one's logits, for fp32_tol: the 2 blocks' 128-wide
 # MLPs; Idefics3's and Gemma 3's SigLIP towers layer-normalize their 3·14·14-term patch sums, which
-# carries their rounding on (Gemma 3's 2x2 average pool and 32-wide projection add sums shorter than those)
-SIGLIP_TERMS = 3 * 14 * 14 + 2 * 128
-VLM_TERMS = {"qwen2_vl": 2 * 128, "qwen2_5_vl": 2 * 128, "idefics3": SIGLIP_TERMS, "gemma3": SIGLIP_TERMS}
+# carries their rounding on (Gemma 3's 2x2 average pool and 32-wide projection add sums shorter than those),
+# and so does LLaVA's CLIP tower (its pre-LayerNorm on the patch embedding's 3·14·14-term sums)
+PATCH_TERMS = 3 * 14 * 14 + 2 * 128
+VLM_TERMS = {
+    "qwen2_vl": 2 * 128,
+    "qwen2_5_vl": 2 * 128,
+    "idefics3": PATCH_TERMS,
+    "gemma3": PATCH_TERMS,
+    "llava": PATCH_TERMS,
+}
 
 
 def image_token_id(config: dict) -> int:
-    """The token whose embeddings a vision-language config's images replace (Gemma 3's Hub config.json
-    spells it image_token_index)."""
+    """The token whose embeddings a vision-language config's images replace (Gemma 3's and LLaVA's Hub
+    config.json spell it image_token_index)."""
     return config.get("image_token_id", config.get("image_token_index"))
 
 
@@ -490,6 +566,8 @@ def vlm(request, tmp_path_factory) -> Path:
         return make_idefics3(tmp_path_factory.mktemp("idefics3"))
     if request.param == "gemma3":
         return make_gemma3_vl(tmp_path_factory.mktemp("gemma3"))
+    if request.param == "llava":
+        return make_llava(tmp_path_factory.mktemp("llava"))
     return make_qwen2_vl(tmp_path_factory.mktemp(request.param), kind=request.param)
 
 

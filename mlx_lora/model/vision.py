@@ -42,12 +42,22 @@ class Layout:
     transformers: str
     image_token: str  # the placeholder its chat template writes for one image, which its processor expands
     tower: tuple[tuple[str, str, str], ...] = ()  # (ours, checkpoint, transformers) prefixes mlx-vlm renamed
+    vision_type: str | None = None  # the vision_config model_type checked, where the model_type names others too
+    # mlx-vlm's merge of image features reads its batch as one row (LLaVA's places them by the image
+    # tokens' columns, for a batch of 1): a batch goes to it laid end to end
+    merges_one_row: bool = False
 
     def _renamed(self, path: str, src: int, dst: int) -> str | None:
         """`path` from spelling `src` (0 ours, 1 checkpoint, 2 transformers) to `dst`, by its longest prefix."""
         triples = [(self.ours, self.checkpoint, self.transformers), *self.tower]
         found = sorted((t for t in triples if path.startswith(t[src])), key=lambda t: -len(t[src]))
         return found[0][dst] + path[len(found[0][src]) :] if found else None
+
+    def checked(self, config: dict[str, Any]) -> bool:
+        """Whether `config` is the checked form of this architecture (its vision tower's, where that varies)."""
+        vision = config.get("vision_config")
+        given = vision.get("model_type", self.vision_type) if isinstance(vision, dict) else None
+        return self.vision_type is None or given == self.vision_type
 
     def to_transformers(self, path: str) -> str:
         renamed = self._renamed(path, 0, 2)
@@ -99,20 +109,33 @@ LAYOUTS = {
         "<start_of_image>",
         tower=(("vision_tower.vision_model.", "vision_tower.vision_model.", "model.vision_tower."),),  # SigLIP
     ),
+    # LLaVA-1.5 (llava-hf): a CLIP tower (transformers' default for a vision_config without a model_type);
+    # `llava` also names Pixtral-towered checkpoints, which mlx-lm reads as mistral3's language model
+    "llava": Layout(
+        "language_model.model.",
+        "language_model.model.",
+        "model.language_model.",
+        "<image>",
+        vision_type="clip_vision_model",
+        merges_one_row=True,
+    ),
 }
 
 
 def is_vision(config: dict[str, Any]) -> bool:
-    """A model mlx-vlm builds: a `vision_config`, and an architecture checked here (LAYOUTS) or one
-    mlx-lm has no text model for. A multimodal checkpoint mlx-lm reads as its language model alone
-    (Mistral 3, Pixtral) keeps loading that way: text fine-tuning of it is unchanged; so does a Gemma 3
-    without a `vision_config` (gemma3_text, or text-only). Phi-3-vision's config.json names its tower
-    `img_processor` (mlx-vlm adds the `vision_config`)."""
+    """A model mlx-vlm builds: a `vision_config`, and an architecture checked here (LAYOUTS, in its
+    checked form: LLaVA with a CLIP tower) or one mlx-lm has no text model for. A multimodal checkpoint
+    mlx-lm reads as its language model alone (Mistral 3, Pixtral, LLaVA with a Pixtral tower) keeps
+    loading that way: text fine-tuning of it is unchanged; so does a Gemma 3 without a `vision_config`
+    (gemma3_text, or text-only). Phi-3-vision's config.json names its tower `img_processor` (mlx-vlm
+    adds the `vision_config`)."""
     if not any(isinstance(config.get(key), dict) for key in VISION_CONFIG_KEYS):
         return False
     kind = str(config.get("model_type", ""))
+    if kind in LAYOUTS and LAYOUTS[kind].checked(config):
+        return True
     text_model = f"mlx_lm.models.{MODEL_REMAPPING.get(kind, kind)}"
-    return kind in LAYOUTS or not kind.isidentifier() or importlib.util.find_spec(text_model) is None
+    return not kind.isidentifier() or importlib.util.find_spec(text_model) is None
 
 
 def layout(config: dict[str, Any], what: str) -> Layout:
@@ -143,6 +166,26 @@ def _mlx_vlm():
     return utils
 
 
+def llava_processor(theirs):
+    """mlx-vlm's LlavaProcessor's parts in transformers' own LlavaProcessor. mlx-vlm 0.7.10's hands every
+    keyword to its image processor too (add_special_tokens, padding), which transformers 5's image
+    processors refuse, so mlx-vlm's generation and the rows' placeholder expansion would stop there;
+    transformers' hands the tokenizer's to the tokenizer alone and expands `<image>` the same way."""
+    from transformers import LlavaProcessor
+
+    processor = LlavaProcessor(
+        image_processor=theirs.image_processor,
+        tokenizer=theirs.tokenizer,  # with mlx-vlm's stopping criteria
+        patch_size=theirs.patch_size,
+        vision_feature_select_strategy=theirs.vision_feature_select_strategy,
+        chat_template=theirs.chat_template,
+        image_token=theirs.image_token,
+        num_additional_image_tokens=theirs.num_additional_image_tokens,
+    )
+    processor.detokenizer = theirs.detokenizer
+    return processor
+
+
 def load_vision(path: Path, config: dict[str, Any], lazy: bool) -> tuple[nn.Module, Any]:
     """(mlx-vlm's model, the model's own processor) of a vision-language directory."""
     utils = _mlx_vlm()
@@ -154,6 +197,8 @@ def load_vision(path: Path, config: dict[str, Any], lazy: bool) -> tuple[nn.Modu
     try:
         model = utils.load_model(path, lazy=lazy)
         processor = utils.load_processor(path, eos_token_ids=config.get("eos_token_id"))
+        if config.get("model_type") == "llava":
+            processor = llava_processor(processor)
     except (ValueError, TypeError, KeyError, FileNotFoundError, ImportError, RuntimeError) as e:
         raise UserError(f"--model {path}: mlx-vlm cannot load it ({e}); point --model at a complete model") from None
     if (fixed := merge_width(config)) is not config:

@@ -39,15 +39,25 @@ from mlx_lora.training.feed import Feed, target_loss, target_positions
 from mlx_lora.training.prefix_cache import PrefixCache
 
 
-def merged(model: nn.Module, tokens: mx.array, attention: mx.array, pixels: dict) -> tuple[mx.array, mx.array]:
+def merged(
+    model: nn.Module, tokens: mx.array, attention: mx.array, pixels: dict, one_row: bool = False
+) -> tuple[mx.array, mx.array]:
     """(embeddings (B, L, D) with the images' features merged in, positions (3, B, L) or (B, L)):
-    the tower, projector and merge as mlx-vlm runs them."""
+    the tower, projector and merge as mlx-vlm runs them. A merge that reads its batch as one row
+    (`Layout.merges_one_row`, LLaVA's) gets the rows laid end to end, (1, B·L): it places each
+    image's features at its tokens in order, and nothing in it depends on a token's position."""
     pixels = dict(pixels)
-    found = model.get_input_embeddings(tokens, pixels.pop("pixel_values", None), mask=attention, **pixels)
-    positions = found.position_ids  # (3, B, L) M-RoPE; None where the model counts from 0 (Idefics3)
-    if positions is None:  # the same positions, so every model's step reads one shape of input
+    values = pixels.pop("pixel_values", None)
+    if one_row:
+        b, length = tokens.shape
+        found = model.get_input_embeddings(tokens.reshape(1, b * length), values, **pixels)
+        embeds, positions = found.inputs_embeds.reshape(b, length, -1), None
+    else:
+        found = model.get_input_embeddings(tokens, values, mask=attention, **pixels)
+        embeds, positions = found.inputs_embeds, found.position_ids  # (3, B, L) M-RoPE, or None
+    if positions is None:  # counted from 0 (Idefics3, LLaVA): the same, so every model's step reads one shape
         positions = mx.broadcast_to(mx.arange(tokens.shape[1])[None], tokens.shape)  # (B, L)
-    return found.inputs_embeds, positions
+    return embeds, positions
 
 
 def language_logits(model: nn.Module):
@@ -67,6 +77,7 @@ class VisionFeed(Feed):
         tower = tower_layers(model)
         self.tower, self.compiled = bool(tower), not tower
         self.image_blocks = model.config.model_type in IMAGE_BLOCKS
+        self.one_row = layout({"model_type": model.config.model_type}, "training").merges_one_row
         cacheable = cache_prefix and first_trained > 0 and len(examples) > 0 and not tower and not self.image_blocks
         cut = vision_cut(self, examples, first_trained, log) if cacheable else None
         super().__init__(cut, cache_prefix=cut is not None, log=log)
@@ -86,7 +97,7 @@ class VisionFeed(Feed):
 
     def frozen(self, examples: Sequence[VisionExample], rows: list[int], batch) -> tuple[mx.array, mx.array]:
         """The merged embeddings (B, L, D) and positions of a batch, out of the gradient."""
-        embeds, positions = merged(self.model, batch[0], *self.pixels(examples, rows, batch))
+        embeds, positions = merged(self.model, batch[0], *self.pixels(examples, rows, batch), self.one_row)
         embeds = mx.stop_gradient(embeds)
         mx.eval(embeds, positions)
         return embeds, positions
@@ -123,7 +134,7 @@ class VisionFeed(Feed):
             return target_loss(self.cut, (tokens, None, positions), states, *flat)
         if self.tower:
             tokens, mask, attention, pixels, *blocks = inputs
-            embeds, positions = merged(model, tokens, attention, pixels)
+            embeds, positions = merged(model, tokens, attention, pixels, self.one_row)
             return self.full_loss(model, tokens, embeds[:, :-1], positions[..., :-1], mask, *blocks)
         return self.full_loss(model, *inputs)
 

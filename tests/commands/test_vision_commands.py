@@ -152,10 +152,20 @@ def test_chat_with_an_image_gone_since_it_was_attached_stops_in_one_line(qwen2_v
         chat(ChatConfig(model=str(qwen2_vl), max_tokens=2), read=read, write=lambda *a, **k: None)
 
 
-@pytest.mark.parametrize("vlm", ["idefics3"], indirect=True)
+# each template's rendering of a system turn "Be brief" and a user turn "Say hi", and of the reply and "and now?"
+PARTS_ONLY_TURNS = {
+    "idefics3": (
+        "<|im_start|>System: Be brief<end_of_utterance>\nUser: Say hi<end_of_utterance>\n",
+        "{first} {reply}<end_of_utterance>\nUser: and now?<end_of_utterance>\nAssistant:",
+    ),
+    "llava": ("Be brief USER: Say hi ASSISTANT:", "{first} {reply}</s>USER: and now? ASSISTANT:"),
+}
+
+
+@pytest.mark.parametrize("vlm", list(PARTS_ONLY_TURNS), indirect=True)
 def test_chat_on_a_template_that_reads_only_parts_keeps_every_text_turn(vlm, monkeypatch):
-    """SmolVLM's template writes nothing for a string content: chat gives every turn as parts, so a
-    text-only question, the reply and the next question all reach the model."""
+    """SmolVLM's and LLaVA's templates write nothing for a string content: chat gives every turn as
+    parts, so a text-only question, the reply and the next question all reach the model."""
     calls = []
     vision_responses = mlx_lora.commands.chat.vision_responses
 
@@ -170,9 +180,10 @@ def test_chat_on_a_template_that_reads_only_parts_keeps_every_text_turn(vlm, mon
     )
     assert result.exit_code == 0 and "Traceback" not in result.output, result.output
     first, second = calls
-    assert first.startswith("<|im_start|>System: Be brief<end_of_utterance>\nUser: Say hi<end_of_utterance>\n")
+    opening, then = PARTS_ONLY_TURNS[json.loads((vlm / "config.json").read_text())["model_type"]]
+    assert first.startswith(opening)
     reply = result.stdout.split("] you> ", 2)[1].split("\n", 1)[0]
-    assert second == f"{first} {reply}<end_of_utterance>\nUser: and now?<end_of_utterance>\nAssistant:"
+    assert second == then.format(first=first, reply=reply)
 
 
 @pytest.mark.parametrize("vlm", ["gemma3"], indirect=True)

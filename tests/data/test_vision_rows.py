@@ -8,10 +8,12 @@ import pytest
 from conftest import write_jsonl, write_shapes
 from PIL import Image
 
+from mlx_lora.data.chat import as_parts
 from mlx_lora.data.rows import file_rows
 from mlx_lora.data.vision import encode_vision_row, encode_vision_rows, pixel_inputs
 from mlx_lora.errors import UserError
 from mlx_lora.model.base import load_base
+from mlx_lora.model.stops import stop_ids
 
 IMAGE_TOKEN = "<|image_pad|>"
 
@@ -43,6 +45,26 @@ def test_an_image_row_is_the_processors_tokens_and_trains_the_reply_alone(base, 
     assert ex.tokens.tolist() == want.tolist() and (ex.tokens == hf.convert_tokens_to_ids(IMAGE_TOKEN)).sum() == 4
     # trained: the reply and the end of its turn, nothing of the image or the question
     assert hf.decode(ex.tokens[ex.mask]) == row["messages"][1]["content"] + "<|im_end|>\n"
+
+
+@pytest.mark.parametrize("vlm", ["llava"], indirect=True)
+def test_a_llava_row_is_its_processors_tokens_and_trains_the_reply_through_the_stop(vlm, shapes):
+    """LLaVA-1.5's template writes "<image>\\n" before the question and closes the reply with </s>: the
+    processor expands the placeholder to the image's 16 tokens, and the trained tokens are the reply
+    and the token generation stops on."""
+    llava = load_base(str(vlm), lazy=True)
+    row = json.loads((shapes / "train.jsonl").read_text().splitlines()[0])
+    path = shapes / "train.jsonl"
+    ex = encode_vision_rows(str(path), file_rows(path), llava.tokenizer, llava.processor, "<image>", 512)[0]
+    hf = llava.processor.tokenizer
+    text = hf.apply_chat_template([as_parts(m) for m in row["messages"]], tokenize=False)  # it reads parts only
+    assert text.startswith("USER: <image>\n") and text.endswith(" ASSISTANT: " + row["messages"][1]["content"] + "</s>")
+    image = Image.open(ex.images[0]).convert("RGB")
+    want = np.asarray(llava.processor(text=[text], images=[image], add_special_tokens=False)["input_ids"])[0]
+    assert ex.tokens.tolist() == want.tolist() and (ex.tokens == hf.convert_tokens_to_ids("<image>")).sum() == 16
+    trained = ex.tokens[ex.mask]
+    assert hf.decode(trained[:-1]).strip() == row["messages"][1]["content"]
+    assert trained[-1] == hf.eos_token_id and stop_ids(llava.tokenizer) == [hf.eos_token_id]
 
 
 def test_text_rows_in_a_vision_set_encode_as_for_a_text_model(base, tmp_path):

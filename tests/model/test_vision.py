@@ -9,6 +9,7 @@ import torch
 import transformers
 from conftest import VLM_TERMS, fp32_tol, image_token_id, write_shapes
 from PIL import Image
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -32,6 +33,7 @@ PROMPTS = {  # a user turn holding one image, as each chat template writes it
     "qwen2_5_vl": QWEN_PROMPT,
     "idefics3": "<|im_start|>User:<image>What colour?<end_of_utterance>\n",
     "gemma3": "<start_of_turn>user\n<start_of_image>What colour?<end_of_turn>\n",
+    "llava": "USER: <image>\nWhat colour? ",
 }
 PIXELS = {  # transformers' own image processor of each, and what it makes of one 56x56 image
     # 4x4 patches of 14 pixels, merged 2x2 into 4 tokens
@@ -41,6 +43,8 @@ PIXELS = {  # transformers' own image processor of each, and what it makes of on
     "idefics3": (Idefics3ImageProcessorPil, {"pixel_attention_mask": np.ones((1, 5, 56, 56), int).tolist()}, 20),
     # resized to 56 pixels: 4x4 patches of 14, average-pooled 2x2 into mm_tokens_per_image = 4 tokens
     "gemma3": (Gemma3ImageProcessorPil, {}, 4),
+    # 4x4 patches of 14 pixels, the CLS token dropped: 16 tokens
+    "llava": (CLIPImageProcessorPil, {}, 16),
 }
 
 
@@ -91,8 +95,11 @@ def test_only_checked_architectures_train():
     assert layout({"model_type": "qwen2_5_vl"}, "training") is LAYOUTS["qwen2_5_vl"]
     assert layout({"model_type": "idefics3"}, "training") is LAYOUTS["idefics3"]
     assert layout({"model_type": "gemma3"}, "training") is LAYOUTS["gemma3"]
-    with pytest.raises(UserError, match="supports gemma3, idefics3, qwen2_5_vl, qwen2_vl so far, not 'llava'"):
-        layout({"model_type": "llava", "vision_config": {}}, "training")
+    assert layout({"model_type": "llava"}, "training") is LAYOUTS["llava"]
+    with pytest.raises(
+        UserError, match="supports gemma3, idefics3, llava, qwen2_5_vl, qwen2_vl so far, not 'paligemma'"
+    ):
+        layout({"model_type": "paligemma", "vision_config": {}}, "training")
 
 
 @pytest.mark.parametrize(
@@ -103,7 +110,10 @@ def test_only_checked_architectures_train():
         ({"model_type": "idefics3", "vision_config": {}}, True),  # checked here (SmolVLM)
         ({"model_type": "phi3_v", "vision_config": {}}, True),
         ({"model_type": "phi3_v", "img_processor": {"image_dim_out": 1024}}, True),  # Phi-3-vision's Hub config
-        ({"model_type": "llava", "vision_config": {}}, False),  # mlx-lm reads it as mistral3
+        # checked here with a CLIP tower (LLaVA-1.5; transformers' default for a vision_config without a model_type)
+        ({"model_type": "llava", "vision_config": {"model_type": "clip_vision_model"}}, True),
+        ({"model_type": "llava", "vision_config": {}}, True),
+        ({"model_type": "llava", "vision_config": {"model_type": "pixtral"}}, False),  # mlx-lm reads it as mistral3
         ({"model_type": "gemma3", "vision_config": {}}, True),  # checked here (mlx-lm would read its text alone)
         ({"model_type": "gemma3", "text_config": {"hidden_size": 64}}, False),  # no tower: mlx-lm, as before
         ({"model_type": "gemma3_text"}, False),

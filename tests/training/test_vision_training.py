@@ -216,8 +216,8 @@ def test_fuse_writes_a_model_mlx_vlm_and_transformers_load_with_our_adapter_logi
     x = prompt_inputs(ours, shapes / "imgs" / "0016.png")  # a validation image
     want = our_logits(ours, x)
     bound = tol(ours) * np.abs(want).max()
-    model, processor = mlx_vlm.load(str(out))
-    fused_x = prompt_inputs(SimpleNamespace(processor=processor), shapes / "imgs" / "0016.png")
+    model, _ = mlx_vlm.load(str(out))
+    fused_x = prompt_inputs(load_base(str(out)), shapes / "imgs" / "0016.png")  # its processor, as --model reads it
     assert all(np.array_equal(np.asarray(fused_x[k]), np.asarray(x[k])) for k in x)
     assert np.abs(our_logits(SimpleNamespace(model=model), x) - want).max() <= bound
     with torch.no_grad():
@@ -275,7 +275,7 @@ def test_fuse_refuses_an_architecture_not_checked_here_before_loading_it(qwen2_v
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
     assert errors[0].startswith(
-        "error: fuse on a vision-language model supports gemma3, idefics3, qwen2_5_vl, qwen2_vl so far"
+        "error: fuse on a vision-language model supports gemma3, idefics3, llava, qwen2_5_vl, qwen2_vl so far"
     )
     assert not (tmp_path / "out").exists()
 
