@@ -373,6 +373,8 @@ def make_gemma3_vl(directory: Path, seed: int = 0) -> Path:
         # mlx-vlm's projector reads it from text_config, where its default is the Hub's 256
         "mm_tokens_per_image": saved["mm_tokens_per_image"],
     }
+    (directory / "config.json").write_text(json.dumps(saved, indent=2))
+    return directory
 
 
 # llava-hf's LLaVA-1.5 chat template (transformers' `chat_vicuna`: a turn's parts only, its images first as

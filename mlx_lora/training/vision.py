@@ -31,6 +31,7 @@ from mlx_lora.data.dataset import DataSplit
 from mlx_lora.data.mapping import iter_mapped, map_rows
 from mlx_lora.data.sources import split_label, split_rows, train_valid_streams
 from mlx_lora.data.vision import VisionExample, encode_vision_rows, pixel_inputs
+from mlx_lora.errors import UserError
 from mlx_lora.model.cpu_kernels import cross_entropy
 from mlx_lora.model.lora import tower_layers
 from mlx_lora.model.vision import layout
@@ -78,6 +79,12 @@ class VisionFeed(Feed):
         self.tower, self.compiled = bool(tower), not tower
         self.image_blocks = model.config.model_type in IMAGE_BLOCKS
         self.one_row = layout({"model_type": model.config.model_type}, "training").merges_one_row
+        if tower and self.one_row:  # LLaVA's: `inputs_embeds[:, positions, :] = features`
+            raise UserError(
+                f"--targets: LoRA in {model.config.model_type}'s vision tower or projector is not built: mlx-vlm's "
+                "merge writes the image features into the embeddings in place, which MLX cannot differentiate; "
+                "target the language model's layers"
+            )
         cacheable = cache_prefix and first_trained > 0 and len(examples) > 0 and not tower and not self.image_blocks
         cut = vision_cut(self, examples, first_trained, log) if cacheable else None
         super().__init__(cut, cache_prefix=cut is not None, log=log)

@@ -347,6 +347,18 @@ def test_eval_compares_a_vision_adapter_with_its_base(qwen2_vl, shapes, adapter,
 # every linear of the tower and projector (by mlx-vlm's names: a name under `model.` is a language
 # model's, in the Hub's or transformers' spelling), and the last block's q_proj of the language model
 TOWER_REGEX = r"(?!language_model\.|model\.).*|.*\.layers\.1\.self_attn\.q_proj"
+TOWERS = [kind for kind in VLM_KINDS if kind != "llava"]  # LLaVA's merge cannot be differentiated: refused
+
+
+def test_lora_on_llavas_tower_is_refused_in_one_line(shapes, tmp_path):
+    from conftest import make_llava
+
+    args = ["train", "--model", str(make_llava(tmp_path / "llava")), "--data", str(shapes), "--targets", TOWER_REGEX]
+    result = CliRunner().invoke(app, [*args, "--adapter-path", str(tmp_path / "out"), "--iters", "1"])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert len(errors) == 1 and "LoRA in llava's vision tower or projector is not built" in errors[0]
+    assert not (tmp_path / "out" / "adapters.safetensors").exists()
 
 
 @pytest.fixture(scope="module")
@@ -370,6 +382,7 @@ def tower_adapter(vlm, shapes, tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("vlm", TOWERS, indirect=True)
 def test_lora_on_the_tower_trains_and_its_peft_export_gives_our_logits(vlm, shapes, tower_adapter, tmp_path):
     """The tower's and projector's adapters learn (the step ran the tower, so its gradient reached
     them: they move the logits far past rounding), and PEFT on transformers' class, wrapping exactly
@@ -393,6 +406,7 @@ def test_lora_on_the_tower_trains_and_its_peft_export_gives_our_logits(vlm, shap
     assert np.abs(our_logits(ours, x) - got).max() > 100 * bound
 
 
+@pytest.mark.parametrize("vlm", TOWERS, indirect=True)
 def test_generate_with_a_tower_adapter_is_transformers_greedy_reply(vlm, shapes, tower_adapter, tmp_path):
     """`generate --image` with the native tower adapter: transformers + PEFT's greedy tokens after
     the prompt mlx-vlm built (as above; mlx-vlm's tokenizer call adds the test tokenizer's BOS)."""
@@ -416,6 +430,7 @@ def test_generate_with_a_tower_adapter_is_transformers_greedy_reply(vlm, shapes,
     assert len(tokens) >= 1 and (picked >= logits.max(axis=-1) - 2 * bound).all()
 
 
+@pytest.mark.parametrize("vlm", TOWERS, indirect=True)
 def test_fuse_merges_the_tower_adapter_too(vlm, shapes, tower_adapter, tmp_path):
     """The fused directory, under mlx_vlm.load and transformers' class, gives our base + tower adapter's logits."""
     import mlx_vlm
