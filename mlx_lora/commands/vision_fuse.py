@@ -79,7 +79,11 @@ def check_inputs(base: Base) -> dict[str, mx.array]:
 
 
 def vision_logits(model: nn.Module, inputs: dict[str, mx.array]) -> mx.array:
-    """(T, V) float32 logits of the check inputs, called as mlx-vlm's generation calls the model."""
+    """(T, V) float32 logits of the check inputs, computed as mlx-vlm's generation computes them: the
+    merged embeddings, then the language model on them with what the merge gave (Qwen2-VL's positions).
+    Phi-3-vision's model would read an attention mask given to its whole call as an additive one."""
+    ids, mask = inputs["input_ids"], inputs.get("attention_mask")
     rest = {k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values", "attention_mask")}
-    out = model(inputs["input_ids"], inputs.get("pixel_values"), mask=inputs.get("attention_mask"), **rest)
-    return out.logits[0].astype(mx.float32)
+    found = model.get_input_embeddings(ids, inputs.get("pixel_values"), mask=mask, **rest)
+    extra = {k: v for k, v in found.to_dict().items() if k != "inputs_embeds" and v is not None}
+    return model.language_model(ids, inputs_embeds=found.inputs_embeds, **extra).logits[0].astype(mx.float32)

@@ -31,6 +31,10 @@ class Layout:
     checkpoint: str
     transformers: str
     image_token: str  # the placeholder its chat template writes for one image, which its processor expands
+    # Phi-3-vision's scheme: its template reads string contents only, so an image is written into the
+    # text as image_token.format(N) (N counted over the conversation from 1), which its processor
+    # turns into a run of N's negative id; no placeholder token
+    numbered: bool = False
 
     def to_transformers(self, path: str) -> str:
         if not path.startswith(self.ours):
@@ -44,12 +48,32 @@ class Layout:
         """A Hub checkpoint's tensor name as transformers 5 names the module (its vision tower's left as is)."""
         return self.transformers + name[len(self.checkpoint) :] if name.startswith(self.checkpoint) else name
 
+    def as_text(self, messages: list[dict]) -> list[dict]:
+        """A numbered layout's messages: each content list as one string, its images as numbered
+        tags, each on a line before what follows (the Phi-3-vision model card's prompt)."""
+        out, count = [], 0
+        for m in messages:
+            content = m.get("content")
+            if not isinstance(content, list):
+                out.append(m)
+                continue
+            text = []
+            for part in content:
+                count += part.get("type") != "text"
+                text.append(part["text"] if part.get("type") == "text" else self.image_token.format(count) + "\n")
+            out.append({**m, "content": "".join(text)})
+        return out
+
 
 QWEN_VL = Layout("language_model.model.", "model.", "model.language_model.", "<|image_pad|>")
 LAYOUTS = {
     "qwen2_vl": QWEN_VL,
     "qwen2_5_vl": QWEN_VL,
     "idefics3": Layout("language_model.", "model.text_model.", "model.text_model.", "<image>"),  # SmolVLM
+    # Phi-3-vision: mlx-vlm's module paths are the Hub checkpoint's names (model.layers.N.self_attn.qkv_proj,
+    # model.vision_embed_tokens...). transformers has no class for it (the Hub's Phi3VForCausalLM is
+    # remote code, whose module paths are those names too), so a PEFT export names them so.
+    "phi3_v": Layout("model.", "model.", "model.", "<|image_{}|>", numbered=True),
 }
 
 
@@ -74,6 +98,12 @@ def layout(config: dict[str, Any], what: str) -> Layout:
             "see docs/vision.md"
         )
     return LAYOUTS[kind]
+
+
+def template_messages(config: dict[str, Any], messages: list[dict]) -> list[dict]:
+    """`messages` as the base's chat template reads them (Layout.as_text for a numbered layout)."""
+    spell = LAYOUTS.get(config.get("model_type"))
+    return spell.as_text(messages) if spell is not None and spell.numbered else messages
 
 
 def require_text(base, what: str) -> None:
