@@ -84,7 +84,8 @@ def test_only_checked_architectures_train():
     assert layout({"model_type": "qwen2_vl"}, "training") is LAYOUTS["qwen2_vl"]
     assert layout({"model_type": "qwen2_5_vl"}, "training") is LAYOUTS["qwen2_5_vl"]
     assert layout({"model_type": "idefics3"}, "training") is LAYOUTS["idefics3"]
-    with pytest.raises(UserError, match="supports idefics3, qwen2_5_vl, qwen2_vl so far, not 'llava'"):
+    assert layout({"model_type": "phi3_v"}, "training") is LAYOUTS["phi3_v"]  # checked against mlx-vlm (test_phi3_v.py)
+    with pytest.raises(UserError, match="supports idefics3, phi3_v, qwen2_5_vl, qwen2_vl so far, not 'llava'"):
         layout({"model_type": "llava", "vision_config": {}}, "training")
 
 
