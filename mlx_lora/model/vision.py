@@ -4,7 +4,8 @@ A directory whose config.json holds a `vision_config` is a vision-language model
 it (vision tower, projector, language model) and its own processor reads the images. LoRA goes on
 the language model's blocks, which mlx-vlm's models expose as `model.layers` as mlx-lm's do, so
 model/lora.py chooses and wraps them unchanged. Each architecture listed in LAYOUTS has been
-checked against transformers (tests/model/test_vision.py); others load but are refused for training.
+checked against transformers (tests/model/test_vision.py), Phi-3-vision, which transformers has no
+class for, against mlx-vlm (tests/training/test_phi3_v.py); others load but are refused for training.
 """
 
 import importlib.util
