@@ -8,6 +8,7 @@ Its tower is mlx-vlm's fixed CLIP ViT-L/14-336 (303M parameters), about 8 s an i
 """
 
 import json
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
@@ -17,15 +18,16 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mlx_lora.cli import app
+from mlx_lora.commands.evaluate import generation_items
 from mlx_lora.config import GenerateConfig
 from mlx_lora.data.batches import collate
 from mlx_lora.data.rows import file_rows
 from mlx_lora.data.vision import encode_vision_rows, pixel_inputs
 from mlx_lora.formats.loader import load_for_inference, read_adapter
-from mlx_lora.inference.generation import generate
+from mlx_lora.inference.generation import chat_text, generate
 from mlx_lora.model.base import load_base
 from mlx_lora.model.lora import LoRALinear
-from mlx_lora.model.vision import LAYOUTS
+from mlx_lora.model.vision import LAYOUTS, template_messages
 from mlx_lora.training.vision import VisionFeed
 
 RECIPE = ["--targets", "self_attn.qkv_proj", "--num-layers", "1", "--rank", "16", "--alpha", "16"]  # the seed's
@@ -134,6 +136,18 @@ def test_generate_with_an_image_reads_mlx_vlms_prompt_and_picks_its_greedy_token
     theirs = model.get_input_embeddings(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"]).inputs_embeds
     last = np.array(model.language_model(x["input_ids"], inputs_embeds=theirs).logits)[0, prompt - 1]
     assert last[responses[0].token] >= last.max() - fp32_tol(2 * 128) * np.abs(last).max()
+
+
+def test_eval_and_chat_ask_with_the_model_cards_prompt(phi3_v, shapes):
+    """eval's exact-match prompt for an image row, and the chat/generate/serve prompt of a turn holding
+    an image, write it as a numbered tag (the template reads string contents only)."""
+    base = load_base(str(phi3_v), lazy=True)
+    vision, as_text = True, partial(template_messages, base.config)
+    [item] = generation_items(list(file_rows(shapes / "train.jsonl")), base.tokenizer, "exact-match", vision, as_text)
+    prompt = f"<|user|>\n<|image_1|>\n{QUESTION}<|end|>\n<|assistant|>\n"
+    assert item.prompt == prompt and item.images == (shapes / "imgs" / "0000.png",)
+    turn = [{"type": "image"}, {"type": "text", "text": QUESTION}, {"type": "image"}]
+    assert chat_text(base, [{"role": "user", "content": turn}]) == prompt.replace("<|end|>", "<|image_2|>\n<|end|>")
 
 
 def test_the_peft_export_names_the_hub_checkpoints_modules_and_reads_back(phi3_v, trained, tmp_path):
