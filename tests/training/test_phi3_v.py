@@ -9,6 +9,7 @@ Its tower is mlx-vlm's fixed CLIP ViT-L/14-336 (303M parameters), about 8 s an i
 
 import json
 from functools import partial
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
@@ -87,8 +88,9 @@ def test_the_seeds_recipe_trains_the_last_blocks_qkv_proj_at_rank_16(trained):
 
 @pytest.fixture(scope="module")
 def ours_and_theirs(phi3_v, shapes):
-    """Our training row (its one image, QUESTION and the answer), and the same conversation as
-    mlx-vlm's own processor makes it from the text in Phi-3-vision's prompt format, with its model."""
+    """Our training row (its one image, QUESTION and the answer); the same conversation as mlx-vlm's
+    own processor makes it from the text in Phi-3-vision's prompt format, and its model's merged
+    embeddings and logits on it, computed as mlx-vlm's generation computes them."""
     from mlx_vlm import load
     from mlx_vlm.utils import prepare_inputs
 
@@ -101,40 +103,42 @@ def ours_and_theirs(phi3_v, shapes):
     answer = json.loads(path.read_text())["messages"][1]["content"]
     text = f"<|user|>\n<|image_1|>\n{QUESTION}<|end|>\n<|assistant|>\n{answer}<|end|>\n"
     model, processor = load(str(phi3_v))
-    image = Image.open(ex.images[0]).convert("RGB")
-    return base, ex, answer, model, prepare_inputs(processor, images=[image], prompts=[text])
+    x = prepare_inputs(processor, images=[Image.open(ex.images[0]).convert("RGB")], prompts=[text])
+    embeds = model.get_input_embeddings(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"]).inputs_embeds
+    logits = model.language_model(x["input_ids"], inputs_embeds=embeds).logits
+    theirs = SimpleNamespace(inputs=x, embeds=np.array(embeds), logits=np.array(logits))
+    return SimpleNamespace(base=base, ex=ex, answer=answer), theirs
 
 
 def test_a_row_and_its_logits_are_mlx_vlms_own(ours_and_theirs):
-    base, ex, answer, model, x = ours_and_theirs
+    ours, theirs = ours_and_theirs
+    base, ex, x = ours.base, ours.ex, theirs.inputs
     ids = np.array(x["input_ids"])[0]
     assert np.array_equal(ex.tokens, ids)  # its image as 313 tokens of -1: (1 tile + the whole) x 144 + 1 + 2 x 12
     assert (ids == -1).sum() == 313 and ids[0] == base.tokenizer.bos_token_id
-    assert base.tokenizer.decode(ex.tokens[ex.mask].tolist()) == f"{answer}<|end|>\n"  # the reply alone trains
+    assert base.tokenizer.decode(ex.tokens[ex.mask].tolist()) == f"{ours.answer}<|end|>\n"  # the reply alone trains
     pixels = pixel_inputs(base.processor, list(ex.images))
     assert all(np.array_equal(pixels[k], np.array(x[k])) for k in ("pixel_values", "image_sizes"))
     feed = VisionFeed(base.model, base.processor)
     tokens, embeds, positions, mask = feed.inputs([ex], [0], collate([ex], [0]))
-    theirs = model.get_input_embeddings(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"]).inputs_embeds
     n = len(ids) - 1  # the batch is padded past the row's end
     # the same tower on the same pixels in the same shapes: the very same features
-    assert np.array_equal(np.array(embeds)[:, :n], np.array(theirs)[:, :n])
+    assert np.array_equal(np.array(embeds)[:, :n], theirs.embeds[:, :n])
     got = np.array(base.model.language_model(tokens[:, :-1], embeds, position_ids=positions).logits)[:, :n]
-    want = np.array(model.language_model(x["input_ids"], inputs_embeds=theirs).logits)[:, :n]
+    want = theirs.logits[:, :n]
     # fp32 over other sequence lengths: n·EPS of the logits' size, n the 2 blocks' 128-wide MLP sums
     assert np.abs(got - want).max() <= fp32_tol(2 * 128) * np.abs(want).max()
 
 
-def test_generate_with_an_image_reads_mlx_vlms_prompt_and_picks_its_greedy_token(phi3_v, shapes, ours_and_theirs):
-    _, ex, _, model, x = ours_and_theirs
-    base = load_base(str(phi3_v))
-    cfg = GenerateConfig(model=str(phi3_v), prompt=QUESTION, image=[str(ex.images[0])], max_tokens=2)
+def test_generate_with_an_image_reads_mlx_vlms_prompt_and_picks_its_greedy_token(phi3_v, ours_and_theirs):
+    ours, theirs = ours_and_theirs
+    base = ours.base  # the base alone, which the feed left as it was
+    cfg = GenerateConfig(model=str(phi3_v), prompt=QUESTION, image=[str(ours.ex.images[0])], max_tokens=2)
     responses = list(generate(base, cfg))
-    prompt = int(np.argmax(ex.mask))  # the tokens before the reply: the conversation up to the generation prompt
+    prompt = int(np.argmax(ours.ex.mask))  # the tokens before the reply: the conversation up to the generation prompt
     assert responses[0].prompt_tokens == prompt
-    # mlx-vlm's logits at the prompt's end (its own forward above): the token taken is a largest one
-    theirs = model.get_input_embeddings(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"]).inputs_embeds
-    last = np.array(model.language_model(x["input_ids"], inputs_embeds=theirs).logits)[0, prompt - 1]
+    # mlx-vlm's logits at the prompt's end (its own forward): the token taken is a largest one
+    last = theirs.logits[0, prompt - 1]
     assert last[responses[0].token] >= last.max() - fp32_tol(2 * 128) * np.abs(last).max()
 
 
