@@ -448,6 +448,70 @@ def make_llava(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+# Phi-3-vision-128k-instruct's chat template (string contents only: an image is written into the text as
+# <|image_1|>), the special tokens it writes, and its config.json's vision keys (mlx-vlm reads none of them
+# but the model type: it builds the tower as a fixed CLIP ViT-L/14-336 whatever they say)
+PHI3_V_TEMPLATE = (
+    "{% for message in messages %}{{'<|' + message['role'] + '|>' + '\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}{{- '<|assistant|>\\n' -}}"
+    "{% endif %}"
+)
+PHI3_V_TOKENS = ("<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>")
+PHI3_V_VISION = {
+    "embd_layer": {
+        "embedding_cls": "image",
+        "hd_transform_order": "sub_glb",
+        "projection_cls": "mlp",
+        "use_hd_transform": True,
+        "with_learnable_separator": True,
+    },
+    "img_processor": {
+        "image_dim_out": 1024,
+        "model_name": "openai/clip-vit-large-patch14-336",
+        "name": "clip_vision_model",
+        "num_img_tokens": 144,
+    },
+}
+
+
+def make_phi3_v(directory: Path, seed: int = 0) -> Path:
+    """A random Phi-3-vision made by mlx-vlm (transformers has no class for it; the Hub's is remote
+    code): 2 Phi-3 blocks of width 64 with the Hub's su-scaled rope, and the tower mlx-vlm builds (CLIP
+    ViT-L/14-336, 303M parameters), saved in float32 by mlx-vlm's save_weights under the Hub's tensor
+    names, with the Hub's config.json keys, the shipped tokenizer plus Phi-3's special tokens and chat
+    template, and mlx-vlm's Phi3VProcessor's settings at num_crops 1 (the fewest: a global 336-pixel
+    crop and one tile, 313 image tokens)."""
+    from mlx_vlm.models.phi3_v import Model, ModelConfig
+    from mlx_vlm.utils import save_weights
+    from transformers import PreTrainedTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(DEFAULT_MODEL_DIR)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(PHI3_V_TOKENS)})
+    tokenizer.eos_token, tokenizer.chat_template = "<|endoftext|>", PHI3_V_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    rope = {"type": "su", "short_factor": [1.0] * 8, "long_factor": [1.5] * 8}  # head_dim 16: 8 frequencies
+    config = dict(SMALL, num_hidden_layers=2, num_key_value_heads=4, vocab_size=len(tokenizer), rope_scaling=rope)
+    config |= dict(max_position_embeddings=131072, original_max_position_embeddings=4096, rope_theta=10000.0)
+    # the Hub's eos_token_id 2, with <|endoftext|> and <|end|>, as mlx-vlm adds them for the Hub's vocabulary
+    eos = [2, *tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|end|>"])]
+    config |= dict(bos_token_id=1, eos_token_id=eos, pad_token_id=0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    config |= dict(PHI3_V_VISION, model_type="phi3_v", architectures=["Phi3VForCausalLM"])
+    mx.random.seed(seed)
+    model = Model(ModelConfig.from_dict(config))
+    mx.eval(model.parameters())
+    save_weights(directory, model)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    processor = {"processor_class": "Phi3VProcessor", "image_processor_type": "Phi3VImageProcessor"}
+    (directory / "preprocessor_config.json").write_text(json.dumps(processor | {"num_crops": 1, "num_img_tokens": 144}))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def phi3_v(tmp_path_factory) -> Path:
+    return make_phi3_v(tmp_path_factory.mktemp("phi3_v"))
+
+
 BY_DESIGN = "by design: "  # the start of a skip reason that holds on CI's machine too
 
 

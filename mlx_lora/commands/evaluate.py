@@ -10,6 +10,7 @@ and generates one row at a time through mlx-vlm, as `generate --image` does.
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import mlx.nn as nn
@@ -31,6 +32,7 @@ from mlx_lora.formats.loader import load_for_inference
 from mlx_lora.inference.generation import vision_responses
 from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.model.lora import lora_layers, remove_lora
+from mlx_lora.model.vision import template_messages
 from mlx_lora.reporting.progress import Bar, on_terminal
 from mlx_lora.training.feed import PLAIN
 from mlx_lora.training.validation import mean_loss
@@ -68,12 +70,13 @@ class Item:
         return (text, False) if end == -1 else (text[:end], True)
 
 
-def generation_items(rows: list[Row], tokenizer, task: str, vision: bool = False) -> list[Item]:
+def generation_items(rows: list[Row], tokenizer, task: str, vision: bool = False, as_text=None) -> list[Item]:
     """The rows exact match applies to: with `####` in the reference, or every row for exact-match.
 
     Text rows have no boundary between question and answer; cutting them at `####` would hand the
     model its worked solution, so they get loss and perplexity only. For a vision-language base
-    (`vision`), a row's images are placeholders in the prompt, as its chat template writes them.
+    (`vision`), a row's images are placeholders in the prompt, as its chat template writes them
+    (`as_text`: the messages as that template reads them, model/vision.py's template_messages).
     """
     items = []
     for where, number, fields in rows:
@@ -91,7 +94,8 @@ def generation_items(rows: list[Row], tokenizer, task: str, vision: bool = False
             tokens = tokenizer.encode(prompt)
         else:
             last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
-            prompt = tokenizer.apply_chat_template(row["messages"][:last], tokenize=False, add_generation_prompt=True)
+            asked = as_text(row["messages"][:last]) if as_text else row["messages"][:last]
+            prompt = tokenizer.apply_chat_template(asked, tokenize=False, add_generation_prompt=True)
             reference = row["messages"][last]["content"]
             tokens = tokenizer.encode(prompt, add_special_tokens=False)
         if not tokens:
@@ -272,7 +276,8 @@ def run(cfg: EvalConfig, log=print) -> dict:
     split = split_examples(cfg, source, base, log)
     rows, examples = split.rows, split.examples
     path = split_label(source, data_part(cfg), cfg.split)  # after: a split that does not exist is refused by name
-    items = [] if cfg.task == "loss" else generation_items(rows(), base.tokenizer, cfg.task, base.processor is not None)
+    vision, as_text = base.processor is not None, partial(template_messages, base.config)
+    items = [] if cfg.task == "loss" else generation_items(rows(), base.tokenizer, cfg.task, vision, as_text)
     log(
         f"eval {base.name}{f' + {adapter_path}' if adapter_path else ''} on {path}: {len(examples)} rows for loss, "
         f"{len(items)} for exact match"

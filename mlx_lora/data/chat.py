@@ -247,10 +247,26 @@ def _template_renders_tools(hf, template: str) -> bool:
         return False
 
 
-def encode_chat(where: str, tokenizer, row: dict, train_on_prompt: bool, train_on_reasoning: bool = True):
-    """(tokens, mask) of a chat row: the whole rendering tokenized once; the mask marks each
-    assistant turn's reply, tool calls and end-of-turn (all with --train-on-prompt), and its
-    reasoning unless --no-train-on-reasoning."""
+@dataclass(frozen=True)
+class RenderedChat:
+    """A conversation as its template renders it, and which characters of it the loss counts."""
+
+    text: str
+    messages: list[dict]
+    spans: list[tuple[int, int]]  # each assistant turn's trained characters
+
+    def mask(self, offsets: np.ndarray, train_on_prompt: bool, train_on_reasoning: bool = True) -> np.ndarray:
+        """Which tokens (their characters' `offsets` in `text`, (T, 2)) the loss counts: each assistant
+        turn's reply, tool calls and end-of-turn (all with --train-on-prompt), and its reasoning
+        unless --no-train-on-reasoning."""
+        mask = np.ones(len(offsets), bool) if train_on_prompt else token_mask(offsets, self.spans)
+        if not train_on_reasoning:
+            mask &= ~token_mask(offsets, reasoning_spans(self.text, self.messages, self.spans))
+        return mask
+
+
+def render_chat(where: str, tokenizer, row: dict) -> RenderedChat:
+    """The row's conversation rendered whole by the chat template, with its trained spans."""
     hf = hf_tokenizer(tokenizer)
     messages, tools = template_fields(where, hf, row)
     try:
@@ -263,13 +279,21 @@ def encode_chat(where: str, tokenizer, row: dict, train_on_prompt: bool, train_o
         raise
     except Exception as e:  # the template's own raise_exception or a jinja error: the row's fault
         raise UserError(f"{where}: the chat template refused this row: {e}") from None
+    return RenderedChat(text, messages, spans)
+
+
+def tokens_with_offsets(where: str, tokenizer, text: str, special: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens (T,), each token's characters in `text` (T, 2)); `special`: with the tokenizer's BOS etc."""
     try:
-        encoded = hf(text, add_special_tokens=False, return_offsets_mapping=True)
+        encoded = hf_tokenizer(tokenizer)(text, add_special_tokens=special, return_offsets_mapping=True)
     except NotImplementedError:  # a Python tokenizer has no character offsets
         raise UserError(f"{where}: 'messages' rows need a tokenizer.json tokenizer to place the loss mask") from None
     tokens = np.asarray(encoded["input_ids"], np.int32)
-    offsets = np.asarray(encoded["offset_mapping"], np.int64).reshape(-1, 2)
-    mask = np.ones(len(tokens), bool) if train_on_prompt else token_mask(offsets, spans)
-    if not train_on_reasoning:
-        mask &= ~token_mask(offsets, reasoning_spans(text, messages, spans))
-    return tokens, mask
+    return tokens, np.asarray(encoded["offset_mapping"], np.int64).reshape(-1, 2)
+
+
+def encode_chat(where: str, tokenizer, row: dict, train_on_prompt: bool, train_on_reasoning: bool = True):
+    """(tokens, mask) of a chat row: the whole rendering tokenized once, masked as RenderedChat.mask says."""
+    rendered = render_chat(where, tokenizer, row)
+    tokens, offsets = tokens_with_offsets(where, tokenizer, rendered.text)
+    return tokens, rendered.mask(offsets, train_on_prompt, train_on_reasoning)

@@ -14,7 +14,8 @@ paths (or a row's data URLs) and tokens, not pixels.
 
 import base64
 import binascii
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -22,12 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from mlx_lora.data.chat import encode_chat
+from mlx_lora.data.chat import encode_chat, render_chat, tokens_with_offsets
 from mlx_lora.data.examples import ExampleSet, check_same_format, encode_row
 from mlx_lora.data.rows import Row, row_format
 from mlx_lora.errors import UserError
 
 IMAGE, IMAGE_URL, TEXT = "image", "image_url", "text"
+AsText = Callable[[list[dict]], list[dict]]  # a numbered layout's messages, images as text tags (model/vision.py)
 DATA_URL = "data:"
 PARTS = (
     '{"type": "text", "text": string} or an image, {"type": "image", "image": "path"} or '
@@ -200,18 +202,67 @@ def expand_images(where: str, tokens, mask, images: list[Path | str], processor,
     return np.concatenate(out_tokens), np.concatenate(out_mask), end
 
 
+def _numbered_runs(where: str, ids: np.ndarray, count: int) -> list[tuple[int, int]]:
+    """[start, end) of each text chunk's tokens in a numbered processor's ids, around its image runs."""
+    chunks, at = [], 0
+    for n in range(1, count + 1):
+        run = np.flatnonzero(ids[at:] < 0)
+        if not len(run) or ids[at + run[0]] != -n:
+            raise UserError(f"{where}: the processor did not write image {n}'s tokens where its tag is")
+        start = at + run[0]
+        chunks.append((at, start))
+        at = start + int(np.argmax(np.append(ids[start:] != -n, True)))
+    return [*chunks, (at, len(ids))]
+
+
+def expand_numbered(where: str, rendered, images: list[Path | str], tokenizer, processor, image_token: str, **masking):
+    """Phi-3-vision's scheme (Layout.numbered): the processor turns the rendered text, images written
+    as numbered tags, into its ids, image N a run of -N; each text chunk's ids are the tail of that
+    chunk tokenized alone (mlx-vlm's processor drops a chunk's first token after an image), which
+    places the mask's character offsets on them. Image tokens are never targets."""
+    tag = re.compile(re.escape(image_token).replace(re.escape("{}"), r"\d+"))
+    tags = tag.findall(rendered.text)
+    if tags != [image_token.format(n) for n in range(1, len(images) + 1)]:
+        raise UserError(
+            f"{where}: {len(images)} image part(s) but the text holds the image tags {tags}; give each image "
+            f"as one image part and leave tags such as {image_token.format(1)!r} out of the text"
+        )
+    try:
+        ids = np.asarray(processor(text=rendered.text, images=[open_image(where, p) for p in images])["input_ids"])[0]
+    except ValueError as e:
+        raise UserError(f"{where}: the model's processor refused this row: {e}") from None
+    offsets = np.zeros((len(ids), 2), np.int64)  # image tokens: no characters
+    bounds = [0] + [end for m in tag.finditer(rendered.text) for end in (m.start(), m.end())] + [len(rendered.text)]
+    for i, (a, b) in enumerate(_numbered_runs(where, ids, len(images))):
+        chunk, at = rendered.text[bounds[2 * i] : bounds[2 * i + 1]], bounds[2 * i]
+        alone, places = tokens_with_offsets(where, tokenizer, chunk, special=i == 0)
+        if b - a > len(alone) or not np.array_equal(alone[len(alone) - (b - a) :], ids[a:b]):
+            raise UserError(f"{where}: the processor's tokens of the text around an image are not the tokenizer's")
+        offsets[a:b] = places[len(alone) - (b - a) :] + at
+    mask = rendered.mask(offsets, **masking) & (ids >= 0)
+    return ids.astype(np.int32), mask
+
+
 def encode_vision_row(
-    where: str, fields: dict, tokenizer, processor, image_token: str, **masking
+    where: str, fields: dict, tokenizer, processor, image_token: str, as_text: AsText | None = None, **masking
 ) -> tuple[VisionExample, str]:
-    """A row's tokens, mask and images, and its row format; a row without images is encoded as for a text model."""
+    """A row's tokens, mask and images, and its row format; a row without images is encoded as for a
+    text model. `as_text`: a numbered layout's messages with their images as text tags (Layout.as_text)."""
     template, checked, images = split_images(where, fields)
     fmt = row_format(where, checked)
     if not images and template is checked:  # no image, and no conversation made of a prompt/completion row
         ex = encode_row(where, tokenizer, fmt, fields, **masking)
         return VisionExample(ex.tokens, ex.mask, ()), fmt
-    tokens, mask = encode_chat(where, tokenizer, template, **masking)
-    mask[:1] = False  # nothing predicts the first token
-    tokens, mask, end = expand_images(where, tokens, mask, images, processor, image_token)
+    if as_text is not None:
+        rendered = render_chat(where, tokenizer, {**template, "messages": as_text(template["messages"])})
+        tokens, mask = expand_numbered(where, rendered, images, tokenizer, processor, image_token, **masking)
+        mask[:1] = False  # nothing predicts the first token
+        runs = np.flatnonzero(tokens < 0)  # image N's tokens are -N
+        end = int(runs[-1]) + 1 if len(runs) else 0
+    else:
+        tokens, mask = encode_chat(where, tokenizer, template, **masking)
+        mask[:1] = False
+        tokens, mask, end = expand_images(where, tokens, mask, images, processor, image_token)
     return VisionExample(tokens, mask, tuple(images), end), fmt
 
 
@@ -225,14 +276,16 @@ def encode_vision_rows(
     log=print,
     train_on_prompt: bool = False,
     train_on_reasoning: bool = True,
+    as_text: AsText | None = None,
 ) -> VisionSet:
     """Rows -> examples. A row longer than --max-seq-length is cut there when the cut leaves its
-    images whole, else refused (an image's tokens are all the model reads of it)."""
+    images whole, else refused (an image's tokens are all the model reads of it). `as_text`: see
+    encode_vision_row."""
     examples, first, truncated, count = [], None, 0, 0
     masking = dict(train_on_prompt=train_on_prompt, train_on_reasoning=train_on_reasoning)
     for row in rows:
         count += 1
-        ex, fmt = encode_vision_row(row.where, row.fields, tokenizer, processor, image_token, **masking)
+        ex, fmt = encode_vision_row(row.where, row.fields, tokenizer, processor, image_token, as_text, **masking)
         first = first or (fmt, row)
         check_same_format(row, fmt, *first)
         if len(ex.tokens) > max_seq_length:

@@ -10,7 +10,7 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lora.config import GenerateConfig, InferenceConfig
 from mlx_lora.errors import UserError
 from mlx_lora.model.base import Base
-from mlx_lora.model.vision import refuse_feature_token
+from mlx_lora.model.vision import refuse_feature_token, template_messages
 from mlx_lora.reporting.progress import Bar
 
 LONG_PROMPT = 512  # tokens; shorter prompts are read too fast for a progress bar to help
@@ -24,8 +24,10 @@ def require_chat_template(base: Base) -> None:
 
 
 def chat_text(base: Base, messages: list[dict[str, str]]) -> str:
-    """The conversation in the tokenizer's chat template, ending where the assistant speaks next."""
+    """The conversation in the tokenizer's chat template, ending where the assistant speaks next (a
+    vision-language base's images as its template and processor read them: template_messages)."""
     require_chat_template(base)
+    messages = template_messages(base.config, messages) if base.processor is not None else messages
     return base.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

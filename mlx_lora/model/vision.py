@@ -4,7 +4,8 @@ A directory whose config.json holds a `vision_config` is a vision-language model
 it (vision tower, projector, language model) and its own processor reads the images. LoRA goes on
 the language model's blocks, which mlx-vlm's models expose as `model.layers` as mlx-lm's do, so
 model/lora.py chooses and wraps them unchanged. Each architecture listed in LAYOUTS has been
-checked against transformers (tests/model/test_vision.py); others load but are refused for training.
+checked against transformers (tests/model/test_vision.py), Phi-3-vision, which transformers has no
+class for, against mlx-vlm (tests/training/test_phi3_v.py); others load but are refused for training.
 """
 
 import importlib.util
@@ -46,6 +47,10 @@ class Layout:
     # mlx-vlm's merge of image features reads its batch as one row (LLaVA's places them by the image
     # tokens' columns, for a batch of 1): a batch goes to it laid end to end
     merges_one_row: bool = False
+    # Phi-3-vision's scheme: its template reads string contents only, so an image is written into the
+    # text as image_token.format(N) (N counted over the conversation from 1), which its processor
+    # turns into a run of N's negative id; no placeholder token
+    numbered: bool = False
 
     def _renamed(self, path: str, src: int, dst: int) -> str | None:
         """`path` from spelling `src` (0 ours, 1 checkpoint, 2 transformers) to `dst`, by its longest prefix."""
@@ -89,6 +94,22 @@ class Layout:
             return [self._renamed(path, 0, 1), self._renamed(path, 0, 2)]
         return [path, TRANSFORMERS_BASE + path] if not path.startswith(LANGUAGE_MODEL) else []
 
+    def as_text(self, messages: list[dict]) -> list[dict]:
+        """A numbered layout's messages: each content list as one string, its images as numbered
+        tags, each on a line before what follows (the Phi-3-vision model card's prompt)."""
+        out, count = [], 0
+        for m in messages:
+            content = m.get("content")
+            if not isinstance(content, list):
+                out.append(m)
+                continue
+            text = []
+            for part in content:
+                count += part.get("type") != "text"
+                text.append(part["text"] if part.get("type") == "text" else self.image_token.format(count) + "\n")
+            out.append({**m, "content": "".join(text)})
+        return out
+
 
 QWEN_VL = Layout(
     "language_model.model.",
@@ -119,6 +140,10 @@ LAYOUTS = {
         vision_type="clip_vision_model",
         merges_one_row=True,
     ),
+    # Phi-3-vision: mlx-vlm's module paths are the Hub checkpoint's names (model.layers.N.self_attn.qkv_proj,
+    # model.vision_embed_tokens...). transformers has no class for it (the Hub's Phi3VForCausalLM is
+    # remote code, whose module paths are those names too), so a PEFT export names them so.
+    "phi3_v": Layout("model.", "model.", "model.", "<|image_{}|>", numbered=True),
 }
 
 
@@ -147,6 +172,12 @@ def layout(config: dict[str, Any], what: str) -> Layout:
             "see docs/vision.md"
         )
     return LAYOUTS[kind]
+
+
+def template_messages(config: dict[str, Any], messages: list[dict]) -> list[dict]:
+    """`messages` as the base's chat template reads them (Layout.as_text for a numbered layout)."""
+    spell = LAYOUTS.get(config.get("model_type"))
+    return spell.as_text(messages) if spell is not None and spell.numbered else messages
 
 
 def require_text(base, what: str) -> None:

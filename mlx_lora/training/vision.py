@@ -147,7 +147,8 @@ class VisionFeed(Feed):
 
     @staticmethod
     def full_loss(model: nn.Module, tokens, embeds, positions, mask, attention=None) -> tuple[mx.array, mx.array]:
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L-1)
+        inputs, targets = tokens[:, :-1], mx.maximum(tokens[:, 1:], 0)  # (B, L-1); Phi-3-vision's image
+        # tokens are negative ids (never targets: weight 0), which no logit's index may be
         weights = mask[:, 1:].astype(mx.float32)  # (B, L-1)
         if attention is None:
             logits = model.language_model(inputs, embeds, position_ids=positions).logits  # (B, L-1, V)
@@ -227,7 +228,7 @@ class VisionPrefixCache(PrefixCache):
 
 def vision_sets(source, data: DataConfig, base, max_seq_length: int, log=print, **masking) -> dict[str, list]:
     """The training and validation examples of a vision-language base's rows (data/vision.py)."""
-    token = layout(base.config, "training").image_token
+    spell = layout(base.config, "training")
     train, valid = train_valid_streams(source, data, log)
     return {
         role: encode_vision_rows(
@@ -235,10 +236,11 @@ def vision_sets(source, data: DataConfig, base, max_seq_length: int, log=print, 
             iter_mapped(rows, data),
             base.tokenizer,
             base.processor,
-            token,
+            spell.image_token,
             max_seq_length,
             log,
             **masking,
+            as_text=spell.as_text if spell.numbered else None,
         )
         for role, rows in (("train", train), ("valid", valid))
     }
@@ -249,10 +251,13 @@ def vision_split(
 ) -> DataSplit:
     """One split of a vision-language base's rows, as training encodes them (eval's), its first
     `first` rows only. Not kept in --data-cache: a cached set would not see an image changed on disk."""
-    token = layout(base.config, "eval").image_token
+    spell = layout(base.config, "eval")
     rows = map_rows(split_rows(source, data, wanted, log)[:first], data)
     label = split_label(source, data, wanted)
-    examples = encode_vision_rows(label, rows, base.tokenizer, base.processor, token, max_seq_length, log)
+    as_text = spell.as_text if spell.numbered else None
+    examples = encode_vision_rows(
+        label, rows, base.tokenizer, base.processor, spell.image_token, max_seq_length, log, as_text=as_text
+    )
     return DataSplit(examples, lambda say=log: rows)
 
 

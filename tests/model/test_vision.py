@@ -96,9 +96,9 @@ def test_only_checked_architectures_train():
     assert layout({"model_type": "idefics3"}, "training") is LAYOUTS["idefics3"]
     assert layout({"model_type": "gemma3"}, "training") is LAYOUTS["gemma3"]
     assert layout({"model_type": "llava"}, "training") is LAYOUTS["llava"]
-    with pytest.raises(
-        UserError, match="supports gemma3, idefics3, llava, qwen2_5_vl, qwen2_vl so far, not 'paligemma'"
-    ):
+    assert layout({"model_type": "phi3_v"}, "training") is LAYOUTS["phi3_v"]  # checked against mlx-vlm (test_phi3_v.py)
+    supported = "gemma3, idefics3, llava, phi3_v, qwen2_5_vl, qwen2_vl"
+    with pytest.raises(UserError, match=f"supports {supported} so far, not 'paligemma'"):
         layout({"model_type": "paligemma", "vision_config": {}}, "training")
 
 

@@ -274,9 +274,8 @@ def test_fuse_refuses_an_architecture_not_checked_here_before_loading_it(qwen2_v
     result = CliRunner().invoke(app, [*args, "--save-path", str(tmp_path / "out")])
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
-    assert errors[0].startswith(
-        "error: fuse on a vision-language model supports gemma3, idefics3, llava, qwen2_5_vl, qwen2_vl so far"
-    )
+    supported = "gemma3, idefics3, llava, phi3_v, qwen2_5_vl, qwen2_vl"
+    assert errors[0].startswith(f"error: fuse on a vision-language model supports {supported} so far")
     assert not (tmp_path / "out").exists()
 
 
