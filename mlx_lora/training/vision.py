@@ -138,7 +138,10 @@ class VisionFeed(Feed):
         """Mean cross-entropy over the masked targets (feed.loss_fn's, on the merged embeddings)."""
         if self.cache_prefix:
             tokens, states, positions, *flat = inputs
-            return target_loss(self.cut, (tokens, None, positions), states, *flat)
+            # embeddings the skipped blocks never read, so the language model does not embed the tokens
+            # itself (Phi-3-vision's reads their values to find its images, which mx.compile cannot trace)
+            unread = mx.broadcast_to(mx.zeros((1, 1, states.shape[-1]), states.dtype), states.shape)
+            return target_loss(self.cut, (tokens, unread, positions), states, *flat)
         if self.tower:
             tokens, mask, attention, pixels, *blocks = inputs
             embeds, positions = merged(model, tokens, attention, pixels, self.one_row)
