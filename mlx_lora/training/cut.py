@@ -100,6 +100,9 @@ class Cut:
     head_key: str
     tied: bool
     run: Callable | None = None  # how the model is called on `inputs` (a language model on merged embeddings)
+    # whether `prefix` continuing one row's KV caches gives the states of the row whole (prefix_cache.py
+    # checks it once, on the first fill of any set, for every set of the run); None: not tried yet
+    continues: bool | None = None
 
     def forward(self, inputs, cache: list | None = None) -> mx.array:
         kwargs = {} if cache is None else {"cache": cache}  # mlx-lm's KV caches, where `inputs` continue them

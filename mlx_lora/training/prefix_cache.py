@@ -169,7 +169,6 @@ class PrefixCache:
     def __init__(self, cut: Cut, examples: Sequence[Example], log: Callable = print, trial: SplitTrial | None = None):
         self.cut, self.examples, self.log = cut, examples, log
         self.ahead: Iterator[list[int]] | None = None  # the rows of the batches the run reads, from the next on
-        self.share_heads: bool | None = None  # whether shared first tokens are computed once (None: not tried yet)
         self.sizes = lengths(examples)
         # Row i keeps the states of its first len-1 positions: the inputs that predict a token.
         sizes = self.sizes - 1
@@ -208,17 +207,17 @@ class PrefixCache:
         first try not to give this model's states (then never tried again)."""
         rows = [self.examples[i].tokens for i in indices]
         shared = shared_length(rows)
-        if self.share_heads is False or len(rows) < 2 or shared < MIN_SHARED:
+        if self.cut.continues is False or len(rows) < 2 or shared < MIN_SHARED:
             return None
         caches = make_prompt_cache(self.cut.model)
         if any(type(c) is not KVCache for c in caches[: self.cut.offset + self.cut.k]):
-            self.share_heads = False  # a sliding window or another kind of cache: not tried
+            self.cut.continues = False  # a sliding window or another kind of cache: not tried
             return None
         h = self.cut.prefix(mx.array(rows[0][:shared])[None], cache=caches)[0]  # (S, D)
         mx.eval(h, [c.state[:2] for c in caches if c.keys is not None])
-        if self.share_heads is None:
-            self.share_heads = self._check_head(rows[0], h, caches)
-        return (shared, h, caches) if self.share_heads else None
+        if self.cut.continues is None:
+            self.cut.continues = self._check_head(rows[0], h, caches)
+        return (shared, h, caches) if self.cut.continues else None
 
     def _check_head(self, row: np.ndarray, h: mx.array, caches: list) -> bool:
         """Whether the states of `row` computed after its head (h, caches) are its states computed whole."""

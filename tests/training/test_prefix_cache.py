@@ -177,8 +177,11 @@ def test_training_reads_ahead_the_rows_its_next_batches_read(llama, tiny_data, t
 
     monkeypatch.setattr(prefix_cache.PrefixCache, "_fill", fill)
     cfg = TrainConfig(model=str(llama), data=str(tiny_data), iters=6, num_layers=2, val_every=0, save_every=0)
-    train(replace(cfg, adapter_path=str(tmp_path / "a")), log=lambda s: None)
+    said = []
+    train(replace(cfg, adapter_path=str(tmp_path / "a")), log=said.append)
     assert [n for size, n in fills if size == 16] == [16]
+    # the shared first tokens are checked once for the run's cut, whichever set (valid, then train) fills first
+    assert sum(str(line).endswith("compute them once a fill") for line in said) == 1
 
 
 def test_shared_length_leaves_each_row_an_input_of_its_own():
@@ -208,7 +211,7 @@ def test_the_first_tokens_all_rows_share_are_computed_once(llama, tiny_data):
     said = []
     examples, real, cache, rows, states, calls = _head_fill(llama, tiny_data, said)
     shared = prefix_cache.shared_length([examples[i].tokens for i in rows])
-    assert shared >= prefix_cache.MIN_SHARED and cache.share_heads is True
+    assert shared >= prefix_cache.MIN_SHARED and cache.cut.continues is True
     assert said == [f"speed: the rows' first {shared} tokens are the same; the frozen blocks compute them once a fill"]
     # the head once, the first row whole and continued (the check), then the rows' rest
     assert calls[0] == ((1, shared), True) and calls[1][1] is False and calls[2][1] is True
@@ -230,7 +233,7 @@ def test_a_model_whose_cache_does_not_continue_computes_each_row_whole(llama, ti
     try:
         said = []
         examples, real, cache, rows, states, calls = _head_fill(llama, tiny_data, said)
-        assert cache.share_heads is False and said[-1].endswith("each row is computed whole")
+        assert cache.cut.continues is False and said[-1].endswith("each row is computed whole")
         assert not any(with_cache for _, with_cache in calls[3:]) and sum(s[0] for s, _ in calls[3:]) == len(rows)
         for row, i in enumerate(rows):
             n = len(examples[i].tokens) - 1
