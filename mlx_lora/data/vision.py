@@ -256,13 +256,12 @@ def encode_vision_row(
     if as_text is not None:
         rendered = render_chat(where, tokenizer, {**template, "messages": as_text(template["messages"])})
         tokens, mask = expand_numbered(where, rendered, images, tokenizer, processor, image_token, **masking)
-        mask[:1] = False  # nothing predicts the first token
         runs = np.flatnonzero(tokens < 0)  # image N's tokens are -N
         end = int(runs[-1]) + 1 if len(runs) else 0
     else:
         tokens, mask = encode_chat(where, tokenizer, template, **masking)
-        mask[:1] = False
         tokens, mask, end = expand_images(where, tokens, mask, images, processor, image_token)
+    mask[:1] = False  # nothing predicts the first token (never an image's: those are never targets)
     return VisionExample(tokens, mask, tuple(images), end), fmt
 
 

@@ -10,6 +10,7 @@ class for, against mlx-vlm (tests/training/test_phi3_v.py); others load but are 
 
 import importlib.util
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,11 @@ class Layout:
             return [self._renamed(path, 0, 1), self._renamed(path, 0, 2)]
         return [path, TRANSFORMERS_BASE + path] if not path.startswith(LANGUAGE_MODEL) else []
 
+    @property
+    def images_as_text(self) -> Callable[[list[dict]], list[dict]] | None:
+        """`as_text` where this layout writes its images into the text (numbered), else None."""
+        return self.as_text if self.numbered else None
+
     def as_text(self, messages: list[dict]) -> list[dict]:
         """A numbered layout's messages: each content list as one string, its images as numbered
         tags, each on a line before what follows (the Phi-3-vision model card's prompt)."""
@@ -177,7 +183,8 @@ def layout(config: dict[str, Any], what: str) -> Layout:
 def template_messages(config: dict[str, Any], messages: list[dict]) -> list[dict]:
     """`messages` as the base's chat template reads them (Layout.as_text for a numbered layout)."""
     spell = LAYOUTS.get(config.get("model_type"))
-    return spell.as_text(messages) if spell is not None and spell.numbered else messages
+    as_text = spell.images_as_text if spell is not None else None
+    return as_text(messages) if as_text else messages
 
 
 def require_text(base, what: str) -> None:

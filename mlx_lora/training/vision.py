@@ -243,7 +243,7 @@ def vision_sets(source, data: DataConfig, base, max_seq_length: int, log=print, 
             max_seq_length,
             log,
             **masking,
-            as_text=spell.as_text if spell.numbered else None,
+            as_text=spell.images_as_text,
         )
         for role, rows in (("train", train), ("valid", valid))
     }
@@ -257,9 +257,15 @@ def vision_split(
     spell = layout(base.config, "eval")
     rows = map_rows(split_rows(source, data, wanted, log)[:first], data)
     label = split_label(source, data, wanted)
-    as_text = spell.as_text if spell.numbered else None
     examples = encode_vision_rows(
-        label, rows, base.tokenizer, base.processor, spell.image_token, max_seq_length, log, as_text=as_text
+        label,
+        rows,
+        base.tokenizer,
+        base.processor,
+        spell.image_token,
+        max_seq_length,
+        log,
+        as_text=spell.images_as_text,
     )
     return DataSplit(examples, lambda say=log: rows)
 
