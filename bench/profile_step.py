@@ -45,13 +45,17 @@ def ours(model: str, data: str) -> tuple:
     rows, batch, count = next(iterate_batches(examples, 4, 0))
     tokens = collate(examples, rows)[0][:, :-1]
     inputs = feed.inputs(examples, rows, batch)
-    inp, states, positions, targets, _ = inputs
-    picked = cut.hidden(inp, states).reshape(-1, states.shape[-1])[positions]
+    inp, states, positions, targets, _, *head = inputs  # head: the first tokens all rows share (Feed.inputs)
+
+    def trained():
+        return cut.hidden_after(*head, inp, states) if head else cut.hidden(inp, states)
+
+    picked = trained().reshape(-1, states.shape[-1])[positions]
     streams = split_streams(cut.model)
     parts = {
         f"frozen prefix: blocks 0-{cut.k - 1} forward, one stream": lambda: cut.prefix(tokens),
         f"the same, rows split over {len(streams)} streams": lambda: prefix(cut, [tokens[:2], tokens[2:]], streams),
-        "trained blocks forward": lambda: cut.hidden(inp, states),
+        "trained blocks forward" + (f", the rows' first {head[0].shape[1]} tokens once" if head else ""): trained,
         f"head + loss forward at {positions.shape[0]} target rows": lambda: _chunk_ce(cut, targets, picked),
         "compiled step from the prefix (fwd + bwd + AdamW)": lambda: (run.step(inputs, None, True), run.state)[0],
     }

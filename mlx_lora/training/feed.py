@@ -13,13 +13,14 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from mlx_lora.data.batches import collate, lengths
 from mlx_lora.data.examples import Example
 from mlx_lora.model.cpu_kernels import cross_entropy
 from mlx_lora.training.cut import Cut, find_cut
 from mlx_lora.training.packing import packed_cache
-from mlx_lora.training.prefix_cache import PrefixCache, SplitTrial, split_streams
+from mlx_lora.training.prefix_cache import MIN_SHARED, PrefixCache, SplitTrial, shared_length, split_streams
 
 TARGET_MULTIPLE = 32  # target counts are padded up to this, so the compiled step sees few shapes
 CE_CHUNK = 1024  # target rows whose logits (rows x vocab) exist at once in the loss
@@ -43,10 +44,11 @@ def _chunk_ce(cut: Cut, y: mx.array, x: mx.array) -> mx.array:
     return cross_entropy(cut.logits(x).astype(mx.float32), y)  # (C,)
 
 
-def target_ce(cut: Cut, inputs, states, positions, targets) -> mx.array:
+def target_ce(cut: Cut, inputs, states, positions, targets, head=None, head_states=None) -> mx.array:
     """Cross-entropy (N,) of the N targets at `positions` (flat indices into (B, T)): the head runs
-    on those positions only."""
-    hidden = cut.hidden(inputs, states)  # (B, T, D)
+    on those positions only. With `head` (1, S) and its `head_states`, every row begins with those
+    positions and `inputs`, `states` and `positions` are the rows' own (Feed.inputs)."""
+    hidden = cut.hidden(inputs, states) if head is None else cut.hidden_after(head, head_states, inputs, states)
     picked = hidden.reshape(-1, hidden.shape[-1])[positions]  # (N, D)
     if picked.shape[0] <= CE_CHUNK:
         return _chunk_ce(cut, targets, picked)
@@ -59,9 +61,9 @@ def target_ce(cut: Cut, inputs, states, positions, targets) -> mx.array:
     )
 
 
-def target_loss(cut: Cut, inputs, states, positions, targets, weights) -> tuple[mx.array, mx.array]:
+def target_loss(cut: Cut, inputs, states, positions, targets, weights, *head) -> tuple[mx.array, mx.array]:
     """Like loss_fn, but the head runs only on the target positions."""
-    ce = target_ce(cut, inputs, states, positions, targets)  # (N,)
+    ce = target_ce(cut, inputs, states, positions, targets, *head)  # (N,)
     ntoks = weights.sum()
     return (ce * weights).sum() / mx.maximum(ntoks, 1), ntoks
 
@@ -85,10 +87,18 @@ class Feed:
     stats: tuple[str, ...] = ()  # what loss() reports besides the loss: none for SFT
     compiled = True  # whether step.py compiles the step that calls loss()
 
-    def __init__(self, cut: Cut | None, cache_prefix: bool, log: Callable = print):
+    def __init__(self, cut: Cut | None, cache_prefix: bool, log: Callable = print, share_heads: bool = False):
         self.cut, self.cache_prefix, self.log = cut, cache_prefix and cut is not None and cut.k > 0, log
         self.caches: dict[int, PrefixCache] = {}
         self.trial = SplitTrial(split_streams(cut.model), log) if self.cache_prefix else None  # one for every set
+        # whether the trained blocks may run the first tokens a batch's rows share once (`_shared`)
+        self.share_heads = (
+            share_heads
+            and self.cache_prefix
+            and cut.run is None
+            and all(type(c) is KVCache for c in make_prompt_cache(cut.model))
+        )
+        self.said_shared = False
 
     def inputs(self, examples: Sequence[Example], rows: list[int], batch: tuple[mx.array, ...]) -> tuple[mx.array, ...]:
         """Step inputs for `batch` (collated from `examples[rows]`: tokens, mask[, segments])."""
@@ -101,7 +111,34 @@ class Feed:
         flat = (mx.array(positions), mx.array(targets), mx.array(weights))
         if not self.cache_prefix:
             return inputs, *flat
-        return inputs, self.cache(examples).states(rows, inputs.shape[1]), *flat
+        states = self.cache(examples).states(rows, inputs.shape[1])
+        shared = self._shared(examples, rows, positions, weights, inputs.shape[1])
+        if not shared:
+            return inputs, states, *flat
+        # the rows' own positions, and the flat target indices into them: (b, j) -> (b, j - S)
+        width = inputs.shape[1]
+        rest = np.where(weights > 0, positions // width * (width - shared) + positions % width - shared, 0)
+        head = (inputs[:1, :shared], states[:1, :shared])
+        return inputs[:, shared:], states[:, shared:], mx.array(rest.astype(np.int32)), *flat[1:], *head
+
+    def _shared(
+        self, examples: Sequence[Example], rows: list[int], positions: np.ndarray, weights: np.ndarray, width: int
+    ) -> int:
+        """How many first tokens the trained blocks run once for all `rows` (0: none): those all rows
+        share (MIN_SHARED or more: a chat template's system prompt) before the first learned one, with
+        the first row's frozen states for them (each row's are the same up to fp32 rounding, and the
+        same bits where one fill's head gave them: PrefixCache._head). `positions` index (B, width)."""
+        if not self.share_heads or self.cut.continues is not True or len(rows) < 2:
+            return 0
+        shared = shared_length([examples[i].tokens for i in rows])
+        first = int((positions % width)[weights > 0].min(initial=width))
+        shared = min(shared, first)
+        if shared < MIN_SHARED:
+            return 0
+        if not self.said_shared:
+            self.log(f"speed: the rows' first {shared} tokens are the same; the trained blocks run them once a batch")
+            self.said_shared = True
+        return shared
 
     def cache(self, examples: Sequence[Example]) -> PrefixCache:
         """The prefix cache of `examples`, made on first use (`new_cache`)."""
@@ -136,14 +173,16 @@ def make_feed(
     cache_prefix: bool,
     packed: bool,
     log: Callable = print,
+    share_heads: bool = False,
 ) -> Feed:
     """The fastest feed this model allows: cut before its first trained block when the cut checks
     out. Packed batches keep the plain path: their mask and positions travel through the cache
-    argument of the model's own forward, which the cut pieces do not take."""
+    argument of the model's own forward, which the cut pieces do not take. `share_heads`: whether a
+    batch's rows may run the first tokens they share once through the trained blocks (Feed._shared)."""
     if packed:
         return PLAIN
     probe, _ = collate(examples, [int(lengths(examples).argmin())])  # the first shortest, as min() chose
-    feed = Feed(find_cut(model, first_trained, probe[:, :-1], log), cache_prefix, log)
+    feed = Feed(find_cut(model, first_trained, probe[:, :-1], log), cache_prefix, log, share_heads)
     if feed.cache_prefix:
         log(f"speed: blocks 0-{first_trained - 1} are frozen; their output is kept per row after its first batch")
     return feed

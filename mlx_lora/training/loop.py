@@ -416,7 +416,10 @@ def choose_feed(
     if stream is not None:
         return streamed_feed(model, first_trained, stream, log)
     if not cfg.preference:
-        return make_feed(model, first_trained, data["train"], cfg.prefix_cache, cfg.pack, log)
+        # a batch's rows share their first tokens' pass through the trained blocks only where those
+        # are the same in every row: no dropout, and no recomputed block that would keep its keys inside
+        share_heads = cfg.dropout == 0 and not cfg.grad_checkpoint
+        return make_feed(model, first_trained, data["train"], cfg.prefix_cache, cfg.pack, log, share_heads)
     return make_preference_feed(
         model, first_trained, data, objective(cfg), cfg.batch_size, cfg.prefix_cache, log, world
     )

@@ -85,6 +85,32 @@ def test_target_loss_and_cache_give_the_full_loss_and_its_gradients(llama, tiny_
         assert all(mx.allclose(grads[k], plain[2][k], rtol=1e-4, atol=1e-6).item() for k in grads)
 
 
+def test_the_trained_blocks_run_the_first_tokens_all_rows_share_once(llama, tiny_data):
+    """A batch whose rows begin alike (and learn none of those tokens) runs them through the trained
+    blocks on one row, and every row continues its keys and values: the loss and gradients are the
+    whole batch's. Sums over the head's positions now run in (1, S) calls, not (B, T): other orders,
+    the longest over a row's 48 positions (as in the test above, whose bounds are tighter than this)."""
+    base = _adapted(llama, "llama")
+    examples = load_dataset(tiny_data, base.tokenizer, 256, train_on_prompt=False)["train"]
+    cut = find_cut(base.model, 2, collate(examples, [0])[0])
+    batch = [0, 5, 9, 14]
+    said = []
+    feed = Feed(cut, True, said.append, share_heads=True)
+    inputs = feed.inputs(examples, batch, collate(examples, batch))
+    shared = prefix_cache.shared_length([examples[i].tokens for i in batch])
+    assert len(inputs) == 7 and inputs[5].shape == (1, shared) and inputs[6].shape == (1, shared, inputs[1].shape[-1])
+    assert inputs[0].shape == (4, collate(examples, batch)[0].shape[1] - 1 - shared)
+    assert said[-1] == f"speed: the rows' first {shared} tokens are the same; the trained blocks run them once a batch"
+    plain = _losses_and_grads(base.model, Feed(None, False), examples, batch)
+    loss, n, grads = _losses_and_grads(base.model, feed, examples, batch)
+    tol = fp32_tol(48)
+    assert n == plain[1] and loss == pytest.approx(plain[0], rel=tol)
+    assert_tensors_close(grads, plain[2], tol)
+    # a set that learns its prompts too learns a token among the shared ones: rows run whole
+    learned = load_dataset(tiny_data, base.tokenizer, 256, train_on_prompt=True)["train"]
+    assert len(feed.inputs(learned, batch, collate(learned, batch))) == 5
+
+
 def test_cache_computes_each_row_once_and_file_equals_ram(llama, tiny_data, monkeypatch):
     monkeypatch.setattr(prefix_cache, "MIN_SHARED", 10**6)  # every row whole: shared heads are tested below
     base = _adapted(llama, "llama")
@@ -224,6 +250,25 @@ def test_the_first_tokens_all_rows_share_are_computed_once(llama, tiny_data):
         assert_tensors_close({f"row {i}": states[row, :n]}, {f"row {i}": whole}, fp32_tol(128))
 
 
+def test_a_later_fill_whose_rows_begin_with_the_last_head_reuses_it(llama, tiny_data):
+    """The head's states are computed by the first fill only: a later fill whose rows begin with
+    the same tokens continues them without running the head again, and each row's states are still
+    its states computed whole."""
+    said = []
+    examples, real, cache, rows, states, calls = _head_fill(llama, tiny_data, said)
+    shared = len(cache.last_head[0])
+    later = [i for i in range(len(examples)) if i not in rows][:4]
+    assert prefix_cache.shared_length([examples[i].tokens for i in later]) >= shared  # the test's premise
+    calls.clear()
+    again = cache.states(later, int(cache.sizes.max()))
+    assert calls and all(with_cache and shape[0] > 0 for shape, with_cache in calls)
+    assert sum(shape[0] for shape, _ in calls) == len(later)  # no call of one row for the head
+    for row, i in enumerate(later):
+        n = len(examples[i].tokens) - 1
+        whole = real(collate(examples, [i])[0][:, :-1])[0, :n]
+        assert_tensors_close({f"row {i}": again[row, :n]}, {f"row {i}": whole}, fp32_tol(128))
+
+
 def test_a_model_whose_cache_does_not_continue_computes_each_row_whole(llama, tiny_data):
     """The first fill checks the continued states against one row computed whole; where they differ
     (here a forward that drops its cache, so positions restart at 0) no head is shared again."""
@@ -268,7 +313,10 @@ def test_training_with_the_prefix_cache_gives_the_same_losses_and_adapter(llama,
         save_every=0,
         report_every=4,
     )  # 12 steps = 3 epochs
-    cached = train(replace(cfg, adapter_path=str(tmp_path / "cached")), log=lambda s: None)
+    said = []
+    cached = train(replace(cfg, adapter_path=str(tmp_path / "cached")), log=said.append)
+    # without dropout a batch's shared first tokens run once through the trained blocks too
+    assert any("the trained blocks run them once a batch" in line for line in said) == (dropout == 0)
     plain = train(replace(cfg, adapter_path=str(tmp_path / "plain"), prefix_cache=False), log=lambda s: None)
     # Epochs 2 and 3 (steps 5-12) read states cached from epoch 1's batches, where the plain run
     # recomputes them in its current batches: other shapes, so sums in another order. Longest sums:
