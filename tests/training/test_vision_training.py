@@ -155,25 +155,39 @@ def test_a_trained_adapter_in_peft_gives_our_logits_on_the_transformers_model(vl
     assert np.abs(our_logits(load_base(str(vlm)), x) - got).max() > 100 * bound
 
 
+def assert_greedy_reply(peft_model, ours, image, tokens: list[int]) -> None:
+    """Each of `tokens`, which `generate --image` replied, is transformers + PEFT's greedy pick after the
+    prompt mlx-vlm built (its tokenizer call adds the test tokenizer's BOS, as `prompt_inputs` does not)
+    and the tokens before it. Our logits are within `bound` of theirs, so our pick's logit is within
+    2·bound of their largest. A random model may reply with its image placeholder, which transformers
+    would count against the image's features: the check ends at the first one (its own pick included)."""
+    from mlx_vlm.utils import prepare_inputs
+
+    text = chat_text(ours, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}])
+    index = getattr(ours.model.config, "image_token_index", None)
+    x = dict(prepare_inputs(ours.processor, images=[str(image)], prompts=[text], image_token_index=index))
+    placeholder = image_token_id(ours.config)
+    checked = tokens[: tokens.index(placeholder) + 1] if placeholder in tokens else tokens
+    ids = np.asarray(x["input_ids"])
+    n = ids.shape[1]
+    forced = x | {"input_ids": np.concatenate([ids, np.asarray([checked[:-1]], dtype=ids.dtype)], axis=1)}
+    with torch.no_grad():
+        logits = peft_model(**hf_inputs(ours, forced)).logits[0, n - 1 : n - 1 + len(checked)].numpy()
+    bound = tol(ours) * np.abs(logits).max()
+    picked = logits[np.arange(len(checked)), checked]
+    assert len(checked) >= 1 and (picked >= logits.max(axis=-1) - 2 * bound).all()
+
+
 def test_generate_with_an_image_is_transformers_greedy_reply(vlm, shapes, vlm_adapter, tmp_path):
     """`generate --image` through the PEFT export read back: each token is the one transformers + PEFT
-    pick greedily after the same tokens. Our logits are within `bound` of theirs, so our pick's logit
-    is within 2·bound of their largest: equal to their pick wherever their two best differ by more
-    (a random model's near-ties, which test order can make or break, are the only leeway)."""
+    pick greedily after the same tokens, up to a random model's near-ties (assert_greedy_reply)."""
     convert(ConvertConfig(str(vlm_adapter), str(tmp_path / "peft"), to="peft"), log=lambda _: None)
     image = shapes / "imgs" / "0017.png"
     cfg = GenerateConfig(model=str(vlm), prompt=QUESTION, image=[str(image)], max_tokens=6)
     ours = load_for_inference(str(vlm), str(tmp_path / "peft"))
     tokens = list(generate(ours, cfg))[-1].token_ids  # mlx-vlm's last response lists them all
     peft_model = PeftModel.from_pretrained(hf_model(vlm), tmp_path / "peft").eval()
-    x = prompt_inputs(ours, image)
-    n = np.asarray(x["input_ids"]).shape[1]
-    forced = x | {"input_ids": np.concatenate([np.asarray(x["input_ids"]), [tokens]], axis=1)}
-    with torch.no_grad():
-        logits = peft_model(**hf_inputs(ours, forced)).logits[0, n - 1 : n - 1 + len(tokens)].numpy()
-    bound = tol(ours) * np.abs(logits).max()
-    picked = logits[np.arange(len(tokens)), tokens]
-    assert len(tokens) >= 1 and (picked >= logits.max(axis=-1) - 2 * bound).all()
+    assert_greedy_reply(peft_model, ours, image, tokens)
 
 
 @pytest.mark.parametrize(
@@ -407,26 +421,14 @@ def test_lora_on_the_tower_trains_and_its_peft_export_gives_our_logits(vlm, shap
 
 @pytest.mark.parametrize("vlm", TOWERS, indirect=True)
 def test_generate_with_a_tower_adapter_is_transformers_greedy_reply(vlm, shapes, tower_adapter, tmp_path):
-    """`generate --image` with the native tower adapter: transformers + PEFT's greedy tokens after
-    the prompt mlx-vlm built (as above; mlx-vlm's tokenizer call adds the test tokenizer's BOS)."""
-    from mlx_vlm.utils import prepare_inputs
-
+    """`generate --image` with the native tower adapter: transformers + PEFT's greedy tokens (as above)."""
     convert(ConvertConfig(str(tower_adapter), str(tmp_path / "peft"), to="peft"), log=lambda _: None)
     image = shapes / "imgs" / "0017.png"
     cfg = GenerateConfig(model=str(vlm), prompt=QUESTION, image=[str(image)], max_tokens=6)
     ours = load_for_inference(str(vlm), str(tower_adapter))
     tokens = list(generate(ours, cfg))[-1].token_ids
     peft_model = PeftModel.from_pretrained(hf_model(vlm), tmp_path / "peft").eval()
-    text = chat_text(ours, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}])
-    index = getattr(ours.model.config, "image_token_index", None)
-    x = dict(prepare_inputs(ours.processor, images=[str(image)], prompts=[text], image_token_index=index))
-    n = np.asarray(x["input_ids"]).shape[1]
-    forced = x | {"input_ids": np.concatenate([np.asarray(x["input_ids"]), [tokens]], axis=1)}
-    with torch.no_grad():
-        logits = peft_model(**hf_inputs(ours, forced)).logits[0, n - 1 : n - 1 + len(tokens)].numpy()
-    bound = tol(ours) * np.abs(logits).max()
-    picked = logits[np.arange(len(tokens)), tokens]
-    assert len(tokens) >= 1 and (picked >= logits.max(axis=-1) - 2 * bound).all()
+    assert_greedy_reply(peft_model, ours, image, tokens)
 
 
 @pytest.mark.parametrize("vlm", TOWERS, indirect=True)
