@@ -236,9 +236,12 @@ def export_gguf(cfg: FuseConfig, model: nn.Module, config: dict, tmp: Path, chec
         log(f"wrote {GGUF_FILE} ({cfg.gguf_type}) for llama.cpp; not read back (our GGUF reader has no {arch})")
         return
     read, _, _ = gguf_model(tmp / GGUF_FILE)
-    use_cpu_kernels(read)  # as `--model model.gguf` runs it
-    as_read = _logits(read, check.tokens).astype(mx.float32)  # as `--model model.gguf` runs it
     held = read.model.norm.weight.dtype  # the reader holds an f16/bf16 file's float32 norms in that type too
+    # As `--model model.gguf` runs it: --compute-dtype (auto: an f16/bf16 file in float32 on the CPU,
+    # in its own type on a GPU), on the CPU kernels.
+    set_precision(read, cfg.compute_dtype)
+    use_cpu_kernels(read)
+    as_read = _logits(read, check.tokens).astype(mx.float32)
     read.set_dtype(mx.float32)
     rounded = {k: w.astype(held).astype(mx.float32) for k, w in as_stored(weights, config, cfg.gguf_type).items()}
     check.fused.update(tree_unflatten(list(rounded.items())))

@@ -14,9 +14,11 @@ from conftest import LLAMA3_ROPE, fp32_tol, hf_logits, make_hf_model, mlx_logits
 from typer.testing import CliRunner
 
 from mlx_lora.cli import app
+from mlx_lora.commands.fuse import CHECK_PROMPT
 from mlx_lora.config import LoRAConfig
 from mlx_lora.errors import UserError
 from mlx_lora.formats.gguf import GGUF_FILE, check_gguf, write_gguf
+from mlx_lora.formats.loader import load_for_inference
 from mlx_lora.model.base import DEFAULT_MODEL_DIR, load_base
 from mlx_lora.model.gguf import PRE_TOKENIZERS, gguf_config, read_gguf, read_gguf_config
 from mlx_lora.model.rope import FACTOR_RTOL, ROPE_FREQS, ROPE_SCALING_KEY
@@ -183,6 +185,23 @@ def test_the_read_back_check_compares_the_same_weights_on_norms_that_f16_rounds(
     same, same_allowed, _, _ = _checked(result.output)
     scale = same_allowed / 1e-3  # max(1, |logits|), as fuse allows 1e-3 of it
     assert same <= fp32_tol(384) * scale, same  # the longest sum: down_proj's 384 (intermediate_size) terms
+
+
+def test_the_read_back_check_runs_the_file_as_model_gguf_computes_it(tmp_path):
+    """The rounding's cost the check reports is what `--model model.gguf` gives: on the CPU an f16
+    file computes in float32 (--compute-dtype auto), and so does the check (before: in float16, which
+    on the shipped model as the README's first line trains it cost 1.34 against an allowed 0.45, so
+    the stranger's `fuse --export-gguf` refused a correct file)."""
+    random_adapter(DEFAULT_MODEL_DIR, tmp_path / "adapter", CFG)
+    result = _run("fuse", "--adapter-path", tmp_path / "adapter", "--save-path", tmp_path / "fused", "--export-gguf")
+    assert result.exit_code == 0, result.output
+    _, _, cost, _ = _checked(result.output)
+    as_file = load_for_inference(str(tmp_path / "fused" / GGUF_FILE), None, compute="auto")  # as `generate` loads it
+    adapter = load_for_inference(str(DEFAULT_MODEL_DIR), str(tmp_path / "adapter"), compute="auto")
+    tokens = mx.array(as_file.tokenizer.encode(CHECK_PROMPT))[None]
+    measured = mx.abs(as_file.model(tokens)[0] - adapter.model(tokens)[0]).max().item()
+    # printed to 3 digits (0.5%), and our CPU kernels against MLX's own differ by float32 rounding only
+    assert abs(cost - measured) <= 0.01 * measured, (cost, measured)
 
 
 def _transposed_o_proj(tensor):
