@@ -239,14 +239,17 @@ def export_gguf(cfg: FuseConfig, model: nn.Module, config: dict, tmp: Path, chec
     held = read.model.norm.weight.dtype  # the reader holds an f16/bf16 file's float32 norms in that type too
     # As `--model model.gguf` runs it: --compute-dtype (auto: an f16/bf16 file in float32 on the CPU,
     # in its own type on a GPU), on the CPU kernels.
-    set_precision(read, cfg.compute_dtype)
+    computes_in = set_precision(read, cfg.compute_dtype).compute
     use_cpu_kernels(read)
     as_read = _logits(read, check.tokens).astype(mx.float32)
-    read.set_dtype(mx.float32)
+    in_float32 = as_read
+    if computes_in != mx.float32:  # the same weights again in float32, as the fused model below computes
+        read.set_dtype(mx.float32)
+        in_float32 = _logits(read, check.tokens).astype(mx.float32)
     rounded = {k: w.astype(held).astype(mx.float32) for k, w in as_stored(weights, config, cfg.gguf_type).items()}
     check.fused.update(tree_unflatten(list(rounded.items())))
     check.fused.set_dtype(mx.float32)
-    same = mx.abs(_logits(read, check.tokens).astype(mx.float32) - _logits(check.fused, check.tokens)).max().item()
+    same = mx.abs(in_float32 - _logits(check.fused, check.tokens)).max().item()
     cost = mx.abs(as_read - check.adapter_logits).max().item()
     scale = max(1.0, mx.abs(check.adapter_logits).max().item())
     same_tol, cost_tol = TOLERANCE[mx.float32] * scale, GGUF_TOLERANCE[cfg.gguf_type] * scale
