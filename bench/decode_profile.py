@@ -9,12 +9,18 @@ ways, alternating for --rounds: the model as is; every linear layer inside the b
 constant of its output's shape (no matmul, no weight read); and the output head too. The
 differences are the blocks' matmuls and the head's, and the last is everything else (norms,
 attention, RoPE, the KV cache, the graph). Each matmul part is also given as the weight bytes it
-reads per token over its time: a one-row step reads every weight once.
+reads per token over its time: a one-row step reads every weight once. The differences are upper
+bounds of what the matmuls themselves take: with them gone, the step's other operations also stop
+waiting on them (each of a step's MLX operations is dispatched to the stream's thread, and its
+count, printed first, costs time of its own: bench/RESULTS.md, "Fewer operations a token").
 """
 
 import argparse
+import re
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import mlx_lora  # noqa: F401  (OpenBLAS first)
 
@@ -54,6 +60,15 @@ def constant_class(cls: type) -> type:
     return type(cls.__name__, (cls,), methods)
 
 
+def operations(model: nn.Module, prompt: mx.array) -> int:
+    """How many MLX operations one decoding step's graph holds (as mx.export_to_dot writes them)."""
+    cache = make_prompt_cache(model)
+    mx.eval(model(prompt, cache=cache))
+    with tempfile.NamedTemporaryFile(suffix=".dot") as dot:
+        mx.export_to_dot(dot.name, model(mx.array([[42]]), cache=cache))
+        return len(re.findall(r'label ="[A-Za-z]', Path(dot.name).read_text()))
+
+
 def step_ms(model: nn.Module, prompt: mx.array, steps: int) -> float:
     cache = make_prompt_cache(model)
     mx.eval(model(prompt, cache=cache))
@@ -88,6 +103,7 @@ def main() -> None:
     head_name = next(n for n, m in modules.items() if m is head)
     ways = {"whole step": set(), "block linears constant": set(blocks), "and the head": {*blocks, head_name}}
     prompt = mx.array([list(range(100, 100 + args.position))])
+    print(f"  {operations(base.model, prompt)} MLX operations a step")
     times = {w: [] for w in ways}
     for _ in range(args.rounds):
         for way, names in ways.items():

@@ -30,7 +30,7 @@ from mlx_lm.models import activations
 from mlx_lm.models.base import scaled_dot_product_attention as mlx_attention
 
 from mlx_lora.machine import available_bytes
-from mlx_lora.model import kernel_choice
+from mlx_lora.model import decoding, kernel_choice
 from mlx_lora.model.kernel_choice import Candidate, Choice
 
 MIN_ROWS = 8  # below this the quantized kernel wins
@@ -209,21 +209,27 @@ def _held(layer: nn.Module) -> mx.array | None:
 
 
 class CPUQuantizedLinear(nn.QuantizedLinear):
+    matvec = split = False  # a held weight's one-row products, as decoding.DecodingLinear's
+
     def __call__(self, x: mx.array) -> mx.array:
         weight = _held(self)
         if weight is None and _rows(x) < MIN_ROWS:
             return super().__call__(x)
-        y = x @ (dequantized(self) if weight is None else weight).T
+        weight = dequantized(self) if weight is None else weight
+        y = decoding.row_product(x, weight, self.matvec, self.split) if decoding.one_row(x) else x @ weight.T
         return y + self["bias"] if "bias" in self else y
 
 
 class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
+    matvec = split = False
+
     def as_linear(self, x: mx.array) -> mx.array:
         """The tied output projection: the whole vocabulary against every row."""
         weight = _held(self)
         if weight is None and _rows(x) < MIN_ROWS:
             return super().as_linear(x)
-        return x @ (dequantized(self) if weight is None else weight).T
+        weight = dequantized(self) if weight is None else weight
+        return decoding.row_product(x, weight, self.matvec, self.split) if decoding.one_row(x) else x @ weight.T
 
 
 def _quantized(model: nn.Module) -> list[nn.Module]:
@@ -283,6 +289,18 @@ def _calls(cls: type) -> dict[str, FunctionType]:
             if isinstance(fn, FunctionType) and _names(fn.__code__) & set(KERNELS.values()) & set(fn.__globals__):
                 methods[name] = fn
     return methods
+
+
+@cache
+def _decoding_class(cls: type, kernels: frozenset[str]) -> type | None:
+    """`cls` as decoding.py runs one stream's step where this CPU measured that faster; None if MLX's own."""
+    matvec, split = "decoding matvec" in kernels, "decoding split" in kernels
+    if cls in (nn.Linear, nn.Embedding, *_CPU_CLASSES.values()) and (matvec or split):
+        flags = {"matvec": matvec, "split": split, "on_cpu_kernels": True}
+        return type(cls.__name__, (decoding.CLASSES.get(cls, cls),), flags)
+    if (cls is nn.RoPE and "decoding rope" in kernels) or (cls is nn.RMSNorm and "decoding norm" in kernels):
+        return decoding.CLASSES[cls]
+    return None
 
 
 @cache
@@ -372,6 +390,7 @@ def candidates(shapes: dict, kernels: set[str]) -> dict[str, Candidate]:
         every["dequantized"] = _dequantized_candidate(shapes, shapes["quantization"])
     if "decoding swiglu" in kernels:  # one stream's one new position
         every["decoding swiglu"] = Candidate(swiglu, activations.swiglu, lambda: (mx.random.normal((1, 1, f)),) * 2)
+    every.update(_decoding_candidates(shapes, kernels))
     if "decoding attention" in kernels:  # one new position over a cache of DECODE_CACHE
         every["decoding attention"] = Candidate(
             lambda q, k, v: attention(q, k, v, None, scale, None, fallback=mlx_attention),
@@ -379,6 +398,45 @@ def candidates(shapes: dict, kernels: set[str]) -> dict[str, Candidate]:
             lambda: tuple(mx.random.normal((1, n, t, d)) for n, t in ((h, 1), (kv, DECODE_CACHE), (kv, DECODE_CACHE))),
         )
     return {name: c for name, c in every.items() if name in kernels}
+
+
+def _decoding_candidates(shapes: dict, kernels: set[str]) -> dict[str, Candidate]:
+    """decoding.py's classes against MLX's own at one stream's decoding step, uncompiled as it runs."""
+    hidden, f, h, d, v = (shapes[k] for k in ("hidden", "intermediate", "heads", "head_dim", "vocab"))
+    head = min(v, max(decoding.SPLIT_VALUES, 2**25) // hidden)  # a head's rows, at most 128 MB of them
+    row = lambda: mx.random.normal((1, 1, hidden))  # noqa: E731
+    every = {
+        "decoding matvec": Candidate(
+            partial(decoding.row_product, matvec=True, split=False),
+            lambda x, w: x @ w.T,
+            lambda: (row(), mx.random.normal((f, hidden))),
+            compiled=False,
+        ),
+        "decoding split": Candidate(
+            partial(decoding.row_product, matvec=False, split=True),
+            lambda x, w: x @ w.T,
+            lambda: (row(), mx.random.normal((head, hidden))),
+            compiled=False,
+        ),
+        "decoding rope": Candidate(
+            partial(decoding.DecodingRoPE(d), offset=DECODE_CACHE),
+            partial(nn.RoPE(d), offset=DECODE_CACHE),
+            lambda: (mx.random.normal((1, h, 1, d)),),
+            compiled=False,
+        ),
+        "decoding norm": Candidate(
+            decoding.DecodingRMSNorm(hidden), nn.RMSNorm(hidden), lambda: (row(),), compiled=False
+        ),
+    }
+    return {name: c for name, c in every.items() if name in kernels}
+
+
+def _decoding_kernels(model: nn.Module) -> set[str]:
+    """decoding.py's kernels `model` has layers for: its products, and MLX's own RoPE and RMSNorm classes."""
+    classes = {type(m) for _, m in model.named_modules()}
+    return {"decoding matvec", "decoding split"} | {
+        f"decoding {name}" for name, cls in (("rope", nn.RoPE), ("norm", nn.RMSNorm)) if cls in classes
+    }
 
 
 def choose_kernels(model: nn.Module, training: bool = False, decoding: bool = False) -> Choice:
@@ -389,6 +447,7 @@ def choose_kernels(model: nn.Module, training: bool = False, decoding: bool = Fa
     shapes = model_shapes(model)
     decoding = decoding and not training
     used |= {f"decoding {k}" for k in ("attention", "swiglu") if decoding and k in used}
+    used |= _decoding_kernels(model) if decoding else set()
     q = quantization(model) if decoding else None
     if q is not None:
         used.add("dequantized")
@@ -417,6 +476,7 @@ def use_cpu_kernels(
     _loss[0] = "loss" in choice.kernels
     for _, module in model.named_modules():
         ours = (_CPU_CLASSES.get(type(module)) if quantized else None) or _cpu_class(type(module), choice.kernels)
+        ours = _decoding_class(ours or type(module), choice.kernels) or ours
         if ours is not None:
             module.__class__ = ours
     if quantized and "dequantized" in choice.kernels:
@@ -435,5 +495,5 @@ def use_mlx_kernels(model: nn.Module) -> None:
     """Undo `use_cpu_kernels`: every module of `model` back on its mlx-lm or MLX class."""
     drop_dequantized(model)
     for _, module in model.named_modules():
-        if type(module) in _CPU_CLASSES.values() or "on_cpu_kernels" in vars(type(module)):
+        while type(module) in _CPU_CLASSES.values() or "on_cpu_kernels" in vars(type(module)):
             module.__class__ = type(module).__bases__[0]

@@ -35,6 +35,7 @@ class Candidate:
     ours: Callable
     theirs: Callable
     inputs: Callable[[], tuple]
+    compiled: bool = True  # False: timed as an uncompiled model runs it, a decoding step's operations
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def _time(candidate: Candidate, training: bool) -> tuple[float, float]:
     """(ours, MLX's) in ms: compiled, warmed up, the fastest of REPEATS alternating calls each."""
     args = candidate.inputs()
     mx.eval(args)
-    fns = [_timed_fn(f, args, training) for f in (candidate.ours, candidate.theirs)]
+    fns = [_timed_fn(f, args, training, candidate.compiled) for f in (candidate.ours, candidate.theirs)]
     for fn in fns:
         mx.eval(fn(*args))  # compiles
     best = [float("inf")] * 2
@@ -106,9 +107,9 @@ def _time(candidate: Candidate, training: bool) -> tuple[float, float]:
     return round(1000 * best[0], 3), round(1000 * best[1], 3)
 
 
-def _timed_fn(fn: Callable, args: tuple, training: bool) -> Callable:
+def _timed_fn(fn: Callable, args: tuple, training: bool, compiled: bool) -> Callable:
     if not training:
-        return mx.compile(fn)
+        return mx.compile(fn) if compiled else fn
     weights = mx.random.normal(fn(*args).shape)  # a cotangent of its own per element, as a loss gives
     floats = tuple(i for i, a in enumerate(args) if mx.issubdtype(a.dtype, mx.floating))
     return mx.compile(mx.grad(lambda *a: (fn(*a) * weights).sum(), argnums=floats))
