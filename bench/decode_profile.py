@@ -12,7 +12,7 @@ attention, RoPE, the KV cache, the graph). Each matmul part is also given as the
 reads per token over its time: a one-row step reads every weight once. The differences are upper
 bounds of what the matmuls themselves take: with them gone, the step's other operations also stop
 waiting on them (each of a step's MLX operations is dispatched to the stream's thread, and its
-count, printed first, costs time of its own: bench/RESULTS.md, "Fewer operations a token").
+count, printed first, costs time of its own: bench/RESULTS.md, "One stream in fewer operations").
 """
 
 import argparse

@@ -2,12 +2,12 @@
 
 A token of SmolLM2-135M is ~4,400 MLX operations, 271 of them matmuls. On a 2-core Xeon each of
 the others costs microseconds of dispatch on top of its work, and the one-row matmuls take
-OpenBLAS's slower path (bench/RESULTS.md, "Fewer operations a token"). Where a command decodes
+OpenBLAS's slower path (bench/RESULTS.md, "One stream in fewer operations"). Where a command decodes
 (`use_cpu_kernels(decoding=True)`), these classes stand in for MLX's own, and only for one row
 at one position; a prompt, a batch and training run MLX's:
 - `RoPE` from a table of cosines and sines made by the same float32 operations MLX's CPU
-  fallback runs on every call, so the values are the same (29 operations a call -> 6);
-- `RMSNorm` as one compiled function of MLX's own formula (13 operations -> 4);
+  fallback runs on every call, so the same values, within an ulp (29 operations a call -> 7);
+- `RMSNorm` as one compiled function of MLX's own formula (13 operations -> 3);
 - a one-row product as `W @ x`, which OpenBLAS gives its small-matrix kernel, where `x @ W.T`
   first copies the weight into packed panels;
 - a large product (an output head; every product of a larger model) in chunks over two CPU
