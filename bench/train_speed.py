@@ -30,10 +30,12 @@ none), while in this venv transformers would import it for the tokenizer, 0.23 G
 
 Reported per run: wall time of the whole command, time from the command's start to its first
 training batch, tokens/s = all non-padding tokens of the trained rows / seconds from the first
-training batch to the adapter saved, max RSS, and for ours the model FLOP/s of epoch 1 as a
-fraction of a float32 sgemm measured in the same run (model FLOPs: 2 per weight per token
-forward through every block, 2 per weight per token backward through the trained blocks' input
-gradients, the head forward and backward at target tokens only; attention scores left out, ~1%).
+training batch (for ours streamed, `--stream-prefix`, from the start of its prefix pass, which
+computes before that batch what epoch 1 computes in memory) to the adapter saved, max RSS, and
+for ours the model FLOP/s of epoch 1 as a fraction of a float32 sgemm measured in the same run
+(model FLOPs: 2 per weight per token forward through every block, 2 per weight per token backward
+through the trained blocks' input gradients, the head forward and backward at target tokens only;
+attention scores left out, ~1%).
 """
 
 import argparse
@@ -287,10 +289,20 @@ def sgemm_peak(threads: int) -> float:
 
 
 class Clock:
-    """Timestamps of every training batch taken from the trainer's iterator."""
+    """Timestamps of every training batch taken from the trainer's iterator, and of the start of
+    mlx-lora's streamed prefix pass, which computes before the first batch what an in-memory run
+    computes during epoch 1 (so epoch 1 is timed from there)."""
 
     def __init__(self):
         self.fetches: list[float] = []
+        self.pass_start: float | None = None
+
+    def wrap_pass(self, fn):
+        def timed(*args, **kwargs):
+            self.pass_start = time.perf_counter()
+            return fn(*args, **kwargs)
+
+        return timed
 
     def wrap(self, iterator):
         for item in iterator:
@@ -305,6 +317,7 @@ def _finish(clock: Clock, end: float, out: dict, peak: float | None) -> None:
         fetches=[t - clock.fetches[0] for t in clock.fetches],
         first_wall=clock.first_wall,
         end=end - clock.fetches[0],
+        prefix=None if clock.pass_start is None else clock.pass_start - clock.fetches[0],
         peak_mlx=peak,
         max_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         torch=sys.modules.get("torch") is not None,
@@ -327,6 +340,10 @@ def run_ours(job: dict) -> None:
     name = "iterate_indices" if hasattr(train_mod, "iterate_indices") else "iterate_batches"
     real = getattr(train_mod, name)
     setattr(train_mod, name, lambda *a, **k: clock.wrap(real(*a, **k)))
+    import mlx_lora.training.streaming as streaming_mod
+
+    if hasattr(streaming_mod, "stream_prefix"):
+        streaming_mod.stream_prefix = clock.wrap_pass(streaming_mod.stream_prefix)
     args = [
         "train",
         "--model",
@@ -521,8 +538,9 @@ def spawn(who: str, job: dict, env: dict, script: str = __file__) -> dict:
 
 
 def epochs_of(res: dict, per_epoch: int, tokens: int) -> list[float]:
-    """tokens/s of each epoch, from the batch timestamps."""
+    """tokens/s of each epoch, from the batch timestamps (epoch 1 from the streamed pass's start, if any)."""
     marks = res["fetches"][::per_epoch] + [res["end"]]
+    marks[0] = min(marks[0], res.get("prefix") or 0.0)
     return [tokens / (b - a) for a, b in zip(marks, marks[1:])]
 
 
@@ -630,7 +648,7 @@ def run_jobs(a, model_dir: Path, work: Path, envs: dict, peak: float, arch: str 
                 job["extra"] = a.ours_extra.split() if w.startswith("ours") else []
                 res = spawn(w.split("-")[0], job, envs[w])
                 res["epochs"] = epochs_of(res, per_epoch, tokens)
-                res["tps"] = tokens * epochs / res["end"]
+                res["tps"] = tokens * epochs / (res["end"] - min(0.0, res.get("prefix") or 0.0))
                 res["frac"] = model_flops(model_dir, tokens, targets) / (tokens / res["epochs"][0]) / peak
                 results[w].append(res)
                 print(

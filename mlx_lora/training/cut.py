@@ -86,7 +86,7 @@ class Continued:
         return create_attention_mask(n, self.offset, return_array, window_size)
 
 
-class _Kept(Continued):
+class Kept(Continued):
     """A block's KV cache that keeps one call's keys and values as they are, so a gradient reaches
     them (mlx-lm's KVCache writes them into a buffer)."""
 
@@ -154,14 +154,15 @@ class Cut:
         `cache` (mlx-lm's, a KV cache per block) `inputs` continue the positions it holds."""
         return self._entering(self.k if k is None else k, inputs, {}, cache)
 
-    def block(self, i: int, inputs: mx.array, h: mx.array) -> mx.array:
+    def block(self, i: int, inputs: mx.array, h: mx.array, cache: list | None = None) -> mx.array:
         """Block i (i < k) alone on `h` (B, T, D) entering it, with the masks and positions the model
         makes for `inputs`: blocks before it pass through, and the embedding's output reaches no
-        result, so only block i's weights are read."""
+        result, so only block i's weights are read. `cache`: one per block, block i's the one read
+        (the others set the mask's and the positions' offset)."""
         real = self.blocks[self.offset + i]
         swaps = {self.offset + j: _Standin(self.blocks[self.offset + j], _through) for j in range(i)}
         swaps[self.offset + i] = _Standin(real, lambda x, *args, **kwargs: real(h, *args, **kwargs))
-        return self._entering(i + 1, inputs, swaps)
+        return self._entering(i + 1, inputs, swaps, cache)
 
     def hidden(self, inputs: mx.array, h: mx.array | None = None, cache: list | None = None) -> mx.array:
         """Final normed hidden state (B, T, D); with `h` entering block k (k >= 1), blocks before k are
@@ -179,7 +180,7 @@ class Cut:
         """`hidden(inputs, h)` for rows that all begin with the positions of `head` (1, S), `head_h`
         (1, S, D) entering block k: the trained blocks run those positions once, and every row continues
         their keys and values. Returns the rows' own positions, (B, T, D)."""
-        kept = [_Kept() for _ in self.model.layers]
+        kept = [Kept() for _ in self.model.layers]
         self.hidden(head, head_h, kept)  # read for its keys and values only
         return self.hidden(inputs, h, [Continued(c.keys, c.values, head.shape[1]) for c in kept])
 

@@ -373,8 +373,8 @@ def choose_memory(
     if cfg.objective == "grpo" or base.processor is not None:  # no frozen prefix to stream: the whole model runs
         materialize(base.model)
         return None
-    why_not, rows = why_not_stream(cfg, base, first), None  # alone: every row, whatever step it resumes at
-    if world.size > 1 and why_not is None:  # each rank streams only the rows it reads, on its own memory
+    why_not, rows = why_not_stream(cfg, base, first), None
+    if why_not is None:  # only the rows this process reads (a rank its own share), from where it starts
         ahead = (iters - progress.step) * cfg.grad_accumulation_steps  # the batches still to read
         todo = range(progress.batches_seen, progress.batches_seen + ahead)
         rows = rank_rows(data, world, cfg.batch_size, cfg.seed, cfg.val_batches, todo)
@@ -413,12 +413,12 @@ def choose_feed(
         return VisionFeed(
             model, processor, log, first_trained=first_trained, cache_prefix=cfg.prefix_cache, examples=data["train"]
         )
+    # a batch's rows share their first tokens' pass through the trained blocks only where those
+    # are the same in every row: no dropout, and no recomputed block that would keep its keys inside
+    share_heads = cfg.dropout == 0 and not cfg.grad_checkpoint
     if stream is not None:
-        return streamed_feed(model, first_trained, stream, log)
+        return streamed_feed(model, first_trained, stream, log, share_heads)
     if not cfg.preference:
-        # a batch's rows share their first tokens' pass through the trained blocks only where those
-        # are the same in every row: no dropout, and no recomputed block that would keep its keys inside
-        share_heads = cfg.dropout == 0 and not cfg.grad_checkpoint
         return make_feed(model, first_trained, data["train"], cfg.prefix_cache, cfg.pack, log, share_heads)
     return make_preference_feed(
         model, first_trained, data, objective(cfg), cfg.batch_size, cfg.prefix_cache, log, world

@@ -12,8 +12,9 @@ these earlier.
 
 With --stream-prefix (streaming.py) the frozen blocks before the first adapted one are never
 resident together: the run holds the rest of the model during training, and one frozen block
-(or the embedding) plus one group's activations during the prefix pass; the pass's cache goes to
-disk, two files of rows x tokens x hidden x bytes at once.
+(or the embedding) plus a group's activations per stream during the prefix pass; the pass's cache
+goes to disk, two files of rows x tokens x hidden x bytes at once. auto streams where it can and
+the cache is small (would_stream), as it holds less in no more time.
 
 Everything is sized in the dtype the base computes in (model/precision.py): a bfloat16 base cast
 to float32 on the CPU holds twice its size on disk. When that does not fit and --compute-dtype is
@@ -40,9 +41,13 @@ from mlx_lora.model.lora import LINEAR_TYPES, block_paths, linear_dims, lora_lay
 from mlx_lora.model.precision import dtype_name, restore
 from mlx_lora.training.cut import EMBEDDINGS, cut_at
 from mlx_lora.training.feed import CE_CHUNK, TARGET_MULTIPLE
+from mlx_lora.training.prefix_cache import RAM_LIMIT, split_streams
 from mlx_lora.training.streaming import cache_bytes, largest_group, splits
 
 GB = 2**30
+# states a run that fits in memory streams under --stream-prefix auto at most: as much as an in-memory
+# run's prefix cache keeps in RAM before it moves to a file
+AUTO_CACHE = RAM_LIMIT
 # fp32 (B, H, L, L) arrays one block's attention pass holds at once besides the 2 counted as kept:
 # the masked and shifted scores, fast_exp's 4 temporaries and, going back, the gradients of the
 # probabilities, the exponentials and the scores (12.0-13.6 measured around cpu_kernels.attention's
@@ -165,9 +170,11 @@ def plan_memory(base, data: dict, limits: BatchLimits, rows: dict | None = None)
     except (ValueError, StopIteration):  # no blocks or head to cut at: streaming is refused later
         frozen, embedding = [], 0
     streamed = replace(est, weights=est.weights - sum(frozen) - embedding)
-    # one block call on a group: its input and output states plus its widest intermediate, twice
+    # one block call on a group: its input and output states plus its widest intermediate, twice; a
+    # group on each stream the pass splits over
     sets = splits(data, rows)
     group = largest_group(sets) * (2 * hidden + 2 * text.get("intermediate_size", 4 * hidden)) * act
+    group *= max(1, len(split_streams(model)))
     return MemoryPlan(est, streamed, max(frozen + [embedding]) + group, cache_bytes(sets, hidden, act), batch, seq_len)
 
 
@@ -184,9 +191,18 @@ def cache_dir_free() -> tuple[str, int]:
 
 
 def would_stream(mode: str, plan: MemoryPlan, why_not: str | None, available: int) -> bool:
-    """auto streams when the whole model would not fit and the streamed run would."""
-    return mode == "on" or (
-        mode == "auto" and why_not is None and plan.in_memory.total > available >= plan.streamed_peak
+    """auto streams when the whole model would not fit and the streamed run would; and where it fits,
+    when streaming holds less and its states are at most AUTO_CACHE with room for them on disk. The pass
+    then computes, block by block before the first step, what the run's fills would compute between
+    steps, in no more time (bench/RESULTS.md); past AUTO_CACHE, fills let training start sooner."""
+    if mode != "auto" or why_not is not None:
+        return mode == "on"
+    if plan.in_memory.total > available:
+        return available >= plan.streamed_peak
+    return (
+        plan.streamed_peak < plan.in_memory.total
+        and plan.cache_bytes <= AUTO_CACHE
+        and 2 * plan.cache_bytes <= cache_dir_free()[1]
     )
 
 
@@ -229,8 +245,10 @@ def choose_streaming(mode: str, plan: MemoryPlan, why_not: str | None, available
             "or shorter rows"
         )
     why = "--stream-prefix on"
-    if mode == "auto":
+    if mode == "auto" and whole > available:
         why = f"the whole model would need about {whole / GB:.1f} GB of {available / GB:.1f} GB"
+    elif mode == "auto":
+        why = f"--stream-prefix auto: {whole / GB:.2f} GB with the whole model in memory; off keeps it"
     log(
         f"memory: streaming the frozen blocks from disk ({why}): about {plan.streamed_peak / GB:.2f} GB at peak, "
         f"{plan.cache_bytes / GB:.2f} GB of their states cached in {directory}"

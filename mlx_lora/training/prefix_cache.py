@@ -113,14 +113,15 @@ def _within(ordered: list[int], width: list[int], bound: int, streams: int) -> l
 class SplitTrial:
     """Whether splitting a batch's rows over the streams (`prefix`) is faster on this machine than
     one stream: measured on the run's own first batches, not assumed (a split that wins on one CPU
-    can lose on another). The first fill that can split warms up, the next TRIALS alternate one
-    stream and the split, and the split is kept only if it took MARGIN less time per token."""
+    can lose on another). The first fill that can split warms up, the next `trials` (TRIALS for
+    fills) alternate one stream and the split, and the split is kept only if it took MARGIN less time
+    per token."""
 
     TRIALS = 2  # a fill each way: FILL_ROWS rows each, as many as four batches of 4 were before fills
     MARGIN = 0.95
 
-    def __init__(self, streams: list, log: Callable = print):
-        self.streams, self.log = streams, log
+    def __init__(self, streams: list, log: Callable = print, trials: int = TRIALS):
+        self.streams, self.log, self.trials = streams, log, trials
         self.seconds = {False: 0.0, True: 0.0}  # per token, summed over the trials, by split
         self.tried = -1  # fills run so far that could split; the first is a warm-up
         self.split = True  # until measured (the warm-up splits)
@@ -128,18 +129,18 @@ class SplitTrial:
     def streams_for(self, rows: int) -> list:
         if not self.streams or rows < len(self.streams):
             return []
-        if 0 <= self.tried < self.TRIALS:
+        if 0 <= self.tried < self.trials:
             return self.streams if self.tried % 2 else []
         return self.streams if self.split else []
 
     def record(self, rows: int, streams: list, seconds: float, tokens: int) -> None:
-        if not self.streams or rows < len(self.streams) or self.tried >= self.TRIALS:
+        if not self.streams or rows < len(self.streams) or self.tried >= self.trials:
             return
         if self.tried >= 0:
             self.seconds[bool(streams)] += seconds / tokens
         self.tried += 1
-        if self.tried == self.TRIALS:
-            one, split, runs = self.seconds[False], self.seconds[True], self.TRIALS // 2
+        if self.tried == self.trials:
+            one, split, runs = self.seconds[False], self.seconds[True], self.trials // 2
             self.split = split < self.MARGIN * one
             self.log(
                 f"speed: frozen prefix {'split over' if self.split else 'on one of'} {len(self.streams)} streams "

@@ -154,7 +154,10 @@ def test_info_shows_both_modes_and_the_cache_a_streamed_run_writes(llama, tiny_d
     lines = []
     shown = info(cfg, log=lines.append)
     text = "\n".join(lines)
-    assert not shown.streams and "--stream-prefix auto: train runs whole model in memory here" in text
+    # a model this small fits whole, but streamed it holds less, and its states are small: auto streams
+    assert shown.streams and "--stream-prefix auto: train runs streamed here" in text
+    kept = info(replace(cfg, stream_prefix="off"), log=lines.append)
+    assert not kept.streams and "--stream-prefix off: train runs whole model in memory here" in "\n".join(lines)
     assert "frozen blocks 0-1 streamed from disk: " in text and "their states take " in text
     assert shown.plan.streamed.weights < shown.plan.in_memory.weights
     run = build_run(replace(cfg, stream_prefix="on"), log=lambda _: None)

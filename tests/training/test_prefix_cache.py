@@ -191,8 +191,9 @@ def test_a_fill_computes_the_next_batches_rows_in_parts_of_similar_length(llama,
 
 
 def test_training_reads_ahead_the_rows_its_next_batches_read(llama, tiny_data, tmp_path, monkeypatch):
-    """The run's first step computes the frozen states of its first FILL_ROWS rows in one fill (the
-    whole epoch of 16 rows here), and no later step computes any."""
+    """In memory (--stream-prefix off; auto streams a run this small), the run's first step computes
+    the frozen states of its first FILL_ROWS rows in one fill (the whole epoch of 16 rows here), and no
+    later step computes any."""
     fills = []
     real = prefix_cache.PrefixCache._fill
 
@@ -202,7 +203,9 @@ def test_training_reads_ahead_the_rows_its_next_batches_read(llama, tiny_data, t
         fills.append((len(self.examples), int(self.done.sum()) - before))
 
     monkeypatch.setattr(prefix_cache.PrefixCache, "_fill", fill)
-    cfg = TrainConfig(model=str(llama), data=str(tiny_data), iters=6, num_layers=2, val_every=0, save_every=0)
+    cfg = TrainConfig(
+        model=str(llama), data=str(tiny_data), iters=6, num_layers=2, val_every=0, save_every=0, stream_prefix="off"
+    )
     said = []
     train(replace(cfg, adapter_path=str(tmp_path / "a")), log=said.append)
     assert [n for size, n in fills if size == 16] == [16]

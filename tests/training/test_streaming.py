@@ -14,12 +14,16 @@ from conftest import assert_tensors_close, fp32_tol, make_hf_model
 from mlx.utils import tree_flatten
 
 import mlx_lora.training.memory as memory
+import mlx_lora.training.streaming as streaming
 from mlx_lora.config import TrainConfig
 from mlx_lora.errors import UserError
 from mlx_lora.formats.native import ADAPTER_WEIGHTS
+from mlx_lora.model.base import load_base
 from mlx_lora.training.checkpoint import checkpoint_dir
+from mlx_lora.training.cut import cut_at
 from mlx_lora.training.grad_checkpoint import _recomputed
 from mlx_lora.training.loop import build_run, fit, train
+from mlx_lora.training.prefix_cache import MIN_SHARED, SplitTrial, shared_length
 from mlx_lora.training.streaming import cache_bytes, streamed_feed
 
 
@@ -137,6 +141,59 @@ def test_auto_streams_when_the_whole_model_does_not_fit(llama, tiny_data, tmp_pa
     assert run.feed.caches and all(c.done.all() for c in run.feed.caches.values())
     with pytest.raises(UserError, match=r"^this run needs about .*--stream-prefix on\) would need"):
         build_run(_config(llama, tiny_data, tmp_path / "off", stream_prefix="off"), log=lambda _: None)
+
+
+@pytest.mark.parametrize("streams", [0, 2])
+def test_the_pass_runs_the_shared_first_tokens_once_and_groups_over_two_streams(
+    llama, tiny_data, tmp_path, monkeypatch, streams
+):
+    """Each block runs the first tokens every row shares once, and the rows' own positions continue its
+    keys and values; the pass's groups (small here, so there are many) go two at a time over two streams.
+    Each row's states are those the whole model in memory computes for the row alone: sums over the
+    128-wide MLP and the 64-wide attention of each of the 3 frozen blocks, in other shapes."""
+    monkeypatch.setattr(streaming, "GROUP_TOKENS", 64)
+    pair = [mx.default_stream(mx.cpu), mx.new_stream(mx.cpu)][:streams]
+    monkeypatch.setattr(streaming, "split_streams", lambda model: pair)
+    # 3 frozen blocks: block 0's pass warms up, 1 and 2 are timed, and the split is kept whatever they measured
+    monkeypatch.setattr(streaming, "PASS_TRIALS", 2)
+    monkeypatch.setattr(SplitTrial, "MARGIN", 10.0)
+    said = []
+    run = build_run(_config(llama, tiny_data, tmp_path, stream_prefix="on", num_layers=1), log=said.append)
+    shared = shared_length([ex.tokens for ex in run.data["train"]])
+    assert shared >= MIN_SHARED
+    assert f"speed: the rows' first {shared} tokens are the same; each block runs them once" in said
+    assert any(line.startswith("speed: frozen prefix split over 2 streams") for line in said) == bool(streams)
+    whole = cut_at(load_base(str(llama)).model, 3)
+    for examples in (run.data["train"], run.data["valid"]):
+        cache = run.feed.caches[id(examples)]
+        for i, ex in enumerate(examples):
+            want = whole.prefix(mx.array(ex.tokens[:-1])[None])
+            got = cache.states([i], len(ex.tokens) - 1)
+            assert_tensors_close({f"row {i}": got}, {f"row {i}": want}, fp32_tol(3 * 128))
+
+
+def test_a_run_streams_the_rows_it_reads_alone(llama, tiny_data, tmp_path):
+    said = []
+    result = train(_config(llama, tiny_data, tmp_path, iters=2, stream_prefix="on"), log=said.append)
+    # 2 steps of 3 rows read 6 of the 16 training rows; validation (up to 25 batches) all 8 of its own
+    assert "memory: streamed block 1/1 over the 14 of 24 rows this process reads" in "\n".join(said)
+    assert len(result.losses) == 2 and result.val_losses.keys() == {0, 2}
+
+
+def test_auto_streams_a_run_that_fits_where_its_states_are_small(llama, tiny_data, tmp_path, monkeypatch):
+    said = []
+    build_run(_config(llama, tiny_data, tmp_path / "auto"), log=said.append)
+    streaming_line = "memory: streaming the frozen blocks from disk (--stream-prefix auto: "
+    assert any(line.startswith(streaming_line) for line in said)
+    # states past AUTO_CACHE, or a disk that cannot hold them: the whole model in memory, not a refusal
+    for name, value in (("AUTO_CACHE", 0), ("cache_dir_free", lambda: ("/small", 1000))):
+        with monkeypatch.context() as patched:
+            patched.setattr(memory, name, value)
+            said = []
+            run = build_run(_config(llama, tiny_data, tmp_path / name), log=said.append)
+            assert not any("streaming" in line for line in said), name
+            assert any(line.startswith("memory: about ") for line in said), name
+            assert not any(cache.done.any() for cache in run.feed.caches.values())
 
 
 @pytest.mark.parametrize(
