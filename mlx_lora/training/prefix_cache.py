@@ -32,6 +32,7 @@ FILL_ROWS = 16
 # First tokens every row of a fill must share for the frozen blocks to compute them once for all:
 # chat templates write the same system prompt and headers into every row (SmolLM2's: 26 tokens).
 MIN_SHARED = 8
+WHOLE_ROWS = "speed: computing the rows' shared first tokens apart changes the states; each row is computed whole"
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 BITS = {2: (mx.uint16, np.uint16), 4: (mx.uint32, np.uint32)}  # bf16 has no NumPy type: keep the raw bits
 
@@ -67,6 +68,12 @@ def prefix(cut: Cut, parts: list[mx.array], streams: list, head: list | None = N
                 out.append(cut.prefix(tokens, cache=None if head is None else _rows_of(head)))
         mx.eval(out)
     return out
+
+
+def plain_caches(cut: Cut) -> bool:
+    """Whether every frozen block keeps mlx-lm's plain KVCache, the only kind a head's keys and values
+    are continued from (not a sliding window's, say)."""
+    return all(type(c) is KVCache for c in make_prompt_cache(cut.model)[: cut.offset + cut.k])
 
 
 def _rows_of(head: list) -> list:
@@ -199,10 +206,10 @@ class PrefixCache:
             tokens, h, caches = self.last_head
             if len(tokens) <= shared and np.array_equal(rows[0][: len(tokens)], tokens):
                 return len(tokens), h, caches
-        caches = make_prompt_cache(self.cut.model)
-        if any(type(c) is not KVCache for c in caches[: self.cut.offset + self.cut.k]):
+        if not plain_caches(self.cut):
             self.cut.continues = False  # a sliding window or another kind of cache: not tried
             return None
+        caches = make_prompt_cache(self.cut.model)
         h = self.cut.prefix(mx.array(rows[0][:shared])[None], cache=caches)[0]  # (S, D)
         mx.eval(h, [c.state[:2] for c in caches if c.keys is not None])
         if self.cut.continues is None:
@@ -224,7 +231,7 @@ class PrefixCache:
         self.log(
             f"speed: the rows' first {len(h)} tokens are the same; the frozen blocks compute them once a fill"
             if ok
-            else "speed: computing the rows' shared first tokens apart changes the states; each row is computed whole"
+            else WHOLE_ROWS
         )
         return ok
 

@@ -27,7 +27,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
-from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from mlx_lora import blas
 from mlx_lora.config import TrainConfig
@@ -39,7 +38,16 @@ from mlx_lora.model.base import Base
 from mlx_lora.model.gguf import GGUF_SUFFIX
 from mlx_lora.training.cut import EMBEDDINGS, Continued, Cut, Kept, cut_at
 from mlx_lora.training.feed import Feed
-from mlx_lora.training.prefix_cache import BITS, MIN_SHARED, PrefixCache, SplitTrial, shared_length, split_streams
+from mlx_lora.training.prefix_cache import (
+    BITS,
+    MIN_SHARED,
+    WHOLE_ROWS,
+    PrefixCache,
+    SplitTrial,
+    plain_caches,
+    shared_length,
+    split_streams,
+)
 from mlx_lora.training.validation import shares
 
 # rows x tokens per block call: bounds one call's activations, not the model's. On the CPU the MLP's
@@ -211,7 +219,7 @@ def find_head(cut: Cut, examples: Sequence[Example], rows: np.ndarray, log: Call
     if len(tokens) < 2 or cut.continues is False:
         return None
     shared = shared_length(tokens)
-    if shared < MIN_SHARED or any(type(c) is not KVCache for c in make_prompt_cache(cut.model)[: cut.offset + cut.k]):
+    if shared < MIN_SHARED or not plain_caches(cut):
         return None
     if cut.continues is None:
         row = mx.array(tokens[0][:-1])[None]
@@ -221,7 +229,7 @@ def find_head(cut: Cut, examples: Sequence[Example], rows: np.ndarray, log: Call
         rest = cut.block(0, row[:, shared:], h[:, shared:], _offsets(cut, shared, {0: head.run(cut, 0)}))
         cut.continues = mx.allclose(mx.concatenate([head.h, rest], axis=1), whole, rtol=1e-4, atol=1e-4).item()
         if not cut.continues:
-            log("speed: computing the rows' shared first tokens apart changes the states; each row is computed whole")
+            log(WHOLE_ROWS)
             return None
         log(f"speed: the rows' first {shared} tokens are the same; each block runs them once")
     return Head(mx.array(tokens[0][:shared])[None])
