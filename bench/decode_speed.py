@@ -11,8 +11,9 @@ reads as the GGUF files of the same tensors our `fuse --export-gguf` writes (f32
 
 Ours is what `generate` and `eval` run: the base loaded by mlx-lora, `use_cpu_kernels(decoding=True)`
 (on the CPU: the kernels this machine measured faster, a quantized base's weights kept
-de-quantized where that measured faster), then mlx-lm's `generate_step` (single stream) or one
-forward of every row per token over a batch KV cache (batched). mlx_lm is `mlx_lm.load` and the
+de-quantized where that measured faster, and one stream's one-token steps handed to
+model/decoder.py's numba loops), then mlx-lm's `generate_step` (single stream) or one
+forward of every row per token over a batch KV cache (batched, MLX). mlx_lm is `mlx_lm.load` and the
 same `generate_step`, on the same OpenBLAS (LD_PRELOAD). llama.cpp is `Llama(n_threads=cores)`
 with its default (f16) KV cache, greedy `generate`.
 
@@ -260,7 +261,7 @@ def measure(a, paths: dict[str, str], envs: dict) -> dict:
 
 
 SYSTEMS = {
-    "ours": "ours (MLX, the default)",
+    "ours": "ours (the default)",
     "ours-engine": "ours, --engine llama.cpp",
     "llama.cpp": "llama.cpp",
     "mlx_lm": "mlx_lm",

@@ -1,0 +1,198 @@
+"""The compiled loops of one stream's decoding step on the CPU (numba): matrix-vector products
+that read float32, 4-bit or 8-bit weights where they lie, over every core, and the small
+operations between them.
+
+MLX has no way to add a CPU kernel, and its one-row products read float32 weights at ~7 GB/s
+through OpenBLAS's sgemm on a 2-core Xeon and quantized ones at ~1 GB/s on one core; these read
+float32 at ~20 GB/s and a 4-bit weight in a third of that time (bench/RESULTS.md, "One stream
+outside MLX"). A quantized product sums each group's q · x and scales it once:
+s · Σ q x + b · Σ x, the same number as (s q + b) · x up to fp32 rounding, with activations kept
+in float32 (llama.cpp rounds them to 8 bits). Four rows at a time share each load of x.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+# reassociation (vector sums), contraction (FMA); no assumption about infinities or NaNs
+FAST = {"reassoc", "contract", "nsz", "arcp"}
+
+
+@njit(parallel=True, fastmath=FAST, cache=True)
+def matvec(w, x, out):
+    """out (n,) = w (n, k) float32 @ x (k,); n >= 4."""
+    n, k = w.shape
+    for r in prange((n + 3) // 4):
+        i = min(4 * r, n - 4)  # the last four rows again where n is not a multiple of 4
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for j in range(k):
+            xj = x[j]
+            a0 += w[i, j] * xj
+            a1 += w[i + 1, j] * xj
+            a2 += w[i + 2, j] * xj
+            a3 += w[i + 3, j] * xj
+        out[i], out[i + 1], out[i + 2], out[i + 3] = a0, a1, a2, a3
+
+
+@njit(fastmath=FAST, cache=True, inline="always")
+def _scaled(scales, biases, total, i, g, s, a):
+    """Rows i..i+4's sums a plus group g's terms: s · Σ q x + b · Σ x, where s = Σ q x of each row."""
+    return (
+        a[0] + scales[i, g] * s[0] + biases[i, g] * total,
+        a[1] + scales[i + 1, g] * s[1] + biases[i + 1, g] * total,
+        a[2] + scales[i + 2, g] * s[2] + biases[i + 2, g] * total,
+        a[3] + scales[i + 3, g] * s[3] + biases[i + 3, g] * total,
+    )
+
+
+CHUNK = 16  # bytes (32 weights) an inner loop reads: a constant trip count, which LLVM unrolls
+
+
+@njit(parallel=True, fastmath=FAST, cache=True)
+def matvec_q4(packed, scales, biases, x, out):
+    """out (n,) = the 4-bit affine weight (packed (n, k/2) bytes, scales and biases (n, groups)) @ x;
+    n >= 4, a group a multiple of 32 weights. Byte m of a row holds weight 2m in its low nibble and
+    2m+1 in its high one (MLX's packing, little-endian)."""
+    n = packed.shape[0]
+    groups = scales.shape[1]
+    chunks = packed.shape[1] // groups // CHUNK  # a group's; MLX's groups are 32, 64 or 128 weights
+    even, odd = x[0::2].copy(), x[1::2].copy()
+    sums = x.reshape(groups, -1).sum(axis=1)
+    for r in prange((n + 3) // 4):
+        i = min(4 * r, n - 4)
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for g in range(groups):
+            s0 = s1 = s2 = s3 = np.float32(0.0)
+            for c in range(chunks):
+                o = (g * chunks + c) * CHUNK
+                for j in range(CHUNK):  # not range(o, o + CHUNK): LLVM vectorizes this one
+                    m = o + j
+                    e, d = even[m], odd[m]
+                    v = packed[i, m]
+                    s0 += np.float32(v & np.uint8(15)) * e + np.float32(v >> np.uint8(4)) * d
+                    v = packed[i + 1, m]
+                    s1 += np.float32(v & np.uint8(15)) * e + np.float32(v >> np.uint8(4)) * d
+                    v = packed[i + 2, m]
+                    s2 += np.float32(v & np.uint8(15)) * e + np.float32(v >> np.uint8(4)) * d
+                    v = packed[i + 3, m]
+                    s3 += np.float32(v & np.uint8(15)) * e + np.float32(v >> np.uint8(4)) * d
+            a0, a1, a2, a3 = _scaled(scales, biases, sums[g], i, g, (s0, s1, s2, s3), (a0, a1, a2, a3))
+        out[i], out[i + 1], out[i + 2], out[i + 3] = a0, a1, a2, a3
+
+
+@njit(parallel=True, fastmath=FAST, cache=True)
+def matvec_q8(packed, scales, biases, x, out):
+    """out (n,) = the 8-bit affine weight (packed (n, k) bytes, scales and biases (n, groups)) @ x;
+    n >= 4, a group a multiple of 32 weights."""
+    n = packed.shape[0]
+    groups = scales.shape[1]
+    chunks = packed.shape[1] // groups // (2 * CHUNK)
+    sums = x.reshape(groups, -1).sum(axis=1)
+    for r in prange((n + 3) // 4):
+        i = min(4 * r, n - 4)
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for g in range(groups):
+            s0 = s1 = s2 = s3 = np.float32(0.0)
+            for c in range(chunks):
+                o = (g * chunks + c) * 2 * CHUNK
+                for j in range(2 * CHUNK):
+                    m = o + j
+                    e = x[m]
+                    s0 += np.float32(packed[i, m]) * e
+                    s1 += np.float32(packed[i + 1, m]) * e
+                    s2 += np.float32(packed[i + 2, m]) * e
+                    s3 += np.float32(packed[i + 3, m]) * e
+            a0, a1, a2, a3 = _scaled(scales, biases, sums[g], i, g, (s0, s1, s2, s3), (a0, a1, a2, a3))
+        out[i], out[i + 1], out[i + 2], out[i + 3] = a0, a1, a2, a3
+
+
+@njit(fastmath=FAST, cache=True)
+def low_rank(x, a, b, scale, out):
+    """out (n,) += scale · (x @ a) @ b: a LoRA adapter's one-row delta, a (k, r), b (r, n)."""
+    k, rank = a.shape
+    t = np.zeros(rank, np.float32)
+    for j in range(k):
+        xj = x[j]
+        for c in range(rank):
+            t[c] += xj * a[j, c]
+    for c in range(rank):
+        tc = scale * t[c]
+        for m in range(b.shape[1]):
+            out[m] += tc * b[c, m]
+
+
+@njit(cache=True)
+def rms_norm(x, weight, eps, out):
+    """out = x / sqrt(mean(x²) + eps) · weight, over the last axis of x (rows, d)."""
+    for r in range(x.shape[0]):
+        s = np.float32(0.0)
+        for j in range(x.shape[1]):
+            s += x[r, j] * x[r, j]
+        inv = np.float32(1.0) / np.sqrt(s / np.float32(x.shape[1]) + eps)
+        for j in range(x.shape[1]):
+            out[r, j] = (x[r, j] * inv) * weight[j]
+
+
+@njit(cache=True)
+def rotate(x, cos, sin):
+    """x (heads, d) rotated in place as MLX's non-traditional RoPE at one position: each head's
+    halves (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos)."""
+    half = cos.shape[0]
+    for h in range(x.shape[0]):
+        for j in range(half):
+            x1, x2 = x[h, j], x[h, j + half]
+            x[h, j] = x1 * cos[j] - x2 * sin[j]
+            x[h, j + half] = x1 * sin[j] + x2 * cos[j]
+
+
+@njit(parallel=True, fastmath=FAST, cache=True)
+def attention(q, keys, values, length, scale, out):
+    """out (heads, d): each query head's softmax(scale · q kᵀ) v over the first `length` cached
+    positions of its key head (keys, values (kv_heads, capacity, d); heads sharing a key head in
+    order, as MLX's grouped attention)."""
+    heads, d = q.shape
+    group = heads // keys.shape[0]
+    for h in prange(heads):
+        kv = h // group
+        scores = np.empty(length, np.float32)
+        top = -np.inf
+        for p in range(length):
+            s = np.float32(0.0)
+            for j in range(d):
+                s += q[h, j] * keys[kv, p, j]
+            s *= scale
+            scores[p] = s
+            top = max(top, s)
+        total = np.float32(0.0)
+        for p in range(length):
+            scores[p] = np.exp(scores[p] - top)
+            total += scores[p]
+        for j in range(d):
+            out[h, j] = 0.0
+        for p in range(length):
+            w = scores[p] / total
+            for j in range(d):
+                out[h, j] += w * values[kv, p, j]
+
+
+@njit(fastmath=FAST, cache=True)
+def swiglu(gate, up, out):
+    """out = silu(gate) · up."""
+    for j in range(gate.shape[0]):
+        g = gate[j]
+        out[j] = g / (np.float32(1.0) + np.exp(-g)) * up[j]
+
+
+def load() -> None:
+    """Each loop once on tiny arrays of the types a step passes, so that numba reads their machine
+    code from its cache (or compiles it: ~5 s, the first time on a machine) when a model is loaded,
+    not at a prompt's first token."""
+    f32 = np.ones((4, 32), np.float32)
+    x, out, small = f32[0].copy(), np.empty(4, np.float32), np.ones((4, 1), np.float32)
+    matvec(f32, x, out)
+    matvec_q4(np.ones((4, 16), np.uint8), small, small, x, out)
+    matvec_q8(np.ones((4, 32), np.uint8), small, small, x, out)
+    low_rank(x, f32.T.copy(), f32, np.float32(1.0), x.copy())
+    rms_norm(f32, x, np.float32(1e-5), f32.copy())
+    rotate(f32.copy(), x[:16], x[:16])
+    attention(f32, f32[None], f32[None], 4, np.float32(1.0), f32.copy())
+    swiglu(x, x, x.copy())

@@ -1,0 +1,319 @@
+"""One stream's decoding step outside MLX, on the CPU: a Llama, Mistral, Qwen2 or Qwen3 base (plain,
+4-bit or 8-bit, LoRA adapters on any of its products) run token by token through the compiled
+loops of `decode_kernels`, reading the model's own arrays in place.
+
+Where a command decodes (`use_cpu_kernels(decoding=True)`), the model's class gains a `__call__`
+that hands a one-token step of one row over a plain KV cache to a `Decoder`; a prompt, a batch
+and anything it does not know run MLX's forward. The decoder starts from the MLX cache the
+prompt filled and keeps its own keys and values from there; before MLX runs on that cache again
+they are written into it (`Decoder.flush`), so the two never disagree. Its numbers equal MLX's
+up to fp32 rounding (the products sum in another order; tests/model/test_decoder.py).
+"""
+
+import functools
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import KVCache
+
+from mlx_lora.model import decode_kernels as k
+
+MODULES = {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"}  # the layouts read below
+FIRST_POSITIONS = 1024  # the KV buffers' and RoPE table's first size; each doubles as positions pass it
+
+
+class Unsupported(Exception):
+    """A model, layer or cache the decoder does not run: MLX's forward runs it."""
+
+
+def _np(a: mx.array, dtype=np.float32) -> np.ndarray:
+    """The array's own memory as numpy (no copy)."""
+    if a.dtype != {np.float32: mx.float32, np.uint32: mx.uint32}[dtype]:
+        raise Unsupported(f"a {a.dtype} array")
+    mx.eval(a)
+    return np.asarray(a)
+
+
+@dataclass
+class Product:
+    """One linear layer's `x @ W.T + bias` (+ its LoRA adapter's delta) on numpy views of its arrays."""
+
+    weight: tuple  # (w,) float32, or (packed bytes, scales, biases) with `bits`
+    bits: int
+    bias: np.ndarray | None
+    adapters: list = field(default_factory=list)  # (a (in, r), b (r, out), scale)
+
+    @property
+    def rows(self) -> int:
+        return self.weight[0].shape[0]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        out = np.empty(self.rows, np.float32)
+        if self.bits == 32:
+            k.matvec(self.weight[0], x, out)
+        elif self.bits == 4:
+            k.matvec_q4(*self.weight, x, out)
+        else:
+            k.matvec_q8(*self.weight, x, out)
+        if self.bias is not None:
+            out += self.bias
+        for a, b, scale in self.adapters:
+            k.low_rank(x, a, b, scale, out)
+        return out
+
+
+def product(layer: nn.Module) -> Product:
+    """A Product of a linear layer: plain, quantized (4 or 8 bits, affine), or a LoRALinear around
+    either (known by its arrays: model/lora.py imports this room's cpu_kernels, which imports us)."""
+    adapters = []
+    if "lora_a" in layer:
+        if layer.dora or layer.lora_a.ndim != 2:
+            raise Unsupported("a DoRA or expert adapter")
+        if not layer.off:
+            adapters.append((_np(layer.lora_a), _np(layer.lora_b), np.float32(layer.scale)))
+        layer = layer.linear
+    if not isinstance(layer, (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding)):
+        raise Unsupported(type(layer).__name__)
+    bias = _np(layer["bias"]) if "bias" in layer else None
+    weight, bits = _weight(layer)
+    if weight[0].shape[0] < 4:
+        raise Unsupported("a product of fewer than 4 rows")
+    return Product(weight, bits, bias, adapters)
+
+
+def _weight(layer: nn.Module) -> tuple[tuple, int]:
+    """The arrays a product reads, and their bits: 4- and 8-bit affine layers as they lie; others (5
+    bits, a GGUF's Q5_K) through the float32 copy cpu_kernels keeps beside them, where it keeps one."""
+    if "scales" not in layer:
+        return (_np(layer["weight"]),), 32
+    if getattr(layer, "mode", "affine") == "affine" and layer.bits in (4, 8) and layer.group_size % 32 == 0:
+        packed = _np(layer["weight"], np.uint32).view(np.uint8)
+        return (packed, _np(layer["scales"]), _np(layer["biases"])), layer.bits
+    held = vars(layer).get("dequantized")
+    if held is None:
+        raise Unsupported(f"{layer.bits}-bit weights in groups of {layer.group_size}, not de-quantized")
+    return (_np(held.weight),), 32
+
+
+@dataclass
+class Block:
+    """One transformer block's parts, as numpy."""
+
+    norms: tuple  # the input and post-attention RMSNorms, each (weight, eps)
+    q: Product
+    k: Product
+    v: Product
+    o: Product
+    gate: Product
+    up: Product
+    down: Product
+    heads: int
+    kv_heads: int
+    scale: float
+    qk_norms: tuple | None  # Qwen3's per-head RMSNorms of queries and keys, each (weight, eps)
+
+
+class Decoder:
+    """A model's one-row decoding step on numpy and numba: `step(token, cache)` -> logits (vocab,)."""
+
+    def __init__(self, model: nn.Module):
+        if not supports(model):
+            raise Unsupported(type(model).__module__)
+        inner = model.model
+        if any(getattr(layer, "use_sliding", False) for layer in inner.layers):
+            raise Unsupported("sliding-window layers")
+        self.blocks = [_block(layer) for layer in inner.layers]
+        self.embed_weights = product(inner.embed_tokens)  # the rows a token reads
+        self.head = product(model.lm_head) if "lm_head" in model else self.embed_weights  # tied
+        self.norm = _norm(inner.norm)
+        self.rope = inner.layers[0].self_attn.rope
+        self.head_dim = self.blocks[0].q.rows // self.blocks[0].heads
+        if getattr(self.rope, "traditional", True) or getattr(self.rope, "dims", None) != self.head_dim:
+            raise Unsupported("this RoPE")
+        self.cos = self.sin = np.empty((0, self.head_dim // 2), np.float32)
+        self.keys: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+        self.cache = None  # the MLX cache list the buffers continue
+        self.synced = self.filled = 0  # positions in the MLX cache, and in ours
+
+    # ---- the MLX cache ----
+
+    def continues(self, cache: list) -> bool:
+        """True where our buffers continue `cache` as it stands."""
+        return cache is self.cache and cache[0].offset == self.synced
+
+    def follows(self, cache: list) -> bool:
+        """True once our buffers continue `cache` (read from it if they did not)."""
+        if not (len(cache) == len(self.blocks) and all(type(c) is KVCache for c in cache)):
+            return False
+        offset = cache[0].offset
+        if offset == 0 or any(c.offset != offset for c in cache):
+            return False
+        self._reserve(offset + 1)
+        for i, c in enumerate(cache):
+            self.keys[i][:, :offset] = np.asarray(c.keys[0, :, :offset].astype(mx.float32))
+            self.values[i][:, :offset] = np.asarray(c.values[0, :, :offset].astype(mx.float32))
+        self.cache, self.synced, self.filled = cache, offset, offset
+        return True
+
+    def flush(self, cache: list) -> None:
+        """Write the positions we decoded past the MLX cache into it, before MLX runs on it again."""
+        if cache is not self.cache or self.filled == self.synced:
+            return
+        dtype = cache[0].keys.dtype
+        for i, c in enumerate(cache):
+            part = slice(self.synced, self.filled)
+            c.update_and_fetch(
+                mx.array(self.keys[i][None, :, part]).astype(dtype),
+                mx.array(self.values[i][None, :, part]).astype(dtype),
+            )
+        self.synced = self.filled
+
+    def _reserve(self, positions: int) -> None:
+        size = max(FIRST_POSITIONS, self.cos.shape[0])
+        while size < positions:
+            size *= 2
+        if size == self.cos.shape[0]:
+            return
+        half = self.head_dim // 2
+        unit = mx.concatenate([mx.ones((1, 1, size, half)), mx.zeros((1, 1, size, half))], axis=-1)
+        table = np.array(self.rope(unit, offset=0)[0, 0])  # the model's own RoPE of (1, 0): (cos, sin)
+        self.cos, self.sin = np.ascontiguousarray(table[:, :half]), np.ascontiguousarray(table[:, half:])
+        for buffers in (self.keys, self.values):
+            for i, block in enumerate(self.blocks):
+                grown = np.zeros((block.kv_heads, size, self.head_dim), np.float32)
+                if i < len(buffers):
+                    grown[:, : buffers[i].shape[1]] = buffers[i]
+                    buffers[i] = grown
+                else:
+                    buffers.append(grown)
+
+    # ---- the step ----
+
+    def step(self, token: int) -> np.ndarray:
+        """Logits (vocab,) of the token after `token` at position `filled`; its keys and values kept."""
+        pos = self.filled
+        self._reserve(pos + 1)
+        h = self._embed(token)
+        x = np.empty((1, h.shape[0]), np.float32)
+        for i, b in enumerate(self.blocks):
+            k.rms_norm(h[None], *b.norms[0], x)
+            h += b.o(self._attend(i, b, x[0], pos))
+            k.rms_norm(h[None], *b.norms[1], x)
+            gate, up = b.gate(x[0]), b.up(x[0])
+            k.swiglu(gate, up, gate)
+            h += b.down(gate)
+        k.rms_norm(h[None], self.norm[0], self.norm[1], x)
+        self.filled = pos + 1
+        return self.head(x[0])
+
+    def _attend(self, i: int, b: Block, x: np.ndarray, pos: int) -> np.ndarray:
+        d = self.head_dim
+        q, key, value = b.q(x).reshape(b.heads, d), b.k(x).reshape(b.kv_heads, d), b.v(x).reshape(b.kv_heads, d)
+        if b.qk_norms is not None:
+            k.rms_norm(q, *b.qk_norms[0], q)
+            k.rms_norm(key, *b.qk_norms[1], key)
+        k.rotate(q, self.cos[pos], self.sin[pos])
+        k.rotate(key, self.cos[pos], self.sin[pos])
+        self.keys[i][:, pos] = key
+        self.values[i][:, pos] = value
+        out = np.empty_like(q)
+        k.attention(q, self.keys[i], self.values[i], pos + 1, np.float32(b.scale), out)
+        return out.reshape(-1)
+
+    def _embed(self, token: int) -> np.ndarray:
+        """The token's row of the embedding, de-quantized as MLX does (scale · q + bias, float32)."""
+        weight = self.embed_weights.weight
+        if self.embed_weights.bits == 32:
+            return weight[0][token].copy()
+        packed, scales, biases = (w[token] for w in weight)
+        q = packed if self.embed_weights.bits == 8 else np.stack([packed & 15, packed >> 4], axis=-1).reshape(-1)
+        group = q.shape[0] // scales.shape[0]
+        return q.astype(np.float32) * np.repeat(scales, group) + np.repeat(biases, group)
+
+
+def _norm(norm: nn.Module) -> tuple:
+    if not isinstance(norm, nn.RMSNorm):
+        raise Unsupported(type(norm).__name__)
+    return _np(norm.weight), np.float32(norm.eps)
+
+
+def _block(layer: nn.Module) -> Block:
+    attn, mlp = layer.self_attn, layer.mlp
+    qk = (_norm(attn.q_norm), _norm(attn.k_norm)) if "q_norm" in attn else None
+    return Block(
+        norms=(_norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)),
+        q=product(attn.q_proj),
+        k=product(attn.k_proj),
+        v=product(attn.v_proj),
+        o=product(attn.o_proj),
+        gate=product(mlp.gate_proj),
+        up=product(mlp.up_proj),
+        down=product(mlp.down_proj),
+        heads=attn.n_heads,
+        kv_heads=attn.n_kv_heads,
+        scale=float(attn.scale),
+        qk_norms=qk,
+    )
+
+
+def _signature(model: nn.Module) -> tuple:
+    """What a Decoder read from `model`: its modules' and arrays' identities and its adapters'
+    switches, so a changed model (another adapter, one turned off) gets a new Decoder."""
+    parts = [(id(m), getattr(m, "off", None), getattr(m, "scale", None)) for _, m in model.named_modules()]
+    return (*parts, *(id(a) for _, a in tree_flatten(model.parameters())))
+
+
+KEPT = "_mlx_lora_decoder"  # (the model's signature, its Decoder or None) in the model's __dict__
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether `model`'s architecture is one the Decoder reads (its layers are checked on first use)."""
+    known = any(c.__module__ in MODULES for c in type(model).__mro__)  # under our subclasses
+    return known and getattr(model.model, "pipeline_size", 1) == 1
+
+
+@functools.cache
+def decoding_class(cls: type) -> type:
+    """`cls` whose call hands one row's one-token steps over a plain KV cache to the model's Decoder.
+    A subclass, so isinstance checks and the class name hold; `on_cpu_kernels` lets
+    cpu_kernels.use_mlx_kernels take it back off."""
+
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings: mx.array | None = None):
+        logits = decoded_call(self, inputs, cache, input_embeddings)
+        return cls.__call__(self, inputs, cache, input_embeddings) if logits is None else logits
+
+    return type(cls.__name__, (cls,), {"__call__": __call__, "on_cpu_kernels": True})
+
+
+def decoded_call(model: nn.Module, inputs: mx.array, cache, input_embeddings) -> mx.array | None:
+    """Logits (1, 1, vocab) of a one-token step of one row, from the model's Decoder; None where MLX
+    runs the call (the cache the Decoder continued made current first)."""
+    kept = model.__dict__.get(KEPT)
+    decoder = kept[1] if kept else None
+    plain = isinstance(cache, list) and all(type(c) is KVCache for c in cache)
+    if not (plain and input_embeddings is None and inputs.shape == (1, 1)):
+        if decoder is not None and cache is not None:
+            decoder.flush(cache)
+        return None
+    if decoder is None or not decoder.continues(cache):
+        decoder = _current(model)
+        if decoder is None or not decoder.follows(cache):
+            return None
+    return mx.array(decoder.step(int(inputs.item())))[None, None]
+
+
+def _current(model: nn.Module) -> Decoder | None:
+    """The model's Decoder, made anew where the model changed since (checked once a generation)."""
+    kept = model.__dict__.get(KEPT)
+    signature = _signature(model)
+    if kept is None or kept[0] != signature:
+        try:
+            kept = (signature, Decoder(model))
+        except Unsupported:
+            kept = (signature, None)
+        model.__dict__[KEPT] = kept
+    return kept[1]

@@ -1,0 +1,182 @@
+"""One stream's decoding step outside MLX (decoder.py, decode_kernels.py) equals MLX's own up to
+fp32 rounding, and generation through it prints the same text."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from conftest import fp32_tol, make_hf_model
+from mlx.utils import tree_unflatten
+from mlx_lm.generate import stream_generate
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+
+from mlx_lora.config import LoRAConfig
+from mlx_lora.model import decode_kernels, decoder, kernel_choice
+from mlx_lora.model.base import load_base
+from mlx_lora.model.cpu_kernels import use_cpu_kernels, use_mlx_kernels
+from mlx_lora.model.lora import adapter_off, apply_lora
+
+PROMPT = [1, 5, 9, 14, 3, 7, 22, 8]
+STEPS = [11, 4, 30, 2, 17, 9]  # the tokens fed one at a time after the prompt
+# Logits come out of 4 blocks, each ~8 sums of up to 128 terms in a row (the MLP's width), summed
+# in other orders than MLX's: as test_decoding's step, fp32_tol of the terms times the sums.
+TOL = fp32_tol(128 * 8 * 4)
+
+
+@pytest.fixture(scope="module")
+def archs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("decoder-models")
+    return {arch: make_hf_model(root / arch, arch) for arch in ("llama", "qwen2", "qwen3", "llama3", "mistral")}
+
+
+def _model(path, bits: int | None, lora: bool) -> nn.Module:
+    model = load_base(str(path)).model
+    if bits:
+        nn.quantize(model, group_size=64 if bits == 8 else 32, bits=bits)  # embedding and head too (tied or not)
+    if lora:
+        apply_lora(model, LoRAConfig(targets="q_proj,v_proj,down_proj", num_layers=2, rank=4, alpha=8))
+        trained = [
+            (f"{n}.lora_b", mx.random.normal(m.lora_b.shape) * 0.1) for n, m in model.named_modules() if "lora_b" in m
+        ]
+        model.update(tree_unflatten(trained))  # a trained adapter's B, so the adapter adds something
+    model.eval()
+    return model
+
+
+def _steps(model: nn.Module) -> list[mx.array]:
+    """Logits of the prompt's last position, then of each of STEPS fed one at a time."""
+    cache = make_prompt_cache(model)
+    out = [model(mx.array([PROMPT]), cache=cache)[0, -1]]
+    out += [model(mx.array([[t]]), cache=cache)[0, -1] for t in STEPS]
+    mx.eval(out)
+    return out
+
+
+def _close(ours: list[mx.array], theirs: list[mx.array]) -> None:
+    for a, b in zip(ours, theirs, strict=True):
+        assert mx.abs(a - b).max().item() <= TOL * mx.abs(b).max().item()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "llama3", "mistral"])
+@pytest.mark.parametrize("bits", [None, 4, 8, 5])
+def test_the_decoder_equals_mlx_step_by_step(archs, arch, bits, monkeypatch):
+    """Float32, 4-bit (groups of 32) and 8-bit (groups of 64) weights, 5-bit ones through the
+    de-quantized copies cpu_kernels keeps (a GGUF's Q5_K), a LoRA adapter on three products;
+    Qwen2's biases, Qwen3's query and key norms and head_dim, Llama 3's rope scaling and untied
+    heads. The decoder must run every step after the prompt, and MLX's classes none of them."""
+    model = _model(archs[arch], bits, lora=True)
+    assert use_cpu_kernels(model, decoding=True)
+    calls, original = [], decoder.Decoder.step
+    monkeypatch.setattr(decoder.Decoder, "step", lambda self, token: calls.append(token) or original(self, token))
+    ours = _steps(model)
+    assert calls == STEPS
+    use_mlx_kernels(model)
+    assert type(model).__module__.startswith("mlx_lm.")
+    _close(ours, _steps(model))
+
+
+def test_mlx_after_the_decoder_sees_every_position(archs):
+    """Steps decoded outside MLX are written into MLX's cache before MLX runs on it again: a
+    two-token call after three decoded steps gives the logits of the same positions run all in MLX."""
+    model = _model(archs["llama"], 4, lora=False)
+    use_cpu_kernels(model, decoding=True)
+
+    def run(waiting: int) -> mx.array:
+        cache = make_prompt_cache(model)
+        model(mx.array([PROMPT]), cache=cache)
+        for t in STEPS[:3]:
+            model(mx.array([[t]]), cache=cache)
+        assert cache[0].offset == len(PROMPT) + 3 - waiting  # positions the decoder holds, until:
+        return model(mx.array([STEPS[3:5]]), cache=cache)[0]
+
+    ours = run(waiting=3)
+    assert model.__dict__[decoder.KEPT][1] is not None
+    use_mlx_kernels(model)
+    theirs = run(waiting=0)
+    assert mx.abs(ours - theirs).max().item() <= TOL * mx.abs(theirs).max().item()
+
+
+def test_an_adapter_turned_off_or_changed_gets_a_new_decoder(archs):
+    """The decoder reads the model's arrays once; a model changed between generations (its adapter
+    off, as preference evaluation does, or other weights) is read again."""
+    model = _model(archs["qwen2"], None, lora=True)
+    use_cpu_kernels(model, decoding=True)
+    with_adapter = _steps(model)
+    with adapter_off(model):
+        base = _steps(model)
+    assert mx.abs(with_adapter[-1] - base[-1]).max().item() > 1e-3  # the adapter changed them
+    use_mlx_kernels(model)
+    with adapter_off(model):
+        _close(base, _steps(model))
+    _close(with_adapter, _steps(model))
+
+
+def test_what_the_decoder_does_not_read_runs_on_mlx(archs):
+    """A DoRA adapter: the model keeps MLX's forward for every step (the same numbers as MLX's), and
+    the decoder is not built; Gemma, a layout it does not read, keeps its own class."""
+    model = load_base(str(archs["llama"])).model
+    apply_lora(model, LoRAConfig(targets="q_proj,v_proj", num_layers=2, rank=4, alpha=8, dora=True))
+    use_cpu_kernels(model, decoding=True)
+    ours = _steps(model)
+    assert model.__dict__[decoder.KEPT][1] is None
+    use_mlx_kernels(model)
+    _close(ours, _steps(model))
+    assert not decoder.supports(load_base(str(make_hf_model(archs["llama"].parent / "gemma", "gemma"))).model)
+
+
+def test_cpu_kernels_off_keeps_mlx_decoding(archs, monkeypatch):
+    monkeypatch.setenv(kernel_choice.ENV, "off")
+    model = _model(archs["llama"], None, lora=False)
+    assert not use_cpu_kernels(model, decoding=True)
+    assert type(model).__module__ == "mlx_lm.models.llama"
+
+
+def test_generation_through_the_decoder_prints_the_same_text(smollm2_gguf):
+    """The real SmolLM2-135M-Instruct Q4_1 file, greedy, 48 tokens: the same tokens through the
+    decoder as through MLX's own forward (the issue's 'generate output unchanged')."""
+    base = load_base(str(smollm2_gguf), compute="auto")
+    text = base.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Write a short poem about the sea."}], tokenize=False, add_generation_prompt=True
+    )
+    tokens = base.tokenizer.encode(text, add_special_tokens=False)
+
+    def generate() -> list[int]:
+        steps = stream_generate(base.model, base.tokenizer, tokens, max_tokens=48, sampler=make_sampler(temp=0.0))
+        return [r.token for r in steps]
+
+    use_cpu_kernels(base.model, decoding=True)
+    ours = generate()
+    assert base.model.__dict__[decoder.KEPT][1] is not None
+    use_mlx_kernels(base.model)
+    assert ours == generate()
+
+
+def _quantized(rows: int, size: int, group: int, bits: int):
+    w = mx.random.normal((rows, size))
+    packed, scales, biases = mx.quantize(w, group_size=group, bits=bits)
+    dense = mx.dequantize(packed, scales, biases, group_size=group, bits=bits)
+    return [np.asarray(a) for a in (packed, scales, biases, dense)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_a_quantized_product_equals_the_dequantized_weight_times_x(bits, group):
+    """13 rows (not a multiple of four) of 256 inputs: each output within fp32_tol(256) of the sum
+    of its terms' magnitudes, s·|q|·|x| + |b|·|x|, the bound on any order of those sums."""
+    packed, scales, biases, dense = _quantized(13, 256, group, bits)
+    x = np.random.default_rng(0).standard_normal(256).astype(np.float32)
+    out = np.empty(13, np.float32)
+    kernel = decode_kernels.matvec_q4 if bits == 4 else decode_kernels.matvec_q8
+    kernel(packed.view(np.uint8), scales, biases, x, out)
+    b = np.repeat(biases, group, 1)
+    bound = fp32_tol(256) * ((np.abs(dense - b) + np.abs(b)) @ np.abs(x))  # |s q| + |b| per term
+    assert np.all(np.abs(out - dense.astype(np.float64) @ x) <= bound)
+
+
+def test_a_float_product_equals_w_times_x():
+    w = np.random.default_rng(1).standard_normal((13, 300)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal(300).astype(np.float32)
+    out = np.empty(13, np.float32)
+    decode_kernels.matvec(w, x, out)
+    assert np.all(np.abs(out - w.astype(np.float64) @ x) <= fp32_tol(300) * (np.abs(w) @ np.abs(x)))
