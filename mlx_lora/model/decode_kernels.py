@@ -105,6 +105,93 @@ def matvec_q8(packed, scales, biases, x, out):
         out[i], out[i + 1], out[i + 2], out[i + 3] = a0, a1, a2, a3
 
 
+@njit(fastmath=FAST, cache=True, inline="always")
+def _four_by_four(w, o, x, out, i, r, k):
+    """out[r..r+4, i..i+4] = x[r..r+4] @ w[o..o+4]ᵀ: sixteen sums, each load of w and x used four times."""
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)
+    a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = np.float32(0.0)
+    for j in range(k):
+        w0 = w[o, j]
+        w1 = w[o + 1, j]
+        w2 = w[o + 2, j]
+        w3 = w[o + 3, j]
+        x0 = x[r, j]
+        x1 = x[r + 1, j]
+        x2 = x[r + 2, j]
+        x3 = x[r + 3, j]
+        a00 += w0 * x0
+        a01 += w1 * x0
+        a02 += w2 * x0
+        a03 += w3 * x0
+        a10 += w0 * x1
+        a11 += w1 * x1
+        a12 += w2 * x1
+        a13 += w3 * x1
+        a20 += w0 * x2
+        a21 += w1 * x2
+        a22 += w2 * x2
+        a23 += w3 * x2
+        a30 += w0 * x3
+        a31 += w1 * x3
+        a32 += w2 * x3
+        a33 += w3 * x3
+    out[r, i], out[r, i + 1], out[r, i + 2], out[r, i + 3] = a00, a01, a02, a03
+    out[r + 1, i], out[r + 1, i + 1], out[r + 1, i + 2], out[r + 1, i + 3] = a10, a11, a12, a13
+    out[r + 2, i], out[r + 2, i + 1], out[r + 2, i + 2], out[r + 2, i + 3] = a20, a21, a22, a23
+    out[r + 3, i], out[r + 3, i + 1], out[r + 3, i + 2], out[r + 3, i + 3] = a30, a31, a32, a33
+
+
+@njit(parallel=True, fastmath=FAST, cache=True)
+def matmul(w, x, out):
+    """out (R, n) = x (R, k) @ w (n, k) float32 transposed, R >= 4 (n >= 4): four of w's rows at a
+    time against every row of x, four at a time."""
+    n, rows, k = w.shape[0], x.shape[0], x.shape[1]
+    for blk in prange((n + 3) // 4):
+        i = min(4 * blk, n - 4)
+        for r in range(0, rows, 4):
+            _four_by_four(w, i, x, out, i, min(r, rows - 4), k)
+
+
+@njit(parallel=True, fastmath=FAST, cache=True)
+def matmul_q4(packed, scales, biases, x, out):
+    """matmul of a 4-bit affine weight: each block of four rows de-quantized once (scale · q + bias,
+    float32, as MLX's), into a buffer that stays in the core's cache for every row of x."""
+    n, rows, k = packed.shape[0], x.shape[0], x.shape[1]
+    groups = scales.shape[1]
+    half = packed.shape[1] // groups  # bytes a group
+    for blk in prange((n + 3) // 4):
+        i = min(4 * blk, n - 4)
+        w = np.empty((4, k), np.float32)
+        for t in range(4):
+            for g in range(groups):
+                s = scales[i + t, g]
+                b = biases[i + t, g]
+                for m in range(half):  # from 0, not g * half: LLVM vectorizes this one
+                    v = packed[i + t, g * half + m]
+                    w[t, 2 * (g * half + m)] = s * np.float32(v & np.uint8(15)) + b
+                    w[t, 2 * (g * half + m) + 1] = s * np.float32(v >> np.uint8(4)) + b
+        for r in range(0, rows, 4):
+            _four_by_four(w, 0, x, out, i, min(r, rows - 4), k)
+
+
+@njit(parallel=True, fastmath=FAST, cache=True)
+def matmul_q8(packed, scales, biases, x, out):
+    """matmul of an 8-bit affine weight, de-quantized four rows at a time as matmul_q4's."""
+    n, rows, k = packed.shape[0], x.shape[0], x.shape[1]
+    groups = scales.shape[1]
+    size = k // groups
+    for blk in prange((n + 3) // 4):
+        i = min(4 * blk, n - 4)
+        w = np.empty((4, k), np.float32)
+        for t in range(4):
+            for g in range(groups):
+                s, b = scales[i + t, g], biases[i + t, g]
+                for m in range(size):
+                    w[t, g * size + m] = s * np.float32(packed[i + t, g * size + m]) + b
+        for r in range(0, rows, 4):
+            _four_by_four(w, 0, x, out, i, min(r, rows - 4), k)
+
+
 @njit(fastmath=FAST, cache=True)
 def low_rank(x, a, b, scale, out):
     """out (n,) += scale · (x @ a) @ b: a LoRA adapter's one-row delta, a (k, r), b (r, n)."""
@@ -144,55 +231,87 @@ def rotate(x, cos, sin):
             x[h, j + half] = x1 * sin[j] + x2 * cos[j]
 
 
+@njit(fastmath=FAST, cache=True)
+def _attend(q, keys, values, start, length, scale, scores, out):
+    """out (d,) = softmax(scale · q kᵀ) v over cached positions start..length of one key head;
+    scores: room for length - start floats."""
+    d = q.shape[0]
+    top = -np.inf
+    for p in range(start, length):
+        s = np.float32(0.0)
+        for j in range(d):
+            s += q[j] * keys[p, j]
+        s *= scale
+        scores[p - start] = s
+        top = max(top, s)
+    total = np.float32(0.0)
+    for p in range(length - start):
+        scores[p] = np.exp(scores[p] - top)
+        total += scores[p]
+    out[:] = 0.0
+    for p in range(start, length):
+        w = scores[p - start] / total
+        for j in range(d):
+            out[j] += w * values[p, j]
+
+
 @njit(parallel=True, fastmath=FAST, cache=True)
 def attention(q, keys, values, length, scale, out):
     """out (heads, d): each query head's softmax(scale · q kᵀ) v over the first `length` cached
     positions of its key head (keys, values (kv_heads, capacity, d); heads sharing a key head in
     order, as MLX's grouped attention)."""
-    heads, d = q.shape
-    group = heads // keys.shape[0]
-    for h in prange(heads):
-        kv = h // group
+    group = q.shape[0] // keys.shape[0]
+    for h in prange(q.shape[0]):
         scores = np.empty(length, np.float32)
-        top = -np.inf
-        for p in range(length):
-            s = np.float32(0.0)
-            for j in range(d):
-                s += q[h, j] * keys[kv, p, j]
-            s *= scale
-            scores[p] = s
-            top = max(top, s)
-        total = np.float32(0.0)
-        for p in range(length):
-            scores[p] = np.exp(scores[p] - top)
-            total += scores[p]
-        for j in range(d):
-            out[h, j] = 0.0
-        for p in range(length):
-            w = scores[p] / total
-            for j in range(d):
-                out[h, j] += w * values[kv, p, j]
+        _attend(q[h], keys[h // group], values[h // group], 0, length, scale, scores, out[h])
 
 
-@njit(fastmath=FAST, cache=True)
+@njit(parallel=True, fastmath=FAST, cache=True)
+def attention_rows(q, keys, values, starts, length, scale, out):
+    """attention for each of R rows (q, out (R, heads, d); keys, values (R, kv_heads, capacity, d)),
+    row r over positions starts[r]..length (a batch cache's left padding skipped)."""
+    group = q.shape[1] // keys.shape[1]
+    for r in prange(q.shape[0]):
+        scores = np.empty(length, np.float32)
+        for h in range(q.shape[1]):
+            _attend(q[r, h], keys[r, h // group], values[r, h // group], starts[r], length, scale, scores, out[r, h])
+
+
+@njit(cache=True)
+def rotate_rows(x, cos, sin, positions):
+    """rotate for each of R rows (x (R, heads, d)), row r at positions[r]."""
+    for r in range(x.shape[0]):
+        rotate(x[r], cos[positions[r]], sin[positions[r]])
+
+
+@njit(parallel=True, fastmath=FAST, cache=True)
 def swiglu(gate, up, out):
-    """out = silu(gate) · up."""
-    for j in range(gate.shape[0]):
+    """out = silu(gate) · up, over both cores (an exp each: 25k of them a block for 16 rows)."""
+    for j in prange(gate.shape[0]):
         g = gate[j]
         out[j] = g / (np.float32(1.0) + np.exp(-g)) * up[j]
 
 
 def load() -> None:
     """Each loop once on tiny arrays of the types a step passes, so that numba reads their machine
-    code from its cache (or compiles it: ~5 s, the first time on a machine) when a model is loaded,
+    code from its cache (or compiles it: ~10 s, the first time on a machine) when a model is loaded,
     not at a prompt's first token."""
     f32 = np.ones((4, 32), np.float32)
     x, out, small = f32[0].copy(), np.empty(4, np.float32), np.ones((4, 1), np.float32)
+    q4, q8 = np.ones((4, 16), np.uint8), np.ones((4, 32), np.uint8)
     matvec(f32, x, out)
-    matvec_q4(np.ones((4, 16), np.uint8), small, small, x, out)
-    matvec_q8(np.ones((4, 32), np.uint8), small, small, x, out)
+    matvec_q4(q4, small, small, x, out)
+    matvec_q8(q8, small, small, x, out)
+    matmul(f32, f32, f32.copy())
+    matmul_q4(q4, small, small, f32, np.empty((4, 4), np.float32))
+    matmul_q8(q8, small, small, f32, np.empty((4, 4), np.float32))
     low_rank(x, f32.T.copy(), f32, np.float32(1.0), x.copy())
     rms_norm(f32, x, np.float32(1e-5), f32.copy())
     rotate(f32.copy(), x[:16], x[:16])
+    heads = f32.reshape(2, 2, 32)
+    table = f32[:, :16].copy()  # positions, d / 2
+    rotate_rows(heads.copy(), table, table, np.zeros(2, np.int64))
     attention(f32, f32[None], f32[None], 4, np.float32(1.0), f32.copy())
+    cached = np.ones((2, 1, 2, 32), np.float32)  # rows, key heads, positions, d
+    attention_rows(heads, cached, cached, np.zeros(2, np.int64), 2, np.float32(1.0), heads.copy())
     swiglu(x, x, x.copy())

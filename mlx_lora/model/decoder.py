@@ -1,13 +1,15 @@
-"""One stream's decoding step outside MLX, on the CPU: a Llama, Mistral, Qwen2 or Qwen3 base (plain,
-4-bit or 8-bit, LoRA adapters on any of its products) run token by token through the compiled
-loops of `decode_kernels`, reading the model's own arrays in place.
+"""Decoding steps outside MLX, on the CPU: a Llama, Mistral, Qwen2 or Qwen3 base (plain, 4-bit or
+8-bit, LoRA adapters on any of its products) run token by token through the compiled loops of
+`decode_kernels`, reading the model's own arrays in place.
 
 Where a command decodes (`use_cpu_kernels(decoding=True)`), the model's class gains a `__call__`
-that hands a one-token step of one row over a plain KV cache to a `Decoder`; a prompt, a batch
-and anything it does not know run MLX's forward. The decoder starts from the MLX cache the
-prompt filled and keeps its own keys and values from there; before MLX runs on that cache again
-they are written into it (`Decoder.flush`), so the two never disagree. Its numbers equal MLX's
-up to fp32 rounding (the products sum in another order; tests/model/test_decoder.py).
+that hands a one-token step to a `Decoder`: one row over a plain KV cache (generate, chat), or
+several rows over a plain cache or mlx-lm's BatchKVCache (eval, serve); a prompt, and anything it
+does not know (another cache, mixed adapters, DoRA), run MLX's forward. One row continues the MLX
+cache the prompt filled in buffers of its own, written back into it before MLX runs on that cache
+again (`Decoder.flush`); a batch writes each block's keys and values into MLX's cache and reads
+them back. Its numbers equal MLX's up to fp32 rounding (the products sum in another order;
+tests/model/test_decoder.py).
 """
 
 import functools
@@ -17,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from mlx_lora.model import decode_kernels as k
 
@@ -47,22 +49,38 @@ class Product:
     adapters: list = field(default_factory=list)  # (a (in, r), b (r, out), scale)
 
     @property
-    def rows(self) -> int:
+    def outputs(self) -> int:
         return self.weight[0].shape[0]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        out = np.empty(self.rows, np.float32)
-        if self.bits == 32:
-            k.matvec(self.weight[0], x, out)
-        elif self.bits == 4:
-            k.matvec_q4(*self.weight, x, out)
-        else:
-            k.matvec_q8(*self.weight, x, out)
+        """x (in,) -> (out,)."""
+        out = np.empty(self.outputs, np.float32)
+        KERNELS[self.bits][0](*self.weight, x, out)
+        return self._added(x[None], out[None])[0]
+
+    def batch(self, x: np.ndarray) -> np.ndarray:
+        """x (R, in) -> (R, out): the weight read once for every row (fewer than 4 rows: one at a time)."""
+        if x.shape[0] < 4:
+            return np.stack([self(row) for row in x])
+        out = np.empty((x.shape[0], self.outputs), np.float32)
+        KERNELS[self.bits][1](*self.weight, x, out)
+        return self._added(x, out)
+
+    def _added(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """out (R, out) plus the bias and each adapter's scale · (x A) B."""
         if self.bias is not None:
             out += self.bias
         for a, b, scale in self.adapters:
-            k.low_rank(x, a, b, scale, out)
+            for row, y in zip(x, out):
+                k.low_rank(row, a, b, scale, y)
         return out
+
+
+KERNELS = {  # bits -> (one row's product, a batch's)
+    32: (k.matvec, k.matmul),
+    4: (k.matvec_q4, k.matmul_q4),
+    8: (k.matvec_q8, k.matmul_q8),
+}
 
 
 def product(layer: nn.Module) -> Product:
@@ -130,13 +148,14 @@ class Decoder:
         self.head = product(model.lm_head) if "lm_head" in model else self.embed_weights  # tied
         self.norm = _norm(inner.norm)
         self.rope = inner.layers[0].self_attn.rope
-        self.head_dim = self.blocks[0].q.rows // self.blocks[0].heads
+        self.head_dim = self.blocks[0].q.outputs // self.blocks[0].heads
         if getattr(self.rope, "traditional", True) or getattr(self.rope, "dims", None) != self.head_dim:
             raise Unsupported("this RoPE")
         self.cos = self.sin = np.empty((0, self.head_dim // 2), np.float32)
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
         self.cache = None  # the MLX cache list the buffers continue
+        self.batch_cache = None  # the cache list of the batch last decoded
         self.synced = self.filled = 0  # positions in the MLX cache, and in ours
 
     # ---- the MLX cache ----
@@ -173,6 +192,21 @@ class Decoder:
         self.synced = self.filled
 
     def _reserve(self, positions: int) -> None:
+        """The RoPE table and our KV buffers for `positions`, grown (doubled) where short."""
+        self._table(positions)
+        size = self.cos.shape[0]
+        for buffers in (self.keys, self.values):
+            for i, block in enumerate(self.blocks):
+                if i < len(buffers) and buffers[i].shape[1] == size:
+                    continue
+                grown = np.zeros((block.kv_heads, size, self.head_dim), np.float32)
+                if i < len(buffers):
+                    grown[:, : buffers[i].shape[1]] = buffers[i]
+                    buffers[i] = grown
+                else:
+                    buffers.append(grown)
+
+    def _table(self, positions: int) -> None:
         size = max(FIRST_POSITIONS, self.cos.shape[0])
         while size < positions:
             size *= 2
@@ -182,14 +216,6 @@ class Decoder:
         unit = mx.concatenate([mx.ones((1, 1, size, half)), mx.zeros((1, 1, size, half))], axis=-1)
         table = np.array(self.rope(unit, offset=0)[0, 0])  # the model's own RoPE of (1, 0): (cos, sin)
         self.cos, self.sin = np.ascontiguousarray(table[:, :half]), np.ascontiguousarray(table[:, half:])
-        for buffers in (self.keys, self.values):
-            for i, block in enumerate(self.blocks):
-                grown = np.zeros((block.kv_heads, size, self.head_dim), np.float32)
-                if i < len(buffers):
-                    grown[:, : buffers[i].shape[1]] = buffers[i]
-                    buffers[i] = grown
-                else:
-                    buffers.append(grown)
 
     # ---- the step ----
 
@@ -223,6 +249,45 @@ class Decoder:
         out = np.empty_like(q)
         k.attention(q, self.keys[i], self.values[i], pos + 1, np.float32(b.scale), out)
         return out.reshape(-1)
+
+    def batch(self, tokens: np.ndarray, cache: list) -> np.ndarray:
+        """Logits (R, vocab) of one token for each of R rows over MLX's own cache (a KVCache of R
+        rows, or mlx-lm's BatchKVCache, whose rows are left-padded): each block's new keys and
+        values go into it, and its attention reads them back, so MLX can run on it at any step."""
+        first = cache[0]
+        if type(first) is KVCache:
+            positions, starts = np.full(len(tokens), first.offset), np.zeros(len(tokens), np.int64)
+        else:
+            positions, starts = np.array(first.offset, np.int64), np.array(first.left_padding, np.int64)
+        self._table(int(positions.max()) + 1)
+        length = int(positions[0] + starts[0]) + 1  # cached slots after this step, the same for every row
+        h = np.stack([self._embed(int(t)) for t in tokens])
+        x = np.empty_like(h)
+        for b, c in zip(self.blocks, cache):
+            k.rms_norm(h, *b.norms[0], x)
+            h += b.o.batch(self._attend_batch(b, c, x, positions, starts, length))
+            k.rms_norm(h, *b.norms[1], x)
+            gate, up = b.gate.batch(x), b.up.batch(x)
+            k.swiglu(gate.reshape(-1), up.reshape(-1), gate.reshape(-1))
+            h += b.down.batch(gate)
+        k.rms_norm(h, *self.norm, x)
+        return self.head.batch(x)
+
+    def _attend_batch(self, b: Block, c, x: np.ndarray, positions, starts, length: int) -> np.ndarray:
+        rows, d = x.shape[0], self.head_dim
+        q = b.q.batch(x).reshape(rows, b.heads, d)
+        key, value = b.k.batch(x).reshape(rows, b.kv_heads, d), b.v.batch(x).reshape(rows, b.kv_heads, d)
+        if b.qk_norms is not None:
+            k.rms_norm(q.reshape(-1, d), *b.qk_norms[0], q.reshape(-1, d))
+            k.rms_norm(key.reshape(-1, d), *b.qk_norms[1], key.reshape(-1, d))
+        k.rotate_rows(q, self.cos, self.sin, positions)
+        k.rotate_rows(key, self.cos, self.sin, positions)
+        c.update_and_fetch(mx.array(key[:, :, None]), mx.array(value[:, :, None]))  # (R, kv_heads, 1, d)
+        mx.eval(c.keys, c.values)
+        keys, values = np.ascontiguousarray(c.keys), np.ascontiguousarray(c.values)  # (R, kv_heads, slots, d)
+        out = np.empty_like(q)
+        k.attention_rows(q, keys, values, starts, length, np.float32(b.scale), out)
+        return out.reshape(rows, -1)
 
     def _embed(self, token: int) -> np.ndarray:
         """The token's row of the embedding, de-quantized as MLX does (scale · q + bias, float32)."""
@@ -290,20 +355,42 @@ def decoding_class(cls: type) -> type:
 
 
 def decoded_call(model: nn.Module, inputs: mx.array, cache, input_embeddings) -> mx.array | None:
-    """Logits (1, 1, vocab) of a one-token step of one row, from the model's Decoder; None where MLX
-    runs the call (the cache the Decoder continued made current first)."""
+    """Logits (R, 1, vocab) of a one-token step of R rows, from the model's Decoder: one row over a
+    plain KV cache through its own buffers, several (or a batch cache) through MLX's cache; None
+    where MLX runs the call (the cache the Decoder continued made current first)."""
     kept = model.__dict__.get(KEPT)
     decoder = kept[1] if kept else None
-    plain = isinstance(cache, list) and all(type(c) is KVCache for c in cache)
-    if not (plain and input_embeddings is None and inputs.shape == (1, 1)):
+    kind = _cache_kind(cache, inputs, input_embeddings)
+    if kind is None:
         if decoder is not None and cache is not None:
             decoder.flush(cache)
         return None
-    if decoder is None or not decoder.continues(cache):
+    if kind == "one" and decoder is not None and decoder.continues(cache):
+        return mx.array(decoder.step(int(inputs.item())))[None, None]
+    if kind == "one" or cache is not (decoder and decoder.batch_cache):  # a new generation: the model may differ
         decoder = _current(model)
-        if decoder is None or not decoder.follows(cache):
+        if decoder is None:
             return None
-    return mx.array(decoder.step(int(inputs.item())))[None, None]
+    if kind == "one":
+        if not decoder.follows(cache):
+            return None
+        return mx.array(decoder.step(int(inputs.item())))[None, None]
+    decoder.flush(cache)
+    decoder.batch_cache = cache
+    return mx.array(decoder.batch(np.array(inputs[:, 0]), cache))[:, None]
+
+
+def _cache_kind(cache, inputs: mx.array, input_embeddings) -> str | None:
+    """ "one": one row over plain KV caches; "batch": several rows over plain ones, or any rows over
+    mlx-lm's BatchKVCache, already filled; None: something else, which MLX runs."""
+    if input_embeddings is not None or inputs.ndim != 2 or inputs.shape[1] != 1 or not isinstance(cache, list):
+        return None
+    kinds = {type(c) for c in cache}
+    if not cache or len(kinds) != 1 or cache[0].keys is None or cache[0].keys.dtype != mx.float32:
+        return None
+    if kinds == {KVCache}:
+        return "one" if inputs.shape[0] == 1 else "batch"
+    return "batch" if kinds == {BatchKVCache} else None
 
 
 def _current(model: nn.Module) -> Decoder | None:

@@ -8,7 +8,7 @@ import pytest
 from conftest import fp32_tol, make_hf_model
 from mlx.utils import tree_unflatten
 from mlx_lm.generate import stream_generate
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from mlx_lora.config import LoRAConfig
@@ -74,6 +74,46 @@ def test_the_decoder_equals_mlx_step_by_step(archs, arch, bits, monkeypatch):
     use_mlx_kernels(model)
     assert type(model).__module__.startswith("mlx_lm.")
     _close(ours, _steps(model))
+
+
+def _batch_steps(model: nn.Module, rows: int, padded: bool) -> list[mx.array]:
+    """Logits of each step of `rows` rows fed one token each after their prompts: over a KV cache of
+    `rows` rows (one prompt), or over mlx-lm's BatchKVCache (prompts of different lengths, left
+    padded, as eval and serve batch them; after two steps the batch loses a row, as when one ends)."""
+    if padded:
+        prompts = [PROMPT[: len(PROMPT) - i % 4] for i in range(rows)]
+        width = max(map(len, prompts))
+        cache = [BatchKVCache([width - len(p) for p in prompts]) for _ in model.layers]
+        model(mx.array([[0] * (width - len(p)) + p for p in prompts]), cache=cache)
+    else:
+        cache = make_prompt_cache(model)
+        model(mx.array([PROMPT] * rows), cache=cache)
+    out = []
+    for n, t in enumerate(STEPS):
+        if padded and n == 2:
+            for c in cache:
+                c.filter(list(range(1, rows)))
+            rows -= 1
+        out.append(model(mx.array([[(t + r) % 50] for r in range(rows)]), cache=cache)[:, -1])
+        mx.eval(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("bits", [None, 4, 8])
+@pytest.mark.parametrize("rows,padded", [(5, False), (2, False), (7, True)])
+def test_a_batch_through_the_decoder_equals_mlx(archs, arch, bits, rows, padded, monkeypatch):
+    """Several rows a step (eval's, serve's and GRPO's batches): 5 rows (one past a multiple of the
+    products' four), 2 (fewer than four: a row at a time), 7 left-padded rows in a batch cache that
+    then drops one; every step through the decoder, with an adapter, against MLX's own."""
+    model = _model(archs[arch], bits, lora=True)
+    use_cpu_kernels(model, decoding=True)
+    calls, original = [], decoder.Decoder.batch
+    monkeypatch.setattr(decoder.Decoder, "batch", lambda self, *a: calls.append(len(a[0])) or original(self, *a))
+    ours = _batch_steps(model, rows, padded)
+    assert calls == [len(o) for o in ours]
+    use_mlx_kernels(model)
+    _close(ours, _batch_steps(model, rows, padded))
 
 
 def test_mlx_after_the_decoder_sees_every_position(archs):
