@@ -1,13 +1,16 @@
-"""The compiled loops of one stream's decoding step on the CPU (numba): matrix-vector products
-that read float32, 4-bit or 8-bit weights where they lie, over every core, and the small
-operations between them.
+"""The compiled loops of a decoding step on the CPU (numba): products that read float32, 4-bit or
+8-bit weights where they lie, over every core, for one row or a batch, and the small operations
+between them.
 
 MLX has no way to add a CPU kernel, and its one-row products read float32 weights at ~7 GB/s
 through OpenBLAS's sgemm on a 2-core Xeon and quantized ones at ~1 GB/s on one core; these read
-float32 at ~20 GB/s and a 4-bit weight in a third of that time (bench/RESULTS.md, "One stream
-outside MLX"). A quantized product sums each group's q · x and scales it once:
-s · Σ q x + b · Σ x, the same number as (s q + b) · x up to fp32 rounding, with activations kept
-in float32 (llama.cpp rounds them to 8 bits). Four rows at a time share each load of x.
+float32 at ~20 GB/s and a 4-bit weight in a third of that time (bench/RESULTS.md, "One stream and
+small batches outside MLX"). A one-row quantized product sums each group's q · x and scales it
+once, s · Σ q x + b · Σ x, the same number as (s q + b) · x up to fp32 rounding, with activations
+kept in float32 (llama.cpp rounds them to 8 bits); four weight rows at a time share each load of x.
+A batch's product de-quantizes four weight rows at a time and multiplies them by four rows of x
+at a time. Loops are written the way LLVM vectorizes them: inner loops from 0 with constant or
+plain trip counts, named scalar sums, no tuple assignments.
 """
 
 import numpy as np
