@@ -135,7 +135,8 @@ class Block:
 
 
 class Decoder:
-    """A model's one-row decoding step on numpy and numba: `step(token, cache)` -> logits (vocab,)."""
+    """A model's decoding steps on numpy and numba: `step(token)` -> logits (vocab,) for one row
+    continuing the cache `follows` read, `batch(tokens, cache)` -> (R, vocab) over MLX's cache."""
 
     def __init__(self, model: nn.Module):
         if not supports(model):
