@@ -485,7 +485,7 @@ def use_cpu_kernels(
     layers; `quantized=False` leaves them on MLX's quantized kernel. `training`: the kernels are
     chosen by forward and backward time. `decoding` (a command that generates): quantized layers
     also keep their weights de-quantized where that measured faster and fits DEQUANTIZED_SHARE of
-    memory, and one row's one-token steps run outside MLX (model/decoder.py). `log` is told the choice."""
+    memory, and one-token steps run outside MLX (model/decoder.py). `log` is told the choice."""
     if not wanted():
         return False
     choice = choose_kernels(model, training, decoding)
@@ -511,18 +511,18 @@ def use_cpu_kernels(
 
 
 def _use_decoder(model: nn.Module) -> str:
-    """One stream's one-token steps handed to model/decoder.py where it reads the architecture (numba
+    """One-token steps handed to model/decoder.py where it reads the architecture (numba
     is a Linux dependency; without it MLX decodes). Not measured per machine: it read the weights
     3-4x faster than MLX's one-row products on every CPU tried (bench/RESULTS.md)."""
     try:
         from mlx_lora.model import decode_kernels, decoder
     except ImportError:
-        return "; one stream decoded by MLX (numba is not installed)"
+        return "; decoding steps on MLX (numba is not installed)"
     if not decoder.supports(model):
         return ""
     model.__class__ = decoder.decoding_class(type(model))
     decode_kernels.load()
-    return "; one stream decoded by model/decoder.py"
+    return "; decoding steps by model/decoder.py"
 
 
 def use_mlx_kernels(model: nn.Module) -> None:

@@ -9,8 +9,9 @@ small batches outside MLX"). A one-row quantized product sums each group's q · 
 once, s · Σ q x + b · Σ x, the same number as (s q + b) · x up to fp32 rounding, with activations
 kept in float32 (llama.cpp rounds them to 8 bits); four weight rows at a time share each load of x.
 A batch's product de-quantizes four weight rows at a time and multiplies them by four rows of x
-at a time. Loops are written the way LLVM vectorizes them: inner loops from 0 with constant or
-plain trip counts, named scalar sums, no tuple assignments.
+at a time. Loops are written the way LLVM was seen to vectorize them (bench/RESULTS.md): inner
+loops counted from 0 with constant or plain trip counts, named scalar sums, and a group's scale and
+bias read one per statement before a de-quantizing loop (read as a tuple, matmul_q4's stayed scalar).
 """
 
 import numpy as np
@@ -188,7 +189,8 @@ def matmul_q8(packed, scales, biases, x, out):
         w = np.empty((4, k), np.float32)
         for t in range(4):
             for g in range(groups):
-                s, b = scales[i + t, g], biases[i + t, g]
+                s = scales[i + t, g]
+                b = biases[i + t, g]
                 for m in range(size):
                     w[t, g * size + m] = s * np.float32(packed[i + t, g * size + m]) + b
         for r in range(0, rows, 4):
@@ -223,7 +225,7 @@ def rms_norm(x, weight, eps, out):
 
 
 @njit(cache=True)
-def rotate(x, cos, sin):
+def _rotate(x, cos, sin):
     """x (heads, d) rotated in place as MLX's non-traditional RoPE at one position: each head's
     halves (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos)."""
     half = cos.shape[0]
@@ -282,9 +284,9 @@ def attention_rows(q, keys, values, starts, length, scale, out):
 
 @njit(cache=True)
 def rotate_rows(x, cos, sin, positions):
-    """rotate for each of R rows (x (R, heads, d)), row r at positions[r]."""
+    """_rotate for each of R rows (x (R, heads, d)), row r at positions[r]."""
     for r in range(x.shape[0]):
-        rotate(x[r], cos[positions[r]], sin[positions[r]])
+        _rotate(x[r], cos[positions[r]], sin[positions[r]])
 
 
 @njit(parallel=True, fastmath=FAST, cache=True)
@@ -310,7 +312,6 @@ def load() -> None:
     matmul_q8(q8, small, small, f32, np.empty((4, 4), np.float32))
     low_rank(x, f32.T.copy(), f32, np.float32(1.0), x.copy())
     rms_norm(f32, x, np.float32(1e-5), f32.copy())
-    rotate(f32.copy(), x[:16], x[:16])
     heads = f32.reshape(2, 2, 32)
     table = f32[:, :16].copy()  # positions, d / 2
     rotate_rows(heads.copy(), table, table, np.zeros(2, np.int64))

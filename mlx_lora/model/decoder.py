@@ -60,6 +60,8 @@ class Product:
 
     def batch(self, x: np.ndarray) -> np.ndarray:
         """x (R, in) -> (R, out): the weight read once for every row (fewer than 4 rows: one at a time)."""
+        if x.shape[0] == 1:
+            return self(x[0])[None]
         if x.shape[0] < 4:
             return np.stack([self(row) for row in x])
         out = np.empty((x.shape[0], self.outputs), np.float32)
@@ -174,8 +176,8 @@ class Decoder:
             return False
         self._reserve(offset + 1)
         for i, c in enumerate(cache):
-            self.keys[i][:, :offset] = np.asarray(c.keys[0, :, :offset].astype(mx.float32))
-            self.values[i][:, :offset] = np.asarray(c.values[0, :, :offset].astype(mx.float32))
+            self.keys[i][:, :offset] = np.asarray(c.keys[0, :, :offset])  # float32: _cache_kind
+            self.values[i][:, :offset] = np.asarray(c.values[0, :, :offset])
         self.cache, self.synced, self.filled = cache, offset, offset
         return True
 
@@ -183,13 +185,9 @@ class Decoder:
         """Write the positions we decoded past the MLX cache into it, before MLX runs on it again."""
         if cache is not self.cache or self.filled == self.synced:
             return
-        dtype = cache[0].keys.dtype
+        part = slice(self.synced, self.filled)
         for i, c in enumerate(cache):
-            part = slice(self.synced, self.filled)
-            c.update_and_fetch(
-                mx.array(self.keys[i][None, :, part]).astype(dtype),
-                mx.array(self.values[i][None, :, part]).astype(dtype),
-            )
+            c.update_and_fetch(mx.array(self.keys[i][None, :, part]), mx.array(self.values[i][None, :, part]))
         self.synced = self.filled
 
     def _reserve(self, positions: int) -> None:
@@ -224,32 +222,10 @@ class Decoder:
         """Logits (vocab,) of the token after `token` at position `filled`; its keys and values kept."""
         pos = self.filled
         self._reserve(pos + 1)
-        h = self._embed(token)
-        x = np.empty((1, h.shape[0]), np.float32)
-        for i, b in enumerate(self.blocks):
-            k.rms_norm(h[None], *b.norms[0], x)
-            h += b.o(self._attend(i, b, x[0], pos))
-            k.rms_norm(h[None], *b.norms[1], x)
-            gate, up = b.gate(x[0]), b.up(x[0])
-            k.swiglu(gate, up, gate)
-            h += b.down(gate)
-        k.rms_norm(h[None], self.norm[0], self.norm[1], x)
+        positions = np.array([pos])
+        logits = self._forward(self._embed(token)[None], lambda i, b, x: self._attend(i, b, x, positions))
         self.filled = pos + 1
-        return self.head(x[0])
-
-    def _attend(self, i: int, b: Block, x: np.ndarray, pos: int) -> np.ndarray:
-        d = self.head_dim
-        q, key, value = b.q(x).reshape(b.heads, d), b.k(x).reshape(b.kv_heads, d), b.v(x).reshape(b.kv_heads, d)
-        if b.qk_norms is not None:
-            k.rms_norm(q, *b.qk_norms[0], q)
-            k.rms_norm(key, *b.qk_norms[1], key)
-        k.rotate(q, self.cos[pos], self.sin[pos])
-        k.rotate(key, self.cos[pos], self.sin[pos])
-        self.keys[i][:, pos] = key
-        self.values[i][:, pos] = value
-        out = np.empty_like(q)
-        k.attention(q, self.keys[i], self.values[i], pos + 1, np.float32(b.scale), out)
-        return out.reshape(-1)
+        return logits[0]
 
     def batch(self, tokens: np.ndarray, cache: list) -> np.ndarray:
         """Logits (R, vocab) of one token for each of R rows over MLX's own cache (a KVCache of R
@@ -263,10 +239,15 @@ class Decoder:
         self._table(int(positions.max()) + 1)
         length = int(positions[0] + starts[0]) + 1  # cached slots after this step, the same for every row
         h = np.stack([self._embed(int(t)) for t in tokens])
+        return self._forward(h, lambda i, b, x: self._attend_batch(b, cache[i], x, positions, starts, length))
+
+    def _forward(self, h: np.ndarray, attend) -> np.ndarray:
+        """Logits (R, vocab) from the embeddings h (R, dim) through every block, `attend(i, block, x)`
+        giving block i's attention output (R, heads · d) for its normed input x."""
         x = np.empty_like(h)
-        for b, c in zip(self.blocks, cache):
+        for i, b in enumerate(self.blocks):
             k.rms_norm(h, *b.norms[0], x)
-            h += b.o.batch(self._attend_batch(b, c, x, positions, starts, length))
+            h += b.o.batch(attend(i, b, x))
             k.rms_norm(h, *b.norms[1], x)
             gate, up = b.gate.batch(x), b.up.batch(x)
             k.swiglu(gate.reshape(-1), up.reshape(-1), gate.reshape(-1))
@@ -274,7 +255,8 @@ class Decoder:
         k.rms_norm(h, *self.norm, x)
         return self.head.batch(x)
 
-    def _attend_batch(self, b: Block, c, x: np.ndarray, positions, starts, length: int) -> np.ndarray:
+    def _qkv(self, b: Block, x: np.ndarray, positions: np.ndarray) -> tuple:
+        """Queries (R, heads, d), keys and values (R, kv_heads, d) of x (R, dim), rotated to `positions`."""
         rows, d = x.shape[0], self.head_dim
         q = b.q.batch(x).reshape(rows, b.heads, d)
         key, value = b.k.batch(x).reshape(rows, b.kv_heads, d), b.v.batch(x).reshape(rows, b.kv_heads, d)
@@ -283,12 +265,27 @@ class Decoder:
             k.rms_norm(key.reshape(-1, d), *b.qk_norms[1], key.reshape(-1, d))
         k.rotate_rows(q, self.cos, self.sin, positions)
         k.rotate_rows(key, self.cos, self.sin, positions)
+        return q, key, value
+
+    def _attend(self, i: int, b: Block, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One row's attention (1, heads · d), its keys and values kept in our buffers at positions[0]."""
+        pos = int(positions[0])
+        q, key, value = self._qkv(b, x, positions)
+        self.keys[i][:, pos] = key[0]
+        self.values[i][:, pos] = value[0]
+        out = np.empty_like(q[0])
+        k.attention(q[0], self.keys[i], self.values[i], pos + 1, np.float32(b.scale), out)
+        return out.reshape(1, -1)
+
+    def _attend_batch(self, b: Block, c, x: np.ndarray, positions, starts, length: int) -> np.ndarray:
+        """R rows' attention (R, heads · d), their keys and values written into MLX's cache `c`."""
+        q, key, value = self._qkv(b, x, positions)
         c.update_and_fetch(mx.array(key[:, :, None]), mx.array(value[:, :, None]))  # (R, kv_heads, 1, d)
         mx.eval(c.keys, c.values)
         keys, values = np.ascontiguousarray(c.keys), np.ascontiguousarray(c.values)  # (R, kv_heads, slots, d)
         out = np.empty_like(q)
         k.attention_rows(q, keys, values, starts, length, np.float32(b.scale), out)
-        return out.reshape(rows, -1)
+        return out.reshape(x.shape[0], -1)
 
     def _embed(self, token: int) -> np.ndarray:
         """The token's row of the embedding, de-quantized as MLX does (scale · q + bias, float32)."""
@@ -344,7 +341,7 @@ def supports(model: nn.Module) -> bool:
 
 @functools.cache
 def decoding_class(cls: type) -> type:
-    """`cls` whose call hands one row's one-token steps over a plain KV cache to the model's Decoder.
+    """`cls` whose call hands one-token steps (one row or a batch, decoded_call) to the model's Decoder.
     A subclass, so isinstance checks and the class name hold; `on_cpu_kernels` lets
     cpu_kernels.use_mlx_kernels take it back off."""
 
@@ -366,15 +363,12 @@ def decoded_call(model: nn.Module, inputs: mx.array, cache, input_embeddings) ->
         if decoder is not None and cache is not None:
             decoder.flush(cache)
         return None
-    if kind == "one" and decoder is not None and decoder.continues(cache):
-        return mx.array(decoder.step(int(inputs.item())))[None, None]
-    if kind == "one" or cache is not (decoder and decoder.batch_cache):  # a new generation: the model may differ
+    known = decoder is not None and (decoder.continues(cache) if kind == "one" else cache is decoder.batch_cache)
+    if not known:  # a new generation: the model may have changed since the last
         decoder = _current(model)
-        if decoder is None:
+        if decoder is None or (kind == "one" and not decoder.follows(cache)):
             return None
     if kind == "one":
-        if not decoder.follows(cache):
-            return None
         return mx.array(decoder.step(int(inputs.item())))[None, None]
     decoder.flush(cache)
     decoder.batch_cache = cache
