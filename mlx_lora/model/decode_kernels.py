@@ -237,24 +237,34 @@ def _rotate(x, cos, sin):
 
 
 @njit(fastmath=FAST, cache=True)
-def _attend(q, keys, values, start, length, scale, scores, out):
-    """out (d,) = softmax(scale · q kᵀ) v over cached positions start..length of one key head;
-    scores: room for length - start floats."""
+def _attend(q, keys, values, key, value, start, end, scale, scores, out):
+    """out (d,) = softmax(scale · q kᵀ) v over one key head's cached positions start..end and the
+    newest one (key, value (d,)), which a batch has not yet written into MLX's cache;
+    scores: room for end - start + 1 floats."""
     d = q.shape[0]
+    span = end - start
     top = -np.inf
-    for p in range(start, length):
+    for p in range(start, end):
         s = np.float32(0.0)
         for j in range(d):
             s += q[j] * keys[p, j]
         s *= scale
         scores[p - start] = s
         top = max(top, s)
+    s = np.float32(0.0)
+    for j in range(d):
+        s += q[j] * key[j]
+    s *= scale
+    scores[span] = s
+    top = max(top, s)
     total = np.float32(0.0)
-    for p in range(length - start):
+    for p in range(span + 1):
         scores[p] = np.exp(scores[p] - top)
         total += scores[p]
-    out[:] = 0.0
-    for p in range(start, length):
+    w = scores[span] / total
+    for j in range(d):
+        out[j] = w * value[j]
+    for p in range(start, end):
         w = scores[p - start] / total
         for j in range(d):
             out[j] += w * values[p, j]
@@ -266,20 +276,23 @@ def attention(q, keys, values, length, scale, out):
     positions of its key head (keys, values (kv_heads, capacity, d); heads sharing a key head in
     order, as MLX's grouped attention)."""
     group = q.shape[0] // keys.shape[0]
+    last = length - 1
     for h in prange(q.shape[0]):
+        g = h // group
         scores = np.empty(length, np.float32)
-        _attend(q[h], keys[h // group], values[h // group], 0, length, scale, scores, out[h])
+        _attend(q[h], keys[g], values[g], keys[g, last], values[g, last], 0, last, scale, scores, out[h])
 
 
 @njit(parallel=True, fastmath=FAST, cache=True)
-def attention_rows(q, keys, values, starts, length, scale, out):
-    """attention for each of R rows (q, out (R, heads, d); keys, values (R, kv_heads, capacity, d)),
-    row r over positions starts[r]..length (a batch cache's left padding skipped)."""
+def attention_rows(q, keys, values, key, value, starts, end, scale, out):
+    """attention for each of R rows (q, out (R, heads, d)) over their cached positions (keys, values
+    (R, kv_heads, capacity, d)) starts[r]..end and their newest ones (key, value (R, kv_heads, d))."""
     group = q.shape[1] // keys.shape[1]
     for r in prange(q.shape[0]):
-        scores = np.empty(length, np.float32)
+        scores = np.empty(end - starts[r] + 1, np.float32)
         for h in range(q.shape[1]):
-            _attend(q[r, h], keys[r, h // group], values[r, h // group], starts[r], length, scale, scores, out[r, h])
+            g = h // group
+            _attend(q[r, h], keys[r, g], values[r, g], key[r, g], value[r, g], starts[r], end, scale, scores, out[r, h])
 
 
 @njit(cache=True)
@@ -317,5 +330,6 @@ def load() -> None:
     rotate_rows(heads.copy(), table, table, np.zeros(2, np.int64))
     attention(f32, f32[None], f32[None], 4, np.float32(1.0), f32.copy())
     cached = np.ones((2, 1, 2, 32), np.float32)  # rows, key heads, positions, d
-    attention_rows(heads, cached, cached, np.zeros(2, np.int64), 2, np.float32(1.0), heads.copy())
+    newest = cached[:, :, 0].copy()
+    attention_rows(heads, cached, cached, newest, newest, np.zeros(2, np.int64), 2, np.float32(1.0), heads.copy())
     swiglu(x, x, x.copy())

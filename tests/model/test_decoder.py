@@ -137,6 +137,31 @@ def test_mlx_after_the_decoder_sees_every_position(archs):
     assert mx.abs(ours - theirs).max().item() <= TOL * mx.abs(theirs).max().item()
 
 
+def test_a_batch_past_the_caches_first_256_slots_then_mlx(archs, monkeypatch):
+    """A batch's new keys and values go into MLX's cache at the end of each step, also the steps
+    that grow it past its first 256 slots; MLX then runs a two-token call on that cache: every
+    logit equals the run all in MLX."""
+    model = _model(archs["llama"], 4, lora=False)
+    prompt = [(7 * i) % 50 for i in range(253)]
+
+    def run() -> list[mx.array]:
+        cache = make_prompt_cache(model)
+        model(mx.array([prompt] * 4), cache=cache)
+        out = [model(mx.array([[(t + r) % 50] for r in range(4)]), cache=cache)[:, -1] for t in STEPS]
+        assert cache[0].offset == 253 + len(STEPS) and cache[0].keys.shape[2] == 512
+        out.append(model(mx.array([STEPS[:2]] * 4), cache=cache)[:, -1])
+        mx.eval(out)
+        return out
+
+    use_cpu_kernels(model, decoding=True)
+    calls, original = [], decoder.Decoder.batch
+    monkeypatch.setattr(decoder.Decoder, "batch", lambda self, *a: calls.append(len(a[0])) or original(self, *a))
+    ours = run()
+    assert calls == [4] * len(STEPS)
+    use_mlx_kernels(model)
+    _close(ours, run())
+
+
 def test_an_adapter_turned_off_or_changed_gets_a_new_decoder(archs):
     """The decoder reads the model's arrays once; a model changed between generations (its adapter
     off, as preference evaluation does, or other weights) is read again."""
