@@ -12,6 +12,8 @@ A batch's product de-quantizes four weight rows at a time and multiplies them by
 at a time. Loops are written the way LLVM was seen to vectorize them (bench/RESULTS.md): inner
 loops counted from 0 with constant or plain trip counts, named scalar sums, and a group's scale and
 bias read one per statement before a de-quantizing loop (read as a tuple, matmul_q4's stayed scalar).
+SwiGLU and attention's softmax take an exp of their own (`_exp`) that LLVM vectorizes, 6x faster
+than libm's a value and as accurate as cpu_kernels' fast_exp.
 """
 
 import numpy as np
@@ -236,11 +238,36 @@ def _rotate(x, cos, sin):
             x[h, j + half] = x1 * sin[j] + x2 * cos[j]
 
 
+# exp as cpu_kernels' fast_exp computes it: Cody-Waite reduction by ln 2 (split so n · LN2_HI is
+# exact), a degree-7 Taylor polynomial (error < 1e-7 for |r| <= ln2/2), and 2**n from its exponent bits;
+# below EXP_LOW 0, never a subnormal (Intel cores take a microcode assist on each)
+LOG2E, LN2_HI, LN2_LO = np.float32(1.4426950408889634), np.float32(0.693359375), np.float32(-2.12194440e-4)
+EXP_LOW, EXP_HIGH = np.float32(-87.0), np.float32(88.0)
+C2, C3, C4, C5, C6, C7 = (np.float32(1 / f) for f in (2, 6, 24, 120, 720, 5040))
+
+
+@njit(fastmath=FAST, cache=True, inline="always")
+def _exp(x, bits, n):
+    """x[:n] = exp(x[:n]) in two loops LLVM vectorizes (libm's expf, a call a value, is 6x slower);
+    bits: int32 room for n values."""
+    scale = bits.view(np.float32)
+    for p in range(n):
+        v = x[p]
+        c = min(max(v, EXP_LOW), EXP_HIGH)
+        m = np.floor(c * LOG2E + np.float32(0.5))
+        r = c - m * LN2_HI - m * LN2_LO
+        y = ((((((C7 * r + C6) * r + C5) * r + C4) * r + C3) * r + C2) * r + np.float32(1.0)) * r + np.float32(1.0)
+        x[p] = y
+        bits[p] = np.int32(0) if v < EXP_LOW else (np.int32(m) + np.int32(127)) << np.int32(23)
+    for p in range(n):
+        x[p] *= scale[p]
+
+
 @njit(fastmath=FAST, cache=True)
-def _attend(q, keys, values, key, value, start, end, scale, scores, out):
+def _attend(q, keys, values, key, value, start, end, scale, scores, bits, out):
     """out (d,) = softmax(scale · q kᵀ) v over one key head's cached positions start..end and the
-    newest one (key, value (d,)), which a batch has not yet written into MLX's cache;
-    scores: room for end - start + 1 floats."""
+    newest one (key, value (d,)), which a batch has not yet counted in MLX's cache; scores and bits
+    (float32, int32): room for end - start + 1 values."""
     d = q.shape[0]
     span = end - start
     top = -np.inf
@@ -257,9 +284,11 @@ def _attend(q, keys, values, key, value, start, end, scale, scores, out):
     s *= scale
     scores[span] = s
     top = max(top, s)
+    for p in range(span + 1):
+        scores[p] -= top
+    _exp(scores, bits, span + 1)
     total = np.float32(0.0)
     for p in range(span + 1):
-        scores[p] = np.exp(scores[p] - top)
         total += scores[p]
     w = scores[span] / total
     for j in range(d):
@@ -279,8 +308,8 @@ def attention(q, keys, values, length, scale, out):
     last = length - 1
     for h in prange(q.shape[0]):
         g = h // group
-        scores = np.empty(length, np.float32)
-        _attend(q[h], keys[g], values[g], keys[g, last], values[g, last], 0, last, scale, scores, out[h])
+        scores, bits = np.empty(length, np.float32), np.empty(length, np.int32)
+        _attend(q[h], keys[g], values[g], keys[g, last], values[g, last], 0, last, scale, scores, bits, out[h])
 
 
 @njit(parallel=True, fastmath=FAST, cache=True)
@@ -289,10 +318,23 @@ def attention_rows(q, keys, values, key, value, starts, end, scale, out):
     (R, kv_heads, capacity, d)) starts[r]..end and their newest ones (key, value (R, kv_heads, d))."""
     group = q.shape[1] // keys.shape[1]
     for r in prange(q.shape[0]):
-        scores = np.empty(end - starts[r] + 1, np.float32)
+        span = end - starts[r] + 1
+        scores, bits = np.empty(span, np.float32), np.empty(span, np.int32)
         for h in range(q.shape[1]):
             g = h // group
-            _attend(q[r, h], keys[r, g], values[r, g], key[r, g], value[r, g], starts[r], end, scale, scores, out[r, h])
+            _attend(
+                q[r, h],
+                keys[r, g],
+                values[r, g],
+                key[r, g],
+                value[r, g],
+                starts[r],
+                end,
+                scale,
+                scores,
+                bits,
+                out[r, h],
+            )
 
 
 @njit(cache=True)
@@ -302,12 +344,22 @@ def rotate_rows(x, cos, sin, positions):
         _rotate(x[r], cos[positions[r]], sin[positions[r]])
 
 
+SPAN = 512  # values a SwiGLU loop exponentiates at once
+
+
 @njit(parallel=True, fastmath=FAST, cache=True)
 def swiglu(gate, up, out):
-    """out = silu(gate) · up, over both cores (an exp each: 25k of them a block for 16 rows)."""
-    for j in prange(gate.shape[0]):
-        g = gate[j]
-        out[j] = g / (np.float32(1.0) + np.exp(-g)) * up[j]
+    """out = silu(gate) · up, SPAN values at a time over both cores (out may be gate)."""
+    n = gate.shape[0]
+    for part in prange((n + SPAN - 1) // SPAN):
+        o = part * SPAN
+        m = min(SPAN, n - o)
+        t, bits = np.empty(SPAN, np.float32), np.empty(SPAN, np.int32)
+        for j in range(m):
+            t[j] = -gate[o + j]
+        _exp(t, bits, m)
+        for j in range(m):
+            out[o + j] = gate[o + j] / (np.float32(1.0) + t[j]) * up[o + j]
 
 
 def load() -> None:
