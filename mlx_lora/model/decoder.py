@@ -59,14 +59,16 @@ class Product:
         return self._added(x[None], out[None])[0]
 
     def batch(self, x: np.ndarray) -> np.ndarray:
-        """x (R, in) -> (R, out): the weight read once for every row (fewer than 4 rows: one at a time)."""
-        if x.shape[0] == 1:
+        """x (R, in) -> (R, out): the weight read once for every row. Two or three rows go through
+        the batch loop padded to its four with copies of the last (a step of 2 rows took 36 ms row by
+        row, 3 rows 51, against 29 for 4 on the Q4_1 SmolLM2)."""
+        rows = x.shape[0]
+        if rows == 1:
             return self(x[0])[None]
-        if x.shape[0] < 4:
-            return np.stack([self(row) for row in x])
-        out = np.empty((x.shape[0], self.outputs), np.float32)
-        KERNELS[self.bits][1](*self.weight, x, out)
-        return self._added(x, out)
+        padded = x if rows >= 4 else np.concatenate([x, np.repeat(x[-1:], 4 - rows, axis=0)])
+        out = np.empty((padded.shape[0], self.outputs), np.float32)
+        KERNELS[self.bits][1](*self.weight, padded, out)
+        return self._added(x, out[:rows])
 
     def _added(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         """out (R, out) plus the bias and each adapter's scale · (x A) B."""

@@ -104,11 +104,12 @@ def _batch_steps(model: nn.Module, rows: int, padded: bool) -> list[mx.array]:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("bits", [None, 4, 8])
-@pytest.mark.parametrize("rows,padded", [(5, False), (2, False), (7, True)])
+@pytest.mark.parametrize("rows,padded", [(5, False), (2, False), (3, False), (7, True)])
 def test_a_batch_through_the_decoder_equals_mlx(archs, arch, bits, rows, padded, monkeypatch):
     """Several rows a step (eval's, serve's and GRPO's batches): 5 rows (one past a multiple of the
-    products' four), 2 (fewer than four: a row at a time), 7 left-padded rows in a batch cache that
-    then drops its two unpadded ones; every step through the decoder, with an adapter, against MLX's own."""
+    products' four), 2 and 3 (padded to four with copies of the last row), 7 left-padded rows in a
+    batch cache that then drops its two unpadded ones; every step through the decoder, with an
+    adapter, against MLX's own."""
     model = _model(archs[arch], bits, lora=True)
     use_cpu_kernels(model, decoding=True)
     calls, original = [], decoder.Decoder.batch
