@@ -36,14 +36,14 @@ from mlx_lora.model.kernel_choice import Candidate, Choice
 
 MIN_ROWS = 8  # below this the quantized kernel wins
 CE_CHUNK_VALUES = 2**18  # logits the loss exponentiates at once: their temporaries stay in the CPU caches
-_LOG2E = 1.4426950408889634
-_LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4  # ln 2 split so that n * _LN2_HI is exact
+LOG2E = 1.4426950408889634
+LN2_HI, LN2_LO = 0.693359375, -2.12194440e-4  # ln 2 split so that n * LN2_HI is exact
 # Below this exp is under float32's smallest normal number (1.18e-38): 0, never a subnormal. Intel
 # cores take a microcode assist on every subnormal operand, so the ~1e-38 a masked attention score
 # gave (and the subnormal probabilities it divided into) made our attention 9x slower than MLX's
 # on a Xeon (14.2 against 1.6 ms for 4 x 9 heads x 71 tokens causal); AMD cores barely notice.
-EXP_LOW = -87.0
-_EXP_TAYLOR = (1.0, 1.0, 1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720, 1 / 5040)  # |r| <= ln2/2: error < 1e-7
+EXP_LOW, EXP_HIGH = -87.0, 88.0  # EXP_HIGH: the top of float32's range of normal numbers
+EXP_TAYLOR = (1.0, 1.0, 1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720, 1 / 5040)  # |r| <= ln2/2: error < 1e-7
 _ROUND = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds a float32 to the nearest integer
 
 
@@ -53,10 +53,10 @@ def _exp(x: mx.array) -> mx.array:
     longer one as several, slower ones (a 7-term Horner chain: 16.7 against 5.7 ms for 3.1M values),
     so the polynomial is evaluated by Estrin's scheme (depth 5), `floor` (a libm call per value) is
     a round by adding 1.5 * 2**23, and below EXP_LOW the exponent bits are 0, which is 0.0."""
-    xc = mx.clip(x, EXP_LOW, 88.0)  # float32's range of normal numbers
-    n = (xc * _LOG2E + _ROUND) - _ROUND
-    r = xc - n * _LN2_HI - n * _LN2_LO
-    c = _EXP_TAYLOR
+    xc = mx.clip(x, EXP_LOW, EXP_HIGH)
+    n = (xc * LOG2E + _ROUND) - _ROUND
+    r = xc - n * LN2_HI - n * LN2_LO
+    c = EXP_TAYLOR
     r2 = r * r
     p = (c[0] + c[1] * r) + r2 * (c[2] + c[3] * r) + r2 * r2 * ((c[4] + c[5] * r) + r2 * (c[6] + c[7] * r))
     bits = mx.left_shift(mx.where(x < EXP_LOW, -127, n.astype(mx.int32)) + 127, 23)

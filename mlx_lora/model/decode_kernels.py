@@ -19,6 +19,8 @@ than libm's a value and as accurate as cpu_kernels' fast_exp.
 import numpy as np
 from numba import njit, prange
 
+from mlx_lora.model import cpu_kernels as ck
+
 # reassociation (vector sums), contraction (FMA); no assumption about infinities or NaNs
 FAST = {"reassoc", "contract", "nsz", "arcp"}
 
@@ -238,12 +240,12 @@ def _rotate(x, cos, sin):
             x[h, j + half] = x1 * sin[j] + x2 * cos[j]
 
 
-# exp as cpu_kernels' fast_exp computes it: Cody-Waite reduction by ln 2 (split so n · LN2_HI is
-# exact), a degree-7 Taylor polynomial (error < 1e-7 for |r| <= ln2/2), and 2**n from its exponent bits;
-# below EXP_LOW 0, never a subnormal (Intel cores take a microcode assist on each)
-LOG2E, LN2_HI, LN2_LO = np.float32(1.4426950408889634), np.float32(0.693359375), np.float32(-2.12194440e-4)
-EXP_LOW, EXP_HIGH = np.float32(-87.0), np.float32(88.0)
-C2, C3, C4, C5, C6, C7 = (np.float32(1 / f) for f in (2, 6, 24, 120, 720, 5040))
+# exp with cpu_kernels' fast_exp's constants (Cody-Waite reduction by ln 2, a degree-7 Taylor
+# polynomial, 2**n from its exponent bits; below EXP_LOW 0, never a subnormal), as float32
+LOG2E, LN2_HI, LN2_LO, EXP_LOW, EXP_HIGH = (
+    np.float32(c) for c in (ck.LOG2E, ck.LN2_HI, ck.LN2_LO, ck.EXP_LOW, ck.EXP_HIGH)
+)
+C2, C3, C4, C5, C6, C7 = (np.float32(c) for c in ck.EXP_TAYLOR[2:])
 
 
 @njit(fastmath=FAST, cache=True, inline="always")
