@@ -163,21 +163,26 @@ def matmul(w, x, out):
 @njit(parallel=True, fastmath=FAST, cache=True)
 def matmul_q4(packed, scales, biases, x, out):
     """matmul of a 4-bit affine weight: each block of four rows de-quantized once (scale · q + bias,
-    float32, as MLX's), into a buffer that stays in the core's cache for every row of x."""
+    float32, as MLX's), into a buffer that stays in the core's cache for every row of x. A row's
+    nibbles go to bytes in their order first, then through matmul_q8's loop: 13-18% faster at 16
+    rows than de-quantizing both nibbles of a byte in one loop (bench/RESULTS.md)."""
     n, rows, k = packed.shape[0], x.shape[0], x.shape[1]
     groups = scales.shape[1]
-    half = packed.shape[1] // groups  # bytes a group
+    size = k // groups
     for blk in prange((n + 3) // 4):
         i = min(4 * blk, n - 4)
         w = np.empty((4, k), np.float32)
+        q = np.empty(k, np.uint8)
         for t in range(4):
+            for m in range(packed.shape[1]):
+                v = packed[i + t, m]
+                q[2 * m] = v & np.uint8(15)
+                q[2 * m + 1] = v >> np.uint8(4)
             for g in range(groups):
                 s = scales[i + t, g]
                 b = biases[i + t, g]
-                for m in range(half):  # from 0, not g * half: LLVM vectorizes this one
-                    v = packed[i + t, g * half + m]
-                    w[t, 2 * (g * half + m)] = s * np.float32(v & np.uint8(15)) + b
-                    w[t, 2 * (g * half + m) + 1] = s * np.float32(v >> np.uint8(4)) + b
+                for m in range(size):  # from 0, not g * size: LLVM vectorizes this one
+                    w[t, g * size + m] = s * np.float32(q[g * size + m]) + b
         for r in range(0, rows, 4):
             _four_by_four(w, 0, x, out, i, min(r, rows - 4), k)
 

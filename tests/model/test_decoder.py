@@ -243,6 +243,21 @@ def test_a_quantized_product_equals_the_dequantized_weight_times_x(bits, group):
     assert np.all(np.abs(out - dense.astype(np.float64) @ x) <= bound)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_a_batchs_quantized_product_equals_the_dequantized_weight_times_x(bits, group):
+    """matmul_q4/q8 over 13 weight rows of 256 inputs and 6 rows of x: the weight de-quantized
+    exactly as MLX's (s · q + b, one float32 rounding), then summed in some order, so each output is
+    within fp32_tol(256) of Σ |w| |x|."""
+    packed, scales, biases, dense = _quantized(13, 256, group, bits)
+    x = np.random.default_rng(3).standard_normal((6, 256)).astype(np.float32)
+    out = np.empty((6, 13), np.float32)
+    kernel = decode_kernels.matmul_q4 if bits == 4 else decode_kernels.matmul_q8
+    kernel(packed.view(np.uint8), scales, biases, x, out)
+    bound = fp32_tol(256) * (np.abs(x) @ np.abs(dense).T)
+    assert np.all(np.abs(out - x.astype(np.float64) @ dense.T.astype(np.float64)) <= bound)
+
+
 def test_a_float_product_equals_w_times_x():
     w = np.random.default_rng(1).standard_normal((13, 300)).astype(np.float32)
     x = np.random.default_rng(2).standard_normal(300).astype(np.float32)
