@@ -32,18 +32,11 @@ from mlx_lm.models.base import scaled_dot_product_attention as mlx_attention
 
 from mlx_lora.machine import available_bytes
 from mlx_lora.model import decoding, kernel_choice
+from mlx_lora.model.exp_constants import EXP_HIGH, EXP_LOW, EXP_TAYLOR, LN2_HI, LN2_LO, LOG2E
 from mlx_lora.model.kernel_choice import Candidate, Choice
 
 MIN_ROWS = 8  # below this the quantized kernel wins
 CE_CHUNK_VALUES = 2**18  # logits the loss exponentiates at once: their temporaries stay in the CPU caches
-LOG2E = 1.4426950408889634
-LN2_HI, LN2_LO = 0.693359375, -2.12194440e-4  # ln 2 split so that n * LN2_HI is exact
-# Below this exp is under float32's smallest normal number (1.18e-38): 0, never a subnormal. Intel
-# cores take a microcode assist on every subnormal operand, so the ~1e-38 a masked attention score
-# gave (and the subnormal probabilities it divided into) made our attention 9x slower than MLX's
-# on a Xeon (14.2 against 1.6 ms for 4 x 9 heads x 71 tokens causal); AMD cores barely notice.
-EXP_LOW, EXP_HIGH = -87.0, 88.0  # EXP_HIGH: the top of float32's range of normal numbers
-EXP_TAYLOR = (1.0, 1.0, 1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720, 1 / 5040)  # |r| <= ln2/2: error < 1e-7
 _ROUND = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds a float32 to the nearest integer
 
 

@@ -19,7 +19,7 @@ than libm's a value and as accurate as cpu_kernels' fast_exp.
 import numpy as np
 from numba import njit, prange
 
-from mlx_lora.model import cpu_kernels as ck
+from mlx_lora.model import exp_constants as ec
 
 # reassociation (vector sums), contraction (FMA); no assumption about infinities or NaNs
 FAST = {"reassoc", "contract", "nsz", "arcp"}
@@ -246,12 +246,12 @@ def _rotate(x, cos, sin):
             x[h, j + half] = x1 * sin[j] + x2 * cos[j]
 
 
-# exp with cpu_kernels' fast_exp's constants (Cody-Waite reduction by ln 2, a degree-7 Taylor
-# polynomial, 2**n from its exponent bits; below EXP_LOW 0, never a subnormal), as float32
+# exp with cpu_kernels' fast_exp's constants, from exp_constants (Cody-Waite reduction by ln 2, a
+# degree-7 Taylor polynomial, 2**n from its exponent bits; below EXP_LOW 0, never a subnormal), as float32
 LOG2E, LN2_HI, LN2_LO, EXP_LOW, EXP_HIGH = (
-    np.float32(c) for c in (ck.LOG2E, ck.LN2_HI, ck.LN2_LO, ck.EXP_LOW, ck.EXP_HIGH)
+    np.float32(c) for c in (ec.LOG2E, ec.LN2_HI, ec.LN2_LO, ec.EXP_LOW, ec.EXP_HIGH)
 )
-C2, C3, C4, C5, C6, C7 = (np.float32(c) for c in ck.EXP_TAYLOR[2:])
+C2, C3, C4, C5, C6, C7 = (np.float32(c) for c in ec.EXP_TAYLOR[2:])
 
 
 @njit(fastmath=FAST, cache=True, inline="always")
