@@ -160,15 +160,25 @@ def matmul(w, x, out):
             _four_by_four(w, i, x, out, i, min(r, rows - 4), k)
 
 
+@njit(fastmath=FAST, cache=True, inline="always")
+def _dequantize(q, scales, biases, w):
+    """w (k,) = scale · q + bias (float32, as MLX's) of a row's codes q (k,), group by group."""
+    size = q.shape[0] // scales.shape[0]
+    for g in range(scales.shape[0]):
+        s = scales[g]
+        b = biases[g]
+        for m in range(size):  # from 0, not g * size: LLVM vectorizes this one
+            w[g * size + m] = s * np.float32(q[g * size + m]) + b
+
+
 @njit(parallel=True, fastmath=FAST, cache=True)
 def matmul_q4(packed, scales, biases, x, out):
     """matmul of a 4-bit affine weight: each block of four rows de-quantized once (scale · q + bias,
     float32, as MLX's), into a buffer that stays in the core's cache for every row of x. A row's
-    nibbles go to bytes in their order first, then through matmul_q8's loop: 13-18% faster at 16
-    rows than de-quantizing both nibbles of a byte in one loop (bench/RESULTS.md)."""
+    nibbles go to bytes in their order first, then through matmul_q8's loop: at 16 rows 13-18%
+    faster alone than de-quantizing both nibbles of a byte in one loop, 2-4% of a step, where the
+    weights come from memory (bench/RESULTS.md)."""
     n, rows, k = packed.shape[0], x.shape[0], x.shape[1]
-    groups = scales.shape[1]
-    size = k // groups
     for blk in prange((n + 3) // 4):
         i = min(4 * blk, n - 4)
         w = np.empty((4, k), np.float32)
@@ -178,11 +188,7 @@ def matmul_q4(packed, scales, biases, x, out):
                 v = packed[i + t, m]
                 q[2 * m] = v & np.uint8(15)
                 q[2 * m + 1] = v >> np.uint8(4)
-            for g in range(groups):
-                s = scales[i + t, g]
-                b = biases[i + t, g]
-                for m in range(size):  # from 0, not g * size: LLVM vectorizes this one
-                    w[t, g * size + m] = s * np.float32(q[g * size + m]) + b
+            _dequantize(q, scales[i + t], biases[i + t], w[t])
         for r in range(0, rows, 4):
             _four_by_four(w, 0, x, out, i, min(r, rows - 4), k)
 
@@ -191,17 +197,11 @@ def matmul_q4(packed, scales, biases, x, out):
 def matmul_q8(packed, scales, biases, x, out):
     """matmul of an 8-bit affine weight, de-quantized four rows at a time as matmul_q4's."""
     n, rows, k = packed.shape[0], x.shape[0], x.shape[1]
-    groups = scales.shape[1]
-    size = k // groups
     for blk in prange((n + 3) // 4):
         i = min(4 * blk, n - 4)
         w = np.empty((4, k), np.float32)
         for t in range(4):
-            for g in range(groups):
-                s = scales[i + t, g]
-                b = biases[i + t, g]
-                for m in range(size):
-                    w[t, g * size + m] = s * np.float32(packed[i + t, g * size + m]) + b
+            _dequantize(packed[i + t], scales[i + t], biases[i + t], w[t])
         for r in range(0, rows, 4):
             _four_by_four(w, 0, x, out, i, min(r, rows - 4), k)
 
