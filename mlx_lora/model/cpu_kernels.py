@@ -83,14 +83,17 @@ def swiglu(gate: mx.array, x: mx.array, one_row: bool = True) -> mx.array:
     return gate / (1 + fast_exp(-gate)) * x
 
 
-def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+def cross_entropy(logits: mx.array, targets: mx.array, keep_exps: bool = False) -> mx.array:
     """nn.losses.cross_entropy without reduction. On the CPU it runs on fast_exp a few rows at a
     time, with a backward pass of its own: MLX fuses at most 11 steps into one loop, so fast_exp
     leaves temporaries the size of its input, and on a whole (rows, vocabulary) array those set a
-    step's peak (64 rows of a 49k vocabulary: 797 against 710 MB in a training step)."""
+    step's peak (64 rows of a 49k vocabulary: 797 against 710 MB in a training step). `keep_exps`:
+    the forward's exponentials are kept for the backward pass, which then only scales them: one more
+    array the size of `logits`, for the few target rows a cut step scores (the same floats; that
+    step 5% faster on SmolLM2, bench/RESULTS.md)."""
     if not (wanted() and _loss[0]):
         return nn.losses.cross_entropy(logits, targets)
-    return _chunked_ce(logits, targets)[0]
+    return (_kept_ce if keep_exps else _chunked_ce)(logits, targets)[0]
 
 
 def _row_chunks(n: int, vocab: int) -> list[tuple[int, int]]:
@@ -98,18 +101,28 @@ def _row_chunks(n: int, vocab: int) -> list[tuple[int, int]]:
     return [(i, min(n, i + rows)) for i in range(0, n, rows)]
 
 
+def _exp_pieces(flat: mx.array, keep: bool) -> tuple[mx.array, mx.array, list[mx.array]]:
+    """Each row's largest logit, its sum of exp(logit - largest), and (`keep`) those exponentials,
+    a few rows at a time, one piece after the other: their temporaries never coexist."""
+    tops, sums, exps = [], [], []
+    for a, b in _row_chunks(flat.shape[0], flat.shape[1]):
+        rows = mx.depends(flat[a:b], sums[-1:])
+        tops.append(rows.max(axis=-1))  # any shift gives the same value
+        exps.append(_exp((rows - tops[-1][:, None]).astype(mx.float32)))
+        sums.append(exps[-1].sum(axis=-1))
+    return mx.concatenate(tops), mx.concatenate(sums), exps if keep else []
+
+
+def _ce(logits: mx.array, targets: mx.array, top: mx.array, total: mx.array) -> mx.array:
+    lse = (mx.log(total) + top).reshape(targets.shape)
+    return lse - mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
+
+
 @mx.custom_function
 def _chunked_ce(logits: mx.array, targets: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     """(cross-entropy, each row's largest logit, its sum of exp(logit - largest)), over the rows."""
-    flat = logits.reshape(-1, logits.shape[-1])
-    tops, sums = [], []
-    for a, b in _row_chunks(flat.shape[0], flat.shape[1]):
-        rows = mx.depends(flat[a:b], sums[-1:])  # one piece after the other: their temporaries never coexist
-        tops.append(rows.max(axis=-1))  # any shift gives the same value
-        sums.append(fast_exp(rows - tops[-1][:, None]).sum(axis=-1))
-    top, total = mx.concatenate(tops), mx.concatenate(sums)
-    lse = (mx.log(total) + top).reshape(targets.shape)
-    return lse - mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1), top, total
+    top, total, _ = _exp_pieces(logits.reshape(-1, logits.shape[-1]), keep=False)
+    return _ce(logits, targets, top, total), top, total
 
 
 @_chunked_ce.vjp
@@ -126,6 +139,27 @@ def _chunked_ce_vjp(primals, cotangents, outputs):
         g = grad[a:b]
         parts.append(fast_exp(rows - top[a:b]) * (g / total[a:b]) - (vocab == hot[a:b]) * g)
     return mx.concatenate(parts).reshape(logits.shape), mx.zeros_like(targets)
+
+
+@mx.custom_function
+def _kept_ce(logits: mx.array, targets: mx.array) -> tuple[mx.array, ...]:
+    """(cross-entropy, each row's sum of exp(logit - largest), those exponentials piece by piece)."""
+    top, total, exps = _exp_pieces(logits.reshape(-1, logits.shape[-1]), keep=True)
+    return _ce(logits, targets, top, total), total, *exps
+
+
+@_kept_ce.vjp
+def _kept_ce_vjp(primals, cotangents, outputs):
+    """_chunked_ce_vjp's softmax - one-hot from the kept exponentials: a scaling, then each row's
+    target written apart."""
+    logits, targets = primals
+    total, exps = outputs[1][:, None], outputs[2:]
+    hot, grad = targets.reshape(-1, 1), cotangents[0].reshape(-1, 1)
+    scale = grad / total
+    rows = _row_chunks(total.shape[0], logits.shape[-1])
+    d = mx.concatenate([e * scale[a:b] for e, (a, b) in zip(exps, rows)])
+    d = mx.put_along_axis(d, hot, mx.take_along_axis(d, hot, axis=-1) - grad, axis=-1)
+    return d.reshape(logits.shape), mx.zeros_like(targets)
 
 
 def attention(queries, keys, values, cache, scale: float, mask, sinks=None, fallback=None, one_row=True):
@@ -375,7 +409,7 @@ def candidates(shapes: dict, kernels: set[str]) -> dict[str, Candidate]:
             lambda: tuple(mx.random.normal((b, n, t, d)) for n in (h, kv, kv)),
         ),
         "loss": Candidate(
-            lambda x, y: _chunked_ce(x, y)[0],
+            lambda x, y: _kept_ce(x, y)[0],  # as the target rows of a cut step run it
             nn.losses.cross_entropy,
             lambda: (4 * mx.random.normal((rows, v)), mx.random.randint(0, v, (rows,))),
         ),

@@ -41,7 +41,7 @@ def loss_fn(
 
 
 def _chunk_ce(cut: Cut, y: mx.array, x: mx.array) -> mx.array:
-    return cross_entropy(cut.logits(x).astype(mx.float32), y)  # (C,)
+    return cross_entropy(cut.logits(x).astype(mx.float32), y, keep_exps=True)  # (C,)
 
 
 def target_ce(cut: Cut, inputs, states, positions, targets, head=None, head_states=None) -> mx.array:

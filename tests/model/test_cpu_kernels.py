@@ -1,6 +1,7 @@
 """The CPU kernels equal MLX's own up to fp32 rounding, and stand in only where they should."""
 
 import sys
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -190,16 +191,19 @@ def test_other_devices_and_the_off_switch_keep_mlx_kernels(where, monkeypatch):
         assert mx.array_equal(cross_entropy(logits, targets), nn.losses.cross_entropy(logits, targets)).item()
 
 
+@pytest.mark.parametrize("keep_exps", [False, True])
 @pytest.mark.parametrize("rows", [(64,), (3, 37)])  # 52 rows a piece: 52 + 12, and 52 + 52 + 7 over a batch
-def test_cross_entropy_equals_mlx_with_gradients(rows):
+def test_cross_entropy_equals_mlx_with_gradients(rows, keep_exps, monkeypatch):
     assert cpu_kernels.CE_CHUNK_VALUES // 5000 == 52
+    monkeypatch.setattr(cpu_kernels, "_loss", [True])  # as a model put on every kernel leaves it
     logits, targets = mx.random.normal((*rows, 5000)) * 4, mx.random.randint(0, 5000, rows)
+    ce = partial(cross_entropy, keep_exps=keep_exps)
     want = nn.losses.cross_entropy(logits, targets)
     # log-sum-exp over 5000 terms summed in another order: fp32_tol(5000) of its size
-    assert mx.abs(cross_entropy(logits, targets) - want).max() <= fp32_tol(5000) * mx.abs(want).max()
+    assert mx.abs(ce(logits, targets) - want).max() <= fp32_tol(5000) * mx.abs(want).max()
     weights = mx.random.uniform(shape=rows)  # each row's own cotangent, as a mask and a mean give
-    ours, theirs = (
-        mx.grad(lambda x, f=f: (f(x, targets) * weights).sum())(logits)
-        for f in (cross_entropy, nn.losses.cross_entropy)
-    )
-    assert mx.abs(ours - theirs).max() <= fp32_tol(5000) * mx.abs(theirs).max()
+    for grad in (mx.grad, lambda f: mx.compile(mx.grad(f))):  # the step that keeps them is compiled
+        ours, theirs = (
+            grad(lambda x, f=f: (f(x, targets) * weights).sum())(logits) for f in (ce, nn.losses.cross_entropy)
+        )
+        assert mx.abs(ours - theirs).max() <= fp32_tol(5000) * mx.abs(theirs).max()
