@@ -13,11 +13,17 @@ at a time. Loops are written the way LLVM was seen to vectorize them (bench/RESU
 loops counted from 0 with constant or plain trip counts, named scalar sums, and a group's scale and
 bias read one per statement before a de-quantizing loop (read as a tuple, matmul_q4's stayed scalar).
 SwiGLU and attention's softmax take an exp of their own (`_exp`) that LLVM vectorizes, 6x faster
-than libm's a value and as accurate as cpu_kernels' fast_exp.
+than libm's a value and as accurate as cpu_kernels' fast_exp. Two loops are written as LLVM vectors
+inside numba's functions (intrinsics, cached with them): a 4-bit row's de-quantization, which numba
+would not vectorize whole (`_dequantize_q4`), and the batch products' tile in 512-bit sums, which
+LLVM's tuning for this CPU keeps to 256 (`_vector_tile`).
 """
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from mlx_lora.model import exp_constants as ec
 
@@ -149,6 +155,62 @@ def _four_by_four(w, o, x, out, i, r, k):
     out[r + 3, i], out[r + 3, i + 1], out[r + 3, i + 2], out[r + 3, i + 3] = a30, a31, a32, a33
 
 
+_WIDTH = 16  # float32 lanes of _vector_tile's sums: one 512-bit register each
+
+
+def _c_floats(*arrays) -> bool:
+    return all(isinstance(a, types.Array) and a.layout == "C" and a.dtype == types.float32 for a in arrays)
+
+
+@intrinsic
+def _vector_tile(typingctx, w, x, out, i, r):
+    """_four_by_four's out[r..r+4, i..i+4] = x[r..r+4] @ wᵀ for w (4, k), x (R, k), out (R, n),
+    k a multiple of 16: sixteen sums of 16 lanes, each a 512-bit register. LLVM vectorizes numba's
+    loop to 256 bits (its tuning for this CPU), and this Xeon runs two 512-bit FMAs a cycle: the
+    16-row products of SmolLM2's shapes 20-40% faster (bench/RESULTS.md)."""
+    if not (_c_floats(w, x, out) and w.ndim == x.ndim == out.ndim == 2):
+        return None
+
+    def codegen(context, builder, sig, args):
+        wa, xa, oa = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:3], args[:3]))
+        k, n = cgutils.unpack_tuple(builder, xa.shape)[1], cgutils.unpack_tuple(builder, oa.shape)[1]
+        i, r = (context.cast(builder, v, t, types.intp) for v, t in zip(args[3:], sig.args[3:]))
+        lanes = ir.VectorType(ir.FloatType(), _WIDTH)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(lanes, [lanes] * 3), "llvm.fma.v16f32")
+        add = ir.FunctionType(ir.FloatType(), [ir.FloatType(), lanes])
+        total = cgutils.get_or_insert_function(builder.module, add, "llvm.vector.reduce.fadd.v16f32")
+        sums = [[cgutils.alloca_once_value(builder, lanes([0.0] * _WIDTH)) for _ in range(4)] for _ in range(4)]
+
+        def load(data, row, j):
+            at = builder.gep(data, [builder.add(builder.mul(k, row), j)])
+            return builder.load(builder.bitcast(at, lanes.as_pointer()), align=4)
+
+        with cgutils.for_range(builder, builder.udiv(k, k.type(_WIDTH))) as step:
+            j = builder.mul(step.index, k.type(_WIDTH))
+            ws = [load(wa.data, k.type(t), j) for t in range(4)]
+            xs = [load(xa.data, builder.add(r, k.type(s)), j) for s in range(4)]
+            for s in range(4):
+                for t in range(4):
+                    builder.store(builder.call(fma, [ws[t], xs[s], builder.load(sums[s][t])]), sums[s][t])
+        for s in range(4):
+            for t in range(4):
+                value = builder.call(total, [ir.FloatType()(-0.0), builder.load(sums[s][t])], fastmath=("reassoc",))
+                at = builder.add(builder.mul(n, builder.add(r, k.type(s))), builder.add(i, k.type(t)))
+                builder.store(value, builder.gep(oa.data, [at]))
+        return context.get_dummy_value()
+
+    return types.void(w, x, out, i, r), codegen
+
+
+@njit(fastmath=FAST, cache=True, inline="always")
+def _tile(w, x, out, i, r, k):
+    """out[r..r+4, i..i+4] = x[r..r+4] @ wᵀ, w (4, k): 512-bit sums where k allows."""
+    if k % _WIDTH == 0:
+        _vector_tile(w, x, out, i, r)
+    else:
+        _four_by_four(w, 0, x, out, i, r, k)
+
+
 @njit(parallel=True, fastmath=FAST, cache=True)
 def matmul(w, x, out):
     """out (R, n) = x (R, k) @ w (n, k) float32 transposed, R >= 4 (n >= 4): four of w's rows at a
@@ -157,40 +219,76 @@ def matmul(w, x, out):
     for blk in prange((n + 3) // 4):
         i = min(4 * blk, n - 4)
         for r in range(0, rows, 4):
-            _four_by_four(w, i, x, out, i, min(r, rows - 4), k)
+            _tile(w[i : i + 4], x, out, i, min(r, rows - 4), k)
 
 
-@njit(fastmath=FAST, cache=True, inline="always")
-def _dequantize(q, scales, biases, w):
-    """w (k,) = scale · q + bias (float32, as MLX's) of a row's codes q (k,), group by group."""
-    size = q.shape[0] // scales.shape[0]
-    for g in range(scales.shape[0]):
-        s = scales[g]
-        b = biases[g]
-        for m in range(size):  # from 0, not g * size: LLVM vectorizes this one
-            w[g * size + m] = s * np.float32(q[g * size + m]) + b
+_LANES = 32  # codes a step of de-quantization turns into floats: a group's smallest size
+
+
+def _dequantizer(bits: int):
+    """An intrinsic that sets w (k,) = scale · q + bias (float32, one FMA, as numba's loop rounded it)
+    for a row's `bits`-bit codes, packed (k · bits / 8,) bytes (4 bits: two a byte, low nibble first),
+    in groups of a multiple of 32 (scales and biases (k / group,)). Numba's loop left ~20 scalar
+    instructions around each group's vector body; here each 32 codes are one load (4 bits: a split
+    of the nibbles and a shuffle into their order), a conversion and an FMA: 30% faster on
+    SmolLM2's shapes (bench/RESULTS.md)."""
+
+    def dequantize(typingctx, packed, scales, biases, w):
+        arrays = (packed, scales, biases, w)
+        if not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in arrays):
+            return None
+        if (packed.dtype, scales.dtype, biases.dtype, w.dtype) != (types.uint8, *[types.float32] * 3):
+            return None
+        return types.void(*arrays), codegen
+
+    def codegen(context, builder, sig, args):
+        pk, sc, bi, wo = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args, args))
+        groups, k = cgutils.unpack_tuple(builder, sc.shape)[0], cgutils.unpack_tuple(builder, wo.shape)[0]
+        steps = builder.udiv(builder.udiv(k, k.type(_LANES)), groups)  # a group's steps of 32 codes
+        i32, size = ir.IntType(32), _LANES * bits // 8
+        loaded, floats = ir.VectorType(ir.IntType(8), size), ir.VectorType(ir.FloatType(), _LANES)
+        order = ir.Constant(ir.VectorType(i32, _LANES), [j // 2 + size * (j % 2) for j in range(_LANES)])
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(floats, [floats] * 3), "llvm.fma.v32f32")
+
+        def splat(value):
+            one = builder.insert_element(ir.Constant(floats, None), value, i32(0))
+            return builder.shuffle_vector(one, ir.Constant(floats, None), ir.Constant(ir.VectorType(i32, _LANES), None))
+
+        with cgutils.for_range(builder, groups) as g:
+            scale = splat(builder.load(builder.gep(sc.data, [g.index])))
+            bias = splat(builder.load(builder.gep(bi.data, [g.index])))
+            with cgutils.for_range(builder, steps) as j:
+                step = builder.add(builder.mul(g.index, steps), j.index)
+                src = builder.gep(pk.data, [builder.mul(step, step.type(size))])
+                codes = builder.load(builder.bitcast(src, loaded.as_pointer()), align=1)
+                if bits == 4:
+                    low, high = builder.and_(codes, loaded([15] * size)), builder.lshr(codes, loaded([4] * size))
+                    codes = builder.shuffle_vector(low, high, order)
+                value = builder.call(fma, [scale, builder.uitofp(codes, floats), bias])
+                dst = builder.gep(wo.data, [builder.mul(step, step.type(_LANES))])
+                builder.store(value, builder.bitcast(dst, floats.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    dequantize.__name__ = dequantize.__qualname__ = f"_dequantize_q{bits}"
+    return intrinsic(dequantize)
+
+
+_dequantize_q4, _dequantize_q8 = _dequantizer(4), _dequantizer(8)
 
 
 @njit(parallel=True, fastmath=FAST, cache=True)
 def matmul_q4(packed, scales, biases, x, out):
-    """matmul of a 4-bit affine weight: each block of four rows de-quantized once (scale · q + bias,
-    float32, as MLX's), into a buffer that stays in the core's cache for every row of x. A row's
-    nibbles go to bytes in their order first, then through matmul_q8's loop: at 16 rows 13-18%
-    faster alone than de-quantizing both nibbles of a byte in one loop, 2-4% of a step, where the
-    weights come from memory (bench/RESULTS.md)."""
+    """matmul of a 4-bit affine weight (C-contiguous arrays): each block of four rows de-quantized
+    once (scale · q + bias, float32, as MLX's), into a buffer that stays in the core's cache for
+    every row of x."""
     n, rows, k = packed.shape[0], x.shape[0], x.shape[1]
     for blk in prange((n + 3) // 4):
         i = min(4 * blk, n - 4)
         w = np.empty((4, k), np.float32)
-        q = np.empty(k, np.uint8)
         for t in range(4):
-            for m in range(packed.shape[1]):
-                v = packed[i + t, m]
-                q[2 * m] = v & np.uint8(15)
-                q[2 * m + 1] = v >> np.uint8(4)
-            _dequantize(q, scales[i + t], biases[i + t], w[t])
+            _dequantize_q4(packed[i + t], scales[i + t], biases[i + t], w[t])
         for r in range(0, rows, 4):
-            _four_by_four(w, 0, x, out, i, min(r, rows - 4), k)
+            _tile(w, x, out, i, min(r, rows - 4), k)
 
 
 @njit(parallel=True, fastmath=FAST, cache=True)
@@ -201,9 +299,9 @@ def matmul_q8(packed, scales, biases, x, out):
         i = min(4 * blk, n - 4)
         w = np.empty((4, k), np.float32)
         for t in range(4):
-            _dequantize(packed[i + t], scales[i + t], biases[i + t], w[t])
+            _dequantize_q8(packed[i + t], scales[i + t], biases[i + t], w[t])
         for r in range(0, rows, 4):
-            _four_by_four(w, 0, x, out, i, min(r, rows - 4), k)
+            _tile(w, x, out, i, min(r, rows - 4), k)
 
 
 @njit(fastmath=FAST, cache=True)

@@ -65,7 +65,7 @@ class Product:
         rows = x.shape[0]
         if rows == 1:
             return self(x[0])[None]
-        padded = x if rows >= 4 else np.concatenate([x, np.repeat(x[-1:], 4 - rows, axis=0)])
+        padded = np.ascontiguousarray(x) if rows >= 4 else np.concatenate([x, np.repeat(x[-1:], 4 - rows, axis=0)])
         out = np.empty((padded.shape[0], self.outputs), np.float32)
         KERNELS[self.bits][1](*self.weight, padded, out)
         return self._added(x, out[:rows])
@@ -113,7 +113,8 @@ def _weight(layer: nn.Module) -> tuple[tuple, int]:
         return (_np(layer["weight"]),), 32
     if getattr(layer, "mode", "affine") == "affine" and layer.bits in (4, 8) and layer.group_size % 32 == 0:
         packed = _np(layer["weight"], np.uint32).view(np.uint8)
-        return (packed, _np(layer["scales"]), _np(layer["biases"])), layer.bits
+        arrays = (packed, _np(layer["scales"]), _np(layer["biases"]))
+        return tuple(np.ascontiguousarray(a) for a in arrays), layer.bits  # as matmul_q4 reads them
     held = vars(layer).get("dequantized")
     if held is None:
         raise Unsupported(f"{layer.bits}-bit weights in groups of {layer.group_size}, not de-quantized")

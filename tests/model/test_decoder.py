@@ -258,6 +258,19 @@ def test_a_batchs_quantized_product_equals_the_dequantized_weight_times_x(bits, 
     assert np.all(np.abs(out - x.astype(np.float64) @ dense.T.astype(np.float64)) <= bound)
 
 
+@pytest.mark.parametrize("k", [320, 300])  # 512-bit sums (a multiple of 16), and numba's loop
+@pytest.mark.parametrize("rows", [4, 6, 16])
+def test_a_batchs_float_product_equals_x_times_w(k, rows):
+    """matmul over 13 weight rows (not a multiple of four: the last block overlaps) and `rows` rows of
+    x (6: the last four overlap), every output within fp32_tol(k) of Σ |w| |x|."""
+    w = np.random.default_rng(1).standard_normal((13, k)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((rows, k)).astype(np.float32)
+    out = np.full((rows, 13), np.nan, np.float32)
+    decode_kernels.matmul(w, x, out)
+    bound = fp32_tol(k) * (np.abs(x) @ np.abs(w).T)
+    assert np.all(np.abs(out - x.astype(np.float64) @ w.T.astype(np.float64)) <= bound)
+
+
 def test_a_float_product_equals_w_times_x():
     w = np.random.default_rng(1).standard_normal((13, 300)).astype(np.float32)
     x = np.random.default_rng(2).standard_normal(300).astype(np.float32)
