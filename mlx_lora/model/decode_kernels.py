@@ -22,7 +22,7 @@ LLVM's tuning for this CPU keeps to 256 (`_vector_tile`).
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
+from numba.core import cgutils, codegen, config
 from numba.extending import intrinsic
 
 from mlx_lora.model import exp_constants as ec
@@ -158,6 +158,17 @@ def _four_by_four(w, o, x, out, i, r, k):
 _WIDTH = 16  # float32 lanes of _vector_tile's sums: one 512-bit register each
 
 
+def _compiles_for_avx512() -> bool:
+    """Whether numba compiles for a CPU with AVX-512 (its NUMBA_CPU_FEATURES, else this CPU's): the
+    sixteen 512-bit sums of _vector_tile fit its 32 registers; in AVX2's 16 they spill, and numba's
+    own loop measured as fast there (compiled for Haswell on this Xeon, bench/RESULTS.md)."""
+    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else codegen.get_host_cpu_features()
+    return "+avx512f" in str(features).split(",")
+
+
+_AVX512 = _compiles_for_avx512()  # a constant of the compiled loops, as numba's cache is kept per CPU
+
+
 def _c_floats(*arrays) -> bool:
     return all(isinstance(a, types.Array) and a.layout == "C" and a.dtype == types.float32 for a in arrays)
 
@@ -165,9 +176,10 @@ def _c_floats(*arrays) -> bool:
 @intrinsic
 def _vector_tile(typingctx, w, x, out, i, r):
     """_four_by_four's out[r..r+4, i..i+4] = x[r..r+4] @ wᵀ for w (4, k), x (R, k), out (R, n),
-    k a multiple of 16: sixteen sums of 16 lanes, each a 512-bit register. LLVM vectorizes numba's
-    loop to 256 bits (its tuning for this CPU), and this Xeon runs two 512-bit FMAs a cycle: the
-    16-row products of SmolLM2's shapes 20-40% faster (bench/RESULTS.md)."""
+    k a multiple of 16: sixteen sums of 16 lanes, each a 512-bit register, where LLVM vectorizes
+    numba's loop to 256 bits (its tuning for this CPU). On this Xeon a 16-row float32 product of
+    SmolLM2's shapes ran 0-30% faster alone (the machine's speed moved between runs) and the 16-row
+    Q4_1 step ~10% faster with _dequantizer's loops (bench/RESULTS.md)."""
     if not (_c_floats(w, x, out) and w.ndim == x.ndim == out.ndim == 2):
         return None
 
@@ -204,8 +216,8 @@ def _vector_tile(typingctx, w, x, out, i, r):
 
 @njit(fastmath=FAST, cache=True, inline="always")
 def _tile(w, x, out, i, r, k):
-    """out[r..r+4, i..i+4] = x[r..r+4] @ wᵀ, w (4, k): 512-bit sums where k allows."""
-    if k % _WIDTH == 0:
+    """out[r..r+4, i..i+4] = x[r..r+4] @ wᵀ, w (4, k): 512-bit sums where the CPU and k allow."""
+    if _AVX512 and k % _WIDTH == 0:
         _vector_tile(w, x, out, i, r)
     else:
         _four_by_four(w, 0, x, out, i, r, k)

@@ -3,6 +3,7 @@ fp32 rounding, and generation through it prints the same text."""
 
 import mlx.core as mx
 import mlx.nn as nn
+import numba
 import numpy as np
 import pytest
 from conftest import EPS, fp32_tol, make_hf_model
@@ -269,6 +270,14 @@ def test_a_batchs_float_product_equals_x_times_w(k, rows):
     decode_kernels.matmul(w, x, out)
     bound = fp32_tol(k) * (np.abs(x) @ np.abs(w).T)
     assert np.all(np.abs(out - x.astype(np.float64) @ w.T.astype(np.float64)) <= bound)
+
+
+@pytest.mark.parametrize("features, wide", [("+avx2,+fma,-avx512f", False), ("+avx2,+avx512f,+fma", True), ("", False)])
+def test_the_512_bit_tile_is_taken_only_where_numba_compiles_for_avx512(features, wide, monkeypatch):
+    """NUMBA_CPU_FEATURES (here set as numba reads it) decides, not the machine: in AVX2's 16
+    registers the tile's sums spill."""
+    monkeypatch.setattr(numba.core.config, "CPU_FEATURES", features)
+    assert decode_kernels._compiles_for_avx512() is wide
 
 
 def test_a_float_product_equals_w_times_x():
