@@ -37,6 +37,7 @@ from mlx_lora.model.kernel_choice import Candidate, Choice
 
 MIN_ROWS = 8  # below this the quantized kernel wins
 CE_CHUNK_VALUES = 2**18  # logits the loss exponentiates at once: their temporaries stay in the CPU caches
+KEPT_VALUES = 2**24  # the most logits whose exponentials a loss keeps for its backward pass (64 MB)
 _ROUND = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds a float32 to the nearest integer
 
 
@@ -89,11 +90,11 @@ def cross_entropy(logits: mx.array, targets: mx.array, keep_exps: bool = False) 
     leaves temporaries the size of its input, and on a whole (rows, vocabulary) array those set a
     step's peak (64 rows of a 49k vocabulary: 797 against 710 MB in a training step). `keep_exps`:
     the forward's exponentials are kept for the backward pass, which then only scales them: one more
-    array the size of `logits`, for the few target rows a cut step scores (the same floats; that
-    step 5% faster on SmolLM2, bench/RESULTS.md)."""
+    array the size of `logits`, for the few target rows a cut step scores, up to KEPT_VALUES (the
+    same floats; that step 5% faster on SmolLM2, bench/RESULTS.md)."""
     if not (wanted() and _loss[0]):
         return nn.losses.cross_entropy(logits, targets)
-    return (_kept_ce if keep_exps else _chunked_ce)(logits, targets)[0]
+    return (_kept_ce if keep_exps and logits.size <= KEPT_VALUES else _chunked_ce)(logits, targets)[0]
 
 
 def _row_chunks(n: int, vocab: int) -> list[tuple[int, int]]:

@@ -191,6 +191,20 @@ def test_other_devices_and_the_off_switch_keep_mlx_kernels(where, monkeypatch):
         assert mx.array_equal(cross_entropy(logits, targets), nn.losses.cross_entropy(logits, targets)).item()
 
 
+@pytest.mark.parametrize("kept_values, kept", [(8 * 300, True), (8 * 300 - 1, False)])
+def test_the_loss_keeps_its_exponentials_only_up_to_kept_values(kept_values, kept, monkeypatch):
+    """More logits than KEPT_VALUES are exponentiated again in the backward pass: the kept copy is
+    one more array their size."""
+    monkeypatch.setattr(cpu_kernels, "_loss", [True])
+    monkeypatch.setattr(cpu_kernels, "KEPT_VALUES", kept_values)
+    calls = []
+    for name in ("_kept_ce", "_chunked_ce"):
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    cross_entropy(mx.random.normal((8, 300)), mx.random.randint(0, 300, (8,)), keep_exps=True)
+    assert calls == ["_kept_ce" if kept else "_chunked_ce"]
+
+
 @pytest.mark.parametrize("keep_exps", [False, True])
 @pytest.mark.parametrize("rows", [(64,), (3, 37)])  # 52 rows a piece: 52 + 12, and 52 + 52 + 7 over a batch
 def test_cross_entropy_equals_mlx_with_gradients(rows, keep_exps, monkeypatch):
