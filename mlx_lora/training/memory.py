@@ -128,9 +128,7 @@ def estimate_training_memory(
     if cpu_kernels.wanted():
         chunks = min(scored, LOSS_CHUNKS * cpu_kernels.CE_CHUNK_VALUES)
         workspace = (ATTENTION_WORK * tokens * heads * seq_len * bool(kept) + LOSS_WORK * chunks) * 4
-    keeps = logit_rows is not None and cpu_kernels.wanted() and scored <= cpu_kernels.KEPT_VALUES
-    exps = 4 if keeps else 0  # the target rows' exponentials, kept for the backward pass (feed.py)
-    return MemoryEstimate(weights, trainable, activations, scored * (act + 2 * 4 + exps), workspace)
+    return MemoryEstimate(weights, trainable, activations, scored * (act + 2 * 4), workspace)
 
 
 @dataclass
