@@ -178,8 +178,8 @@ def _vector_tile(typingctx, w, x, out, i, r):
     """_four_by_four's out[r..r+4, i..i+4] = x[r..r+4] @ wᵀ for w (4, k), x (R, k), out (R, n),
     k a multiple of 16: sixteen sums of 16 lanes, each a 512-bit register, where LLVM vectorizes
     numba's loop to 256 bits (its tuning for this CPU). On this Xeon a 16-row float32 product of
-    SmolLM2's shapes ran 0-30% faster alone (the machine's speed moved between runs) and the 16-row
-    Q4_1 step ~10% faster with _dequantizer's loops (bench/RESULTS.md)."""
+    SmolLM2's shapes ran 20-35% faster alone, and the 16-row Q4_1 step 2-11% faster with
+    _dequantizer's loops (bench/RESULTS.md)."""
     if not (_c_floats(w, x, out) and w.ndim == x.ndim == out.ndim == 2):
         return None
 
