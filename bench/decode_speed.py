@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import _blas_in_maps, build_model, machine_line, sgemm_peak, smollm2_gguf, spawn  # noqa: E402
+from train_speed import _blas_in_maps, build_model, machine_line, peak_rss, sgemm_peak, smollm2_gguf, spawn  # noqa: E402
 
 PROMPT_WORDS = "The old lighthouse keeper walked along the shore every morning, counting the boats in the bay."
 
@@ -163,13 +163,6 @@ def run(who: str, job: dict) -> None:
             out["tps"] = prefill if job["what"] == "prefill" else decode
     rss = peak_rss()
     print("RESULT " + json.dumps(dict(out, rss=rss, blas=_blas_in_maps())), flush=True)
-
-
-def peak_rss() -> int:
-    """This process's peak RSS in bytes: VmHWM, which starts afresh at exec (ru_maxrss would carry
-    the driver's own peak into every child)."""
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
 
 
 # ---- the bases --------------------------------------------------------------------------------

@@ -58,7 +58,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -132,7 +131,7 @@ def length_rewards(prompts: list, completions: list, answer: list, types=None) -
 
 
 def _finish(steps: list[dict], peak: float) -> None:
-    out = dict(steps=steps, peak_mlx=peak, max_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    out = dict(steps=steps, peak_mlx=peak, max_rss=train_speed.peak_rss())
     out.update(blas=_blas_in_maps(), torch=sys.modules.get("torch") is not None)
     print("RESULT " + json.dumps(out), flush=True)
 

@@ -319,7 +319,7 @@ def _finish(clock: Clock, end: float, out: dict, peak: float | None) -> None:
         end=end - clock.fetches[0],
         prefix=None if clock.pass_start is None else clock.pass_start - clock.fetches[0],
         peak_mlx=peak,
-        max_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        max_rss=peak_rss(),
         torch=sys.modules.get("torch") is not None,
     )
     print("RESULT " + json.dumps(out), flush=True)
@@ -510,6 +510,16 @@ def run_peft(job: dict) -> None:
         opt.zero_grad()
     model.save_pretrained(job["adapters"])
     _finish(clock, time.perf_counter(), {"blas": "torch " + torch.__version__}, None)
+
+
+def peak_rss() -> int:
+    """This process's peak RSS in bytes: on Linux VmHWM, which starts afresh at exec, where ru_maxrss
+    carries the driver's own peak (a model it just built with transformers) into every child."""
+    status = Path("/proc/self/status")
+    if not status.exists():  # macOS: ru_maxrss, in bytes there
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    line = next(l for l in status.read_text().splitlines() if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 
 def _blas_in_maps() -> str:

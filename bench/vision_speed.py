@@ -24,7 +24,6 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -51,7 +50,7 @@ def _finish(start: float, out: dict) -> None:
     out.update(
         seconds=time.perf_counter() - start,
         peak_mlx=mx.get_peak_memory(),
-        max_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        max_rss=train_speed.peak_rss(),
         blas=train_speed._blas_in_maps(),
     )
     print("RESULT " + json.dumps(out), flush=True)
