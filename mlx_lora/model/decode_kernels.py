@@ -48,78 +48,6 @@ def matvec(w, x, out):
 
 
 @njit(fastmath=FAST, cache=True, inline="always")
-def _scaled(scales, biases, total, i, g, s, a):
-    """Rows i..i+4's sums a plus group g's terms: s · Σ q x + b · Σ x, where s = Σ q x of each row."""
-    return (
-        a[0] + scales[i, g] * s[0] + biases[i, g] * total,
-        a[1] + scales[i + 1, g] * s[1] + biases[i + 1, g] * total,
-        a[2] + scales[i + 2, g] * s[2] + biases[i + 2, g] * total,
-        a[3] + scales[i + 3, g] * s[3] + biases[i + 3, g] * total,
-    )
-
-
-CHUNK = 16  # bytes (32 weights) an inner loop reads: a constant trip count, which LLVM unrolls
-
-
-@njit(parallel=True, fastmath=FAST, cache=True)
-def matvec_q4(packed, scales, biases, x, out):
-    """out (n,) = the 4-bit affine weight (packed (n, k/2) bytes, scales and biases (n, groups)) @ x;
-    n >= 4, a group a multiple of 32 weights. Byte m of a row holds weight 2m in its low nibble and
-    2m+1 in its high one (MLX's packing, little-endian)."""
-    n = packed.shape[0]
-    groups = scales.shape[1]
-    chunks = packed.shape[1] // groups // CHUNK  # a group's; MLX's groups are 32, 64 or 128 weights
-    even, odd = x[0::2].copy(), x[1::2].copy()
-    sums = x.reshape(groups, -1).sum(axis=1)
-    for r in prange((n + 3) // 4):
-        i = min(4 * r, n - 4)
-        a0 = a1 = a2 = a3 = np.float32(0.0)
-        for g in range(groups):
-            s0 = s1 = s2 = s3 = np.float32(0.0)
-            for c in range(chunks):
-                o = (g * chunks + c) * CHUNK
-                for j in range(CHUNK):  # not range(o, o + CHUNK): LLVM vectorizes this one
-                    m = o + j
-                    e, d = even[m], odd[m]
-                    v = packed[i, m]
-                    s0 += np.float32(v & np.uint8(15)) * e + np.float32(v >> np.uint8(4)) * d
-                    v = packed[i + 1, m]
-                    s1 += np.float32(v & np.uint8(15)) * e + np.float32(v >> np.uint8(4)) * d
-                    v = packed[i + 2, m]
-                    s2 += np.float32(v & np.uint8(15)) * e + np.float32(v >> np.uint8(4)) * d
-                    v = packed[i + 3, m]
-                    s3 += np.float32(v & np.uint8(15)) * e + np.float32(v >> np.uint8(4)) * d
-            a0, a1, a2, a3 = _scaled(scales, biases, sums[g], i, g, (s0, s1, s2, s3), (a0, a1, a2, a3))
-        out[i], out[i + 1], out[i + 2], out[i + 3] = a0, a1, a2, a3
-
-
-@njit(parallel=True, fastmath=FAST, cache=True)
-def matvec_q8(packed, scales, biases, x, out):
-    """out (n,) = the 8-bit affine weight (packed (n, k) bytes, scales and biases (n, groups)) @ x;
-    n >= 4, a group a multiple of 32 weights."""
-    n = packed.shape[0]
-    groups = scales.shape[1]
-    chunks = packed.shape[1] // groups // (2 * CHUNK)
-    sums = x.reshape(groups, -1).sum(axis=1)
-    for r in prange((n + 3) // 4):
-        i = min(4 * r, n - 4)
-        a0 = a1 = a2 = a3 = np.float32(0.0)
-        for g in range(groups):
-            s0 = s1 = s2 = s3 = np.float32(0.0)
-            for c in range(chunks):
-                o = (g * chunks + c) * 2 * CHUNK
-                for j in range(2 * CHUNK):
-                    m = o + j
-                    e = x[m]
-                    s0 += np.float32(packed[i, m]) * e
-                    s1 += np.float32(packed[i + 1, m]) * e
-                    s2 += np.float32(packed[i + 2, m]) * e
-                    s3 += np.float32(packed[i + 3, m]) * e
-            a0, a1, a2, a3 = _scaled(scales, biases, sums[g], i, g, (s0, s1, s2, s3), (a0, a1, a2, a3))
-        out[i], out[i + 1], out[i + 2], out[i + 3] = a0, a1, a2, a3
-
-
-@njit(fastmath=FAST, cache=True, inline="always")
 def _four_by_four(w, o, x, out, i, r, k):
     """out[r..r+4, i..i+4] = x[r..r+4] @ w[o..o+4]ᵀ: sixteen sums, each load of w and x used four times."""
     a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)
@@ -169,8 +97,26 @@ def _compiles_for_avx512() -> bool:
 _AVX512 = _compiles_for_avx512()  # a constant of the compiled loops, as numba's cache is kept per CPU
 
 
-def _c_floats(*arrays) -> bool:
-    return all(isinstance(a, types.Array) and a.layout == "C" and a.dtype == types.float32 for a in arrays)
+def _c_arrays(ndim: int, dtypes, *arrays) -> bool:
+    """Whether each of numba's `arrays` is C-contiguous, of `ndim` dimensions and its dtype in `dtypes`."""
+    return all(
+        isinstance(a, types.Array) and a.layout == "C" and a.ndim == ndim and a.dtype == d
+        for a, d in zip(arrays, dtypes, strict=True)
+    )
+
+
+def _scale_arrays(scales, biases) -> bool:
+    """Whether a quantized weight's scales and biases are C arrays of one type the intrinsics read:
+    float32, or uint16 holding float16's bits (numba has no float16 arrays on the CPU; decoder.py
+    narrows the scales a float16 holds exactly)."""
+    return scales.dtype in (types.float32, types.uint16) and _c_arrays(scales.ndim, [scales.dtype] * 2, scales, biases)
+
+
+def _scale_loader(builder, array_type):
+    """A load of one scale or bias as float32 from a `_scale_arrays` array."""
+    if array_type.dtype == types.uint16:
+        return lambda at: builder.fpext(builder.bitcast(builder.load(at), ir.HalfType()), ir.FloatType())
+    return builder.load
 
 
 @intrinsic
@@ -180,7 +126,7 @@ def _vector_tile(typingctx, w, x, out, i, r):
     numba's loop to 256 bits (its tuning for this CPU). On this Xeon a 16-row float32 product of
     SmolLM2's shapes ran 20-35% faster alone, and the 16-row Q4_1 step 2-11% faster with
     _dequantizer's loops (bench/RESULTS.md)."""
-    if not (_c_floats(w, x, out) and w.ndim == x.ndim == out.ndim == 2):
+    if not _c_arrays(2, [types.float32] * 3, w, x, out):
         return None
 
     def codegen(context, builder, sig, args):
@@ -246,12 +192,11 @@ def _dequantizer(bits: int):
     SmolLM2's shapes (bench/RESULTS.md)."""
 
     def dequantize(typingctx, packed, scales, biases, w):
-        arrays = (packed, scales, biases, w)
-        if not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in arrays):
+        if not (
+            _c_arrays(1, [types.uint8, types.float32], packed, w) and _scale_arrays(scales, biases) and scales.ndim == 1
+        ):
             return None
-        if (packed.dtype, scales.dtype, biases.dtype, w.dtype) != (types.uint8, *[types.float32] * 3):
-            return None
-        return types.void(*arrays), codegen
+        return types.void(packed, scales, biases, w), codegen
 
     def codegen(context, builder, sig, args):
         pk, sc, bi, wo = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args, args))
@@ -259,7 +204,6 @@ def _dequantizer(bits: int):
         steps = builder.udiv(builder.udiv(k, k.type(_LANES)), groups)  # a group's steps of 32 codes
         i32, size = ir.IntType(32), _LANES * bits // 8
         loaded, floats = ir.VectorType(ir.IntType(8), size), ir.VectorType(ir.FloatType(), _LANES)
-        order = ir.Constant(ir.VectorType(i32, _LANES), [j // 2 + size * (j % 2) for j in range(_LANES)])
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(floats, [floats] * 3), "llvm.fma.v32f32")
 
         def splat(value):
@@ -267,15 +211,16 @@ def _dequantizer(bits: int):
             return builder.shuffle_vector(one, ir.Constant(floats, None), ir.Constant(ir.VectorType(i32, _LANES), None))
 
         with cgutils.for_range(builder, groups) as g:
-            scale = splat(builder.load(builder.gep(sc.data, [g.index])))
-            bias = splat(builder.load(builder.gep(bi.data, [g.index])))
+            load = _scale_loader(builder, sig.args[1])
+            scale, bias = splat(load(builder.gep(sc.data, [g.index]))), splat(load(builder.gep(bi.data, [g.index])))
             with cgutils.for_range(builder, steps) as j:
                 step = builder.add(builder.mul(g.index, steps), j.index)
                 src = builder.gep(pk.data, [builder.mul(step, step.type(size))])
                 codes = builder.load(builder.bitcast(src, loaded.as_pointer()), align=1)
-                if bits == 4:
+                if bits == 4:  # the low nibbles of 16 bytes, then their high ones, interleaved
                     low, high = builder.and_(codes, loaded([15] * size)), builder.lshr(codes, loaded([4] * size))
-                    codes = builder.shuffle_vector(low, high, order)
+                    order = [j // 2 + size * (j % 2) for j in range(_LANES)]
+                    codes = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(i32, _LANES), order))
                 value = builder.call(fma, [scale, builder.uitofp(codes, floats), bias])
                 dst = builder.gep(wo.data, [builder.mul(step, step.type(_LANES))])
                 builder.store(value, builder.bitcast(dst, floats.as_pointer()), align=4)
@@ -286,6 +231,125 @@ def _dequantizer(bits: int):
 
 
 _dequantize_q4, _dequantize_q8 = _dequantizer(4), _dequantizer(8)
+
+
+def _row_dotter(bits: int):
+    """An intrinsic that sets out[i..i+4] = rows i..i+4 of a `bits`-bit affine weight @ x as
+    s · Σ q x + b · Σ x a group: packed (n, k · bits / 8) bytes, scales and biases (n, groups), a
+    group a multiple of 32 weights, `sums` (groups,) each group's Σ x. Each 32 codes of a row are
+    one load, turned into floats and multiplied into a vector of partial sums, which the group's
+    scale multiplies into the row's vector sums; vectors of 16 lanes with AVX-512, else 8, so that
+    four rows' sums stay in AVX2's 16 registers. 4 bits: x in `_nibble_order` (a step's 16 low
+    nibbles are its even weights, its 16 high ones its odd). Numba's loops of the same sums spilled
+    their vectors or kept ~20 scalar instructions around each group (bench/RESULTS.md)."""
+
+    def dot(typingctx, packed, scales, biases, x, sums, out, i):
+        if not (
+            _c_arrays(2, [types.uint8], packed)
+            and _scale_arrays(scales, biases)
+            and scales.ndim == 2
+            and _c_arrays(1, [types.float32] * 3, x, sums, out)
+            and isinstance(i, types.Integer)
+        ):
+            return None
+        return types.void(packed, scales, biases, x, sums, out, i), codegen
+
+    def codegen(context, builder, sig, args):
+        pk, sc, bi, xa, sa, oa = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:6], args[:6]))
+        i = context.cast(builder, args[6], sig.args[6], types.intp)
+        width, groups = cgutils.unpack_tuple(builder, pk.shape)[1], cgutils.unpack_tuple(builder, sc.shape)[1]
+        steps = builder.udiv(builder.udiv(cgutils.unpack_tuple(builder, xa.shape)[0], i.type(_LANES)), groups)
+        i32, f32, size, lanes = ir.IntType(32), ir.FloatType(), _LANES * bits // 8, 16 if _AVX512 else 8
+        loaded, part = ir.VectorType(ir.IntType(8), size), ir.VectorType(f32, lanes)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(part, [part] * 3), f"llvm.fma.v{lanes}f32")
+        reduce = ir.FunctionType(f32, [f32, part])
+        total = cgutils.get_or_insert_function(builder.module, reduce, f"llvm.vector.reduce.fadd.v{lanes}f32")
+        rows = [builder.add(i, i.type(t)) for t in range(4)]
+        sums = [cgutils.alloca_once_value(builder, part([0.0] * lanes)) for _ in range(4)]
+        offsets = [cgutils.alloca_once_value(builder, f32(0.0)) for _ in range(4)]  # Σ b · Σ x
+
+        def lanes_of(vector, first):
+            return builder.shuffle_vector(
+                vector, vector, ir.Constant(ir.VectorType(i32, lanes), list(range(first, first + lanes)))
+            )
+
+        zero = part([0.0] * lanes)
+        partials = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]  # a group's Σ q x
+        with cgutils.for_range(builder, groups) as g:
+            for t in range(4):
+                builder.store(zero, partials[t])
+            with cgutils.for_range(builder, steps) as j:
+                step = builder.add(builder.mul(g.index, steps), j.index)
+                xs = []
+                for first in range(0, _LANES, lanes):
+                    at = builder.gep(xa.data, [builder.add(builder.mul(step, step.type(_LANES)), step.type(first))])
+                    xs.append(builder.load(builder.bitcast(at, part.as_pointer()), align=4))
+                for t in range(4):
+                    at = builder.add(builder.mul(rows[t], width), builder.mul(step, step.type(size)))
+                    codes = builder.load(builder.bitcast(builder.gep(pk.data, [at]), loaded.as_pointer()), align=1)
+                    if bits == 4:  # the low nibbles, then the high ones
+                        low, high = builder.and_(codes, loaded([15] * size)), builder.lshr(codes, loaded([4] * size))
+                        order = ir.Constant(ir.VectorType(i32, _LANES), list(range(_LANES)))
+                        codes = builder.shuffle_vector(low, high, order)
+                    acc = builder.load(partials[t])
+                    for c, first in enumerate(range(0, _LANES, lanes)):
+                        acc = builder.call(fma, [builder.uitofp(lanes_of(codes, first), part), xs[c], acc])
+                    builder.store(acc, partials[t])
+            total_x = builder.load(builder.gep(sa.data, [g.index]))
+            for t in range(4):
+                at = builder.add(builder.mul(rows[t], groups), g.index)
+                load = _scale_loader(builder, sig.args[1])
+                scale, bias = load(builder.gep(sc.data, [at])), load(builder.gep(bi.data, [at]))
+                splat = builder.shuffle_vector(
+                    builder.insert_element(ir.Constant(part, None), scale, i32(0)),
+                    ir.Constant(part, None),
+                    ir.Constant(ir.VectorType(i32, lanes), None),
+                )
+                builder.store(builder.call(fma, [splat, builder.load(partials[t]), builder.load(sums[t])]), sums[t])
+                offset = builder.fadd(builder.load(offsets[t]), builder.fmul(bias, total_x), flags=("contract",))
+                builder.store(offset, offsets[t])
+        for t in range(4):
+            value = builder.call(total, [f32(-0.0), builder.load(sums[t])], fastmath=("reassoc",))
+            value = builder.fadd(value, builder.load(offsets[t]))
+            builder.store(value, builder.gep(oa.data, [rows[t]]))
+        return context.get_dummy_value()
+
+    dot.__name__ = dot.__qualname__ = f"_dot_q{bits}"
+    return intrinsic(dot)
+
+
+_dot_q4, _dot_q8 = _row_dotter(4), _row_dotter(8)
+
+
+@njit(fastmath=FAST, cache=True)
+def _nibble_order(x):
+    """x (k,) with each 32 values as _dot_q4 reads them: the 16 at even positions, then the 16 at odd."""
+    out = np.empty_like(x)
+    for s in range(0, x.shape[0], _LANES):
+        for j in range(_LANES // 2):
+            out[s + j] = x[s + 2 * j]
+            out[s + _LANES // 2 + j] = x[s + 2 * j + 1]
+    return out
+
+
+@njit(parallel=True, fastmath=FAST, cache=True)
+def matvec_q4(packed, scales, biases, x, out):
+    """out (n,) = the 4-bit affine weight (packed (n, k/2) bytes, scales and biases (n, groups)) @ x;
+    n >= 4, a group a multiple of 32 weights. Byte m of a row holds weight 2m in its low nibble and
+    2m+1 in its high one (MLX's packing, little-endian)."""
+    n, sums = packed.shape[0], x.reshape(scales.shape[1], -1).sum(axis=1)
+    ordered = _nibble_order(x)
+    for r in prange((n + 3) // 4):
+        _dot_q4(packed, scales, biases, ordered, sums, out, min(4 * r, n - 4))  # the last four again where n % 4
+
+
+@njit(parallel=True, fastmath=FAST, cache=True)
+def matvec_q8(packed, scales, biases, x, out):
+    """out (n,) = the 8-bit affine weight (packed (n, k) bytes, scales and biases (n, groups)) @ x;
+    n >= 4, a group a multiple of 32 weights."""
+    n, sums = packed.shape[0], x.reshape(scales.shape[1], -1).sum(axis=1)
+    for r in prange((n + 3) // 4):
+        _dot_q8(packed, scales, biases, x, sums, out, min(4 * r, n - 4))
 
 
 @njit(parallel=True, fastmath=FAST, cache=True)

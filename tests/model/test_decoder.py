@@ -259,6 +259,26 @@ def test_a_batchs_quantized_product_equals_the_dequantized_weight_times_x(bits, 
     assert np.all(np.abs(out - x.astype(np.float64) @ dense.T.astype(np.float64)) <= bound)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_scales_narrowed_to_float16_give_the_same_products(bits):
+    """Scales and biases that float16 holds exactly (a GGUF's) are read as float16's bits: the same
+    numbers into the same loops, so every output is the same float, one row or a batch. Where one
+    value needs float32, both stay float32."""
+    packed, scales, biases, _ = _quantized(13, 256, 32, bits)
+    scales, biases = (a.astype(np.float16).astype(np.float32) for a in (scales, biases))
+    half = decoder._narrowed(scales, biases)
+    assert [a.dtype for a in half] == [np.uint16] * 2
+    x = np.random.default_rng(4).standard_normal((6, 256)).astype(np.float32)
+    one_row, batch = decoder.KERNELS[bits]
+    for kernel, xs, shape in ((one_row, x[0], 13), (batch, x, (6, 13))):
+        wide, narrow = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        kernel(packed.view(np.uint8), scales, biases, xs, wide)
+        kernel(packed.view(np.uint8), *half, xs, narrow)
+        assert np.array_equal(wide, narrow)
+    scales[3, 0] += scales[3, 0] * 2**-20  # a float32 that no float16 holds
+    assert [a.dtype for a in decoder._narrowed(scales, biases)] == [np.float32] * 2
+
+
 @pytest.mark.parametrize("k", [320, 300])  # 512-bit sums (a multiple of 16), and numba's loop
 @pytest.mark.parametrize("rows", [4, 6, 16])
 def test_a_batchs_float_product_equals_x_times_w(k, rows):
