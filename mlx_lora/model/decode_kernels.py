@@ -83,9 +83,6 @@ def _four_by_four(w, o, x, out, i, r, k):
     out[r + 3, i], out[r + 3, i + 1], out[r + 3, i + 2], out[r + 3, i + 3] = a30, a31, a32, a33
 
 
-_WIDTH = 16  # float32 lanes of _vector_tile's sums: one 512-bit register each
-
-
 def _compiles_for_avx512() -> bool:
     """Whether numba compiles for a CPU with AVX-512 (its NUMBA_CPU_FEATURES, else this CPU's): the
     sixteen 512-bit sums of _vector_tile fit its 32 registers; in AVX2's 16 they spill, and numba's
@@ -95,6 +92,9 @@ def _compiles_for_avx512() -> bool:
 
 
 _AVX512 = _compiles_for_avx512()  # a constant of the compiled loops, as numba's cache is kept per CPU
+# _vector_tile's float32 lanes a sum (one register) and rows of x a call: 4 x 4 sums of 512 bits
+# fill half of AVX-512's 32 registers; AVX2's 16 hold 4 x 2 of 256 bits beside their six loads.
+_WIDTH, _TILE_ROWS = (16, 4) if _AVX512 else (8, 2)
 
 
 def _c_arrays(ndim: int, dtypes, *arrays) -> bool:
@@ -121,9 +121,10 @@ def _scale_loader(builder, array_type):
 
 @intrinsic
 def _vector_tile(typingctx, w, x, out, i, r):
-    """_four_by_four's out[r..r+4, i..i+4] = x[r..r+4] @ wᵀ for w (4, k), x (R, k), out (R, n),
-    k a multiple of 16: sixteen sums of 16 lanes, each a 512-bit register, where LLVM vectorizes
-    numba's loop to 256 bits (its tuning for this CPU). On this Xeon a 16-row float32 product of
+    """out[r..r+_TILE_ROWS, i..i+4] = x[r..r+_TILE_ROWS] @ wᵀ for w (4, k), x (R, k), out (R, n), k a
+    multiple of _WIDTH: a sum of _WIDTH lanes in a register for each output, where numba's loop
+    (_four_by_four) keeps 16 of them and spills on AVX2, and LLVM vectorizes it to 256 bits on a
+    Xeon with AVX-512 (its tuning for that CPU). On this Xeon a 16-row float32 product of
     SmolLM2's shapes ran 20-35% faster alone, and the 16-row Q4_1 step 2-11% faster with
     _dequantizer's loops (bench/RESULTS.md)."""
     if not _c_arrays(2, [types.float32] * 3, w, x, out):
@@ -134,10 +135,14 @@ def _vector_tile(typingctx, w, x, out, i, r):
         k, n = cgutils.unpack_tuple(builder, xa.shape)[1], cgutils.unpack_tuple(builder, oa.shape)[1]
         i, r = (context.cast(builder, v, t, types.intp) for v, t in zip(args[3:], sig.args[3:]))
         lanes = ir.VectorType(ir.FloatType(), _WIDTH)
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(lanes, [lanes] * 3), "llvm.fma.v16f32")
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(lanes, [lanes] * 3), f"llvm.fma.v{_WIDTH}f32"
+        )
         add = ir.FunctionType(ir.FloatType(), [ir.FloatType(), lanes])
-        total = cgutils.get_or_insert_function(builder.module, add, "llvm.vector.reduce.fadd.v16f32")
-        sums = [[cgutils.alloca_once_value(builder, lanes([0.0] * _WIDTH)) for _ in range(4)] for _ in range(4)]
+        total = cgutils.get_or_insert_function(builder.module, add, f"llvm.vector.reduce.fadd.v{_WIDTH}f32")
+        sums = [
+            [cgutils.alloca_once_value(builder, lanes([0.0] * _WIDTH)) for _ in range(4)] for _ in range(_TILE_ROWS)
+        ]
 
         def load(data, row, j):
             at = builder.gep(data, [builder.add(builder.mul(k, row), j)])
@@ -146,11 +151,11 @@ def _vector_tile(typingctx, w, x, out, i, r):
         with cgutils.for_range(builder, builder.udiv(k, k.type(_WIDTH))) as step:
             j = builder.mul(step.index, k.type(_WIDTH))
             ws = [load(wa.data, k.type(t), j) for t in range(4)]
-            xs = [load(xa.data, builder.add(r, k.type(s)), j) for s in range(4)]
-            for s in range(4):
+            xs = [load(xa.data, builder.add(r, k.type(s)), j) for s in range(_TILE_ROWS)]
+            for s in range(_TILE_ROWS):
                 for t in range(4):
                     builder.store(builder.call(fma, [ws[t], xs[s], builder.load(sums[s][t])]), sums[s][t])
-        for s in range(4):
+        for s in range(_TILE_ROWS):
             for t in range(4):
                 value = builder.call(total, [ir.FloatType()(-0.0), builder.load(sums[s][t])], fastmath=("reassoc",))
                 at = builder.add(builder.mul(n, builder.add(r, k.type(s))), builder.add(i, k.type(t)))
@@ -162,9 +167,10 @@ def _vector_tile(typingctx, w, x, out, i, r):
 
 @njit(fastmath=FAST, cache=True, inline="always")
 def _tile(w, x, out, i, r, k):
-    """out[r..r+4, i..i+4] = x[r..r+4] @ wᵀ, w (4, k): 512-bit sums where the CPU and k allow."""
-    if _AVX512 and k % _WIDTH == 0:
-        _vector_tile(w, x, out, i, r)
+    """out[r..r+4, i..i+4] = x[r..r+4] @ wᵀ, w (4, k): vector sums where k allows."""
+    if k % _WIDTH == 0:
+        for s in range(0, 4, _TILE_ROWS):
+            _vector_tile(w, x, out, i, r + s)
     else:
         _four_by_four(w, 0, x, out, i, r, k)
 
@@ -259,7 +265,7 @@ def _row_dotter(bits: int):
         i = context.cast(builder, args[6], sig.args[6], types.intp)
         width, groups = cgutils.unpack_tuple(builder, pk.shape)[1], cgutils.unpack_tuple(builder, sc.shape)[1]
         steps = builder.udiv(builder.udiv(cgutils.unpack_tuple(builder, xa.shape)[0], i.type(_LANES)), groups)
-        i32, f32, size, lanes = ir.IntType(32), ir.FloatType(), _LANES * bits // 8, 16 if _AVX512 else 8
+        i32, f32, size, lanes = ir.IntType(32), ir.FloatType(), _LANES * bits // 8, _WIDTH
         loaded, part = ir.VectorType(ir.IntType(8), size), ir.VectorType(f32, lanes)
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(part, [part] * 3), f"llvm.fma.v{lanes}f32")
         reduce = ir.FunctionType(f32, [f32, part])
