@@ -13,10 +13,11 @@ at a time. Loops are written the way LLVM was seen to vectorize them (bench/RESU
 loops counted from 0 with constant or plain trip counts, named scalar sums, and a group's scale and
 bias read one per statement before a de-quantizing loop (read as a tuple, matmul_q4's stayed scalar).
 SwiGLU and attention's softmax take an exp of their own (`_exp`) that LLVM vectorizes, 6x faster
-than libm's a value and as accurate as cpu_kernels' fast_exp. Two loops are written as LLVM vectors
-inside numba's functions (intrinsics, cached with them): a 4-bit row's de-quantization, which numba
-would not vectorize whole (`_dequantize_q4`), and the batch products' tile in 512-bit sums, which
-LLVM's tuning for this CPU keeps to 256 (`_vector_tile`).
+than libm's a value and as accurate as cpu_kernels' fast_exp. The products' inner loops are written
+as LLVM vectors inside numba's functions (intrinsics, cached with them), 512 bits wide where the CPU
+has AVX-512, else 256: one row's quantized sums (`_row_dotter`), a row's de-quantization
+(`_dequantizer`) and the batch products' tile (`_vector_tile`), where numba's loops either spilled
+their sums on AVX2 or were not vectorized whole (bench/RESULTS.md).
 """
 
 import numpy as np
@@ -85,8 +86,7 @@ def _four_by_four(w, o, x, out, i, r, k):
 
 def _compiles_for_avx512() -> bool:
     """Whether numba compiles for a CPU with AVX-512 (its NUMBA_CPU_FEATURES, else this CPU's): the
-    sixteen 512-bit sums of _vector_tile fit its 32 registers; in AVX2's 16 they spill, and numba's
-    own loop measured as fast there (compiled for Haswell on this Xeon, bench/RESULTS.md)."""
+    width of the intrinsics' vectors, and how many sums _vector_tile keeps in registers."""
     features = config.CPU_FEATURES if config.CPU_FEATURES is not None else codegen.get_host_cpu_features()
     return "+avx512f" in str(features).split(",")
 
@@ -119,14 +119,41 @@ def _scale_loader(builder, array_type):
     return builder.load
 
 
+def _splat(builder, value, vector: ir.VectorType):
+    """`value` in every lane of `vector`."""
+    one = builder.insert_element(ir.Constant(vector, None), value, ir.IntType(32)(0))
+    return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(ir.IntType(32), vector.count), None))
+
+
+def _lanes(builder, vector, first: int, count: int):
+    """Lanes first..first+count of `vector`."""
+    return builder.shuffle_vector(
+        vector, vector, ir.Constant(ir.VectorType(ir.IntType(32), count), list(range(first, first + count)))
+    )
+
+
+def _codes(builder, at, bits: int, interleaved: bool):
+    """A step's 32 codes as <32 x i8> from the bytes at pointer `at`: 8 bits as they lie; 4 bits as
+    the low nibbles of its 16 bytes and their high ones, `interleaved` into the weights' order or
+    the low ones first."""
+    size = _LANES * bits // 8
+    loaded = ir.VectorType(ir.IntType(8), size)
+    codes = builder.load(builder.bitcast(at, loaded.as_pointer()), align=1)
+    if bits == 8:
+        return codes
+    low, high = builder.and_(codes, loaded([15] * size)), builder.lshr(codes, loaded([4] * size))
+    order = [j // 2 + size * (j % 2) for j in range(_LANES)] if interleaved else list(range(_LANES))
+    return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(ir.IntType(32), _LANES), order))
+
+
 @intrinsic
 def _vector_tile(typingctx, w, x, out, i, r):
     """out[r..r+_TILE_ROWS, i..i+4] = x[r..r+_TILE_ROWS] @ wᵀ for w (4, k), x (R, k), out (R, n), k a
     multiple of _WIDTH: a sum of _WIDTH lanes in a register for each output, where numba's loop
     (_four_by_four) keeps 16 of them and spills on AVX2, and LLVM vectorizes it to 256 bits on a
-    Xeon with AVX-512 (its tuning for that CPU). On this Xeon a 16-row float32 product of
-    SmolLM2's shapes ran 20-35% faster alone, and the 16-row Q4_1 step 2-11% faster with
-    _dequantizer's loops (bench/RESULTS.md)."""
+    Xeon with AVX-512 (its tuning for that CPU). A 16-row float32 product of SmolLM2's shapes ran
+    20-35% faster alone on that Xeon; the 16-row step 11% faster in float32 and 30% in Q4_1's
+    products on an AMD EPYC with AVX2 (bench/RESULTS.md)."""
     if not _c_arrays(2, [types.float32] * 3, w, x, out):
         return None
 
@@ -208,25 +235,15 @@ def _dequantizer(bits: int):
         pk, sc, bi, wo = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args, args))
         groups, k = cgutils.unpack_tuple(builder, sc.shape)[0], cgutils.unpack_tuple(builder, wo.shape)[0]
         steps = builder.udiv(builder.udiv(k, k.type(_LANES)), groups)  # a group's steps of 32 codes
-        i32, size = ir.IntType(32), _LANES * bits // 8
-        loaded, floats = ir.VectorType(ir.IntType(8), size), ir.VectorType(ir.FloatType(), _LANES)
+        size, floats = _LANES * bits // 8, ir.VectorType(ir.FloatType(), _LANES)
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(floats, [floats] * 3), "llvm.fma.v32f32")
-
-        def splat(value):
-            one = builder.insert_element(ir.Constant(floats, None), value, i32(0))
-            return builder.shuffle_vector(one, ir.Constant(floats, None), ir.Constant(ir.VectorType(i32, _LANES), None))
 
         with cgutils.for_range(builder, groups) as g:
             load = _scale_loader(builder, sig.args[1])
-            scale, bias = splat(load(builder.gep(sc.data, [g.index]))), splat(load(builder.gep(bi.data, [g.index])))
+            scale, bias = (_splat(builder, load(builder.gep(a.data, [g.index])), floats) for a in (sc, bi))
             with cgutils.for_range(builder, steps) as j:
                 step = builder.add(builder.mul(g.index, steps), j.index)
-                src = builder.gep(pk.data, [builder.mul(step, step.type(size))])
-                codes = builder.load(builder.bitcast(src, loaded.as_pointer()), align=1)
-                if bits == 4:  # the low nibbles of 16 bytes, then their high ones, interleaved
-                    low, high = builder.and_(codes, loaded([15] * size)), builder.lshr(codes, loaded([4] * size))
-                    order = [j // 2 + size * (j % 2) for j in range(_LANES)]
-                    codes = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(i32, _LANES), order))
+                codes = _codes(builder, builder.gep(pk.data, [builder.mul(step, step.type(size))]), bits, True)
                 value = builder.call(fma, [scale, builder.uitofp(codes, floats), bias])
                 dst = builder.gep(wo.data, [builder.mul(step, step.type(_LANES))])
                 builder.store(value, builder.bitcast(dst, floats.as_pointer()), align=4)
@@ -239,7 +256,7 @@ def _dequantizer(bits: int):
 _dequantize_q4, _dequantize_q8 = _dequantizer(4), _dequantizer(8)
 
 
-def _row_dotter(bits: int):
+def _row_dotter(bits: int):  # long: one intrinsic's typing and its LLVM loop nest, read as one
     """An intrinsic that sets out[i..i+4] = rows i..i+4 of a `bits`-bit affine weight @ x as
     s · Σ q x + b · Σ x a group: packed (n, k · bits / 8) bytes, scales and biases (n, groups), a
     group a multiple of 32 weights, `sums` (groups,) each group's Σ x. Each 32 codes of a row are
@@ -265,19 +282,14 @@ def _row_dotter(bits: int):
         i = context.cast(builder, args[6], sig.args[6], types.intp)
         width, groups = cgutils.unpack_tuple(builder, pk.shape)[1], cgutils.unpack_tuple(builder, sc.shape)[1]
         steps = builder.udiv(builder.udiv(cgutils.unpack_tuple(builder, xa.shape)[0], i.type(_LANES)), groups)
-        i32, f32, size, lanes = ir.IntType(32), ir.FloatType(), _LANES * bits // 8, _WIDTH
-        loaded, part = ir.VectorType(ir.IntType(8), size), ir.VectorType(f32, lanes)
+        f32, size, lanes = ir.FloatType(), _LANES * bits // 8, _WIDTH
+        part = ir.VectorType(f32, lanes)
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(part, [part] * 3), f"llvm.fma.v{lanes}f32")
         reduce = ir.FunctionType(f32, [f32, part])
         total = cgutils.get_or_insert_function(builder.module, reduce, f"llvm.vector.reduce.fadd.v{lanes}f32")
         rows = [builder.add(i, i.type(t)) for t in range(4)]
         sums = [cgutils.alloca_once_value(builder, part([0.0] * lanes)) for _ in range(4)]
         offsets = [cgutils.alloca_once_value(builder, f32(0.0)) for _ in range(4)]  # Σ b · Σ x
-
-        def lanes_of(vector, first):
-            return builder.shuffle_vector(
-                vector, vector, ir.Constant(ir.VectorType(i32, lanes), list(range(first, first + lanes)))
-            )
 
         zero = part([0.0] * lanes)
         partials = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]  # a group's Σ q x
@@ -292,26 +304,20 @@ def _row_dotter(bits: int):
                     xs.append(builder.load(builder.bitcast(at, part.as_pointer()), align=4))
                 for t in range(4):
                     at = builder.add(builder.mul(rows[t], width), builder.mul(step, step.type(size)))
-                    codes = builder.load(builder.bitcast(builder.gep(pk.data, [at]), loaded.as_pointer()), align=1)
-                    if bits == 4:  # the low nibbles, then the high ones
-                        low, high = builder.and_(codes, loaded([15] * size)), builder.lshr(codes, loaded([4] * size))
-                        order = ir.Constant(ir.VectorType(i32, _LANES), list(range(_LANES)))
-                        codes = builder.shuffle_vector(low, high, order)
+                    codes = _codes(builder, builder.gep(pk.data, [at]), bits, False)
                     acc = builder.load(partials[t])
                     for c, first in enumerate(range(0, _LANES, lanes)):
-                        acc = builder.call(fma, [builder.uitofp(lanes_of(codes, first), part), xs[c], acc])
+                        acc = builder.call(
+                            fma, [builder.uitofp(_lanes(builder, codes, first, lanes), part), xs[c], acc]
+                        )
                     builder.store(acc, partials[t])
             total_x = builder.load(builder.gep(sa.data, [g.index]))
             for t in range(4):
                 at = builder.add(builder.mul(rows[t], groups), g.index)
                 load = _scale_loader(builder, sig.args[1])
                 scale, bias = load(builder.gep(sc.data, [at])), load(builder.gep(bi.data, [at]))
-                splat = builder.shuffle_vector(
-                    builder.insert_element(ir.Constant(part, None), scale, i32(0)),
-                    ir.Constant(part, None),
-                    ir.Constant(ir.VectorType(i32, lanes), None),
-                )
-                builder.store(builder.call(fma, [splat, builder.load(partials[t]), builder.load(sums[t])]), sums[t])
+                scaled = [_splat(builder, scale, part), builder.load(partials[t]), builder.load(sums[t])]
+                builder.store(builder.call(fma, scaled), sums[t])
                 offset = builder.fadd(builder.load(offsets[t]), builder.fmul(bias, total_x), flags=("contract",))
                 builder.store(offset, offsets[t])
         for t in range(4):
