@@ -120,10 +120,13 @@ def test_resumed_streamed_run_equals_the_uninterrupted_one(llama, tiny_data, tmp
     cfg = _config(llama, tiny_data, tmp_path / "split", stream_prefix="on", save_every=4)
     train(cfg, log=lambda _: None)  # leaves checkpoints/step-4 on the way
     resumed = train(replace(cfg, resume=str(checkpoint_dir(cfg.adapter_path, 4))), log=lambda _: None)
-    # both streamed, in the same groups of rows: the same states, bit for bit, so the same steps
-    assert resumed.losses == straight.losses[4:]
+    # the resumed run streams only the 17 rows it still reads, in other groups than the uninterrupted
+    # run's 24: the same states up to fp32 rounding (on an AMD EPYC the adapters differed by 3e-6 of
+    # their size, on a Xeon not at all), so TOL, as above; a resume that lost the optimizer's state
+    # or replayed a step moves some weight by the learning rate, 1e-2
+    assert resumed.losses == pytest.approx(straight.losses[4:], rel=TOL)
     got, want = (mx.load(str(tmp_path / d / ADAPTER_WEIGHTS)) for d in ("split", "straight"))
-    assert all(mx.array_equal(got[k], want[k]) for k in want)
+    assert_tensors_close(got, want, TOL, norm=2)
 
 
 def test_auto_streams_when_the_whole_model_does_not_fit(llama, tiny_data, tmp_path, monkeypatch):
