@@ -16,8 +16,8 @@ SwiGLU and attention's softmax take an exp of their own (`_exp`) that LLVM vecto
 than libm's a value and as accurate as cpu_kernels' fast_exp. The products' inner loops are written
 as LLVM vectors inside numba's functions (intrinsics, cached with them), 512 bits wide where the CPU
 has AVX-512, else 256: one row's quantized sums (`_row_dotter`), a row's de-quantization
-(`_dequantizer`) and the batch products' tile (`_vector_tile`), where numba's loops either spilled
-their sums on AVX2 or were not vectorized whole (bench/RESULTS.md).
+(`_dequantizer`) and the batch products' tile (`_vector_tile`), where numba's loops ran slower, were
+not vectorized whole, or spilled their sums on AVX2 (bench/RESULTS.md).
 """
 
 import numpy as np
@@ -312,10 +312,9 @@ def _row_dotter(bits: int):  # long: one intrinsic's typing and its LLVM loop ne
                             fma, [builder.uitofp(_lanes(builder, codes, first, lanes), part), xs[c], acc]
                         )
                     builder.store(acc, partials[t])
-            total_x = builder.load(builder.gep(sa.data, [g.index]))
+            total_x, load = builder.load(builder.gep(sa.data, [g.index])), _scale_loader(builder, sig.args[1])
             for t in range(4):
                 at = builder.add(builder.mul(rows[t], groups), g.index)
-                load = _scale_loader(builder, sig.args[1])
                 scale, bias = load(builder.gep(sc.data, [at])), load(builder.gep(bi.data, [at]))
                 scaled = [_splat(builder, scale, part), builder.load(partials[t]), builder.load(sums[t])]
                 builder.store(builder.call(fma, scaled), sums[t])
