@@ -125,25 +125,23 @@ def _splat(builder, value, vector: ir.VectorType):
     return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(ir.IntType(32), vector.count), None))
 
 
-def _lanes(builder, vector, first: int, count: int):
-    """Lanes first..first+count of `vector`."""
-    return builder.shuffle_vector(
-        vector, vector, ir.Constant(ir.VectorType(ir.IntType(32), count), list(range(first, first + count)))
-    )
-
-
-def _codes(builder, at, bits: int, interleaved: bool):
-    """A step's 32 codes as <32 x i8> from the bytes at pointer `at`: 8 bits as they lie; 4 bits as
-    the low nibbles of its 16 bytes and their high ones, `interleaved` into the weights' order or
-    the low ones first."""
-    size = _LANES * bits // 8
-    loaded = ir.VectorType(ir.IntType(8), size)
-    codes = builder.load(builder.bitcast(at, loaded.as_pointer()), align=1)
-    if bits == 8:
-        return codes
-    low, high = builder.and_(codes, loaded([15] * size)), builder.lshr(codes, loaded([4] * size))
-    order = [j // 2 + size * (j % 2) for j in range(_LANES)] if interleaved else list(range(_LANES))
-    return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(ir.IntType(32), _LANES), order))
+def _codes(builder, at, bits: int) -> list:
+    """A step's 32 codes from the bytes at pointer `at` as vectors of _WIDTH int32, in `_nibble_order`:
+    each load of _WIDTH bytes widened as it is read (`vpmovzxbd` from memory); 8 bits, the codes in
+    their order; 4 bits, a byte's low nibble then its high one, so each _WIDTH bytes give their
+    2 · _WIDTH weights' even positions, then their odd ones. Widening the bytes of a register instead
+    took a shuffle for every 8 codes on AVX2, which bound the one-row product (bench/RESULTS.md)."""
+    width = ir.VectorType(ir.IntType(32), _WIDTH)
+    loaded = ir.VectorType(ir.IntType(8), _WIDTH).as_pointer()
+    codes = []
+    for first in range(0, _LANES * bits // 8, _WIDTH):
+        wide = builder.zext(
+            builder.load(builder.bitcast(builder.gep(at, [ir.IntType(64)(first)]), loaded), align=1), width
+        )
+        codes += (
+            [wide] if bits == 8 else [builder.and_(wide, width([15] * _WIDTH)), builder.lshr(wide, width([4] * _WIDTH))]
+        )
+    return codes
 
 
 @intrinsic
@@ -216,13 +214,22 @@ def matmul(w, x, out):
 _LANES = 32  # codes a step of de-quantization turns into floats: a group's smallest size
 
 
+def _interleaved(builder, even, odd) -> tuple:
+    """Two vectors of _WIDTH lanes, even[0], odd[0], even[1], odd[1], ..."""
+    order = [j // 2 + _WIDTH * (j % 2) for j in range(2 * _WIDTH)]
+    return tuple(
+        builder.shuffle_vector(even, odd, ir.Constant(ir.VectorType(ir.IntType(32), _WIDTH), order[h : h + _WIDTH]))
+        for h in (0, _WIDTH)
+    )
+
+
 def _dequantizer(bits: int):
     """An intrinsic that sets w (k,) = scale · q + bias (float32, one FMA, as numba's loop rounded it)
     for a row's `bits`-bit codes, packed (k · bits / 8,) bytes (4 bits: two a byte, low nibble first),
-    in groups of a multiple of 32 (scales and biases (k / group,)). Numba's loop left ~20 scalar
-    instructions around each group's vector body; here each 32 codes are one load (4 bits: a split
-    of the nibbles and a shuffle into their order), a conversion and an FMA: 30% faster on
-    SmolLM2's shapes (bench/RESULTS.md)."""
+    in groups of a multiple of 32 (scales and biases (k / group,)), w in the weights' order. Numba's
+    loop left ~20 scalar instructions around each group's vector body; here each 32 codes are widened
+    as loaded (`_codes`; 4 bits: even and odd positions interleaved back), converted and one FMA: 30%
+    faster on SmolLM2's shapes (bench/RESULTS.md)."""
 
     def dequantize(typingctx, packed, scales, biases, w):
         if not (
@@ -235,18 +242,25 @@ def _dequantizer(bits: int):
         pk, sc, bi, wo = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args, args))
         groups, k = cgutils.unpack_tuple(builder, sc.shape)[0], cgutils.unpack_tuple(builder, wo.shape)[0]
         steps = builder.udiv(builder.udiv(k, k.type(_LANES)), groups)  # a group's steps of 32 codes
-        size, floats = _LANES * bits // 8, ir.VectorType(ir.FloatType(), _LANES)
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(floats, [floats] * 3), "llvm.fma.v32f32")
+        size, floats = _LANES * bits // 8, ir.VectorType(ir.FloatType(), _WIDTH)
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(floats, [floats] * 3), f"llvm.fma.v{_WIDTH}f32"
+        )
 
         with cgutils.for_range(builder, groups) as g:
             load = _scale_loader(builder, sig.args[1])
             scale, bias = (_splat(builder, load(builder.gep(a.data, [g.index])), floats) for a in (sc, bi))
             with cgutils.for_range(builder, steps) as j:
                 step = builder.add(builder.mul(g.index, steps), j.index)
-                codes = _codes(builder, builder.gep(pk.data, [builder.mul(step, step.type(size))]), bits, True)
-                value = builder.call(fma, [scale, builder.uitofp(codes, floats), bias])
-                dst = builder.gep(wo.data, [builder.mul(step, step.type(_LANES))])
-                builder.store(value, builder.bitcast(dst, floats.as_pointer()), align=4)
+                codes = _codes(builder, builder.gep(pk.data, [builder.mul(step, step.type(size))]), bits)
+                if bits == 4:  # each even and odd half back in the weights' order, so x stays as it is
+                    codes = [half for pair in zip(codes[::2], codes[1::2]) for half in _interleaved(builder, *pair)]
+                for c, code in enumerate(codes):
+                    value = builder.call(fma, [scale, builder.uitofp(code, floats), bias])
+                    dst = builder.gep(
+                        wo.data, [builder.add(builder.mul(step, step.type(_LANES)), step.type(c * _WIDTH))]
+                    )
+                    builder.store(value, builder.bitcast(dst, floats.as_pointer()), align=4)
         return context.get_dummy_value()
 
     dequantize.__name__ = dequantize.__qualname__ = f"_dequantize_q{bits}"
@@ -260,12 +274,13 @@ def _row_dotter(bits: int):  # long: one intrinsic's typing and its LLVM loop ne
     """An intrinsic that sets out[i..i+4] = rows i..i+4 of a `bits`-bit affine weight @ x as
     s · Σ q x + b · Σ x a group: packed (n, k · bits / 8) bytes, scales and biases (n, groups), a
     group a multiple of 32 weights, `sums` (groups,) each group's Σ x. Each 32 codes of a row are
-    one load, turned into floats and multiplied into a vector of partial sums, which the group's
-    scale multiplies into the row's vector sums; vectors of 16 lanes with AVX-512, else 8, so that
-    four rows' sums stay in AVX2's 16 registers. 4 bits: x in `_nibble_order` (a step's 16 low
-    nibbles are its even weights, its 16 high ones its odd). Numba's loops of the same sums took
-    2.4x as long for a 4-bit 1536 x 576 product in cache on an AMD EPYC with AVX2, and a form that
-    de-quantized each weight before its product spilled its sums there (bench/RESULTS.md)."""
+    widened as loaded (`_codes`), turned into floats and multiplied into a vector of partial sums,
+    which the group's scale multiplies into the row's vector sums; vectors of 16 lanes with AVX-512,
+    else 8, so that four rows' sums stay in AVX2's 16 registers. 4 bits: x in `_nibble_order`.
+    Numba's loops of the same sums took 2.4x as long for a 4-bit 1536 x 576 product in cache on an
+    AMD EPYC with AVX2, a form that de-quantized each weight before its product spilled its sums
+    there, and one that widened the bytes of a 32-byte register took 1.2-1.3x as long (4 bits) and
+    1.02-1.1x (8 bits) on SmolLM2's shapes (bench/RESULTS.md)."""
 
     def dot(typingctx, packed, scales, biases, x, sums, out, i):
         if not (
@@ -305,12 +320,9 @@ def _row_dotter(bits: int):  # long: one intrinsic's typing and its LLVM loop ne
                     xs.append(builder.load(builder.bitcast(at, part.as_pointer()), align=4))
                 for t in range(4):
                     at = builder.add(builder.mul(rows[t], width), builder.mul(step, step.type(size)))
-                    codes = _codes(builder, builder.gep(pk.data, [at]), bits, False)
                     acc = builder.load(partials[t])
-                    for c, first in enumerate(range(0, _LANES, lanes)):
-                        acc = builder.call(
-                            fma, [builder.uitofp(_lanes(builder, codes, first, lanes), part), xs[c], acc]
-                        )
+                    for c, codes in enumerate(_codes(builder, builder.gep(pk.data, [at]), bits)):
+                        acc = builder.call(fma, [builder.uitofp(codes, part), xs[c], acc])
                     builder.store(acc, partials[t])
             total_x, load = builder.load(builder.gep(sa.data, [g.index])), _scale_loader(builder, sig.args[1])
             for t in range(4):
@@ -335,12 +347,13 @@ _dot_q4, _dot_q8 = _row_dotter(4), _row_dotter(8)
 
 @njit(fastmath=FAST, cache=True)
 def _nibble_order(x):
-    """x (k,) with each 32 values as _dot_q4 reads them: the 16 at even positions, then the 16 at odd."""
+    """x (k,) with each 2 · _WIDTH values as _codes gives 4-bit weights: the _WIDTH at even
+    positions, then the _WIDTH at odd."""
     out = np.empty_like(x)
-    for s in range(0, x.shape[0], _LANES):
-        for j in range(_LANES // 2):
+    for s in range(0, x.shape[0], 2 * _WIDTH):
+        for j in range(_WIDTH):
             out[s + j] = x[s + 2 * j]
-            out[s + _LANES // 2 + j] = x[s + 2 * j + 1]
+            out[s + _WIDTH + j] = x[s + 2 * j + 1]
     return out
 
 
