@@ -119,6 +119,28 @@ def _scale_loader(builder, array_type):
     return builder.load
 
 
+def _scale_vectors(builder, array_type, lanes: int, splat: bool):
+    """A load of `lanes` scales or biases as float32 lanes from a `_scale_arrays` array: `splat`, the
+    one at the pointer in every lane (float16's bits splatted, then widened: one broadcast and one
+    conversion, where a widened scalar took three); else those from the pointer on."""
+    half = array_type.dtype == types.uint16
+    stored = ir.VectorType(ir.IntType(16) if half else ir.FloatType(), lanes)
+
+    def load(at):
+        vector = (
+            _splat(builder, builder.load(at), stored)
+            if splat
+            else builder.load(builder.bitcast(at, stored.as_pointer()), align=2 if half else 4)
+        )
+        if not half:
+            return vector
+        return builder.fpext(
+            builder.bitcast(vector, ir.VectorType(ir.HalfType(), lanes)), ir.VectorType(ir.FloatType(), lanes)
+        )
+
+    return load
+
+
 def _splat(builder, value, vector: ir.VectorType):
     """`value` in every lane of `vector`."""
     one = builder.insert_element(ir.Constant(vector, None), value, ir.IntType(32)(0))
@@ -248,8 +270,8 @@ def _dequantizer(bits: int):
         )
 
         with cgutils.for_range(builder, groups) as g:
-            load = _scale_loader(builder, sig.args[1])
-            scale, bias = (_splat(builder, load(builder.gep(a.data, [g.index])), floats) for a in (sc, bi))
+            load = _scale_vectors(builder, sig.args[1], _WIDTH, splat=True)
+            scale, bias = (load(builder.gep(a.data, [g.index])) for a in (sc, bi))
             with cgutils.for_range(builder, steps) as j:
                 step = builder.add(builder.mul(g.index, steps), j.index)
                 codes = _codes(builder, builder.gep(pk.data, [builder.mul(step, step.type(size))]), bits)
@@ -276,11 +298,12 @@ def _row_dotter(bits: int):  # long: one intrinsic's typing and its LLVM loop ne
     group a multiple of 32 weights, `sums` (groups,) each group's Σ x. Each 32 codes of a row are
     widened as loaded (`_codes`), turned into floats and multiplied into a vector of partial sums,
     which the group's scale multiplies into the row's vector sums; vectors of 16 lanes with AVX-512,
-    else 8, so that four rows' sums stay in AVX2's 16 registers. 4 bits: x in `_nibble_order`.
-    Numba's loops of the same sums took 2.4x as long for a 4-bit 1536 x 576 product in cache on an
-    AMD EPYC with AVX2, a form that de-quantized each weight before its product spilled its sums
-    there, and one that widened the bytes of a 32-byte register took 1.2-1.3x as long (4 bits) and
-    1.02-1.1x (8 bits) on SmolLM2's shapes (bench/RESULTS.md)."""
+    else 8, so that four rows' sums stay in AVX2's 16 registers. 4 bits: x in `_nibble_order`. The
+    biases' Σ b · Σ x is summed after the groups, a vector of groups at a time. On an AMD EPYC with
+    AVX2, numba's loops of the same sums took 2.4x as long for a 4-bit 1536 x 576 product in cache, a
+    form that de-quantized each weight before its product spilled its sums, one that widened the
+    bytes of a 32-byte register took 1.2-1.3x as long (4 bits) and 1.02-1.1x (8 bits) on SmolLM2's
+    shapes, and one that added each group's bias as a scalar 1.04-1.3x (bench/RESULTS.md)."""
 
     def dot(typingctx, packed, scales, biases, x, sums, out, i):
         if not (
@@ -305,7 +328,6 @@ def _row_dotter(bits: int):  # long: one intrinsic's typing and its LLVM loop ne
         total = cgutils.get_or_insert_function(builder.module, reduce, f"llvm.vector.reduce.fadd.v{lanes}f32")
         rows = [builder.add(i, i.type(t)) for t in range(4)]
         sums = [cgutils.alloca_once_value(builder, part([0.0] * lanes)) for _ in range(4)]
-        offsets = [cgutils.alloca_once_value(builder, f32(0.0)) for _ in range(4)]  # Σ b · Σ x
 
         zero = part([0.0] * lanes)
         partials = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]  # a group's Σ q x
@@ -324,18 +346,32 @@ def _row_dotter(bits: int):  # long: one intrinsic's typing and its LLVM loop ne
                     for c, codes in enumerate(_codes(builder, builder.gep(pk.data, [at]), bits)):
                         acc = builder.call(fma, [builder.uitofp(codes, part), xs[c], acc])
                     builder.store(acc, partials[t])
-            total_x, load = builder.load(builder.gep(sa.data, [g.index])), _scale_loader(builder, sig.args[1])
+            splat = _scale_vectors(builder, sig.args[1], lanes, splat=True)
             for t in range(4):
-                at = builder.add(builder.mul(rows[t], groups), g.index)
-                scale, bias = load(builder.gep(sc.data, [at])), load(builder.gep(bi.data, [at]))
-                scaled = [_splat(builder, scale, part), builder.load(partials[t]), builder.load(sums[t])]
-                builder.store(builder.call(fma, scaled), sums[t])
-                offset = builder.fadd(builder.load(offsets[t]), builder.fmul(bias, total_x), flags=("contract",))
-                builder.store(offset, offsets[t])
+                scale = splat(builder.gep(sc.data, [builder.add(builder.mul(rows[t], groups), g.index)]))
+                builder.store(builder.call(fma, [scale, builder.load(partials[t]), builder.load(sums[t])]), sums[t])
+
+        # Σ b · Σ x over the groups, `lanes` groups a vector, then the rest one at a time
+        offsets = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]
+        blocks, vectors = builder.udiv(groups, groups.type(lanes)), _scale_vectors(builder, sig.args[1], lanes, False)
+        with cgutils.for_range(builder, blocks) as block:
+            first = builder.mul(block.index, block.index.type(lanes))
+            totals = builder.load(builder.bitcast(builder.gep(sa.data, [first]), part.as_pointer()), align=4)
+            for t in range(4):
+                bias = vectors(builder.gep(bi.data, [builder.add(builder.mul(rows[t], groups), first)]))
+                builder.store(builder.call(fma, [bias, totals, builder.load(offsets[t])]), offsets[t])
+        values = [builder.call(total, [f32(-0.0), builder.load(a)], fastmath=("reassoc",)) for a in sums + offsets]
+        values = [cgutils.alloca_once_value(builder, builder.fadd(values[t], values[4 + t])) for t in range(4)]
+        load = _scale_loader(builder, sig.args[1])
+        with cgutils.for_range(builder, builder.sub(groups, builder.mul(blocks, blocks.type(lanes)))) as rest:
+            g = builder.add(builder.mul(blocks, blocks.type(lanes)), rest.index)
+            total_x = builder.load(builder.gep(sa.data, [g]))
+            for t in range(4):
+                bias = load(builder.gep(bi.data, [builder.add(builder.mul(rows[t], groups), g)]))
+                value = builder.fadd(builder.load(values[t]), builder.fmul(bias, total_x), flags=("contract",))
+                builder.store(value, values[t])
         for t in range(4):
-            value = builder.call(total, [f32(-0.0), builder.load(sums[t])], fastmath=("reassoc",))
-            value = builder.fadd(value, builder.load(offsets[t]))
-            builder.store(value, builder.gep(oa.data, [rows[t]]))
+            builder.store(builder.load(values[t]), builder.gep(oa.data, [rows[t]]))
         return context.get_dummy_value()
 
     dot.__name__ = dot.__qualname__ = f"_dot_q{bits}"
