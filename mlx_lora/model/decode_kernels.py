@@ -381,6 +381,71 @@ def _row_dotter(bits: int):  # long: one intrinsic's typing and its LLVM loop ne
 _dot_q4, _dot_q8 = _row_dotter(4), _row_dotter(8)
 
 
+def _half_dotter(brain: bool):
+    """An intrinsic that sets out[i..i+4] = rows i..i+4 of w (n, k) @ x for w's float16 bits (or
+    bfloat16's, `brain`) as uint16, k a multiple of 2 · _WIDTH: each _WIDTH weights widened as loaded
+    (`vcvtph2ps`; bfloat16, shifted into a float32's high half), two vector sums a row. The same
+    floats as the float32 copy MLX computes with, read in half the bytes: a one-row product is bound
+    by memory (bench/RESULTS.md)."""
+
+    def dot(typingctx, w, x, out, i):
+        if not (_c_arrays(2, [types.uint16], w) and _c_arrays(1, [types.float32] * 2, x, out)):
+            return None
+        return types.void(w, x, out, i), codegen
+
+    def codegen(context, builder, sig, args):
+        wa, xa, oa = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:3], args[:3]))
+        i = context.cast(builder, args[3], sig.args[3], types.intp)
+        k = cgutils.unpack_tuple(builder, wa.shape)[1]
+        f32, bits = ir.FloatType(), ir.VectorType(ir.IntType(16), _WIDTH)
+        part, wide = ir.VectorType(f32, _WIDTH), ir.VectorType(ir.IntType(32), _WIDTH)
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(part, [part] * 3), f"llvm.fma.v{_WIDTH}f32"
+        )
+        reduce = ir.FunctionType(f32, [f32, part])
+        total = cgutils.get_or_insert_function(builder.module, reduce, f"llvm.vector.reduce.fadd.v{_WIDTH}f32")
+        sums = [[cgutils.alloca_once_value(builder, part([0.0] * _WIDTH)) for _ in range(2)] for _ in range(4)]
+        rows = [builder.gep(wa.data, [builder.mul(builder.add(i, i.type(t)), k)]) for t in range(4)]
+        with cgutils.for_range(builder, builder.udiv(k, k.type(2 * _WIDTH))) as step:
+            for h in range(2):
+                j = builder.add(builder.mul(step.index, step.index.type(2 * _WIDTH)), step.index.type(h * _WIDTH))
+                xs = builder.load(builder.bitcast(builder.gep(xa.data, [j]), part.as_pointer()), align=4)
+                for t in range(4):
+                    raw = builder.load(builder.bitcast(builder.gep(rows[t], [j]), bits.as_pointer()), align=2)
+                    if brain:
+                        ws = builder.bitcast(builder.shl(builder.zext(raw, wide), wide([16] * _WIDTH)), part)
+                    else:
+                        ws = builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), _WIDTH)), part)
+                    builder.store(builder.call(fma, [ws, xs, builder.load(sums[t][h])]), sums[t][h])
+        for t in range(4):
+            both = builder.fadd(builder.load(sums[t][0]), builder.load(sums[t][1]))
+            value = builder.call(total, [f32(-0.0), both], fastmath=("reassoc",))
+            builder.store(value, builder.gep(oa.data, [builder.add(i, i.type(t))]))
+        return context.get_dummy_value()
+
+    dot.__name__ = dot.__qualname__ = "_dot_bf16" if brain else "_dot_f16"
+    return intrinsic(dot)
+
+
+_dot_f16, _dot_bf16 = _half_dotter(False), _half_dotter(True)
+
+
+@njit(parallel=True, fastmath=FAST, cache=True)
+def matvec_f16(w, x, out):
+    """out (n,) = w (n, k) @ x for w float16's bits (uint16); n >= 4, k a multiple of 2 · _WIDTH."""
+    n = w.shape[0]
+    for r in prange((n + 3) // 4):
+        _dot_f16(w, x, out, min(4 * r, n - 4))
+
+
+@njit(parallel=True, fastmath=FAST, cache=True)
+def matvec_bf16(w, x, out):
+    """matvec_f16 for bfloat16's bits."""
+    n = w.shape[0]
+    for r in prange((n + 3) // 4):
+        _dot_bf16(w, x, out, min(4 * r, n - 4))
+
+
 @njit(fastmath=FAST, cache=True)
 def _nibble_order(x):
     """x (k,) with each 2 · _WIDTH values as _codes gives 4-bit weights: the _WIDTH at even
@@ -615,6 +680,9 @@ def load() -> None:
     matvec(f32, x, out)
     matvec_q4(q4, small, small, x, out)
     matvec_q8(q8, small, small, x, out)
+    halves = np.ones((4, 32), np.uint16)
+    matvec_f16(halves, x, out)
+    matvec_bf16(halves, x, out)
     matmul(f32, f32, f32.copy())
     matmul_q4(q4, small, small, f32, np.empty((4, 4), np.float32))
     matmul_q8(q8, small, small, f32, np.empty((4, 4), np.float32))

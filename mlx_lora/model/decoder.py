@@ -21,10 +21,12 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
+from mlx_lora.machine import available_bytes
 from mlx_lora.model import decode_kernels as k
 
 MODULES = {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"}  # the layouts read below
 FIRST_POSITIONS = 1024  # the KV buffers' and RoPE table's first size; each doubles as positions pass it
+HALF_SHARE = 0.25  # of the machine's memory, at most, for half-precision copies (as cpu_kernels' de-quantized ones)
 
 
 class Unsupported(Exception):
@@ -47,6 +49,7 @@ class Product:
     bits: int
     bias: np.ndarray | None
     adapters: list = field(default_factory=list)  # (a (in, r), b (r, out), scale)
+    half: tuple | None = None  # (a float32 w's float16 or bfloat16 bits, the one-row loop reading them)
 
     @property
     def outputs(self) -> int:
@@ -55,7 +58,10 @@ class Product:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x (in,) -> (out,)."""
         out = np.empty(self.outputs, np.float32)
-        KERNELS[self.bits][0](*self.weight, x, out)
+        if self.half is None:
+            KERNELS[self.bits][0](*self.weight, x, out)
+        else:
+            self.half[1](self.half[0], x, out)
         return self._added(x[None], out[None])[0]
 
     def batch(self, x: np.ndarray) -> np.ndarray:
@@ -120,6 +126,38 @@ def _weight(layer: nn.Module) -> tuple[tuple, int]:
     return (_np(held.weight),), 32
 
 
+def keep_halves(products: list[Product]) -> None:
+    """Give each float32 product a copy of its weight in the half precision it came from (a float16
+    or bfloat16 base computes in float32 on the CPU, precision.py), which one row's product reads:
+    the same floats in half the bytes, where that product is bound by memory. Only where every float
+    product's weight is such a cast and the copies fit HALF_SHARE of memory (beside MLX's float32
+    arrays, which prompts and batches read); else none."""
+    floats = list({id(p): p for p in products if p.bits == 32}.values())
+    width = 2 * k._WIDTH
+    if not floats or any(p.weight[0].shape[1] % width for p in floats):
+        return
+    if sum(p.weight[0].size for p in floats) * 2 > HALF_SHARE * available_bytes():
+        return
+    halves = []
+    for p in floats:  # the first weight that is no such cast ends the search
+        halves.append(_half(p.weight[0]))
+        if halves[-1] is None:
+            return
+    for p, h in zip(floats, halves, strict=True):
+        p.half = h
+
+
+def _half(w: np.ndarray) -> tuple | None:
+    """(w's bfloat16 or float16 bits, the loop that reads them) where w holds such values exactly."""
+    bits = w.view(np.uint32)
+    if not np.any(bits & 0xFFFF):
+        return (bits >> 16).astype(np.uint16), k.matvec_bf16
+    half = w.astype(np.float16)
+    if np.array_equal(half.astype(np.float32), w):
+        return half.view(np.uint16), k.matvec_f16
+    return None
+
+
 def _narrowed(scales: np.ndarray, biases: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A quantized weight's scales and biases in float16 where it holds every value exactly (a GGUF's
     Q4_0, Q4_1 and Q8_0 stored them so), else as they are: a one-token step reads each group's pair
@@ -162,6 +200,7 @@ class Decoder:
         self.blocks = [_block(layer) for layer in inner.layers]
         self.embed_weights = product(inner.embed_tokens)  # the rows a token reads
         self.head = product(model.lm_head) if "lm_head" in model else self.embed_weights  # tied
+        keep_halves([self.head] + [p for b in self.blocks for p in (b.q, b.k, b.v, b.o, b.gate, b.up, b.down)])
         self.norm = _norm(inner.norm)
         self.rope = inner.layers[0].self_attn.rope
         self.head_dim = self.blocks[0].q.outputs // self.blocks[0].heads

@@ -77,6 +77,64 @@ def test_the_decoder_equals_mlx_step_by_step(archs, arch, bits, monkeypatch):
     _close(ours, _steps(model))
 
 
+@pytest.mark.parametrize("stored", [mx.float16, mx.bfloat16])
+def test_a_half_base_reads_its_half_weights_one_row_at_a_time(tmp_path, stored, monkeypatch):
+    """A float16 or bfloat16 base (saved so by transformers) computes in float32 on the CPU
+    (precision.py); one row's products read each weight's half-precision copy (the same floats in
+    half the bytes), and the steps equal MLX's on its float32 arrays. Where the copies would not fit
+    their share of memory, or one weight is no such cast, every product reads float32."""
+    path = make_hf_model(tmp_path / "half", "qwen2", dtype=str(stored).split(".")[-1])
+    base = load_base(str(path), compute="auto")
+    assert base.precision.stored == stored and base.precision.compute == mx.float32
+    model = base.model
+    model.eval()
+    name = "matvec_f16" if stored == mx.float16 else "matvec_bf16"
+    calls, loop = [], getattr(decode_kernels, name)
+    monkeypatch.setattr(decode_kernels, name, lambda *a: calls.append(1) or loop(*a))
+    use_cpu_kernels(model, decoding=True)  # which runs each loop once on tiny arrays (decode_kernels.load)
+    calls.clear()
+    ours = _steps(model)
+    kept = decoder._current(model)
+    products = [kept.head] + [p for b in kept.blocks for p in (b.q, b.k, b.v, b.o, b.gate, b.up, b.down)]
+    assert all(p.half is not None for p in products)
+    assert len(calls) == len(STEPS) * len(products)  # every product of every step after the prompt
+    for p in products:
+        assert np.array_equal(_widened(p.half[0], stored), p.weight[0])
+    use_mlx_kernels(model)
+    _close(ours, _steps(model))
+
+    monkeypatch.undo()
+    monkeypatch.setattr(decoder, "HALF_SHARE", products[0].weight[0].size * 2 / decoder.available_bytes())
+    decoder.keep_halves(fresh := [decoder.Product(p.weight, 32, None) for p in products])
+    assert all(p.half is None for p in fresh)
+    monkeypatch.undo()
+    fresh[-1].weight[0][0, 0] += 1e-3  # no longer a half's value
+    decoder.keep_halves(fresh)
+    assert all(p.half is None for p in fresh)
+
+
+def _widened(bits: np.ndarray, stored) -> np.ndarray:
+    """Half-precision bits as float32, by numpy."""
+    if stored == mx.float16:
+        return bits.view(np.float16).astype(np.float32)
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+@pytest.mark.parametrize("brain", [False, True])
+def test_a_half_product_equals_the_float32_product(brain):
+    """matvec_f16/bf16 over 13 rows of 64 inputs: the weight widened exactly, each output within
+    fp32_tol(64) of Σ |w| |x| of the float64 product."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((13, 64)).astype(np.float32)
+    bits = (w.view(np.uint32) >> 16).astype(np.uint16) if brain else w.astype(np.float16).view(np.uint16)
+    dense = _widened(bits, mx.bfloat16 if brain else mx.float16)
+    x = rng.standard_normal(64).astype(np.float32)
+    out = np.empty(13, np.float32)
+    (decode_kernels.matvec_bf16 if brain else decode_kernels.matvec_f16)(bits, x, out)
+    bound = fp32_tol(64) * (np.abs(dense) @ np.abs(x))
+    assert np.all(np.abs(out - dense.astype(np.float64) @ x.astype(np.float64)) <= bound)
+
+
 def _batch_steps(model: nn.Module, rows: int, padded: bool) -> list[mx.array]:
     """Logits of each step of `rows` rows fed one token each after their prompts: over a KV cache of
     `rows` rows (one prompt), or over mlx-lm's BatchKVCache (prompts of different lengths, left
