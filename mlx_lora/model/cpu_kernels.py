@@ -552,12 +552,13 @@ def _use_decoder(model: nn.Module) -> str:
         return ""
     model.__class__ = decoder.decoding_class(type(model))
     decode_kernels.load()
-    return "; decoding steps by model/decoder.py"
+    return decoder.keep_halves(model) + "; decoding steps by model/decoder.py"
 
 
 def use_mlx_kernels(model: nn.Module) -> None:
     """Undo `use_cpu_kernels`: every module of `model` back on its mlx-lm or MLX class."""
     drop_dequantized(model)
     for _, module in model.named_modules():
+        vars(module).pop("half", None)  # decoder.keep_halves' copies
         while type(module) in _CPU_CLASSES.values() or "on_cpu_kernels" in vars(type(module)):
             module.__class__ = type(module).__bases__[0]

@@ -446,6 +446,64 @@ def matvec_bf16(w, x, out):
         _dot_bf16(w, x, out, min(4 * r, n - 4))
 
 
+def _halver(brain: bool):
+    """An intrinsic that sets out (k,) = w (k,) float32's float16 bits (or bfloat16's, `brain`: its
+    high halves), k a multiple of _WIDTH, and returns whether every value is exactly such a half:
+    it round-trips (`vcvtps2ph`, `vcvtph2ps`), or its low half is zero."""
+
+    def halve(typingctx, w, out):
+        if not (_c_arrays(1, [types.float32], w) and _c_arrays(1, [types.uint16], out)):
+            return None
+        return types.boolean(w, out), codegen
+
+    def codegen(context, builder, sig, args):
+        wa, oa = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args, args))
+        floats, words = ir.VectorType(ir.FloatType(), _WIDTH), ir.VectorType(ir.IntType(32), _WIDTH)
+        halves = ir.VectorType(ir.IntType(16), _WIDTH)
+        k = cgutils.unpack_tuple(builder, wa.shape)[0]
+        exact = cgutils.alloca_once_value(builder, ir.IntType(1)(1))
+        with cgutils.for_range(builder, builder.udiv(k, k.type(_WIDTH))) as step:
+            j = builder.mul(step.index, step.index.type(_WIDTH))
+            value = builder.load(builder.bitcast(builder.gep(wa.data, [j]), floats.as_pointer()), align=4)
+            if brain:
+                bits = builder.bitcast(value, words)
+                same = builder.icmp_unsigned("==", builder.and_(bits, words([0xFFFF] * _WIDTH)), words([0] * _WIDTH))
+                half = builder.trunc(builder.lshr(bits, words([16] * _WIDTH)), halves)
+            else:
+                narrow = builder.fptrunc(value, ir.VectorType(ir.HalfType(), _WIDTH))
+                same = builder.fcmp_ordered("==", builder.fpext(narrow, floats), value)
+                half = builder.bitcast(narrow, halves)
+            every = builder.icmp_unsigned("==", builder.bitcast(same, ir.IntType(_WIDTH)), ir.IntType(_WIDTH)(-1))
+            builder.store(builder.and_(builder.load(exact), every), exact)
+            builder.store(half, builder.bitcast(builder.gep(oa.data, [j]), halves.as_pointer()), align=2)
+        return builder.load(exact)
+
+    halve.__name__ = halve.__qualname__ = "_row_to_bf16" if brain else "_row_to_f16"
+    return intrinsic(halve)
+
+
+_row_to_f16, _row_to_bf16 = _halver(False), _halver(True)
+
+
+@njit(parallel=True, cache=True)
+def to_f16(w, out):
+    """out = w (n, k) float32's float16 bits (uint16), k a multiple of _WIDTH, over every core;
+    whether every value is a float16's."""
+    exact = np.empty(w.shape[0], np.bool_)
+    for r in prange(w.shape[0]):
+        exact[r] = _row_to_f16(w[r], out[r])
+    return exact.all()
+
+
+@njit(parallel=True, cache=True)
+def to_bf16(w, out):
+    """to_f16 for bfloat16: out the high halves of w's bits; whether every low half is zero."""
+    exact = np.empty(w.shape[0], np.bool_)
+    for r in prange(w.shape[0]):
+        exact[r] = _row_to_bf16(w[r], out[r])
+    return exact.all()
+
+
 @njit(fastmath=FAST, cache=True)
 def _nibble_order(x):
     """x (k,) with each 2 · _WIDTH values as _codes gives 4-bit weights: the _WIDTH at even
@@ -683,6 +741,8 @@ def load() -> None:
     halves = np.ones((4, 32), np.uint16)
     matvec_f16(halves, x, out)
     matvec_bf16(halves, x, out)
+    to_f16(f32, halves)
+    to_bf16(f32, halves)
     matmul(f32, f32, f32.copy())
     matmul_q4(q4, small, small, f32, np.empty((4, 4), np.float32))
     matmul_q8(q8, small, small, f32, np.empty((4, 4), np.float32))

@@ -26,6 +26,7 @@ from mlx_lora.model import decode_kernels as k
 
 MODULES = {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"}  # the layouts read below
 FIRST_POSITIONS = 1024  # the KV buffers' and RoPE table's first size; each doubles as positions pass it
+HELD = "half"  # keep_halves' attribute on a layer: (the float32 weight copied, its half bits, their loop)
 HALF_SHARE = 0.25  # of the machine's memory, at most, for half-precision copies (as cpu_kernels' de-quantized ones)
 
 
@@ -109,7 +110,7 @@ def product(layer: nn.Module) -> Product:
     weight, bits = _weight(layer)
     if weight[0].shape[0] < 4:
         raise Unsupported("a product of fewer than 4 rows")
-    return Product(weight, bits, bias, adapters)
+    return Product(weight, bits, bias, adapters, _held_half(layer) if bits == 32 else None)
 
 
 def _weight(layer: nn.Module) -> tuple[tuple, int]:
@@ -126,35 +127,48 @@ def _weight(layer: nn.Module) -> tuple[tuple, int]:
     return (_np(held.weight),), 32
 
 
-def keep_halves(products: list[Product]) -> None:
-    """Give each float32 product a copy of its weight in the half precision it came from (a float16
-    or bfloat16 base computes in float32 on the CPU, precision.py), which one row's product reads:
-    the same floats in half the bytes, where that product is bound by memory. Only where every float
-    product's weight is such a cast and the copies fit HALF_SHARE of memory (beside MLX's float32
-    arrays, which prompts and batches read); else none."""
-    floats = list({id(p): p for p in products if p.bits == 32}.values())
-    width = 2 * k._WIDTH
-    if not floats or any(p.weight[0].shape[1] % width for p in floats):
-        return
-    if sum(p.weight[0].size for p in floats) * 2 > HALF_SHARE * available_bytes():
-        return
-    halves = []
-    for p in floats:  # the first weight that is no such cast ends the search
-        halves.append(_half(p.weight[0]))
-        if halves[-1] is None:
-            return
-    for p, h in zip(floats, halves, strict=True):
-        p.half = h
+def keep_halves(model: nn.Module) -> str:
+    """Give each float32 linear layer and embedding of `model` a copy of its weight in the half
+    precision it came from (a float16 or bfloat16 base computes in float32 on the CPU, precision.py),
+    which one row's product reads: the same floats in half the bytes, where that product is bound by
+    memory. Held as a plain attribute beside MLX's float32 array (which prompts and batches read),
+    made when a command that decodes loads the model (use_cpu_kernels), so no first token waits for
+    it; only where every such weight is a half's cast and the copies fit HALF_SHARE of memory. What
+    was kept, for the kernels' line."""
+    layers = [
+        m
+        for _, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Embedding)) and m["weight"].dtype == mx.float32 and m["weight"].ndim == 2
+    ]
+    if not layers or any(m["weight"].shape[1] % (2 * k._WIDTH) for m in layers):
+        return ""
+    size = sum(m["weight"].size for m in layers) * 2
+    if size > HALF_SHARE * available_bytes():
+        return ""
+    made = []
+    for m in (m for m in layers if _held_half(m) is None):  # the first weight that is no such cast ends it
+        half = _half(_np(m["weight"]))
+        if half is None:
+            return ""
+        made.append((m, half))
+    for m, half in made:
+        vars(m)[HELD] = (m["weight"], *half)
+    return f"; {size / 1e9:.2f} GB of half-precision weights kept for one-row products"
+
+
+def _held_half(layer: nn.Module) -> tuple | None:
+    """(bits, loop) of the half copy keep_halves gave `layer`, while its weight is the one copied."""
+    held = vars(layer).get(HELD)
+    return held[1:] if held is not None and held[0] is layer["weight"] else None
 
 
 def _half(w: np.ndarray) -> tuple | None:
-    """(w's bfloat16 or float16 bits, the loop that reads them) where w holds such values exactly."""
-    bits = w.view(np.uint32)
-    if not np.any(bits & 0xFFFF):
-        return (bits >> 16).astype(np.uint16), k.matvec_bf16
-    half = w.astype(np.float16)
-    if np.array_equal(half.astype(np.float32), w):
-        return half.view(np.uint16), k.matvec_f16
+    """(w's bfloat16 or float16 bits, the loop that reads them) where w holds such values exactly
+    (converted over every core: ~0.05 s for a 135M model, paid at its first one-token step)."""
+    out = np.empty(w.shape, np.uint16)
+    for convert, loop in ((k.to_bf16, k.matvec_bf16), (k.to_f16, k.matvec_f16)):
+        if convert(w[:1], out[:1]) and convert(w, out):  # the first row decides most cases at once
+            return out, loop
     return None
 
 
@@ -197,10 +211,10 @@ class Decoder:
         inner = model.model
         if any(getattr(layer, "use_sliding", False) for layer in inner.layers):
             raise Unsupported("sliding-window layers")
+        keep_halves(model)  # layers the model gained since it was loaded (none where it is as loaded)
         self.blocks = [_block(layer) for layer in inner.layers]
         self.embed_weights = product(inner.embed_tokens)  # the rows a token reads
         self.head = product(model.lm_head) if "lm_head" in model else self.embed_weights  # tied
-        keep_halves([self.head] + [p for b in self.blocks for p in (b.q, b.k, b.v, b.o, b.gate, b.up, b.down)])
         self.norm = _norm(inner.norm)
         self.rope = inner.layers[0].self_attn.rope
         self.head_dim = self.blocks[0].q.outputs // self.blocks[0].heads
