@@ -17,7 +17,9 @@ than libm's a value and as accurate as cpu_kernels' fast_exp. The products' inne
 as LLVM vectors inside numba's functions (intrinsics, cached with them), 512 bits wide where the CPU
 has AVX-512, else 256: one row's quantized sums (`_row_dotter`), a row's de-quantization
 (`_dequantizer`) and the batch products' tile (`_vector_tile`), where numba's loops ran slower, were
-not vectorized whole, or spilled their sums on AVX2 (bench/RESULTS.md).
+not vectorized whole, or spilled their sums on AVX2 (bench/RESULTS.md); and one row's sums over a
+half-precision copy of a float16 or bfloat16 base's weights (`_half_dotter`), and those copies
+(`_halver`), which numba has no type for.
 """
 
 import numpy as np
