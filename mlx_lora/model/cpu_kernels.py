@@ -559,6 +559,6 @@ def use_mlx_kernels(model: nn.Module) -> None:
     """Undo `use_cpu_kernels`: every module of `model` back on its mlx-lm or MLX class."""
     drop_dequantized(model)
     for _, module in model.named_modules():
-        vars(module).pop("half", None)  # decoder.keep_halves' copies
+        vars(module).pop("half", None)  # decoder.keep_halves' copies (decoder.HELD; numba may be absent)
         while type(module) in _CPU_CLASSES.values() or "on_cpu_kernels" in vars(type(module)):
             module.__class__ = type(module).__bases__[0]

@@ -103,7 +103,7 @@ def test_a_half_base_reads_its_half_weights_one_row_at_a_time(tmp_path, stored, 
     use_mlx_kernels(model)
     _close(ours, _steps(model))
 
-    assert not any("half" in vars(m) for _, m in model.named_modules())  # use_mlx_kernels dropped them
+    assert not any(decoder.HELD in vars(m) for _, m in model.named_modules())  # use_mlx_kernels dropped them
 
     monkeypatch.undo()
     monkeypatch.setattr(decoder, "HALF_SHARE", products[0].weight[0].size * 2 / decoder.available_bytes())
@@ -112,7 +112,7 @@ def test_a_half_base_reads_its_half_weights_one_row_at_a_time(tmp_path, stored, 
     down = model.model.layers[-1].mlp.down_proj
     down.weight = down.weight + 1e-3  # no longer a half's values
     assert decoder.keep_halves(model) == ""
-    assert not any("half" in vars(m) for _, m in model.named_modules())
+    assert not any(decoder.HELD in vars(m) for _, m in model.named_modules())
 
 
 def _widened(bits: np.ndarray, stored) -> np.ndarray:
