@@ -8,18 +8,19 @@ float32 at ~20 GB/s and a 4-bit weight in a third of that time (bench/RESULTS.md
 small batches outside MLX"). A one-row quantized product sums each group's q · x and scales it
 once, s · Σ q x + b · Σ x, the same number as (s q + b) · x up to fp32 rounding, with activations
 kept in float32 (llama.cpp rounds them to 8 bits); four weight rows at a time share each load of x.
-A batch's product de-quantizes four weight rows at a time and multiplies them by four rows of x
-at a time. Loops are written the way LLVM was seen to vectorize them (bench/RESULTS.md): inner
-loops counted from 0 with constant or plain trip counts, named scalar sums, and a group's scale and
-bias read one per statement before a de-quantizing loop (read as a tuple, matmul_q4's stayed scalar).
+A batch's product de-quantizes (or widens, from half precision) four weight rows at a time into a
+buffer and multiplies them by four rows of x at a time. Loops are written the way LLVM was seen to
+vectorize them (bench/RESULTS.md): inner loops counted from 0 with constant or plain trip counts,
+named scalar sums, and a group's scale and bias read one per statement before a de-quantizing loop
+(read as a tuple, matmul_q4's stayed scalar).
 SwiGLU and attention's softmax take an exp of their own (`_exp`) that LLVM vectorizes, 6x faster
 than libm's a value and as accurate as cpu_kernels' fast_exp. The products' inner loops are written
 as LLVM vectors inside numba's functions (intrinsics, cached with them), 512 bits wide where the CPU
 has AVX-512, else 256: one row's quantized sums (`_row_dotter`), a row's de-quantization
 (`_dequantizer`) and the batch products' tile (`_vector_tile`), where numba's loops ran slower, were
 not vectorized whole, or spilled their sums on AVX2 (bench/RESULTS.md); and one row's sums over a
-half-precision copy of a float16 or bfloat16 base's weights (`_half_dotter`), and those copies
-(`_halver`), which numba has no type for.
+half-precision copy of a float16 or bfloat16 base's weights (`_half_dotter`), those copies
+(`_halver`) and their rows widened for a batch (`_widener`), which numba has no type for.
 """
 
 import numpy as np
@@ -168,6 +169,25 @@ def _codes(builder, at, bits: int) -> list:
     return codes
 
 
+def _totals(builder, sums: list):
+    """The four vector sums' totals as one vector of 4, summed in the tree LLVM's reduce.fadd uses
+    for each (the halves, then their halves, ...: the same floats), their steps shared between them:
+    a third of the instructions that four reductions and four scalar stores took."""
+
+    def pick(a, b, lanes):
+        return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(ir.IntType(32), len(lanes)), lanes))
+
+    def halves(a, b, width):  # [a's low half + its high half, b's likewise]
+        low = [j for j in range(width // 2)] + [width + j for j in range(width // 2)]
+        return builder.fadd(pick(a, b, low), pick(a, b, [j + width // 2 for j in low]))
+
+    if _WIDTH == 16:  # to 8 lanes each, the tree's first step
+        sums = [builder.fadd(pick(v, v, list(range(8))), pick(v, v, list(range(8, 16)))) for v in sums]
+    pairs = halves(sums[0], sums[1], 8), halves(sums[2], sums[3], 8)  # [u0 | u1], [u2 | u3], 4 lanes each
+    quarters = builder.fadd(pick(*pairs, [0, 1, 8, 9, 4, 5, 12, 13]), pick(*pairs, [2, 3, 10, 11, 6, 7, 14, 15]))
+    return builder.fadd(pick(quarters, quarters, [0, 4, 2, 6]), pick(quarters, quarters, [1, 5, 3, 7]))
+
+
 @intrinsic
 def _vector_tile(typingctx, w, x, out, i, r):
     """out[r..r+_TILE_ROWS, i..i+4] = x[r..r+_TILE_ROWS] @ wᵀ for w (4, k), x (R, k), out (R, n), k a
@@ -187,8 +207,6 @@ def _vector_tile(typingctx, w, x, out, i, r):
         fma = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(lanes, [lanes] * 3), f"llvm.fma.v{_WIDTH}f32"
         )
-        add = ir.FunctionType(ir.FloatType(), [ir.FloatType(), lanes])
-        total = cgutils.get_or_insert_function(builder.module, add, f"llvm.vector.reduce.fadd.v{_WIDTH}f32")
         sums = [
             [cgutils.alloca_once_value(builder, lanes([0.0] * _WIDTH)) for _ in range(4)] for _ in range(_TILE_ROWS)
         ]
@@ -204,11 +222,11 @@ def _vector_tile(typingctx, w, x, out, i, r):
             for s in range(_TILE_ROWS):
                 for t in range(4):
                     builder.store(builder.call(fma, [ws[t], xs[s], builder.load(sums[s][t])]), sums[s][t])
+        four = ir.VectorType(ir.FloatType(), 4)
         for s in range(_TILE_ROWS):
-            for t in range(4):
-                value = builder.call(total, [ir.FloatType()(-0.0), builder.load(sums[s][t])], fastmath=("reassoc",))
-                at = builder.add(builder.mul(n, builder.add(r, k.type(s))), builder.add(i, k.type(t)))
-                builder.store(value, builder.gep(oa.data, [at]))
+            value = _totals(builder, [builder.load(sums[s][t]) for t in range(4)])
+            at = builder.add(builder.mul(n, builder.add(r, k.type(s))), i)
+            builder.store(value, builder.bitcast(builder.gep(oa.data, [at]), four.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return types.void(w, x, out, i, r), codegen
@@ -225,9 +243,9 @@ def _tile(w, x, out, i, r, k):
 
 
 @njit(parallel=True, fastmath=FAST, cache=True)
-def matmul(w, x, out):
+def matmul(w, x, out, chunks):
     """out (R, n) = x (R, k) @ w (n, k) float32 transposed, R >= 4 (n >= 4): four of w's rows at a
-    time against every row of x, four at a time."""
+    time against every row of x, four at a time (`chunks` as the other batch products take it)."""
     n, rows, k = w.shape[0], x.shape[0], x.shape[1]
     for blk in prange((n + 3) // 4):
         i = min(4 * blk, n - 4)
@@ -487,6 +505,37 @@ def _halver(brain: bool):
 _row_to_f16, _row_to_bf16 = _halver(False), _halver(True)
 
 
+def _widener(brain: bool):
+    """An intrinsic that sets out (k,) float32 = w (k,) float16's bits (or bfloat16's, `brain`), k a
+    multiple of _WIDTH: _WIDTH a load (`vcvtph2ps`; bfloat16, shifted into a float32's high half)."""
+
+    def widen(typingctx, w, out):
+        if not (_c_arrays(1, [types.uint16], w) and _c_arrays(1, [types.float32], out)):
+            return None
+        return types.void(w, out), codegen
+
+    def codegen(context, builder, sig, args):
+        wa, oa = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args, args))
+        floats, words = ir.VectorType(ir.FloatType(), _WIDTH), ir.VectorType(ir.IntType(32), _WIDTH)
+        halves = ir.VectorType(ir.IntType(16), _WIDTH)
+        k = cgutils.unpack_tuple(builder, wa.shape)[0]
+        with cgutils.for_range(builder, builder.udiv(k, k.type(_WIDTH))) as step:
+            j = builder.mul(step.index, step.index.type(_WIDTH))
+            raw = builder.load(builder.bitcast(builder.gep(wa.data, [j]), halves.as_pointer()), align=2)
+            if brain:
+                value = builder.bitcast(builder.shl(builder.zext(raw, words), words([16] * _WIDTH)), floats)
+            else:
+                value = builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), _WIDTH)), floats)
+            builder.store(value, builder.bitcast(builder.gep(oa.data, [j]), floats.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    widen.__name__ = widen.__qualname__ = "_widen_bf16" if brain else "_widen_f16"
+    return intrinsic(widen)
+
+
+_widen_f16, _widen_bf16 = _widener(False), _widener(True)
+
+
 @njit(parallel=True, cache=True)
 def to_f16(w, out):
     """out = w (n, k) float32's float16 bits (uint16), k a multiple of _WIDTH, over every core;
@@ -538,32 +587,80 @@ def matvec_q8(packed, scales, biases, x, out):
         _dot_q8(packed, scales, biases, x, sums, out, min(4 * r, n - 4))
 
 
-@njit(parallel=True, fastmath=FAST, cache=True)
-def matmul_q4(packed, scales, biases, x, out):
-    """matmul of a 4-bit affine weight (C-contiguous arrays): each block of four rows de-quantized
-    once (scale · q + bias, float32, as MLX's), into a buffer that stays in the core's cache for
-    every row of x."""
-    n, rows, k = packed.shape[0], x.shape[0], x.shape[1]
-    for blk in prange((n + 3) // 4):
-        i = min(4 * blk, n - 4)
-        w = np.empty((4, k), np.float32)
-        for t in range(4):
-            _dequantize_q4(packed[i + t], scales[i + t], biases[i + t], w[t])
-        for r in range(0, rows, 4):
-            _tile(w, x, out, i, min(r, rows - 4), k)
+@njit(cache=True, inline="always")
+def _share(c, chunks, blocks):
+    """The range of blocks that chunk c of `chunks` even shares takes. The decoder gives a batch
+    product one chunk a thread (numba's get_num_threads, which a cached loop cannot call), so each
+    allocates its buffer once: one a block cost the 16-row products of SmolLM2's shapes 0-10%."""
+    return c * blocks // chunks, (c + 1) * blocks // chunks
 
 
 @njit(parallel=True, fastmath=FAST, cache=True)
-def matmul_q8(packed, scales, biases, x, out):
-    """matmul of an 8-bit affine weight, de-quantized four rows at a time as matmul_q4's."""
+def _matmul_codes(packed, scales, biases, x, out, chunks, bits):
+    """matmul of a `bits`-bit affine weight (C-contiguous arrays): each block of four rows
+    de-quantized once (scale · q + bias, float32, as MLX's), into a buffer that stays in the core's
+    cache for every row of x; `chunks` shares of the blocks, one buffer each (`_share`). (The kind
+    of weight is an argument, not a function: numba caches no loop that is passed a function.)"""
     n, rows, k = packed.shape[0], x.shape[0], x.shape[1]
-    for blk in prange((n + 3) // 4):
-        i = min(4 * blk, n - 4)
+    blocks = (n + 3) // 4
+    chunks = min(chunks, blocks)
+    for c in prange(chunks):
         w = np.empty((4, k), np.float32)
-        for t in range(4):
-            _dequantize_q8(packed[i + t], scales[i + t], biases[i + t], w[t])
-        for r in range(0, rows, 4):
-            _tile(w, x, out, i, min(r, rows - 4), k)
+        first, end = _share(c, chunks, blocks)
+        for blk in range(first, end):
+            i = min(4 * blk, n - 4)
+            for t in range(4):
+                if bits == 4:
+                    _dequantize_q4(packed[i + t], scales[i + t], biases[i + t], w[t])
+                else:
+                    _dequantize_q8(packed[i + t], scales[i + t], biases[i + t], w[t])
+            for r in range(0, rows, 4):
+                _tile(w, x, out, i, min(r, rows - 4), k)
+
+
+@njit(parallel=True, fastmath=FAST, cache=True)
+def _matmul_halves(w, x, out, chunks, brain):
+    """matmul of a weight as float16's bits (bfloat16's, `brain`), four rows at a time widened into
+    the buffer _matmul_codes de-quantizes into: the float32 weight's own products, bit for bit."""
+    n, rows, k = w.shape[0], x.shape[0], x.shape[1]
+    blocks = (n + 3) // 4
+    chunks = min(chunks, blocks)
+    for c in prange(chunks):
+        wide = np.empty((4, k), np.float32)
+        first, end = _share(c, chunks, blocks)
+        for blk in range(first, end):
+            i = min(4 * blk, n - 4)
+            if brain:
+                _widen_bf16(w[i : i + 4].reshape(-1), wide.reshape(-1))
+            else:
+                _widen_f16(w[i : i + 4].reshape(-1), wide.reshape(-1))
+            for r in range(0, rows, 4):
+                _tile(wide, x, out, i, min(r, rows - 4), k)
+
+
+@njit(fastmath=FAST, cache=True)
+def matmul_q4(packed, scales, biases, x, out, chunks):
+    """matmul of a 4-bit affine weight over `chunks` shares (one a thread), as _matmul_codes'."""
+    _matmul_codes(packed, scales, biases, x, out, chunks, 4)
+
+
+@njit(fastmath=FAST, cache=True)
+def matmul_q8(packed, scales, biases, x, out, chunks):
+    """matmul_q4 for an 8-bit affine weight."""
+    _matmul_codes(packed, scales, biases, x, out, chunks, 8)
+
+
+@njit(fastmath=FAST, cache=True)
+def matmul_f16(w, x, out, chunks):
+    """matmul of a weight as float16's bits (uint16, k a multiple of _WIDTH), reading half the
+    float32 weight's bytes from memory for the same products (_matmul_halves)."""
+    _matmul_halves(w, x, out, chunks, False)
+
+
+@njit(fastmath=FAST, cache=True)
+def matmul_bf16(w, x, out, chunks):
+    """matmul_f16 for bfloat16's bits."""
+    _matmul_halves(w, x, out, chunks, True)
 
 
 @njit(fastmath=FAST, cache=True)
@@ -745,9 +842,11 @@ def load() -> None:
     matvec_bf16(halves, x, out)
     to_f16(f32, halves)
     to_bf16(f32, halves)
-    matmul(f32, f32, f32.copy())
-    matmul_q4(q4, small, small, f32, np.empty((4, 4), np.float32))
-    matmul_q8(q8, small, small, f32, np.empty((4, 4), np.float32))
+    matmul(f32, f32, f32.copy(), 2)
+    matmul_q4(q4, small, small, f32, np.empty((4, 4), np.float32), 2)
+    matmul_q8(q8, small, small, f32, np.empty((4, 4), np.float32), 2)
+    matmul_f16(halves, f32, np.empty((4, 4), np.float32), 2)
+    matmul_bf16(halves, f32, np.empty((4, 4), np.float32), 2)
     low_rank(x, f32.T.copy(), f32, np.float32(1.0), x.copy())
     rms_norm(f32, x, np.float32(1e-5), f32.copy())
     heads = f32.reshape(2, 2, 32)

@@ -20,13 +20,14 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import BatchKVCache, KVCache
+from numba import get_num_threads
 
 from mlx_lora.machine import available_bytes
 from mlx_lora.model import decode_kernels as k
 
 MODULES = {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"}  # the layouts read below
 FIRST_POSITIONS = 1024  # the KV buffers' and RoPE table's first size; each doubles as positions pass it
-HELD = "half"  # keep_halves' attribute on a layer: (the float32 weight copied, its half bits, their loop)
+HELD = "half"  # keep_halves' attribute on a layer: (the float32 weight copied, its half bits, their loops)
 HALF_SHARE = 0.25  # of the machine's memory, at most, for half-precision copies (as cpu_kernels' de-quantized ones)
 
 
@@ -50,7 +51,7 @@ class Product:
     bits: int
     bias: np.ndarray | None
     adapters: list = field(default_factory=list)  # (a (in, r), b (r, out), scale)
-    half: tuple | None = None  # (a float32 w's float16 or bfloat16 bits, the one-row loop reading them)
+    half: tuple | None = None  # (a float32 w's float16 or bfloat16 bits, the one-row and batch loops reading them)
 
     @property
     def outputs(self) -> int:
@@ -74,7 +75,11 @@ class Product:
             return self(x[0])[None]
         padded = np.ascontiguousarray(x) if rows >= 4 else np.concatenate([x, np.repeat(x[-1:], 4 - rows, axis=0)])
         out = np.empty((padded.shape[0], self.outputs), np.float32)
-        KERNELS[self.bits][1](*self.weight, padded, out)
+        chunks = get_num_threads()
+        if self.half is None:
+            KERNELS[self.bits][1](*self.weight, padded, out, chunks)
+        else:
+            self.half[2](self.half[0], padded, out, chunks)
         return self._added(x, out[:rows])
 
     def _added(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -130,11 +135,11 @@ def _weight(layer: nn.Module) -> tuple[tuple, int]:
 def keep_halves(model: nn.Module) -> str:
     """Give each float32 linear layer and embedding of `model` a copy of its weight in the half
     precision it came from (a float16 or bfloat16 base computes in float32 on the CPU, precision.py),
-    which one row's product reads: the same floats in half the bytes, where that product is bound by
-    memory. Held as a plain attribute beside MLX's float32 array (which prompts and batches read),
-    made when a command that decodes loads the model (use_cpu_kernels), so no first token waits for
-    it; only where every such weight is a half's cast and the copies fit HALF_SHARE of memory. What
-    was kept, for the kernels' line."""
+    which one row's product and a batch's read: the same floats in half the bytes, where one row is
+    bound by memory and a batch waits on it. Held as a plain attribute beside MLX's float32 array
+    (which prompts read), made when a command that decodes loads the model (use_cpu_kernels), so no
+    first token waits for it; only where every such weight is a half's cast and the copies fit
+    HALF_SHARE of memory. What was kept, for the kernels' line."""
     layers = [
         m
         for _, m in model.named_modules()
@@ -153,22 +158,23 @@ def keep_halves(model: nn.Module) -> str:
         made.append((m, half))
     for m, half in made:
         vars(m)[HELD] = (m["weight"], *half)
-    return f"; {size / 1e9:.2f} GB of half-precision weights kept for one-row products"
+    return f"; {size / 1e9:.2f} GB of half-precision weights kept for decoding steps"
 
 
 def _held_half(layer: nn.Module) -> tuple | None:
-    """(bits, loop) of the half copy keep_halves gave `layer`, while its weight is the one copied."""
+    """(bits, one-row loop, batch loop) of the half copy keep_halves gave `layer`, while its weight
+    is the one copied."""
     held = vars(layer).get(HELD)
     return held[1:] if held is not None and held[0] is layer["weight"] else None
 
 
 def _half(w: np.ndarray) -> tuple | None:
-    """(w's bfloat16 or float16 bits, the loop that reads them) where w holds such values exactly
-    (converted over every core: ~6 ms for the 135M model's 28M-value head)."""
+    """(w's bfloat16 or float16 bits, the one-row and batch loops that read them) where w holds such
+    values exactly (converted over every core: ~6 ms for the 135M model's 28M-value head)."""
     out = np.empty(w.shape, np.uint16)
-    for convert, loop in ((k.to_bf16, k.matvec_bf16), (k.to_f16, k.matvec_f16)):
+    for convert, *loops in ((k.to_bf16, k.matvec_bf16, k.matmul_bf16), (k.to_f16, k.matvec_f16, k.matmul_f16)):
         if convert(w[:1], out[:1]) and convert(w, out):  # the first row decides most cases at once
-            return out, loop
+            return out, *loops
     return None
 
 

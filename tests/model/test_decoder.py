@@ -78,30 +78,37 @@ def test_the_decoder_equals_mlx_step_by_step(archs, arch, bits, monkeypatch):
 
 
 @pytest.mark.parametrize("stored", [mx.float16, mx.bfloat16])
-def test_a_half_base_reads_its_half_weights_one_row_at_a_time(tmp_path, stored, monkeypatch):
+def test_a_half_base_reads_its_half_weights(tmp_path, stored, monkeypatch):
     """A float16 or bfloat16 base (saved so by transformers) computes in float32 on the CPU
-    (precision.py); one row's products read each weight's half-precision copy (the same floats in
-    half the bytes), and the steps equal MLX's on its float32 arrays. Where the copies would not fit
-    their share of memory, or one weight is no such cast, every product reads float32."""
+    (precision.py); one row's products and a batch's read each weight's half-precision copy (the
+    same floats in half the bytes), and the steps equal MLX's on its float32 arrays. Where the
+    copies would not fit their share of memory, or one weight is no such cast, every product reads
+    float32."""
     path = make_hf_model(tmp_path / "half", "qwen2", dtype=str(stored).split(".")[-1])
     base = load_base(str(path), compute="auto")
     assert base.precision.stored == stored and base.precision.compute == mx.float32
     model = base.model
     model.eval()
-    name = "matvec_f16" if stored == mx.float16 else "matvec_bf16"
-    calls, loop = [], getattr(decode_kernels, name)
-    monkeypatch.setattr(decode_kernels, name, lambda *a: calls.append(1) or loop(*a))
+    half = "f16" if stored == mx.float16 else "bf16"
+    calls = []
+    for name in (f"matvec_{half}", f"matmul_{half}"):
+        loop = getattr(decode_kernels, name)
+        monkeypatch.setattr(decode_kernels, name, lambda *a, name=name, loop=loop: calls.append(name) or loop(*a))
     use_cpu_kernels(model, decoding=True)  # which runs each loop once on tiny arrays (decode_kernels.load)
     calls.clear()
     ours = _steps(model)
     kept = decoder._current(model)
     products = [kept.head] + [p for b in kept.blocks for p in (b.q, b.k, b.v, b.o, b.gate, b.up, b.down)]
     assert all(p.half is not None for p in products)
-    assert len(calls) == len(STEPS) * len(products)  # every product of every step after the prompt
+    assert calls == [f"matvec_{half}"] * len(STEPS) * len(products)  # every product of every step after the prompt
     for p in products:
         assert np.array_equal(_widened(p.half[0], stored), p.weight[0])
+    calls.clear()
+    ours_batch = _batch_steps(model, 5, padded=False)
+    assert calls == [f"matmul_{half}"] * len(STEPS) * len(products)
     use_mlx_kernels(model)
     _close(ours, _steps(model))
+    _close(ours_batch, _batch_steps(model, 5, padded=False))
 
     assert not any(decoder.HELD in vars(m) for _, m in model.named_modules())  # use_mlx_kernels dropped them
 
@@ -135,6 +142,23 @@ def test_a_half_product_equals_the_float32_product(brain):
     (decode_kernels.matvec_bf16 if brain else decode_kernels.matvec_f16)(bits, x, out)
     bound = fp32_tol(64) * (np.abs(dense) @ np.abs(x))
     assert np.all(np.abs(out - dense.astype(np.float64) @ x.astype(np.float64)) <= bound)
+
+
+@pytest.mark.parametrize("brain", [False, True])
+@pytest.mark.parametrize("chunks", [1, 3, 8])
+def test_a_half_batch_product_is_the_float32_batch_product(brain, chunks):
+    """matmul_f16/bf16 widen four rows at a time into the buffer matmul's tile reads in place: over
+    13 weight rows (the last block overlapping) and 6 rows of x, every output is the float matmul
+    gives on the widened weight, bit for bit, however many shares the blocks are cut into (8:
+    more than the blocks)."""
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((13, 64)).astype(np.float32)
+    bits = (w.view(np.uint32) >> 16).astype(np.uint16) if brain else w.astype(np.float16).view(np.uint16)
+    x = rng.standard_normal((6, 64)).astype(np.float32)
+    half, dense = np.full((6, 13), np.nan, np.float32), np.full((6, 13), np.nan, np.float32)
+    (decode_kernels.matmul_bf16 if brain else decode_kernels.matmul_f16)(bits, x, half, chunks)
+    decode_kernels.matmul(_widened(bits, mx.bfloat16 if brain else mx.float16), x, dense, 1)
+    assert np.array_equal(half, dense)
 
 
 def _batch_steps(model: nn.Module, rows: int, padded: bool) -> list[mx.array]:
@@ -307,16 +331,17 @@ def test_a_quantized_product_equals_the_dequantized_weight_times_x(bits, group):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("group", [32, 64, 128])
-def test_a_batchs_quantized_product_equals_the_dequantized_weight_times_x(bits, group):
-    """matmul_q4/q8 over 13 weight rows of 256 inputs and 6 rows of x: the weight de-quantized
-    exactly as MLX's (s · q + b, one float32 rounding), then summed in some order, so each output is
-    within fp32_tol(256) of Σ |w| |x|."""
+@pytest.mark.parametrize("group,chunks", [(32, 1), (64, 3), (128, 8)])
+def test_a_batchs_quantized_product_equals_the_dequantized_weight_times_x(bits, group, chunks):
+    """matmul_q4/q8 over 13 weight rows of 256 inputs and 6 rows of x, their four blocks in 1, 3
+    (uneven) or 8 shares (more than the blocks): the weight de-quantized exactly as MLX's (s · q + b,
+    one float32 rounding), then summed in some order, so each output is within fp32_tol(256) of
+    Σ |w| |x|."""
     packed, scales, biases, dense = _quantized(13, 256, group, bits)
     x = np.random.default_rng(3).standard_normal((6, 256)).astype(np.float32)
     out = np.empty((6, 13), np.float32)
     kernel = decode_kernels.matmul_q4 if bits == 4 else decode_kernels.matmul_q8
-    kernel(packed.view(np.uint8), scales, biases, x, out)
+    kernel(packed.view(np.uint8), scales, biases, x, out, chunks)
     bound = fp32_tol(256) * (np.abs(x) @ np.abs(dense).T)
     assert np.all(np.abs(out - x.astype(np.float64) @ dense.T.astype(np.float64)) <= bound)
 
@@ -324,19 +349,24 @@ def test_a_batchs_quantized_product_equals_the_dequantized_weight_times_x(bits, 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_scales_narrowed_to_float16_give_the_same_products(bits):
     """Scales and biases that float16 holds exactly (a GGUF's) are read as float16's bits: the same
-    numbers into the same loops, so every output is the same float, one row or a batch. Where one
-    value needs float32, both stay float32."""
-    packed, scales, biases, _ = _quantized(13, 256, 32, bits)
+    numbers into the same loops, one row or a batch. Each output is within fp32 rounding of the
+    other's, not always the same float: numba's cached machine code for one of the two loops and a
+    fresh compile of the other were seen to sum an ulp apart (bench/RESULTS.md), so the bound is
+    fp32_tol(256) of Σ |terms|; a scale read wrongly (another group's, or float16's bits taken as an
+    integer) moves outputs by far more. Where one value needs float32, both stay float32."""
+    packed, scales, biases, dense = _quantized(13, 256, 32, bits)
     scales, biases = (a.astype(np.float16).astype(np.float32) for a in (scales, biases))
     half = decoder._narrowed(scales, biases)
     assert [a.dtype for a in half] == [np.uint16] * 2
+    assert all(np.array_equal(_widened(h, mx.float16), a) for h, a in zip(half, (scales, biases)))
     x = np.random.default_rng(4).standard_normal((6, 256)).astype(np.float32)
     one_row, batch = decoder.KERNELS[bits]
-    for kernel, xs, shape in ((one_row, x[0], 13), (batch, x, (6, 13))):
-        wide, narrow = np.empty(shape, np.float32), np.empty(shape, np.float32)
-        kernel(packed.view(np.uint8), scales, biases, xs, wide)
-        kernel(packed.view(np.uint8), *half, xs, narrow)
-        assert np.array_equal(wide, narrow)
+    terms = np.abs(x) @ (np.abs(dense) + np.abs(np.repeat(biases, 32, axis=1))).T  # (6, 13)
+    for kernel, xs, bound, chunks in ((one_row, x[0], terms[0], ()), (batch, x, terms, (2,))):
+        wide, narrow = np.empty(bound.shape, np.float32), np.empty(bound.shape, np.float32)
+        kernel(packed.view(np.uint8), scales, biases, xs, wide, *chunks)
+        kernel(packed.view(np.uint8), *half, xs, narrow, *chunks)
+        assert np.all(np.abs(wide - narrow) <= fp32_tol(256) * bound)
     scales[3, 0] += scales[3, 0] * 2**-20  # a float32 that no float16 holds
     assert [a.dtype for a in decoder._narrowed(scales, biases)] == [np.float32] * 2
 
@@ -349,7 +379,7 @@ def test_a_batchs_float_product_equals_x_times_w(k, rows):
     w = np.random.default_rng(1).standard_normal((13, k)).astype(np.float32)
     x = np.random.default_rng(2).standard_normal((rows, k)).astype(np.float32)
     out = np.full((rows, 13), np.nan, np.float32)
-    decode_kernels.matmul(w, x, out)
+    decode_kernels.matmul(w, x, out, 2)
     bound = fp32_tol(k) * (np.abs(x) @ np.abs(w).T)
     assert np.all(np.abs(out - x.astype(np.float64) @ w.T.astype(np.float64)) <= bound)
 
