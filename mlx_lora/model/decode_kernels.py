@@ -242,15 +242,27 @@ def _tile(w, x, out, i, r, k):
         _four_by_four(w, 0, x, out, i, r, k)
 
 
+@njit(cache=True, inline="always")
+def _share(c, chunks, blocks):
+    """The range of blocks that chunk c of `chunks` even shares takes. The decoder gives a batch
+    product one chunk a thread (numba's get_num_threads, which a cached loop cannot call), so each
+    allocates its buffer once: one a block cost the 16-row products of SmolLM2's shapes 0-10%."""
+    return c * blocks // chunks, (c + 1) * blocks // chunks
+
+
 @njit(parallel=True, fastmath=FAST, cache=True)
 def matmul(w, x, out, chunks):
     """out (R, n) = x (R, k) @ w (n, k) float32 transposed, R >= 4 (n >= 4): four of w's rows at a
-    time against every row of x, four at a time (`chunks` as the other batch products take it)."""
+    time against every row of x, four at a time, over `chunks` shares of the blocks (`_share`)."""
     n, rows, k = w.shape[0], x.shape[0], x.shape[1]
-    for blk in prange((n + 3) // 4):
-        i = min(4 * blk, n - 4)
-        for r in range(0, rows, 4):
-            _tile(w[i : i + 4], x, out, i, min(r, rows - 4), k)
+    blocks = (n + 3) // 4
+    chunks = min(chunks, blocks)
+    for c in prange(chunks):
+        first, end = _share(c, chunks, blocks)
+        for blk in range(first, end):
+            i = min(4 * blk, n - 4)
+            for r in range(0, rows, 4):
+                _tile(w[i : i + 4], x, out, i, min(r, rows - 4), k)
 
 
 _LANES = 32  # codes a step of de-quantization turns into floats: a group's smallest size
@@ -585,14 +597,6 @@ def matvec_q8(packed, scales, biases, x, out):
     n, sums = packed.shape[0], x.reshape(scales.shape[1], -1).sum(axis=1)
     for r in prange((n + 3) // 4):
         _dot_q8(packed, scales, biases, x, sums, out, min(4 * r, n - 4))
-
-
-@njit(cache=True, inline="always")
-def _share(c, chunks, blocks):
-    """The range of blocks that chunk c of `chunks` even shares takes. The decoder gives a batch
-    product one chunk a thread (numba's get_num_threads, which a cached loop cannot call), so each
-    allocates its buffer once: one a block cost the 16-row products of SmolLM2's shapes 0-10%."""
-    return c * blocks // chunks, (c + 1) * blocks // chunks
 
 
 @njit(parallel=True, fastmath=FAST, cache=True)

@@ -372,14 +372,15 @@ def test_scales_narrowed_to_float16_give_the_same_products(bits):
 
 
 @pytest.mark.parametrize("k", [320, 300])  # 512-bit sums (a multiple of 16), and numba's loop
-@pytest.mark.parametrize("rows", [4, 6, 16])
-def test_a_batchs_float_product_equals_x_times_w(k, rows):
+@pytest.mark.parametrize("rows,chunks", [(4, 1), (6, 3), (16, 8)])
+def test_a_batchs_float_product_equals_x_times_w(k, rows, chunks):
     """matmul over 13 weight rows (not a multiple of four: the last block overlaps) and `rows` rows of
-    x (6: the last four overlap), every output within fp32_tol(k) of Σ |w| |x|."""
+    x (6: the last four overlap), its four blocks in 1, 3 or 8 shares, every output within
+    fp32_tol(k) of Σ |w| |x|."""
     w = np.random.default_rng(1).standard_normal((13, k)).astype(np.float32)
     x = np.random.default_rng(2).standard_normal((rows, k)).astype(np.float32)
     out = np.full((rows, 13), np.nan, np.float32)
-    decode_kernels.matmul(w, x, out, 2)
+    decode_kernels.matmul(w, x, out, chunks)
     bound = fp32_tol(k) * (np.abs(x) @ np.abs(w).T)
     assert np.all(np.abs(out - x.astype(np.float64) @ w.T.astype(np.float64)) <= bound)
 
