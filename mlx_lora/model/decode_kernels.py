@@ -413,6 +413,15 @@ def _row_dotter(bits: int):  # long: one intrinsic's typing and its LLVM loop ne
 _dot_q4, _dot_q8 = _row_dotter(4), _row_dotter(8)
 
 
+def _widened(builder, raw, brain: bool):
+    """_WIDTH float16 bits (bfloat16's, `brain`) as float32 lanes: `vcvtph2ps`, or the bits shifted
+    into a float32's high half."""
+    floats, words = ir.VectorType(ir.FloatType(), _WIDTH), ir.VectorType(ir.IntType(32), _WIDTH)
+    if brain:
+        return builder.bitcast(builder.shl(builder.zext(raw, words), words([16] * _WIDTH)), floats)
+    return builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), _WIDTH)), floats)
+
+
 def _half_dotter(brain: bool):
     """An intrinsic that sets out[i..i+4] = rows i..i+4 of w (n, k) @ x for w's float16 bits (or
     bfloat16's, `brain`) as uint16, k a multiple of 2 · _WIDTH: each _WIDTH weights widened as loaded
@@ -430,7 +439,7 @@ def _half_dotter(brain: bool):
         i = context.cast(builder, args[3], sig.args[3], types.intp)
         k = cgutils.unpack_tuple(builder, wa.shape)[1]
         f32, bits = ir.FloatType(), ir.VectorType(ir.IntType(16), _WIDTH)
-        part, wide = ir.VectorType(f32, _WIDTH), ir.VectorType(ir.IntType(32), _WIDTH)
+        part = ir.VectorType(f32, _WIDTH)
         fma = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(part, [part] * 3), f"llvm.fma.v{_WIDTH}f32"
         )
@@ -444,10 +453,7 @@ def _half_dotter(brain: bool):
                 xs = builder.load(builder.bitcast(builder.gep(xa.data, [j]), part.as_pointer()), align=4)
                 for t in range(4):
                     raw = builder.load(builder.bitcast(builder.gep(rows[t], [j]), bits.as_pointer()), align=2)
-                    if brain:
-                        ws = builder.bitcast(builder.shl(builder.zext(raw, wide), wide([16] * _WIDTH)), part)
-                    else:
-                        ws = builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), _WIDTH)), part)
+                    ws = _widened(builder, raw, brain)
                     builder.store(builder.call(fma, [ws, xs, builder.load(sums[t][h])]), sums[t][h])
         for t in range(4):
             both = builder.fadd(builder.load(sums[t][0]), builder.load(sums[t][1]))
@@ -528,17 +534,13 @@ def _widener(brain: bool):
 
     def codegen(context, builder, sig, args):
         wa, oa = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args, args))
-        floats, words = ir.VectorType(ir.FloatType(), _WIDTH), ir.VectorType(ir.IntType(32), _WIDTH)
-        halves = ir.VectorType(ir.IntType(16), _WIDTH)
+        floats, halves = ir.VectorType(ir.FloatType(), _WIDTH), ir.VectorType(ir.IntType(16), _WIDTH)
         k = cgutils.unpack_tuple(builder, wa.shape)[0]
         with cgutils.for_range(builder, builder.udiv(k, k.type(_WIDTH))) as step:
             j = builder.mul(step.index, step.index.type(_WIDTH))
             raw = builder.load(builder.bitcast(builder.gep(wa.data, [j]), halves.as_pointer()), align=2)
-            if brain:
-                value = builder.bitcast(builder.shl(builder.zext(raw, words), words([16] * _WIDTH)), floats)
-            else:
-                value = builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), _WIDTH)), floats)
-            builder.store(value, builder.bitcast(builder.gep(oa.data, [j]), floats.as_pointer()), align=4)
+            at = builder.bitcast(builder.gep(oa.data, [j]), floats.as_pointer())
+            builder.store(_widened(builder, raw, brain), at, align=4)
         return context.get_dummy_value()
 
     widen.__name__ = widen.__qualname__ = "_widen_bf16" if brain else "_widen_f16"
