@@ -17,6 +17,7 @@ def test_shipped_model_is_small_and_complete():
     assert (DEFAULT_MODEL_DIR / "model.safetensors").is_file()
 
 
+@pytest.mark.once
 @pytest.mark.slow
 def test_default_run_learns_the_format(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -101,6 +101,7 @@ print(json.dumps({"growth": status("VmHWM") - before}))
 """
 
 
+@pytest.mark.once
 @pytest.mark.slow
 def test_by_shard_holds_about_one_shard(tmp_path):
     # 16 blocks of 16.8 MB (fp32) = 257 MB in 64 MB shards, LoRA in every block: a fuse in memory

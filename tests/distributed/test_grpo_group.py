@@ -121,6 +121,7 @@ def test_a_group_updates_as_one_process_on_the_same_completions(tmp_path):
     assert all(mx.array_equal(adapters[0][k], adapters[1][k]) for k in adapters[0])  # one update, on every rank
 
 
+@pytest.mark.once
 @pytest.mark.slow
 def test_train_grpo_under_mlx_launch(tmp_path):
     """`mlx.launch -n 2 -- mlx-lora train --objective grpo`: one voice, rank 0 writes the adapter,

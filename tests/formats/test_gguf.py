@@ -296,6 +296,7 @@ def smollm2_shaped(smollm2_tokenizer, tmp_path_factory):
     )
 
 
+@pytest.mark.once
 @pytest.mark.slow
 @pytest.mark.parametrize("pre", PRE_TOKENIZERS)  # SmolLM2's vocabulary and merges under each split
 def test_byte_level_bpe_gives_the_hugging_face_ids_in_llama_cpp(smollm2_shaped, pre, tmp_path):
@@ -365,6 +366,7 @@ def test_sentencepiece_gives_the_same_ids_in_llama_cpp(sentencepiece_shaped, sco
     llm.close()
 
 
+@pytest.mark.once
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "phi3", "olmo2", "smollm3"])
 def test_our_gguf_reads_back_as_the_same_model(smollm2_tokenizer, arch, tmp_path):

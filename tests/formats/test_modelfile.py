@@ -38,6 +38,7 @@ def test_only_templates_a_go_template_renders_exactly_are_mapped(smollm2_tokeniz
         assert found[1].startswith("You are a helpful AI assistant named SmolLM")
 
 
+@pytest.mark.once
 @pytest.mark.slow
 def test_fused_gguf_has_a_modelfile_and_llama_cpp_chat_stops_at_end_of_turn(smollm2_gguf, tmp_path):
     trained_adapter(smollm2_gguf, tmp_path / "adapter", CFG_A, size=0.0)  # B = 0: the base's own answers

@@ -53,6 +53,7 @@ def test_llama_cpp_decodes_a_float32_gguf_and_its_adapter_to_mlxs_text(f32_gguf)
     assert texts[False, "mlx"] != texts[True, "mlx"]
 
 
+@pytest.mark.once
 def test_the_real_q4_1_file_decodes_as_llama_cpp_python_itself_decodes_it(smollm2_gguf):
     """Our tokens in, llama.cpp's greedy tokens out, our stops and detokenizer: the same text as
     llama-cpp-python's own greedy loop, which stops at the same end-of-turn token."""

@@ -53,6 +53,7 @@ def smollm2(smollm2_gguf):
     return load_base(str(smollm2_gguf))
 
 
+@pytest.mark.once
 def test_lazy_gguf_base_has_the_shapes_and_dtypes_of_the_loaded_one(smollm2, smollm2_gguf, monkeypatch):
     """`info` reads a GGUF's header alone: the stand-ins have every tensor's mx.load shape and dtype
     (this file has F32, Q4_1 and Q8_0 tensors), so the model built on them is the loaded one's shape."""

@@ -59,6 +59,7 @@ def test_generate_and_batch_generation_stop_at_the_templates_end_of_turn(chatml)
     assert finish == ["stop"]
 
 
+@pytest.mark.once
 @pytest.mark.slow
 def test_fused_model_and_its_gguf_carry_every_stop(chatml, tmp_path):
     random_adapter(chatml, tmp_path / "adapter", LoRAConfig(targets="q_proj", num_layers=1, rank=2, alpha=4))

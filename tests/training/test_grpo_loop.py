@@ -258,6 +258,7 @@ def test_accumulated_batches_update_as_the_one_batch_they_make(prompts, loss_typ
     assert_tensors_close(got, want, tol)
 
 
+@pytest.mark.once
 @pytest.mark.slow
 def test_grpo_trains_an_adapter_on_a_gguf_base(smollm2_gguf, tmp_path):
     """The real SmolLM2 Q4_1 file: rollouts, rewards and an update through its quantized blocks;

@@ -247,6 +247,7 @@ def _growth(cfg: TrainConfig) -> int:
     return json.loads(done.stdout.strip().splitlines()[-1])["growth"]
 
 
+@pytest.mark.once
 @pytest.mark.slow
 def test_streamed_run_holds_a_fraction_of_the_weights(tiny_data, tmp_path):
     # 24 blocks of 16.8 MB (hidden 512, MLP 2048, fp32) = 403 MB in 64 MB shards; LoRA on the last 2

@@ -303,6 +303,7 @@ def test_a_command_not_built_for_vision_models_says_so_in_one_line(qwen2_vl, sha
     assert not (tmp_path / "fused").exists()
 
 
+@pytest.mark.once
 def test_an_adapter_learns_to_name_the_colour_of_held_out_squares(qwen2_vl, tmp_path):
     """data/make_shapes.py's task on the random tiny Qwen2-VL: the base never writes a colour's name
     (it has never seen one), the adapter names every held-out square's colour. An answer that ignores
