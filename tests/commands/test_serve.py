@@ -246,6 +246,7 @@ def test_bad_requests_get_openai_errors_and_others_are_unaffected(served):
     assert health(served)["in_flight"] == 0
 
 
+@pytest.mark.once
 def test_a_client_leaving_mid_stream_frees_its_row(served):
     bodies = [{"model": m, "prompt": p, "max_tokens": 300} for p in PROMPTS for m in MODELS]
     finish = lambda body: post(served, "/v1/completions", body).json()["choices"][0]["finish_reason"]

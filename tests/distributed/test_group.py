@@ -158,6 +158,7 @@ for i in range(1000):
 """
 
 
+@pytest.mark.once
 def test_a_peer_that_never_joins_ends_the_wait(tmp_path):
     hostfile = ring_hostfile(tmp_path, 2)
     start = time.monotonic()
@@ -169,6 +170,7 @@ def test_a_peer_that_never_joins_ends_the_wait(tmp_path):
     assert time.monotonic() - start < 45
 
 
+@pytest.mark.once
 def test_a_hung_peer_ends_the_group_within_the_timeout(tmp_path):
     hostfile = ring_hostfile(tmp_path, 2)
     # rank 1's own watchdog waits longer, so its death can't end rank 0 before rank 0's watchdog does
@@ -325,6 +327,7 @@ def test_two_processes_equal_one_on_the_same_global_batch_and_resume_like_it(lla
     assert_tensors_close(three, one, tol, norm=2)  # the same 6 steps, 3 of them after the resume
 
 
+@pytest.mark.once
 @pytest.mark.slow
 def test_a_rank_that_dies_ends_the_group_with_a_message(llama, odd_data, tmp_path):
     hostfile = ring_hostfile(tmp_path, 2)

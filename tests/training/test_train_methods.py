@@ -195,6 +195,7 @@ def test_early_stopping_survives_an_interrupt_and_resume(llama, tiny_data, tmp_p
     assert want.keys() == got.keys() and all(mx.array_equal(want[k], got[k]).item() for k in want)
 
 
+@pytest.mark.once
 def test_cli_takes_every_method_option_and_records_them(llama, tiny_data, tmp_path):
     out = tmp_path / "ad"
     result = CliRunner().invoke(
