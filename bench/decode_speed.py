@@ -20,8 +20,9 @@ with its default (f16) KV cache, greedy `generate`.
 Measured, greedy, ignoring end-of-sequence so that every system decodes the same count:
 - decode: tokens/s over --tokens new tokens after a 40-token prompt (prompt time excluded);
 - prefill: tokens/s reading a 500-token prompt (ours and mlx_lm: until the first token's logits);
-- batched (ours): tokens/s of --rows rows decoding --tokens tokens each after a batched prefill,
-  and that over ours single-stream;
+- batched: tokens/s of --rows rows decoding --tokens tokens each after a batched prefill, and that
+  over the same system's single stream (llama.cpp: a sequence id and KV stream a row, a llama_decode
+  of every row per token; mlx_lm: up to --mlx-lm-rows rows);
 - max RSS of each process (VmHWM), which holds the model, its caches and the runtime; torch is
   hidden from every process (transformers, which the tokenizer imports, would load it: 0.23 GB),
   as neither mlx-lora nor mlx-lm depends on it.
@@ -124,6 +125,44 @@ def _llama_cpp(path: str, tokens_of, job: dict) -> dict:
     return out
 
 
+def _llama_cpp_batched(path: str, tokens_of, job: dict) -> dict:
+    """tok/s of `rows` sequences (llama.cpp's seq ids, a KV stream each: one unified cache ran 64 rows at
+    half the speed here) decoding n tokens each after one batched prefill of their prompts, one
+    llama_decode of every row per token, greedy: as _mlx_batched."""
+    import llama_cpp
+    import numpy as np
+    from llama_cpp import Llama
+    from llama_cpp._internals import LlamaBatch, LlamaContext
+
+    rows, n, threads = job["rows"], job["tokens"], os.cpu_count()
+    llm = Llama(path, n_threads=threads, n_ctx=64, verbose=False)  # the model; its own context stays unused
+    tokens = tokens_of(lambda s: llm.tokenize(s.encode(), add_bos=False))
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = rows * (len(tokens) + n + 8)
+    params.n_batch = params.n_ubatch = rows * len(tokens)
+    params.n_seq_max, params.kv_unified = rows, False
+    params.n_threads = params.n_threads_batch = threads
+    ctx = LlamaContext(model=llm._model, params=params, verbose=False)
+    batch = LlamaBatch(n_tokens=rows * len(tokens), embd=0, n_seq_max=1, verbose=False)
+
+    def greedy(outputs) -> list[int]:
+        return [int(np.ctypeslib.as_array(ctx.get_logits_ith(i), shape=(llm.n_vocab(),)).argmax()) for i in outputs]
+
+    for r in range(rows):
+        batch.add_sequence(tokens, r, logits_all=False)
+    ctx.decode(batch)
+    ids = greedy((r + 1) * len(tokens) - 1 for r in range(rows))
+    start = time.perf_counter()
+    for step in range(n):
+        b = batch.batch
+        b.n_tokens = rows
+        for r, t in enumerate(ids):
+            b.token[r], b.pos[r], b.seq_id[r][0], b.n_seq_id[r], b.logits[r] = t, len(tokens) + step, r, 1, True
+        ctx.decode(batch)
+        ids = greedy(range(rows))
+    return {"kernels": f"llama.cpp, {threads} threads", "tps": rows * n / (time.perf_counter() - start)}
+
+
 def _ours_engine(path: str, tokens_of, job: dict) -> dict:
     """`generate --engine llama.cpp`'s decoder (CppEngine.stream, with our tokenizer and stops)."""
     import mlx_lora  # noqa: F401
@@ -148,7 +187,9 @@ def run(who: str, job: dict) -> None:
     def tokens_of(tokenize):
         return prompt_tokens(tokenize, n)
 
-    if who == "llama.cpp":
+    if who == "llama.cpp" and job["what"] == "batched":
+        out = _llama_cpp_batched(job["path"], tokens_of, job)
+    elif who == "llama.cpp":
         out = _llama_cpp(job["path"], tokens_of, job)
     elif who == "ours-engine":
         out = _ours_engine(job["path"], tokens_of, job)
@@ -227,7 +268,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bases", default="q4_1,f32,f16")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tokens", type=int, default=128, help="tokens decoded per row")
-    p.add_argument("--rows", default="1,4,16,64", help="batched decode's row counts (ours)")
+    p.add_argument("--rows", default="1,4,16,64", help="batched decode's row counts")
+    p.add_argument("--mlx-lm-rows", default="1,4,16", help="mlx_lm's (~10 tok/s at 16 rows in float16 on a CPU)")
     p.add_argument("--prefill", type=int, default=500, help="prompt tokens of the prefill measurement")
     return p.parse_args()
 
@@ -242,11 +284,12 @@ def measure(a, paths: dict[str, str], envs: dict) -> dict:
     jobs.append(("prefill", {"what": "prefill", "prompt": a.prefill, "tokens": 1}))
     rows = [int(r) for r in a.rows.split(",") if r]
     jobs += [(f"batched {r}", {"what": "batched", "prompt": 40, "tokens": a.tokens, "rows": r}) for r in rows]
+    peer = [int(r) for r in a.mlx_lm_rows.split(",") if r]
     runs: dict = {}
     for _ in range(a.repeats):
         for name, job in jobs:
             for who, path in paths.items():
-                if job["what"] == "batched" and who != "ours":
+                if job["what"] == "batched" and (who == "ours-engine" or who == "mlx_lm" and job["rows"] not in peer):
                     continue
                 runs.setdefault((name, who), []).append(spawn(who, dict(job, path=path), envs[who], __file__))
                 print(f"  {name:11s} {who:9s} {runs[(name, who)][-1]['tps']:9.1f} tok/s", flush=True)
@@ -263,9 +306,8 @@ SYSTEMS = {
 
 def report(base: str, results: dict) -> None:
     print(f"\n### {base}\n")
-    print("| measurement | system | tok/s | / llama.cpp | / mlx_lm | max RSS GB |")
-    print("|---|---|---|---|---|---|")
-    single = results[("decode", "ours")]["tps"]
+    print("| measurement | system | tok/s | / llama.cpp | / mlx_lm | / its single stream | max RSS GB |")
+    print("|---|---|---|---|---|---|---|")
     for name in dict.fromkeys(n for n, _ in results):
         for who, label in SYSTEMS.items():
             r = results.get((name, who))
@@ -275,8 +317,8 @@ def report(base: str, results: dict) -> None:
                 f"{r['tps'] / results[(name, o)]['tps']:.2f}x" if (name, o) in results else "-"
                 for o in ("llama.cpp", "mlx_lm")
             ]
-            if name.startswith("batched"):
-                ratios = [f"{r['tps'] / single:.2f}x ours single-stream", "-"]
+            single = results.get(("decode", who))
+            ratios.append(f"{r['tps'] / single['tps']:.2f}x" if name.startswith("batched") and single else "-")
             print(f"| {name} | {label} | {r['tps']:.1f} | {' | '.join(ratios)} | {r['rss'] / 1e9:.2f} |")
     print(f"\nours: {results[('decode', 'ours')]['kernels']}")
 
