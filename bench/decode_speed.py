@@ -144,9 +144,10 @@ def _llama_cpp_batched(path: str, tokens_of, job: dict) -> dict:
     params.n_threads = params.n_threads_batch = threads
     ctx = LlamaContext(model=llm._model, params=params, verbose=False)
     batch = LlamaBatch(n_tokens=rows * len(tokens), embd=0, n_seq_max=1, verbose=False)
+    vocab = llm.n_vocab()
 
     def greedy(outputs) -> list[int]:
-        return [int(np.ctypeslib.as_array(ctx.get_logits_ith(i), shape=(llm.n_vocab(),)).argmax()) for i in outputs]
+        return [int(np.ctypeslib.as_array(ctx.get_logits_ith(i), shape=(vocab,)).argmax()) for i in outputs]
 
     for r in range(rows):
         batch.add_sequence(tokens, r, logits_all=False)
@@ -262,14 +263,22 @@ def bases(work: Path, wanted: list[str]) -> dict[str, dict[str, str]]:
 # ---- the driver -------------------------------------------------------------------------------
 
 
+def _counts(text: str) -> list[int]:
+    """A comma-separated list of row counts, as --rows and --mlx-lm-rows take them."""
+    try:
+        return [int(r) for r in text.split(",") if r]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give row counts separated by commas, e.g. 1,4,16") from None
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=None, help="where the converted bases go (default: a temp dir)")
     p.add_argument("--bases", default="q4_1,f32,f16")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tokens", type=int, default=128, help="tokens decoded per row")
-    p.add_argument("--rows", default="1,4,16,64", help="batched decode's row counts")
-    p.add_argument("--mlx-lm-rows", default="1,4,16", help="mlx_lm's (~10 tok/s at 16 rows in float16 on a CPU)")
+    p.add_argument("--rows", type=_counts, default="1,4,16,64", help="batched decode's row counts")
+    p.add_argument("--mlx-lm-rows", type=_counts, default="1,4,16", help="mlx_lm's (its float16: ~10 tok/s at 16)")
     p.add_argument("--prefill", type=int, default=500, help="prompt tokens of the prefill measurement")
     return p.parse_args()
 
@@ -282,14 +291,13 @@ def measure(a, paths: dict[str, str], envs: dict) -> dict:
     """(what, who) -> median result over --repeats, the systems alternating within each repeat."""
     jobs = [("decode", {"what": "decode", "prompt": 40, "tokens": a.tokens})]
     jobs.append(("prefill", {"what": "prefill", "prompt": a.prefill, "tokens": 1}))
-    rows = [int(r) for r in a.rows.split(",") if r]
-    jobs += [(f"batched {r}", {"what": "batched", "prompt": 40, "tokens": a.tokens, "rows": r}) for r in rows]
-    peer = [int(r) for r in a.mlx_lm_rows.split(",") if r]
+    jobs += [(f"batched {r}", {"what": "batched", "prompt": 40, "tokens": a.tokens, "rows": r}) for r in a.rows]
     runs: dict = {}
     for _ in range(a.repeats):
         for name, job in jobs:
             for who, path in paths.items():
-                if job["what"] == "batched" and (who == "ours-engine" or who == "mlx_lm" and job["rows"] not in peer):
+                unbatched = who == "ours-engine" or (who == "mlx_lm" and job.get("rows") not in a.mlx_lm_rows)
+                if job["what"] == "batched" and unbatched:
                     continue
                 runs.setdefault((name, who), []).append(spawn(who, dict(job, path=path), envs[who], __file__))
                 print(f"  {name:11s} {who:9s} {runs[(name, who)][-1]['tps']:9.1f} tok/s", flush=True)
