@@ -23,6 +23,9 @@ Measured, greedy, ignoring end-of-sequence so that every system decodes the same
 - batched: tokens/s of --rows rows decoding --tokens tokens each after a batched prefill, and that
   over the same system's single stream (llama.cpp: a sequence id and KV stream a row, a llama_decode
   of every row per token; mlx_lm: up to --mlx-lm-rows rows);
+- generator: ours at --generator-rows rows through the loop eval and serve run, mlx-lm's
+  BatchGenerator and inference/batch_generator's (which skips its per-step log-softmax for greedy
+  rows), alternating in one process, the better of two runs each;
 - max RSS of each process (VmHWM), which holds the model, its caches and the runtime; torch is
   hidden from every process (transformers, which the tokenizer imports, would load it: 0.23 GB),
   as neither mlx-lora nor mlx-lm depends on it.
@@ -100,6 +103,37 @@ def _mlx_batched(model, tokens: list[int], rows: int, n: int) -> float:
         mx.async_eval(y)
     mx.eval(y)
     return rows * n / (time.perf_counter() - start)
+
+
+def _generator_tps(model, generator_class, tokens: list[int], rows: int, n: int) -> float:
+    """tok/s of `rows` copies of the prompt through a BatchGenerator class (eval's and serve's loop),
+    greedy, from the step after the one that gave every row its first token to the last."""
+    generator = generator_class(model, max_tokens=n + 1, completion_batch_size=rows, prefill_batch_size=rows)
+    generator.insert([tokens] * rows)
+    start, count = None, 0
+    try:
+        while responses := generator.next_generated():
+            if start is None:
+                start = time.perf_counter()
+            else:
+                count += len(responses)
+    finally:
+        generator.close()
+    assert count == rows * n, count
+    return count / (time.perf_counter() - start)
+
+
+def _generators(model, tokens: list[int], rows: int, n: int) -> dict:
+    """mlx-lm's BatchGenerator against inference/batch_generator's, alternating, twice each: their tok/s."""
+    from mlx_lm.generate import BatchGenerator
+
+    from mlx_lora.inference.batch_generator import Generator
+
+    runs: dict = {"mlx_lm_generator": [], "tps": []}
+    for _ in range(2):
+        runs["mlx_lm_generator"].append(_generator_tps(model, BatchGenerator, tokens, rows, n))
+        runs["tps"].append(_generator_tps(model, Generator, tokens, rows, n))
+    return {k: max(v) for k, v in runs.items()}
 
 
 def _llama_cpp(path: str, tokens_of, job: dict) -> dict:
@@ -200,6 +234,8 @@ def run(who: str, job: dict) -> None:
         out = {"kernels": kernels}
         if job["what"] == "batched":
             out["tps"] = _mlx_batched(model, tokens, job["rows"], job["tokens"])
+        elif job["what"] == "generator":
+            out.update(_generators(model, tokens, job["rows"], job["tokens"]))
         else:
             prefill, decode = _mlx_single(model, tokens, job["tokens"])
             out["tps"] = prefill if job["what"] == "prefill" else decode
@@ -280,11 +316,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rows", type=_counts, default="1,4,16,64", help="batched decode's row counts")
     p.add_argument("--mlx-lm-rows", type=_counts, default="1,4,16", help="mlx_lm's (its float16: ~10 tok/s at 16)")
     p.add_argument("--prefill", type=int, default=500, help="prompt tokens of the prefill measurement")
+    p.add_argument(
+        "--generator-rows", type=_counts, default="16,64", help="ours through mlx-lm's BatchGenerator and ours"
+    )
     return p.parse_args()
 
 
 def _median(results: list[dict]) -> dict:
-    return dict(results[0], tps=statistics.median(r["tps"] for r in results), rss=max(r["rss"] for r in results))
+    medians = {k: statistics.median(r[k] for r in results) for k in ("tps", "mlx_lm_generator") if k in results[0]}
+    return dict(results[0], **medians, rss=max(r["rss"] for r in results))
 
 
 def measure(a, paths: dict[str, str], envs: dict) -> dict:
@@ -292,12 +332,14 @@ def measure(a, paths: dict[str, str], envs: dict) -> dict:
     jobs = [("decode", {"what": "decode", "prompt": 40, "tokens": a.tokens})]
     jobs.append(("prefill", {"what": "prefill", "prompt": a.prefill, "tokens": 1}))
     jobs += [(f"batched {r}", {"what": "batched", "prompt": 40, "tokens": a.tokens, "rows": r}) for r in a.rows]
+    loops = a.generator_rows
+    jobs += [(f"generator {r}", {"what": "generator", "prompt": 40, "tokens": a.tokens, "rows": r}) for r in loops]
     runs: dict = {}
     for _ in range(a.repeats):
         for name, job in jobs:
             for who, path in paths.items():
                 unbatched = who == "ours-engine" or (who == "mlx_lm" and job.get("rows") not in a.mlx_lm_rows)
-                if job["what"] == "batched" and unbatched:
+                if (job["what"] == "batched" and unbatched) or (job["what"] == "generator" and who != "ours"):
                     continue
                 runs.setdefault((name, who), []).append(spawn(who, dict(job, path=path), envs[who], __file__))
                 print(f"  {name:11s} {who:9s} {runs[(name, who)][-1]['tps']:9.1f} tok/s", flush=True)
@@ -328,6 +370,13 @@ def report(base: str, results: dict) -> None:
             single = results.get(("decode", who))
             ratios.append(f"{r['tps'] / single['tps']:.2f}x" if name.startswith("batched") and single else "-")
             print(f"| {name} | {label} | {r['tps']:.1f} | {' | '.join(ratios)} | {r['rss'] / 1e9:.2f} |")
+    generators = [(name, r) for (name, who), r in results.items() if name.startswith("generator")]
+    if generators:
+        print("\n| rows | ours through mlx-lm's BatchGenerator | through inference/batch_generator's | ratio |")
+        print("|---|---|---|---|")
+        for name, r in generators:
+            mlx_lm_loop = r["mlx_lm_generator"]
+            print(f"| {name.split()[1]} | {mlx_lm_loop:.1f} | {r['tps']:.1f} | {r['tps'] / mlx_lm_loop:.2f}x |")
     print(f"\nours: {results[('decode', 'ours')]['kernels']}")
 
 

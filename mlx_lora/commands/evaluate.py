@@ -1,7 +1,8 @@
 """Does the adapter help? Loss, perplexity and exact match on a data split, base vs adapter.
 
 Loss counts exactly the tokens training counts (feed.loss_fn over data.py's masks). Exact match
-generates greedily, batched by mlx-lm's BatchGenerator (left-padded KV caches), and compares the
+generates greedily, batched by mlx-lm's BatchGenerator (left-padded KV caches; inference/batch_generator.py's,
+which takes the argmax of the logits without mlx-lm's log-softmax first), and compares the
 final answers: GSM8K's convention, the text after `####`, with numbers normalised. A
 vision-language base reads its rows and computes its loss as its training does (training/vision.py)
 and generates one row at a time through mlx-vlm, as `generate --image` does.
@@ -14,7 +15,6 @@ from functools import partial
 from pathlib import Path
 
 import mlx.nn as nn
-from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
 from mlx_lora import atomic
@@ -29,6 +29,7 @@ from mlx_lora.data.sources import open_source, split_label
 from mlx_lora.data.vision import split_images
 from mlx_lora.errors import UserError
 from mlx_lora.formats.loader import load_for_inference
+from mlx_lora.inference.batch_generator import Generator
 from mlx_lora.inference.generation import vision_responses
 from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.model.lora import lora_layers, remove_lora
@@ -134,7 +135,7 @@ def generate_answers(
     """Greedy continuations of every item, `batch_size` at a time, each stopped at EOS, at the end
     of its answer's line (Item.cut) or after `max_tokens`. EOS is not part of the text."""
     order = sorted(range(len(items)), key=lambda i: len(items[i].tokens))  # similar lengths: less padding
-    generator = BatchGenerator(
+    generator = Generator(
         model,
         max_tokens=max_tokens,
         stop_tokens=[[t] for t in tokenizer.eos_token_ids],

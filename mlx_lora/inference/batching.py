@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.generate import StopSequences
 from mlx_lm.sample_utils import apply_top_p
 
 from mlx_lora.config import ServeConfig
 from mlx_lora.errors import UserError
+from mlx_lora.inference.batch_generator import Argmax, Generator
 from mlx_lora.inference.multi_lora import AdapterSlots, RoutedModel, vocab_size
 from mlx_lora.model.base import Base
 
@@ -78,9 +79,10 @@ class Job:
 
 
 def row_sampler(offset: int, sampling: Sampling) -> Callable[[mx.array], mx.array]:
-    """logprobs (1, V) -> the next id (1,), plus `offset` (the row's slot · V, see RoutedModel)."""
+    """logprobs (1, V) -> the next id (1,), plus `offset` (the row's slot · V, see RoutedModel); a
+    greedy row's Argmax reads the logits themselves (batch_generator)."""
     if sampling.temperature == 0:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1) + offset
+        return Argmax(offset)  # reads the logits: a step of greedy rows skips the log-softmax
     key = [mx.random.key(random.getrandbits(32) if sampling.seed is None else sampling.seed % 2**32)]
 
     def sample(logprobs: mx.array) -> mx.array:
@@ -158,8 +160,8 @@ class BatchEngine:
 
     # --- on the worker ---------------------------------------------------------------------
 
-    def _new_generator(self) -> BatchGenerator:
-        return BatchGenerator(
+    def _new_generator(self) -> Generator:
+        return Generator(
             self.model,
             completion_batch_size=self.max_batch,
             prefill_batch_size=min(PREFILL_BATCH, self.max_batch),
