@@ -6,9 +6,10 @@ a row of SmolLM2's 49152 logits, 15 ms of a 16-row step of ~50 ms, 68 ms of a 64
 (bench/RESULTS.md), on the critical path (the next step's input is the argmax of that normalized
 array). A greedy row's token is the argmax of its logits either way, so here a sampler marked
 `Argmax` (and mlx-lm's own greedy_sampler, the default) reads the logits as they come, and the
-log-softmax is taken only for a step where some row's sampler needs it; a response whose batch
-took none carries `logprobs=None`. Every step of a batch, its first included, goes through `_step`
-below (mlx-lm's own minus that one line); rows with logits processors take mlx-lm's step whole.
+log-softmax is taken only for a step where some row's sampler needs it; a response of a step
+that took none carries `logprobs=None`. Every step of a batch, its first included, goes through
+`_step` below (mlx-lm's own, that line made conditional); rows with logits processors take
+mlx-lm's step whole.
 The rest (prompt batches, continuous insertion, stops, caches) is mlx-lm's, whose version
 pyproject.toml pins to one minor series.
 """
