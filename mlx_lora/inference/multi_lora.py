@@ -14,6 +14,7 @@ from mlx.utils import tree_unflatten
 
 from mlx_lora.errors import UserError
 from mlx_lora.formats.loader import apply_adapter, read_adapter
+from mlx_lora.model import decoder
 from mlx_lora.model.base import Base
 from mlx_lora.model.lora import lora_layers, remove_lora
 
@@ -120,6 +121,7 @@ class AdapterSlots:
         if layers:
             self.base.model.update_modules(tree_unflatten(layers))
             mx.eval([layer.parameters() for _, layer in layers])
+        decoder.forget(self.base.model)  # its products held the stacks replaced here
 
     def _stacked(self, path: str) -> MultiLoRALinear:
         present = [self.parts[n][path] for n in self.names if path in self.parts[n]]

@@ -4,10 +4,10 @@
 
 Where a command decodes (`use_cpu_kernels(decoding=True)`), the model's class gains a `__call__`
 that hands a one-token step to a `Decoder`: one row over a plain KV cache (generate, chat), or
-several rows over a plain cache or mlx-lm's BatchKVCache (eval, serve); a prompt, and anything it
-does not know (another cache, mixed adapters, DoRA), run MLX's forward. One row continues the MLX
-cache the prompt filled in buffers of its own, written back into it before MLX runs on that cache
-again (`Decoder.flush`); a batch reads MLX's cache in place and writes each block's new keys and
+several rows over a plain cache or mlx-lm's BatchKVCache (eval, serve, its rows' adapters stacked,
+one a row); a prompt, and anything it does not know (another cache, DoRA), run MLX's forward. One
+row continues the MLX cache the prompt filled in buffers of its own, written back into it before
+MLX runs on that cache again (`Decoder.flush`); a batch reads MLX's cache in place and writes each block's new keys and
 values straight into its buffers, so MLX can run on it at any step. Its numbers equal MLX's up to
 fp32 rounding (the products sum in another order; tests/model/test_decoder.py).
 """
@@ -52,6 +52,7 @@ class Product:
     bias: np.ndarray | None
     adapters: list = field(default_factory=list)  # (a (in, r), b (r, out), scale)
     half: tuple | None = None  # (a float32 w's float16 or bfloat16 bits, the one-row and batch loops reading them)
+    routed: tuple | None = None  # (A (slots, in, r), scale·B (slots, r, out), Routing): an adapter a row
 
     @property
     def outputs(self) -> int:
@@ -89,7 +90,29 @@ class Product:
         for a, b, scale in self.adapters:
             for row, y in zip(x, out):
                 k.low_rank(row, a, b, scale, y)
+        if self.routed is not None:
+            a, b, routing = self.routed
+            for slot, row, y in zip(routing.slots, x, out):
+                if slot:  # slot 0 is the base: zeros
+                    k.low_rank(row, a[slot], b[slot], ONE, y)
         return out
+
+
+ONE = np.float32(1.0)
+
+
+@dataclass
+class Routing:
+    """Which adapter slot each row of a step reads, for layers holding every adapter stacked (serve's
+    MultiLoRALinear, known by its arrays: inference/ sits above this room): `rows.index` (mx (R,)),
+    which the caller sets before each forward, read once a step."""
+
+    rows: object = None  # the Rows the stacked layers share
+    slots: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+
+    def read(self) -> None:
+        if self.rows is not None:
+            self.slots = np.array(self.rows.index, np.int64).reshape(-1)
 
 
 KERNELS = {  # bits -> (one row's product, a batch's)
@@ -99,10 +122,17 @@ KERNELS = {  # bits -> (one row's product, a batch's)
 }
 
 
-def product(layer: nn.Module) -> Product:
-    """A Product of a linear layer: plain, quantized (4 or 8 bits, affine), or a LoRALinear around
-    either (known by its arrays: model/lora.py imports this room's cpu_kernels, which imports us)."""
-    adapters = []
+def product(layer: nn.Module, routing: Routing) -> Product:
+    """A Product of a linear layer: plain, quantized (4 or 8 bits, affine), a LoRALinear around
+    either (known by its arrays: model/lora.py imports this room's cpu_kernels, which imports us), or
+    a layer of every adapter stacked, one a row (serve's), whose rows `routing` reads."""
+    adapters, routed = [], None
+    if "linear" in layer and "a" in layer and "b" in layer and layer["a"].ndim == 3 and hasattr(layer, "rows"):
+        if routing.rows is not None and routing.rows is not layer.rows:
+            raise Unsupported("stacked adapters routed by two row indices")
+        routing.rows = layer.rows
+        routed = (_np(layer["a"]), _np(layer["b"]), routing)
+        layer = layer.linear
     if "lora_a" in layer:
         if layer.dora or layer.lora_a.ndim != 2:
             raise Unsupported("a DoRA or expert adapter")
@@ -115,7 +145,7 @@ def product(layer: nn.Module) -> Product:
     weight, bits = _weight(layer)
     if weight[0].shape[0] < 4:
         raise Unsupported("a product of fewer than 4 rows")
-    return Product(weight, bits, bias, adapters, _held_half(layer) if bits == 32 else None)
+    return Product(weight, bits, bias, adapters, _held_half(layer) if bits == 32 else None, routed)
 
 
 def _weight(layer: nn.Module) -> tuple[tuple, int]:
@@ -218,9 +248,10 @@ class Decoder:
         if any(getattr(layer, "use_sliding", False) for layer in inner.layers):
             raise Unsupported("sliding-window layers")
         keep_halves(model)  # layers the model gained since it was loaded (none where it is as loaded)
-        self.blocks = [_block(layer) for layer in inner.layers]
-        self.embed_weights = product(inner.embed_tokens)  # the rows a token reads
-        self.head = product(model.lm_head) if "lm_head" in model else self.embed_weights  # tied
+        self.routing = Routing()
+        self.blocks = [_block(layer, self.routing) for layer in inner.layers]
+        self.embed_weights = product(inner.embed_tokens, self.routing)  # the rows a token reads
+        self.head = product(model.lm_head, self.routing) if "lm_head" in model else self.embed_weights  # tied
         self.norm = _norm(inner.norm)
         self.rope = inner.layers[0].self_attn.rope
         self.head_dim = self.blocks[0].q.outputs // self.blocks[0].heads
@@ -294,6 +325,7 @@ class Decoder:
         """Logits (vocab,) of the token after `token` at position `filled`; its keys and values kept."""
         pos = self.filled
         self._reserve(pos + 1)
+        self.routing.read()
         positions = np.array([pos])
         logits = self._forward(self._embed(token)[None], lambda i, b, x: self._attend(i, b, x, positions))
         self.filled = pos + 1
@@ -312,6 +344,7 @@ class Decoder:
         else:
             positions, starts = np.array(first.offset, np.int64), np.array(first.left_padding, np.int64)
         self._table(int(positions.max()) + 1)
+        self.routing.read()
         end = int(positions[0] + starts[0])  # cached slots before this step, the same for every row
         mx.eval([(c.keys, c.values) for c in cache])
         buffers = [(np.asarray(c.keys), np.asarray(c.values)) for c in cache]  # (R, kv_heads, slots, d)
@@ -416,18 +449,18 @@ def _norm(norm: nn.Module) -> tuple:
     return _np(norm.weight), np.float32(norm.eps)
 
 
-def _block(layer: nn.Module) -> Block:
+def _block(layer: nn.Module, routing: Routing) -> Block:
     attn, mlp = layer.self_attn, layer.mlp
     qk = (_norm(attn.q_norm), _norm(attn.k_norm)) if "q_norm" in attn else None
     return Block(
         norms=(_norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)),
-        q=product(attn.q_proj),
-        k=product(attn.k_proj),
-        v=product(attn.v_proj),
-        o=product(attn.o_proj),
-        gate=product(mlp.gate_proj),
-        up=product(mlp.up_proj),
-        down=product(mlp.down_proj),
+        q=product(attn.q_proj, routing),
+        k=product(attn.k_proj, routing),
+        v=product(attn.v_proj, routing),
+        o=product(attn.o_proj, routing),
+        gate=product(mlp.gate_proj, routing),
+        up=product(mlp.up_proj, routing),
+        down=product(mlp.down_proj, routing),
         heads=attn.n_heads,
         kv_heads=attn.n_kv_heads,
         scale=float(attn.scale),
@@ -443,6 +476,13 @@ def _signature(model: nn.Module) -> tuple:
 
 
 KEPT = "_mlx_lora_decoder"  # (the model's signature, its Decoder or None) in the model's __dict__
+
+
+def forget(model: nn.Module) -> None:
+    """Drop the model's Decoder: its next step reads the layers again. For a model changed while a
+    batch runs (serve's adapters come and go between steps), which the check at each new batch
+    cache would miss."""
+    model.__dict__.pop(KEPT, None)
 
 
 def supports(model: nn.Module) -> bool:

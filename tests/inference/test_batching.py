@@ -3,14 +3,17 @@ import threading
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import CFG_A, CFG_B, generate_alone, save_random_adapter
+from conftest import CFG_A, CFG_B, fp32_tol, generate_alone, save_random_adapter
+from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_lora.config import LoRAConfig
 from mlx_lora.errors import UserError
 from mlx_lora.formats.loader import load_for_inference
 from mlx_lora.inference.batching import BatchEngine, Event, Sampling
 from mlx_lora.inference.multi_lora import AdapterSlots, RoutedModel, vocab_size
+from mlx_lora.model import decoder
 from mlx_lora.model.base import load_base
+from mlx_lora.model.cpu_kernels import use_cpu_kernels, use_mlx_kernels
 
 CFG_C = LoRAConfig(targets="all-linear", num_layers=1, rank=3, alpha=3)  # another rank: padding is exercised
 PROMPTS = ["Q: What is 2 + 3?\nA:", "The cat sat on", "Hello world", "One two three four", "Tom has 3 apples"]
@@ -76,6 +79,44 @@ def test_each_row_of_a_mixed_forward_equals_its_adapter_alone(llama, adapters):
         if name is None:  # slot 0 adds exact zeros: bit for bit the base on a batch of the same shape
             same_shape = np.array(single(mx.array([tokens] * len(order))))[row]
             assert np.array_equal(mixed[row], same_shape)
+
+
+def test_a_mixed_batch_through_the_decoder_equals_mlx(llama, adapters, monkeypatch):
+    """serve's rows, each with its own adapter (stacked, one a row), decoded step by step by
+    model/decoder.py give MLX's own logits; an adapter added drops the decoder, whose products held
+    the stacks it replaced."""
+    slots = AdapterSlots(load_base(str(llama)))
+    for name in ("a", "c"):
+        slots.add(name, adapters[name])
+    model, vocab, order = slots.base.model, vocab_size(slots.base.model), [None, "c", "a", "c", "a"]
+    routed = RoutedModel(model, slots.rows, vocab)
+
+    def steps() -> list[np.ndarray]:
+        def ids(tokens: list[int]) -> mx.array:
+            return mx.array([[t + slots.slot(n) * vocab for t in tokens] for n in order])
+
+        cache = make_prompt_cache(model)
+        out = [routed(ids([1, 50, 51, 52]), cache=cache)[:, -1]]
+        out += [routed(ids([t]), cache=cache)[:, -1] for t in (7, 30, 12)]
+        return [np.array(o) for o in out]
+
+    use_cpu_kernels(model, decoding=True)
+    calls, original = [], decoder.Decoder.batch
+    monkeypatch.setattr(decoder.Decoder, "batch", lambda self, *a: calls.append(len(a[0])) or original(self, *a))
+    ours = steps()
+    assert calls == [5, 5, 5]
+    use_mlx_kernels(model)
+    theirs = steps()
+    # the test models' logits come out of 4 blocks of ~8 sums of up to 128 terms, summed in other orders
+    # than MLX's (tests/model/test_decoder.py's TOL)
+    for a, b in zip(ours, theirs, strict=True):
+        assert np.abs(a - b).max() <= fp32_tol(128 * 8 * 4) * np.abs(b).max()
+    assert not np.allclose(theirs[-1][1], theirs[-1][0], atol=1e-3)  # adapter c changed its row
+    use_cpu_kernels(model, decoding=True)
+    steps()
+    assert model.__dict__[decoder.KEPT][1] is not None
+    slots.add("b", adapters["b"])
+    assert decoder.KEPT not in model.__dict__
 
 
 def test_greedy_text_in_a_mixed_batch_equals_generate_with_that_adapter_alone(llama, adapters, engine):
