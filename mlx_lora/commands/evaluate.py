@@ -1,9 +1,9 @@
 """Does the adapter help? Loss, perplexity and exact match on a data split, base vs adapter.
 
 Loss counts exactly the tokens training counts (feed.loss_fn over data.py's masks). Exact match
-generates greedily, batched by mlx-lm's BatchGenerator (left-padded KV caches; inference/batch_generator.py's,
-which takes the argmax of the logits without mlx-lm's log-softmax first), and compares the
-final answers: GSM8K's convention, the text after `####`, with numbers normalised. A
+generates greedily, batched by mlx-lm's BatchGenerator (left-padded KV caches; the subclass in
+inference/batch_generator.py, which takes the argmax of the logits without mlx-lm's log-softmax
+first), and compares the final answers: GSM8K's convention, the text after `####`, with numbers normalised. A
 vision-language base reads its rows and computes its loss as its training does (training/vision.py)
 and generates one row at a time through mlx-vlm, as `generate --image` does.
 """

@@ -7,8 +7,8 @@ that hands a one-token step to a `Decoder`: one row over a plain KV cache (gener
 several rows over a plain cache or mlx-lm's BatchKVCache (eval, serve, its rows' adapters stacked,
 one a row); a prompt, and anything it does not know (another cache, DoRA), run MLX's forward. One
 row continues the MLX cache the prompt filled in buffers of its own, written back into it before
-MLX runs on that cache again (`Decoder.flush`); a batch reads MLX's cache in place and writes each block's new keys and
-values straight into its buffers, so MLX can run on it at any step. Its numbers equal MLX's up to
+MLX runs on that cache again (`Decoder.flush`); a batch reads MLX's cache in place and writes each
+block's new keys and values straight into its buffers, so MLX can run on it at any step. Its numbers equal MLX's up to
 fp32 rounding (the products sum in another order; tests/model/test_decoder.py).
 """
 
