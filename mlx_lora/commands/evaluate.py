@@ -3,9 +3,9 @@
 Loss counts exactly the tokens training counts (feed.loss_fn over data.py's masks). Exact match
 generates greedily, batched by mlx-lm's BatchGenerator (left-padded KV caches; the subclass in
 inference/batch_generator.py, which takes the argmax of the logits without mlx-lm's log-softmax
-first), and compares the final answers: GSM8K's convention, the text after `####`, with numbers normalised. A
-vision-language base reads its rows and computes its loss as its training does (training/vision.py)
-and generates one row at a time through mlx-vlm, as `generate --image` does.
+first), and compares the final answers: GSM8K's convention, the text after `####`, with numbers
+normalised. A vision-language base reads its rows and computes its loss as its training does
+(training/vision.py) and generates one row at a time through mlx-vlm, as `generate --image` does.
 """
 
 import math
