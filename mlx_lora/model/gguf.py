@@ -421,10 +421,22 @@ def load_gguf_tokenizer(meta: dict[str, Any], eos_token_ids: Any) -> TokenizerWr
         return load_tokenizer(Path(tmp), eos_token_ids=eos_token_ids)
 
 
+class Reader(gguf.GGUFReader):
+    """gguf-py's reader, slicing a plain view of its mapped file: each slice of an np.memmap runs
+    memmap's Python hooks, and the reader takes ~1M slices of a 49k-token vocabulary's metadata
+    (3.0 of the 3.5 s opening SmolLM2's file took on this CPU, against 1.1 s). The bytes and the
+    mapping are the same; only the arrays' class is plain."""
+
+    def _get(self, *args, **kwargs):
+        if type(self.data) is np.memmap:
+            self.data = self.data.view(np.ndarray)
+        return super()._get(*args, **kwargs)
+
+
 def open_gguf(path: Path) -> tuple[gguf.GGUFReader, dict[str, Any]]:
     """gguf-py's reader of the file (tensors mapped, not read) and its metadata as Python values."""
     try:
-        reader = gguf.GGUFReader(path)
+        reader = Reader(path)
     except (OSError, ValueError, IndexError) as e:  # a short or foreign file fails as it is parsed
         raise UserError(f"--model {path}: not a readable GGUF file ({e}); is it complete?") from None
     return reader, {name: field.contents() for name, field in reader.fields.items()}

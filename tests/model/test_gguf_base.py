@@ -5,6 +5,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+import gguf
 import llama_cpp
 import mlx.core as mx
 import numpy as np
@@ -17,7 +18,7 @@ from mlx_lora.cli import app
 from mlx_lora.errors import UserError
 from mlx_lora.formats.gguf import permute
 from mlx_lora.model.base import load_base
-from mlx_lora.model.gguf import gguf_config, read_gguf, unpermute
+from mlx_lora.model.gguf import gguf_config, open_gguf, read_gguf, unpermute
 
 PROMPTS = {
     "plain": "The capital of France is",
@@ -65,6 +66,20 @@ def test_lazy_gguf_base_has_the_shapes_and_dtypes_of_the_loaded_one(smollm2, smo
     lazy = load_base(str(smollm2_gguf), shapes_only=True)
     shapes = lambda model: {k: (v.shape, v.dtype) for k, v in tree_flatten(model.parameters())}
     assert shapes(lazy.model) == shapes(smollm2.model) and lazy.config == smollm2.config
+
+
+def test_our_reader_reads_what_gguf_py_reads(smollm2_gguf):
+    """The reader's plain view of the mapped file (open_gguf) gives gguf-py's own metadata and tensors
+    on the real SmolLM2 file, its 49k-token vocabulary and merges included."""
+    ours, meta = open_gguf(Path(smollm2_gguf))
+    theirs = gguf.GGUFReader(smollm2_gguf)
+    assert type(theirs.data) is np.memmap and type(ours.data) is np.ndarray  # the view is what changed
+    assert meta == {name: field.contents() for name, field in theirs.fields.items()}
+    assert len(meta["tokenizer.ggml.tokens"]) == 49152 and len(meta["tokenizer.ggml.merges"]) > 40000
+    assert [(t.name, t.tensor_type, list(t.shape), t.data_offset) for t in ours.tensors] == [
+        (t.name, t.tensor_type, list(t.shape), t.data_offset) for t in theirs.tensors
+    ]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(ours.tensors, theirs.tensors))
 
 
 def test_unpermute_undoes_llama_cpp_row_order():
