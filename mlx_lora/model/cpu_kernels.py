@@ -515,7 +515,9 @@ def use_cpu_kernels(
     layers; `quantized=False` leaves them on MLX's quantized kernel. `training`: the kernels are
     chosen by forward and backward time. `decoding` (a command that generates): quantized layers
     also keep their weights de-quantized where that measured faster and fits DEQUANTIZED_SHARE of
-    memory, and one-token steps run outside MLX (model/decoder.py). `log` is told the choice."""
+    memory, and one-token steps run outside MLX (model/decoder.py); with `training` (GRPO, which
+    samples between updates), the training kernels and the one-token steps, no de-quantized copies.
+    `log` is told the choice."""
     if not wanted():
         return False
     choice = choose_kernels(model, training, decoding)
@@ -533,7 +535,7 @@ def use_cpu_kernels(
             line += f"; {cost / 1e9:.2f} GB of de-quantized weights kept"
         else:
             line += f"; weights kept quantized: de-quantized they would take {cost / 1e9:.1f} GB > {limit / 1e9:.1f}"
-    if decoding and not training:
+    if decoding:
         line += _use_decoder(model)
     if log is not None:
         log(line)

@@ -252,7 +252,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         claim_output(out)
     mx.random.seed(cfg.seed)
     base = load_base(cfg.model, lazy=True, compute=cfg.compute_dtype)  # streamed: frozen blocks never read whole
-    use_cpu_kernels(base.model, training=True, log=log)
+    use_cpu_kernels(base.model, training=True, decoding=cfg.objective == "grpo", log=log)  # grpo samples
     source = open_source(cfg.data, cfg.data_config, log)
     data = read_data(cfg, source, base, log)
     per_epoch = batches_per_epoch(data["train"], cfg.batch_size, cfg.max_seq_length if cfg.pack else None)

@@ -2,7 +2,8 @@
 
 Sampling goes through mlx-lm's BatchGenerator (left-padded KV caches, as eval generates) with
 mlx-lm's sampler (--temperature, --top-p); a prompt's prefix is run once and its KV cache shared
-by its G completions. A completion keeps the EOS that ended it, as TRL's
+by its G completions. A run puts the model's one-token steps on model/decoder.py (training/loop.py),
+which decodes the batch outside MLX as eval does. A completion keeps the EOS that ended it, as TRL's
 completion_ids do, so the policy also learns where to stop. The log-probs the loss reads are
 computed teacher-forced over prompt + completion, right-padded, in one forward, and the output
 projection (576 x 49k for SmolLM2) runs only where a completion token is predicted: those of the

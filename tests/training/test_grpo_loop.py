@@ -19,6 +19,7 @@ from mlx_lora.cli import app
 from mlx_lora.config import LoRAConfig, TrainConfig
 from mlx_lora.data.rows import file_rows
 from mlx_lora.formats.native import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from mlx_lora.model import decoder
 from mlx_lora.model.base import load_base
 from mlx_lora.model.cpu_kernels import cross_entropy
 from mlx_lora.model.lora import adapter_off, apply_lora, lora_layers
@@ -133,7 +134,10 @@ def test_a_group_with_equal_rewards_is_skipped_and_counted(prompts):
     assert all(np.array_equal(a, b) for a, b in zip(after, before))
 
 
-def test_train_grpo_writes_an_adapter_that_generate_loads(tmp_path):
+def test_train_grpo_writes_an_adapter_that_generate_loads(tmp_path, monkeypatch):
+    """...and samples its rollouts through model/decoder.py (its batch steps counted)."""
+    steps, original = [], decoder.Decoder.batch
+    monkeypatch.setattr(decoder.Decoder, "batch", lambda self, *a: steps.append(len(a[0])) or original(self, *a))
     out = tmp_path / "grpo"
     flags = ["--iters", "2", "--group-size", "2", "--batch-size", "2", "--max-completion-tokens", "8"]
     result = CliRunner().invoke(
@@ -155,6 +159,7 @@ def test_train_grpo_writes_an_adapter_that_generate_loads(tmp_path):
     assert len(rollouts_written) == 2 * 2 * G and {r["step"] for r in rollouts_written} == {0, 2}
     training = json.loads((out / ADAPTER_CONFIG).read_text())["training"]
     assert training["objective"] == "grpo" and training["rewards"] == "format" and training["learning_rate"] == 1e-5
+    assert "decoding steps by model/decoder.py" in result.output and 2 * G in steps  # a step of every rollout row
 
     generated = CliRunner().invoke(app, ["generate", "--adapter-path", str(out), "--prompt", "Q: 2 + 3?\nA:"])
     assert generated.exit_code == 0 and generated.stdout.strip(), generated.output

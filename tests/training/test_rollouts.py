@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from conftest import fp32_tol
 
+from mlx_lora.model import decoder
 from mlx_lora.model.base import load_base
+from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.training import rollouts
 
 G, MAX_TOKENS = 3, 12
@@ -22,7 +24,22 @@ def base():
     return load_base(None)
 
 
-def test_rollouts_and_their_log_probs(base):
+@pytest.fixture(scope="module")
+def decoded():
+    """The base as GRPO's run gets it: the training kernels, and its one-token steps on model/decoder.py."""
+    base = load_base(None)
+    assert use_cpu_kernels(base.model, training=True, decoding=True)
+    return base
+
+
+@pytest.mark.parametrize("on_decoder", [False, True])
+def test_rollouts_and_their_log_probs(base, decoded, on_decoder, monkeypatch):
+    """Sampled through MLX's forward, or (GRPO's run) through model/decoder.py, whose batch steps are
+    counted: the log-probs the loss reads agree with those the tokens were sampled with either way."""
+    steps = []
+    if on_decoder:
+        base, original = decoded, decoder.Decoder.batch
+        monkeypatch.setattr(decoder.Decoder, "batch", lambda self, *a: steps.append(len(a[0])) or original(self, *a))
     tok = base.tokenizer
     prompts = [
         tok.encode("Q: Ruby had 10 apples. She lost 9 of them. How many apples are left?\nA:"),
@@ -51,6 +68,8 @@ def test_rollouts_and_their_log_probs(base):
         np.testing.assert_array_equal(np.array(seqs.index[i, : len(c)]), np.arange(start, start + len(c)))
         np.testing.assert_array_equal(np.array(seqs.targets[i, : len(c)]), c)
         np.testing.assert_allclose(np.array(logps[i, : len(c)]), sampled[i], atol=tol)
+    longest = max(len(c) for c in completions)  # each of the two samplings stepped at least this often
+    assert (steps[0] == 2 * G and len(steps) >= 2 * longest) if on_decoder else not steps
 
 
 class Counting:
