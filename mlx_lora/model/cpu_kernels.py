@@ -516,7 +516,8 @@ def use_cpu_kernels(
     chosen by forward and backward time. `decoding` (a command that generates): quantized layers
     also keep their weights de-quantized where that measured faster and fits DEQUANTIZED_SHARE of
     memory, and one-token steps run outside MLX (model/decoder.py); with `training` (GRPO, which
-    samples between updates), the training kernels and the one-token steps, no de-quantized copies.
+    samples between updates), the training kernels and the one-token steps, no de-quantized or
+    half-precision copies.
     `log` is told the choice."""
     if not wanted():
         return False
@@ -536,16 +537,18 @@ def use_cpu_kernels(
         else:
             line += f"; weights kept quantized: de-quantized they would take {cost / 1e9:.1f} GB > {limit / 1e9:.1f}"
     if decoding:
-        line += _use_decoder(model)
+        line += _use_decoder(model, halves=not training)
     if log is not None:
         log(line)
     return True
 
 
-def _use_decoder(model: nn.Module) -> str:
+def _use_decoder(model: nn.Module, halves: bool) -> str:
     """One-token steps handed to model/decoder.py where it reads the architecture (numba
     is a Linux dependency; without it MLX decodes). Not measured per machine: it read the weights
-    3-4x faster than MLX's one-row products on every CPU tried (bench/RESULTS.md)."""
+    3-4x faster than MLX's one-row products on every CPU tried (bench/RESULTS.md). `halves`: a
+    half base's weights also kept in half precision (decoder.keep_halves), which training does not
+    get: its memory is what its estimate counts, and GRPO's batches are bound by their sums."""
     try:
         from mlx_lora.model import decode_kernels, decoder
     except ImportError:
@@ -554,7 +557,7 @@ def _use_decoder(model: nn.Module) -> str:
         return ""
     model.__class__ = decoder.decoding_class(type(model))
     decode_kernels.load()
-    return decoder.keep_halves(model) + "; decoding steps by model/decoder.py"
+    return (decoder.keep_halves(model) if halves else "") + "; decoding steps by model/decoder.py"
 
 
 def use_mlx_kernels(model: nn.Module) -> None:

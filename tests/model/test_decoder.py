@@ -82,8 +82,8 @@ def test_a_half_base_reads_its_half_weights(tmp_path, stored, monkeypatch):
     """A float16 or bfloat16 base (saved so by transformers) computes in float32 on the CPU
     (precision.py); one row's products and a batch's read each weight's half-precision copy (the
     same floats in half the bytes), and the steps equal MLX's on its float32 arrays. Where the
-    copies would not fit their share of memory, or one weight is no such cast, every product reads
-    float32."""
+    copies would not fit their share of memory, or one weight is no such cast, or a training run
+    (GRPO's) decodes, every product reads float32."""
     path = make_hf_model(tmp_path / "half", "qwen2", dtype=str(stored).split(".")[-1])
     base = load_base(str(path), compute="auto")
     assert base.precision.stored == stored and base.precision.compute == mx.float32
@@ -111,6 +111,10 @@ def test_a_half_base_reads_its_half_weights(tmp_path, stored, monkeypatch):
     _close(ours_batch, _batch_steps(model, 5, padded=False))
 
     assert not any(decoder.HELD in vars(m) for _, m in model.named_modules())  # use_mlx_kernels dropped them
+    use_cpu_kernels(model, training=True, decoding=True)  # GRPO's run: the decoder, and no copies
+    assert decoder._current(model) is not None
+    assert not any(decoder.HELD in vars(m) for _, m in model.named_modules())
+    use_mlx_kernels(model)
 
     monkeypatch.undo()
     monkeypatch.setattr(decoder, "HALF_SHARE", products[0].weight[0].size * 2 / decoder.available_bytes())
