@@ -24,7 +24,7 @@ Measured, greedy, ignoring end-of-sequence so that every system decodes the same
   over the same system's single stream (llama.cpp: a sequence id and KV stream a row, a llama_decode
   of every row per token; mlx_lm: up to --mlx-lm-rows rows);
 - generator: ours at --generator-rows rows through the loop eval and serve run, mlx-lm's
-  BatchGenerator and inference/batch_generator's (which skips its per-step log-softmax for greedy
+  BatchGenerator and model/batch_generator's (which skips its per-step log-softmax for greedy
   rows), alternating in one process, the better of two runs each;
 - max RSS of each process (VmHWM), which holds the model, its caches and the runtime; torch is
   hidden from every process (transformers, which the tokenizer imports, would load it: 0.23 GB),
@@ -124,10 +124,10 @@ def _generator_tps(model, generator_class, tokens: list[int], rows: int, n: int)
 
 
 def _generators(model, tokens: list[int], rows: int, n: int) -> dict:
-    """mlx-lm's BatchGenerator against inference/batch_generator's, alternating, twice each: their tok/s."""
+    """mlx-lm's BatchGenerator against model/batch_generator's, alternating, twice each: their tok/s."""
     from mlx_lm.generate import BatchGenerator
 
-    from mlx_lora.inference.batch_generator import Generator
+    from mlx_lora.model.batch_generator import Generator
 
     runs: dict = {"mlx_lm_generator": [], "tps": []}
     for _ in range(2):

@@ -2,7 +2,7 @@
 
 Loss counts exactly the tokens training counts (feed.loss_fn over data.py's masks). Exact match
 generates greedily, batched by mlx-lm's BatchGenerator (left-padded KV caches; the subclass in
-inference/batch_generator.py, which takes the argmax of the logits without mlx-lm's log-softmax
+model/batch_generator.py, which takes the argmax of the logits without mlx-lm's log-softmax
 first), and compares the final answers: GSM8K's convention, the text after `####`, with numbers
 normalised. A vision-language base reads its rows and computes its loss as its training does
 (training/vision.py) and generates one row at a time through mlx-vlm, as `generate --image` does.
@@ -29,8 +29,8 @@ from mlx_lora.data.sources import open_source, split_label
 from mlx_lora.data.vision import split_images
 from mlx_lora.errors import UserError
 from mlx_lora.formats.loader import load_for_inference
-from mlx_lora.inference.batch_generator import Generator
 from mlx_lora.inference.generation import vision_responses
+from mlx_lora.model.batch_generator import Generator
 from mlx_lora.model.cpu_kernels import use_cpu_kernels
 from mlx_lora.model.lora import lora_layers, remove_lora
 from mlx_lora.model.vision import template_messages

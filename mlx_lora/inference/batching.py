@@ -23,13 +23,12 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import StopSequences
-from mlx_lm.sample_utils import apply_top_p
 
 from mlx_lora.config import ServeConfig
 from mlx_lora.errors import UserError
-from mlx_lora.inference.batch_generator import Argmax, Generator
 from mlx_lora.inference.multi_lora import AdapterSlots, RoutedModel, vocab_size
 from mlx_lora.model.base import Base
+from mlx_lora.model.batch_generator import Argmax, Draw, Generator
 
 PREFILL_BATCH = 8  # prompts read together; more rows than this decode together once read
 
@@ -78,20 +77,19 @@ class Job:
         self.prompt_tokens = self.prompt_tokens or len(self.tokens)
 
 
-def row_sampler(offset: int, sampling: Sampling) -> Callable[[mx.array], mx.array]:
-    """logprobs (1, V) -> the next id (1,), plus `offset` (the row's slot · V, see RoutedModel); a
-    greedy row's Argmax reads the logits themselves (batch_generator)."""
+def row_sampler(offset: int, sampling: Sampling) -> Argmax | Draw:
+    """logits (1, V) -> the next id (1,), plus `offset` (the row's slot · V, see RoutedModel): a greedy
+    row's Argmax, a sampling row's Draw on a key of its own (batch_generator), neither of which needs
+    the step's log-softmax."""
     if sampling.temperature == 0:
-        return Argmax(offset)  # reads the logits: a step of greedy rows skips the log-softmax
+        return Argmax(offset)
     key = [mx.random.key(random.getrandbits(32) if sampling.seed is None else sampling.seed % 2**32)]
 
-    def sample(logprobs: mx.array) -> mx.array:
-        if sampling.top_p < 1:
-            logprobs = apply_top_p(logprobs, sampling.top_p)
+    def uniforms(rows: int) -> mx.array:
         key[0], now = mx.random.split(key[0])
-        return mx.random.categorical(logprobs * (1 / sampling.temperature), key=now) + offset
+        return mx.random.uniform(shape=(rows,), key=now)
 
-    return sample
+    return Draw(sampling.temperature, sampling.top_p, offset, uniforms)
 
 
 def first_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:

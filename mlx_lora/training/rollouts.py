@@ -1,13 +1,15 @@
 """GRPO's rollouts: G sampled completions per prompt, and their per-token log-probs read back.
 
-Sampling goes through mlx-lm's BatchGenerator (left-padded KV caches, as eval generates) with
-mlx-lm's sampler (--temperature, --top-p); a prompt's prefix is run once and its KV cache shared
-by its G completions. A run puts the model's one-token steps on model/decoder.py (training/loop.py),
-which decodes the batch outside MLX as eval does. A completion keeps the EOS that ended it, as TRL's
-completion_ids do, so the policy also learns where to stop. The log-probs the loss reads are
-computed teacher-forced over prompt + completion, right-padded, in one forward, and the output
-projection (576 x 49k for SmolLM2) runs only where a completion token is predicted: those of the
-policy that sampled (`old`), of the reference (adapter off) and of the policy being updated.
+Sampling goes through mlx-lm's BatchGenerator (left-padded KV caches, as eval generates: its
+`Generator`, model/batch_generator.py) with its `Draw` sampler (--temperature, --top-p: mlx-lm's
+distribution, drawn in numba on the CPU without MLX's per-step log-softmax); a prompt's prefix is
+run once and its KV cache shared by its G completions. A run puts the model's one-token steps on
+model/decoder.py (training/loop.py), which decodes the batch outside MLX as eval does. A completion
+keeps the EOS that ended it, as TRL's completion_ids do, so the policy also learns where to stop.
+The log-probs the loss reads are computed teacher-forced over prompt + completion, right-padded, in
+one forward, and the output projection (576 x 49k for SmolLM2) runs only where a completion token is
+predicted: those of the policy that sampled (`old`), of the reference (adapter off) and of the
+policy being updated.
 """
 
 from dataclasses import dataclass
@@ -15,10 +17,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import make_sampler
 
+from mlx_lora.model.batch_generator import Draw, Generator
 from mlx_lora.model.cpu_kernels import cross_entropy
 from mlx_lora.training.cut import Cut
 
@@ -49,11 +50,11 @@ def sample(
     shared = [prompt_cache(model, p) for p in prompts]  # each prompt's prefix once, for all its G rows
     caches = [c for c in shared for _ in range(group_size)]
     rows = [p for p in prompts for _ in range(group_size)]
-    generator = BatchGenerator(
+    generator = Generator(
         model,
         max_tokens=max_tokens,
         stop_tokens=[[t] for t in tokenizer.eos_token_ids],
-        sampler=make_sampler(temp=temperature, top_p=top_p),
+        sampler=Draw(temperature, top_p),
         completion_batch_size=len(rows),
         prefill_batch_size=len(rows),
     )
@@ -69,7 +70,7 @@ def sample(
         while responses := generator.next_generated():
             for r in responses:
                 completions[index[r.uid]].append(r.token)
-                logps[index[r.uid]].append(r.logprobs[r.token].item())
+                logps[index[r.uid]].append(r.logprobs.item())  # Draw's: the token's own
     finally:
         generator.close()
     return completions, logps
