@@ -10,6 +10,7 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lora.config import GenerateConfig, InferenceConfig
 from mlx_lora.errors import UserError
 from mlx_lora.model.base import Base
+from mlx_lora.model.batch_generator import stream_sampler
 from mlx_lora.model.vision import refuse_feature_token, template_messages
 from mlx_lora.reporting.progress import Bar
 
@@ -44,7 +45,7 @@ def prompt_tokens(base: Base, prompt: str, chat: bool) -> list[int]:
 def stream(base: Base, tokens: list[int], cfg: InferenceConfig) -> Iterator[GenerationResponse]:
     """mlx-lm's responses (text piece, speeds, peak memory); a bar while a long prompt is read."""
     bar = Bar("reading prompt", len(tokens), transient=True) if len(tokens) >= LONG_PROMPT else None
-    sampler = make_sampler(temp=cfg.temp, top_p=cfg.top_p)
+    sampler = stream_sampler(cfg.temp, cfg.top_p)
     try:
         for response in stream_generate(
             base.model,

@@ -78,6 +78,17 @@ class Draw:
         return ids, mx.take_along_axis(logprobs, ids[:, None], axis=-1)[:, 0]
 
 
+def stream_sampler(temperature: float, top_p: float) -> Callable[[mx.array], mx.array]:
+    """One stream's sampler for mlx-lm's generate_step (generate, chat): greedy at temperature 0,
+    else Draw's ids. generate_step hands it log-probabilities, which draw as their logits do (a row
+    shifted by a constant); Draw spares it mlx-lm's sort of the vocabulary for top-p (~7 ms a token
+    on SmolLM2's 49152, against an ~11 ms step) and its Gumbel draw."""
+    if temperature == 0:
+        return greedy_sampler
+    draw = Draw(temperature, top_p)
+    return lambda logprobs: draw(logprobs)[0]
+
+
 def _kernels():
     """decode_kernels where Draw runs on them: on the CPU, kernels not turned off, numba installed."""
     if not cpu_kernels.wanted():

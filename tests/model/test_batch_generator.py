@@ -4,12 +4,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import fp32_tol
-from mlx_lm.generate import BatchGenerator
-from mlx_lm.sample_utils import apply_top_p
+from mlx_lm.generate import BatchGenerator, stream_generate
+from mlx_lm.sample_utils import apply_top_p, greedy_sampler
 
 from mlx_lora.model import batch_generator
 from mlx_lora.model.base import load_base
-from mlx_lora.model.batch_generator import Argmax, Draw, Generator
+from mlx_lora.model.batch_generator import Argmax, Draw, Generator, stream_sampler
 
 PROMPTS = [[5, 9, 2], [7, 1, 4, 4, 8, 3, 6], [11], [3, 3, 12, 9, 40]]
 
@@ -130,3 +130,32 @@ def test_draw_rows_in_a_mixed_batch_carry_their_tokens_log_probability(model):
     assert tokens(theirs)[1] == tokens(mixed)[1]
     want = [float(lp[t]) for t, lp in theirs[1]]
     assert np.allclose([float(lp) for _, lp in mixed[1]], want, atol=1e-5)
+
+
+def test_one_streams_sampler_draws_from_log_probabilities_as_from_logits_and_keeps_to_top_p(model, llama):
+    """stream_sampler, as mlx-lm's stream_generate calls it (log-probabilities): Draw's ids for the
+    logits themselves, seeded; through stream_generate every token lies in the set mlx-lm's own
+    apply_top_p keeps at its position (the model run again over the prompt and the tokens before)."""
+    logits = mx.array(np.random.default_rng(5).normal(0, 3, (1, 500)).astype(np.float32))
+    drawn = []
+    for scores in (logits, logits - mx.logsumexp(logits, axis=-1, keepdims=True)):
+        mx.random.seed(2)
+        drawn.append([stream_sampler(0.9, 0.8)(scores).item() for _ in range(20)])
+    assert drawn[0] == drawn[1] and len(set(drawn[0])) > 2
+    assert stream_sampler(0.0, 0.8) is greedy_sampler
+
+    tokenizer = load_base(str(llama)).tokenizer
+    prompt = PROMPTS[1]
+    mx.random.seed(3)
+    sampled = [
+        r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=10, sampler=stream_sampler(1.5, 0.6))
+    ]
+    mx.random.seed(3)
+    again = [
+        r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=10, sampler=stream_sampler(1.5, 0.6))
+    ]
+    assert sampled == again and len(set(sampled)) > 1
+    logits = model(mx.array([prompt + sampled[:-1]]))[0, len(prompt) - 1 :]  # (10, V): what predicts each
+    kept = apply_top_p(logits - mx.logsumexp(logits, axis=-1, keepdims=True), 0.6)
+    assert all(kept[i, t].item() > -np.inf for i, t in enumerate(sampled))
+    assert (np.array(kept) == -np.inf).any(axis=-1).all()  # top-p 0.6 cut something at every position
