@@ -10,9 +10,9 @@ log-softmax is taken only for a step where some row's sampler needs it; a respon
 that took none carries `logprobs=None`. Every step of a batch, its first included, goes through
 `_step` below (mlx-lm's own, that line made conditional); rows with logits processors take
 mlx-lm's step whole.
-A row that samples with `Draw` (GRPO's rollouts) also reads the logits: it normalizes its own
-rows, in numba on the CPU (~3 ms for 16 rows against mlx-lm's ~27, 12 against 113 with top-p), and
-its responses carry their token's log-probability, not the vocabulary's.
+A row that samples with `Draw` (GRPO's rollouts, serve's sampled rows) also reads the logits: it
+normalizes its own rows, in numba on the CPU (~3 ms for 16 rows against mlx-lm's ~27, 12 against
+113 with top-p), and its responses carry their token's log-probability, not the vocabulary's.
 The rest (prompt batches, continuous insertion, stops, caches) is mlx-lm's, whose version
 pyproject.toml pins to one minor series.
 """

@@ -1,6 +1,6 @@
 """The compiled loops of a decoding step on the CPU (numba): products that read float32, 4-bit or
-8-bit weights where they lie, over every core, for one row or a batch, and the small operations
-between them.
+8-bit weights where they lie, over every core, for one row or a batch, the small operations
+between them, and a sampled token's draw from the logits (`draw`).
 
 MLX has no way to add a CPU kernel, and its one-row products read float32 weights at ~7 GB/s
 through OpenBLAS's sgemm on a 2-core Xeon and quantized ones at ~1 GB/s on one core; these read
@@ -846,8 +846,8 @@ def _nucleus(e, mass):
             reached += held[i]
             if reached >= mass:
                 return held[i]
-        if bound == 0:
-            return held[-1]  # float rounding left the sum of all a hair under mass: all are kept
+        if bound == 0:  # float rounding left the sum of all a hair under mass (or NaN weights): keep all
+            return held[-1] if held.shape[0] else np.float32(0.0)
         bound = bound * np.float32(2.0**-6) if bound > np.float32(2.0**-120) else np.float32(0.0)
 
 
@@ -884,7 +884,7 @@ def draw(logits, temperature, top_p, uniforms, tokens, logps):
             if e[j] < keep:
                 w[j] = 0
             kept += w[j]
-        target, running, t = uniforms[r] * kept, 0.0, -1
+        target, running, t = uniforms[r] * kept, 0.0, 0  # id 0 only for a row of NaN logits
         for j in range(n):
             if w[j] > 0:
                 t = j  # the last kept id, where rounding leaves the target unpassed
