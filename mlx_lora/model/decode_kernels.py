@@ -925,4 +925,4 @@ def load() -> None:
     newest = cached[:, :, 0].copy()
     attention_rows(heads, cached, cached, newest, newest, np.zeros(2, np.int64), 2, np.float32(1.0), heads.copy())
     swiglu(x, x, x.copy())
-    draw(f32, np.float32(0.7), np.float32(0.9), np.zeros(4, np.float32), np.empty(4, np.int32), out)
+    draw(f32, np.float32(0.7), np.float32(0.9), np.zeros(4, np.float32), np.empty(4, np.uint32), out)
